@@ -1,0 +1,54 @@
+//! The command line: `lora-studio` opens the app; subcommands run the engine headless with terminal
+//! progress. Errors are printed as one sentence (with its causes) and exit code 1, never a panic.
+
+mod generate;
+mod inspect;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::build_info::LONG_VERSION;
+
+/// Train LoRA style adapters for Stable Diffusion on your own images.
+#[derive(Debug, Parser)]
+#[command(name = "lora-studio", version = LONG_VERSION, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate an image from a prompt with a base model and optional LoRA files.
+    Generate(generate::GenerateArgs),
+    /// Say what a model, LoRA or tensor file is, without loading its weights.
+    Inspect(inspect::InspectArgs),
+}
+
+/// Parses the command line and runs it.
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Generate(args)) => generate::run(args),
+        Some(Command::Inspect(args)) => inspect::run(args),
+        None => open_app(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(feature = "gui")]
+fn open_app() -> anyhow::Result<()> {
+    crate::app::run()
+}
+
+#[cfg(not(feature = "gui"))]
+fn open_app() -> anyhow::Result<()> {
+    anyhow::bail!("this build has no desktop app (it was built without the `gui` feature); run `lora-studio --help` for the commands")
+}

@@ -1,0 +1,15 @@
+//! lora-studio: train LoRA style adapters for Stable Diffusion on your own images, preview them at any
+//! strength, and export `.safetensors` files that AUTOMATIC1111, Forge and ComfyUI load.
+//!
+//! The engine (models, adapters, file formats) is a library; the `lora-studio` binary drives it from the
+//! command line ([`cli`]) or from the desktop app (`app`, behind the `gui` feature).
+
+#[cfg(feature = "gui")]
+pub mod app;
+pub mod atomic_file;
+pub mod build_info;
+pub mod cli;
+pub mod device;
+pub mod lora;
+pub mod models;
+pub mod tensor_file;

@@ -1,0 +1,160 @@
+//! Frozen base layers whose backward pass computes only the gradient of their input.
+//!
+//! candle's autograd differentiates every operand of an op, frozen weights included: a plain `matmul` or
+//! `conv2d` against a base weight spends as much time on the weight's (discarded) gradient as on the input's.
+//! LoRA training never needs the base weight's gradient, so the base layers run through the custom ops here,
+//! whose backward returns the input gradient alone. The forward result is bit-for-bit the one candle's own
+//! kernels compute. This module must not hold adapters or know about models.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, Layout, MetalStorage, Result, Shape, Storage, Tensor,
+};
+
+/// `x · Wᵀ` for a frozen `W` of shape `[out, in]`, over any number of leading batch dimensions.
+pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(FrozenMatmul { weight: weight.clone() })
+}
+
+/// A 2-D convolution (no groups, no dilation) with a frozen kernel `[out, in, kh, kw]`.
+pub fn frozen_conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    let output = x.detach().conv2d(weight, padding, stride, 1, 1)?;
+    if !x.track_op() {
+        return Ok(output);
+    }
+    output.apply_op2(x, FrozenConvBackward { weight: weight.clone(), padding, stride })
+}
+
+/// The forward pass of [`frozen_linear`]: a matmul straight on the storages, with no copy.
+struct FrozenMatmul {
+    weight: Tensor,
+}
+
+impl FrozenMatmul {
+    fn forward<S: BackendStorage>(x: &S, x_layout: &Layout, w: &S, w_layout: &Layout) -> Result<(S, Shape)> {
+        let (out_features, in_features) = w_layout.shape().dims2()?;
+        let dims = x_layout.dims();
+        let Some((&last, leading)) = dims.split_last() else {
+            candle_core::bail!("frozen linear: the input is a scalar");
+        };
+        if last != in_features {
+            candle_core::bail!("frozen linear: input width {last} does not match the weight's {in_features}");
+        }
+        let Some((start, _)) = x_layout.contiguous_offsets() else {
+            candle_core::bail!("frozen linear: the input is not contiguous");
+        };
+        let rows = x_layout.shape().elem_count() / in_features.max(1);
+        let x_2d = Layout::contiguous_with_offset((rows, in_features), start);
+        let w_t = w_layout.transpose(0, 1)?;
+        let output = x.matmul(w, (1, rows, out_features, in_features), &x_2d, &w_t)?;
+        let mut out_dims = leading.to_vec();
+        out_dims.push(out_features);
+        Ok((output, Shape::from(out_dims)))
+    }
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (weight, w_layout) = self.weight.storage_and_layout();
+        match &*weight {
+            Storage::Cpu(w) => Self::forward(storage, layout, w, w_layout),
+            _ => candle_core::bail!("frozen linear: the weight is not on the CPU"),
+        }
+    }
+
+    fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (weight, w_layout) = self.weight.storage_and_layout();
+        match &*weight {
+            Storage::Cuda(w) => Self::forward(storage, layout, w, w_layout),
+            _ => candle_core::bail!("frozen linear: the weight is not on the CUDA device"),
+        }
+    }
+
+    fn metal_fwd(&self, storage: &MetalStorage, layout: &Layout) -> Result<(MetalStorage, Shape)> {
+        let (weight, w_layout) = self.weight.storage_and_layout();
+        match &*weight {
+            Storage::Metal(w) => Self::forward(storage, layout, w, w_layout),
+            _ => candle_core::bail!("frozen linear: the weight is not on the Metal device"),
+        }
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad_res.broadcast_matmul(&self.weight)?))
+    }
+}
+
+/// Attaches the input gradient of a frozen convolution to its (detached) output.
+///
+/// The first operand is the convolution's output, computed by candle's own kernel without a graph; the
+/// forward pass hands it through unchanged (one copy of the output), and the backward pass routes the
+/// output gradient to the second operand, the convolution's input.
+struct FrozenConvBackward {
+    weight: Tensor,
+    padding: usize,
+    stride: usize,
+}
+
+impl FrozenConvBackward {
+    fn pass_through<S: BackendStorage>(storage: &S, layout: &Layout) -> Result<(S, Shape)> {
+        if !layout.is_contiguous() || layout.start_offset() != 0 {
+            candle_core::bail!("frozen conv2d: the convolution output is not a fresh contiguous tensor");
+        }
+        Ok((storage.try_clone(layout)?, layout.shape().clone()))
+    }
+
+    /// The gradient of the convolution's input `[b, in, h, w]` given the output gradient.
+    fn input_grad(&self, input: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let (_, _, in_h, in_w) = input.dims4()?;
+        let (_, _, k_h, k_w) = self.weight.dims4()?;
+        if self.stride == 1 && self.padding < k_h && self.padding < k_w && k_h == k_w {
+            // A stride-1 convolution's input gradient is a convolution of the output gradient with the
+            // spatially flipped, channel-transposed kernel; candle's conv2d is much faster than its
+            // conv_transpose2d.
+            let flipped = flip_spatial(&self.weight)?.transpose(0, 1)?.contiguous()?;
+            return grad.conv2d(&flipped, k_h - 1 - self.padding, 1, 1, 1);
+        }
+        // Strided: a transposed convolution with one extra row and column of output, cropped to the
+        // input, handles odd and even sizes (and mixed parity) alike.
+        let full = grad.conv_transpose2d(&self.weight, self.padding, self.stride - 1, self.stride, 1)?;
+        full.narrow(2, 0, in_h)?.narrow(3, 0, in_w)
+    }
+}
+
+/// Reverses the two spatial axes of a `[out, in, kh, kw]` kernel.
+fn flip_spatial(kernel: &Tensor) -> Result<Tensor> {
+    let (_, _, k_h, k_w) = kernel.dims4()?;
+    let reversed = |n: usize| Tensor::new((0..n as u32).rev().collect::<Vec<u32>>(), kernel.device());
+    kernel.index_select(&reversed(k_h)?, 2)?.index_select(&reversed(k_w)?, 3)
+}
+
+impl CustomOp2 for FrozenConvBackward {
+    fn name(&self) -> &'static str {
+        "frozen-conv2d"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        Self::pass_through(s1, l1)
+    }
+
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        Self::pass_through(s1, l1)
+    }
+
+    fn metal_fwd(
+        &self,
+        s1: &MetalStorage,
+        l1: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        Self::pass_through(s1, l1)
+    }
+
+    fn bwd(&self, _: &Tensor, input: &Tensor, _: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((None, Some(self.input_grad(input, grad)?)))
+    }
+}

@@ -1,0 +1,190 @@
+//! The kohya LoRA file format, the one AUTOMATIC1111, Forge, ComfyUI and diffusers all read.
+//!
+//! A module is named `PREFIX_` + its diffusers module path with every `.` turned into `_`
+//! (`lora_unet_down_blocks_0_attentions_0_proj_in`, `lora_te_text_model_encoder_layers_0_mlp_fc1`) and holds
+//! `.lora_down.weight`, `.lora_up.weight` and a 0-dim `.alpha`; its scale is alpha / rank. Names are matched
+//! by computing them from the model's layer registry, never by parsing underscores back into dots.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::adapter::LoraAdapter;
+use super::layer::{AdapterSlot, LayerRegistry};
+use crate::tensor_file::{TensorFile, TensorFileError};
+
+/// The kohya prefix of the UNet's modules.
+pub const UNET_PREFIX: &str = "lora_unet";
+/// The kohya prefix of the (first) text encoder's modules.
+pub const TEXT_ENCODER_PREFIX: &str = "lora_te";
+
+/// What can go wrong reading or applying a kohya LoRA file.
+#[derive(Debug, thiserror::Error)]
+pub enum LoraError {
+    #[error(transparent)]
+    File(#[from] TensorFileError),
+    #[error("{} is not a kohya-format LoRA: {reason}", path.display())]
+    NotKohya { path: PathBuf, reason: String },
+    #[error("{}: module `{module}`: {reason}", path.display())]
+    Module { path: PathBuf, module: String, reason: String },
+    #[error(
+        "none of the {count} modules in {} match this model's layers (the first is `{first}`); the LoRA was \
+         probably made for another model family",
+        path.display()
+    )]
+    NoMatch { path: PathBuf, count: usize, first: String },
+    #[error("{}: {source}", path.display())]
+    Tensor { path: PathBuf, source: candle_core::Error },
+}
+
+/// The tensors of one kohya module as stored.
+#[derive(Debug, Clone)]
+pub struct KohyaModule {
+    pub down: Tensor,
+    pub up: Tensor,
+    pub alpha: Option<f64>,
+}
+
+/// A kohya LoRA file read into memory.
+#[derive(Debug)]
+pub struct KohyaLora {
+    path: PathBuf,
+    metadata: BTreeMap<String, String>,
+    modules: BTreeMap<String, KohyaModule>,
+}
+
+/// The outcome of attaching a LoRA file to a model.
+#[derive(Debug, Default)]
+pub struct AttachReport {
+    /// The adapters created, one per matched module; their multipliers can be changed later.
+    pub adapters: Vec<Arc<LoraAdapter>>,
+    /// Modules of the file that name no layer of the model.
+    pub unmatched: Vec<String>,
+}
+
+impl KohyaLora {
+    /// Reads a kohya LoRA file.
+    pub fn load(path: &Path, device: &Device) -> Result<Self, LoraError> {
+        let file = TensorFile::open(path)?;
+        let not_kohya = |reason: String| LoraError::NotKohya { path: path.to_path_buf(), reason };
+        let mut parts: BTreeMap<String, (Option<Tensor>, Option<Tensor>, Option<f64>)> = BTreeMap::new();
+        for name in file.infos().keys() {
+            let Some((module, suffix)) = name.split_once('.') else {
+                return Err(not_kohya(format!("tensor `{name}` has no module suffix")));
+            };
+            let entry = parts.entry(module.to_string()).or_default();
+            match suffix {
+                "lora_down.weight" => entry.0 = Some(file.load(name, device)?),
+                "lora_up.weight" => entry.1 = Some(file.load(name, device)?),
+                "alpha" => {
+                    let alpha = file.load(name, device)?;
+                    let value = alpha
+                        .to_dtype(DType::F64)
+                        .and_then(|a| a.flatten_all())
+                        .and_then(|a| a.to_vec1::<f64>())
+                        .map_err(|source| LoraError::Tensor { path: path.to_path_buf(), source })?;
+                    entry.2 = value.first().copied();
+                }
+                // DoRA magnitudes are read three different ways by the three UIs; refuse rather than guess.
+                "dora_scale" => {
+                    return Err(not_kohya(format!(
+                        "module `{module}` is a DoRA module (dora_scale), which is not supported for loading"
+                    )));
+                }
+                other if other.starts_with("lora_A") || other.starts_with("lora_B") => {
+                    return Err(not_kohya(format!(
+                        "tensor `{name}` uses the diffusers/PEFT naming (lora_A/lora_B); convert it to the kohya format"
+                    )));
+                }
+                other if other.starts_with("hada_") || other.starts_with("lokr_") => {
+                    return Err(not_kohya(format!(
+                        "module `{module}` is a LyCORIS LoHa/LoKr module, which is not supported"
+                    )));
+                }
+                other => return Err(not_kohya(format!("tensor `{name}` has the unknown suffix `{other}`"))),
+            }
+        }
+        if parts.is_empty() {
+            return Err(not_kohya("it contains no tensors".to_string()));
+        }
+        let mut modules = BTreeMap::new();
+        for (module, (down, up, alpha)) in parts {
+            let missing = |what: &str| LoraError::Module {
+                path: path.to_path_buf(),
+                module: module.clone(),
+                reason: format!("{what} is missing"),
+            };
+            let down = down.ok_or_else(|| missing("lora_down.weight"))?;
+            let up = up.ok_or_else(|| missing("lora_up.weight"))?;
+            modules.insert(module, KohyaModule { down, up, alpha });
+        }
+        Ok(Self { path: path.to_path_buf(), metadata: file.metadata().clone(), modules })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    pub fn modules(&self) -> &BTreeMap<String, KohyaModule> {
+        &self.modules
+    }
+
+    /// Attaches every module to the matching layer of the given components (`(prefix, registry)` pairs such as
+    /// `("lora_unet", unet.layers())`) at `multiplier`, converting the tensors to `dtype`.
+    ///
+    /// A module whose shape does not fit its layer is an error naming the module; modules that match no
+    /// layer are listed in the report (A1111 and ComfyUI skip them too); a file where nothing matches is an
+    /// error, since it was made for another model.
+    pub fn attach(
+        &self,
+        components: &[(&str, &LayerRegistry)],
+        multiplier: f64,
+        dtype: DType,
+    ) -> Result<AttachReport, LoraError> {
+        let slots: HashMap<String, Arc<AdapterSlot>> = components
+            .iter()
+            .flat_map(|(prefix, registry)| {
+                registry.slots().into_iter().map(move |slot| (kohya_name(prefix, slot.name()), slot))
+            })
+            .collect();
+        // Build every adapter before attaching any, so a bad module leaves the model untouched.
+        let mut report = AttachReport::default();
+        let mut matched = Vec::new();
+        for (module, weights) in &self.modules {
+            let Some(slot) = slots.get(module) else {
+                report.unmatched.push(module.clone());
+                continue;
+            };
+            let convert = |t: &Tensor| {
+                t.to_dtype(dtype).map_err(|source| LoraError::Tensor { path: self.path.clone(), source })
+            };
+            let adapter = LoraAdapter::new(convert(&weights.down)?, convert(&weights.up)?, weights.alpha, slot.shape())
+                .map_err(|reason| LoraError::Module { path: self.path.clone(), module: module.clone(), reason })?;
+            adapter.set_multiplier(multiplier);
+            matched.push((slot.clone(), Arc::new(adapter)));
+        }
+        for (slot, adapter) in matched {
+            slot.attach(adapter.clone());
+            report.adapters.push(adapter);
+        }
+        if report.adapters.is_empty() {
+            return Err(LoraError::NoMatch {
+                path: self.path.clone(),
+                count: self.modules.len(),
+                first: self.modules.keys().next().cloned().unwrap_or_default(),
+            });
+        }
+        Ok(report)
+    }
+}
+
+/// The kohya module name of a layer: `prefix_` + the diffusers path with dots turned into underscores.
+pub fn kohya_name(prefix: &str, module_path: &str) -> String {
+    format!("{prefix}_{}", module_path.replace('.', "_"))
+}

@@ -1,0 +1,15 @@
+//! Low-rank adapters beside frozen layers: the adapter-capable Linear/Conv2d layers every model is built
+//! from, the LoRA math, and the kohya file format.
+//!
+//! Model-agnostic by design: layers are named by module paths, so the same code serves Stable Diffusion's
+//! UNet and text encoders today and other model families later. Must not use egui, train or worker.
+
+mod adapter;
+mod frozen;
+mod kohya;
+mod layer;
+
+pub use adapter::LoraAdapter;
+pub use frozen::{frozen_conv2d, frozen_linear};
+pub use kohya::{AttachReport, KohyaLora, KohyaModule, LoraError, TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name};
+pub use layer::{AdaptableConv2d, AdaptableLinear, AdapterSlot, LayerBuilder, LayerRegistry, LayerShape};

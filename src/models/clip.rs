@@ -1,0 +1,212 @@
+//! The CLIP text encoder in the transformers layout (`text_model.encoder.layers.N.self_attn.q_proj`): OpenAI
+//! CLIP ViT-L/14 for SD1, and OpenCLIP ViT-H (loaded up to its penultimate layer) for SD2.
+
+use candle_core::{DType, Device, IndexOp, Result, Tensor};
+use candle_nn::{Embedding, Module};
+use serde::Deserialize;
+
+use crate::lora::{AdaptableLinear, LayerBuilder, LayerRegistry};
+use crate::models::ModelError;
+use crate::models::nn::{LayerNorm, attention, quick_gelu};
+
+/// The activation of the MLPs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClipActivation {
+    /// `x · sigmoid(1.702x)` (OpenAI CLIP).
+    QuickGelu,
+    /// Exact (erf) GELU (OpenCLIP).
+    Gelu,
+}
+
+/// Architecture of a CLIP text transformer.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ClipTextConfig {
+    #[serde(default = "default_vocab")]
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default = "default_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_activation")]
+    pub hidden_act: ClipActivation,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+}
+
+fn default_vocab() -> usize {
+    49408
+}
+fn default_positions() -> usize {
+    77
+}
+fn default_activation() -> ClipActivation {
+    ClipActivation::QuickGelu
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+
+impl ClipTextConfig {
+    /// OpenAI CLIP ViT-L/14, SD1's text encoder.
+    pub fn sd1() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            max_position_embeddings: 77,
+            hidden_act: ClipActivation::QuickGelu,
+            layer_norm_eps: 1e-5,
+        }
+    }
+
+    /// OpenCLIP ViT-H/14 up to its penultimate layer (23 of 24), SD2's text encoder.
+    pub fn sd2() -> Self {
+        Self {
+            hidden_size: 1024,
+            intermediate_size: 4096,
+            num_hidden_layers: 23,
+            num_attention_heads: 16,
+            hidden_act: ClipActivation::Gelu,
+            ..Self::sd1()
+        }
+    }
+
+    /// Parses a transformers `text_encoder/config.json`.
+    pub fn from_transformers_json(json: &str) -> std::result::Result<Self, ModelError> {
+        let config: Self = serde_json::from_str(json)
+            .map_err(|e| ModelError::Config(format!("the text encoder config is not valid: {e}")))?;
+        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+            return Err(ModelError::Config(format!(
+                "the text encoder config is inconsistent: hidden size {} is not divisible into {} heads",
+                config.hidden_size, config.num_attention_heads
+            )));
+        }
+        Ok(config)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct EncoderLayer {
+    layer_norm1: LayerNorm,
+    q_proj: AdaptableLinear,
+    k_proj: AdaptableLinear,
+    v_proj: AdaptableLinear,
+    out_proj: AdaptableLinear,
+    layer_norm2: LayerNorm,
+    fc1: AdaptableLinear,
+    fc2: AdaptableLinear,
+    heads: usize,
+    activation: ClipActivation,
+}
+
+impl EncoderLayer {
+    fn new(lb: LayerBuilder, config: &ClipTextConfig) -> Result<Self> {
+        let d = config.hidden_size;
+        let attn = lb.pp("self_attn");
+        let mlp = lb.pp("mlp");
+        Ok(Self {
+            layer_norm1: LayerNorm::new(lb.vb().pp("layer_norm1"), d, config.layer_norm_eps)?,
+            q_proj: attn.pp("q_proj").linear(d, d, true)?,
+            k_proj: attn.pp("k_proj").linear(d, d, true)?,
+            v_proj: attn.pp("v_proj").linear(d, d, true)?,
+            out_proj: attn.pp("out_proj").linear(d, d, true)?,
+            layer_norm2: LayerNorm::new(lb.vb().pp("layer_norm2"), d, config.layer_norm_eps)?,
+            fc1: mlp.pp("fc1").linear(d, config.intermediate_size, true)?,
+            fc2: mlp.pp("fc2").linear(config.intermediate_size, d, true)?,
+            heads: config.num_attention_heads,
+            activation: config.hidden_act,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
+        let h = self.layer_norm1.forward(x)?;
+        let attended = attention(
+            &self.q_proj.forward(&h)?,
+            &self.k_proj.forward(&h)?,
+            &self.v_proj.forward(&h)?,
+            self.heads,
+            Some(causal_mask),
+        )?;
+        let x = (self.out_proj.forward(&attended)? + x)?;
+        let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
+        let h = match self.activation {
+            ClipActivation::QuickGelu => quick_gelu(&h)?,
+            ClipActivation::Gelu => h.gelu_erf()?,
+        };
+        self.fc2.forward(&h)? + x
+    }
+}
+
+/// The CLIP text transformer (embeddings, encoder layers, final layer norm).
+#[derive(Debug, Clone)]
+pub struct ClipTextTransformer {
+    token_embedding: Embedding,
+    position_embedding: Tensor,
+    layers: Vec<EncoderLayer>,
+    final_layer_norm: LayerNorm,
+    config: ClipTextConfig,
+    registry: LayerRegistry,
+}
+
+impl ClipTextTransformer {
+    /// `vb` is rooted at the text encoder (its tensors are `text_model.…`).
+    pub fn new(vb: candle_nn::VarBuilder, config: &ClipTextConfig) -> Result<Self> {
+        let registry = LayerRegistry::default();
+        let lb = LayerBuilder::new(vb, registry.clone()).pp("text_model");
+        let embeddings = lb.vb().pp("embeddings");
+        let token_weight = embeddings.pp("token_embedding").get((config.vocab_size, config.hidden_size), "weight")?;
+        let position_embedding = embeddings
+            .pp("position_embedding")
+            .get((config.max_position_embeddings, config.hidden_size), "weight")?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| EncoderLayer::new(lb.pp("encoder").pp("layers").pp(i), config))
+            .collect::<Result<Vec<_>>>()?;
+        let final_layer_norm = LayerNorm::new(lb.vb().pp("final_layer_norm"), config.hidden_size, config.layer_norm_eps)?;
+        Ok(Self {
+            token_embedding: Embedding::new(token_weight, config.hidden_size),
+            position_embedding,
+            layers,
+            final_layer_norm,
+            config: config.clone(),
+            registry,
+        })
+    }
+
+    pub fn config(&self) -> &ClipTextConfig {
+        &self.config
+    }
+
+    pub fn layers(&self) -> &LayerRegistry {
+        &self.registry
+    }
+
+    /// Encodes token ids `[batch, tokens]` to the hidden states the UNet is conditioned on.
+    ///
+    /// `clip_skip` follows A1111/kohya: 1 uses the last layer, 2 the penultimate (then the final layer norm),
+    /// and so on.
+    pub fn forward(&self, input_ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
+        let (_, tokens) = input_ids.dims2()?;
+        let ids = input_ids.to_dtype(DType::U32)?;
+        let positions = self.position_embedding.i(0..tokens)?;
+        let mut h = self.token_embedding.forward(&ids)?.broadcast_add(&positions)?;
+        let mask = causal_mask(tokens, h.device())?;
+        let used_layers = self.layers.len().saturating_sub(clip_skip.max(1) - 1).max(1);
+        for layer in &self.layers[..used_layers] {
+            h = layer.forward(&h, &mask)?;
+        }
+        self.final_layer_norm.forward(&h)
+    }
+}
+
+/// `[tokens, tokens]`, zero on and below the diagonal and -inf above it.
+fn causal_mask(tokens: usize, device: &Device) -> Result<Tensor> {
+    let values: Vec<f32> = (0..tokens)
+        .flat_map(|i| (0..tokens).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(values, (tokens, tokens), device)
+}

@@ -1,0 +1,162 @@
+//! `UNet2DConditionModel` of Stable Diffusion 1.x/2.x in the diffusers module layout, so each layer's path
+//! is the name kohya LoRA keys are made of.
+
+mod blocks;
+mod config;
+mod transformer;
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::{GroupNorm, Module};
+
+use crate::lora::{AdaptableConv2d, AdaptableLinear, LayerBuilder, LayerRegistry};
+use blocks::{BlockShape, DownBlock, LevelAttention, MidBlock, UpBlock, UpChannels};
+pub use config::UNetConfig;
+
+/// The denoising network: predicts noise (or velocity) from a noisy latent, a timestep and text context.
+#[derive(Debug, Clone)]
+pub struct UNet2DConditionModel {
+    conv_in: AdaptableConv2d,
+    time_linear_1: AdaptableLinear,
+    time_linear_2: AdaptableLinear,
+    down_blocks: Vec<DownBlock>,
+    mid_block: MidBlock,
+    up_blocks: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: AdaptableConv2d,
+    config: UNetConfig,
+    layers: LayerRegistry,
+}
+
+impl UNet2DConditionModel {
+    pub fn new(vb: candle_nn::VarBuilder, config: &UNetConfig) -> Result<Self> {
+        config.validate().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let layers = LayerRegistry::default();
+        let lb = LayerBuilder::new(vb, layers.clone());
+        let channels = &config.block_out_channels;
+        let levels = config.levels();
+        let temb = config.time_embed_dim();
+        let shape = BlockShape {
+            temb_channels: temb,
+            context_dim: config.cross_attention_dim,
+            groups: config.norm_num_groups,
+            eps: config.norm_eps,
+            linear_projection: config.use_linear_projection,
+        };
+        let level_attention = |level: usize, has_attention: bool| {
+            has_attention.then(|| LevelAttention {
+                heads: config.attention_heads[level],
+                depth: config.transformer_layers_per_block[level],
+            })
+        };
+
+        let conv_in = lb.pp("conv_in").conv2d(config.in_channels, channels[0], 3, 1, 1)?;
+        let time_linear_1 = lb.pp("time_embedding").pp("linear_1").linear(channels[0], temb, true)?;
+        let time_linear_2 = lb.pp("time_embedding").pp("linear_2").linear(temb, temb, true)?;
+
+        let mut down_blocks = Vec::with_capacity(levels);
+        for level in 0..levels {
+            let in_channels = if level == 0 { channels[0] } else { channels[level - 1] };
+            down_blocks.push(DownBlock::new(
+                lb.pp("down_blocks").pp(level),
+                &shape,
+                in_channels,
+                channels[level],
+                config.layers_per_block,
+                level_attention(level, config.down_attention[level]),
+                level + 1 < levels,
+            )?);
+        }
+
+        let last = levels - 1;
+        let mid_attention = LevelAttention {
+            heads: config.attention_heads[last],
+            depth: config.transformer_layers_per_block[last],
+        };
+        let mid_block = MidBlock::new(lb.pp("mid_block"), &shape, channels[last], mid_attention)?;
+
+        let mut up_blocks = Vec::with_capacity(levels);
+        for i in 0..levels {
+            // Up block i works at the resolution of down level `levels - 1 - i`.
+            let level = last - i;
+            let up_channels = UpChannels {
+                prev_output: if i == 0 { channels[last] } else { channels[level + 1] },
+                output: channels[level],
+                level_input: channels[level.saturating_sub(1)],
+            };
+            up_blocks.push(UpBlock::new(
+                lb.pp("up_blocks").pp(i),
+                &shape,
+                up_channels,
+                config.layers_per_block + 1,
+                level_attention(level, config.up_attention[i]),
+                i < last,
+            )?);
+        }
+
+        let conv_norm_out =
+            candle_nn::group_norm(config.norm_num_groups, channels[0], config.norm_eps, lb.vb().pp("conv_norm_out"))?;
+        let conv_out = lb.pp("conv_out").conv2d(channels[0], config.out_channels, 3, 1, 1)?;
+        Ok(Self {
+            conv_in,
+            time_linear_1,
+            time_linear_2,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out,
+            conv_out,
+            config: config.clone(),
+            layers,
+        })
+    }
+
+    pub fn config(&self) -> &UNetConfig {
+        &self.config
+    }
+
+    /// Every adapter-capable layer of the UNet, named by its diffusers module path.
+    pub fn layers(&self) -> &LayerRegistry {
+        &self.layers
+    }
+
+    /// `sample`: `[batch, in_channels, h, w]`; `timesteps`: `[batch]` (any float dtype, values 0..1000);
+    /// `context`: `[batch, tokens, cross_attention_dim]`.
+    pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let dtype = sample.dtype();
+        let emb = timestep_embedding(timesteps, self.config.block_out_channels[0], sample.device())?.to_dtype(dtype)?;
+        let temb = self.time_linear_2.forward(&self.time_linear_1.forward(&emb)?.silu()?)?;
+
+        let mut h = self.conv_in.forward(sample)?;
+        let mut skips = vec![h.clone()];
+        for block in &self.down_blocks {
+            let (out, block_skips) = block.forward(&h, &temb, context)?;
+            h = out;
+            skips.extend(block_skips);
+        }
+        h = self.mid_block.forward(&h, &temb, context)?;
+        for block in &self.up_blocks {
+            // The skips left after this block's are the next level's; their size is where to upsample to.
+            let remaining = skips.len().saturating_sub(block.skips_needed());
+            let upsample_to = remaining.checked_sub(1).map(|i| skips[i].dims4()).transpose()?.map(|(_, _, h, w)| (h, w));
+            h = block.forward(&h, &mut skips, &temb, context, upsample_to)?;
+        }
+        let h = self.conv_norm_out.forward(&h)?.silu()?;
+        self.conv_out.forward(&h)
+    }
+}
+
+/// diffusers' sinusoidal `Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)`, computed in f32
+/// with the same operation order as the reference so that large timesteps round identically.
+fn timestep_embedding(timesteps: &Tensor, dim: usize, device: &Device) -> Result<Tensor> {
+    let half = dim / 2;
+    let exponent_scale = -(10000f64.ln()) as f32;
+    let freqs: Vec<f32> = (0..half).map(|i| (exponent_scale * i as f32 / half as f32).exp()).collect();
+    let steps: Vec<f32> = timesteps.to_dtype(DType::F32)?.to_vec1()?;
+    let mut rows = Vec::with_capacity(steps.len() * dim);
+    for &t in &steps {
+        let args: Vec<f32> = freqs.iter().map(|&f| t * f).collect();
+        rows.extend(args.iter().map(|a| a.cos()));
+        rows.extend(args.iter().map(|a| a.sin()));
+    }
+    Tensor::from_vec(rows, (steps.len(), dim), device)
+}

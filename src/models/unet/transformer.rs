@@ -1,0 +1,162 @@
+//! The UNet's spatial transformer (`Transformer2DModel`): self-attention, cross-attention to the text
+//! embedding, and a GEGLU feed-forward, with diffusers' module names (`attn1.to_q`, `ff.net.0.proj`, ...).
+
+use candle_core::{D, Result, Tensor};
+use candle_nn::{GroupNorm, Module};
+
+use crate::lora::{AdaptableConv2d, AdaptableLinear, LayerBuilder};
+use crate::models::nn::{LayerNorm, attention};
+
+/// Multi-head attention with separate q/k/v projections and an output projection (`to_out.0`).
+#[derive(Debug, Clone)]
+pub struct Attention {
+    to_q: AdaptableLinear,
+    to_k: AdaptableLinear,
+    to_v: AdaptableLinear,
+    to_out: AdaptableLinear,
+    heads: usize,
+}
+
+impl Attention {
+    /// `context_dim` is `None` for self-attention.
+    pub fn new(lb: LayerBuilder, query_dim: usize, context_dim: Option<usize>, heads: usize) -> Result<Self> {
+        let context_dim = context_dim.unwrap_or(query_dim);
+        Ok(Self {
+            to_q: lb.pp("to_q").linear(query_dim, query_dim, false)?,
+            to_k: lb.pp("to_k").linear(context_dim, query_dim, false)?,
+            to_v: lb.pp("to_v").linear(context_dim, query_dim, false)?,
+            to_out: lb.pp("to_out").pp("0").linear(query_dim, query_dim, true)?,
+            heads,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let context = context.unwrap_or(x);
+        let q = self.to_q.forward(x)?;
+        let k = self.to_k.forward(context)?;
+        let v = self.to_v.forward(context)?;
+        self.to_out.forward(&attention(&q, &k, &v, self.heads, None)?)
+    }
+}
+
+/// `proj(x)` split into value and gate, `value · gelu(gate)`, then back to the model width.
+#[derive(Debug, Clone)]
+struct FeedForward {
+    proj: AdaptableLinear,
+    out: AdaptableLinear,
+}
+
+impl FeedForward {
+    fn new(lb: LayerBuilder, dim: usize) -> Result<Self> {
+        let inner = dim * 4;
+        Ok(Self {
+            proj: lb.pp("net").pp("0").pp("proj").linear(dim, inner * 2, true)?,
+            out: lb.pp("net").pp("2").linear(inner, dim, true)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let projected = self.proj.forward(x)?;
+        let inner = projected.dim(D::Minus1)? / 2;
+        let value = projected.narrow(D::Minus1, 0, inner)?;
+        let gate = projected.narrow(D::Minus1, inner, inner)?;
+        self.out.forward(&(value * gate.gelu_erf()?)?)
+    }
+}
+
+/// One `BasicTransformerBlock`: pre-norm self-attention, cross-attention and feed-forward, each residual.
+#[derive(Debug, Clone)]
+struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+impl BasicTransformerBlock {
+    fn new(lb: LayerBuilder, dim: usize, context_dim: usize, heads: usize) -> Result<Self> {
+        Ok(Self {
+            norm1: LayerNorm::new(lb.vb().pp("norm1"), dim, 1e-5)?,
+            attn1: Attention::new(lb.pp("attn1"), dim, None, heads)?,
+            norm2: LayerNorm::new(lb.vb().pp("norm2"), dim, 1e-5)?,
+            attn2: Attention::new(lb.pp("attn2"), dim, Some(context_dim), heads)?,
+            norm3: LayerNorm::new(lb.vb().pp("norm3"), dim, 1e-5)?,
+            ff: FeedForward::new(lb.pp("ff"), dim)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
+        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + &x)?;
+        self.ff.forward(&self.norm3.forward(&x)?)? + &x
+    }
+}
+
+/// `proj_in`/`proj_out`: 1x1 convolutions in SD1, Linear layers in SD2.
+#[derive(Debug, Clone)]
+enum Projection {
+    Conv(AdaptableConv2d),
+    Linear(AdaptableLinear),
+}
+
+/// Sizes of one spatial transformer.
+#[derive(Debug, Clone, Copy)]
+pub struct TransformerShape {
+    pub channels: usize,
+    pub heads: usize,
+    pub depth: usize,
+    pub context_dim: usize,
+    pub groups: usize,
+    pub linear_projection: bool,
+}
+
+/// `Transformer2DModel`: group norm, `proj_in`, transformer blocks over the flattened pixels, `proj_out`,
+/// plus the input as a residual.
+#[derive(Debug, Clone)]
+pub struct SpatialTransformer {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out: Projection,
+}
+
+impl SpatialTransformer {
+    pub fn new(lb: LayerBuilder, shape: TransformerShape) -> Result<Self> {
+        let c = shape.channels;
+        let projection = |name: &str| -> Result<Projection> {
+            Ok(if shape.linear_projection {
+                Projection::Linear(lb.pp(name).linear(c, c, true)?)
+            } else {
+                Projection::Conv(lb.pp(name).conv2d(c, c, 1, 1, 0)?)
+            })
+        };
+        let proj_in = projection("proj_in")?;
+        let blocks = (0..shape.depth)
+            .map(|i| BasicTransformerBlock::new(lb.pp("transformer_blocks").pp(i), c, shape.context_dim, shape.heads))
+            .collect::<Result<Vec<_>>>()?;
+        let proj_out = projection("proj_out")?;
+        let norm = candle_nn::group_norm(shape.groups, c, 1e-6, lb.vb().pp("norm"))?;
+        Ok(Self { norm, proj_in, blocks, proj_out })
+    }
+
+    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (batch, channels, height, width) = x.dims4()?;
+        let to_tokens = |t: &Tensor| t.permute((0, 2, 3, 1))?.reshape((batch, height * width, channels));
+        let to_image = |t: &Tensor| t.reshape((batch, height, width, channels))?.permute((0, 3, 1, 2))?.contiguous();
+        let normed = self.norm.forward(x)?;
+        let mut h = match &self.proj_in {
+            Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
+            Projection::Linear(linear) => linear.forward(&to_tokens(&normed)?)?,
+        };
+        for block in &self.blocks {
+            h = block.forward(&h, context)?;
+        }
+        let h = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(&to_image(&h)?)?,
+            Projection::Linear(linear) => to_image(&linear.forward(&h)?)?,
+        };
+        h + x
+    }
+}
