@@ -15,14 +15,21 @@ fn main() {
         .unwrap_or_else(|| "unknown".to_string());
 
     let mut backends = vec!["cpu"];
-    for (feature, name) in [("CARGO_FEATURE_CUDA", "cuda"), ("CARGO_FEATURE_CUDNN", "cudnn"), ("CARGO_FEATURE_METAL", "metal")] {
+    for (feature, name) in [
+        ("CARGO_FEATURE_CUDA", "cuda"),
+        ("CARGO_FEATURE_CUDNN", "cudnn"),
+        ("CARGO_FEATURE_METAL", "metal"),
+    ] {
         if std::env::var_os(feature).is_some() {
             backends.push(name);
         }
     }
 
     println!("cargo:rustc-env=LORA_STUDIO_GIT_COMMIT={commit}");
-    println!("cargo:rustc-env=LORA_STUDIO_BACKENDS={}", backends.join(","));
+    println!(
+        "cargo:rustc-env=LORA_STUDIO_BACKENDS={}",
+        backends.join(",")
+    );
     println!("cargo:rerun-if-changed=.git/HEAD");
     println!("cargo:rerun-if-changed=.git/refs/heads");
 }

@@ -6,7 +6,10 @@ use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
 /// Writes `path` atomically with `write`, which receives a buffered writer.
-pub fn write_atomically(path: &Path, write: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>) -> std::io::Result<()> {
+pub fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let temp = temp_path(path);
     let result = (|| {
         let mut writer = BufWriter::new(File::create(&temp)?);
@@ -23,6 +26,9 @@ pub fn write_atomically(path: &Path, write: impl FnOnce(&mut BufWriter<File>) ->
 
 /// `dir/.name.tmp-PID` beside the target, so the rename stays on one file system.
 fn temp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }

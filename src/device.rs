@@ -27,7 +27,9 @@ impl FromStr for DeviceChoice {
             "metal" => Ok(Self::Metal),
             other => match other.strip_prefix("cuda:").map(str::parse) {
                 Some(Ok(ordinal)) => Ok(Self::Cuda(ordinal)),
-                _ => Err(format!("`{s}` is not a device; use cpu, cuda, cuda:N, metal or auto")),
+                _ => Err(format!(
+                    "`{s}` is not a device; use cpu, cuda, cuda:N, metal or auto"
+                )),
             },
         }
     }
@@ -40,13 +42,19 @@ impl DeviceChoice {
             Self::Cpu => Ok(Device::Cpu),
             Self::Cuda(ordinal) => {
                 if !candle_core::utils::cuda_is_available() {
-                    return Err("this build has no CUDA support (build with `--features cuda`)".to_string());
+                    return Err(
+                        "this build has no CUDA support (build with `--features cuda`)".to_string(),
+                    );
                 }
-                Device::new_cuda(ordinal).map_err(|e| format!("CUDA device {ordinal} is not usable: {e}"))
+                Device::new_cuda(ordinal)
+                    .map_err(|e| format!("CUDA device {ordinal} is not usable: {e}"))
             }
             Self::Metal => {
                 if !candle_core::utils::metal_is_available() {
-                    return Err("this build has no Metal support (build with `--features metal`)".to_string());
+                    return Err(
+                        "this build has no Metal support (build with `--features metal`)"
+                            .to_string(),
+                    );
                 }
                 Device::new_metal(0).map_err(|e| format!("the Metal device is not usable: {e}"))
             }

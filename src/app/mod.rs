@@ -8,11 +8,17 @@ use crate::build_info::LONG_VERSION;
 /// Opens the main window and runs until it is closed.
 pub fn run() -> anyhow::Result<()> {
     let options = eframe::NativeOptions {
-        viewport: egui::ViewportBuilder::default().with_title("lora-studio").with_inner_size([960.0, 640.0]),
+        viewport: egui::ViewportBuilder::default()
+            .with_title("lora-studio")
+            .with_inner_size([960.0, 640.0]),
         ..Default::default()
     };
-    eframe::run_native("lora-studio", options, Box::new(|_cc| Ok(Box::new(StudioApp))))
-        .map_err(|e| anyhow::anyhow!("the window could not be opened: {e}"))
+    eframe::run_native(
+        "lora-studio",
+        options,
+        Box::new(|_cc| Ok(Box::new(StudioApp))),
+    )
+    .map_err(|e| anyhow::anyhow!("the window could not be opened: {e}"))
 }
 
 /// The app state.
@@ -26,7 +32,9 @@ impl StudioApp {
         ui.label(format!("version {LONG_VERSION}"));
         ui.add_space(8.0);
         ui.label("Train LoRA style adapters for Stable Diffusion on your own images.");
-        ui.label("The dataset, training and preview views arrive in the next releases; the command line");
+        ui.label(
+            "The dataset, training and preview views arrive in the next releases; the command line",
+        );
         ui.label("already generates images: lora-studio generate --help");
     }
 }

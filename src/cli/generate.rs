@@ -83,7 +83,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if args.steps == 0 {
         bail!("--steps must be at least 1");
     }
-    let loras = args.loras.iter().map(|spec| parse_lora_spec(spec)).collect::<anyhow::Result<Vec<_>>>()?;
+    let loras = args
+        .loras
+        .iter()
+        .map(|spec| parse_lora_spec(spec))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let device = args.device.open().map_err(anyhow::Error::msg)?;
     let dtype = inference_dtype(&device);
 
@@ -94,12 +98,21 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             PredictionArg::V => PredictionType::VPrediction,
         });
     }
-    eprintln!("loading {} ({}) on {}", args.base.display(), source.config().family.label(), describe(&device));
+    eprintln!(
+        "loading {} ({}) on {}",
+        args.base.display(),
+        source.config().family.label(),
+        describe(&device)
+    );
     let model = StableDiffusion::load(&source, &device, dtype)?;
     for (path, strength) in &loras {
         let lora = KohyaLora::load(path, &device)?;
         let report = lora.attach(&model.adapter_components(), *strength, dtype)?;
-        eprintln!("applied {} at strength {strength}: {} modules", path.display(), report.adapters.len());
+        eprintln!(
+            "applied {} at strength {strength}: {} modules",
+            path.display(),
+            report.adapters.len()
+        );
         if !report.unmatched.is_empty() {
             eprintln!(
                 "warning: {} modules of {} match no layer of this model and were skipped (first: {})",
@@ -136,7 +149,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         ProgressStyle::with_template("{bar:40} {pos}/{len} steps  {per_sec}  eta {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let generated = model.generate(&request, &init_noise, &mut noise, &mut |done, _| bar.set_position(done as u64))?;
+    let generated = model.generate(&request, &init_noise, &mut noise, &mut |done, _| {
+        bar.set_position(done as u64)
+    })?;
     bar.finish_and_clear();
 
     let image = to_rgb8(&generated.image)?;
@@ -181,17 +196,29 @@ fn read_init_noise(path: &Path, dims: &[usize; 4]) -> anyhow::Result<Tensor> {
 }
 
 /// The A1111 "parameters" text, so WebUI's PNG Info and civitai read the settings back.
-fn infotext(args: &GenerateArgs, request: &GenerateRequest, seed: u64, loras: &[(PathBuf, f64)]) -> String {
+fn infotext(
+    args: &GenerateArgs,
+    request: &GenerateRequest,
+    seed: u64,
+    loras: &[(PathBuf, f64)],
+) -> String {
     let mut prompt = request.prompt.clone();
     for (path, strength) in loras {
-        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         prompt.push_str(&format!(" <lora:{name}:{strength}>"));
     }
     let sampler = match request.sampler {
         SamplerKind::Ddim => "DDIM",
         SamplerKind::EulerAncestral => "Euler a",
     };
-    let model = args.base.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let model = args
+        .base
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let mut text = prompt;
     if !request.negative_prompt.is_empty() {
         text.push_str(&format!("\nNegative prompt: {}", request.negative_prompt));
@@ -203,7 +230,10 @@ fn infotext(args: &GenerateArgs, request: &GenerateRequest, seed: u64, loras: &[
     if request.clip_skip > 1 {
         text.push_str(&format!(", Clip skip: {}", request.clip_skip));
     }
-    text.push_str(&format!(", Version: lora-studio {}", crate::build_info::VERSION));
+    text.push_str(&format!(
+        ", Version: lora-studio {}",
+        crate::build_info::VERSION
+    ));
     text
 }
 
@@ -212,9 +242,12 @@ fn write_png(path: &Path, image: &image::RgbImage, parameters: &str) -> std::io:
         let mut encoder = png::Encoder::new(writer, image.width(), image.height());
         encoder.set_color(png::ColorType::Rgb);
         encoder.set_depth(png::BitDepth::Eight);
-        encoder.add_text_chunk("parameters".to_string(), parameters.to_string()).map_err(std::io::Error::other)?;
+        encoder
+            .add_text_chunk("parameters".to_string(), parameters.to_string())
+            .map_err(std::io::Error::other)?;
         let mut png = encoder.write_header().map_err(std::io::Error::other)?;
-        png.write_image_data(image.as_raw()).map_err(std::io::Error::other)?;
+        png.write_image_data(image.as_raw())
+            .map_err(std::io::Error::other)?;
         png.finish().map_err(std::io::Error::other)
     })
 }

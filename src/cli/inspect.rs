@@ -18,8 +18,15 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         FileReport::Checkpoint(report) => print_checkpoint(&report),
         FileReport::UnsupportedCheckpoint { path, what } => println!("{}: {what}", path.display()),
         FileReport::Lora(report) => print_lora(&report),
-        FileReport::Unknown { path, tensors, first_keys } => {
-            println!("{}: not a Stable Diffusion model or LoRA ({tensors} tensors)", path.display());
+        FileReport::Unknown {
+            path,
+            tensors,
+            first_keys,
+        } => {
+            println!(
+                "{}: not a Stable Diffusion model or LoRA ({tensors} tensors)",
+                path.display()
+            );
             if !first_keys.is_empty() {
                 println!("  first tensors: {}", first_keys.join(", "));
             }
@@ -29,10 +36,26 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
 }
 
 fn print_checkpoint(report: &CheckpointReport) {
-    let ModelConfig { family, unet, vae, text_encoder, scheduler, .. } = &report.config;
-    println!("{}: {} base model, {}", report.path.display(), family.label(), report.layout);
+    let ModelConfig {
+        family,
+        unet,
+        vae,
+        text_encoder,
+        scheduler,
+        ..
+    } = &report.config;
+    println!(
+        "{}: {} base model, {}",
+        report.path.display(),
+        family.label(),
+        report.layout
+    );
     if report.tensors > 0 {
-        let dtypes: Vec<String> = report.dtypes.iter().map(|(d, n)| format!("{n} {d}")).collect();
+        let dtypes: Vec<String> = report
+            .dtypes
+            .iter()
+            .map(|(d, n)| format!("{n} {d}"))
+            .collect();
         println!("  tensors: {} ({})", report.tensors, dtypes.join(", "));
     }
     println!(
@@ -41,7 +64,11 @@ fn print_checkpoint(report: &CheckpointReport) {
         unet.layers_per_block,
         unet.attention_heads,
         unet.cross_attention_dim,
-        if unet.use_linear_projection { "linear" } else { "1x1 conv" }
+        if unet.use_linear_projection {
+            "linear"
+        } else {
+            "1x1 conv"
+        }
     );
     println!(
         "  VAE: channels {:?}, {} latent channels, scaling factor {}",
@@ -61,7 +88,12 @@ fn print_checkpoint(report: &CheckpointReport) {
 }
 
 fn print_lora(report: &LoraReport) {
-    println!("{}: {} LoRA for {}", report.path.display(), report.format, report.base);
+    println!(
+        "{}: {} LoRA for {}",
+        report.path.display(),
+        report.format,
+        report.base
+    );
     println!(
         "  modules: {} UNet, {} text encoder ({} convolutional, LoCon)",
         report.unet_modules, report.text_encoder_modules, report.conv_modules
@@ -69,16 +101,27 @@ fn print_lora(report: &LoraReport) {
     let ranks: Vec<String> = report.ranks.iter().map(usize::to_string).collect();
     println!("  rank: {}", ranks.join(", "));
     if !report.alphas.is_empty() {
-        println!("  alpha: {}", report.alphas.iter().cloned().collect::<Vec<_>>().join(", "));
+        println!(
+            "  alpha: {}",
+            report.alphas.iter().cloned().collect::<Vec<_>>().join(", ")
+        );
     }
-    let dtypes: Vec<String> = report.dtypes.iter().map(|(d, n)| format!("{n} {d}")).collect();
+    let dtypes: Vec<String> = report
+        .dtypes
+        .iter()
+        .map(|(d, n)| format!("{n} {d}"))
+        .collect();
     println!("  tensors: {}", dtypes.join(", "));
     if report.has_dora {
         println!("  contains DoRA magnitudes (dora_scale)");
     }
     for (key, value) in &report.metadata {
         let shown: String = value.chars().take(120).collect();
-        let ellipsis = if value.chars().count() > 120 { "…" } else { "" };
+        let ellipsis = if value.chars().count() > 120 {
+            "…"
+        } else {
+            ""
+        };
         println!("  {key}: {shown}{ellipsis}");
     }
 }

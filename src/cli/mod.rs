@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Generate an image from a prompt with a base model and optional LoRA files.
-    Generate(generate::GenerateArgs),
+    Generate(Box<generate::GenerateArgs>),
     /// Say what a model, LoRA or tensor file is, without loading its weights.
     Inspect(inspect::InspectArgs),
 }
@@ -30,7 +30,7 @@ enum Command {
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Some(Command::Generate(args)) => generate::run(args),
+        Some(Command::Generate(args)) => generate::run(*args),
         Some(Command::Inspect(args)) => inspect::run(args),
         None => open_app(),
     };
@@ -50,5 +50,7 @@ fn open_app() -> anyhow::Result<()> {
 
 #[cfg(not(feature = "gui"))]
 fn open_app() -> anyhow::Result<()> {
-    anyhow::bail!("this build has no desktop app (it was built without the `gui` feature); run `lora-studio --help` for the commands")
+    anyhow::bail!(
+        "this build has no desktop app (it was built without the `gui` feature); run `lora-studio --help` for the commands"
+    )
 }

@@ -25,19 +25,36 @@ impl LoraAdapter {
     /// Builds an adapter for a layer of the given shape. `down`/`up` may come in either the linear (2-D) or
     /// the 1x1-convolution (4-D) form, as A1111 and ComfyUI accept both; they are brought to the layer's own
     /// form here. `alpha: None` means alpha = rank (scale 1), kohya's rule for files without alpha.
-    pub fn new(down: Tensor, up: Tensor, alpha: Option<f64>, layer: &LayerShape) -> std::result::Result<Self, String> {
+    pub fn new(
+        down: Tensor,
+        up: Tensor,
+        alpha: Option<f64>,
+        layer: &LayerShape,
+    ) -> std::result::Result<Self, String> {
         let rank = down.dims().first().copied().unwrap_or(0);
         if rank == 0 {
-            return Err(format!("lora_down has shape {:?}; expected a non-empty rank dimension", down.dims()));
+            return Err(format!(
+                "lora_down has shape {:?}; expected a non-empty rank dimension",
+                down.dims()
+            ));
         }
         let (down, up) = match *layer {
-            LayerShape::Linear { in_features, out_features } => {
+            LayerShape::Linear {
+                in_features,
+                out_features,
+            } => {
                 let down = reshape_if(&down, &[rank, in_features], "lora_down")?;
                 let up = reshape_if(&up, &[out_features, rank], "lora_up")?;
                 (down, up)
             }
-            LayerShape::Conv2d { in_channels, out_channels, kernel, .. } => {
-                let down = reshape_if(&down, &[rank, in_channels, kernel.0, kernel.1], "lora_down")?;
+            LayerShape::Conv2d {
+                in_channels,
+                out_channels,
+                kernel,
+                ..
+            } => {
+                let down =
+                    reshape_if(&down, &[rank, in_channels, kernel.0, kernel.1], "lora_down")?;
                 let up = reshape_if(&up, &[out_channels, rank, 1, 1], "lora_up")?;
                 (down, up)
             }
@@ -46,7 +63,12 @@ impl LoraAdapter {
             Some(a) if a != 0.0 && a.is_finite() => a,
             _ => rank as f64,
         };
-        Ok(Self { down, up, alpha, multiplier_bits: AtomicU64::new(1.0f64.to_bits()) })
+        Ok(Self {
+            down,
+            up,
+            alpha,
+            multiplier_bits: AtomicU64::new(1.0f64.to_bits()),
+        })
     }
 
     pub fn rank(&self) -> usize {
@@ -76,7 +98,8 @@ impl LoraAdapter {
     }
 
     pub fn set_multiplier(&self, multiplier: f64) {
-        self.multiplier_bits.store(multiplier.to_bits(), Ordering::Relaxed);
+        self.multiplier_bits
+            .store(multiplier.to_bits(), Ordering::Relaxed);
     }
 
     /// The adapter's contribution to the layer output for input `x`.
@@ -86,7 +109,9 @@ impl LoraAdapter {
             LayerShape::Linear { .. } => x
                 .broadcast_matmul(&self.down.to_dtype(x.dtype())?.t()?)?
                 .broadcast_matmul(&self.up.to_dtype(x.dtype())?.t()?)?,
-            LayerShape::Conv2d { stride, padding, .. } => x
+            LayerShape::Conv2d {
+                stride, padding, ..
+            } => x
                 .conv2d(&self.down.to_dtype(x.dtype())?, padding, stride, 1, 1)?
                 .conv2d(&self.up.to_dtype(x.dtype())?, 0, 1, 1, 1)?,
         };
@@ -100,10 +125,18 @@ impl LoraAdapter {
         let rank = self.rank();
         let delta = match *layer {
             LayerShape::Linear { .. } => self.up.matmul(&self.down)?,
-            LayerShape::Conv2d { in_channels, out_channels, kernel, .. } => {
+            LayerShape::Conv2d {
+                in_channels,
+                out_channels,
+                kernel,
+                ..
+            } => {
                 let up = self.up.reshape((out_channels, rank))?;
-                let down = self.down.reshape((rank, in_channels * kernel.0 * kernel.1))?;
-                up.matmul(&down)?.reshape((out_channels, in_channels, kernel.0, kernel.1))?
+                let down = self
+                    .down
+                    .reshape((rank, in_channels * kernel.0 * kernel.1))?;
+                up.matmul(&down)?
+                    .reshape((out_channels, in_channels, kernel.0, kernel.1))?
             }
         };
         delta.affine(factor, 0.0)
@@ -117,10 +150,17 @@ fn reshape_if(t: &Tensor, dims: &[usize], what: &str) -> std::result::Result<Ten
     }
     let same_count = t.elem_count() == dims.iter().product::<usize>();
     let only_unit_dims_differ = same_count
-        && t.dims().iter().filter(|&&d| d != 1).eq(dims.iter().filter(|&&d| d != 1));
+        && t.dims()
+            .iter()
+            .filter(|&&d| d != 1)
+            .eq(dims.iter().filter(|&&d| d != 1));
     if only_unit_dims_differ {
         t.reshape(dims).map_err(|e| e.to_string())
     } else {
-        Err(format!("{what} has shape {:?}; the layer needs {:?}", t.dims(), dims))
+        Err(format!(
+            "{what} has shape {:?}; the layer needs {:?}",
+            t.dims(),
+            dims
+        ))
     }
 }

@@ -8,21 +8,31 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, CustomOp2, Layout, MetalStorage, Result, Shape, Storage, Tensor,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, Layout, MetalStorage, Result, Shape, Storage,
+    Tensor,
 };
 
 /// `x · Wᵀ` for a frozen `W` of shape `[out, in]`, over any number of leading batch dimensions.
 pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(FrozenMatmul { weight: weight.clone() })
+    x.contiguous()?.apply_op1(FrozenMatmul {
+        weight: weight.clone(),
+    })
 }
 
 /// A 2-D convolution (no groups, no dilation) with a frozen kernel `[out, in, kh, kw]`.
 pub fn frozen_conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    let output = x.detach().conv2d(weight, padding, stride, 1, 1)?;
+    let output = x.detach().conv2d(&weight.detach(), padding, stride, 1, 1)?;
     if !x.track_op() {
         return Ok(output);
     }
-    output.apply_op2(x, FrozenConvBackward { weight: weight.clone(), padding, stride })
+    output.apply_op2(
+        x,
+        FrozenConvBackward {
+            weight: weight.clone(),
+            padding,
+            stride,
+        },
+    )
 }
 
 /// The forward pass of [`frozen_linear`]: a matmul straight on the storages, with no copy.
@@ -31,14 +41,21 @@ struct FrozenMatmul {
 }
 
 impl FrozenMatmul {
-    fn forward<S: BackendStorage>(x: &S, x_layout: &Layout, w: &S, w_layout: &Layout) -> Result<(S, Shape)> {
+    fn forward<S: BackendStorage>(
+        x: &S,
+        x_layout: &Layout,
+        w: &S,
+        w_layout: &Layout,
+    ) -> Result<(S, Shape)> {
         let (out_features, in_features) = w_layout.shape().dims2()?;
         let dims = x_layout.dims();
         let Some((&last, leading)) = dims.split_last() else {
             candle_core::bail!("frozen linear: the input is a scalar");
         };
         if last != in_features {
-            candle_core::bail!("frozen linear: input width {last} does not match the weight's {in_features}");
+            candle_core::bail!(
+                "frozen linear: input width {last} does not match the weight's {in_features}"
+            );
         }
         let Some((start, _)) = x_layout.contiguous_offsets() else {
             candle_core::bail!("frozen linear: the input is not contiguous");
@@ -101,7 +118,9 @@ struct FrozenConvBackward {
 impl FrozenConvBackward {
     fn pass_through<S: BackendStorage>(storage: &S, layout: &Layout) -> Result<(S, Shape)> {
         if !layout.is_contiguous() || layout.start_offset() != 0 {
-            candle_core::bail!("frozen conv2d: the convolution output is not a fresh contiguous tensor");
+            candle_core::bail!(
+                "frozen conv2d: the convolution output is not a fresh contiguous tensor"
+            );
         }
         Ok((storage.try_clone(layout)?, layout.shape().clone()))
     }
@@ -119,7 +138,8 @@ impl FrozenConvBackward {
         }
         // Strided: a transposed convolution with one extra row and column of output, cropped to the
         // input, handles odd and even sizes (and mixed parity) alike.
-        let full = grad.conv_transpose2d(&self.weight, self.padding, self.stride - 1, self.stride, 1)?;
+        let full =
+            grad.conv_transpose2d(&self.weight, self.padding, self.stride - 1, self.stride, 1)?;
         full.narrow(2, 0, in_h)?.narrow(3, 0, in_w)
     }
 }
@@ -127,8 +147,11 @@ impl FrozenConvBackward {
 /// Reverses the two spatial axes of a `[out, in, kh, kw]` kernel.
 fn flip_spatial(kernel: &Tensor) -> Result<Tensor> {
     let (_, _, k_h, k_w) = kernel.dims4()?;
-    let reversed = |n: usize| Tensor::new((0..n as u32).rev().collect::<Vec<u32>>(), kernel.device());
-    kernel.index_select(&reversed(k_h)?, 2)?.index_select(&reversed(k_w)?, 3)
+    let reversed =
+        |n: usize| Tensor::new((0..n as u32).rev().collect::<Vec<u32>>(), kernel.device());
+    kernel
+        .index_select(&reversed(k_h)?, 2)?
+        .index_select(&reversed(k_w)?, 3)
 }
 
 impl CustomOp2 for FrozenConvBackward {
@@ -136,11 +159,23 @@ impl CustomOp2 for FrozenConvBackward {
         "frozen-conv2d"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         Self::pass_through(s1, l1)
     }
 
-    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
         Self::pass_through(s1, l1)
     }
 
@@ -154,7 +189,130 @@ impl CustomOp2 for FrozenConvBackward {
         Self::pass_through(s1, l1)
     }
 
-    fn bwd(&self, _: &Tensor, input: &Tensor, _: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        _: &Tensor,
+        input: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((None, Some(self.input_grad(input, grad)?)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor, Var};
+
+    use super::{frozen_conv2d, frozen_linear};
+
+    fn random(dims: &[usize], seed: u64) -> Tensor {
+        let mut state = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let values: Vec<f64> = (0..dims.iter().product::<usize>())
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state % 2001) as f64 / 1000.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(values, dims, &Device::Cpu).unwrap()
+    }
+
+    /// Checks the input gradient of `op` against central differences at every element, in f64.
+    fn check_input_gradient(input_dims: &[usize], op: impl Fn(&Tensor) -> Tensor) {
+        let x = Var::from_tensor(&random(input_dims, 1)).unwrap();
+        let probe = random(op(x.as_tensor()).dims(), 2);
+        let loss = |t: &Tensor| {
+            (op(t) * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let grads = (op(x.as_tensor()) * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let analytic = grads
+            .get(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let base = x
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        for (i, &g) in analytic.iter().enumerate() {
+            let shifted = |delta: f64| {
+                let mut v = base.clone();
+                v[i] += delta;
+                Tensor::from_vec(v, input_dims, &Device::Cpu).unwrap()
+            };
+            let numeric = (loss(&shifted(1e-6)) - loss(&shifted(-1e-6))) / 2e-6;
+            assert!(
+                (g - numeric).abs() < 1e-6 * (1.0 + numeric.abs()),
+                "element {i}: {g} vs {numeric}"
+            );
+        }
+    }
+
+    #[test]
+    fn frozen_linear_input_gradient_is_exact() {
+        let weight = random(&[4, 5], 3);
+        check_input_gradient(&[2, 3, 5], |x| frozen_linear(x, &weight).unwrap());
+    }
+
+    #[test]
+    fn frozen_linear_forward_matches_matmul() {
+        let weight = random(&[4, 5], 3);
+        let x = random(&[2, 3, 5], 4);
+        let expected = x.broadcast_matmul(&weight.t().unwrap()).unwrap();
+        let diff = (frozen_linear(&x, &weight).unwrap() - expected)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(diff.to_scalar::<f64>().unwrap() < 1e-12);
+    }
+
+    #[test]
+    fn frozen_conv_input_gradients_are_exact() {
+        // stride 1 with 3x3 and 1x1 kernels, and stride 2 on odd, even and mixed-parity sizes.
+        for (kernel, stride, padding, height, width) in [
+            (3, 1, 1, 6, 5),
+            (1, 1, 0, 4, 4),
+            (3, 2, 1, 7, 6),
+            (3, 2, 1, 8, 8),
+            (3, 2, 0, 7, 7),
+            (3, 1, 0, 5, 6),
+        ] {
+            let weight = random(&[3, 2, kernel, kernel], 5);
+            check_input_gradient(&[2, 2, height, width], |x| {
+                frozen_conv2d(x, &weight, padding, stride).unwrap()
+            });
+        }
+    }
+
+    #[test]
+    fn frozen_ops_leave_the_weight_without_gradient() {
+        let weight = Var::from_tensor(&random(&[3, 2, 3, 3], 5)).unwrap();
+        let x = Var::from_tensor(&random(&[1, 2, 5, 5], 6)).unwrap();
+        let y = frozen_conv2d(x.as_tensor(), weight.as_tensor(), 1, 1).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(&x).is_some());
+        assert!(
+            grads.get(&weight).is_none(),
+            "the frozen weight must not get a gradient"
+        );
+        assert_eq!(y.dtype(), DType::F64);
     }
 }

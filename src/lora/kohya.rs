@@ -28,15 +28,26 @@ pub enum LoraError {
     #[error("{} is not a kohya-format LoRA: {reason}", path.display())]
     NotKohya { path: PathBuf, reason: String },
     #[error("{}: module `{module}`: {reason}", path.display())]
-    Module { path: PathBuf, module: String, reason: String },
+    Module {
+        path: PathBuf,
+        module: String,
+        reason: String,
+    },
     #[error(
         "none of the {count} modules in {} match this model's layers (the first is `{first}`); the LoRA was \
          probably made for another model family",
         path.display()
     )]
-    NoMatch { path: PathBuf, count: usize, first: String },
-    #[error("{}: {source}", path.display())]
-    Tensor { path: PathBuf, source: candle_core::Error },
+    NoMatch {
+        path: PathBuf,
+        count: usize,
+        first: String,
+    },
+    #[error("{}: {}", path.display(), crate::tensor_file::plain_error(.source))]
+    Tensor {
+        path: PathBuf,
+        source: candle_core::Error,
+    },
 }
 
 /// The tensors of one kohya module as stored.
@@ -45,6 +56,14 @@ pub struct KohyaModule {
     pub down: Tensor,
     pub up: Tensor,
     pub alpha: Option<f64>,
+}
+
+/// A module's tensors while a file is being read.
+#[derive(Default)]
+struct PartialModule {
+    down: Option<Tensor>,
+    up: Option<Tensor>,
+    alpha: Option<f64>,
 }
 
 /// A kohya LoRA file read into memory.
@@ -68,24 +87,30 @@ impl KohyaLora {
     /// Reads a kohya LoRA file.
     pub fn load(path: &Path, device: &Device) -> Result<Self, LoraError> {
         let file = TensorFile::open(path)?;
-        let not_kohya = |reason: String| LoraError::NotKohya { path: path.to_path_buf(), reason };
-        let mut parts: BTreeMap<String, (Option<Tensor>, Option<Tensor>, Option<f64>)> = BTreeMap::new();
+        let not_kohya = |reason: String| LoraError::NotKohya {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let mut parts: BTreeMap<String, PartialModule> = BTreeMap::new();
         for name in file.infos().keys() {
             let Some((module, suffix)) = name.split_once('.') else {
                 return Err(not_kohya(format!("tensor `{name}` has no module suffix")));
             };
             let entry = parts.entry(module.to_string()).or_default();
             match suffix {
-                "lora_down.weight" => entry.0 = Some(file.load(name, device)?),
-                "lora_up.weight" => entry.1 = Some(file.load(name, device)?),
+                "lora_down.weight" => entry.down = Some(file.load(name, device)?),
+                "lora_up.weight" => entry.up = Some(file.load(name, device)?),
                 "alpha" => {
                     let alpha = file.load(name, device)?;
                     let value = alpha
                         .to_dtype(DType::F64)
                         .and_then(|a| a.flatten_all())
                         .and_then(|a| a.to_vec1::<f64>())
-                        .map_err(|source| LoraError::Tensor { path: path.to_path_buf(), source })?;
-                    entry.2 = value.first().copied();
+                        .map_err(|source| LoraError::Tensor {
+                            path: path.to_path_buf(),
+                            source,
+                        })?;
+                    entry.alpha = value.first().copied();
                 }
                 // DoRA magnitudes are read three different ways by the three UIs; refuse rather than guess.
                 "dora_scale" => {
@@ -103,14 +128,18 @@ impl KohyaLora {
                         "module `{module}` is a LyCORIS LoHa/LoKr module, which is not supported"
                     )));
                 }
-                other => return Err(not_kohya(format!("tensor `{name}` has the unknown suffix `{other}`"))),
+                other => {
+                    return Err(not_kohya(format!(
+                        "tensor `{name}` has the unknown suffix `{other}`"
+                    )));
+                }
             }
         }
         if parts.is_empty() {
             return Err(not_kohya("it contains no tensors".to_string()));
         }
         let mut modules = BTreeMap::new();
-        for (module, (down, up, alpha)) in parts {
+        for (module, PartialModule { down, up, alpha }) in parts {
             let missing = |what: &str| LoraError::Module {
                 path: path.to_path_buf(),
                 module: module.clone(),
@@ -120,7 +149,11 @@ impl KohyaLora {
             let up = up.ok_or_else(|| missing("lora_up.weight"))?;
             modules.insert(module, KohyaModule { down, up, alpha });
         }
-        Ok(Self { path: path.to_path_buf(), metadata: file.metadata().clone(), modules })
+        Ok(Self {
+            path: path.to_path_buf(),
+            metadata: file.metadata().clone(),
+            modules,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -150,7 +183,10 @@ impl KohyaLora {
         let slots: HashMap<String, Arc<AdapterSlot>> = components
             .iter()
             .flat_map(|(prefix, registry)| {
-                registry.slots().into_iter().map(move |slot| (kohya_name(prefix, slot.name()), slot))
+                registry
+                    .slots()
+                    .into_iter()
+                    .map(move |slot| (kohya_name(prefix, slot.name()), slot))
             })
             .collect();
         // Build every adapter before attaching any, so a bad module leaves the model untouched.
@@ -162,10 +198,22 @@ impl KohyaLora {
                 continue;
             };
             let convert = |t: &Tensor| {
-                t.to_dtype(dtype).map_err(|source| LoraError::Tensor { path: self.path.clone(), source })
+                t.to_dtype(dtype).map_err(|source| LoraError::Tensor {
+                    path: self.path.clone(),
+                    source,
+                })
             };
-            let adapter = LoraAdapter::new(convert(&weights.down)?, convert(&weights.up)?, weights.alpha, slot.shape())
-                .map_err(|reason| LoraError::Module { path: self.path.clone(), module: module.clone(), reason })?;
+            let adapter = LoraAdapter::new(
+                convert(&weights.down)?,
+                convert(&weights.up)?,
+                weights.alpha,
+                slot.shape(),
+            )
+            .map_err(|reason| LoraError::Module {
+                path: self.path.clone(),
+                module: module.clone(),
+                reason,
+            })?;
             adapter.set_multiplier(multiplier);
             matched.push((slot.clone(), Arc::new(adapter)));
         }

@@ -18,16 +18,33 @@ use super::frozen::{frozen_conv2d, frozen_linear};
 /// The geometry of a base layer, which decides how an adapter attaches to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LayerShape {
-    Linear { in_features: usize, out_features: usize },
-    Conv2d { in_channels: usize, out_channels: usize, kernel: (usize, usize), stride: usize, padding: usize },
+    Linear {
+        in_features: usize,
+        out_features: usize,
+    },
+    Conv2d {
+        in_channels: usize,
+        out_channels: usize,
+        kernel: (usize, usize),
+        stride: usize,
+        padding: usize,
+    },
 }
 
 impl LayerShape {
     /// The shape of the base weight.
     pub fn weight_dims(&self) -> Vec<usize> {
         match *self {
-            LayerShape::Linear { in_features, out_features } => vec![out_features, in_features],
-            LayerShape::Conv2d { in_channels, out_channels, kernel, .. } => {
+            LayerShape::Linear {
+                in_features,
+                out_features,
+            } => vec![out_features, in_features],
+            LayerShape::Conv2d {
+                in_channels,
+                out_channels,
+                kernel,
+                ..
+            } => {
                 vec![out_channels, in_channels, kernel.0, kernel.1]
             }
         }
@@ -57,20 +74,34 @@ impl AdapterSlot {
     }
 
     pub fn attach(&self, adapter: Arc<LoraAdapter>) {
-        self.adapters.write().unwrap_or_else(PoisonError::into_inner).push(adapter);
+        self.adapters
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(adapter);
     }
 
     pub fn detach_all(&self) {
-        self.adapters.write().unwrap_or_else(PoisonError::into_inner).clear();
+        self.adapters
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
     }
 
     pub fn adapters(&self) -> Vec<Arc<LoraAdapter>> {
-        self.adapters.read().unwrap_or_else(PoisonError::into_inner).clone()
+        self.adapters
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Adds the contribution of every adapter with a non-zero multiplier to the base output `y`.
     fn add_adapters(&self, x: &Tensor, mut y: Tensor) -> Result<Tensor> {
-        for adapter in self.adapters.read().unwrap_or_else(PoisonError::into_inner).iter() {
+        for adapter in self
+            .adapters
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
             if adapter.multiplier() != 0.0 {
                 y = (y + adapter.forward(x, &self.shape)?)?;
             }
@@ -94,7 +125,11 @@ struct RegistryInner {
 impl LayerRegistry {
     fn register(&self, name: String, shape: LayerShape) -> Arc<AdapterSlot> {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        let slot = Arc::new(AdapterSlot { name: name.clone(), shape, adapters: RwLock::new(Vec::new()) });
+        let slot = Arc::new(AdapterSlot {
+            name: name.clone(),
+            shape,
+            adapters: RwLock::new(Vec::new()),
+        });
         let index = inner.slots.len();
         inner.slots.push(slot.clone());
         inner.by_name.insert(name, index);
@@ -102,7 +137,11 @@ impl LayerRegistry {
     }
 
     pub fn slots(&self) -> Vec<Arc<AdapterSlot>> {
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner).slots.clone()
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .slots
+            .clone()
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<AdapterSlot>> {
@@ -111,7 +150,11 @@ impl LayerRegistry {
     }
 
     pub fn len(&self) -> usize {
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner).slots.len()
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .slots
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -140,7 +183,10 @@ impl<'a> LayerBuilder<'a> {
 
     /// Descends into the sub-module `name`.
     pub fn pp(&self, name: impl ToString) -> Self {
-        Self { vb: self.vb.pp(name), registry: self.registry.clone() }
+        Self {
+            vb: self.vb.pp(name),
+            registry: self.registry.clone(),
+        }
     }
 
     /// The underlying weights, for layers that take no adapters (norms, embeddings).
@@ -148,10 +194,22 @@ impl<'a> LayerBuilder<'a> {
         &self.vb
     }
 
-    pub fn linear(&self, in_features: usize, out_features: usize, bias: bool) -> Result<AdaptableLinear> {
+    pub fn linear(
+        &self,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+    ) -> Result<AdaptableLinear> {
         let weight = self.vb.get((out_features, in_features), "weight")?;
-        let bias = if bias { Some(self.vb.get(out_features, "bias")?) } else { None };
-        let shape = LayerShape::Linear { in_features, out_features };
+        let bias = if bias {
+            Some(self.vb.get(out_features, "bias")?)
+        } else {
+            None
+        };
+        let shape = LayerShape::Linear {
+            in_features,
+            out_features,
+        };
         let slot = self.registry.register(self.vb.prefix(), shape);
         Ok(AdaptableLinear { weight, bias, slot })
     }
@@ -164,11 +222,25 @@ impl<'a> LayerBuilder<'a> {
         stride: usize,
         padding: usize,
     ) -> Result<AdaptableConv2d> {
-        let weight = self.vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
+        let weight = self
+            .vb
+            .get((out_channels, in_channels, kernel, kernel), "weight")?;
         let bias = self.vb.get(out_channels, "bias")?;
-        let shape = LayerShape::Conv2d { in_channels, out_channels, kernel: (kernel, kernel), stride, padding };
+        let shape = LayerShape::Conv2d {
+            in_channels,
+            out_channels,
+            kernel: (kernel, kernel),
+            stride,
+            padding,
+        };
         let slot = self.registry.register(self.vb.prefix(), shape);
-        Ok(AdaptableConv2d { weight, bias, stride, padding, slot })
+        Ok(AdaptableConv2d {
+            weight,
+            bias,
+            stride,
+            padding,
+            slot,
+        })
     }
 }
 

@@ -11,5 +11,9 @@ mod layer;
 
 pub use adapter::LoraAdapter;
 pub use frozen::{frozen_conv2d, frozen_linear};
-pub use kohya::{AttachReport, KohyaLora, KohyaModule, LoraError, TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name};
-pub use layer::{AdaptableConv2d, AdaptableLinear, AdapterSlot, LayerBuilder, LayerRegistry, LayerShape};
+pub use kohya::{
+    AttachReport, KohyaLora, KohyaModule, LoraError, TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name,
+};
+pub use layer::{
+    AdaptableConv2d, AdaptableLinear, AdapterSlot, LayerBuilder, LayerRegistry, LayerShape,
+};

@@ -8,6 +8,7 @@ use serde::Deserialize;
 use crate::lora::{AdaptableLinear, LayerBuilder, LayerRegistry};
 use crate::models::ModelError;
 use crate::models::nn::{LayerNorm, attention, quick_gelu};
+use crate::models::ops::gelu;
 
 /// The activation of the MLPs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -78,9 +79,14 @@ impl ClipTextConfig {
 
     /// Parses a transformers `text_encoder/config.json`.
     pub fn from_transformers_json(json: &str) -> std::result::Result<Self, ModelError> {
-        let config: Self = serde_json::from_str(json)
-            .map_err(|e| ModelError::Config(format!("the text encoder config is not valid: {e}")))?;
-        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+        let config: Self = serde_json::from_str(json).map_err(|e| {
+            ModelError::Config(format!("the text encoder config is not valid: {e}"))
+        })?;
+        if config.num_attention_heads == 0
+            || !config
+                .hidden_size
+                .is_multiple_of(config.num_attention_heads)
+        {
             return Err(ModelError::Config(format!(
                 "the text encoder config is inconsistent: hidden size {} is not divisible into {} heads",
                 config.hidden_size, config.num_attention_heads
@@ -136,7 +142,7 @@ impl EncoderLayer {
         let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
         let h = match self.activation {
             ClipActivation::QuickGelu => quick_gelu(&h)?,
-            ClipActivation::Gelu => h.gelu_erf()?,
+            ClipActivation::Gelu => gelu(&h)?,
         };
         self.fc2.forward(&h)? + x
     }
@@ -159,14 +165,21 @@ impl ClipTextTransformer {
         let registry = LayerRegistry::default();
         let lb = LayerBuilder::new(vb, registry.clone()).pp("text_model");
         let embeddings = lb.vb().pp("embeddings");
-        let token_weight = embeddings.pp("token_embedding").get((config.vocab_size, config.hidden_size), "weight")?;
-        let position_embedding = embeddings
-            .pp("position_embedding")
-            .get((config.max_position_embeddings, config.hidden_size), "weight")?;
+        let token_weight = embeddings
+            .pp("token_embedding")
+            .get((config.vocab_size, config.hidden_size), "weight")?;
+        let position_embedding = embeddings.pp("position_embedding").get(
+            (config.max_position_embeddings, config.hidden_size),
+            "weight",
+        )?;
         let layers = (0..config.num_hidden_layers)
             .map(|i| EncoderLayer::new(lb.pp("encoder").pp("layers").pp(i), config))
             .collect::<Result<Vec<_>>>()?;
-        let final_layer_norm = LayerNorm::new(lb.vb().pp("final_layer_norm"), config.hidden_size, config.layer_norm_eps)?;
+        let final_layer_norm = LayerNorm::new(
+            lb.vb().pp("final_layer_norm"),
+            config.hidden_size,
+            config.layer_norm_eps,
+        )?;
         Ok(Self {
             token_embedding: Embedding::new(token_weight, config.hidden_size),
             position_embedding,
@@ -193,9 +206,16 @@ impl ClipTextTransformer {
         let (_, tokens) = input_ids.dims2()?;
         let ids = input_ids.to_dtype(DType::U32)?;
         let positions = self.position_embedding.i(0..tokens)?;
-        let mut h = self.token_embedding.forward(&ids)?.broadcast_add(&positions)?;
+        let mut h = self
+            .token_embedding
+            .forward(&ids)?
+            .broadcast_add(&positions)?;
         let mask = causal_mask(tokens, h.device())?;
-        let used_layers = self.layers.len().saturating_sub(clip_skip.max(1) - 1).max(1);
+        let used_layers = self
+            .layers
+            .len()
+            .saturating_sub(clip_skip.max(1) - 1)
+            .max(1);
         for layer in &self.layers[..used_layers] {
             h = layer.forward(&h, &mask)?;
         }

@@ -13,11 +13,18 @@ use crate::tensor_file::{StoredDType, TensorFile};
 /// What a file turned out to be.
 #[derive(Debug)]
 pub enum FileReport {
-    Checkpoint(CheckpointReport),
+    Checkpoint(Box<CheckpointReport>),
     /// A checkpoint of a family this program recognises but does not run.
-    UnsupportedCheckpoint { path: PathBuf, what: String },
+    UnsupportedCheckpoint {
+        path: PathBuf,
+        what: String,
+    },
     Lora(LoraReport),
-    Unknown { path: PathBuf, tensors: usize, first_keys: Vec<String> },
+    Unknown {
+        path: PathBuf,
+        tensors: usize,
+        first_keys: Vec<String>,
+    },
 }
 
 /// A base model that can be loaded.
@@ -57,7 +64,7 @@ pub struct LoraReport {
 pub fn inspect(path: &Path) -> Result<FileReport, ModelError> {
     if path.is_dir() {
         let source = ModelSource::open(path)?;
-        return Ok(FileReport::Checkpoint(CheckpointReport {
+        return Ok(FileReport::Checkpoint(Box::new(CheckpointReport {
             path: path.to_path_buf(),
             layout: source.layout().label(),
             config: source.config().clone(),
@@ -65,7 +72,7 @@ pub fn inspect(path: &Path) -> Result<FileReport, ModelError> {
             dtypes: BTreeMap::new(),
             tensors: 0,
             has_ema: false,
-        }));
+        })));
     }
     let file = TensorFile::open(path)?;
     let keys: Vec<&String> = file.infos().keys().collect();
@@ -78,7 +85,7 @@ pub fn inspect(path: &Path) -> Result<FileReport, ModelError> {
     }
     if any(names::LDM_UNET) {
         let source = ModelSource::open(path)?;
-        return Ok(FileReport::Checkpoint(CheckpointReport {
+        return Ok(FileReport::Checkpoint(Box::new(CheckpointReport {
             path: path.to_path_buf(),
             layout: source.layout().label(),
             config: source.config().clone(),
@@ -86,12 +93,15 @@ pub fn inspect(path: &Path) -> Result<FileReport, ModelError> {
             dtypes: dtype_counts(&file),
             tensors: keys.len(),
             has_ema: any("model_ema."),
-        }));
+        })));
     }
     if any("lora_unet_") || any("lora_te") {
         return Ok(FileReport::Lora(kohya_report(&file)?));
     }
-    if keys.iter().any(|k| k.contains(".lora_A.") || k.contains(".lora_B.")) {
+    if keys
+        .iter()
+        .any(|k| k.contains(".lora_A.") || k.contains(".lora_B."))
+    {
         return Ok(FileReport::Lora(peft_report(&file)));
     }
     Ok(FileReport::Unknown {
@@ -124,7 +134,9 @@ fn kohya_report(file: &TensorFile) -> Result<LoraReport, ModelError> {
         metadata: file.metadata().clone(),
     };
     for (key, info) in file.infos() {
-        let Some((module, suffix)) = key.split_once('.') else { continue };
+        let Some((module, suffix)) = key.split_once('.') else {
+            continue;
+        };
         match suffix {
             "lora_down.weight" => {
                 if module.starts_with("lora_unet_") {
@@ -160,7 +172,11 @@ fn kohya_report(file: &TensorFile) -> Result<LoraReport, ModelError> {
             _ => {}
         }
     }
-    if report.metadata.get("ss_base_model_version").is_some_and(|v| v.starts_with("sdxl")) {
+    if report
+        .metadata
+        .get("ss_base_model_version")
+        .is_some_and(|v| v.starts_with("sdxl"))
+    {
         report.base = "SDXL";
     }
     Ok(report)

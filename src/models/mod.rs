@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod inspect;
 mod nn;
+mod ops;
 pub mod pipeline;
 mod resnet;
 pub mod schedulers;
@@ -27,7 +28,10 @@ pub enum ModelError {
     #[error(transparent)]
     File(#[from] TensorFileError),
     #[error("cannot read {}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Config(String),
     #[error("{0}")]
@@ -35,11 +39,24 @@ pub enum ModelError {
     #[error("{} is not a Stable Diffusion model: {reason}", path.display())]
     NotAModel { path: PathBuf, reason: String },
     #[error("{} lacks the tensor `{tensor}` that the {component} needs (the file is incomplete or not this kind of model)", path.display())]
-    MissingTensor { path: PathBuf, tensor: String, component: String },
+    MissingTensor {
+        path: PathBuf,
+        tensor: String,
+        component: String,
+    },
     #[error("{}: tensor `{tensor}` has shape {found:?}, but the {component} needs {expected:?}", path.display())]
-    ShapeMismatch { path: PathBuf, tensor: String, component: String, found: Vec<usize>, expected: Vec<usize> },
-    #[error("{context}: {source}")]
-    Compute { context: String, source: candle_core::Error },
+    ShapeMismatch {
+        path: PathBuf,
+        tensor: String,
+        component: String,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error("{context}: {}", crate::tensor_file::plain_error(.source))]
+    Compute {
+        context: String,
+        source: candle_core::Error,
+    },
 }
 
 impl ModelError {

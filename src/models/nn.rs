@@ -17,7 +17,11 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn new(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: vb.get(size, "weight")?, bias: vb.get(size, "bias")?, eps })
+        Ok(Self {
+            weight: vb.get(size, "weight")?,
+            bias: vb.get(size, "bias")?,
+            eps,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -27,7 +31,10 @@ impl LayerNorm {
         let centered = x.broadcast_sub(&mean)?;
         let variance = centered.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = centered.broadcast_div(&(variance + self.eps)?.sqrt()?)?;
-        normed.to_dtype(dtype)?.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        normed
+            .to_dtype(dtype)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
     }
 }
 
@@ -43,12 +50,20 @@ fn internal_dtype(dtype: DType) -> DType {
 ///
 /// `q`: `[batch, q_len, heads·head_dim]`, `k`/`v`: `[batch, kv_len, heads·head_dim]`; `mask` (optional) is
 /// added to the `[q_len, kv_len]` scores of every head. Scores and softmax run in f32.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
     let (batch, q_len, width) = q.dims3()?;
     let (_, kv_len, _) = k.dims3()?;
     let head_dim = width / heads;
     let split = |t: &Tensor, len: usize| -> Result<Tensor> {
-        t.reshape((batch, len, heads, head_dim))?.transpose(1, 2)?.contiguous()
+        t.reshape((batch, len, heads, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
     };
     let dtype = q.dtype();
     let q = split(q, q_len)?.to_dtype(internal_dtype(dtype))?;
@@ -60,7 +75,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<
         scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
     }
     let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?;
-    probs.matmul(&v)?.transpose(1, 2)?.reshape((batch, q_len, width))
+    probs
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .reshape((batch, q_len, width))
 }
 
 /// `x · sigmoid(1.702·x)`, CLIP's activation.

@@ -69,33 +69,53 @@ impl StableDiffusion {
 
     /// The adapter-capable layers of the UNet and the text encoder, with their kohya prefixes.
     pub fn adapter_components(&self) -> [(&'static str, &LayerRegistry); 2] {
-        [(crate::lora::UNET_PREFIX, self.unet.layers()), (crate::lora::TEXT_ENCODER_PREFIX, self.text_encoder.layers())]
+        [
+            (crate::lora::UNET_PREFIX, self.unet.layers()),
+            (crate::lora::TEXT_ENCODER_PREFIX, self.text_encoder.layers()),
+        ]
     }
 
     /// Token ids `[prompts, 77]` of the prompts, padded with the model's pad token.
     pub fn tokenize(&self, prompts: &[&str]) -> Result<Tensor, ModelError> {
         let tokenizer = ClipTokenizer::shared();
-        let ids: Vec<u32> =
-            prompts.iter().flat_map(|p| tokenizer.encode_padded(p, self.config.pad_token)).collect();
-        Tensor::from_vec(ids, (prompts.len(), crate::models::tokenizer::MAX_TOKENS), &self.device)
-            .map_err(ModelError::compute("tokenizing the prompt"))
+        let ids: Vec<u32> = prompts
+            .iter()
+            .flat_map(|p| tokenizer.encode_padded(p, self.config.pad_token))
+            .collect();
+        Tensor::from_vec(
+            ids,
+            (prompts.len(), crate::models::tokenizer::MAX_TOKENS),
+            &self.device,
+        )
+        .map_err(ModelError::compute("tokenizing the prompt"))
     }
 
     /// Text-encoder hidden states `[prompts, 77, dim]` for the prompts.
     pub fn encode_prompts(&self, prompts: &[&str], clip_skip: usize) -> Result<Tensor, ModelError> {
         let ids = self.tokenize(prompts)?;
-        self.text_encoder.forward(&ids, clip_skip).map_err(ModelError::compute("encoding the prompt"))
+        self.text_encoder
+            .forward(&ids, clip_skip)
+            .map_err(ModelError::compute("encoding the prompt"))
     }
 
     /// The latent shape for an image size: `[1, latent_channels, height / f, width / f]`.
     pub fn latent_dims(&self, width: usize, height: usize) -> Result<[usize; 4], ModelError> {
         let factor = self.config.vae.downscale_factor();
-        if width == 0 || height == 0 || width % factor != 0 || height % factor != 0 {
+        if width == 0
+            || height == 0
+            || !width.is_multiple_of(factor)
+            || !height.is_multiple_of(factor)
+        {
             return Err(ModelError::Config(format!(
                 "the image size {width}x{height} must be a positive multiple of {factor} in both directions"
             )));
         }
-        Ok([1, self.config.vae.latent_channels, height / factor, width / factor])
+        Ok([
+            1,
+            self.config.vae.latent_channels,
+            height / factor,
+            width / factor,
+        ])
     }
 
     /// Runs the sampler from `init_noise` (standard normal, `latent_dims` shaped) and decodes the result.
@@ -123,23 +143,43 @@ impl StableDiffusion {
                 self.config.unet.in_channels, self.config.vae.latent_channels
             )));
         }
-        let run = |e| ModelError::Compute { context: "generating the image".to_string(), source: e };
+        let run = |e| ModelError::Compute {
+            context: "generating the image".to_string(),
+            source: e,
+        };
         let guided = request.guidance_scale > 1.0;
         let context = if guided {
-            self.encode_prompts(&[&request.negative_prompt, &request.prompt], request.clip_skip)?
+            self.encode_prompts(
+                &[&request.negative_prompt, &request.prompt],
+                request.clip_skip,
+            )?
         } else {
             self.encode_prompts(&[&request.prompt], request.clip_skip)?
         };
         let sampler = request.sampler.build(&self.config.scheduler, request.steps);
-        let mut latents = init_noise.to_device(&self.device).and_then(|t| t.to_dtype(DType::F32)).map_err(run)?;
-        latents = latents.affine(sampler.init_noise_sigma(), 0.0).map_err(run)?;
+        let mut latents = init_noise
+            .to_device(&self.device)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .map_err(run)?;
+        latents = latents
+            .affine(sampler.init_noise_sigma(), 0.0)
+            .map_err(run)?;
         let total = sampler.timesteps().len();
         for (index, &t) in sampler.timesteps().iter().enumerate() {
             let output = (|| -> candle_core::Result<Tensor> {
-                let batch = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
-                let input = sampler.scale_model_input(&batch, index)?.to_dtype(self.dtype)?;
+                let batch = if guided {
+                    Tensor::cat(&[&latents, &latents], 0)?
+                } else {
+                    latents.clone()
+                };
+                let input = sampler
+                    .scale_model_input(&batch, index)?
+                    .to_dtype(self.dtype)?;
                 let timesteps = Tensor::full(t as f32, batch.dim(0)?, &self.device)?;
-                let prediction = self.unet.forward(&input, &timesteps, &context)?.to_dtype(DType::F32)?;
+                let prediction = self
+                    .unet
+                    .forward(&input, &timesteps, &context)?
+                    .to_dtype(DType::F32)?;
                 if guided {
                     let uncond = prediction.narrow(0, 0, 1)?;
                     let cond = prediction.narrow(0, 1, 1)?;
@@ -159,7 +199,9 @@ impl StableDiffusion {
     /// Decodes (scaled) latents to an image `[batch, 3, h, w]` in [0, 1].
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor, ModelError> {
         (|| -> candle_core::Result<Tensor> {
-            let unscaled = latents.affine(1.0 / self.config.vae.scaling_factor, 0.0)?.to_dtype(self.dtype)?;
+            let unscaled = latents
+                .affine(1.0 / self.config.vae.scaling_factor, 0.0)?
+                .to_dtype(self.dtype)?;
             let decoded = self.vae.decode(&unscaled)?.to_dtype(DType::F32)?;
             decoded.affine(0.5, 0.5)?.clamp(0f32, 1f32)
         })()
@@ -169,13 +211,25 @@ impl StableDiffusion {
 
 /// Converts an image tensor `[1, 3, h, w]` in [0, 1] to 8-bit RGB, rounding as diffusers does.
 pub fn to_rgb8(image: &Tensor) -> Result<image::RgbImage, ModelError> {
-    let (_, channels, height, width) = image.dims4().map_err(ModelError::compute("converting the image"))?;
+    let (_, channels, height, width) = image
+        .dims4()
+        .map_err(ModelError::compute("converting the image"))?;
     if channels != 3 {
-        return Err(ModelError::Config(format!("expected a 3-channel image, got {channels} channels")));
+        return Err(ModelError::Config(format!(
+            "expected a 3-channel image, got {channels} channels"
+        )));
     }
     let pixels: Vec<u8> = (|| -> candle_core::Result<Vec<u8>> {
-        let hwc = image.squeeze(0)?.permute((1, 2, 0))?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        Ok(hwc.into_iter().map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8).collect())
+        let hwc = image
+            .squeeze(0)?
+            .permute((1, 2, 0))?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok(hwc
+            .into_iter()
+            .map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8)
+            .collect())
     })()
     .map_err(ModelError::compute("converting the image"))?;
     image::RgbImage::from_raw(width as u32, height as u32, pixels)

@@ -30,16 +30,34 @@ pub struct ResnetShape {
 
 impl ResnetBlock2D {
     pub fn new(lb: LayerBuilder, shape: ResnetShape) -> Result<Self> {
-        let ResnetShape { in_channels, out_channels, temb_channels, groups, eps } = shape;
+        let ResnetShape {
+            in_channels,
+            out_channels,
+            temb_channels,
+            groups,
+            eps,
+        } = shape;
         let norm1 = candle_nn::group_norm(groups, in_channels, eps, lb.vb().pp("norm1"))?;
         let conv1 = lb.pp("conv1").conv2d(in_channels, out_channels, 3, 1, 1)?;
-        let time_emb_proj = temb_channels.map(|t| lb.pp("time_emb_proj").linear(t, out_channels, true)).transpose()?;
+        let time_emb_proj = temb_channels
+            .map(|t| lb.pp("time_emb_proj").linear(t, out_channels, true))
+            .transpose()?;
         let norm2 = candle_nn::group_norm(groups, out_channels, eps, lb.vb().pp("norm2"))?;
         let conv2 = lb.pp("conv2").conv2d(out_channels, out_channels, 3, 1, 1)?;
         let conv_shortcut = (in_channels != out_channels)
-            .then(|| lb.pp("conv_shortcut").conv2d(in_channels, out_channels, 1, 1, 0))
+            .then(|| {
+                lb.pp("conv_shortcut")
+                    .conv2d(in_channels, out_channels, 1, 1, 0)
+            })
             .transpose()?;
-        Ok(Self { norm1, conv1, time_emb_proj, norm2, conv2, conv_shortcut })
+        Ok(Self {
+            norm1,
+            conv1,
+            time_emb_proj,
+            norm2,
+            conv2,
+            conv_shortcut,
+        })
     }
 
     /// `temb` is the (not yet activated) time embedding `[batch, temb_channels]`.

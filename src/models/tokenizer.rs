@@ -28,6 +28,8 @@ const MERGE_COUNT: usize = 49152 - 256 - 2;
 #[derive(Debug)]
 pub struct ClipTokenizer {
     encoder: HashMap<String, u32>,
+    /// Vocabulary strings by id (byte-level characters, `</w>` marking word ends).
+    vocab: Vec<String>,
     ranks: HashMap<(String, String), usize>,
     byte_to_char: [char; 256],
     word_split: Regex,
@@ -51,35 +53,69 @@ impl ClipTokenizer {
             .lines()
             .skip(1)
             .take(MERGE_COUNT)
-            .filter_map(|line| line.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
+            .filter_map(|line| {
+                line.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+            })
             .collect();
 
         let byte_to_char = bytes_to_unicode();
         let byte_order = byte_order();
-        let mut vocab: Vec<String> = byte_order.iter().map(|&b| byte_to_char[b as usize].to_string()).collect();
+        let mut vocab: Vec<String> = byte_order
+            .iter()
+            .map(|&b| byte_to_char[b as usize].to_string())
+            .collect();
         let with_end: Vec<String> = vocab.iter().map(|v| format!("{v}</w>")).collect();
         vocab.extend(with_end);
         vocab.extend(merges.iter().map(|(a, b)| format!("{a}{b}")));
         vocab.push("<|startoftext|>".to_string());
         vocab.push("<|endoftext|>".to_string());
-        let encoder = vocab.into_iter().enumerate().map(|(i, token)| (token, i as u32)).collect();
-        let ranks = merges.into_iter().enumerate().map(|(rank, pair)| (pair, rank)).collect();
+        let encoder = vocab
+            .iter()
+            .enumerate()
+            .map(|(i, token)| (token.clone(), i as u32))
+            .collect();
+        let ranks = merges
+            .into_iter()
+            .enumerate()
+            .map(|(rank, pair)| (pair, rank))
+            .collect();
         let word_split = Regex::new(
             r"(?i)<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
         )
         .expect("the word-split pattern is valid");
-        Self { encoder, ranks, byte_to_char, word_split, cache: Mutex::new(HashMap::new()) }
+        Self {
+            encoder,
+            vocab,
+            ranks,
+            byte_to_char,
+            word_split,
+            cache: Mutex::new(HashMap::new()),
+        }
     }
 
-    /// Token ids of `text`, without start/end tokens and without truncation.
+    /// Token ids of `text`, without start/end tokens and without truncation (SD1's tokenizer).
     pub fn encode(&self, text: &str) -> Vec<u32> {
-        let cleaned = clean_text(text);
+        self.encode_with_pad(text, END_OF_TEXT)
+    }
+
+    /// Token ids of `text` for a tokenizer padding with `pad`. The reference registers its pad token as a
+    /// special token, so with SD2's pad `!` (id 0) every `!` in a prompt becomes id 0.
+    pub fn encode_with_pad(&self, text: &str, pad: u32) -> Vec<u32> {
+        let mut specials = vec![
+            ("<|startoftext|>".to_string(), START_OF_TEXT),
+            ("<|endoftext|>".to_string(), END_OF_TEXT),
+        ];
+        if let Some(pad_text) = self.plain_token_text(pad) {
+            specials.push((pad_text, pad));
+        }
         let mut ids = Vec::new();
-        for piece in split_special(&cleaned) {
+        for piece in split_special(text, &specials) {
             match piece {
                 Piece::Special(id) => ids.push(id),
-                Piece::Text(text) => {
-                    for word in self.word_split.find_iter(text) {
+                Piece::Text(raw) => {
+                    let cleaned = clean_text(raw);
+                    for word in self.word_split.find_iter(&cleaned) {
                         ids.extend(self.encode_word(word.as_str()));
                     }
                 }
@@ -92,10 +128,35 @@ impl ClipTokenizer {
     pub fn encode_padded(&self, text: &str, pad: u32) -> Vec<u32> {
         let mut ids = Vec::with_capacity(MAX_TOKENS);
         ids.push(START_OF_TEXT);
-        ids.extend(self.encode(text).into_iter().take(MAX_TOKENS - 2));
+        ids.extend(
+            self.encode_with_pad(text, pad)
+                .into_iter()
+                .take(MAX_TOKENS - 2),
+        );
         ids.push(END_OF_TEXT);
         ids.resize(MAX_TOKENS, pad);
         ids
+    }
+
+    /// The text of an ordinary (not start/end, not word-final) token, e.g. `!` for id 0.
+    fn plain_token_text(&self, id: u32) -> Option<String> {
+        if id == START_OF_TEXT || id == END_OF_TEXT {
+            return None;
+        }
+        let token = self.vocab.get(id as usize)?;
+        if token.ends_with("</w>") {
+            return None;
+        }
+        let bytes: Option<Vec<u8>> = token
+            .chars()
+            .map(|c| {
+                self.byte_to_char
+                    .iter()
+                    .position(|&b| b == c)
+                    .map(|p| p as u8)
+            })
+            .collect();
+        String::from_utf8(bytes?).ok()
     }
 
     /// Number of tokens `text` takes, without start/end tokens (over 75 means the rest is cut off).
@@ -108,7 +169,10 @@ impl ClipTokenizer {
         if let Some(ids) = cache.get(word) {
             return ids.clone();
         }
-        let encoded: String = word.bytes().map(|b| self.byte_to_char[b as usize]).collect();
+        let encoded: String = word
+            .bytes()
+            .map(|b| self.byte_to_char[b as usize])
+            .collect();
         let ids = self
             .bpe(&encoded)
             .iter()
@@ -131,7 +195,11 @@ impl ClipTokenizer {
         while symbols.len() > 1 {
             let best = symbols
                 .windows(2)
-                .filter_map(|pair| self.ranks.get(&(pair[0].clone(), pair[1].clone())).map(|&rank| (rank, pair)))
+                .filter_map(|pair| {
+                    self.ranks
+                        .get(&(pair[0].clone(), pair[1].clone()))
+                        .map(|&rank| (rank, pair))
+                })
                 .min_by_key(|(rank, _)| *rank);
             let Some((_, pair)) = best else { break };
             let (first, second) = (pair[0].clone(), pair[1].clone());
@@ -158,19 +226,20 @@ enum Piece<'a> {
     Text(&'a str),
 }
 
-/// Splits out literal `<|startoftext|>`/`<|endoftext|>`, which the reference treats as their special ids.
-fn split_special(text: &str) -> Vec<Piece<'_>> {
-    const SPECIAL: [(&str, u32); 2] = [("<|startoftext|>", START_OF_TEXT), ("<|endoftext|>", END_OF_TEXT)];
+/// Splits out the special tokens written literally in the text, as the reference does before cleaning.
+fn split_special<'a>(text: &'a str, specials: &[(String, u32)]) -> Vec<Piece<'a>> {
     let mut pieces = Vec::new();
     let mut rest = text;
-    while let Some((position, token, id)) =
-        SPECIAL.iter().filter_map(|(token, id)| rest.find(token).map(|p| (p, *token, *id))).min_by_key(|(p, _, _)| *p)
+    while let Some((position, length, id)) = specials
+        .iter()
+        .filter_map(|(token, id)| rest.find(token.as_str()).map(|p| (p, token.len(), *id)))
+        .min_by_key(|(p, _, _)| *p)
     {
         if position > 0 {
             pieces.push(Piece::Text(&rest[..position]));
         }
         pieces.push(Piece::Special(id));
-        rest = &rest[position + token.len()..];
+        rest = &rest[position + length..];
     }
     if !rest.is_empty() {
         pieces.push(Piece::Text(rest));

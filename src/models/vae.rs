@@ -60,7 +60,8 @@ impl VaeConfig {
     }
 
     pub fn from_diffusers_json(json: &str) -> std::result::Result<Self, ModelError> {
-        serde_json::from_str(json).map_err(|e| ModelError::Config(format!("the VAE config is not valid: {e}")))
+        serde_json::from_str(json)
+            .map_err(|e| ModelError::Config(format!("the VAE config is not valid: {e}")))
     }
 
     /// How many pixels one latent cell covers along each side.
@@ -94,9 +95,23 @@ impl PixelAttention {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (batch, channels, height, width) = x.dims4()?;
-        let h = self.group_norm.forward(x)?.reshape((batch, channels, height * width))?.transpose(1, 2)?;
-        let attended = attention(&self.to_q.forward(&h)?, &self.to_k.forward(&h)?, &self.to_v.forward(&h)?, 1, None)?;
-        let out = self.to_out.forward(&attended)?.transpose(1, 2)?.reshape((batch, channels, height, width))?;
+        let h = self
+            .group_norm
+            .forward(x)?
+            .reshape((batch, channels, height * width))?
+            .transpose(1, 2)?;
+        let attended = attention(
+            &self.to_q.forward(&h)?,
+            &self.to_k.forward(&h)?,
+            &self.to_v.forward(&h)?,
+            1,
+            None,
+        )?;
+        let out = self
+            .to_out
+            .forward(&attended)?
+            .transpose(1, 2)?
+            .reshape((batch, channels, height, width))?;
         out + x
     }
 }
@@ -127,7 +142,13 @@ impl VaeMidBlock {
 }
 
 fn resnet_shape(in_channels: usize, out_channels: usize, groups: usize) -> ResnetShape {
-    ResnetShape { in_channels, out_channels, temb_channels: None, groups, eps: VAE_EPS }
+    ResnetShape {
+        in_channels,
+        out_channels,
+        temb_channels: None,
+        groups,
+        eps: VAE_EPS,
+    }
 }
 
 /// One resolution level: resnets and an optional resampler conv.
@@ -150,18 +171,29 @@ impl Encoder {
     fn new(lb: LayerBuilder, config: &VaeConfig) -> Result<Self> {
         let channels = &config.block_out_channels;
         let groups = config.norm_num_groups;
-        let conv_in = lb.pp("conv_in").conv2d(config.in_channels, channels[0], 3, 1, 1)?;
+        let conv_in = lb
+            .pp("conv_in")
+            .conv2d(config.in_channels, channels[0], 3, 1, 1)?;
         let mut down = Vec::with_capacity(channels.len());
         for (i, &out) in channels.iter().enumerate() {
             let block = lb.pp("down_blocks").pp(i);
             let mut input = if i == 0 { channels[0] } else { channels[i - 1] };
             let mut resnets = Vec::with_capacity(config.layers_per_block);
             for j in 0..config.layers_per_block {
-                resnets.push(ResnetBlock2D::new(block.pp("resnets").pp(j), resnet_shape(input, out, groups))?);
+                resnets.push(ResnetBlock2D::new(
+                    block.pp("resnets").pp(j),
+                    resnet_shape(input, out, groups),
+                )?);
                 input = out;
             }
             let resample = (i + 1 < channels.len())
-                .then(|| block.pp("downsamplers").pp(0).pp("conv").conv2d(out, out, 3, 2, 0))
+                .then(|| {
+                    block
+                        .pp("downsamplers")
+                        .pp(0)
+                        .pp("conv")
+                        .conv2d(out, out, 3, 2, 0)
+                })
                 .transpose()?;
             down.push(VaeLevel { resnets, resample });
         }
@@ -171,7 +203,9 @@ impl Encoder {
             down,
             mid: VaeMidBlock::new(lb.pp("mid_block"), last, groups)?,
             norm_out: candle_nn::group_norm(groups, last, VAE_EPS, lb.vb().pp("conv_norm_out"))?,
-            conv_out: lb.pp("conv_out").conv2d(last, 2 * config.latent_channels, 3, 1, 1)?,
+            conv_out: lb
+                .pp("conv_out")
+                .conv2d(last, 2 * config.latent_channels, 3, 1, 1)?,
         })
     }
 
@@ -183,7 +217,11 @@ impl Encoder {
             }
             if let Some(conv) = &level.resample {
                 // diffusers pads right and bottom by one, then convolves with stride 2 and no padding.
-                h = conv.forward(&h.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?)?;
+                h = conv.forward(&h.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(
+                    D::Minus2,
+                    0,
+                    1,
+                )?)?;
             }
         }
         let h = self.mid.forward(&h)?;
@@ -204,7 +242,9 @@ impl Decoder {
     fn new(lb: LayerBuilder, config: &VaeConfig) -> Result<Self> {
         let reversed: Vec<usize> = config.block_out_channels.iter().rev().copied().collect();
         let groups = config.norm_num_groups;
-        let conv_in = lb.pp("conv_in").conv2d(config.latent_channels, reversed[0], 3, 1, 1)?;
+        let conv_in = lb
+            .pp("conv_in")
+            .conv2d(config.latent_channels, reversed[0], 3, 1, 1)?;
         let mid = VaeMidBlock::new(lb.pp("mid_block"), reversed[0], groups)?;
         let mut up = Vec::with_capacity(reversed.len());
         let mut input = reversed[0];
@@ -212,11 +252,20 @@ impl Decoder {
             let block = lb.pp("up_blocks").pp(i);
             let mut resnets = Vec::with_capacity(config.layers_per_block + 1);
             for j in 0..=config.layers_per_block {
-                resnets.push(ResnetBlock2D::new(block.pp("resnets").pp(j), resnet_shape(input, out, groups))?);
+                resnets.push(ResnetBlock2D::new(
+                    block.pp("resnets").pp(j),
+                    resnet_shape(input, out, groups),
+                )?);
                 input = out;
             }
             let resample = (i + 1 < reversed.len())
-                .then(|| block.pp("upsamplers").pp(0).pp("conv").conv2d(out, out, 3, 1, 1))
+                .then(|| {
+                    block
+                        .pp("upsamplers")
+                        .pp(0)
+                        .pp("conv")
+                        .conv2d(out, out, 3, 1, 1)
+                })
                 .transpose()?;
             up.push(VaeLevel { resnets, resample });
         }
@@ -226,7 +275,9 @@ impl Decoder {
             mid,
             up,
             norm_out: candle_nn::group_norm(groups, first, VAE_EPS, lb.vb().pp("conv_norm_out"))?,
-            conv_out: lb.pp("conv_out").conv2d(first, config.out_channels, 3, 1, 1)?,
+            conv_out: lb
+                .pp("conv_out")
+                .conv2d(first, config.out_channels, 3, 1, 1)?,
         })
     }
 
@@ -256,7 +307,8 @@ pub struct LatentDistribution {
 impl LatentDistribution {
     /// `mean + std · noise`, with `noise` shaped like the mean.
     pub fn sample_with(&self, noise: &Tensor) -> Result<Tensor> {
-        self.mean.broadcast_add(&(self.logvar.affine(0.5, 0.0)?.exp()? * noise)?)
+        self.mean
+            .broadcast_add(&(self.logvar.affine(0.5, 0.0)?.exp()? * noise)?)
     }
 }
 
@@ -279,7 +331,13 @@ impl AutoencoderKL {
         Ok(Self {
             encoder: Encoder::new(lb.pp("encoder"), config)?,
             quant_conv: lb.pp("quant_conv").conv2d(latent2, latent2, 1, 1, 0)?,
-            post_quant_conv: lb.pp("post_quant_conv").conv2d(config.latent_channels, config.latent_channels, 1, 1, 0)?,
+            post_quant_conv: lb.pp("post_quant_conv").conv2d(
+                config.latent_channels,
+                config.latent_channels,
+                1,
+                1,
+                0,
+            )?,
             decoder: Decoder::new(lb.pp("decoder"), config)?,
             config: config.clone(),
             layers,
@@ -306,6 +364,7 @@ impl AutoencoderKL {
 
     /// Decodes unscaled latents to images in roughly [-1, 1].
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        self.decoder.forward(&self.post_quant_conv.forward(latents)?)
+        self.decoder
+            .forward(&self.post_quant_conv.forward(latents)?)
     }
 }

@@ -43,7 +43,10 @@ impl TensorFiles {
 
     /// The first file, for messages.
     pub fn display_path(&self) -> PathBuf {
-        self.files.first().map(|f| f.path().to_path_buf()).unwrap_or_default()
+        self.files
+            .first()
+            .map(|f| f.path().to_path_buf())
+            .unwrap_or_default()
     }
 
     pub fn keys(&self) -> impl Iterator<Item = &String> {
@@ -61,7 +64,10 @@ pub enum NameMap {
     /// diffusers folder: `prefix + name` (with the legacy VAE attention and un-prefixed CLIP fallbacks).
     Diffusers { prefix: String },
     /// Single-file UNet.
-    LdmUnet { layers_per_block: usize, up_attention: Vec<bool> },
+    LdmUnet {
+        layers_per_block: usize,
+        up_attention: Vec<bool>,
+    },
     /// Single-file VAE.
     LdmVae { levels: usize },
     /// Single-file SD1 CLIP (transformers names under `cond_stage_model.transformer.`).
@@ -82,30 +88,49 @@ impl NameMap {
                 if let Some(flat) = name.strip_prefix("text_model.") {
                     keys.push(format!("{prefix}{flat}"));
                 }
-                keys.into_iter().map(|key| StoredName { key, rows: None }).collect()
+                keys.into_iter()
+                    .map(|key| StoredName { key, rows: None })
+                    .collect()
             }
-            NameMap::LdmUnet { layers_per_block, up_attention } => {
+            NameMap::LdmUnet {
+                layers_per_block,
+                up_attention,
+            } => {
                 let key = names::unet_to_ldm(name, *layers_per_block, up_attention)?;
-                vec![StoredName { key: format!("{}{key}", names::LDM_UNET), rows: None }]
+                vec![StoredName {
+                    key: format!("{}{key}", names::LDM_UNET),
+                    rows: None,
+                }]
             }
             NameMap::LdmVae { levels } => {
                 let key = names::vae_to_ldm(name, *levels)?;
-                vec![StoredName { key: format!("{}{key}", names::LDM_VAE), rows: None }]
+                vec![StoredName {
+                    key: format!("{}{key}", names::LDM_VAE),
+                    rows: None,
+                }]
             }
             NameMap::LdmClip => {
                 let mut keys = vec![format!("{}{name}", names::LDM_CLIP)];
                 if let Some(flat) = name.strip_prefix("text_model.") {
                     keys.push(format!("{}{flat}", names::LDM_CLIP));
                 }
-                keys.into_iter().map(|key| StoredName { key, rows: None }).collect()
+                keys.into_iter()
+                    .map(|key| StoredName { key, rows: None })
+                    .collect()
             }
             NameMap::OpenClip { hidden } => {
                 let stored = names::clip_to_open_clip(name, *hidden)?;
-                vec![StoredName { key: format!("{}{}", names::LDM_OPEN_CLIP, stored.key), rows: stored.rows }]
+                vec![StoredName {
+                    key: format!("{}{}", names::LDM_OPEN_CLIP, stored.key),
+                    rows: stored.rows,
+                }]
             }
         };
         let first = candidates.first().cloned();
-        candidates.into_iter().find(|c| files.contains(&c.key)).or(first)
+        candidates
+            .into_iter()
+            .find(|c| files.contains(&c.key))
+            .or(first)
     }
 }
 
@@ -119,20 +144,39 @@ pub struct ComponentBackend {
 
 impl ComponentBackend {
     /// `first_error` receives the first structured error, which the caller reports instead of candle's.
-    pub fn new(files: Arc<TensorFiles>, names: NameMap, component: &str, first_error: Arc<Mutex<Option<ModelError>>>) -> Self {
-        Self { files, names, component: component.to_string(), first_error }
+    pub fn new(
+        files: Arc<TensorFiles>,
+        names: NameMap,
+        component: &str,
+        first_error: Arc<Mutex<Option<ModelError>>>,
+    ) -> Self {
+        Self {
+            files,
+            names,
+            component: component.to_string(),
+            first_error,
+        }
     }
 
     fn fail(&self, error: ModelError) -> candle_core::Error {
         let message = error.to_string();
-        let mut slot = self.first_error.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut slot = self
+            .first_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if slot.is_none() {
             *slot = Some(error);
         }
         candle_core::Error::Msg(message)
     }
 
-    fn load(&self, name: &str, expected: Option<&Shape>, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    fn load(
+        &self,
+        name: &str,
+        expected: Option<&Shape>,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
         let Some(stored) = self.names.resolve(name, &self.files) else {
             return Err(self.fail(ModelError::Config(format!(
                 "the {} asks for `{name}`, which has no counterpart in this checkpoint layout",
@@ -146,7 +190,9 @@ impl ComponentBackend {
                 component: self.component.clone(),
             }));
         };
-        let mut tensor = file.load(&stored.key, device).map_err(|e| self.fail(e.into()))?;
+        let mut tensor = file
+            .load(&stored.key, device)
+            .map_err(|e| self.fail(e.into()))?;
         if let Some((start, len)) = stored.rows {
             tensor = tensor.narrow(0, start, len).map_err(|_| {
                 self.fail(ModelError::ShapeMismatch {
@@ -162,7 +208,9 @@ impl ComponentBackend {
             && tensor.dims() != expected.dims()
         {
             let squeezed = |d: &[usize]| d.iter().copied().filter(|&x| x != 1).collect::<Vec<_>>();
-            if tensor.elem_count() == expected.elem_count() && squeezed(tensor.dims()) == squeezed(expected.dims()) {
+            if tensor.elem_count() == expected.elem_count()
+                && squeezed(tensor.dims()) == squeezed(expected.dims())
+            {
                 tensor = tensor.reshape(expected)?;
             } else {
                 return Err(self.fail(ModelError::ShapeMismatch {
@@ -179,7 +227,14 @@ impl ComponentBackend {
 }
 
 impl SimpleBackend for ComponentBackend {
-    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         self.load(name, Some(&s), dtype, dev)
     }
 
@@ -188,6 +243,8 @@ impl SimpleBackend for ComponentBackend {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.names.resolve(name, &self.files).is_some_and(|s| self.files.contains(&s.key))
+        self.names
+            .resolve(name, &self.files)
+            .is_some_and(|s| self.files.contains(&s.key))
     }
 }

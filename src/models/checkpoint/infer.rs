@@ -4,6 +4,9 @@
 //! UNets (1x1-conv projections) use 8 heads, SD2-style (linear projections) 64-dimensional heads; CLIP text
 //! encoders use 64-dimensional heads. A sidecar config beside the file overrides all of this.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
 use super::backend::TensorFiles;
 use super::names::{LDM_CLIP, LDM_OPEN_CLIP, LDM_UNET, LDM_VAE};
 use crate::models::ModelError;
@@ -20,18 +23,56 @@ pub enum TextEncoderLayout {
     OpenClip,
 }
 
+/// Tensor names and shapes, from a checkpoint's header or from a listing.
+pub trait KeyShapes {
+    fn shape_of(&self, key: &str) -> Option<&[usize]>;
+    fn key_names(&self) -> Box<dyn Iterator<Item = &str> + '_>;
+    /// The file the shapes come from, for messages.
+    fn source_path(&self) -> PathBuf;
+}
+
+impl KeyShapes for TensorFiles {
+    fn shape_of(&self, key: &str) -> Option<&[usize]> {
+        self.shape(key)
+    }
+
+    fn key_names(&self) -> Box<dyn Iterator<Item = &str> + '_> {
+        Box::new(self.keys().map(String::as_str))
+    }
+
+    fn source_path(&self) -> PathBuf {
+        self.display_path()
+    }
+}
+
+impl KeyShapes for BTreeMap<String, Vec<usize>> {
+    fn shape_of(&self, key: &str) -> Option<&[usize]> {
+        self.get(key).map(Vec::as_slice)
+    }
+
+    fn key_names(&self) -> Box<dyn Iterator<Item = &str> + '_> {
+        Box::new(self.keys().map(String::as_str))
+    }
+
+    fn source_path(&self) -> PathBuf {
+        PathBuf::from("<tensor listing>")
+    }
+}
+
 struct Shapes<'a> {
-    files: &'a TensorFiles,
+    files: &'a dyn KeyShapes,
     component: &'static str,
 }
 
 impl Shapes<'_> {
     fn get(&self, key: &str) -> Result<&[usize], ModelError> {
-        self.files.shape(key).ok_or_else(|| ModelError::MissingTensor {
-            path: self.files.display_path(),
-            tensor: key.to_string(),
-            component: self.component.to_string(),
-        })
+        self.files
+            .shape_of(key)
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: self.files.source_path(),
+                tensor: key.to_string(),
+                component: self.component.to_string(),
+            })
     }
 
     fn dim(&self, key: &str, index: usize) -> Result<usize, ModelError> {
@@ -39,32 +80,43 @@ impl Shapes<'_> {
         shape.get(index).copied().ok_or_else(|| {
             ModelError::Config(format!(
                 "{}: tensor `{key}` has shape {shape:?}, which is not what a {} has",
-                self.files.display_path().display(),
+                self.files.source_path().display(),
                 self.component
             ))
         })
     }
 
     fn has(&self, key: &str) -> bool {
-        self.files.contains(key)
+        self.files.shape_of(key).is_some()
     }
 
     /// How many consecutive `prefix{i}suffix` keys exist, from 0.
     fn count(&self, prefix: &str, suffix: &str) -> usize {
-        (0..).take_while(|i| self.has(&format!("{prefix}{i}{suffix}"))).count()
+        (0..)
+            .take_while(|i| self.has(&format!("{prefix}{i}{suffix}")))
+            .count()
     }
 }
 
 /// Infers the UNet architecture of a single-file checkpoint.
-pub fn infer_unet(files: &TensorFiles) -> Result<UNetConfig, ModelError> {
-    let s = Shapes { files, component: "UNet" };
+pub fn infer_unet(files: &dyn KeyShapes) -> Result<UNetConfig, ModelError> {
+    let s = Shapes {
+        files,
+        component: "UNet",
+    };
     let key = |k: &str| format!("{LDM_UNET}{k}");
     let in_channels = s.dim(&key("input_blocks.0.0.weight"), 1)?;
     let out_channels = s.dim(&key("out.2.weight"), 0)?;
     let block_prefix = key("input_blocks.");
     let input_blocks = files
-        .keys()
-        .filter_map(|k| k.strip_prefix(&block_prefix)?.split('.').next()?.parse::<usize>().ok())
+        .key_names()
+        .filter_map(|k| {
+            k.strip_prefix(&block_prefix)?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
         .max()
         .map_or(0, |last| last + 1);
     // The first downsampler sits right after the first level's resnets.
@@ -75,7 +127,7 @@ pub fn infer_unet(files: &TensorFiles) -> Result<UNetConfig, ModelError> {
     if layers_per_block == 0 {
         return Err(ModelError::Config(format!(
             "{}: the UNet's input blocks do not follow the Stable Diffusion layout",
-            files.display_path().display()
+            files.source_path().display()
         )));
     }
     let levels = input_blocks / (layers_per_block + 1);
@@ -84,24 +136,53 @@ pub fn infer_unet(files: &TensorFiles) -> Result<UNetConfig, ModelError> {
     let mut depth = Vec::with_capacity(levels);
     for level in 0..levels {
         let block = 1 + level * (layers_per_block + 1);
-        block_out_channels.push(s.dim(&key(&format!("input_blocks.{block}.0.out_layers.3.weight")), 0)?);
+        block_out_channels.push(s.dim(
+            &key(&format!("input_blocks.{block}.0.out_layers.3.weight")),
+            0,
+        )?);
         let attention = key(&format!("input_blocks.{block}.1."));
         let has_attention = s.has(&format!("{attention}proj_in.weight"));
         down_attention.push(has_attention);
-        depth.push(if has_attention { s.count(&format!("{attention}transformer_blocks."), ".attn1.to_q.weight") } else { 1 });
+        depth.push(if has_attention {
+            s.count(
+                &format!("{attention}transformer_blocks."),
+                ".attn1.to_q.weight",
+            )
+        } else {
+            1
+        });
     }
     let up_attention: Vec<bool> = (0..levels)
-        .map(|i| s.has(&key(&format!("output_blocks.{}.1.proj_in.weight", i * (layers_per_block + 1)))))
+        .map(|i| {
+            s.has(&key(&format!(
+                "output_blocks.{}.1.proj_in.weight",
+                i * (layers_per_block + 1)
+            )))
+        })
         .collect();
     let first_attention = (0..levels)
         .find(|&l| down_attention[l])
-        .map(|l| key(&format!("input_blocks.{}.1.", 1 + l * (layers_per_block + 1))))
+        .map(|l| {
+            key(&format!(
+                "input_blocks.{}.1.",
+                1 + l * (layers_per_block + 1)
+            ))
+        })
         .unwrap_or_else(|| key("middle_block.1."));
     let use_linear_projection = s.get(&format!("{first_attention}proj_in.weight"))?.len() == 2;
-    let cross_attention_dim = s.dim(&format!("{first_attention}transformer_blocks.0.attn2.to_k.weight"), 1)?;
+    let cross_attention_dim = s.dim(
+        &format!("{first_attention}transformer_blocks.0.attn2.to_k.weight"),
+        1,
+    )?;
     let attention_heads = block_out_channels
         .iter()
-        .map(|&c| if use_linear_projection { (c / 64).max(1) } else { 8 })
+        .map(|&c| {
+            if use_linear_projection {
+                (c / 64).max(1)
+            } else {
+                8
+            }
+        })
         .collect();
     let config = UNetConfig {
         in_channels,
@@ -123,8 +204,11 @@ pub fn infer_unet(files: &TensorFiles) -> Result<UNetConfig, ModelError> {
 }
 
 /// Infers the VAE architecture of a single-file checkpoint.
-pub fn infer_vae(files: &TensorFiles) -> Result<VaeConfig, ModelError> {
-    let s = Shapes { files, component: "VAE" };
+pub fn infer_vae(files: &dyn KeyShapes) -> Result<VaeConfig, ModelError> {
+    let s = Shapes {
+        files,
+        component: "VAE",
+    };
     let key = |k: &str| format!("{LDM_VAE}{k}");
     let levels = s.count(&key("encoder.down."), ".block.0.conv1.weight");
     if levels == 0 {
@@ -145,10 +229,10 @@ pub fn infer_vae(files: &TensorFiles) -> Result<VaeConfig, ModelError> {
 }
 
 /// Finds which text encoder layout a single file uses.
-pub fn text_encoder_layout(files: &TensorFiles) -> Option<TextEncoderLayout> {
-    if files.keys().any(|k| k.starts_with(LDM_OPEN_CLIP)) {
+pub fn text_encoder_layout(files: &dyn KeyShapes) -> Option<TextEncoderLayout> {
+    if files.key_names().any(|k| k.starts_with(LDM_OPEN_CLIP)) {
         Some(TextEncoderLayout::OpenClip)
-    } else if files.keys().any(|k| k.starts_with(LDM_CLIP)) {
+    } else if files.key_names().any(|k| k.starts_with(LDM_CLIP)) {
         Some(TextEncoderLayout::Clip)
     } else {
         None
@@ -156,11 +240,19 @@ pub fn text_encoder_layout(files: &TensorFiles) -> Option<TextEncoderLayout> {
 }
 
 /// Infers the text encoder of a single file; OpenCLIP encoders are used up to their penultimate layer.
-pub fn infer_text_encoder(files: &TensorFiles, layout: TextEncoderLayout) -> Result<ClipTextConfig, ModelError> {
-    let s = Shapes { files, component: "text encoder" };
+pub fn infer_text_encoder(
+    files: &dyn KeyShapes,
+    layout: TextEncoderLayout,
+) -> Result<ClipTextConfig, ModelError> {
+    let s = Shapes {
+        files,
+        component: "text encoder",
+    };
     let config = match layout {
         TextEncoderLayout::Clip => {
-            let prefix = if files.contains(&format!("{LDM_CLIP}text_model.embeddings.token_embedding.weight")) {
+            let prefix = if s.has(&format!(
+                "{LDM_CLIP}text_model.embeddings.token_embedding.weight"
+            )) {
                 format!("{LDM_CLIP}text_model.")
             } else {
                 LDM_CLIP.to_string()
@@ -173,7 +265,8 @@ pub fn infer_text_encoder(files: &TensorFiles, layout: TextEncoderLayout) -> Res
                 intermediate_size: s.dim(&format!("{prefix}encoder.layers.0.mlp.fc1.weight"), 0)?,
                 num_hidden_layers: s.count(&format!("{prefix}encoder.layers."), ".mlp.fc1.weight"),
                 num_attention_heads: (hidden_size / 64).max(1),
-                max_position_embeddings: s.dim(&format!("{prefix}embeddings.position_embedding.weight"), 0)?,
+                max_position_embeddings: s
+                    .dim(&format!("{prefix}embeddings.position_embedding.weight"), 0)?,
                 hidden_act: ClipActivation::QuickGelu,
                 layer_norm_eps: 1e-5,
             }
@@ -181,14 +274,21 @@ pub fn infer_text_encoder(files: &TensorFiles, layout: TextEncoderLayout) -> Res
         TextEncoderLayout::OpenClip => {
             let token = s.get(&format!("{LDM_OPEN_CLIP}token_embedding.weight"))?;
             let (vocab_size, hidden_size) = (token[0], token.get(1).copied().unwrap_or(0));
-            let resblocks = s.count(&format!("{LDM_OPEN_CLIP}transformer.resblocks."), ".mlp.c_fc.weight");
+            let resblocks = s.count(
+                &format!("{LDM_OPEN_CLIP}transformer.resblocks."),
+                ".mlp.c_fc.weight",
+            );
             ClipTextConfig {
                 vocab_size,
                 hidden_size,
-                intermediate_size: s.dim(&format!("{LDM_OPEN_CLIP}transformer.resblocks.0.mlp.c_fc.weight"), 0)?,
+                intermediate_size: s.dim(
+                    &format!("{LDM_OPEN_CLIP}transformer.resblocks.0.mlp.c_fc.weight"),
+                    0,
+                )?,
                 num_hidden_layers: resblocks.saturating_sub(1).max(1),
                 num_attention_heads: (hidden_size / 64).max(1),
-                max_position_embeddings: s.dim(&format!("{LDM_OPEN_CLIP}positional_embedding"), 0)?,
+                max_position_embeddings: s
+                    .dim(&format!("{LDM_OPEN_CLIP}positional_embedding"), 0)?,
                 hidden_act: ClipActivation::Gelu,
                 layer_norm_eps: 1e-5,
             }

@@ -6,7 +6,7 @@
 //! not). Tensors are read lazily from memory-mapped files, one at a time, straight into the compute dtype.
 
 mod backend;
-mod infer;
+pub mod infer;
 pub mod names;
 mod sidecar;
 
@@ -69,7 +69,9 @@ impl CheckpointLayout {
     pub fn label(&self) -> &'static str {
         match self {
             CheckpointLayout::SingleFileSafetensors => "single-file checkpoint (.safetensors)",
-            CheckpointLayout::SingleFileCkpt => "single-file checkpoint (.ckpt, read without executing code)",
+            CheckpointLayout::SingleFileCkpt => {
+                "single-file checkpoint (.ckpt, read without executing code)"
+            }
             CheckpointLayout::DiffusersFolder => "diffusers folder",
         }
     }
@@ -130,19 +132,33 @@ impl ModelSource {
         self.config.scheduler.prediction_type = prediction;
     }
 
-    pub fn load_unet(&self, device: &Device, dtype: DType) -> Result<UNet2DConditionModel, ModelError> {
+    pub fn load_unet(
+        &self,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<UNet2DConditionModel, ModelError> {
         let config = self.config.unet.clone();
-        build(&self.unet, "UNet", device, dtype, |vb| UNet2DConditionModel::new(vb, &config))
+        build(&self.unet, "UNet", device, dtype, |vb| {
+            UNet2DConditionModel::new(vb, &config)
+        })
     }
 
     pub fn load_vae(&self, device: &Device, dtype: DType) -> Result<AutoencoderKL, ModelError> {
         let config = self.config.vae.clone();
-        build(&self.vae, "VAE", device, dtype, |vb| AutoencoderKL::new(vb, &config))
+        build(&self.vae, "VAE", device, dtype, |vb| {
+            AutoencoderKL::new(vb, &config)
+        })
     }
 
-    pub fn load_text_encoder(&self, device: &Device, dtype: DType) -> Result<ClipTextTransformer, ModelError> {
+    pub fn load_text_encoder(
+        &self,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<ClipTextTransformer, ModelError> {
         let config = self.config.text_encoder.clone();
-        build(&self.text_encoder, "text encoder", device, dtype, |vb| ClipTextTransformer::new(vb, &config))
+        build(&self.text_encoder, "text encoder", device, dtype, |vb| {
+            ClipTextTransformer::new(vb, &config)
+        })
     }
 }
 
@@ -155,40 +171,56 @@ fn build<T>(
     construct: impl FnOnce(VarBuilder) -> candle_core::Result<T>,
 ) -> Result<T, ModelError> {
     let first_error = Arc::new(Mutex::new(None));
-    let backend = ComponentBackend::new(component.files.clone(), component.names.clone(), label, first_error.clone());
+    let backend = ComponentBackend::new(
+        component.files.clone(),
+        component.names.clone(),
+        label,
+        first_error.clone(),
+    );
     let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
     construct(vb).map_err(|source| {
-        first_error.lock().unwrap_or_else(PoisonError::into_inner).take().unwrap_or_else(|| ModelError::Compute {
-            context: format!("building the {label} of {}", component.files.display_path().display()),
-            source,
-        })
+        first_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .unwrap_or_else(|| ModelError::Compute {
+                context: format!(
+                    "building the {label} of {}",
+                    component.files.display_path().display()
+                ),
+                source,
+            })
     })
 }
 
 fn open_single_file(path: &Path) -> Result<ModelSource, ModelError> {
     let file = TensorFile::open(path)?;
-    let layout =
-        if file.is_safetensors() { CheckpointLayout::SingleFileSafetensors } else { CheckpointLayout::SingleFileCkpt };
+    let layout = if file.is_safetensors() {
+        CheckpointLayout::SingleFileSafetensors
+    } else {
+        CheckpointLayout::SingleFileCkpt
+    };
     let files = Arc::new(TensorFiles::new(vec![file]));
     check_is_sd_checkpoint(path, &files)?;
     let sidecars = sidecar::read_sidecars(path)?;
 
-    let te_layout = infer::text_encoder_layout(&files).unwrap_or(if sidecars.open_clip == Some(true) {
-        TextEncoderLayout::OpenClip
-    } else {
-        TextEncoderLayout::Clip
-    });
+    let te_layout =
+        infer::text_encoder_layout(files.as_ref()).unwrap_or(if sidecars.open_clip == Some(true) {
+            TextEncoderLayout::OpenClip
+        } else {
+            TextEncoderLayout::Clip
+        });
     let unet = match sidecars.unet {
         Some(unet) => unet,
-        None => infer::infer_unet(&files)?,
+        None => infer::infer_unet(files.as_ref())?,
     };
     let vae = match sidecars.vae {
         Some(vae) => vae,
-        None => infer::infer_vae(&files)?,
+        None => infer::infer_vae(files.as_ref())?,
     };
     let text_encoder = match sidecars.text_encoder {
         Some(te) => te,
-        None => infer::infer_text_encoder(&files, te_layout)?,
+        None => infer::infer_text_encoder(files.as_ref(), te_layout)?,
     };
     let family = match te_layout {
         TextEncoderLayout::OpenClip => ModelFamily::Sd2,
@@ -196,21 +228,42 @@ fn open_single_file(path: &Path) -> Result<ModelSource, ModelError> {
     };
     // Without a config, SD2 checkpoints are taken as the 768-px v-prediction model, as diffusers does.
     let scheduler = sidecars.scheduler.unwrap_or_else(|| SchedulerConfig {
-        prediction_type: if family == ModelFamily::Sd2 { PredictionType::VPrediction } else { PredictionType::Epsilon },
+        prediction_type: if family == ModelFamily::Sd2 {
+            PredictionType::VPrediction
+        } else {
+            PredictionType::Epsilon
+        },
         ..SchedulerConfig::default()
     });
     let te_names = match te_layout {
         TextEncoderLayout::Clip => NameMap::LdmClip,
-        TextEncoderLayout::OpenClip => NameMap::OpenClip { hidden: text_encoder.hidden_size },
+        TextEncoderLayout::OpenClip => NameMap::OpenClip {
+            hidden: text_encoder.hidden_size,
+        },
     };
-    let component = |names| Component { files: files.clone(), names };
+    let component = |names| Component {
+        files: files.clone(),
+        names,
+    };
     Ok(ModelSource {
         path: path.to_path_buf(),
         layout,
-        unet: component(NameMap::LdmUnet { layers_per_block: unet.layers_per_block, up_attention: unet.up_attention.clone() }),
-        vae: component(NameMap::LdmVae { levels: vae.block_out_channels.len() }),
+        unet: component(NameMap::LdmUnet {
+            layers_per_block: unet.layers_per_block,
+            up_attention: unet.up_attention.clone(),
+        }),
+        vae: component(NameMap::LdmVae {
+            levels: vae.block_out_channels.len(),
+        }),
         text_encoder: component(te_names),
-        config: ModelConfig { family, unet, vae, text_encoder, scheduler, pad_token: default_pad_token(family) },
+        config: ModelConfig {
+            family,
+            unet,
+            vae,
+            text_encoder,
+            scheduler,
+            pad_token: default_pad_token(family),
+        },
         config_files: sidecars.sources,
     })
 }
@@ -233,13 +286,22 @@ fn check_is_sd_checkpoint(path: &Path, files: &TensorFiles) -> Result<(), ModelE
         "it holds weights in the diffusers layout; pass the whole diffusers folder instead of one file".to_string()
     } else {
         let count = files.keys().count();
-        format!("none of its {count} tensors belongs to a Stable Diffusion UNet (`{}*`)", names::LDM_UNET)
+        format!(
+            "none of its {count} tensors belongs to a Stable Diffusion UNet (`{}*`)",
+            names::LDM_UNET
+        )
     };
-    Err(ModelError::NotAModel { path: path.to_path_buf(), reason })
+    Err(ModelError::NotAModel {
+        path: path.to_path_buf(),
+        reason,
+    })
 }
 
 fn open_diffusers(folder: &Path) -> Result<ModelSource, ModelError> {
-    let not_model = |reason: String| ModelError::NotAModel { path: folder.to_path_buf(), reason };
+    let not_model = |reason: String| ModelError::NotAModel {
+        path: folder.to_path_buf(),
+        reason,
+    };
     for part in ["unet", "vae", "text_encoder"] {
         if !folder.join(part).is_dir() {
             return Err(not_model(format!(
@@ -250,28 +312,37 @@ fn open_diffusers(folder: &Path) -> Result<ModelSource, ModelError> {
     let mut config_files = Vec::new();
     let mut read_config = |part: &str, name: &str| -> Result<String, ModelError> {
         let path = folder.join(part).join(name);
-        let text =
-            std::fs::read_to_string(&path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
+        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
+            path: path.clone(),
+            source,
+        })?;
         config_files.push(path);
         Ok(text)
     };
     let unet = UNetConfig::from_diffusers_json(&read_config("unet", "config.json")?)?;
     let vae = VaeConfig::from_diffusers_json(&read_config("vae", "config.json")?)?;
-    let text_encoder = ClipTextConfig::from_transformers_json(&read_config("text_encoder", "config.json")?)?;
+    let text_encoder =
+        ClipTextConfig::from_transformers_json(&read_config("text_encoder", "config.json")?)?;
     let scheduler = if folder.join("scheduler/scheduler_config.json").is_file() {
         SchedulerConfig::from_diffusers_json(&read_config("scheduler", "scheduler_config.json")?)?
     } else {
         SchedulerConfig::default()
     };
-    let family = if text_encoder.hidden_act == ClipActivation::Gelu || unet.cross_attention_dim == 1024 {
-        ModelFamily::Sd2
-    } else {
-        ModelFamily::Sd1
-    };
+    let family =
+        if text_encoder.hidden_act == ClipActivation::Gelu || unet.cross_attention_dim == 1024 {
+            ModelFamily::Sd2
+        } else {
+            ModelFamily::Sd1
+        };
     let pad_token = read_pad_token(folder).unwrap_or_else(|| default_pad_token(family));
     let component = |part: &str, stem: &str| -> Result<Component, ModelError> {
         let files = diffusers_weights(&folder.join(part), stem)?;
-        Ok(Component { files: Arc::new(TensorFiles::new(files)), names: NameMap::Diffusers { prefix: String::new() } })
+        Ok(Component {
+            files: Arc::new(TensorFiles::new(files)),
+            names: NameMap::Diffusers {
+                prefix: String::new(),
+            },
+        })
     };
     Ok(ModelSource {
         path: folder.to_path_buf(),
@@ -279,7 +350,14 @@ fn open_diffusers(folder: &Path) -> Result<ModelSource, ModelError> {
         unet: component("unet", "diffusion_pytorch_model")?,
         vae: component("vae", "diffusion_pytorch_model")?,
         text_encoder: component("text_encoder", "model")?,
-        config: ModelConfig { family, unet, vae, text_encoder, scheduler, pad_token },
+        config: ModelConfig {
+            family,
+            unet,
+            vae,
+            text_encoder,
+            scheduler,
+            pad_token,
+        },
         config_files,
     })
 }
@@ -308,16 +386,30 @@ fn diffusers_weights(dir: &Path, stem: &str) -> Result<Vec<TensorFile>, ModelErr
     }
     Err(ModelError::NotAModel {
         path: dir.to_path_buf(),
-        reason: format!("it has no weights file (looked for {})", candidates.join(", ")),
+        reason: format!(
+            "it has no weights file (looked for {})",
+            candidates.join(", ")
+        ),
     })
 }
 
 /// Opens the shards listed in a `*.safetensors.index.json`.
 fn sharded_files(index: &Path) -> Result<Vec<TensorFile>, ModelError> {
-    let text = std::fs::read_to_string(index).map_err(|source| ModelError::Io { path: index.to_path_buf(), source })?;
-    let bad = |reason: &str| ModelError::Config(format!("{} is not a valid shard index: {reason}", index.display()));
+    let text = std::fs::read_to_string(index).map_err(|source| ModelError::Io {
+        path: index.to_path_buf(),
+        source,
+    })?;
+    let bad = |reason: &str| {
+        ModelError::Config(format!(
+            "{} is not a valid shard index: {reason}",
+            index.display()
+        ))
+    };
     let json: serde_json::Value = serde_json::from_str(&text).map_err(|_| bad("it is not JSON"))?;
-    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad("it has no weight_map"))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("it has no weight_map"))?;
     let mut shards: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
     shards.sort_unstable();
     shards.dedup();
@@ -326,7 +418,9 @@ fn sharded_files(index: &Path) -> Result<Vec<TensorFile>, ModelError> {
         .into_iter()
         .map(|shard| {
             if shard.contains('/') || shard.contains('\\') || shard.contains("..") {
-                return Err(bad(&format!("the shard name `{shard}` points outside its folder")));
+                return Err(bad(&format!(
+                    "the shard name `{shard}` points outside its folder"
+                )));
             }
             Ok(TensorFile::open(&dir.join(shard))?)
         })
@@ -335,17 +429,19 @@ fn sharded_files(index: &Path) -> Result<Vec<TensorFile>, ModelError> {
 
 /// The pad token a diffusers folder's tokenizer declares (`<|endoftext|>` for SD1, `!` for SD2).
 fn read_pad_token(folder: &Path) -> Option<u32> {
-    ["special_tokens_map.json", "tokenizer_config.json"].iter().find_map(|name| {
-        let text = std::fs::read_to_string(folder.join("tokenizer").join(name)).ok()?;
-        let json: serde_json::Value = serde_json::from_str(&text).ok()?;
-        let pad = json.get("pad_token")?;
-        let content = pad.as_str().or_else(|| pad.get("content")?.as_str())?;
-        match content {
-            "<|endoftext|>" => Some(END_OF_TEXT),
-            "!" => Some(0),
-            _ => None,
-        }
-    })
+    ["special_tokens_map.json", "tokenizer_config.json"]
+        .iter()
+        .find_map(|name| {
+            let text = std::fs::read_to_string(folder.join("tokenizer").join(name)).ok()?;
+            let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+            let pad = json.get("pad_token")?;
+            let content = pad.as_str().or_else(|| pad.get("content")?.as_str())?;
+            match content {
+                "<|endoftext|>" => Some(END_OF_TEXT),
+                "!" => Some(0),
+                _ => None,
+            }
+        })
 }
 
 fn default_pad_token(family: ModelFamily) -> u32 {

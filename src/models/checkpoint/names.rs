@@ -28,7 +28,11 @@ impl StoredName {
 }
 
 fn join(base: String, rest: &[&str]) -> String {
-    if rest.is_empty() { base } else { format!("{base}.{}", rest.join(".")) }
+    if rest.is_empty() {
+        base
+    } else {
+        format!("{base}.{}", rest.join("."))
+    }
 }
 
 fn index(s: &str) -> Option<usize> {
@@ -70,9 +74,10 @@ pub fn unet_to_ldm(name: &str, layers_per_block: usize, up_attention: &[bool]) -
             let block = 1 + index(level)? * per_level + index(j)?;
             join(format!("input_blocks.{block}.1"), rest)
         }
-        ["down_blocks", level, "downsamplers", "0", "conv", rest @ ..] => {
-            join(format!("input_blocks.{}.0.op", (index(level)? + 1) * per_level), rest)
-        }
+        ["down_blocks", level, "downsamplers", "0", "conv", rest @ ..] => join(
+            format!("input_blocks.{}.0.op", (index(level)? + 1) * per_level),
+            rest,
+        ),
         ["mid_block", "resnets", j, rest @ ..] => {
             format!("middle_block.{}.{}", 2 * index(j)?, unet_resnet(rest)?)
         }
@@ -132,21 +137,43 @@ fn vae_mid(rest: &[&str]) -> Option<String> {
 pub fn vae_to_ldm(name: &str, levels: usize) -> Option<String> {
     let parts: Vec<&str> = name.split('.').collect();
     let mapped = match parts.as_slice() {
-        [coder @ ("encoder" | "decoder"), "conv_in", rest @ ..] => join(format!("{coder}.conv_in"), rest),
-        [coder @ ("encoder" | "decoder"), "conv_out", rest @ ..] => join(format!("{coder}.conv_out"), rest),
-        [coder @ ("encoder" | "decoder"), "conv_norm_out", rest @ ..] => join(format!("{coder}.norm_out"), rest),
-        [coder @ ("encoder" | "decoder"), "mid_block", rest @ ..] => format!("{coder}.{}", vae_mid(rest)?),
+        [coder @ ("encoder" | "decoder"), "conv_in", rest @ ..] => {
+            join(format!("{coder}.conv_in"), rest)
+        }
+        [coder @ ("encoder" | "decoder"), "conv_out", rest @ ..] => {
+            join(format!("{coder}.conv_out"), rest)
+        }
+        [coder @ ("encoder" | "decoder"), "conv_norm_out", rest @ ..] => {
+            join(format!("{coder}.norm_out"), rest)
+        }
+        [coder @ ("encoder" | "decoder"), "mid_block", rest @ ..] => {
+            format!("{coder}.{}", vae_mid(rest)?)
+        }
         ["encoder", "down_blocks", level, "resnets", j, rest @ ..] => {
             format!("encoder.down.{level}.block.{j}.{}", vae_resnet(rest)?)
         }
-        ["encoder", "down_blocks", level, "downsamplers", "0", "conv", rest @ ..] => {
-            join(format!("encoder.down.{level}.downsample.conv"), rest)
-        }
+        [
+            "encoder",
+            "down_blocks",
+            level,
+            "downsamplers",
+            "0",
+            "conv",
+            rest @ ..,
+        ] => join(format!("encoder.down.{level}.downsample.conv"), rest),
         ["decoder", "up_blocks", level, "resnets", j, rest @ ..] => {
             let stored = levels.checked_sub(1 + index(level)?)?;
             format!("decoder.up.{stored}.block.{j}.{}", vae_resnet(rest)?)
         }
-        ["decoder", "up_blocks", level, "upsamplers", "0", "conv", rest @ ..] => {
+        [
+            "decoder",
+            "up_blocks",
+            level,
+            "upsamplers",
+            "0",
+            "conv",
+            rest @ ..,
+        ] => {
             let stored = levels.checked_sub(1 + index(level)?)?;
             join(format!("decoder.up.{stored}.upsample.conv"), rest)
         }
@@ -162,8 +189,12 @@ pub fn clip_to_open_clip(name: &str, hidden: usize) -> Option<StoredName> {
     let parts: Vec<&str> = name.split('.').collect();
     let whole = |key: String| Some(StoredName::whole(key));
     match parts.as_slice() {
-        ["text_model", "embeddings", "token_embedding", "weight"] => whole("token_embedding.weight".into()),
-        ["text_model", "embeddings", "position_embedding", "weight"] => whole("positional_embedding".into()),
+        ["text_model", "embeddings", "token_embedding", "weight"] => {
+            whole("token_embedding.weight".into())
+        }
+        ["text_model", "embeddings", "position_embedding", "weight"] => {
+            whole("positional_embedding".into())
+        }
         ["text_model", "final_layer_norm", param] => whole(format!("ln_final.{param}")),
         ["text_model", "encoder", "layers", layer, rest @ ..] => {
             let base = format!("transformer.resblocks.{layer}");
@@ -180,7 +211,10 @@ pub fn clip_to_open_clip(name: &str, hidden: usize) -> Option<StoredName> {
                         "v_proj" => 2,
                         _ => return None,
                     };
-                    Some(StoredName { key: format!("{base}.attn.in_proj_{param}"), rows: Some((block * hidden, hidden)) })
+                    Some(StoredName {
+                        key: format!("{base}.attn.in_proj_{param}"),
+                        rows: Some((block * hidden, hidden)),
+                    })
                 }
                 _ => None,
             }
@@ -191,7 +225,14 @@ pub fn clip_to_open_clip(name: &str, hidden: usize) -> Option<StoredName> {
 
 /// Older diffusers VAE folders name the attention layers `query`/`key`/`value`/`proj_attn`.
 pub fn vae_legacy_attention_name(name: &str) -> Option<String> {
-    const RENAMES: [(&str, &str); 4] =
-        [(".to_q.", ".query."), (".to_k.", ".key."), (".to_v.", ".value."), (".to_out.0.", ".proj_attn.")];
-    RENAMES.iter().find(|(new, _)| name.contains(new)).map(|(new, old)| name.replace(new, old))
+    const RENAMES: [(&str, &str); 4] = [
+        (".to_q.", ".query."),
+        (".to_k.", ".key."),
+        (".to_v.", ".value."),
+        (".to_out.0.", ".proj_attn."),
+    ];
+    RENAMES
+        .iter()
+        .find(|(new, _)| name.contains(new))
+        .map(|(new, old)| name.replace(new, old))
 }

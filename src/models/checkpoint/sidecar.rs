@@ -37,7 +37,10 @@ pub fn read_sidecars(checkpoint: &Path) -> Result<SidecarConfig, ModelError> {
     if yaml_path.is_file() {
         let text = read_text(&yaml_path)?;
         apply_ldm_yaml(&mut config, &text).map_err(|reason| {
-            ModelError::Config(format!("{} is not a usable LDM config: {reason}", yaml_path.display()))
+            ModelError::Config(format!(
+                "{} is not a usable LDM config: {reason}",
+                yaml_path.display()
+            ))
         })?;
         config.sources.push(yaml_path);
     }
@@ -45,7 +48,10 @@ pub fn read_sidecars(checkpoint: &Path) -> Result<SidecarConfig, ModelError> {
     if json_path.is_file() {
         let text = read_text(&json_path)?;
         apply_json(&mut config, &text).map_err(|reason| {
-            ModelError::Config(format!("{} is not a usable model config: {reason}", json_path.display()))
+            ModelError::Config(format!(
+                "{} is not a usable model config: {reason}",
+                json_path.display()
+            ))
         })?;
         config.sources.push(json_path);
     }
@@ -53,7 +59,10 @@ pub fn read_sidecars(checkpoint: &Path) -> Result<SidecarConfig, ModelError> {
 }
 
 fn read_text(path: &Path) -> Result<String, ModelError> {
-    std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })
+    std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 #[derive(Deserialize)]
@@ -68,17 +77,24 @@ struct JsonSidecar {
 fn apply_json(config: &mut SidecarConfig, text: &str) -> Result<(), String> {
     let sidecar: JsonSidecar = serde_json::from_str(text).map_err(|e| e.to_string())?;
     if let Some(unet) = sidecar.unet {
-        config.unet = Some(UNetConfig::from_diffusers_json(&unet.to_string()).map_err(|e| e.to_string())?);
+        config.unet =
+            Some(UNetConfig::from_diffusers_json(&unet.to_string()).map_err(|e| e.to_string())?);
     }
     if let Some(vae) = sidecar.vae {
-        config.vae = Some(VaeConfig::from_diffusers_json(&vae.to_string()).map_err(|e| e.to_string())?);
+        config.vae =
+            Some(VaeConfig::from_diffusers_json(&vae.to_string()).map_err(|e| e.to_string())?);
     }
     if let Some(text_encoder) = sidecar.text_encoder {
-        config.text_encoder =
-            Some(ClipTextConfig::from_transformers_json(&text_encoder.to_string()).map_err(|e| e.to_string())?);
+        config.text_encoder = Some(
+            ClipTextConfig::from_transformers_json(&text_encoder.to_string())
+                .map_err(|e| e.to_string())?,
+        );
     }
     if let Some(scheduler) = sidecar.scheduler {
-        config.scheduler = Some(SchedulerConfig::from_diffusers_json(&scheduler.to_string()).map_err(|e| e.to_string())?);
+        config.scheduler = Some(
+            SchedulerConfig::from_diffusers_json(&scheduler.to_string())
+                .map_err(|e| e.to_string())?,
+        );
     }
     Ok(())
 }
@@ -93,7 +109,9 @@ fn number(y: &Yaml) -> Option<f64> {
 }
 
 fn usize_of(y: &Yaml, what: &str) -> Result<usize, String> {
-    y.as_i64().and_then(|v| usize::try_from(v).ok()).ok_or_else(|| format!("`{what}` is missing or not a whole number"))
+    y.as_i64()
+        .and_then(|v| usize::try_from(v).ok())
+        .ok_or_else(|| format!("`{what}` is missing or not a whole number"))
 }
 
 fn usize_list(y: &Yaml, what: &str) -> Result<Vec<usize>, String> {
@@ -120,7 +138,8 @@ fn apply_ldm_yaml(config: &mut SidecarConfig, text: &str) -> Result<(), String> 
         scheduler.beta_end = end;
     }
     if let Some(steps) = params["timesteps"].as_i64() {
-        scheduler.num_train_timesteps = usize::try_from(steps).map_err(|_| "`timesteps` is negative")?;
+        scheduler.num_train_timesteps =
+            usize::try_from(steps).map_err(|_| "`timesteps` is negative")?;
     }
     scheduler.prediction_type = match params["parameterization"].as_str() {
         Some("v") => PredictionType::VPrediction,
@@ -144,7 +163,10 @@ fn apply_ldm_yaml(config: &mut SidecarConfig, text: &str) -> Result<(), String> 
         config.vae = Some(VaeConfig {
             in_channels: usize_of(&dd["in_channels"], "ddconfig.in_channels")?,
             out_channels: usize_of(&dd["out_ch"], "ddconfig.out_ch")?,
-            block_out_channels: usize_list(&dd["ch_mult"], "ddconfig.ch_mult")?.iter().map(|m| ch * m).collect(),
+            block_out_channels: usize_list(&dd["ch_mult"], "ddconfig.ch_mult")?
+                .iter()
+                .map(|m| ch * m)
+                .collect(),
             layers_per_block: usize_of(&dd["num_res_blocks"], "ddconfig.num_res_blocks")?,
             latent_channels: usize_of(&dd["z_channels"], "ddconfig.z_channels")?,
             norm_num_groups: 32,
@@ -180,7 +202,9 @@ fn unet_from_ldm(p: &Yaml) -> Result<UNetConfig, String> {
         _ => vec![1; levels],
     };
     // Level i works at downsampling factor 2^i; attention is used where that factor is listed.
-    let down_attention: Vec<bool> = (0..levels).map(|i| attention_resolutions.contains(&(1 << i))).collect();
+    let down_attention: Vec<bool> = (0..levels)
+        .map(|i| attention_resolutions.contains(&(1 << i)))
+        .collect();
     let up_attention = down_attention.iter().rev().copied().collect();
     let config = UNetConfig {
         in_channels: usize_of(&p["in_channels"], "in_channels")?,

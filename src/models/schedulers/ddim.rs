@@ -16,17 +16,27 @@ pub struct DdimSampler {
 impl DdimSampler {
     pub fn new(config: &SchedulerConfig, steps: usize) -> Self {
         let alphas_cumprod = config.alphas_cumprod();
-        let final_alpha = if config.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
+        let final_alpha = if config.set_alpha_to_one {
+            1.0
+        } else {
+            alphas_cumprod[0]
+        };
         let stride = config.num_train_timesteps / steps.max(1);
         let timesteps = config.leading_timesteps(steps);
         let alphas = timesteps
             .iter()
             .map(|&t| {
-                let previous = t.checked_sub(stride).map_or(final_alpha, |p| alphas_cumprod[p]);
+                let previous = t
+                    .checked_sub(stride)
+                    .map_or(final_alpha, |p| alphas_cumprod[p]);
                 (alphas_cumprod[t], previous)
             })
             .collect();
-        Self { timesteps: timesteps.iter().map(|&t| t as f64).collect(), alphas, prediction: config.prediction_type }
+        Self {
+            timesteps: timesteps.iter().map(|&t| t as f64).collect(),
+            alphas,
+            prediction: config.prediction_type,
+        }
     }
 }
 
@@ -43,12 +53,19 @@ impl Sampler for DdimSampler {
         Ok(sample.clone())
     }
 
-    fn step(&self, model_output: &Tensor, index: usize, sample: &Tensor, _noise: &mut dyn NoiseSource) -> Result<Tensor> {
+    fn step(
+        &self,
+        model_output: &Tensor,
+        index: usize,
+        sample: &Tensor,
+        _noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor> {
         let (alpha, alpha_prev) = self.alphas[index];
         let (sqrt_alpha, sqrt_beta) = (alpha.sqrt(), (1.0 - alpha).sqrt());
         let (pred_original, pred_epsilon) = match self.prediction {
             PredictionType::Epsilon => {
-                let x0 = weighted_sum(sample, 1.0, model_output, -sqrt_beta)?.affine(1.0 / sqrt_alpha as f64, 0.0)?;
+                let x0 = weighted_sum(sample, 1.0, model_output, -sqrt_beta)?
+                    .affine(1.0 / sqrt_alpha as f64, 0.0)?;
                 (x0, model_output.clone())
             }
             PredictionType::VPrediction => (
@@ -56,6 +73,11 @@ impl Sampler for DdimSampler {
                 weighted_sum(model_output, sqrt_alpha, sample, sqrt_beta)?,
             ),
         };
-        weighted_sum(&pred_original, alpha_prev.sqrt(), &pred_epsilon, (1.0 - alpha_prev).sqrt())
+        weighted_sum(
+            &pred_original,
+            alpha_prev.sqrt(),
+            &pred_epsilon,
+            (1.0 - alpha_prev).sqrt(),
+        )
     }
 }

@@ -18,8 +18,10 @@ impl EulerAncestralSampler {
     pub fn new(config: &SchedulerConfig, steps: usize) -> Self {
         let alphas_cumprod = config.alphas_cumprod();
         let timesteps = config.leading_timesteps(steps);
-        let mut sigmas: Vec<f32> =
-            timesteps.iter().map(|&t| ((1.0 - alphas_cumprod[t]) / alphas_cumprod[t]).sqrt()).collect();
+        let mut sigmas: Vec<f32> = timesteps
+            .iter()
+            .map(|&t| ((1.0 - alphas_cumprod[t]) / alphas_cumprod[t]).sqrt())
+            .collect();
         sigmas.push(0.0);
         let max_sigma = sigmas.iter().copied().fold(0.0f32, f32::max);
         Self {
@@ -49,7 +51,13 @@ impl Sampler for EulerAncestralSampler {
         sample.affine(1.0 / (sigma * sigma + 1.0).sqrt() as f64, 0.0)
     }
 
-    fn step(&self, model_output: &Tensor, index: usize, sample: &Tensor, noise: &mut dyn NoiseSource) -> Result<Tensor> {
+    fn step(
+        &self,
+        model_output: &Tensor,
+        index: usize,
+        sample: &Tensor,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor> {
         let sigma = self.sigmas[index];
         let sigma_to = self.sigmas[index + 1];
         let pred_original = match self.prediction {
@@ -59,14 +67,17 @@ impl Sampler for EulerAncestralSampler {
                 weighted_sum(model_output, -sigma / s2.sqrt(), sample, 1.0 / s2)?
             }
         };
-        let sigma_up = (sigma_to * sigma_to * (sigma * sigma - sigma_to * sigma_to) / (sigma * sigma)).sqrt();
+        let sigma_up =
+            (sigma_to * sigma_to * (sigma * sigma - sigma_to * sigma_to) / (sigma * sigma)).sqrt();
         let sigma_down = (sigma_to * sigma_to - sigma_up * sigma_up).sqrt();
         let derivative = (sample - pred_original)?.affine(1.0 / sigma as f64, 0.0)?;
         let moved = weighted_sum(sample, 1.0, &derivative, sigma_down - sigma)?;
         if sigma_up == 0.0 {
             return Ok(moved);
         }
-        let fresh = noise.next(sample.dims(), sample.device())?.to_dtype(sample.dtype())?;
+        let fresh = noise
+            .next(sample.dims(), sample.device())?
+            .to_dtype(sample.dtype())?;
         weighted_sum(&moved, 1.0, &fresh, sigma_up)
     }
 }

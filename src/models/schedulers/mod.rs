@@ -72,20 +72,25 @@ impl Default for SchedulerConfig {
 
 impl SchedulerConfig {
     pub fn from_diffusers_json(json: &str) -> std::result::Result<Self, ModelError> {
-        serde_json::from_str(json).map_err(|e| ModelError::Config(format!("the scheduler config is not valid: {e}")))
+        serde_json::from_str(json)
+            .map_err(|e| ModelError::Config(format!("the scheduler config is not valid: {e}")))
     }
 
     /// `ᾱ_t` for every training timestep, as torch computes it in f32.
     pub fn alphas_cumprod(&self) -> Vec<f32> {
         let n = self.num_train_timesteps;
         let betas: Vec<f32> = match self.beta_schedule {
-            BetaSchedule::ScaledLinear => {
-                torch_linspace_f32(self.beta_start.sqrt() as f32, self.beta_end.sqrt() as f32, n)
-                    .into_iter()
-                    .map(|b| b * b)
-                    .collect()
+            BetaSchedule::ScaledLinear => torch_linspace_f32(
+                self.beta_start.sqrt() as f32,
+                self.beta_end.sqrt() as f32,
+                n,
+            )
+            .into_iter()
+            .map(|b| b * b)
+            .collect(),
+            BetaSchedule::Linear => {
+                torch_linspace_f32(self.beta_start as f32, self.beta_end as f32, n)
             }
-            BetaSchedule::Linear => torch_linspace_f32(self.beta_start as f32, self.beta_end as f32, n),
         };
         let mut product = 1.0f32;
         betas
@@ -100,7 +105,10 @@ impl SchedulerConfig {
     /// Inference timesteps with "leading" spacing plus `steps_offset`, highest first (SD1.5's default).
     pub fn leading_timesteps(&self, steps: usize) -> Vec<usize> {
         let ratio = self.num_train_timesteps / steps.max(1);
-        (0..steps).rev().map(|i| (i * ratio + self.steps_offset).min(self.num_train_timesteps - 1)).collect()
+        (0..steps)
+            .rev()
+            .map(|i| (i * ratio + self.steps_offset).min(self.num_train_timesteps - 1))
+            .collect()
     }
 }
 
@@ -112,7 +120,15 @@ fn torch_linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
     }
     let step = (end - start) / (n - 1) as f32;
     let halfway = n / 2;
-    (0..n).map(|i| if i < halfway { start + step * i as f32 } else { end - step * (n - i - 1) as f32 }).collect()
+    (0..n)
+        .map(|i| {
+            if i < halfway {
+                start + step * i as f32
+            } else {
+                end - step * (n - i - 1) as f32
+            }
+        })
+        .collect()
 }
 
 /// The source of Gaussian noise for initial latents and ancestral steps.
@@ -129,14 +145,18 @@ pub struct SeededNoise {
 
 impl SeededNoise {
     pub fn new(seed: u64) -> Self {
-        Self { rng: rand::rngs::StdRng::seed_from_u64(seed) }
+        Self {
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+        }
     }
 }
 
 impl NoiseSource for SeededNoise {
     fn next(&mut self, dims: &[usize], device: &Device) -> Result<Tensor> {
         let count = dims.iter().product();
-        let values: Vec<f32> = (0..count).map(|_| StandardNormal.sample(&mut self.rng)).collect();
+        let values: Vec<f32> = (0..count)
+            .map(|_| StandardNormal.sample(&mut self.rng))
+            .collect();
         Tensor::from_vec(values, dims, device)
     }
 }
@@ -153,7 +173,13 @@ pub trait Sampler {
     fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor>;
 
     /// Moves `sample` from step `index` to the next, given the (guided) model output.
-    fn step(&self, model_output: &Tensor, index: usize, sample: &Tensor, noise: &mut dyn NoiseSource) -> Result<Tensor>;
+    fn step(
+        &self,
+        model_output: &Tensor,
+        index: usize,
+        sample: &Tensor,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor>;
 }
 
 /// The available samplers.

@@ -19,7 +19,13 @@ pub struct BlockShape {
 
 impl BlockShape {
     fn resnet(&self, in_channels: usize, out_channels: usize) -> ResnetShape {
-        ResnetShape { in_channels, out_channels, temb_channels: Some(self.temb_channels), groups: self.groups, eps: self.eps }
+        ResnetShape {
+            in_channels,
+            out_channels,
+            temb_channels: Some(self.temb_channels),
+            groups: self.groups,
+            eps: self.eps,
+        }
     }
 
     fn transformer(&self, channels: usize, heads: usize, depth: usize) -> TransformerShape {
@@ -69,18 +75,37 @@ impl DownBlock {
             .collect::<Result<Vec<_>>>()?;
         let attentions = match attention {
             Some(a) => (0..layers)
-                .map(|j| SpatialTransformer::new(lb.pp("attentions").pp(j), shape.transformer(out_channels, a.heads, a.depth)))
+                .map(|j| {
+                    SpatialTransformer::new(
+                        lb.pp("attentions").pp(j),
+                        shape.transformer(out_channels, a.heads, a.depth),
+                    )
+                })
                 .collect::<Result<Vec<_>>>()?,
             None => Vec::new(),
         };
         let downsampler = downsample
-            .then(|| lb.pp("downsamplers").pp("0").pp("conv").conv2d(out_channels, out_channels, 3, 2, 1))
+            .then(|| {
+                lb.pp("downsamplers")
+                    .pp("0")
+                    .pp("conv")
+                    .conv2d(out_channels, out_channels, 3, 2, 1)
+            })
             .transpose()?;
-        Ok(Self { resnets, attentions, downsampler })
+        Ok(Self {
+            resnets,
+            attentions,
+            downsampler,
+        })
     }
 
     /// Returns the block output and the skip connections it produces (one per resnet, plus the downsampled).
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut h = x.clone();
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
         for (j, resnet) in self.resnets.iter().enumerate() {
@@ -107,7 +132,12 @@ pub struct MidBlock {
 }
 
 impl MidBlock {
-    pub fn new(lb: LayerBuilder, shape: &BlockShape, channels: usize, attention: LevelAttention) -> Result<Self> {
+    pub fn new(
+        lb: LayerBuilder,
+        shape: &BlockShape,
+        channels: usize,
+        attention: LevelAttention,
+    ) -> Result<Self> {
         Ok(Self {
             first: ResnetBlock2D::new(lb.pp("resnets").pp(0), shape.resnet(channels, channels))?,
             attention: SpatialTransformer::new(
@@ -153,7 +183,11 @@ impl UpBlock {
         attention: Option<LevelAttention>,
         upsample: bool,
     ) -> Result<Self> {
-        let UpChannels { prev_output, output, level_input } = channels;
+        let UpChannels {
+            prev_output,
+            output,
+            level_input,
+        } = channels;
         let resnets = (0..layers)
             .map(|j| {
                 let skip = if j + 1 == layers { level_input } else { output };
@@ -163,13 +197,28 @@ impl UpBlock {
             .collect::<Result<Vec<_>>>()?;
         let attentions = match attention {
             Some(a) => (0..layers)
-                .map(|j| SpatialTransformer::new(lb.pp("attentions").pp(j), shape.transformer(output, a.heads, a.depth)))
+                .map(|j| {
+                    SpatialTransformer::new(
+                        lb.pp("attentions").pp(j),
+                        shape.transformer(output, a.heads, a.depth),
+                    )
+                })
                 .collect::<Result<Vec<_>>>()?,
             None => Vec::new(),
         };
-        let upsampler =
-            upsample.then(|| lb.pp("upsamplers").pp("0").pp("conv").conv2d(output, output, 3, 1, 1)).transpose()?;
-        Ok(Self { resnets, attentions, upsampler })
+        let upsampler = upsample
+            .then(|| {
+                lb.pp("upsamplers")
+                    .pp("0")
+                    .pp("conv")
+                    .conv2d(output, output, 3, 1, 1)
+            })
+            .transpose()?;
+        Ok(Self {
+            resnets,
+            attentions,
+            upsampler,
+        })
     }
 
     /// Number of skip connections this block consumes.

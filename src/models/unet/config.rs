@@ -74,15 +74,19 @@ impl UNetConfig {
 
     /// Parses a diffusers `unet/config.json`.
     pub fn from_diffusers_json(json: &str) -> Result<Self, ModelError> {
-        let raw: DiffusersUNetConfig =
-            serde_json::from_str(json).map_err(|e| ModelError::Config(format!("the UNet config is not valid: {e}")))?;
+        let raw: DiffusersUNetConfig = serde_json::from_str(json)
+            .map_err(|e| ModelError::Config(format!("the UNet config is not valid: {e}")))?;
         raw.into_config()
     }
 
     /// Checks the invariants the model code relies on.
     pub fn validate(&self) -> Result<(), ModelError> {
         let levels = self.levels();
-        let bad = |what: String| Err(ModelError::Config(format!("the UNet config is inconsistent: {what}")));
+        let bad = |what: String| {
+            Err(ModelError::Config(format!(
+                "the UNet config is inconsistent: {what}"
+            )))
+        };
         if levels == 0 || self.layers_per_block == 0 {
             return bad("it has no levels or no layers per block".to_string());
         }
@@ -90,18 +94,31 @@ impl UNetConfig {
             ("down block types", self.down_attention.len()),
             ("up block types", self.up_attention.len()),
             ("attention heads", self.attention_heads.len()),
-            ("transformer layers per block", self.transformer_layers_per_block.len()),
+            (
+                "transformer layers per block",
+                self.transformer_layers_per_block.len(),
+            ),
         ] {
             if len != levels {
                 return bad(format!("{len} {name} for {levels} levels"));
             }
         }
-        for (level, (&channels, &heads)) in self.block_out_channels.iter().zip(&self.attention_heads).enumerate() {
+        for (level, (&channels, &heads)) in self
+            .block_out_channels
+            .iter()
+            .zip(&self.attention_heads)
+            .enumerate()
+        {
             if heads == 0 || channels % heads != 0 {
-                return bad(format!("level {level} has {channels} channels, not divisible into {heads} heads"));
+                return bad(format!(
+                    "level {level} has {channels} channels, not divisible into {heads} heads"
+                ));
             }
             if channels % self.norm_num_groups != 0 {
-                return bad(format!("level {level} has {channels} channels, not divisible into {} groups", self.norm_num_groups));
+                return bad(format!(
+                    "level {level} has {channels} channels, not divisible into {} groups",
+                    self.norm_num_groups
+                ));
             }
         }
         Ok(())
@@ -183,13 +200,23 @@ fn default_norm_eps() -> f64 {
 impl DiffusersUNetConfig {
     fn into_config(self) -> Result<UNetConfig, ModelError> {
         if self.addition_embed_type.as_deref() == Some("text_time") {
-            return Err(ModelError::Unsupported("SDXL is not supported yet".to_string()));
+            return Err(ModelError::Unsupported(
+                "SDXL is not supported yet".to_string(),
+            ));
         }
-        let unsupported = |what: String| Err(ModelError::Unsupported(format!("this UNet uses {what}, which is not supported")));
+        let unsupported = |what: String| {
+            Err(ModelError::Unsupported(format!(
+                "this UNet uses {what}, which is not supported"
+            )))
+        };
         if let Some(kind) = &self.class_embed_type {
             return unsupported(format!("a class embedding ({kind})"));
         }
-        if let Some(kind) = self.mid_block_type.as_deref().filter(|k| *k != "UNetMidBlock2DCrossAttn") {
+        if let Some(kind) = self
+            .mid_block_type
+            .as_deref()
+            .filter(|k| *k != "UNetMidBlock2DCrossAttn")
+        {
             return unsupported(format!("the mid block type {kind}"));
         }
         if self.dual_cross_attention {
@@ -212,7 +239,9 @@ impl DiffusersUNetConfig {
             .map(|t| match t.as_str() {
                 "CrossAttnDownBlock2D" => Ok(true),
                 "DownBlock2D" => Ok(false),
-                other => Err(ModelError::Unsupported(format!("the UNet down block type {other} is not supported"))),
+                other => Err(ModelError::Unsupported(format!(
+                    "the UNet down block type {other} is not supported"
+                ))),
             })
             .collect::<Result<Vec<_>, _>>()?;
         let up_attention = self
@@ -221,7 +250,9 @@ impl DiffusersUNetConfig {
             .map(|t| match t.as_str() {
                 "CrossAttnUpBlock2D" => Ok(true),
                 "UpBlock2D" => Ok(false),
-                other => Err(ModelError::Unsupported(format!("the UNet up block type {other} is not supported"))),
+                other => Err(ModelError::Unsupported(format!(
+                    "the UNet up block type {other} is not supported"
+                ))),
             })
             .collect::<Result<Vec<_>, _>>()?;
         // diffusers: num_attention_heads = num_attention_heads or attention_head_dim (a historical misnomer).

@@ -29,7 +29,9 @@ pub struct UNet2DConditionModel {
 
 impl UNet2DConditionModel {
     pub fn new(vb: candle_nn::VarBuilder, config: &UNetConfig) -> Result<Self> {
-        config.validate().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        config
+            .validate()
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let layers = LayerRegistry::default();
         let lb = LayerBuilder::new(vb, layers.clone());
         let channels = &config.block_out_channels;
@@ -49,13 +51,25 @@ impl UNet2DConditionModel {
             })
         };
 
-        let conv_in = lb.pp("conv_in").conv2d(config.in_channels, channels[0], 3, 1, 1)?;
-        let time_linear_1 = lb.pp("time_embedding").pp("linear_1").linear(channels[0], temb, true)?;
-        let time_linear_2 = lb.pp("time_embedding").pp("linear_2").linear(temb, temb, true)?;
+        let conv_in = lb
+            .pp("conv_in")
+            .conv2d(config.in_channels, channels[0], 3, 1, 1)?;
+        let time_linear_1 =
+            lb.pp("time_embedding")
+                .pp("linear_1")
+                .linear(channels[0], temb, true)?;
+        let time_linear_2 = lb
+            .pp("time_embedding")
+            .pp("linear_2")
+            .linear(temb, temb, true)?;
 
         let mut down_blocks = Vec::with_capacity(levels);
         for level in 0..levels {
-            let in_channels = if level == 0 { channels[0] } else { channels[level - 1] };
+            let in_channels = if level == 0 {
+                channels[0]
+            } else {
+                channels[level - 1]
+            };
             down_blocks.push(DownBlock::new(
                 lb.pp("down_blocks").pp(level),
                 &shape,
@@ -79,7 +93,11 @@ impl UNet2DConditionModel {
             // Up block i works at the resolution of down level `levels - 1 - i`.
             let level = last - i;
             let up_channels = UpChannels {
-                prev_output: if i == 0 { channels[last] } else { channels[level + 1] },
+                prev_output: if i == 0 {
+                    channels[last]
+                } else {
+                    channels[level + 1]
+                },
                 output: channels[level],
                 level_input: channels[level.saturating_sub(1)],
             };
@@ -93,9 +111,15 @@ impl UNet2DConditionModel {
             )?);
         }
 
-        let conv_norm_out =
-            candle_nn::group_norm(config.norm_num_groups, channels[0], config.norm_eps, lb.vb().pp("conv_norm_out"))?;
-        let conv_out = lb.pp("conv_out").conv2d(channels[0], config.out_channels, 3, 1, 1)?;
+        let conv_norm_out = candle_nn::group_norm(
+            config.norm_num_groups,
+            channels[0],
+            config.norm_eps,
+            lb.vb().pp("conv_norm_out"),
+        )?;
+        let conv_out = lb
+            .pp("conv_out")
+            .conv2d(channels[0], config.out_channels, 3, 1, 1)?;
         Ok(Self {
             conv_in,
             time_linear_1,
@@ -123,8 +147,15 @@ impl UNet2DConditionModel {
     /// `context`: `[batch, tokens, cross_attention_dim]`.
     pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor) -> Result<Tensor> {
         let dtype = sample.dtype();
-        let emb = timestep_embedding(timesteps, self.config.block_out_channels[0], sample.device())?.to_dtype(dtype)?;
-        let temb = self.time_linear_2.forward(&self.time_linear_1.forward(&emb)?.silu()?)?;
+        let emb = timestep_embedding(
+            timesteps,
+            self.config.block_out_channels[0],
+            sample.device(),
+        )?
+        .to_dtype(dtype)?;
+        let temb = self
+            .time_linear_2
+            .forward(&self.time_linear_1.forward(&emb)?.silu()?)?;
 
         let mut h = self.conv_in.forward(sample)?;
         let mut skips = vec![h.clone()];
@@ -137,7 +168,11 @@ impl UNet2DConditionModel {
         for block in &self.up_blocks {
             // The skips left after this block's are the next level's; their size is where to upsample to.
             let remaining = skips.len().saturating_sub(block.skips_needed());
-            let upsample_to = remaining.checked_sub(1).map(|i| skips[i].dims4()).transpose()?.map(|(_, _, h, w)| (h, w));
+            let upsample_to = remaining
+                .checked_sub(1)
+                .map(|i| skips[i].dims4())
+                .transpose()?
+                .map(|(_, _, h, w)| (h, w));
             h = block.forward(&h, &mut skips, &temb, context, upsample_to)?;
         }
         let h = self.conv_norm_out.forward(&h)?.silu()?;
@@ -150,7 +185,9 @@ impl UNet2DConditionModel {
 fn timestep_embedding(timesteps: &Tensor, dim: usize, device: &Device) -> Result<Tensor> {
     let half = dim / 2;
     let exponent_scale = -(10000f64.ln()) as f32;
-    let freqs: Vec<f32> = (0..half).map(|i| (exponent_scale * i as f32 / half as f32).exp()).collect();
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| (exponent_scale * i as f32 / half as f32).exp())
+        .collect();
     let steps: Vec<f32> = timesteps.to_dtype(DType::F32)?.to_vec1()?;
     let mut rows = Vec::with_capacity(steps.len() * dim);
     for &t in &steps {

@@ -6,6 +6,7 @@ use candle_nn::{GroupNorm, Module};
 
 use crate::lora::{AdaptableConv2d, AdaptableLinear, LayerBuilder};
 use crate::models::nn::{LayerNorm, attention};
+use crate::models::ops::gelu;
 
 /// Multi-head attention with separate q/k/v projections and an output projection (`to_out.0`).
 #[derive(Debug, Clone)]
@@ -19,7 +20,12 @@ pub struct Attention {
 
 impl Attention {
     /// `context_dim` is `None` for self-attention.
-    pub fn new(lb: LayerBuilder, query_dim: usize, context_dim: Option<usize>, heads: usize) -> Result<Self> {
+    pub fn new(
+        lb: LayerBuilder,
+        query_dim: usize,
+        context_dim: Option<usize>,
+        heads: usize,
+    ) -> Result<Self> {
         let context_dim = context_dim.unwrap_or(query_dim);
         Ok(Self {
             to_q: lb.pp("to_q").linear(query_dim, query_dim, false)?,
@@ -35,7 +41,8 @@ impl Attention {
         let q = self.to_q.forward(x)?;
         let k = self.to_k.forward(context)?;
         let v = self.to_v.forward(context)?;
-        self.to_out.forward(&attention(&q, &k, &v, self.heads, None)?)
+        self.to_out
+            .forward(&attention(&q, &k, &v, self.heads, None)?)
     }
 }
 
@@ -50,7 +57,11 @@ impl FeedForward {
     fn new(lb: LayerBuilder, dim: usize) -> Result<Self> {
         let inner = dim * 4;
         Ok(Self {
-            proj: lb.pp("net").pp("0").pp("proj").linear(dim, inner * 2, true)?,
+            proj: lb
+                .pp("net")
+                .pp("0")
+                .pp("proj")
+                .linear(dim, inner * 2, true)?,
             out: lb.pp("net").pp("2").linear(inner, dim, true)?,
         })
     }
@@ -60,7 +71,7 @@ impl FeedForward {
         let inner = projected.dim(D::Minus1)? / 2;
         let value = projected.narrow(D::Minus1, 0, inner)?;
         let gate = projected.narrow(D::Minus1, inner, inner)?;
-        self.out.forward(&(value * gate.gelu_erf()?)?)
+        self.out.forward(&(value * gelu(&gate)?)?)
     }
 }
 
@@ -89,7 +100,10 @@ impl BasicTransformerBlock {
 
     fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
-        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + &x)?;
+        let x = (self
+            .attn2
+            .forward(&self.norm2.forward(&x)?, Some(context))?
+            + &x)?;
         self.ff.forward(&self.norm3.forward(&x)?)? + &x
     }
 }
@@ -134,17 +148,36 @@ impl SpatialTransformer {
         };
         let proj_in = projection("proj_in")?;
         let blocks = (0..shape.depth)
-            .map(|i| BasicTransformerBlock::new(lb.pp("transformer_blocks").pp(i), c, shape.context_dim, shape.heads))
+            .map(|i| {
+                BasicTransformerBlock::new(
+                    lb.pp("transformer_blocks").pp(i),
+                    c,
+                    shape.context_dim,
+                    shape.heads,
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         let proj_out = projection("proj_out")?;
         let norm = candle_nn::group_norm(shape.groups, c, 1e-6, lb.vb().pp("norm"))?;
-        Ok(Self { norm, proj_in, blocks, proj_out })
+        Ok(Self {
+            norm,
+            proj_in,
+            blocks,
+            proj_out,
+        })
     }
 
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let (batch, channels, height, width) = x.dims4()?;
-        let to_tokens = |t: &Tensor| t.permute((0, 2, 3, 1))?.reshape((batch, height * width, channels));
-        let to_image = |t: &Tensor| t.reshape((batch, height, width, channels))?.permute((0, 3, 1, 2))?.contiguous();
+        let to_tokens = |t: &Tensor| {
+            t.permute((0, 2, 3, 1))?
+                .reshape((batch, height * width, channels))
+        };
+        let to_image = |t: &Tensor| {
+            t.reshape((batch, height, width, channels))?
+                .permute((0, 3, 1, 2))?
+                .contiguous()
+        };
         let normed = self.norm.forward(x)?;
         let mut h = match &self.proj_in {
             Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,

@@ -5,11 +5,12 @@
 //! loaded one at a time, each straight from the mapped file. Errors name the file and say what is wrong
 //! with it in one sentence. This module knows nothing about models or adapters.
 
+mod pickle;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use candle_core::pickle::PthTensors;
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use safetensors::SafeTensors;
@@ -18,7 +19,10 @@ use safetensors::SafeTensors;
 #[derive(Debug, thiserror::Error)]
 pub enum TensorFileError {
     #[error("cannot read {}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{} is not a valid safetensors file: {reason}", path.display())]
     BadSafetensors { path: PathBuf, reason: String },
     #[error("{} could not be read as a PyTorch checkpoint: {reason}", path.display())]
@@ -26,7 +30,11 @@ pub enum TensorFileError {
     #[error("{} is not a tensor file (expected .safetensors, .ckpt, .pt or .bin)", path.display())]
     UnknownFormat { path: PathBuf },
     #[error("{}: tensor `{name}` could not be loaded: {reason}", path.display())]
-    Tensor { path: PathBuf, name: String, reason: String },
+    Tensor {
+        path: PathBuf,
+        name: String,
+        reason: String,
+    },
 }
 
 /// The declared element type and shape of one stored tensor.
@@ -53,8 +61,12 @@ impl std::fmt::Display for StoredDType {
 }
 
 enum Storage {
-    Safetensors { mmap: Mmap, data_start: usize, offsets: HashMap<String, (usize, usize)> },
-    Pickle(PthTensors),
+    Safetensors {
+        mmap: Mmap,
+        data_start: usize,
+        offsets: HashMap<String, (usize, usize)>,
+    },
+    Pickle(BTreeMap<String, pickle::PickledTensor>),
 }
 
 /// One opened tensor file: its tensor names, their dtypes and shapes, its metadata, and lazy loading.
@@ -67,14 +79,21 @@ pub struct TensorFile {
 
 impl std::fmt::Debug for TensorFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TensorFile").field("path", &self.path).field("tensors", &self.infos.len()).finish()
+        f.debug_struct("TensorFile")
+            .field("path", &self.path)
+            .field("tensors", &self.infos.len())
+            .finish()
     }
 }
 
 impl TensorFile {
     /// Opens a `.safetensors`, `.ckpt`, `.pt`, `.pth` or `.bin` file and reads its header.
     pub fn open(path: &Path) -> Result<Self, TensorFileError> {
-        let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+        let extension = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_ascii_lowercase();
         match extension.as_str() {
             "safetensors" => Self::open_safetensors(path),
             "ckpt" | "pt" | "pth" | "bin" => Self::open_pickle(path),
@@ -86,20 +105,29 @@ impl TensorFile {
                 } else if head.starts_with(b"PK") {
                     Self::open_pickle(path)
                 } else {
-                    Err(TensorFileError::UnknownFormat { path: path.to_path_buf() })
+                    Err(TensorFileError::UnknownFormat {
+                        path: path.to_path_buf(),
+                    })
                 }
             }
         }
     }
 
     fn open_safetensors(path: &Path) -> Result<Self, TensorFileError> {
-        let io = |source| TensorFileError::Io { path: path.to_path_buf(), source };
+        let io = |source| TensorFileError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         let file = File::open(path).map_err(io)?;
         // SAFETY: the map is read-only; a file changed underneath by another program yields wrong values
         // in the tensors read from it, which is the documented caveat of every mmap-based loader.
         let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
-        let bad = |reason: String| TensorFileError::BadSafetensors { path: path.to_path_buf(), reason };
-        let (header_len, header) = SafeTensors::read_metadata(&mmap).map_err(|e| bad(describe_safetensors_error(&e, mmap.len())))?;
+        let bad = |reason: String| TensorFileError::BadSafetensors {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let (header_len, header) = SafeTensors::read_metadata(&mmap)
+            .map_err(|e| bad(describe_safetensors_error(&e, mmap.len())))?;
         let mut infos = BTreeMap::new();
         let mut offsets = HashMap::new();
         for (name, info) in header.tensors() {
@@ -107,20 +135,38 @@ impl TensorFile {
                 Some(d) => StoredDType::Supported(d),
                 None => StoredDType::Other(dtype_name(info.dtype)),
             };
-            infos.insert(name.clone(), TensorInfo { dtype, shape: info.shape.clone() });
+            infos.insert(
+                name.clone(),
+                TensorInfo {
+                    dtype,
+                    shape: info.shape.clone(),
+                },
+            );
             offsets.insert(name, info.data_offsets);
         }
-        let metadata = header.metadata().clone().unwrap_or_default().into_iter().collect();
+        let metadata = header
+            .metadata()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         Ok(Self {
             path: path.to_path_buf(),
             infos,
             metadata,
-            storage: Storage::Safetensors { mmap, data_start: 8 + header_len, offsets },
+            storage: Storage::Safetensors {
+                mmap,
+                data_start: 8 + header_len,
+                offsets,
+            },
         })
     }
 
     fn open_pickle(path: &Path) -> Result<Self, TensorFileError> {
-        let bad = |reason: String| TensorFileError::BadPickle { path: path.to_path_buf(), reason };
+        let bad = |reason: String| TensorFileError::BadPickle {
+            path: path.to_path_buf(),
+            reason,
+        };
         let head = read_head(path)?;
         if !head.starts_with(b"PK") {
             return Err(bad(
@@ -129,20 +175,29 @@ impl TensorFile {
                     .to_string(),
             ));
         }
-        // Lightning/LDM checkpoints keep the weights under "state_dict"; plain state dicts have them at the top.
-        let tensors = match PthTensors::new(path, Some("state_dict")) {
-            Ok(t) if !t.tensor_infos().is_empty() => t,
-            _ => PthTensors::new(path, None).map_err(|e| bad(first_line(&e.to_string())))?,
-        };
-        let infos = tensors
-            .tensor_infos()
+        let records = pickle::read_index(path).map_err(bad)?;
+        let infos = records
             .iter()
-            .map(|(name, info)| {
-                let info = TensorInfo { dtype: StoredDType::Supported(info.dtype), shape: info.layout.dims().to_vec() };
-                (name.clone(), info)
+            .map(|(name, record)| {
+                let dtype = match &record.dtype {
+                    Ok(d) => StoredDType::Supported(*d),
+                    Err(_) => StoredDType::Other("an unsupported type"),
+                };
+                (
+                    name.clone(),
+                    TensorInfo {
+                        dtype,
+                        shape: record.shape.clone(),
+                    },
+                )
             })
             .collect();
-        Ok(Self { path: path.to_path_buf(), infos, metadata: BTreeMap::new(), storage: Storage::Pickle(tensors) })
+        Ok(Self {
+            path: path.to_path_buf(),
+            infos,
+            metadata: BTreeMap::new(),
+            storage: Storage::Pickle(records),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -173,23 +228,35 @@ impl TensorFile {
 
     /// Loads one tensor as stored (its own dtype) onto `device`.
     pub fn load(&self, name: &str, device: &Device) -> Result<Tensor, TensorFileError> {
-        let fail = |reason: String| TensorFileError::Tensor { path: self.path.clone(), name: name.to_string(), reason };
-        let info = self.infos.get(name).ok_or_else(|| fail("no such tensor".to_string()))?;
+        let fail = |reason: String| TensorFileError::Tensor {
+            path: self.path.clone(),
+            name: name.to_string(),
+            reason,
+        };
+        let info = self
+            .infos
+            .get(name)
+            .ok_or_else(|| fail("no such tensor".to_string()))?;
         let dtype = match info.dtype {
             StoredDType::Supported(d) => d,
-            StoredDType::Other(other) => return Err(fail(format!("its element type {other} is not supported"))),
+            StoredDType::Other(other) => {
+                return Err(fail(format!("its element type {other} is not supported")));
+            }
         };
         match &self.storage {
-            Storage::Safetensors { mmap, data_start, offsets } => {
+            Storage::Safetensors {
+                mmap,
+                data_start,
+                offsets,
+            } => {
                 let (start, end) = offsets[name];
                 let bytes = &mmap[data_start + start..data_start + end];
-                Tensor::from_raw_buffer(bytes, dtype, &info.shape, device).map_err(|e| fail(e.to_string()))
+                Tensor::from_raw_buffer(bytes, dtype, &info.shape, device)
+                    .map_err(|e| fail(plain_error(&e)))
             }
-            Storage::Pickle(tensors) => match tensors.get(name) {
-                Ok(Some(t)) => t.to_device(device).map_err(|e| fail(e.to_string())),
-                Ok(None) => Err(fail("no such tensor".to_string())),
-                Err(e) => Err(fail(first_line(&e.to_string()))),
-            },
+            Storage::Pickle(records) => {
+                pickle::load(&self.path, &records[name], device).map_err(fail)
+            }
         }
     }
 }
@@ -199,12 +266,19 @@ fn read_head(path: &Path) -> Result<Vec<u8>, TensorFileError> {
     let mut head = Vec::with_capacity(16);
     File::open(path)
         .and_then(|f| f.take(16).read_to_end(&mut head))
-        .map_err(|source| TensorFileError::Io { path: path.to_path_buf(), source })?;
+        .map_err(|source| TensorFileError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
     Ok(head)
 }
 
-fn first_line(s: &str) -> String {
-    s.lines().next().unwrap_or("").to_string()
+/// A candle error's message without the backtrace candle attaches when `RUST_BACKTRACE` is set.
+pub fn plain_error(error: &candle_core::Error) -> String {
+    match error {
+        candle_core::Error::WithBacktrace { inner, .. } => plain_error(inner),
+        other => other.to_string(),
+    }
 }
 
 fn describe_safetensors_error(e: &safetensors::SafeTensorError, file_len: usize) -> String {
@@ -229,6 +303,8 @@ fn safetensors_dtype(d: safetensors::Dtype) -> Option<DType> {
     Some(match d {
         S::U8 => DType::U8,
         S::U32 => DType::U32,
+        S::I16 => DType::I16,
+        S::I32 => DType::I32,
         S::I64 => DType::I64,
         S::BF16 => DType::BF16,
         S::F16 => DType::F16,
@@ -243,8 +319,6 @@ fn dtype_name(d: safetensors::Dtype) -> &'static str {
     match d {
         S::BOOL => "bool",
         S::I8 => "i8",
-        S::I16 => "i16",
-        S::I32 => "i32",
         S::U16 => "u16",
         S::U64 => "u64",
         S::F8_E4M3 => "f8_e4m3",

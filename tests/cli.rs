@@ -1,0 +1,145 @@
+//! The `lora-studio` binary as a user runs it: version stamp, inspect, generate, and one-sentence errors.
+
+mod common;
+
+use std::process::Command;
+
+use common::fixture;
+
+fn lora_studio(args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_lora-studio"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn version_names_commit_and_backends() {
+    let (ok, stdout, _) = lora_studio(&["--version"]);
+    assert!(ok);
+    assert!(
+        stdout.starts_with(&format!("lora-studio {}", env!("CARGO_PKG_VERSION"))),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("commit ") && stdout.contains("backends: cpu"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn inspect_describes_checkpoints_and_loras() {
+    let (ok, stdout, _) = lora_studio(&[
+        "inspect",
+        fixture("sd2_single.safetensors").to_str().unwrap(),
+    ]);
+    assert!(ok, "{stdout}");
+    assert!(
+        stdout.contains("Stable Diffusion 2.x base model")
+            && stdout.contains("prediction: v_prediction"),
+        "{stdout}"
+    );
+    let (ok, stdout, _) =
+        lora_studio(&["inspect", fixture("lora_sd1.safetensors").to_str().unwrap()]);
+    assert!(ok, "{stdout}");
+    assert!(
+        stdout.contains("kohya LoRA")
+            && stdout.contains("rank: 2, 4")
+            && stdout.contains("ss_network_module"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn generate_writes_a_png_with_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.png");
+    let lora = format!("{}:0.8", fixture("lora_sd1.safetensors").display());
+    let (ok, _, stderr) = lora_studio(&[
+        "generate",
+        "--base",
+        fixture("sd1_single.safetensors").to_str().unwrap(),
+        "--prompt",
+        "a cyberpunk city at night",
+        "--lora",
+        &lora,
+        "--steps",
+        "3",
+        "--seed",
+        "7",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--device",
+        "cpu",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&out).unwrap()));
+    let reader = decoder.read_info().unwrap();
+    let info = reader.info();
+    assert_eq!((info.width, info.height), (64, 64));
+    let parameters = info
+        .uncompressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == "parameters")
+        .unwrap();
+    assert!(
+        parameters.text.contains("<lora:lora_sd1:0.8>") && parameters.text.contains("Seed: 7"),
+        "{}",
+        parameters.text
+    );
+    assert!(
+        !dir.path().read_dir().unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains(".tmp"))
+    );
+}
+
+#[test]
+fn bad_input_is_one_sentence_without_backtrace() {
+    let dir = tempfile::tempdir().unwrap();
+    let bogus = dir.path().join("bogus.safetensors");
+    std::fs::write(&bogus, b"not a model").unwrap();
+    let out = dir.path().join("x.png");
+    let generate = |extra: &[&str]| -> Vec<String> {
+        let mut args = vec!["generate".to_string(), "--prompt".into(), "x".into()];
+        args.extend(["--out".to_string(), out.display().to_string()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let (sd1, bogus_base) = (
+        fixture("sd1").display().to_string(),
+        bogus.display().to_string(),
+    );
+    let checkpoint_as_lora = fixture("sd1_single.safetensors").display().to_string();
+    let cases = [
+        vec!["inspect".to_string(), bogus_base.clone()],
+        generate(&["--base", &bogus_base]),
+        generate(&["--base", &sd1, "--lora", &checkpoint_as_lora]),
+        generate(&["--base", &sd1, "--width", "70"]),
+    ];
+    for args in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, _, stderr) = lora_studio(&args);
+        assert!(!ok, "{args:?} succeeded");
+        let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {stderr}");
+        assert!(
+            !stderr.contains("panicked")
+                && !stderr.contains("stack backtrace")
+                && !stderr.contains("   0: "),
+            "{stderr}"
+        );
+    }
+    assert!(!out.exists());
+}

@@ -1,0 +1,207 @@
+//! Loading the files users have, and refusing the ones that are not models with one clear sentence.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use common::fixture;
+use lora_studio::models::checkpoint::{CheckpointLayout, ModelFamily, ModelSource};
+use lora_studio::models::schedulers::PredictionType;
+use lora_studio::tensor_file::TensorFile;
+
+fn open_error(path: &Path) -> String {
+    match ModelSource::open(path) {
+        Ok(_) => panic!("{} opened as a model", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Copies the tensors of `source` into `dest`, dropping keys for which `keep` is false and adding `extra`.
+fn rewrite(source: &Path, dest: &Path, keep: impl Fn(&str) -> bool, extra: &[(&str, Tensor)]) {
+    let file = TensorFile::open(source).unwrap();
+    let mut tensors: HashMap<String, Tensor> = file
+        .infos()
+        .keys()
+        .filter(|k| keep(k))
+        .map(|k| (k.clone(), file.load(k, &Device::Cpu).unwrap()))
+        .collect();
+    for (name, tensor) in extra {
+        tensors.insert(name.to_string(), tensor.clone());
+    }
+    candle_core::safetensors::save(&tensors, dest).unwrap();
+}
+
+#[test]
+fn single_files_and_folders_are_recognised() {
+    let cases = [
+        (
+            "sd1_single.safetensors",
+            CheckpointLayout::SingleFileSafetensors,
+            ModelFamily::Sd1,
+            PredictionType::Epsilon,
+        ),
+        (
+            "sd1",
+            CheckpointLayout::DiffusersFolder,
+            ModelFamily::Sd1,
+            PredictionType::Epsilon,
+        ),
+        (
+            "sd2_single.safetensors",
+            CheckpointLayout::SingleFileSafetensors,
+            ModelFamily::Sd2,
+            PredictionType::VPrediction,
+        ),
+        (
+            "sd2_single.ckpt",
+            CheckpointLayout::SingleFileCkpt,
+            ModelFamily::Sd2,
+            PredictionType::VPrediction,
+        ),
+        (
+            "sd2",
+            CheckpointLayout::DiffusersFolder,
+            ModelFamily::Sd2,
+            PredictionType::VPrediction,
+        ),
+    ];
+    for (path, layout, family, prediction) in cases {
+        let source = ModelSource::open(&fixture(path)).unwrap();
+        assert_eq!(source.layout(), layout, "{path}");
+        assert_eq!(source.config().family, family, "{path}");
+        assert_eq!(
+            source.config().scheduler.prediction_type,
+            prediction,
+            "{path}"
+        );
+        let pad = if family == ModelFamily::Sd1 { 49407 } else { 0 };
+        assert_eq!(source.config().pad_token, pad, "{path}");
+    }
+}
+
+#[test]
+fn single_file_without_sidecars_infers_the_standard_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("model.safetensors");
+    std::fs::copy(fixture("sd1_single.safetensors"), &copy).unwrap();
+    let source = ModelSource::open(&copy).unwrap();
+    let with_sidecar = ModelSource::open(&fixture("sd1_single.safetensors")).unwrap();
+    let (inferred, declared) = (&source.config().unet, &with_sidecar.config().unet);
+    assert_eq!(inferred.block_out_channels, declared.block_out_channels);
+    assert_eq!(inferred.down_attention, declared.down_attention);
+    assert_eq!(inferred.up_attention, declared.up_attention);
+    assert_eq!(inferred.layers_per_block, declared.layers_per_block);
+    assert_eq!(inferred.cross_attention_dim, declared.cross_attention_dim);
+    // SD1's rule is 8 heads; the tiny model's sidecar says 4.
+    assert_eq!(inferred.attention_heads, vec![8; 3]);
+    assert_eq!(source.config().vae, with_sidecar.config().vae);
+    // An SD2 file without a config is taken as v-prediction with 64-dimensional heads.
+    let copy2 = dir.path().join("model2.safetensors");
+    std::fs::copy(fixture("sd2_single.safetensors"), &copy2).unwrap();
+    let sd2 = ModelSource::open(&copy2).unwrap();
+    assert_eq!(sd2.config().family, ModelFamily::Sd2);
+    assert_eq!(
+        sd2.config().scheduler.prediction_type,
+        PredictionType::VPrediction
+    );
+    assert!(sd2.config().unet.use_linear_projection);
+    assert_eq!(
+        sd2.config().text_encoder.num_hidden_layers,
+        3,
+        "OpenCLIP is used up to its penultimate layer"
+    );
+}
+
+#[test]
+fn truncated_checkpoint_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(fixture("sd1_single.safetensors")).unwrap();
+    let path = dir.path().join("cut.safetensors");
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let message = open_error(&path);
+    assert!(
+        message.contains("cut.safetensors") && message.contains("truncated"),
+        "{message}"
+    );
+}
+
+#[test]
+fn garbage_and_wrong_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.safetensors");
+    std::fs::write(&garbage, b"this is not a model at all, just some text").unwrap();
+    let message = open_error(&garbage);
+    assert!(
+        message.contains("garbage.safetensors") && message.contains("not a valid safetensors file"),
+        "{message}"
+    );
+
+    let text = dir.path().join("notes.txt");
+    std::fs::write(&text, b"hello").unwrap();
+    assert!(open_error(&text).contains("not a tensor file"));
+
+    let message = open_error(&fixture("lora_sd1.safetensors"));
+    assert!(message.contains("LoRA file, not a base model"), "{message}");
+
+    let missing = dir.path().join("nowhere.safetensors");
+    assert!(open_error(&missing).contains("no such file"));
+
+    let empty_dir = dir.path().join("folder");
+    std::fs::create_dir(&empty_dir).unwrap();
+    assert!(open_error(&empty_dir).contains("no `unet/` subfolder"));
+
+    let legacy = dir.path().join("legacy.ckpt");
+    std::fs::write(&legacy, b"\x80\x02}q\x00.").unwrap();
+    assert!(open_error(&legacy).contains("not a zip-format torch.save file"));
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("incomplete.safetensors");
+    let dropped = "model.diffusion_model.output_blocks.4.1.transformer_blocks.0.attn2.to_v.weight";
+    rewrite(
+        &fixture("sd1_single.safetensors"),
+        &path,
+        |k| k != dropped,
+        &[],
+    );
+    for ext in ["yaml", "json"] {
+        std::fs::copy(
+            fixture(&format!("sd1_single.{ext}")),
+            path.with_extension(ext),
+        )
+        .unwrap();
+    }
+    let source = ModelSource::open(&path).unwrap();
+    let error = source
+        .load_unet(&Device::Cpu, DType::F32)
+        .expect_err("the UNet must not load")
+        .to_string();
+    assert!(
+        error.contains("incomplete.safetensors")
+            && error.contains(dropped)
+            && error.contains("UNet"),
+        "{error}"
+    );
+}
+
+#[test]
+fn sdxl_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sdxl.safetensors");
+    let extra = Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap();
+    rewrite(
+        &fixture("sd1_single.safetensors"),
+        &path,
+        |k| k.starts_with("model.diffusion_model."),
+        &[(
+            "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias",
+            extra,
+        )],
+    );
+    let message = open_error(&path);
+    assert!(message.contains("SDXL is not supported yet"), "{message}");
+}

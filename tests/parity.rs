@@ -1,0 +1,241 @@
+//! The models against the reference implementation (diffusers + transformers, float64), on tiny random-weight
+//! SD1 and SD2 models made by `tests/fixtures/generate.py`: text encoder, UNet, VAE, whole generations, and
+//! kohya LoRA files applied at two strengths.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::{Reference, assert_close, fixture};
+use lora_studio::lora::KohyaLora;
+use lora_studio::models::checkpoint::ModelSource;
+use lora_studio::models::pipeline::{GenerateRequest, StableDiffusion};
+use lora_studio::models::schedulers::{NoiseSource, SamplerKind};
+
+/// Network outputs must match to this (max abs).
+const NET_TOLERANCE: f64 = 1e-4;
+
+fn load(path: &str) -> StableDiffusion {
+    let source = ModelSource::open(&fixture(path)).unwrap_or_else(|e| panic!("{e}"));
+    StableDiffusion::load(&source, &Device::Cpu, DType::F32).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn check_text_encoder(model: &StableDiffusion, reference: &Reference) {
+    let ids = reference.tensor("te.input_ids");
+    let prompts: Vec<String> = serde_json::from_str(&reference.metadata("te.prompts")).unwrap();
+    let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    let ours = model.tokenize(&refs).unwrap().to_dtype(DType::I64).unwrap();
+    assert_eq!(
+        ours.to_vec2::<i64>().unwrap(),
+        ids.to_vec2::<i64>().unwrap(),
+        "token ids"
+    );
+    let hidden = model.text_encoder.forward(&ids, 1).unwrap();
+    assert_close(
+        "text encoder",
+        &hidden,
+        &reference.f32("te.last_hidden_state"),
+        NET_TOLERANCE,
+    );
+    let skip2 = model.text_encoder.forward(&ids, 2).unwrap();
+    assert_close(
+        "text encoder, clip skip 2",
+        &skip2,
+        &reference.f32("te.clip_skip_2"),
+        NET_TOLERANCE,
+    );
+}
+
+fn unet_out(model: &StableDiffusion, reference: &Reference) -> Tensor {
+    model
+        .unet
+        .forward(
+            &reference.f32("unet.sample"),
+            &reference.f32("unet.timestep"),
+            &reference.f32("unet.encoder_hidden_states"),
+        )
+        .unwrap()
+}
+
+fn check_unet(model: &StableDiffusion, reference: &Reference) {
+    assert_close(
+        "UNet",
+        &unet_out(model, reference),
+        &reference.f32("unet.out"),
+        NET_TOLERANCE,
+    );
+}
+
+fn check_vae(model: &StableDiffusion, reference: &Reference) {
+    let posterior = model.vae.encode(&reference.f32("vae.image")).unwrap();
+    assert_close(
+        "VAE encode mean",
+        &posterior.mean,
+        &reference.f32("vae.latent_mean"),
+        NET_TOLERANCE,
+    );
+    assert_close(
+        "VAE encode logvar",
+        &posterior.logvar,
+        &reference.f32("vae.latent_logvar"),
+        NET_TOLERANCE,
+    );
+    let decoded = model.vae.decode(&reference.f32("vae.latents")).unwrap();
+    assert_close(
+        "VAE decode",
+        &decoded,
+        &reference.f32("vae.decoded"),
+        NET_TOLERANCE,
+    );
+}
+
+/// Replays the reference run's per-step noise.
+struct ReplayNoise {
+    steps: Vec<Tensor>,
+}
+
+impl NoiseSource for ReplayNoise {
+    fn next(&mut self, dims: &[usize], _device: &Device) -> candle_core::Result<Tensor> {
+        let next = self.steps.remove(0);
+        assert_eq!(next.dims(), dims);
+        Ok(next)
+    }
+}
+
+fn check_generation(
+    model: &StableDiffusion,
+    reference: &Reference,
+    sampler: SamplerKind,
+    key: &str,
+) {
+    let request = GenerateRequest {
+        prompt: reference.metadata("pipeline.prompt"),
+        negative_prompt: String::new(),
+        width: 64,
+        height: 64,
+        steps: 10,
+        guidance_scale: 7.5,
+        sampler,
+        clip_skip: 1,
+    };
+    let mut noise = match sampler {
+        SamplerKind::Ddim => ReplayNoise { steps: Vec::new() },
+        SamplerKind::EulerAncestral => {
+            let all = reference.f32("euler_a.step_noise");
+            ReplayNoise {
+                steps: (0..10).map(|i| all.get(i).unwrap()).collect(),
+            }
+        }
+    };
+    let init = reference.f32(&format!("{key}.init_noise"));
+    let generated = model
+        .generate(&request, &init, &mut noise, &mut |_, _| {})
+        .unwrap();
+    assert_close(
+        &format!("{key} latents"),
+        &generated.latents,
+        &reference.f32(&format!("{key}.latents")),
+        1e-3,
+    );
+    // Pixels: under 2/255 everywhere.
+    assert_close(
+        &format!("{key} image"),
+        &generated.image,
+        &reference.f32(&format!("{key}.image")),
+        2.0 / 255.0,
+    );
+}
+
+fn check_lora(model: &StableDiffusion, reference: &Reference, lora_file: &str) {
+    let lora = KohyaLora::load(&fixture(lora_file), &Device::Cpu).unwrap();
+    let report = lora
+        .attach(&model.adapter_components(), 1.0, DType::F32)
+        .unwrap();
+    assert!(
+        report.unmatched.is_empty(),
+        "unmatched LoRA modules: {:?}",
+        report.unmatched
+    );
+    assert_close(
+        "UNet + LoRA at 1.0",
+        &unet_out(model, reference),
+        &reference.f32("lora.unet_out_1.0"),
+        NET_TOLERANCE,
+    );
+    let ids = reference.tensor("te.input_ids");
+    let hidden = model.text_encoder.forward(&ids, 1).unwrap();
+    assert_close(
+        "text encoder + LoRA at 1.0",
+        &hidden,
+        &reference.f32("lora.te_last_hidden_state_1.0"),
+        NET_TOLERANCE,
+    );
+    for adapter in &report.adapters {
+        adapter.set_multiplier(0.5);
+    }
+    assert_close(
+        "UNet + LoRA at 0.5",
+        &unet_out(model, reference),
+        &reference.f32("lora.unet_out_0.5"),
+        NET_TOLERANCE,
+    );
+    for adapter in &report.adapters {
+        adapter.set_multiplier(0.0);
+    }
+    check_unet(model, reference);
+    for (_, registry) in model.adapter_components() {
+        registry.detach_all();
+    }
+}
+
+/// Text encoder, UNet and VAE of one loaded model against the reference.
+fn check_networks(model: &StableDiffusion, reference: &Reference) {
+    check_text_encoder(model, reference);
+    check_unet(model, reference);
+    check_vae(model, reference);
+}
+
+fn check_generations(kind: &str) {
+    let model = load(kind);
+    let reference = Reference::open(kind);
+    check_generation(&model, &reference, SamplerKind::Ddim, "ddim");
+    check_generation(&model, &reference, SamplerKind::EulerAncestral, "euler_a");
+}
+
+#[test]
+fn sd1_diffusers_folder_matches_reference() {
+    let model = load("sd1");
+    let reference = Reference::open("sd1");
+    check_networks(&model, &reference);
+    check_lora(&model, &reference, "lora_sd1.safetensors");
+}
+
+#[test]
+fn sd1_generations_match_reference() {
+    check_generations("sd1");
+}
+
+#[test]
+fn sd1_single_file_matches_reference() {
+    check_networks(&load("sd1_single.safetensors"), &Reference::open("sd1"));
+}
+
+#[test]
+fn sd2_diffusers_fp16_variant_matches_reference() {
+    let model = load("sd2");
+    let reference = Reference::open("sd2");
+    check_networks(&model, &reference);
+    check_lora(&model, &reference, "lora_sd2.safetensors");
+}
+
+#[test]
+fn sd2_generations_match_reference() {
+    check_generations("sd2");
+}
+
+#[test]
+fn sd2_single_file_safetensors_and_ckpt_with_open_clip_match_reference() {
+    let reference = Reference::open("sd2");
+    for file in ["sd2_single.safetensors", "sd2_single.ckpt"] {
+        check_networks(&load(file), &reference);
+    }
+}
