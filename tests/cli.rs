@@ -143,3 +143,50 @@ fn bad_input_is_one_sentence_without_backtrace() {
     }
     assert!(!out.exists());
 }
+
+#[test]
+fn generate_with_reference_init_noise_reproduces_the_reference_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let reference = common::Reference::open("sd1");
+    let noise_path = dir.path().join("noise.safetensors");
+    let noise = reference.f32("ddim.init_noise");
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("latents".to_string(), noise)]),
+        &noise_path,
+    )
+    .unwrap();
+    let out = dir.path().join("ddim.png");
+    let (ok, _, stderr) = lora_studio(&[
+        "generate",
+        "--base",
+        fixture("sd1").to_str().unwrap(),
+        "--prompt",
+        &reference.metadata("pipeline.prompt"),
+        "--scheduler",
+        "ddim",
+        "--steps",
+        "10",
+        "--cfg",
+        "7.5",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--init-noise",
+        noise_path.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let ours = image::open(&out).unwrap().to_rgb8();
+    let expected = image::open(fixture("sd1_ddim.png")).unwrap().to_rgb8();
+    assert_eq!(ours.dimensions(), expected.dimensions());
+    let worst = ours
+        .as_raw()
+        .iter()
+        .zip(expected.as_raw())
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(worst <= 2, "pixels differ by up to {worst}/255");
+}

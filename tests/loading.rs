@@ -6,8 +6,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use common::fixture;
+use common::{Reference, assert_close, fixture};
 use lora_studio::models::checkpoint::{CheckpointLayout, ModelFamily, ModelSource};
+use lora_studio::models::pipeline::StableDiffusion;
 use lora_studio::models::schedulers::PredictionType;
 use lora_studio::tensor_file::TensorFile;
 
@@ -204,4 +205,93 @@ fn sdxl_is_refused_clearly() {
     );
     let message = open_error(&path);
     assert!(message.contains("SDXL is not supported yet"), "{message}");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn sharded_weights_and_legacy_vae_names_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("model");
+    copy_dir(&fixture("sd1"), &folder);
+
+    // The UNet in two shards with an index, as large diffusers models are stored.
+    let unet = folder.join("unet/diffusion_pytorch_model.safetensors");
+    let file = TensorFile::open(&unet).unwrap();
+    let keys: Vec<String> = file.infos().keys().cloned().collect();
+    let (first, second) = keys.split_at(keys.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (shard, names) in [
+        ("part-1.safetensors", first),
+        ("part-2.safetensors", second),
+    ] {
+        let tensors: HashMap<String, Tensor> = names
+            .iter()
+            .map(|k| (k.clone(), file.load(k, &Device::Cpu).unwrap()))
+            .collect();
+        candle_core::safetensors::save(&tensors, folder.join("unet").join(shard)).unwrap();
+        for name in names {
+            weight_map.insert(name.clone(), shard.into());
+        }
+    }
+    drop(file);
+    std::fs::remove_file(&unet).unwrap();
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(
+        unet.with_extension("safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+
+    // The VAE with the attention names older diffusers versions wrote (query/key/value/proj_attn).
+    let vae = folder.join("vae/diffusion_pytorch_model.safetensors");
+    let legacy = folder.join("vae/legacy.safetensors");
+    std::fs::rename(&vae, &legacy).unwrap();
+    let file = TensorFile::open(&legacy).unwrap();
+    let renamed: HashMap<String, Tensor> = file
+        .infos()
+        .keys()
+        .map(|k| {
+            let old = k
+                .replace(".to_q.", ".query.")
+                .replace(".to_k.", ".key.")
+                .replace(".to_v.", ".value.")
+                .replace(".to_out.0.", ".proj_attn.");
+            (old, file.load(k, &Device::Cpu).unwrap())
+        })
+        .collect();
+    assert!(renamed.keys().any(|k| k.contains(".proj_attn.")));
+    candle_core::safetensors::save(&renamed, &vae).unwrap();
+    drop(file);
+    std::fs::remove_file(&legacy).unwrap();
+
+    let source = ModelSource::open(&folder).unwrap();
+    let model = StableDiffusion::load(&source, &Device::Cpu, DType::F32).unwrap();
+    let reference = Reference::open("sd1");
+    let out = model
+        .unet
+        .forward(
+            &reference.f32("unet.sample"),
+            &reference.f32("unet.timestep"),
+            &reference.f32("unet.encoder_hidden_states"),
+        )
+        .unwrap();
+    assert_close("sharded UNet", &out, &reference.f32("unet.out"), 1e-4);
+    let decoded = model.vae.decode(&reference.f32("vae.latents")).unwrap();
+    assert_close(
+        "legacy-named VAE",
+        &decoded,
+        &reference.f32("vae.decoded"),
+        1e-4,
+    );
 }

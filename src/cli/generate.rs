@@ -4,6 +4,7 @@
 //! latents from a file so a run can be reproduced in other tools.
 
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use candle_core::{DType, Device, Tensor};
@@ -104,7 +105,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         source.config().family.label(),
         describe(&device)
     );
+    let started = Instant::now();
     let model = StableDiffusion::load(&source, &device, dtype)?;
+    drop(source);
+    eprintln!("loaded in {:.1} s", started.elapsed().as_secs_f64());
     for (path, strength) in &loras {
         let lora = KohyaLora::load(path, &device)?;
         let report = lora.attach(&model.adapter_components(), *strength, dtype)?;
@@ -149,10 +153,18 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         ProgressStyle::with_template("{bar:40} {pos}/{len} steps  {per_sec}  eta {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    let started = Instant::now();
     let generated = model.generate(&request, &init_noise, &mut noise, &mut |done, _| {
         bar.set_position(done as u64)
     })?;
     bar.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+    eprintln!(
+        "generated {}x{} in {seconds:.1} s ({:.2} s per step, VAE decode included)",
+        request.width,
+        request.height,
+        seconds / request.steps as f64
+    );
 
     let image = to_rgb8(&generated.image)?;
     let parameters = infotext(&args, &request, seed, &loras);

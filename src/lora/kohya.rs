@@ -93,6 +93,11 @@ impl KohyaLora {
         };
         let mut parts: BTreeMap<String, PartialModule> = BTreeMap::new();
         for name in file.infos().keys() {
+            if name.contains(".lora_A.") || name.contains(".lora_B.") {
+                return Err(not_kohya(format!(
+                    "tensor `{name}` uses the diffusers/PEFT naming (lora_A/lora_B); convert it to the kohya format"
+                )));
+            }
             let Some((module, suffix)) = name.split_once('.') else {
                 return Err(not_kohya(format!("tensor `{name}` has no module suffix")));
             };
@@ -116,11 +121,6 @@ impl KohyaLora {
                 "dora_scale" => {
                     return Err(not_kohya(format!(
                         "module `{module}` is a DoRA module (dora_scale), which is not supported for loading"
-                    )));
-                }
-                other if other.starts_with("lora_A") || other.starts_with("lora_B") => {
-                    return Err(not_kohya(format!(
-                        "tensor `{name}` uses the diffusers/PEFT naming (lora_A/lora_B); convert it to the kohya format"
                     )));
                 }
                 other if other.starts_with("hada_") || other.starts_with("lokr_") => {

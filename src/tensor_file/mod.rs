@@ -250,15 +250,35 @@ impl TensorFile {
                 offsets,
             } => {
                 let (start, end) = offsets[name];
-                let bytes = &mmap[data_start + start..data_start + end];
-                Tensor::from_raw_buffer(bytes, dtype, &info.shape, device)
-                    .map_err(|e| fail(plain_error(&e)))
+                let range = data_start + start..data_start + end;
+                let tensor =
+                    Tensor::from_raw_buffer(&mmap[range.clone()], dtype, &info.shape, device)
+                        .map_err(|e| fail(plain_error(&e)))?;
+                release_pages(mmap, range);
+                Ok(tensor)
             }
             Storage::Pickle(records) => {
                 pickle::load(&self.path, &records[name], device).map_err(fail)
             }
         }
     }
+}
+
+/// Drops the mapped pages of a tensor that has been copied out, so a checkpoint's bytes are not counted in
+/// the process's memory on top of the model built from them.
+fn release_pages(mmap: &Mmap, range: std::ops::Range<usize>) {
+    #[cfg(unix)]
+    // SAFETY: the mapping is read-only and file-backed, and no borrow of this range outlives the copy above;
+    // dropped pages are read back from the file if the range is ever touched again.
+    unsafe {
+        let _ = mmap.unchecked_advise_range(
+            memmap2::UncheckedAdvice::DontNeed,
+            range.start,
+            range.len(),
+        );
+    }
+    #[cfg(not(unix))]
+    let _ = (mmap, range);
 }
 
 fn read_head(path: &Path) -> Result<Vec<u8>, TensorFileError> {
