@@ -77,7 +77,7 @@ impl StableDiffusion {
 
     /// Token ids `[prompts, 77]` of the prompts, padded with the model's pad token.
     pub fn tokenize(&self, prompts: &[&str]) -> Result<Tensor, ModelError> {
-        let tokenizer = ClipTokenizer::shared();
+        let tokenizer = ClipTokenizer::shared().map_err(ModelError::Config)?;
         let ids: Vec<u32> = prompts
             .iter()
             .flat_map(|p| tokenizer.encode_padded(p, self.config.pad_token))

@@ -37,18 +37,21 @@ pub struct ClipTokenizer {
 }
 
 impl ClipTokenizer {
-    /// The process-wide tokenizer over OpenAI's vocabulary.
-    pub fn shared() -> &'static ClipTokenizer {
-        static TOKENIZER: OnceLock<ClipTokenizer> = OnceLock::new();
-        TOKENIZER.get_or_init(Self::build)
+    /// The process-wide tokenizer over OpenAI's vocabulary. It fails only if the vocabulary compiled into
+    /// the binary is damaged.
+    pub fn shared() -> Result<&'static ClipTokenizer, String> {
+        static TOKENIZER: OnceLock<Result<ClipTokenizer, String>> = OnceLock::new();
+        TOKENIZER
+            .get_or_init(Self::build)
+            .as_ref()
+            .map_err(Clone::clone)
     }
 
-    fn build() -> Self {
+    fn build() -> Result<Self, String> {
         let mut text = String::new();
-        // The vocabulary is compiled into the binary and checked by the tests; a failure here is a build defect.
         flate2::read::GzDecoder::new(VOCABULARY_GZ)
             .read_to_string(&mut text)
-            .expect("the embedded CLIP vocabulary is a valid gzip text file");
+            .map_err(|e| format!("the built-in CLIP vocabulary is damaged ({e})"))?;
         let merges: Vec<(String, String)> = text
             .lines()
             .skip(1)
@@ -83,15 +86,15 @@ impl ClipTokenizer {
         let word_split = Regex::new(
             r"(?i)<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
         )
-        .expect("the word-split pattern is valid");
-        Self {
+        .map_err(|e| format!("the tokenizer's word-split pattern is invalid ({e})"))?;
+        Ok(Self {
             encoder,
             vocab,
             ranks,
             byte_to_char,
             word_split,
             cache: Mutex::new(HashMap::new()),
-        }
+        })
     }
 
     /// Token ids of `text`, without start/end tokens and without truncation (SD1's tokenizer).
