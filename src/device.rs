@@ -1,76 +1,42 @@
 //! Choosing the compute device at run time: `cpu`, `cuda:N`, `metal`, or the best one available.
 
-use std::str::FromStr;
-
 use candle_core::{DType, Device};
 
-/// A device the user asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum DeviceChoice {
-    /// CUDA if compiled in and present, else Metal, else the CPU.
-    #[default]
-    Auto,
-    Cpu,
-    Cuda(usize),
-    Metal,
-}
+pub use crate::config::DeviceChoice;
 
-impl FromStr for DeviceChoice {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let lower = s.trim().to_ascii_lowercase();
-        match lower.as_str() {
-            "auto" => Ok(Self::Auto),
-            "cpu" => Ok(Self::Cpu),
-            "cuda" => Ok(Self::Cuda(0)),
-            "metal" => Ok(Self::Metal),
-            other => match other.strip_prefix("cuda:").map(str::parse) {
-                Some(Ok(ordinal)) => Ok(Self::Cuda(ordinal)),
-                _ => Err(format!(
-                    "`{s}` is not a device; use cpu, cuda, cuda:N, metal or auto"
-                )),
-            },
+/// Opens the device; an unavailable explicit choice is an error that says why.
+pub fn open_device(choice: DeviceChoice) -> Result<Device, String> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Cuda(ordinal) => {
+            if !candle_core::utils::cuda_is_available() {
+                return Err(
+                    "this build has no CUDA support (build with `--features cuda`)".to_string(),
+                );
+            }
+            Device::new_cuda(ordinal)
+                .map_err(|e| format!("CUDA device {ordinal} is not usable: {e}"))
         }
-    }
-}
-
-impl DeviceChoice {
-    /// Opens the device; an unavailable explicit choice is an error that says why.
-    pub fn open(self) -> Result<Device, String> {
-        match self {
-            Self::Cpu => Ok(Device::Cpu),
-            Self::Cuda(ordinal) => {
-                if !candle_core::utils::cuda_is_available() {
-                    return Err(
-                        "this build has no CUDA support (build with `--features cuda`)".to_string(),
-                    );
-                }
-                Device::new_cuda(ordinal)
-                    .map_err(|e| format!("CUDA device {ordinal} is not usable: {e}"))
+        DeviceChoice::Metal => {
+            if !candle_core::utils::metal_is_available() {
+                return Err(
+                    "this build has no Metal support (build with `--features metal`)".to_string(),
+                );
             }
-            Self::Metal => {
-                if !candle_core::utils::metal_is_available() {
-                    return Err(
-                        "this build has no Metal support (build with `--features metal`)"
-                            .to_string(),
-                    );
-                }
-                Device::new_metal(0).map_err(|e| format!("the Metal device is not usable: {e}"))
+            Device::new_metal(0).map_err(|e| format!("the Metal device is not usable: {e}"))
+        }
+        DeviceChoice::Auto => {
+            if candle_core::utils::cuda_is_available()
+                && let Ok(device) = Device::new_cuda(0)
+            {
+                return Ok(device);
             }
-            Self::Auto => {
-                if candle_core::utils::cuda_is_available()
-                    && let Ok(device) = Device::new_cuda(0)
-                {
-                    return Ok(device);
-                }
-                if candle_core::utils::metal_is_available()
-                    && let Ok(device) = Device::new_metal(0)
-                {
-                    return Ok(device);
-                }
-                Ok(Device::Cpu)
+            if candle_core::utils::metal_is_available()
+                && let Ok(device) = Device::new_metal(0)
+            {
+                return Ok(device);
             }
+            Ok(Device::Cpu)
         }
     }
 }

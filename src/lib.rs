@@ -9,6 +9,8 @@ pub mod app;
 pub mod atomic_file;
 pub mod build_info;
 pub mod cli;
+pub mod config;
+pub mod data;
 pub mod device;
 pub mod lora;
 pub mod models;

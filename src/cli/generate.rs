@@ -12,7 +12,7 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::atomic_file::write_atomically;
-use crate::device::{DeviceChoice, describe, inference_dtype};
+use crate::device::{DeviceChoice, describe, inference_dtype, open_device};
 use crate::lora::KohyaLora;
 use crate::models::checkpoint::ModelSource;
 use crate::models::pipeline::{GenerateRequest, StableDiffusion, to_rgb8};
@@ -89,7 +89,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         .iter()
         .map(|spec| parse_lora_spec(spec))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let device = args.device.open().map_err(anyhow::Error::msg)?;
+    let device = open_device(args.device).map_err(anyhow::Error::msg)?;
     let dtype = inference_dtype(&device);
 
     let mut source = ModelSource::open(&args.base)?;

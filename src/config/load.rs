@@ -1,0 +1,259 @@
+//! Reading a training config: a JSON, TOML or YAML file, then `--set key=value` overrides, then validation.
+//! Every mistake is one sentence naming the key (and the nearest known key for a typo).
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+use yaml_rust2::{Yaml, YamlLoader};
+
+use super::train_config::TrainConfig;
+use super::validate::validate;
+
+/// What can be wrong with a config.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the config {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the config {} is not valid {format}: {reason}", path.display())]
+    Parse {
+        path: PathBuf,
+        format: &'static str,
+        reason: String,
+    },
+    #[error("the config {} must be a table of settings at its top level", path.display())]
+    NotATable { path: PathBuf },
+    #[error("unknown setting `{key}`{}", suggestion.as_ref().map(|s| format!("; did you mean `{s}`?")).unwrap_or_default())]
+    UnknownKey {
+        key: String,
+        suggestion: Option<String>,
+    },
+    #[error("`{alias}` and `{key}` both set the same thing; keep one")]
+    DuplicateKey { key: String, alias: String },
+    #[error("setting `{key}`: {reason}")]
+    BadValue { key: String, reason: String },
+    #[error("`--set {text}` is not of the form key=value")]
+    BadOverride { text: String },
+}
+
+/// kohya sd-scripts and diffusers names accepted for our keys.
+const ALIASES: &[(&str, &str)] = &[
+    ("pretrained_model_name_or_path", "base_model"),
+    ("network_dim", "lora_rank"),
+    ("rank", "lora_rank"),
+    ("network_alpha", "lora_alpha"),
+    ("train_batch_size", "batch_size"),
+    ("max_train_epochs", "epochs"),
+    ("num_train_epochs", "epochs"),
+    ("save_every_n_steps", "save_steps"),
+    ("checkpointing_steps", "save_steps"),
+    ("save_total_limit", "keep_last_checkpoints"),
+    ("lr_warmup", "lr_warmup_steps"),
+    ("instance_data_dir", "train_data_dir"),
+    ("report_to", "log_with"),
+];
+
+/// Loads `path` (if any) and applies `overrides` (`key=value`), then validates the result.
+pub fn load_config(path: Option<&Path>, overrides: &[String]) -> Result<TrainConfig, ConfigError> {
+    let mut map = match path {
+        Some(path) => read_table(path)?,
+        None => Map::new(),
+    };
+    canonicalise_aliases(&mut map)?;
+    for text in overrides {
+        let (key, value) = parse_override(text)?;
+        let key = ALIASES
+            .iter()
+            .find(|(alias, _)| *alias == key)
+            .map_or(key, |(_, canonical)| canonical.to_string());
+        map.insert(key, value);
+    }
+    let config = from_table(map)?;
+    validate(&config)?;
+    Ok(config)
+}
+
+fn read_table(path: &Path) -> Result<Map<String, Value>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let extension = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let parse = |format: &'static str, reason: String| ConfigError::Parse {
+        path: path.to_path_buf(),
+        format,
+        reason,
+    };
+    let value = match extension.as_str() {
+        "toml" => {
+            let table: toml::Table =
+                toml::from_str(&text).map_err(|e| parse("TOML", e.message().to_string()))?;
+            serde_json::to_value(table).map_err(|e| parse("TOML", e.to_string()))?
+        }
+        "yaml" | "yml" => {
+            let docs =
+                YamlLoader::load_from_str(&text).map_err(|e| parse("YAML", e.to_string()))?;
+            docs.first()
+                .map(yaml_to_json)
+                .unwrap_or(Value::Object(Map::new()))
+        }
+        _ => serde_json::from_str(&text).map_err(|e| parse("JSON", e.to_string()))?,
+    };
+    match value {
+        Value::Object(map) => Ok(map),
+        _ => Err(ConfigError::NotATable {
+            path: path.to_path_buf(),
+        }),
+    }
+}
+
+fn yaml_to_json(yaml: &Yaml) -> Value {
+    match yaml {
+        Yaml::Real(_) => yaml.as_f64().map_or(Value::Null, |f| serde_json::json!(f)),
+        Yaml::Integer(i) => serde_json::json!(i),
+        Yaml::String(s) => Value::String(s.clone()),
+        Yaml::Boolean(b) => Value::Bool(*b),
+        Yaml::Array(items) => Value::Array(items.iter().map(yaml_to_json).collect()),
+        Yaml::Hash(hash) => Value::Object(
+            hash.iter()
+                .map(|(k, v)| {
+                    let key = match k {
+                        Yaml::String(s) => s.clone(),
+                        Yaml::Integer(i) => i.to_string(),
+                        other => format!("{other:?}"),
+                    };
+                    (key, yaml_to_json(v))
+                })
+                .collect(),
+        ),
+        _ => Value::Null,
+    }
+}
+
+fn canonicalise_aliases(map: &mut Map<String, Value>) -> Result<(), ConfigError> {
+    for (alias, key) in ALIASES {
+        if let Some(value) = map.remove(*alias) {
+            if map.contains_key(*key) {
+                return Err(ConfigError::DuplicateKey {
+                    key: key.to_string(),
+                    alias: alias.to_string(),
+                });
+            }
+            map.insert(key.to_string(), value);
+        }
+    }
+    Ok(())
+}
+
+/// `key=value`: the value is read as JSON when it parses (numbers, booleans, lists, quoted strings), else as
+/// a plain string.
+fn parse_override(text: &str) -> Result<(String, Value), ConfigError> {
+    let Some((key, raw)) = text.split_once('=') else {
+        return Err(ConfigError::BadOverride {
+            text: text.to_string(),
+        });
+    };
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(ConfigError::BadOverride {
+            text: text.to_string(),
+        });
+    }
+    let raw = raw.trim();
+    let value = serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()));
+    Ok((key.to_string(), value))
+}
+
+/// The known keys: the fields of the default config.
+fn known_keys() -> Vec<String> {
+    match serde_json::to_value(TrainConfig::default()) {
+        Ok(Value::Object(map)) => map.keys().cloned().collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn from_table(map: Map<String, Value>) -> Result<TrainConfig, ConfigError> {
+    let known = known_keys();
+    for key in map.keys() {
+        if !known.contains(key) {
+            return Err(ConfigError::UnknownKey {
+                key: key.clone(),
+                suggestion: nearest(key, &known),
+            });
+        }
+    }
+    // A null means "not set": the default applies.
+    let map: Map<String, Value> = map.into_iter().filter(|(_, v)| !v.is_null()).collect();
+    serde_json::from_value(Value::Object(map.clone())).map_err(|whole| {
+        // Find the key whose value is wrong, to name it.
+        for (key, value) in &map {
+            let single = Map::from_iter([(key.clone(), value.clone())]);
+            if let Err(e) = serde_json::from_value::<TrainConfig>(Value::Object(single)) {
+                return ConfigError::BadValue {
+                    key: key.clone(),
+                    reason: describe_serde_error(&e),
+                };
+            }
+        }
+        ConfigError::BadValue {
+            key: "(config)".to_string(),
+            reason: describe_serde_error(&whole),
+        }
+    })
+}
+
+fn describe_serde_error(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    // serde_json appends " at line L column C", which means nothing for a table built in memory.
+    text.split(" at line ").next().unwrap_or(&text).to_string()
+}
+
+/// The known key closest to `key` by edit distance, when it is close enough to be a typo.
+fn nearest(key: &str, known: &[String]) -> Option<String> {
+    let (best, distance) = known
+        .iter()
+        .map(|k| (k, edit_distance(key, k)))
+        .min_by_key(|(_, d)| *d)?;
+    (distance <= (key.len() / 3).max(2)).then(|| best.clone())
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut current = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(ca != *cb);
+            current.push(substitution.min(previous[j + 1] + 1).min(current[j] + 1));
+        }
+        previous = current;
+    }
+    previous[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{edit_distance, nearest};
+
+    #[test]
+    fn typos_find_their_key() {
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        let known = vec![
+            "learning_rate".to_string(),
+            "lora_rank".to_string(),
+            "resolution".to_string(),
+        ];
+        assert_eq!(
+            nearest("learnig_rate", &known).as_deref(),
+            Some("learning_rate")
+        );
+        assert_eq!(nearest("lora_rnak", &known).as_deref(), Some("lora_rank"));
+        assert_eq!(nearest("completely_different", &known), None);
+    }
+}

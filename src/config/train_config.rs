@@ -1,0 +1,280 @@
+//! `TrainConfig`: every setting of a training run, with the key names of the lora-scripts/kohya configs.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// What to do with an image's alpha channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AlphaMode {
+    /// Composite transparent pixels on white.
+    #[default]
+    White,
+    /// Use alpha as the loss mask (transparent pixels do not count).
+    Mask,
+}
+
+/// The optimizer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    #[default]
+    AdamW,
+    /// Factored second moments and no first moment: almost no optimizer memory.
+    Adafactor,
+}
+
+/// How the learning rate changes over the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LrScheduler {
+    #[default]
+    Constant,
+    ConstantWithWarmup,
+    Linear,
+    Cosine,
+    CosineWithRestarts,
+}
+
+/// Compute precision of the frozen model on GPUs (adapters and optimizer state are always f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum MixedPrecision {
+    /// bf16 where the GPU supports it, else fp16; f32 on the CPU.
+    #[default]
+    Auto,
+    No,
+    Fp16,
+    Bf16,
+}
+
+/// Where training logs go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogWith {
+    #[default]
+    Tensorboard,
+    None,
+}
+
+/// Element type of the exported LoRA file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SavePrecision {
+    #[default]
+    Fp16,
+    Bf16,
+    Fp32,
+}
+
+/// What the model predicts, when a checkpoint's own config is missing or wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PredictionOverride {
+    Epsilon,
+    #[serde(alias = "v")]
+    VPrediction,
+}
+
+/// A whole training run. Missing keys take the defaults below; unknown keys are errors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    // ---- dataset
+    /// Folder of training images (subfolders named `N_name` repeat their images N times).
+    pub train_data_dir: PathBuf,
+    /// A `metadata.csv` elsewhere than in `train_data_dir`.
+    pub metadata_path: Option<PathBuf>,
+    /// Extension of caption sidecar files (`.txt`; `.caption` is also read).
+    pub caption_extension: String,
+    /// Caption for images that have none (DreamBooth-style instance prompt).
+    pub instance_prompt: Option<String>,
+    /// Prefixed to every caption that does not already contain it.
+    pub trigger_word: Option<String>,
+    /// How often each image is seen per epoch (multiplied with a folder's `N_` prefix).
+    pub repeats: u32,
+    /// Training resolution (square side in pixels; buckets keep the same area).
+    pub resolution: u32,
+    pub enable_bucket: bool,
+    pub min_bucket_reso: u32,
+    pub max_bucket_reso: u32,
+    pub bucket_reso_steps: u32,
+    /// Never upscale a small image to a bucket (it gets its own smaller bucket).
+    pub bucket_no_upscale: bool,
+    pub random_crop: bool,
+    pub flip_aug: bool,
+    pub shuffle_caption: bool,
+    /// Leading comma-separated tags kept in place when shuffling.
+    pub keep_tokens: u32,
+    /// Probability of training a step with an empty caption.
+    pub caption_dropout_rate: f32,
+    pub alpha_mode: AlphaMode,
+    /// Encode images with the VAE once and reuse the latents.
+    pub cache_latents: bool,
+    /// Keep cached latents on disk under `output_dir/cache` for the next run.
+    pub cache_latents_to_disk: bool,
+
+    // ---- model
+    /// Base checkpoint: a single-file .safetensors/.ckpt or a diffusers folder.
+    pub base_model: PathBuf,
+    pub prediction_type: Option<PredictionOverride>,
+    /// 1 = last text-encoder layer, 2 = penultimate.
+    pub clip_skip: u32,
+
+    // ---- network
+    pub lora_rank: u32,
+    pub lora_alpha: f32,
+    /// LoCon: also train the resnets' 3x3 convolutions and the resamplers.
+    pub conv_lora: bool,
+    pub conv_rank: u32,
+    pub conv_alpha: f32,
+    pub train_text_encoder: bool,
+    /// Weight-decomposed LoRA (magnitude and direction).
+    pub dora: bool,
+    /// Initialise adapters from the principal singular vectors of the frozen weights.
+    pub pissa: bool,
+
+    // ---- optimisation
+    pub learning_rate: f64,
+    /// UNet learning rate (default: `learning_rate`).
+    pub unet_lr: Option<f64>,
+    /// Text-encoder learning rate (default: `learning_rate`).
+    pub text_encoder_lr: Option<f64>,
+    pub optimizer: OptimizerKind,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    pub weight_decay: f64,
+    pub lr_scheduler: LrScheduler,
+    pub lr_warmup_steps: u64,
+    /// Restarts of `cosine_with_restarts`.
+    pub lr_num_cycles: u32,
+    pub batch_size: u32,
+    pub epochs: u32,
+    /// Stops after this many optimizer steps (overrides `epochs`).
+    pub max_train_steps: Option<u64>,
+    pub gradient_accumulation_steps: u32,
+    /// Clip the gradient's global norm (0 disables clipping).
+    pub max_grad_norm: f64,
+    pub noise_offset: f64,
+    pub min_snr_gamma: Option<f64>,
+    /// Weight the loss by the image's alpha (needs `alpha_mode: mask`).
+    pub masked_loss: bool,
+    pub mixed_precision: MixedPrecision,
+    /// Recompute UNet blocks in the backward pass to save memory.
+    pub gradient_checkpointing: bool,
+    pub seed: u64,
+    /// cpu, cuda, cuda:N, metal or auto.
+    pub device: String,
+
+    // ---- output
+    pub output_dir: PathBuf,
+    pub output_name: String,
+    /// Save a resumable checkpoint every this many steps (0: only at the end).
+    pub save_steps: u64,
+    /// How many checkpoints to keep.
+    pub keep_last_checkpoints: u32,
+    pub save_precision: SavePrecision,
+    pub log_with: LogWith,
+    /// Also write the adapters in the diffusers/PEFT layout.
+    pub export_peft: bool,
+
+    // ---- sample previews
+    /// Render sample images every this many steps (0 disables).
+    pub sample_every_n_steps: u64,
+    pub sample_prompts: Vec<String>,
+    pub sample_negative_prompt: String,
+    pub sample_seed: u64,
+    pub sample_steps: u32,
+    pub sample_cfg: f64,
+    pub sample_strengths: Vec<f64>,
+    /// Sample size (default: `resolution`).
+    pub sample_size: Option<u32>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            train_data_dir: PathBuf::new(),
+            metadata_path: None,
+            caption_extension: ".txt".to_string(),
+            instance_prompt: None,
+            trigger_word: None,
+            repeats: 1,
+            resolution: 512,
+            enable_bucket: true,
+            min_bucket_reso: 256,
+            max_bucket_reso: 1024,
+            bucket_reso_steps: 64,
+            bucket_no_upscale: true,
+            random_crop: false,
+            flip_aug: false,
+            shuffle_caption: false,
+            keep_tokens: 0,
+            caption_dropout_rate: 0.0,
+            alpha_mode: AlphaMode::White,
+            cache_latents: true,
+            cache_latents_to_disk: true,
+            base_model: PathBuf::new(),
+            prediction_type: None,
+            clip_skip: 1,
+            lora_rank: 16,
+            lora_alpha: 8.0,
+            conv_lora: false,
+            conv_rank: 8,
+            conv_alpha: 1.0,
+            train_text_encoder: false,
+            dora: false,
+            pissa: false,
+            learning_rate: 1e-4,
+            unet_lr: None,
+            text_encoder_lr: None,
+            optimizer: OptimizerKind::AdamW,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            weight_decay: 0.01,
+            lr_scheduler: LrScheduler::Constant,
+            lr_warmup_steps: 0,
+            lr_num_cycles: 1,
+            batch_size: 1,
+            epochs: 10,
+            max_train_steps: None,
+            gradient_accumulation_steps: 1,
+            max_grad_norm: 1.0,
+            noise_offset: 0.0,
+            min_snr_gamma: None,
+            masked_loss: false,
+            mixed_precision: MixedPrecision::Auto,
+            gradient_checkpointing: false,
+            seed: 42,
+            device: "auto".to_string(),
+            output_dir: PathBuf::from("output"),
+            output_name: "lora".to_string(),
+            save_steps: 0,
+            keep_last_checkpoints: 3,
+            save_precision: SavePrecision::Fp16,
+            log_with: LogWith::Tensorboard,
+            export_peft: false,
+            sample_every_n_steps: 0,
+            sample_prompts: Vec::new(),
+            sample_negative_prompt: String::new(),
+            sample_seed: 1234,
+            sample_steps: 20,
+            sample_cfg: 7.5,
+            sample_strengths: vec![1.0],
+            sample_size: None,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn unet_lr(&self) -> f64 {
+        self.unet_lr.unwrap_or(self.learning_rate)
+    }
+
+    pub fn text_encoder_lr(&self) -> f64 {
+        self.text_encoder_lr.unwrap_or(self.learning_rate)
+    }
+}
