@@ -12,6 +12,8 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod hashing;
 pub mod lora;
 pub mod models;
 pub mod tensor_file;
+pub mod train;

@@ -3,6 +3,7 @@
 
 mod generate;
 mod inspect;
+mod train;
 
 use std::process::ExitCode;
 
@@ -24,6 +25,8 @@ enum Command {
     Generate(Box<generate::GenerateArgs>),
     /// Say what a model, LoRA or tensor file is, without loading its weights.
     Inspect(inspect::InspectArgs),
+    /// Train a LoRA from a folder of images.
+    Train(train::TrainArgs),
 }
 
 /// Parses the command line and runs it.
@@ -32,6 +35,7 @@ pub fn run() -> ExitCode {
     let result = match cli.command {
         Some(Command::Generate(args)) => generate::run(*args),
         Some(Command::Inspect(args)) => inspect::run(args),
+        Some(Command::Train(args)) => train::run(args),
         None => open_app(),
     };
     match result {

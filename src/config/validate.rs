@@ -44,7 +44,7 @@ pub fn validate(config: &TrainConfig) -> Result<(), ConfigError> {
             ),
         );
     }
-    if config.resolution < 64 || config.resolution % 64 != 0 {
+    if config.resolution < 64 || !config.resolution.is_multiple_of(64) {
         return bad(
             "resolution",
             format!(
@@ -53,7 +53,7 @@ pub fn validate(config: &TrainConfig) -> Result<(), ConfigError> {
             ),
         );
     }
-    if config.bucket_reso_steps < 8 || config.bucket_reso_steps % 8 != 0 {
+    if config.bucket_reso_steps < 8 || !config.bucket_reso_steps.is_multiple_of(8) {
         return bad(
             "bucket_reso_steps",
             format!("must be a multiple of 8, not {}", config.bucket_reso_steps),

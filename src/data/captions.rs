@@ -35,7 +35,7 @@ pub fn read_metadata_csv(
         .has_headers(false)
         .flexible(true)
         .from_reader(text.as_bytes());
-    let mut records = reader.records();
+    let records = reader.records();
     let mut captions = HashMap::new();
     let mut columns = (0, 1);
     let mut line = 0;
@@ -43,7 +43,7 @@ pub fn read_metadata_csv(
         path: root.to_path_buf(),
         source,
     })?;
-    while let Some(record) = records.next() {
+    for record in records {
         line += 1;
         let record = record.map_err(|e| bad(format!("line {line} cannot be read ({e})")))?;
         if line == 1 {

@@ -7,7 +7,6 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use image::imageops::FilterType;
 use image::{DynamicImage, ImageDecoder, RgbaImage};
-use sha2::{Digest, Sha256};
 
 use super::DataError;
 use super::buckets::covering_size;
@@ -153,10 +152,5 @@ pub fn file_hash(path: &Path) -> Result<String, DataError> {
         path: path.to_path_buf(),
         source,
     })?;
-    Ok(hex(&Sha256::digest(&bytes)))
-}
-
-/// Lower-case hexadecimal.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    Ok(crate::hashing::sha256_hex(&bytes))
 }

@@ -6,10 +6,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
-use sha2::{Digest, Sha256};
 
 use super::DataError;
-use super::images::hex;
 use crate::atomic_file::write_atomically;
 
 /// An image's latent distribution (and loss mask) at latent resolution.
@@ -32,9 +30,7 @@ pub struct LatentCache {
 
 /// The cache key for an image (by content) under a preprocessing description.
 pub fn cache_key(image_hash: &str, preprocessing: &str) -> String {
-    hex(&Sha256::digest(
-        format!("{image_hash}|{preprocessing}").as_bytes(),
-    ))
+    crate::hashing::sha256_hex(format!("{image_hash}|{preprocessing}").as_bytes())
 }
 
 impl LatentCache {

@@ -1,16 +1,37 @@
-//! One low-rank adapter: `delta(x) = multiplier · (alpha / rank) · up(down(x))`, the kohya LoRA rule.
+//! One low-rank adapter beside a frozen layer with weight `W`.
 //!
-//! The adapter owns its `down`/`up` tensors (plain tensors for a loaded file, `Var`s while training) and a
-//! strength multiplier that can change between forward passes without touching the tensors, so a preview
-//! slider costs nothing but a re-render. It knows nothing about files or models.
+//! * LoRA (kohya): `Δy = m · s · up(down(x))`, with `s = alpha / rank` and `m` the strength multiplier.
+//! * PiSSA: initialised on the principal singular vectors of `W`; the frozen initial copy `up₀·down₀` is
+//!   subtracted, `Δy = m · s · (up·down − up₀·down₀) x`, so training starts from the base model exactly.
+//! * DoRA: the adapted weight `W + s·up·down` is renormalised per output channel to a trained magnitude,
+//!   `W' = mag / ‖W + s·up·down‖ · (W + s·up·down)` (norm detached, as in the paper); `m` interpolates
+//!   between `W` and `W'`.
+//!
+//! The tensors are plain tensors for a loaded file and `Var`s while training; the multiplier can change
+//! between forward passes without touching them. This type knows nothing about files or models.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use candle_core::{Result, Tensor};
+use candle_core::{D, DType, Result, Tensor};
 
 use super::layer::LayerShape;
 
-/// A LoRA (or LoCon, for 3x3 convolutions) adapter beside one frozen layer.
+/// What kind of adapter this is.
+#[derive(Debug, Clone)]
+pub enum AdapterKind {
+    Lora,
+    /// The frozen initial `(down₀, up₀)`.
+    Pissa {
+        down0: Tensor,
+        up0: Tensor,
+    },
+    /// The trained per-output-channel magnitude, `[out]`.
+    Dora {
+        magnitude: Tensor,
+    },
+}
+
+/// A LoRA-family adapter beside one frozen layer.
 #[derive(Debug)]
 pub struct LoraAdapter {
     /// `[rank, in]` for a linear layer, `[rank, in, kh, kw]` for a convolution.
@@ -18,17 +39,29 @@ pub struct LoraAdapter {
     /// `[out, rank]` for a linear layer, `[out, rank, 1, 1]` for a convolution.
     up: Tensor,
     alpha: f64,
+    kind: AdapterKind,
     multiplier_bits: AtomicU64,
 }
 
 impl LoraAdapter {
-    /// Builds an adapter for a layer of the given shape. `down`/`up` may come in either the linear (2-D) or
-    /// the 1x1-convolution (4-D) form, as A1111 and ComfyUI accept both; they are brought to the layer's own
-    /// form here. `alpha: None` means alpha = rank (scale 1), kohya's rule for files without alpha.
+    /// Builds a plain LoRA adapter for a layer of the given shape. `down`/`up` may come in either the linear
+    /// (2-D) or the 1x1-convolution (4-D) form, as A1111 and ComfyUI accept both; they are brought to the
+    /// layer's own form here. `alpha: None` means alpha = rank (scale 1), kohya's rule for files without alpha.
     pub fn new(
         down: Tensor,
         up: Tensor,
         alpha: Option<f64>,
+        layer: &LayerShape,
+    ) -> std::result::Result<Self, String> {
+        Self::with_kind(down, up, alpha, AdapterKind::Lora, layer)
+    }
+
+    /// Builds an adapter of any kind (see the module docs).
+    pub fn with_kind(
+        down: Tensor,
+        up: Tensor,
+        alpha: Option<f64>,
+        kind: AdapterKind,
         layer: &LayerShape,
     ) -> std::result::Result<Self, String> {
         let rank = down.dims().first().copied().unwrap_or(0);
@@ -38,26 +71,21 @@ impl LoraAdapter {
                 down.dims()
             ));
         }
-        let (down, up) = match *layer {
-            LayerShape::Linear {
-                in_features,
-                out_features,
-            } => {
-                let down = reshape_if(&down, &[rank, in_features], "lora_down")?;
-                let up = reshape_if(&up, &[out_features, rank], "lora_up")?;
-                (down, up)
+        let (down_dims, up_dims) = adapter_dims(layer, rank);
+        let down = reshape_if(&down, &down_dims, "lora_down")?;
+        let up = reshape_if(&up, &up_dims, "lora_up")?;
+        let kind = match kind {
+            AdapterKind::Pissa { down0, up0 } => AdapterKind::Pissa {
+                down0: reshape_if(&down0, &down_dims, "the initial lora_down")?,
+                up0: reshape_if(&up0, &up_dims, "the initial lora_up")?,
+            },
+            AdapterKind::Dora { magnitude } => {
+                let out = up_dims[0];
+                AdapterKind::Dora {
+                    magnitude: reshape_if(&magnitude, &[out], "the DoRA magnitude")?,
+                }
             }
-            LayerShape::Conv2d {
-                in_channels,
-                out_channels,
-                kernel,
-                ..
-            } => {
-                let down =
-                    reshape_if(&down, &[rank, in_channels, kernel.0, kernel.1], "lora_down")?;
-                let up = reshape_if(&up, &[out_channels, rank, 1, 1], "lora_up")?;
-                (down, up)
-            }
+            AdapterKind::Lora => AdapterKind::Lora,
         };
         let alpha = match alpha {
             Some(a) if a != 0.0 && a.is_finite() => a,
@@ -67,6 +95,7 @@ impl LoraAdapter {
             down,
             up,
             alpha,
+            kind,
             multiplier_bits: AtomicU64::new(1.0f64.to_bits()),
         })
     }
@@ -92,6 +121,10 @@ impl LoraAdapter {
         &self.up
     }
 
+    pub fn kind(&self) -> &AdapterKind {
+        &self.kind
+    }
+
     /// The strength the adapter is applied at (the `0.8` of `<lora:NAME:0.8>`).
     pub fn multiplier(&self) -> f64 {
         f64::from_bits(self.multiplier_bits.load(Ordering::Relaxed))
@@ -102,48 +135,134 @@ impl LoraAdapter {
             .store(multiplier.to_bits(), Ordering::Relaxed);
     }
 
-    /// The adapter's contribution to the layer output for input `x`.
-    pub fn forward(&self, x: &Tensor, layer: &LayerShape) -> Result<Tensor> {
-        let factor = self.multiplier() * self.scale();
-        let low_rank = match *layer {
-            LayerShape::Linear { .. } => x
-                .broadcast_matmul(&self.down.to_dtype(x.dtype())?.t()?)?
-                .broadcast_matmul(&self.up.to_dtype(x.dtype())?.t()?)?,
+    /// `up(down(x))` for the given pair, in `x`'s dtype.
+    fn low_rank(x: &Tensor, down: &Tensor, up: &Tensor, layer: &LayerShape) -> Result<Tensor> {
+        let (down, up) = (down.to_dtype(x.dtype())?, up.to_dtype(x.dtype())?);
+        match *layer {
+            LayerShape::Linear { .. } => x.broadcast_matmul(&down.t()?)?.broadcast_matmul(&up.t()?),
             LayerShape::Conv2d {
                 stride, padding, ..
             } => x
-                .conv2d(&self.down.to_dtype(x.dtype())?, padding, stride, 1, 1)?
-                .conv2d(&self.up.to_dtype(x.dtype())?, 0, 1, 1, 1)?,
-        };
-        low_rank.affine(factor, 0.0)
+                .conv2d(&down, padding, stride, 1, 1)?
+                .conv2d(&up, 0, 1, 1, 1),
+        }
     }
 
-    /// The change this adapter makes to the layer's weight, `multiplier · scale · up·down`, in the weight's
-    /// own shape (`[out, in]` or `[out, in, kh, kw]`).
-    pub fn weight_delta(&self, layer: &LayerShape) -> Result<Tensor> {
-        let factor = self.multiplier() * self.scale();
-        let rank = self.rank();
-        let delta = match *layer {
-            LayerShape::Linear { .. } => self.up.matmul(&self.down)?,
-            LayerShape::Conv2d {
-                in_channels,
-                out_channels,
-                kernel,
-                ..
-            } => {
-                let up = self.up.reshape((out_channels, rank))?;
-                let down = self
-                    .down
-                    .reshape((rank, in_channels * kernel.0 * kernel.1))?;
-                up.matmul(&down)?
-                    .reshape((out_channels, in_channels, kernel.0, kernel.1))?
+    /// The adapter's contribution to the layer output, given the input `x`, the frozen layer's output
+    /// without bias `base` (`W x`), and `W` itself.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        base: &Tensor,
+        weight: &Tensor,
+        layer: &LayerShape,
+    ) -> Result<Tensor> {
+        let multiplier = self.multiplier();
+        let scale = self.scale();
+        let update = Self::low_rank(x, &self.down, &self.up, layer)?;
+        match &self.kind {
+            AdapterKind::Lora => update.affine(multiplier * scale, 0.0),
+            AdapterKind::Pissa { down0, up0 } => {
+                let initial = Self::low_rank(x, down0, up0, layer)?;
+                (update - initial)?.affine(multiplier * scale, 0.0)
             }
+            AdapterKind::Dora { magnitude } => {
+                // ratio = mag / ‖W + s·up·down‖ per output channel, broadcast over the output's channel axis.
+                let norm = self.adapted_weight_norm(weight)?.detach();
+                let ratio = magnitude
+                    .to_dtype(DType::F32)?
+                    .broadcast_div(&norm)?
+                    .to_dtype(x.dtype())?;
+                let ratio = match layer {
+                    LayerShape::Linear { .. } => ratio,
+                    LayerShape::Conv2d { .. } => ratio.reshape((1, (), 1, 1))?,
+                };
+                let rescaled_base = base.broadcast_mul(&(ratio.clone() - 1.0)?)?;
+                let rescaled_update = update.broadcast_mul(&ratio)?.affine(scale, 0.0)?;
+                (rescaled_base + rescaled_update)?.affine(multiplier, 0.0)
+            }
+        }
+    }
+
+    /// `s · up·down` (minus the PiSSA initial product), in the weight's own shape, at multiplier 1.
+    pub fn low_rank_delta(&self, layer: &LayerShape) -> Result<Tensor> {
+        let product = |down: &Tensor, up: &Tensor| -> Result<Tensor> {
+            let rank = down.dims()[0];
+            let out = up.dims()[0];
+            let flat_down = down.to_dtype(DType::F32)?.reshape((rank, ()))?;
+            let flat_up = up.to_dtype(DType::F32)?.reshape((out, rank))?;
+            flat_up.matmul(&flat_down)?.reshape(layer.weight_dims())
         };
-        delta.affine(factor, 0.0)
+        let mut delta = product(&self.down, &self.up)?;
+        if let AdapterKind::Pissa { down0, up0 } = &self.kind {
+            delta = (delta - product(down0, up0)?)?;
+        }
+        delta.affine(self.scale(), 0.0)
+    }
+
+    /// The change to the layer's weight at full strength, `W' − W` (f32, weight-shaped).
+    pub fn full_strength_delta(&self, weight: &Tensor, layer: &LayerShape) -> Result<Tensor> {
+        let low_rank = self.low_rank_delta(layer)?;
+        match &self.kind {
+            AdapterKind::Dora { magnitude } => {
+                let weight = weight.to_dtype(DType::F32)?;
+                let adapted = (&weight + low_rank)?;
+                let ratio = magnitude
+                    .to_dtype(DType::F32)?
+                    .broadcast_div(&row_norm(&adapted)?)?;
+                let shape: Vec<usize> = std::iter::once(ratio.dim(0)?)
+                    .chain(std::iter::repeat_n(1, weight.rank() - 1))
+                    .collect();
+                adapted.broadcast_mul(&ratio.reshape(shape)?)? - weight
+            }
+            _ => Ok(low_rank),
+        }
+    }
+
+    /// The change to the layer's weight at the current multiplier (f32, weight-shaped).
+    pub fn weight_delta(&self, weight: &Tensor, layer: &LayerShape) -> Result<Tensor> {
+        self.full_strength_delta(weight, layer)?
+            .affine(self.multiplier(), 0.0)
+    }
+
+    /// `‖W + s·up·down‖` per output channel (f32).
+    fn adapted_weight_norm(&self, weight: &Tensor) -> Result<Tensor> {
+        let rank = self.rank();
+        let out = self.up.dims()[0];
+        let down = self.down.to_dtype(DType::F32)?.reshape((rank, ()))?;
+        let up = self.up.to_dtype(DType::F32)?.reshape((out, rank))?;
+        let weight = weight.to_dtype(DType::F32)?.reshape((out, ()))?;
+        let adapted = (weight + up.matmul(&down)?.affine(self.scale(), 0.0)?)?;
+        row_norm(&adapted)
     }
 }
 
-/// Reshapes `t` to `dims` when the element counts agree (2-D <-> 1x1 4-D); otherwise explains the mismatch.
+/// The Euclidean norm of each output channel (dimension 0) of a weight, `[out]`.
+pub fn row_norm(weight: &Tensor) -> Result<Tensor> {
+    let out = weight.dim(0)?;
+    weight.reshape((out, ()))?.sqr()?.sum(D::Minus1)?.sqrt()
+}
+
+/// The shapes of `down` and `up` for a layer at a rank.
+pub fn adapter_dims(layer: &LayerShape, rank: usize) -> (Vec<usize>, Vec<usize>) {
+    match *layer {
+        LayerShape::Linear {
+            in_features,
+            out_features,
+        } => (vec![rank, in_features], vec![out_features, rank]),
+        LayerShape::Conv2d {
+            in_channels,
+            out_channels,
+            kernel,
+            ..
+        } => (
+            vec![rank, in_channels, kernel.0, kernel.1],
+            vec![out_channels, rank, 1, 1],
+        ),
+    }
+}
+
+/// Reshapes `t` to `dims` when only unit dimensions differ (2-D <-> 1x1 4-D); otherwise explains the mismatch.
 fn reshape_if(t: &Tensor, dims: &[usize], what: &str) -> std::result::Result<Tensor, String> {
     if t.dims() == dims {
         return Ok(t.clone());

@@ -60,6 +60,8 @@ impl LayerShape {
 pub struct AdapterSlot {
     name: String,
     shape: LayerShape,
+    /// The frozen base weight (shared with the layer, not copied).
+    weight: Tensor,
     adapters: RwLock<Vec<Arc<LoraAdapter>>>,
 }
 
@@ -71,6 +73,11 @@ impl AdapterSlot {
 
     pub fn shape(&self) -> &LayerShape {
         &self.shape
+    }
+
+    /// The frozen base weight, `[out, in]` or `[out, in, kh, kw]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
     }
 
     pub fn attach(&self, adapter: Arc<LoraAdapter>) {
@@ -94,17 +101,13 @@ impl AdapterSlot {
             .clone()
     }
 
-    /// Adds the contribution of every adapter with a non-zero multiplier to the base output `y`.
-    fn add_adapters(&self, x: &Tensor, mut y: Tensor) -> Result<Tensor> {
-        for adapter in self
-            .adapters
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-        {
-            if adapter.multiplier() != 0.0 {
-                y = (y + adapter.forward(x, &self.shape)?)?;
-            }
+    /// Adds the contribution of every adapter with a non-zero multiplier to `base`, the frozen layer's
+    /// output without bias.
+    fn add_adapters(&self, x: &Tensor, base: Tensor) -> Result<Tensor> {
+        let adapters = self.adapters.read().unwrap_or_else(PoisonError::into_inner);
+        let mut y = base.clone();
+        for adapter in adapters.iter().filter(|a| a.multiplier() != 0.0) {
+            y = (y + adapter.forward(x, &base, &self.weight, &self.shape)?)?;
         }
         Ok(y)
     }
@@ -123,11 +126,12 @@ struct RegistryInner {
 }
 
 impl LayerRegistry {
-    fn register(&self, name: String, shape: LayerShape) -> Arc<AdapterSlot> {
+    fn register(&self, name: String, shape: LayerShape, weight: Tensor) -> Arc<AdapterSlot> {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let slot = Arc::new(AdapterSlot {
             name: name.clone(),
             shape,
+            weight,
             adapters: RwLock::new(Vec::new()),
         });
         let index = inner.slots.len();
@@ -210,7 +214,9 @@ impl<'a> LayerBuilder<'a> {
             in_features,
             out_features,
         };
-        let slot = self.registry.register(self.vb.prefix(), shape);
+        let slot = self
+            .registry
+            .register(self.vb.prefix(), shape, weight.clone());
         Ok(AdaptableLinear { weight, bias, slot })
     }
 
@@ -233,7 +239,9 @@ impl<'a> LayerBuilder<'a> {
             stride,
             padding,
         };
-        let slot = self.registry.register(self.vb.prefix(), shape);
+        let slot = self
+            .registry
+            .register(self.vb.prefix(), shape, weight.clone());
         Ok(AdaptableConv2d {
             weight,
             bias,
@@ -254,11 +262,11 @@ pub struct AdaptableLinear {
 
 impl AdaptableLinear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = frozen_linear(x, &self.weight)?;
-        if let Some(bias) = &self.bias {
-            y = y.broadcast_add(bias)?;
+        let y = self.slot.add_adapters(x, frozen_linear(x, &self.weight)?)?;
+        match &self.bias {
+            Some(bias) => y.broadcast_add(bias),
+            None => Ok(y),
         }
-        self.slot.add_adapters(x, y)
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -283,9 +291,9 @@ pub struct AdaptableConv2d {
 impl AdaptableConv2d {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = frozen_conv2d(x, &self.weight, self.padding, self.stride)?;
+        let y = self.slot.add_adapters(x, y)?;
         let channels = self.bias.dims1()?;
-        let y = y.broadcast_add(&self.bias.reshape((1, channels, 1, 1))?)?;
-        self.slot.add_adapters(x, y)
+        y.broadcast_add(&self.bias.reshape((1, channels, 1, 1))?)
     }
 
     pub fn weight(&self) -> &Tensor {

@@ -5,11 +5,15 @@
 //! UNet and text encoders today and other model families later. Must not use egui, train or worker.
 
 mod adapter;
+mod export;
 mod frozen;
 mod kohya;
 mod layer;
+mod network;
+pub mod svd;
 
-pub use adapter::LoraAdapter;
+pub use adapter::{AdapterKind, LoraAdapter, adapter_dims, row_norm};
+pub use export::{ExportedLora, ExportedModule, export_network, write_lora_file};
 pub use frozen::{frozen_conv2d, frozen_linear};
 pub use kohya::{
     AttachReport, KohyaLora, KohyaModule, LoraError, TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name,
@@ -17,3 +21,4 @@ pub use kohya::{
 pub use layer::{
     AdaptableConv2d, AdaptableLinear, AdapterSlot, LayerBuilder, LayerRegistry, LayerShape,
 };
+pub use network::{LoraNetwork, NetworkKind, NetworkModule, NetworkSpec, TargetComponent};

@@ -148,6 +148,7 @@ impl StableDiffusion {
             source: e,
         };
         let guided = request.guidance_scale > 1.0;
+        // Generation never back-propagates: detaching keeps trainable adapters from building graphs.
         let context = if guided {
             self.encode_prompts(
                 &[&request.negative_prompt, &request.prompt],
@@ -155,7 +156,8 @@ impl StableDiffusion {
             )?
         } else {
             self.encode_prompts(&[&request.prompt], request.clip_skip)?
-        };
+        }
+        .detach();
         let sampler = request.sampler.build(&self.config.scheduler, request.steps);
         let mut latents = init_noise
             .to_device(&self.device)
@@ -179,6 +181,7 @@ impl StableDiffusion {
                 let prediction = self
                     .unet
                     .forward(&input, &timesteps, &context)?
+                    .detach()
                     .to_dtype(DType::F32)?;
                 if guided {
                     let uncond = prediction.narrow(0, 0, 1)?;
@@ -202,7 +205,7 @@ impl StableDiffusion {
             let unscaled = latents
                 .affine(1.0 / self.config.vae.scaling_factor, 0.0)?
                 .to_dtype(self.dtype)?;
-            let decoded = self.vae.decode(&unscaled)?.to_dtype(DType::F32)?;
+            let decoded = self.vae.decode(&unscaled)?.detach().to_dtype(DType::F32)?;
             decoded.affine(0.5, 0.5)?.clamp(0f32, 1f32)
         })()
         .map_err(ModelError::compute("decoding the latents"))

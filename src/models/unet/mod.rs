@@ -8,7 +8,9 @@ mod transformer;
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{GroupNorm, Module};
 
-use crate::lora::{AdaptableConv2d, AdaptableLinear, LayerBuilder, LayerRegistry};
+use std::sync::Arc;
+
+use crate::lora::{AdaptableConv2d, AdaptableLinear, AdapterSlot, LayerBuilder, LayerRegistry};
 use blocks::{BlockShape, DownBlock, LevelAttention, MidBlock, UpBlock, UpChannels};
 pub use config::UNetConfig;
 
@@ -141,6 +143,24 @@ impl UNet2DConditionModel {
     /// Every adapter-capable layer of the UNet, named by its diffusers module path.
     pub fn layers(&self) -> &LayerRegistry {
         &self.layers
+    }
+
+    /// The layers kohya sd-scripts trains: every Linear and 1x1 convolution inside the transformer blocks
+    /// (`Transformer2DModel`), and with `conv` (LoCon) also the resnets' convolutions, `time_emb_proj` and
+    /// shortcuts, and the down/upsamplers.
+    pub fn lora_targets(&self, conv: bool) -> Vec<Arc<AdapterSlot>> {
+        self.layers
+            .slots()
+            .into_iter()
+            .filter(|slot| {
+                let name = slot.name();
+                let in_transformer = name.contains(".attentions.");
+                let in_conv_block = name.contains(".resnets.")
+                    || name.contains(".downsamplers.")
+                    || name.contains(".upsamplers.");
+                in_transformer || (conv && in_conv_block)
+            })
+            .collect()
     }
 
     /// `sample`: `[batch, in_channels, h, w]`; `timesteps`: `[batch]` (any float dtype, values 0..1000);

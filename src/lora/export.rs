@@ -1,0 +1,212 @@
+//! Writing a trained network as a kohya LoRA file that AUTOMATIC1111, Forge, ComfyUI and diffusers load:
+//! DoRA folded into a plain low-rank delta (with the folding error stated), PiSSA converted exactly to a
+//! rank-2r delta, kohya's `sshs_*` hashes, string metadata, and an optional diffusers/PEFT-layout copy.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::adapter::AdapterKind;
+use super::kohya::LoraError;
+use super::network::{LoraNetwork, NetworkKind};
+use super::svd::{to_matrix, truncated_svd};
+use crate::atomic_file::write_atomically;
+
+/// One module of an exported file.
+#[derive(Debug, Clone)]
+pub struct ExportedModule {
+    pub kohya_name: String,
+    /// The diffusers module path (`down_blocks.0.attentions.0.proj_in`).
+    pub module_path: String,
+    /// The kohya prefix of its component (`lora_unet`, `lora_te`).
+    pub prefix: String,
+    pub down: Tensor,
+    pub up: Tensor,
+    pub alpha: f64,
+}
+
+/// A network turned into plain LoRA modules.
+#[derive(Debug, Clone)]
+pub struct ExportedLora {
+    pub modules: Vec<ExportedModule>,
+    /// How exactly the file reproduces the trained network, for the metadata.
+    pub exactness: String,
+}
+
+impl ExportedLora {
+    /// The largest rank in the file.
+    pub fn max_rank(&self) -> usize {
+        self.modules
+            .iter()
+            .map(|m| m.down.dims()[0])
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// kohya tensors: `NAME.lora_down.weight`, `NAME.lora_up.weight`, `NAME.alpha` (0-dim), in `dtype`.
+    pub fn kohya_tensors(&self, dtype: DType) -> candle_core::Result<Vec<(String, Tensor)>> {
+        let mut tensors = Vec::with_capacity(self.modules.len() * 3);
+        for m in &self.modules {
+            let device = m.down.device();
+            tensors.push((
+                format!("{}.lora_down.weight", m.kohya_name),
+                m.down.to_dtype(dtype)?,
+            ));
+            tensors.push((
+                format!("{}.lora_up.weight", m.kohya_name),
+                m.up.to_dtype(dtype)?,
+            ));
+            tensors.push((
+                format!("{}.alpha", m.kohya_name),
+                Tensor::new(m.alpha as f32, device)?.to_dtype(dtype)?,
+            ));
+        }
+        Ok(tensors)
+    }
+
+    /// The diffusers/PEFT layout: `unet.PATH.lora_A.weight` / `lora_B.weight` with the scale folded into B
+    /// (PEFT assumes alpha = rank when no alpha is stored).
+    pub fn peft_tensors(&self, dtype: DType) -> candle_core::Result<Vec<(String, Tensor)>> {
+        let mut tensors = Vec::new();
+        for m in &self.modules {
+            let component = if m.prefix == super::kohya::UNET_PREFIX {
+                "unet"
+            } else {
+                "text_encoder"
+            };
+            let rank = m.down.dims()[0] as f64;
+            let base = format!("{component}.{}", m.module_path);
+            tensors.push((format!("{base}.lora_A.weight"), m.down.to_dtype(dtype)?));
+            tensors.push((
+                format!("{base}.lora_B.weight"),
+                m.up.affine(m.alpha / rank, 0.0)?.to_dtype(dtype)?,
+            ));
+        }
+        Ok(tensors)
+    }
+}
+
+/// Converts the trained network to plain LoRA modules. DoRA is folded with a truncated SVD of rank
+/// `2 · rank`; PiSSA becomes `[down; down₀]`, `[up, −up₀]` at rank `2 · rank`, exactly.
+pub fn export_network(network: &LoraNetwork) -> candle_core::Result<ExportedLora> {
+    let mut modules = Vec::with_capacity(network.modules().len());
+    let mut worst_fold_error = 0f64;
+    for module in network.modules() {
+        let adapter = &module.adapter;
+        let shape = *module.slot.shape();
+        let device = module.down.device();
+        let prefix = module
+            .name
+            .strip_suffix(&format!("_{}", module.slot.name().replace('.', "_")))
+            .unwrap_or("");
+        let (down, up, alpha) = match adapter.kind() {
+            AdapterKind::Lora => (
+                module.down.as_tensor().copy()?,
+                module.up.as_tensor().copy()?,
+                adapter.alpha(),
+            ),
+            AdapterKind::Pissa { down0, up0 } => {
+                let down = Tensor::cat(&[module.down.as_tensor(), down0], 0)?;
+                let up = Tensor::cat(&[module.up.as_tensor(), &up0.neg()?], 1)?;
+                let rank = down.dims()[0] as f64;
+                (down, up, adapter.scale() * rank)
+            }
+            AdapterKind::Dora { .. } => {
+                let delta = adapter.full_strength_delta(module.slot.weight(), &shape)?;
+                let out = delta.dims()[0];
+                let matrix = to_matrix(&delta.reshape((out, ()))?)?;
+                let rank = 2 * adapter.rank();
+                let svd = truncated_svd(&matrix, rank, module.name.len() as u64);
+                let (up, down) = svd.balanced_factors(1.0, &Device::Cpu)?;
+                let (up, down) = (up.to_device(device)?, down.to_device(device)?);
+                let rebuilt = up.matmul(&down)?;
+                let matrix_norm = matrix.norm();
+                if matrix_norm > 0.0 {
+                    let residual = (rebuilt - delta.reshape((out, ()))?)?
+                        .sqr()?
+                        .sum_all()?
+                        .to_scalar::<f32>()?;
+                    worst_fold_error = worst_fold_error.max((residual as f64).sqrt() / matrix_norm);
+                }
+                let k = down.dims()[0];
+                let (down_dims, up_dims) = super::adapter::adapter_dims(&shape, k);
+                (down.reshape(down_dims)?, up.reshape(up_dims)?, k as f64)
+            }
+        };
+        modules.push(ExportedModule {
+            kohya_name: module.name.clone(),
+            module_path: module.slot.name().to_string(),
+            prefix: prefix.to_string(),
+            down,
+            up,
+            alpha,
+        });
+    }
+    let exactness = match network.spec().kind {
+        NetworkKind::Lora => "exact: the trained LoRA modules".to_string(),
+        NetworkKind::Pissa => {
+            "exact: PiSSA converted to a plain LoRA delta of twice the rank ([down; down0], [up, -up0])".to_string()
+        }
+        NetworkKind::Dora => format!(
+            "approximate: DoRA folded into a plain LoRA delta of twice the rank by truncated SVD; largest relative \
+             Frobenius error of a layer's weight change {worst_fold_error:.3e}"
+        ),
+    };
+    Ok(ExportedLora { modules, exactness })
+}
+
+/// Writes a kohya LoRA file atomically, adding kohya's `sshs_model_hash`/`sshs_legacy_hash`.
+pub fn write_lora_file(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: &BTreeMap<String, String>,
+) -> Result<(), LoraError> {
+    let fail = |reason: String| LoraError::NotKohya {
+        path: path.to_path_buf(),
+        reason,
+    };
+    // kohya hashes a serialisation that carries only the training (ss_*) metadata.
+    let training_only: BTreeMap<String, String> = metadata
+        .iter()
+        .filter(|(k, _)| k.starts_with("ss_"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let for_hash = serialize(tensors, &training_only).map_err(fail)?;
+    let mut metadata = metadata.clone();
+    metadata.insert("sshs_model_hash".to_string(), data_section_hash(&for_hash));
+    metadata.insert("sshs_legacy_hash".to_string(), legacy_hash(&for_hash));
+    let bytes = serialize(tensors, &metadata).map_err(fail)?;
+    write_atomically(path, |w| std::io::Write::write_all(w, &bytes))
+        .map_err(|e| fail(format!("it could not be written ({e})")))
+}
+
+fn serialize(
+    tensors: &[(String, Tensor)],
+    metadata: &BTreeMap<String, String>,
+) -> Result<Vec<u8>, String> {
+    let metadata = Some(
+        metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    );
+    safetensors::serialize(tensors.iter().map(|(name, t)| (name.as_str(), t)), metadata)
+        .map_err(|e| e.to_string())
+}
+
+/// SHA-256 of a safetensors file's tensor data (everything after the header), as A1111 computes it.
+pub fn data_section_hash(file: &[u8]) -> String {
+    let header =
+        file.get(..8)
+            .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]))) as usize;
+    let data = file.get(8 + header..).unwrap_or(&[]);
+    crate::hashing::sha256_hex(data)
+}
+
+/// kohya's legacy hash: the first 8 hex digits of SHA-256 of bytes 0x100000..0x110000.
+pub fn legacy_hash(file: &[u8]) -> String {
+    let start = 0x100000.min(file.len());
+    let end = 0x110000.min(file.len());
+    crate::hashing::sha256_hex(&file[start..end])[..8].to_string()
+}

@@ -1,0 +1,235 @@
+//! Resumable checkpoints: `output_dir/checkpoint-N/` with the adapters, the optimizer state, and
+//! `state.json` (counters, RNG position, config, dataset fingerprint). A checkpoint is written under a
+//! temporary name, synced, and renamed into place, so a crash or a full disk never leaves a half-written
+//! checkpoint under a final name; only the newest `keep` complete checkpoints are kept.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::TrainError;
+use crate::config::TrainConfig;
+
+/// The RNG's exact position.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RngState {
+    pub seed: String,
+    pub stream: u64,
+    /// A u128 as a decimal string (JSON numbers cannot hold it).
+    pub word_pos: String,
+}
+
+impl RngState {
+    pub fn capture(rng: &ChaCha8Rng) -> Self {
+        Self {
+            seed: crate::hashing::hex(&rng.get_seed()),
+            stream: rng.get_stream(),
+            word_pos: rng.get_word_pos().to_string(),
+        }
+    }
+
+    pub fn restore(&self) -> Result<ChaCha8Rng, String> {
+        use rand::SeedableRng;
+        let bytes: Vec<u8> = (0..self.seed.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(self.seed.get(i..i + 2).unwrap_or("zz"), 16))
+            .collect::<Result<_, _>>()
+            .map_err(|_| "the RNG seed is not hexadecimal".to_string())?;
+        let seed: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| "the RNG seed is not 32 bytes".to_string())?;
+        let mut rng = ChaCha8Rng::from_seed(seed);
+        rng.set_stream(self.stream);
+        rng.set_word_pos(
+            self.word_pos
+                .parse()
+                .map_err(|_| "the RNG position is not a number".to_string())?,
+        );
+        Ok(rng)
+    }
+}
+
+/// Everything but the tensors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    pub format_version: u32,
+    pub lora_studio_version: String,
+    /// Optimizer steps completed.
+    pub step: u64,
+    pub rng: RngState,
+    /// Consecutive steps skipped for a non-finite loss.
+    pub nonfinite_streak: u32,
+    /// fp16 dynamic loss scale.
+    pub loss_scale: f64,
+    pub dataset_fingerprint: String,
+    pub images: usize,
+    /// Unix seconds when the run (not this resume) started.
+    pub training_started_at: u64,
+    pub config: TrainConfig,
+}
+
+const STATE_FILE: &str = "state.json";
+const ADAPTERS_FILE: &str = "adapters.safetensors";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
+/// A loaded checkpoint.
+pub struct Checkpoint {
+    pub path: PathBuf,
+    pub state: TrainState,
+    pub adapters: HashMap<String, Tensor>,
+    pub optimizer: HashMap<String, Tensor>,
+}
+
+/// Writes `output_dir/checkpoint-STEP` atomically and prunes old checkpoints.
+pub fn save_checkpoint(
+    output_dir: &Path,
+    state: &TrainState,
+    adapters: &[(String, Tensor)],
+    optimizer: &[(String, Tensor)],
+    keep: usize,
+) -> Result<PathBuf, TrainError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| TrainError::Io { path, source }
+    };
+    let final_dir = output_dir.join(format!("checkpoint-{}", state.step));
+    let temp_dir = output_dir.join(format!(
+        ".checkpoint-{}.tmp-{}",
+        state.step,
+        std::process::id()
+    ));
+    if temp_dir.exists() {
+        std::fs::remove_dir_all(&temp_dir).map_err(io(&temp_dir))?;
+    }
+    std::fs::create_dir_all(&temp_dir).map_err(io(&temp_dir))?;
+    let written = (|| -> Result<(), TrainError> {
+        write_tensors(&temp_dir.join(ADAPTERS_FILE), adapters)?;
+        write_tensors(&temp_dir.join(OPTIMIZER_FILE), optimizer)?;
+        let json = serde_json::to_string_pretty(state).map_err(|e| TrainError::Checkpoint {
+            path: temp_dir.clone(),
+            reason: e.to_string(),
+        })?;
+        let state_path = temp_dir.join(STATE_FILE);
+        crate::atomic_file::write_atomically(&state_path, |w| {
+            std::io::Write::write_all(w, json.as_bytes())
+        })
+        .map_err(io(&state_path))?;
+        Ok(())
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&temp_dir);
+        return Err(e);
+    }
+    // Replace an older checkpoint of the same step (a resumed run saving again) only once the new one is whole.
+    if final_dir.exists() {
+        let stale = output_dir.join(format!(
+            ".checkpoint-{}.old-{}",
+            state.step,
+            std::process::id()
+        ));
+        std::fs::rename(&final_dir, &stale).map_err(io(&final_dir))?;
+        std::fs::rename(&temp_dir, &final_dir).map_err(io(&final_dir))?;
+        let _ = std::fs::remove_dir_all(&stale);
+    } else {
+        std::fs::rename(&temp_dir, &final_dir).map_err(io(&final_dir))?;
+    }
+    sync_dir(output_dir);
+    prune(output_dir, keep)?;
+    Ok(final_dir)
+}
+
+fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<(), TrainError> {
+    let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None)
+        .map_err(|e| TrainError::Checkpoint {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    crate::atomic_file::write_atomically(path, |w| std::io::Write::write_all(w, &bytes)).map_err(
+        |source| TrainError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+    )
+}
+
+/// Makes a rename durable (best effort: not every file system supports syncing a folder).
+fn sync_dir(dir: &Path) {
+    if let Ok(handle) = std::fs::File::open(dir) {
+        let _ = handle.sync_all();
+    }
+}
+
+/// The complete checkpoints in `output_dir`, oldest first.
+pub fn list_checkpoints(output_dir: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(output_dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(u64, PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            e.path()
+                .join(STATE_FILE)
+                .is_file()
+                .then(|| (step, e.path()))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+fn prune(output_dir: &Path, keep: usize) -> Result<(), TrainError> {
+    let all = list_checkpoints(output_dir);
+    for (_, path) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
+        std::fs::remove_dir_all(path).map_err(|source| TrainError::Io {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Reads a checkpoint folder (or, given an output folder, its newest checkpoint).
+pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint, TrainError> {
+    let dir = if path.join(STATE_FILE).is_file() {
+        path.to_path_buf()
+    } else {
+        list_checkpoints(path)
+            .pop()
+            .map(|(_, p)| p)
+            .ok_or_else(|| TrainError::Checkpoint {
+                path: path.to_path_buf(),
+                reason: "it is not a checkpoint folder and contains no checkpoint-N folders"
+                    .to_string(),
+            })?
+    };
+    let bad = |reason: String| TrainError::Checkpoint {
+        path: dir.clone(),
+        reason,
+    };
+    let state_path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&state_path).map_err(|source| TrainError::Io {
+        path: state_path,
+        source,
+    })?;
+    let state: TrainState =
+        serde_json::from_str(&text).map_err(|e| bad(format!("its state.json is damaged ({e})")))?;
+    let read = |name: &str| -> Result<HashMap<String, Tensor>, TrainError> {
+        candle_core::safetensors::load(dir.join(name), device).map_err(|e| {
+            bad(format!(
+                "{name} cannot be read ({})",
+                crate::tensor_file::plain_error(&e)
+            ))
+        })
+    };
+    Ok(Checkpoint {
+        adapters: read(ADAPTERS_FILE)?,
+        optimizer: read(OPTIMIZER_FILE)?,
+        state,
+        path: dir,
+    })
+}

@@ -1,0 +1,87 @@
+//! Training: the loop, optimizers, learning-rate schedules, noise and loss, resumable checkpoints,
+//! TensorBoard logs, sample previews and the LoRA export. It reports through [`TrainReporter`] so the terminal
+//! and the app's worker drive the same code. Must not use egui, messages or worker.
+
+mod checkpoint;
+mod inputs;
+mod metadata;
+mod noise;
+mod optimizer;
+mod report;
+mod run;
+mod samples;
+mod schedule;
+pub mod tensorboard;
+
+use std::path::PathBuf;
+
+pub use checkpoint::{Checkpoint, TrainState, list_checkpoints, load_checkpoint};
+pub use metadata::tag_frequency;
+pub use optimizer::{Optimizer, OptimizerSettings};
+pub use report::{CancelToken, SilentReporter, StepReport, TrainPlan, TrainReporter};
+pub use run::{latest_checkpoint, train};
+pub use schedule::lr_factor;
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrainStop {
+    Finished,
+    Cancelled,
+    /// Too many steps in a row had a non-finite loss.
+    NonFiniteLoss,
+}
+
+/// The result of a run.
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    /// The exported kohya LoRA file.
+    pub lora_path: PathBuf,
+    /// The last checkpoint written.
+    pub checkpoint: Option<PathBuf>,
+    /// Optimizer steps completed.
+    pub steps: u64,
+    pub stop: TrainStop,
+}
+
+/// What can stop a run.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Config(Box<crate::config::ConfigError>),
+    #[error(transparent)]
+    Data(Box<crate::data::DataError>),
+    #[error(transparent)]
+    Model(Box<crate::models::ModelError>),
+    #[error(transparent)]
+    Lora(Box<crate::lora::LoraError>),
+    #[error("cannot write {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the checkpoint {}: {reason}", path.display())]
+    Checkpoint { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Device(String),
+    #[error("{}", crate::tensor_file::plain_error(.0))]
+    Compute(Box<candle_core::Error>),
+}
+
+/// Boxed conversions keep `TrainError` small.
+macro_rules! boxed_from {
+    ($($source:ty => $variant:ident),*) => {$(
+        impl From<$source> for TrainError {
+            fn from(error: $source) -> Self {
+                TrainError::$variant(Box::new(error))
+            }
+        }
+    )*};
+}
+
+boxed_from!(
+    crate::config::ConfigError => Config,
+    crate::data::DataError => Data,
+    crate::models::ModelError => Model,
+    crate::lora::LoraError => Lora,
+    candle_core::Error => Compute
+);

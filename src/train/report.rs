@@ -1,0 +1,66 @@
+//! How training tells the outside world what it is doing (terminal, app worker, tests) and how it is told
+//! to stop. Plain data only.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// A request to stop, shared between threads; training checks it between steps.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// What a run will do, reported once before the first step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainPlan {
+    pub images: usize,
+    pub samples_per_epoch: usize,
+    pub steps_per_epoch: u64,
+    pub total_steps: u64,
+    pub epochs: u64,
+    pub first_step: u64,
+    pub trainable_parameters: usize,
+    pub adapters: usize,
+}
+
+/// One optimizer step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// Steps completed (1-based).
+    pub step: u64,
+    pub total_steps: u64,
+    /// Epoch (1-based) the step belongs to.
+    pub epoch: u64,
+    pub loss: f64,
+    pub lr: f64,
+    /// Seconds the step took.
+    pub seconds: f64,
+    /// The step's loss was not finite and the update was skipped.
+    pub skipped: bool,
+}
+
+/// Receives progress. Every method has an empty default.
+pub trait TrainReporter {
+    /// A preparation stage (`"encoding latents"`) advanced to `done` of `total`.
+    fn stage(&mut self, _stage: &str, _done: usize, _total: usize) {}
+    fn plan(&mut self, _plan: &TrainPlan) {}
+    fn step(&mut self, _report: &StepReport) {}
+    fn sample(&mut self, _path: &Path, _step: u64) {}
+    fn checkpoint(&mut self, _path: &Path, _step: u64) {}
+    /// A sentence worth showing (dataset problems, resume notes, warnings).
+    fn message(&mut self, _text: &str) {}
+}
+
+/// A reporter that ignores everything.
+pub struct SilentReporter;
+
+impl TrainReporter for SilentReporter {}
