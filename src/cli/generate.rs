@@ -87,7 +87,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let loras = args
         .loras
         .iter()
-        .map(|spec| parse_lora_spec(spec))
+        .map(|spec| super::parse_lora_spec(spec))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let device = open_device(args.device).map_err(anyhow::Error::msg)?;
     let dtype = inference_dtype(&device);
@@ -172,23 +172,6 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         .with_context(|| format!("could not write the image to {}", args.out.display()))?;
     eprintln!("wrote {} (seed {seed})", args.out.display());
     Ok(())
-}
-
-/// `FILE` or `FILE:STRENGTH`; a suffix that is not a number is part of the path (e.g. `C:\…`).
-fn parse_lora_spec(spec: &str) -> anyhow::Result<(PathBuf, f64)> {
-    let (path, strength) = match spec.rsplit_once(':') {
-        Some((path, strength)) if !path.is_empty() => match strength.parse::<f64>() {
-            Ok(s) if s.is_finite() => (path, s),
-            Ok(_) => bail!("the LoRA strength in `{spec}` is not a finite number"),
-            Err(_) => (spec, 1.0),
-        },
-        _ => (spec, 1.0),
-    };
-    let path = PathBuf::from(path);
-    if !path.is_file() {
-        bail!("the LoRA file {} does not exist", path.display());
-    }
-    Ok((path, strength))
 }
 
 /// Reads `--init-noise`: a safetensors file whose tensor `latents` has exactly the latent shape.

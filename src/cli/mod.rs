@@ -3,10 +3,14 @@
 
 mod generate;
 mod inspect;
+mod merge;
 mod train;
 
 use std::process::ExitCode;
 
+use std::path::PathBuf;
+
+use anyhow::bail;
 use clap::{Parser, Subcommand};
 
 use crate::build_info::LONG_VERSION;
@@ -27,6 +31,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Train a LoRA from a folder of images.
     Train(train::TrainArgs),
+    /// Merge LoRA files into a base model and write one single-file checkpoint.
+    Merge(merge::MergeArgs),
 }
 
 /// Parses the command line and runs it.
@@ -36,6 +42,7 @@ pub fn run() -> ExitCode {
         Some(Command::Generate(args)) => generate::run(*args),
         Some(Command::Inspect(args)) => inspect::run(args),
         Some(Command::Train(args)) => train::run(args),
+        Some(Command::Merge(args)) => merge::run(args),
         None => open_app(),
     };
     match result {
@@ -57,4 +64,21 @@ fn open_app() -> anyhow::Result<()> {
     anyhow::bail!(
         "this build has no desktop app (it was built without the `gui` feature); run `lora-studio --help` for the commands"
     )
+}
+
+/// `FILE` or `FILE:STRENGTH`; a suffix that is not a number is part of the path (e.g. `C:\…`).
+pub(crate) fn parse_lora_spec(spec: &str) -> anyhow::Result<(PathBuf, f64)> {
+    let (path, strength) = match spec.rsplit_once(':') {
+        Some((path, strength)) if !path.is_empty() => match strength.parse::<f64>() {
+            Ok(s) if s.is_finite() => (path, s),
+            Ok(_) => bail!("the LoRA strength in `{spec}` is not a finite number"),
+            Err(_) => (spec, 1.0),
+        },
+        _ => (spec, 1.0),
+    };
+    let path = PathBuf::from(path);
+    if !path.is_file() {
+        bail!("the LoRA file {} does not exist", path.display());
+    }
+    Ok((path, strength))
 }

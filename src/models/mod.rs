@@ -8,6 +8,7 @@
 pub mod checkpoint;
 pub mod clip;
 pub mod inspect;
+pub mod merge;
 mod nn;
 mod ops;
 pub mod pipeline;

@@ -84,3 +84,48 @@ pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, tolerance: f
         max_abs(expected)
     );
 }
+
+/// Writes `count` small PNG images with a `metadata.csv` of captions into `dir` and returns it.
+pub fn make_dataset(dir: &std::path::Path, count: usize) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut csv = String::from("file_name,text\n");
+    for i in 0..count {
+        let (w, h) = [(64, 64), (96, 64), (64, 96)][i % 3];
+        let image = image::RgbImage::from_fn(w, h, |x, y| {
+            let on = (x / 16 + y / 16 + i as u32) % 2 == 0;
+            if on {
+                image::Rgb([255, 0, 255])
+            } else {
+                image::Rgb([20, 20, 60 + 20 * (i as u8 % 5)])
+            }
+        });
+        image.save(dir.join(format!("img{i}.png"))).unwrap();
+        csv.push_str(&format!("img{i}.png,\"neon city {i}, magenta squares\"\n"));
+    }
+    std::fs::write(dir.join("metadata.csv"), csv).unwrap();
+    dir.to_path_buf()
+}
+
+/// A training config on the tiny SD1 model over `data`, writing to `output`.
+pub fn tiny_config(
+    data: &std::path::Path,
+    output: &std::path::Path,
+) -> lora_studio::config::TrainConfig {
+    lora_studio::config::TrainConfig {
+        train_data_dir: data.to_path_buf(),
+        base_model: fixture("sd1"),
+        output_dir: output.to_path_buf(),
+        output_name: "tiny".to_string(),
+        resolution: 64,
+        min_bucket_reso: 64,
+        max_bucket_reso: 128,
+        lora_rank: 4,
+        lora_alpha: 4.0,
+        batch_size: 2,
+        max_train_steps: Some(10),
+        learning_rate: 1e-3,
+        log_with: lora_studio::config::LogWith::None,
+        device: "cpu".to_string(),
+        ..Default::default()
+    }
+}

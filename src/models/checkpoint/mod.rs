@@ -23,8 +23,9 @@ use crate::models::tokenizer::END_OF_TEXT;
 use crate::models::unet::{UNet2DConditionModel, UNetConfig};
 use crate::models::vae::{AutoencoderKL, VaeConfig};
 use crate::tensor_file::TensorFile;
+use backend::ComponentBackend;
+pub use backend::NameMap;
 pub use backend::TensorFiles;
-use backend::{ComponentBackend, NameMap};
 pub use infer::TextEncoderLayout;
 
 /// The model families this program runs.
@@ -77,10 +78,19 @@ impl CheckpointLayout {
     }
 }
 
+/// Where one component's tensors are stored and how its names map.
 #[derive(Debug, Clone)]
-struct Component {
-    files: Arc<TensorFiles>,
-    names: NameMap,
+pub struct Component {
+    pub files: Arc<TensorFiles>,
+    pub names: NameMap,
+}
+
+/// The three components of a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ComponentKind {
+    Unet,
+    Vae,
+    TextEncoder,
 }
 
 /// A located model: its configuration and where each component's tensors are.
@@ -125,6 +135,15 @@ impl ModelSource {
     /// Config files that were read (sidecars or diffusers `config.json`s).
     pub fn config_files(&self) -> &[PathBuf] {
         &self.config_files
+    }
+
+    /// Where a component's tensors are.
+    pub fn component(&self, kind: ComponentKind) -> &Component {
+        match kind {
+            ComponentKind::Unet => &self.unet,
+            ComponentKind::Vae => &self.vae,
+            ComponentKind::TextEncoder => &self.text_encoder,
+        }
     }
 
     /// Overrides what the model is taken to predict (for checkpoints without a config saying so).
