@@ -92,7 +92,7 @@ pub fn make_dataset(dir: &std::path::Path, count: usize) -> PathBuf {
     for i in 0..count {
         let (w, h) = [(64, 64), (96, 64), (64, 96)][i % 3];
         let image = image::RgbImage::from_fn(w, h, |x, y| {
-            let on = (x / 16 + y / 16 + i as u32) % 2 == 0;
+            let on = (x / 16 + y / 16 + i as u32).is_multiple_of(2);
             if on {
                 image::Rgb([255, 0, 255])
             } else {
