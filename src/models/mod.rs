@@ -6,6 +6,7 @@
 //! messages, train or worker.
 
 pub mod checkpoint;
+pub mod checkpointing;
 pub mod clip;
 pub mod inspect;
 pub mod merge;

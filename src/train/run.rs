@@ -27,6 +27,7 @@ use crate::lora::{
     LoraNetwork, NetworkKind, NetworkSpec, TargetComponent, export_network, write_lora_file,
 };
 use crate::models::checkpoint::ModelSource;
+use crate::models::checkpointing::CheckpointGrads;
 use crate::models::pipeline::StableDiffusion;
 use crate::models::schedulers::PredictionType;
 
@@ -71,8 +72,12 @@ pub fn train(
         });
     }
     reporter.stage("loading the base model", 0, 1);
-    let model = StableDiffusion::load(&source, &device, dtype)?;
+    let mut model = StableDiffusion::load(&source, &device, dtype)?;
     reporter.stage("loading the base model", 1, 1);
+    let checkpoint_grads = config.gradient_checkpointing.then(CheckpointGrads::default);
+    model
+        .unet
+        .set_gradient_checkpointing(checkpoint_grads.clone());
     let family = source.config().family;
     drop(source);
 
@@ -235,7 +240,9 @@ pub fn train(
             let scaled = (loss * (state.loss_scale / micro_batches.len() as f64))?;
             let grads = scaled.backward()?;
             for (slot, var) in accumulated.iter_mut().zip(&vars) {
-                if let Some(g) = grads.get(var) {
+                // A variable inside a checkpointed block gets its gradient from the recomputation.
+                let recomputed = checkpoint_grads.as_ref().and_then(|store| store.take(var));
+                for g in [grads.get(var).cloned(), recomputed].into_iter().flatten() {
                     let g = g.to_dtype(DType::F32)?;
                     *slot = Some(match slot.take() {
                         Some(sum) => (sum + g)?,

@@ -3,8 +3,11 @@
 
 use candle_core::{Result, Tensor};
 
+use std::sync::Arc;
+
 use super::transformer::{SpatialTransformer, TransformerShape};
 use crate::lora::{AdaptableConv2d, LayerBuilder};
+use crate::models::checkpointing::{CheckpointGrads, checkpointed};
 use crate::models::resnet::{ResnetBlock2D, ResnetShape};
 
 /// What every block of one UNet shares.
@@ -36,6 +39,62 @@ impl BlockShape {
             context_dim: self.context_dim,
             groups: self.groups,
             linear_projection: self.linear_projection,
+        }
+    }
+}
+
+/// What every block's forward pass receives besides its input.
+#[derive(Clone, Copy)]
+pub struct BlockInputs<'a> {
+    /// The (not yet activated) time embedding.
+    pub temb: &'a Tensor,
+    /// The text-encoder hidden states.
+    pub context: &'a Tensor,
+    /// Where recomputed blocks leave their variables' gradients, and the anchor that keeps them in the
+    /// graph, when checkpointing.
+    pub checkpointing: Option<(&'a CheckpointGrads, &'a Tensor)>,
+}
+
+/// Runs a resnet, recomputing it in the backward pass when checkpointing.
+fn run_resnet(
+    resnet: &ResnetBlock2D,
+    x: &Tensor,
+    temb: &Tensor,
+    ckpt: Option<(&CheckpointGrads, &Tensor)>,
+) -> Result<Tensor> {
+    match ckpt {
+        None => resnet.forward(x, Some(temb)),
+        Some((store, anchor)) => {
+            let resnet = resnet.clone();
+            checkpointed(
+                Arc::new(move |x, temb| resnet.forward(x, Some(temb))),
+                x,
+                temb,
+                anchor,
+                store,
+            )
+        }
+    }
+}
+
+/// Runs a spatial transformer, recomputing it in the backward pass when checkpointing.
+fn run_attention(
+    attention: &SpatialTransformer,
+    x: &Tensor,
+    context: &Tensor,
+    ckpt: Option<(&CheckpointGrads, &Tensor)>,
+) -> Result<Tensor> {
+    match ckpt {
+        None => attention.forward(x, context),
+        Some((store, anchor)) => {
+            let attention = attention.clone();
+            checkpointed(
+                Arc::new(move |x, context| attention.forward(x, context)),
+                x,
+                context,
+                anchor,
+                store,
+            )
         }
     }
 }
@@ -100,18 +159,18 @@ impl DownBlock {
     }
 
     /// Returns the block output and the skip connections it produces (one per resnet, plus the downsampled).
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        temb: &Tensor,
-        context: &Tensor,
-    ) -> Result<(Tensor, Vec<Tensor>)> {
+    pub fn forward(&self, x: &Tensor, inputs: BlockInputs) -> Result<(Tensor, Vec<Tensor>)> {
+        let BlockInputs {
+            temb,
+            context,
+            checkpointing: ckpt,
+        } = inputs;
         let mut h = x.clone();
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
         for (j, resnet) in self.resnets.iter().enumerate() {
-            h = resnet.forward(&h, Some(temb))?;
+            h = run_resnet(resnet, &h, temb, ckpt)?;
             if let Some(attention) = self.attentions.get(j) {
-                h = attention.forward(&h, context)?;
+                h = run_attention(attention, &h, context, ckpt)?;
             }
             skips.push(h.clone());
         }
@@ -148,10 +207,15 @@ impl MidBlock {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let h = self.first.forward(x, Some(temb))?;
-        let h = self.attention.forward(&h, context)?;
-        self.second.forward(&h, Some(temb))
+    pub fn forward(&self, x: &Tensor, inputs: BlockInputs) -> Result<Tensor> {
+        let BlockInputs {
+            temb,
+            context,
+            checkpointing: ckpt,
+        } = inputs;
+        let h = run_resnet(&self.first, x, temb, ckpt)?;
+        let h = run_attention(&self.attention, &h, context, ckpt)?;
+        run_resnet(&self.second, &h, temb, ckpt)
     }
 }
 
@@ -232,18 +296,22 @@ impl UpBlock {
         &self,
         x: &Tensor,
         skips: &mut Vec<Tensor>,
-        temb: &Tensor,
-        context: &Tensor,
+        inputs: BlockInputs,
         upsample_to: Option<(usize, usize)>,
     ) -> Result<Tensor> {
+        let BlockInputs {
+            temb,
+            context,
+            checkpointing: ckpt,
+        } = inputs;
         let mut h = x.clone();
         for (j, resnet) in self.resnets.iter().enumerate() {
             let Some(skip) = skips.pop() else {
                 candle_core::bail!("the UNet ran out of skip connections");
             };
-            h = resnet.forward(&Tensor::cat(&[&h, &skip], 1)?, Some(temb))?;
+            h = run_resnet(resnet, &Tensor::cat(&[&h, &skip], 1)?, temb, ckpt)?;
             if let Some(attention) = self.attentions.get(j) {
-                h = attention.forward(&h, context)?;
+                h = run_attention(attention, &h, context, ckpt)?;
             }
         }
         if let Some(conv) = &self.upsampler {

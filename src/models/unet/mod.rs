@@ -11,7 +11,8 @@ use candle_nn::{GroupNorm, Module};
 use std::sync::Arc;
 
 use crate::lora::{AdaptableConv2d, AdaptableLinear, AdapterSlot, LayerBuilder, LayerRegistry};
-use blocks::{BlockShape, DownBlock, LevelAttention, MidBlock, UpBlock, UpChannels};
+use crate::models::checkpointing::{CheckpointGrads, trainable_anchor};
+use blocks::{BlockInputs, BlockShape, DownBlock, LevelAttention, MidBlock, UpBlock, UpChannels};
 pub use config::UNetConfig;
 
 /// The denoising network: predicts noise (or velocity) from a noisy latent, a timestep and text context.
@@ -27,6 +28,7 @@ pub struct UNet2DConditionModel {
     conv_out: AdaptableConv2d,
     config: UNetConfig,
     layers: LayerRegistry,
+    checkpointing: Option<CheckpointGrads>,
 }
 
 impl UNet2DConditionModel {
@@ -133,6 +135,7 @@ impl UNet2DConditionModel {
             conv_out,
             config: config.clone(),
             layers,
+            checkpointing: None,
         })
     }
 
@@ -143,6 +146,12 @@ impl UNet2DConditionModel {
     /// Every adapter-capable layer of the UNet, named by its diffusers module path.
     pub fn layers(&self) -> &LayerRegistry {
         &self.layers
+    }
+
+    /// Turns gradient checkpointing of the resnets and transformers on (recomputed in the backward pass, their
+    /// variables' gradients left in `store`) or off.
+    pub fn set_gradient_checkpointing(&mut self, store: Option<CheckpointGrads>) {
+        self.checkpointing = store;
     }
 
     /// The layers kohya sd-scripts trains: every Linear and 1x1 convolution inside the transformer blocks
@@ -177,14 +186,31 @@ impl UNet2DConditionModel {
             .time_linear_2
             .forward(&self.time_linear_1.forward(&emb)?.silu()?)?;
 
+        let anchor = match &self.checkpointing {
+            Some(_) => {
+                let slots = self.layers.slots();
+                let adapters: Vec<_> = slots.iter().flat_map(|s| s.adapters()).collect();
+                Some(trainable_anchor(
+                    adapters.iter().map(|a| a.down()),
+                    sample.device(),
+                )?)
+            }
+            None => None,
+        };
+        let checkpointing = self.checkpointing.as_ref().zip(anchor.as_ref());
+        let inputs = BlockInputs {
+            temb: &temb,
+            context,
+            checkpointing,
+        };
         let mut h = self.conv_in.forward(sample)?;
         let mut skips = vec![h.clone()];
         for block in &self.down_blocks {
-            let (out, block_skips) = block.forward(&h, &temb, context)?;
+            let (out, block_skips) = block.forward(&h, inputs)?;
             h = out;
             skips.extend(block_skips);
         }
-        h = self.mid_block.forward(&h, &temb, context)?;
+        h = self.mid_block.forward(&h, inputs)?;
         for block in &self.up_blocks {
             // The skips left after this block's are the next level's; their size is where to upsample to.
             let remaining = skips.len().saturating_sub(block.skips_needed());
@@ -193,7 +219,7 @@ impl UNet2DConditionModel {
                 .map(|i| skips[i].dims4())
                 .transpose()?
                 .map(|(_, _, h, w)| (h, w));
-            h = block.forward(&h, &mut skips, &temb, context, upsample_to)?;
+            h = block.forward(&h, &mut skips, inputs, upsample_to)?;
         }
         let h = self.conv_norm_out.forward(&h)?.silu()?;
         self.conv_out.forward(&h)
