@@ -294,3 +294,87 @@ fn a_diverging_run_stops_and_keeps_a_checkpoint() {
             .is_some_and(|p| p.join("state.json").is_file())
     );
 }
+
+/// The UNet output on the reference inputs with a network restored from a checkpoint.
+fn unet_with_checkpoint(
+    checkpoint: &std::path::Path,
+    kind: lora_studio::lora::NetworkKind,
+    config: &TrainConfig,
+) -> Tensor {
+    use lora_studio::lora::{LoraNetwork, NetworkSpec, TargetComponent};
+    let source = ModelSource::open(&fixture("sd1")).unwrap();
+    let model = StableDiffusion::load(&source, &Device::Cpu, DType::F32).unwrap();
+    let spec = NetworkSpec {
+        rank: config.lora_rank as usize,
+        alpha: config.lora_alpha as f64,
+        conv_rank: config.conv_rank as usize,
+        conv_alpha: config.conv_alpha as f64,
+        kind,
+    };
+    let targets = [TargetComponent {
+        prefix: "lora_unet",
+        slots: model.unet.lora_targets(false),
+    }];
+    let network = LoraNetwork::create(&targets, spec, config.seed, &Device::Cpu).unwrap();
+    let saved = load_checkpoint(checkpoint, &Device::Cpu).unwrap();
+    network.load_state(&saved.adapters).unwrap();
+    let reference = Reference::open("sd1");
+    model
+        .unet
+        .forward(
+            &reference.f32("unet.sample"),
+            &reference.f32("unet.timestep"),
+            &reference.f32("unet.encoder_hidden_states"),
+        )
+        .unwrap()
+}
+
+#[test]
+fn pissa_exports_exactly_and_dora_within_its_stated_error() {
+    use lora_studio::lora::NetworkKind;
+    let dir = tempfile::tempdir().unwrap();
+    let data = make_dataset(&dir.path().join("data"), 3);
+    let base = unet_with_lora(&fixture("sd1"), None);
+    for (kind, name) in [(NetworkKind::Pissa, "pissa"), (NetworkKind::Dora, "dora")] {
+        let config = TrainConfig {
+            max_train_steps: Some(8),
+            learning_rate: 5e-3,
+            pissa: kind == NetworkKind::Pissa,
+            dora: kind == NetworkKind::Dora,
+            save_precision: lora_studio::config::SavePrecision::Fp32,
+            ..tiny_config(&data, &dir.path().join(name))
+        };
+        let outcome = run(&config);
+        let trained = unet_with_checkpoint(outcome.checkpoint.as_ref().unwrap(), kind, &config);
+        assert!(
+            max_abs_diff(&trained, &base) > 1e-3,
+            "{name}: training changed nothing"
+        );
+        let exported = unet_with_lora(&fixture("sd1"), Some((&outcome.lora_path, 1.0)));
+        let file = TensorFile::open(&outcome.lora_path).unwrap();
+        let exactness = file.metadata()["lora_studio.exactness"].clone();
+        let error = max_abs_diff(&exported, &trained);
+        match kind {
+            NetworkKind::Pissa => {
+                assert!(error < 1e-4, "PiSSA export differs by {error}");
+                assert!(exactness.starts_with("exact"), "{exactness}");
+                assert_eq!(
+                    file.metadata()["ss_network_dim"],
+                    "8",
+                    "PiSSA exports at twice the rank"
+                );
+            }
+            _ => {
+                let change = max_abs_diff(&trained, &base);
+                assert!(
+                    error < 0.05 * change,
+                    "DoRA export differs by {error} for a change of {change}"
+                );
+                assert!(
+                    exactness.starts_with("approximate") && exactness.contains("error"),
+                    "{exactness}"
+                );
+            }
+        }
+    }
+}

@@ -20,6 +20,7 @@ pub enum AlphaMode {
 #[serde(rename_all = "snake_case")]
 pub enum OptimizerKind {
     #[default]
+    #[serde(rename = "adamw", alias = "adam_w", alias = "AdamW")]
     AdamW,
     /// Factored second moments and no first moment: almost no optimizer memory.
     Adafactor,

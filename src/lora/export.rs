@@ -87,8 +87,8 @@ impl ExportedLora {
     }
 }
 
-/// Converts the trained network to plain LoRA modules. DoRA is folded with a truncated SVD of rank
-/// `2 · rank`; PiSSA becomes `[down; down₀]`, `[up, −up₀]` at rank `2 · rank`, exactly.
+/// Converts the trained network to plain LoRA modules. DoRA is folded with a truncated SVD (see
+/// [`fold_to_low_rank`]); PiSSA becomes `[down; down₀]`, `[up, −up₀]` at rank `2 · rank`, exactly.
 pub fn export_network(network: &LoraNetwork) -> candle_core::Result<ExportedLora> {
     let mut modules = Vec::with_capacity(network.modules().len());
     let mut worst_fold_error = 0f64;
@@ -114,21 +114,10 @@ pub fn export_network(network: &LoraNetwork) -> candle_core::Result<ExportedLora
             }
             AdapterKind::Dora { .. } => {
                 let delta = adapter.full_strength_delta(module.slot.weight(), &shape)?;
-                let out = delta.dims()[0];
-                let matrix = to_matrix(&delta.reshape((out, ()))?)?;
-                let rank = 2 * adapter.rank();
-                let svd = truncated_svd(&matrix, rank, module.name.len() as u64);
-                let (up, down) = svd.balanced_factors(1.0, &Device::Cpu)?;
-                let (up, down) = (up.to_device(device)?, down.to_device(device)?);
-                let rebuilt = up.matmul(&down)?;
-                let matrix_norm = matrix.norm();
-                if matrix_norm > 0.0 {
-                    let residual = (rebuilt - delta.reshape((out, ()))?)?
-                        .sqr()?
-                        .sum_all()?
-                        .to_scalar::<f32>()?;
-                    worst_fold_error = worst_fold_error.max((residual as f64).sqrt() / matrix_norm);
-                }
+                let (factors, error) =
+                    fold_to_low_rank(&delta, 2 * adapter.rank(), module.name.len() as u64)?;
+                worst_fold_error = worst_fold_error.max(error);
+                let (up, down) = (factors.0.to_device(device)?, factors.1.to_device(device)?);
                 let k = down.dims()[0];
                 let (down_dims, up_dims) = super::adapter::adapter_dims(&shape, k);
                 (down.reshape(down_dims)?, up.reshape(up_dims)?, k as f64)
@@ -149,11 +138,43 @@ pub fn export_network(network: &LoraNetwork) -> candle_core::Result<ExportedLora
             "exact: PiSSA converted to a plain LoRA delta of twice the rank ([down; down0], [up, -up0])".to_string()
         }
         NetworkKind::Dora => format!(
-            "approximate: DoRA folded into a plain LoRA delta of twice the rank by truncated SVD; largest relative \
-             Frobenius error of a layer's weight change {worst_fold_error:.3e}"
+            "approximate: DoRA folded into a plain LoRA delta by truncated SVD (rank doubled per layer until the \
+             error is within {DORA_FOLD_TOLERANCE}); largest relative Frobenius error of a layer's weight change \
+             {worst_fold_error:.3e}"
         ),
     };
     Ok(ExportedLora { modules, exactness })
+}
+
+/// Largest relative (Frobenius) error a folded DoRA layer may keep before its rank is doubled.
+const DORA_FOLD_TOLERANCE: f64 = 0.01;
+
+/// The smallest `(up, down)` factorisation (rank `start`, doubled as needed) whose relative error is within
+/// [`DORA_FOLD_TOLERANCE`]: DoRA's magnitude rescales whole rows of `W`, which no fixed low rank captures.
+fn fold_to_low_rank(
+    delta: &Tensor,
+    start: usize,
+    seed: u64,
+) -> candle_core::Result<((Tensor, Tensor), f64)> {
+    let out = delta.dims()[0];
+    let flat = delta.reshape((out, ()))?;
+    let matrix = to_matrix(&flat)?;
+    let full_rank = matrix.nrows().min(matrix.ncols());
+    let norm = matrix.norm();
+    let mut rank = start.min(full_rank).max(1);
+    loop {
+        let (up, down) = truncated_svd(&matrix, rank, seed).balanced_factors(1.0, &Device::Cpu)?;
+        let residual = (up.matmul(&down)? - flat.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)?;
+        let error = if norm > 0.0 {
+            (residual.sqr()?.sum_all()?.to_scalar::<f32>()? as f64).sqrt() / norm
+        } else {
+            0.0
+        };
+        if error <= DORA_FOLD_TOLERANCE || rank >= full_rank {
+            return Ok(((up, down), error));
+        }
+        rank = (rank * 2).min(full_rank);
+    }
 }
 
 /// Writes a kohya LoRA file atomically, adding kohya's `sshs_model_hash`/`sshs_legacy_hash`.
