@@ -118,8 +118,13 @@ fn event_file_reads_back_with_scalars_and_sample_images() {
     let records = records(&std::fs::read(&file).unwrap());
 
     let first = fields(&records[0]);
-    let (1, Field::Fixed64(wall_time)) = first[0] else { panic!("the first field is not wall_time") };
-    assert!(f64::from_bits(wall_time) > 1.6e9, "wall_time is Unix seconds");
+    let (1, Field::Fixed64(wall_time)) = first[0] else {
+        panic!("the first field is not wall_time")
+    };
+    assert!(
+        f64::from_bits(wall_time) > 1.6e9,
+        "wall_time is Unix seconds"
+    );
     assert!(matches!(&first[1], (3, Field::Bytes(v)) if v == b"brain.Event:2"));
 
     let mut losses = Vec::new();

@@ -1,0 +1,264 @@
+//! The dataset as a user lays it out: caption sources and their precedence, kohya's folder repeats, paths
+//! that try to leave the folder, EXIF orientation, transparency, and the latent cache across runs.
+
+mod common;
+
+use std::path::Path;
+
+use candle_core::Device;
+use common::{make_dataset, tiny_config};
+use lora_studio::config::{AlphaMode, TrainConfig};
+use lora_studio::data::captions::CaptionSource;
+use lora_studio::data::images::{CropPlan, load_oriented, prepare};
+use lora_studio::data::scan::oriented_dimensions;
+use lora_studio::data::scan_dataset;
+use lora_studio::train::{CancelToken, TrainReporter, train};
+
+fn config(data: &Path) -> TrainConfig {
+    TrainConfig {
+        train_data_dir: data.to_path_buf(),
+        base_model: "unused".into(),
+        ..Default::default()
+    }
+}
+
+fn png(path: &Path, w: u32, h: u32) {
+    image::RgbImage::from_pixel(w, h, image::Rgb([10, 200, 30]))
+        .save(path)
+        .unwrap();
+}
+
+#[test]
+fn captions_come_from_csv_then_sidecars_then_the_instance_prompt() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    for name in ["a.png", "b.png", "c.png", "d.png"] {
+        png(&root.join(name), 64, 64);
+    }
+    std::fs::create_dir(root.join("10_extra")).unwrap();
+    png(&root.join("10_extra/e.png"), 64, 64);
+    // No header, a quoted caption with commas, and a CSV entry for an image that also has a sidecar.
+    std::fs::write(
+        root.join("metadata.csv"),
+        "a.png,\"neon, rain\"\nb.png,from csv\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("b.txt"), "from sidecar").unwrap();
+    std::fs::write(
+        root.join("c.caption"),
+        "\u{feff}from caption file\nsecond line ignored",
+    )
+    .unwrap();
+    let cfg = TrainConfig {
+        instance_prompt: None,
+        trigger_word: Some("cyb3r".into()),
+        repeats: 2,
+        ..config(root)
+    };
+    let dataset = scan_dataset(&cfg).unwrap();
+    let by_name = |n: &str| {
+        dataset
+            .items
+            .iter()
+            .find(|i| i.relative.to_string_lossy() == n)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(by_name("a.png").caption, "cyb3r, neon, rain");
+    assert_eq!(by_name("b.png").caption, "cyb3r, from csv");
+    assert_eq!(
+        by_name("b.png").caption_source,
+        Some(CaptionSource::MetadataCsv)
+    );
+    assert_eq!(by_name("c.png").caption, "cyb3r, from caption file");
+    assert_eq!(
+        by_name("c.png").caption_source,
+        Some(CaptionSource::Sidecar)
+    );
+    assert_eq!(by_name("d.png").caption, "cyb3r");
+    assert_eq!(
+        dataset.missing_captions.len(),
+        2,
+        "d.png and e.png have no caption"
+    );
+    assert_eq!(
+        by_name("10_extra/e.png").repeats,
+        20,
+        "folder repeats times the config's"
+    );
+    assert_eq!(by_name("a.png").repeats, 2);
+    assert_eq!(dataset.samples_per_epoch(), 4 * 2 + 20);
+
+    let with_prompt = TrainConfig {
+        instance_prompt: Some("a photo".into()),
+        ..cfg
+    };
+    let dataset = scan_dataset(&with_prompt).unwrap();
+    assert!(dataset.missing_captions.is_empty());
+    let d = dataset
+        .items
+        .iter()
+        .find(|i| i.relative.to_string_lossy() == "d.png")
+        .unwrap();
+    assert_eq!(
+        (d.caption.as_str(), d.caption_source),
+        ("cyb3r, a photo", Some(CaptionSource::InstancePrompt))
+    );
+}
+
+#[test]
+fn csv_paths_outside_the_folder_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    std::fs::create_dir(&root).unwrap();
+    png(&root.join("ok.png"), 64, 64);
+    png(&dir.path().join("secret.png"), 64, 64);
+    for (line, what) in [
+        ("../secret.png,x", "leaves the dataset folder"),
+        ("/etc/passwd,x", "is an absolute path"),
+        ("link.png,x", "points outside the dataset folder"),
+    ] {
+        let _ = std::fs::remove_file(root.join("link.png"));
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(dir.path().join("secret.png"), root.join("link.png")).unwrap();
+        std::fs::write(
+            root.join("metadata.csv"),
+            format!("file_name,text\n{line}\n"),
+        )
+        .unwrap();
+        let message = scan_dataset(&config(&root)).unwrap_err().to_string();
+        assert!(
+            message.contains("metadata.csv")
+                && message.contains("line 2")
+                && message.contains(what),
+            "{message}"
+        );
+    }
+}
+
+#[test]
+fn broken_files_are_listed_not_fatal_and_an_empty_folder_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    png(&root.join("good.png"), 64, 64);
+    std::fs::write(root.join("broken.png"), b"not a png at all").unwrap();
+    std::fs::write(root.join("empty.jpg"), b"").unwrap();
+    let dataset = scan_dataset(&config(root)).unwrap();
+    assert_eq!(dataset.items.len(), 1);
+    assert_eq!(dataset.unreadable.len(), 2);
+    let empty = tempfile::tempdir().unwrap();
+    let message = scan_dataset(&config(empty.path())).unwrap_err().to_string();
+    assert!(message.contains("contains no readable images"), "{message}");
+    let message = scan_dataset(&config(&root.join("missing")))
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains("does not exist"), "{message}");
+}
+
+/// Inserts an EXIF block with the given orientation after a JPEG's start marker.
+fn with_exif_orientation(jpeg: &[u8], orientation: u16) -> Vec<u8> {
+    let mut tiff = b"II*\0\x08\0\0\0".to_vec();
+    tiff.extend_from_slice(&1u16.to_le_bytes());
+    tiff.extend_from_slice(&0x0112u16.to_le_bytes());
+    tiff.extend_from_slice(&3u16.to_le_bytes());
+    tiff.extend_from_slice(&1u32.to_le_bytes());
+    tiff.extend_from_slice(&(orientation as u32).to_le_bytes());
+    tiff.extend_from_slice(&0u32.to_le_bytes());
+    let mut app1 = b"Exif\0\0".to_vec();
+    app1.extend_from_slice(&tiff);
+    let mut out = jpeg[..2].to_vec();
+    out.extend_from_slice(&[0xFF, 0xE1]);
+    out.extend_from_slice(&((app1.len() + 2) as u16).to_be_bytes());
+    out.extend_from_slice(&app1);
+    out.extend_from_slice(&jpeg[2..]);
+    out
+}
+
+#[test]
+fn exif_orientation_and_transparency_are_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut jpeg = Vec::new();
+    image::RgbImage::from_pixel(80, 40, image::Rgb([200, 10, 10]))
+        .write_to(
+            &mut std::io::Cursor::new(&mut jpeg),
+            image::ImageFormat::Jpeg,
+        )
+        .unwrap();
+    let rotated = dir.path().join("rotated.jpg");
+    std::fs::write(&rotated, with_exif_orientation(&jpeg, 6)).unwrap();
+    assert_eq!(
+        oriented_dimensions(&rotated).unwrap(),
+        (40, 80),
+        "orientation 6 is a quarter turn"
+    );
+    let decoded = load_oriented(&rotated).unwrap();
+    assert_eq!((decoded.width(), decoded.height()), (40, 80));
+
+    let transparent = dir.path().join("alpha.png");
+    image::RgbaImage::from_fn(64, 64, |x, _| {
+        if x < 32 {
+            image::Rgba([0, 0, 0, 0])
+        } else {
+            image::Rgba([0, 0, 0, 255])
+        }
+    })
+    .save(&transparent)
+    .unwrap();
+    let image = load_oriented(&transparent).unwrap();
+    let plan = CropPlan::centred((64, 64), (64, 64), false);
+    let white = prepare(&image, &plan, AlphaMode::White, &Device::Cpu).unwrap();
+    let pixels = white
+        .pixels
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(pixels[0], 1.0, "transparent pixels become white");
+    assert_eq!(pixels[63], -1.0, "opaque black stays black");
+    assert!(white.mask.is_none());
+    let masked = prepare(&image, &plan, AlphaMode::Mask, &Device::Cpu).unwrap();
+    let mask = masked
+        .mask
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!((mask[0], mask[63]), (0.0, 1.0));
+}
+
+#[derive(Default)]
+struct Messages(Vec<String>);
+
+impl TrainReporter for Messages {
+    fn message(&mut self, text: &str) {
+        self.0.push(text.to_string());
+    }
+}
+
+#[test]
+fn cached_latents_are_reused_and_an_edited_image_is_encoded_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = make_dataset(&dir.path().join("data"), 4);
+    let config = TrainConfig {
+        max_train_steps: Some(1),
+        ..tiny_config(&data, &dir.path().join("out"))
+    };
+    let run = |expect: &str| {
+        let mut messages = Messages::default();
+        train(&config, None, &mut messages, &CancelToken::default()).unwrap();
+        let line = messages
+            .0
+            .iter()
+            .find(|m| m.contains("read from the cache"))
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(line, expect);
+    };
+    run("");
+    run("4 latents read from the cache, 0 encoded");
+    image::RgbImage::from_pixel(64, 64, image::Rgb([1, 2, 3]))
+        .save(data.join("img0.png"))
+        .unwrap();
+    run("3 latents read from the cache, 1 encoded");
+}
