@@ -87,6 +87,14 @@ impl AdapterSlot {
             .push(adapter);
     }
 
+    /// Removes one adapter (compared by identity).
+    pub fn detach(&self, adapter: &Arc<LoraAdapter>) {
+        self.adapters
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|a| !Arc::ptr_eq(a, adapter));
+    }
+
     pub fn detach_all(&self) {
         self.adapters
             .write()

@@ -267,3 +267,12 @@ impl LoraNetwork {
         Ok(())
     }
 }
+
+impl Drop for LoraNetwork {
+    /// A network leaves the model as it found it.
+    fn drop(&mut self) {
+        for module in &self.modules {
+            module.slot.detach(&module.adapter);
+        }
+    }
+}

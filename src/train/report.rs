@@ -1,5 +1,5 @@
-//! How training tells the outside world what it is doing (terminal, app worker, tests) and how it is told
-//! to stop. Plain data only.
+//! How training tells the outside world what it is doing (terminal, app worker, tests), how it is told to
+//! stop, and the hook that lets the app pause a run and preview it between steps.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -48,8 +48,29 @@ pub struct StepReport {
     pub skipped: bool,
 }
 
+/// What a run offers between steps: the model with the adapters being trained, for previews.
+pub struct LiveRun<'a> {
+    pub model: &'a crate::models::pipeline::StableDiffusion,
+    pub network: &'a crate::lora::LoraNetwork,
+    /// Steps completed.
+    pub step: u64,
+}
+
+/// Whether to go on after a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Stop,
+}
+
 /// Receives progress. Every method has an empty default.
 pub trait TrainReporter {
+    /// Called between optimizer steps (after any checkpoint or samples). A reporter may render previews with
+    /// `live`, block while the run is paused, or return [`Flow::Stop`].
+    fn between_steps(&mut self, _live: &LiveRun) -> Flow {
+        Flow::Continue
+    }
+
     /// A preparation stage (`"encoding latents"`) advanced to `done` of `total`.
     fn stage(&mut self, _stage: &str, _done: usize, _total: usize) {}
     fn plan(&mut self, _plan: &TrainPlan) {}

@@ -12,7 +12,7 @@ use super::inputs::{ContextCache, LatentSource, gaussian, process_caption};
 use super::metadata::{RunFacts, lora_metadata};
 use super::noise::{add_noise, min_snr_weights, target};
 use super::optimizer::{Optimizer, OptimizerSettings};
-use super::report::{CancelToken, StepReport, TrainPlan, TrainReporter};
+use super::report::{CancelToken, Flow, LiveRun, StepReport, TrainPlan, TrainReporter};
 use super::samples::render_samples;
 use super::schedule::lr_factor;
 use super::tensorboard::EventWriter;
@@ -46,24 +46,20 @@ struct Run<'a> {
     dtype: DType,
 }
 
-/// Trains a LoRA as `config` says, optionally resuming from a checkpoint folder (or an output folder's newest).
-pub fn train(
-    config: &TrainConfig,
-    resume: Option<&Path>,
-    reporter: &mut dyn TrainReporter,
-    cancel: &CancelToken,
-) -> Result<TrainOutcome, TrainError> {
-    // ---- setup
+/// A base model loaded for training, reusable across runs and previews.
+pub struct LoadedBase {
+    pub path: PathBuf,
+    pub model: StableDiffusion,
+    pub family: crate::models::checkpoint::ModelFamily,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+/// Loads `config.base_model` on `config.device` in the training precision.
+pub fn load_base(config: &TrainConfig) -> Result<LoadedBase, TrainError> {
     let choice: DeviceChoice = config.device.parse().map_err(TrainError::Device)?;
     let device = crate::device::open_device(choice).map_err(TrainError::Device)?;
     let dtype = compute_dtype(&device, config.mixed_precision);
-    std::fs::create_dir_all(&config.output_dir).map_err(|source| TrainError::Io {
-        path: config.output_dir.clone(),
-        source,
-    })?;
-
-    let dataset = scan_dataset(config)?;
-    report_dataset(&dataset, reporter);
     let mut source = ModelSource::open(&config.base_model)?;
     if let Some(prediction) = config.prediction_type {
         source.set_prediction_type(match prediction {
@@ -71,17 +67,60 @@ pub fn train(
             crate::config::PredictionOverride::VPrediction => PredictionType::VPrediction,
         });
     }
-    reporter.stage("loading the base model", 0, 1);
-    let mut model = StableDiffusion::load(&source, &device, dtype)?;
-    reporter.stage("loading the base model", 1, 1);
-    let checkpoint_grads = config.gradient_checkpointing.then(CheckpointGrads::default);
-    model
-        .unet
-        .set_gradient_checkpointing(checkpoint_grads.clone());
-    let family = source.config().family;
-    drop(source);
+    let model = StableDiffusion::load(&source, &device, dtype)?;
+    Ok(LoadedBase { path: config.base_model.clone(), model, family: source.config().family, device, dtype })
+}
 
-    let network = create_network(config, &model, &device)?;
+/// Trains a LoRA as `config` says, optionally resuming from a checkpoint folder (or an output folder's newest).
+pub fn train(
+    config: &TrainConfig,
+    resume: Option<&Path>,
+    reporter: &mut dyn TrainReporter,
+    cancel: &CancelToken,
+) -> Result<TrainOutcome, TrainError> {
+    reporter.stage("loading the base model", 0, 1);
+    let mut base = load_base(config)?;
+    reporter.stage("loading the base model", 1, 1);
+    train_on(&mut base, config, resume, reporter, cancel)
+}
+
+/// [`train`] on an already loaded base model; the model is left without adapters afterwards.
+pub fn train_on(
+    base: &mut LoadedBase,
+    config: &TrainConfig,
+    resume: Option<&Path>,
+    reporter: &mut dyn TrainReporter,
+    cancel: &CancelToken,
+) -> Result<TrainOutcome, TrainError> {
+    // ---- setup
+    std::fs::create_dir_all(&config.output_dir)
+        .map_err(|source| TrainError::Io { path: config.output_dir.clone(), source })?;
+    let dataset = scan_dataset(config)?;
+    report_dataset(&dataset, reporter);
+    let (device, dtype, family) = (base.device.clone(), base.dtype, base.family);
+    let checkpoint_grads = config.gradient_checkpointing.then(CheckpointGrads::default);
+    base.model.unet.set_gradient_checkpointing(checkpoint_grads.clone());
+    let result = run_training(&base.model, family, &device, dtype, checkpoint_grads.as_ref(), &dataset, config, resume, reporter, cancel);
+    base.model.unet.set_gradient_checkpointing(None);
+    result
+}
+
+/// The setup after loading, the loop, and the final save.
+#[allow(clippy::too_many_arguments)]
+fn run_training(
+    model: &StableDiffusion,
+    family: crate::models::checkpoint::ModelFamily,
+    device: &Device,
+    dtype: DType,
+    checkpoint_grads: Option<&CheckpointGrads>,
+    dataset: &Dataset,
+    config: &TrainConfig,
+    resume: Option<&Path>,
+    reporter: &mut dyn TrainReporter,
+    cancel: &CancelToken,
+) -> Result<TrainOutcome, TrainError> {
+    let device = device.clone();
+    let network = create_network(config, model, &device)?;
     let named = network.named_vars();
     let vars: Vec<&Var> = named.iter().map(|(_, _, v)| *v).collect();
     let group_lrs = [config.unet_lr(), config.text_encoder_lr()];
@@ -175,8 +214,8 @@ pub fn train(
 
     let run = Run {
         config,
-        model: &model,
-        dataset: &dataset,
+        model,
+        dataset,
         buckets,
         alphas_cumprod: model.config().scheduler.alphas_cumprod(),
         prediction: model.config().scheduler.prediction_type,
@@ -241,7 +280,7 @@ pub fn train(
             let grads = scaled.backward()?;
             for (slot, var) in accumulated.iter_mut().zip(&vars) {
                 // A variable inside a checkpointed block gets its gradient from the recomputation.
-                let recomputed = checkpoint_grads.as_ref().and_then(|store| store.take(var));
+                let recomputed = checkpoint_grads.and_then(|store| store.take(var));
                 for g in [grads.get(var).cloned(), recomputed].into_iter().flatten() {
                     let g = g.to_dtype(DType::F32)?;
                     *slot = Some(match slot.take() {
@@ -310,6 +349,10 @@ pub fn train(
                 events.as_mut(),
                 reporter,
             )?;
+        }
+        let live = LiveRun { model, network: &network, step: state.step };
+        if reporter.between_steps(&live) == Flow::Stop {
+            cancel.cancel();
         }
     }
 
