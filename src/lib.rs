@@ -14,6 +14,8 @@ pub mod data;
 pub mod device;
 pub mod hashing;
 pub mod lora;
+pub mod messages;
 pub mod models;
 pub mod tensor_file;
 pub mod train;
+pub mod worker;

@@ -3,7 +3,9 @@
 
 pub mod batches;
 pub mod buckets;
+pub mod caption_store;
 pub mod captions;
+pub mod checks;
 pub mod images;
 pub mod latent_cache;
 pub mod scan;

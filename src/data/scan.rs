@@ -24,6 +24,8 @@ pub struct DatasetItem {
     pub relative: PathBuf,
     /// The caption with the trigger word applied ("" when there is none).
     pub caption: String,
+    /// The caption as stored in its source, without the trigger word.
+    pub raw_caption: Option<String>,
     pub caption_source: Option<CaptionSource>,
     pub repeats: u32,
     /// Size after the EXIF orientation is applied.
@@ -44,6 +46,8 @@ pub struct FolderSummary {
 #[derive(Debug, Clone)]
 pub struct Dataset {
     pub root: PathBuf,
+    /// The `metadata.csv` captions were read from, if any (edits to its captions go back there).
+    pub metadata_csv: Option<PathBuf>,
     pub items: Vec<DatasetItem>,
     pub folders: Vec<FolderSummary>,
     /// Images with no caption from any source (they train with the trigger word or an empty caption).
@@ -91,6 +95,7 @@ pub fn scan_dataset(config: &TrainConfig) -> Result<Dataset, DataError> {
 
     let mut dataset = Dataset {
         root: root.clone(),
+        metadata_csv: csv_path.clone(),
         items: Vec::new(),
         folders: Vec::new(),
         missing_captions: Vec::new(),
@@ -122,14 +127,15 @@ pub fn scan_dataset(config: &TrainConfig) -> Result<Dataset, DataError> {
             if caption.is_none() {
                 dataset.missing_captions.push(relative.clone());
             }
-            let caption = with_trigger(
+            let trained = with_trigger(
                 caption.as_deref().unwrap_or(""),
                 config.trigger_word.as_deref(),
             );
             dataset.items.push(DatasetItem {
                 path,
                 relative,
-                caption,
+                caption: trained,
+                raw_caption: caption,
                 caption_source: source,
                 repeats,
                 width,

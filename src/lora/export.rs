@@ -199,7 +199,7 @@ pub fn write_lora_file(
     metadata.insert("sshs_legacy_hash".to_string(), legacy_hash(&for_hash));
     let bytes = serialize(tensors, &metadata).map_err(fail)?;
     write_atomically(path, |w| std::io::Write::write_all(w, &bytes))
-        .map_err(|e| fail(format!("it could not be written ({e})")))
+        .map_err(|e| fail(e.to_string()))
 }
 
 fn serialize(

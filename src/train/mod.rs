@@ -18,8 +18,14 @@ use std::path::PathBuf;
 pub use checkpoint::{Checkpoint, TrainState, list_checkpoints, load_checkpoint};
 pub use metadata::tag_frequency;
 pub use optimizer::{Optimizer, OptimizerSettings};
-pub use report::{CancelToken, Flow, LiveRun, SilentReporter, StepReport, TrainPlan, TrainReporter};
-pub use run::{LoadedBase, latest_checkpoint, load_base, train, train_on};
+pub use report::{
+    CancelToken, Flow, LiveRun, SilentReporter, StepReport, TrainPlan, TrainReporter,
+};
+
+pub use run::{
+    LoadedBase, export_checkpoint, latest_checkpoint, load_base, network_from_checkpoint, train,
+    train_on,
+};
 pub use schedule::lr_factor;
 
 /// How a run ended.

@@ -68,7 +68,13 @@ pub fn load_base(config: &TrainConfig) -> Result<LoadedBase, TrainError> {
         });
     }
     let model = StableDiffusion::load(&source, &device, dtype)?;
-    Ok(LoadedBase { path: config.base_model.clone(), model, family: source.config().family, device, dtype })
+    Ok(LoadedBase {
+        path: config.base_model.clone(),
+        model,
+        family: source.config().family,
+        device,
+        dtype,
+    })
 }
 
 /// Trains a LoRA as `config` says, optionally resuming from a checkpoint folder (or an output folder's newest).
@@ -93,14 +99,29 @@ pub fn train_on(
     cancel: &CancelToken,
 ) -> Result<TrainOutcome, TrainError> {
     // ---- setup
-    std::fs::create_dir_all(&config.output_dir)
-        .map_err(|source| TrainError::Io { path: config.output_dir.clone(), source })?;
+    std::fs::create_dir_all(&config.output_dir).map_err(|source| TrainError::Io {
+        path: config.output_dir.clone(),
+        source,
+    })?;
     let dataset = scan_dataset(config)?;
     report_dataset(&dataset, reporter);
     let (device, dtype, family) = (base.device.clone(), base.dtype, base.family);
     let checkpoint_grads = config.gradient_checkpointing.then(CheckpointGrads::default);
-    base.model.unet.set_gradient_checkpointing(checkpoint_grads.clone());
-    let result = run_training(&base.model, family, &device, dtype, checkpoint_grads.as_ref(), &dataset, config, resume, reporter, cancel);
+    base.model
+        .unet
+        .set_gradient_checkpointing(checkpoint_grads.clone());
+    let result = run_training(
+        &base.model,
+        family,
+        &device,
+        dtype,
+        checkpoint_grads.as_ref(),
+        &dataset,
+        config,
+        resume,
+        reporter,
+        cancel,
+    );
     base.model.unet.set_gradient_checkpointing(None);
     result
 }
@@ -350,7 +371,11 @@ fn run_training(
                 reporter,
             )?;
         }
-        let live = LiveRun { model, network: &network, step: state.step };
+        let live = LiveRun {
+            model,
+            network: &network,
+            step: state.step,
+        };
         if reporter.between_steps(&live) == Flow::Stop {
             cancel.cancel();
         }
@@ -831,4 +856,67 @@ fn unix_seconds() -> u64 {
 /// The newest checkpoint folder in an output folder, if any (for `--resume_from_checkpoint latest`).
 pub fn latest_checkpoint(output_dir: &Path) -> Option<PathBuf> {
     list_checkpoints(output_dir).pop().map(|(_, p)| p)
+}
+
+/// Exports the adapters of a checkpoint (any network kind) as a LoRA file at `out`, with the metadata of
+/// its run; `config` changes only how it is written (`save_precision`, `export_peft`).
+pub fn export_checkpoint(
+    base: &LoadedBase,
+    checkpoint: &Path,
+    out: &Path,
+    save_precision: SavePrecision,
+    export_peft: bool,
+) -> Result<PathBuf, TrainError> {
+    if let Some(folder) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(folder).map_err(|source| TrainError::Io {
+            path: folder.to_path_buf(),
+            source,
+        })?;
+    }
+    let (network, saved) = network_from_checkpoint(&base.model, &base.device, checkpoint)?;
+    let config = TrainConfig {
+        save_precision,
+        export_peft,
+        output_dir: out.parent().map(Path::to_path_buf).unwrap_or_default(),
+        output_name: out
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        ..saved.state.config.clone()
+    };
+    let dataset = scan_dataset(&config)?;
+    let bucket_settings = BucketSettings::from_config(&config);
+    let run = Run {
+        config: &config,
+        model: &base.model,
+        dataset: &dataset,
+        buckets: dataset
+            .items
+            .iter()
+            .map(|i| bucket_settings.bucket_for(i.width, i.height))
+            .collect(),
+        alphas_cumprod: Vec::new(),
+        prediction: base.model.config().scheduler.prediction_type,
+        device: base.device.clone(),
+        dtype: base.dtype,
+    };
+    export(&run, &network, &saved.state, base.family, out)?;
+    Ok(out.to_path_buf())
+}
+
+/// Rebuilds a checkpoint's network on `model` (attached, at strength 1).
+pub fn network_from_checkpoint(
+    model: &StableDiffusion,
+    device: &Device,
+    checkpoint: &Path,
+) -> Result<(LoraNetwork, super::checkpoint::Checkpoint), TrainError> {
+    let saved = load_checkpoint(checkpoint, device)?;
+    let network = create_network(&saved.state.config, model, device)?;
+    network
+        .load_state(&saved.adapters)
+        .map_err(|reason| TrainError::Checkpoint {
+            path: saved.path.clone(),
+            reason,
+        })?;
+    Ok((network, saved))
 }

@@ -1,0 +1,229 @@
+//! What crosses the seam between the app's UI thread and the worker threads: jobs one way, events the
+//! other. Plain data only (images as RGBA bytes, losses as numbers), so the UI never holds a tensor.
+//! Must not use candle or egui.
+
+use std::path::PathBuf;
+
+use crate::config::{SavePrecision, TrainConfig};
+
+/// Something for the workers to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Job {
+    /// Scan a dataset folder with the caption settings of `config`, then check it.
+    ScanDataset {
+        config: Box<TrainConfig>,
+    },
+    /// Decode a thumbnail whose longer side is at most `max_side`.
+    Thumbnail {
+        path: PathBuf,
+        max_side: u32,
+    },
+    /// Save an edited caption where the dataset keeps it (see `data::caption_store`).
+    SaveCaption {
+        root: PathBuf,
+        relative: PathBuf,
+        caption: String,
+        origin: CaptionOrigin,
+        metadata_csv: Option<PathBuf>,
+        caption_extension: String,
+    },
+    /// Train (or resume) a LoRA.
+    Train {
+        config: Box<TrainConfig>,
+        resume: Option<PathBuf>,
+    },
+    /// Pause a run between steps, keeping everything in memory.
+    Pause,
+    Resume,
+    /// Stop a run after the current step; a checkpoint is saved and the LoRA exported.
+    Stop,
+    /// Render a preview; the newest request wins over older ones still waiting.
+    Preview(PreviewRequest),
+    /// Render every strength for every checkpoint.
+    PreviewGrid {
+        request: PreviewRequest,
+        strengths: Vec<f64>,
+        checkpoints: Vec<PathBuf>,
+    },
+    /// Write a LoRA file from a checkpoint.
+    Export(ExportRequest),
+}
+
+/// The adapters a preview uses.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PreviewSource {
+    /// The run in progress (or the base model when nothing is training).
+    Live,
+    /// A saved checkpoint folder.
+    Checkpoint(PathBuf),
+}
+
+/// One preview image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreviewRequest {
+    /// Increases with every request; events carry it back.
+    pub id: u64,
+    pub base_model: PathBuf,
+    pub device: String,
+    pub source: PreviewSource,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub seed: u64,
+    pub steps: u32,
+    pub width: u32,
+    pub height: u32,
+    pub cfg: f64,
+    pub strength: f64,
+}
+
+/// The file formats an export can write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum ExportFormat {
+    /// kohya, read by AUTOMATIC1111, Forge, ComfyUI and diffusers.
+    #[default]
+    Kohya,
+    /// Also the diffusers/PEFT layout.
+    KohyaAndPeft,
+}
+
+/// Writing a LoRA file from a checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExportRequest {
+    pub base_model: PathBuf,
+    pub device: String,
+    pub checkpoint: PathBuf,
+    /// The `.safetensors` file to write.
+    pub output: PathBuf,
+    pub precision: SavePrecision,
+    pub format: ExportFormat,
+    /// A UI's LoRA folder (WebUI `models/Lora`, ComfyUI `models/loras`) to copy the file into.
+    pub copy_to: Option<PathBuf>,
+}
+
+/// Where an image's caption came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaptionOrigin {
+    MetadataCsv,
+    Sidecar,
+    InstancePrompt,
+    None,
+}
+
+/// A problem an image has, shown as a badge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Badge {
+    MissingCaption,
+    Small { width: u32, height: u32 },
+    Duplicate { of: PathBuf },
+    NearDuplicate { of: PathBuf },
+    LongCaption { tokens: usize },
+    TriggerMissing,
+}
+
+/// One image of the dataset, as the UI shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatasetEntry {
+    pub path: PathBuf,
+    pub relative: PathBuf,
+    /// The caption as stored (without the trigger word).
+    pub caption: String,
+    pub origin: CaptionOrigin,
+    pub width: u32,
+    pub height: u32,
+    pub repeats: u32,
+}
+
+/// A scanned dataset.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatasetView {
+    pub root: PathBuf,
+    pub entries: Vec<DatasetEntry>,
+    /// Files that are not readable images, with the reason.
+    pub unreadable: Vec<(PathBuf, String)>,
+    /// The `metadata.csv` in use, if any.
+    pub metadata_csv: Option<PathBuf>,
+}
+
+/// One training step's numbers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossPoint {
+    pub step: u64,
+    pub epoch: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub seconds: f64,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunEnd {
+    Finished,
+    Stopped,
+    NonFiniteLoss,
+}
+
+/// Something the workers did or found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Dataset(DatasetView),
+    /// Badges for the dataset's entries (same order), computed after the scan.
+    Checks {
+        root: PathBuf,
+        badges: Vec<Vec<Badge>>,
+    },
+    Thumbnail {
+        path: PathBuf,
+        width: u32,
+        height: u32,
+        rgba: Vec<u8>,
+    },
+    CaptionSaved {
+        relative: PathBuf,
+        target: PathBuf,
+    },
+    /// A preparation stage advanced.
+    Stage {
+        stage: String,
+        done: usize,
+        total: usize,
+    },
+    /// A run started: its length.
+    RunStarted {
+        total_steps: u64,
+        steps_per_epoch: u64,
+        first_step: u64,
+    },
+    Loss(LossPoint),
+    Checkpoint {
+        path: PathBuf,
+        step: u64,
+    },
+    Paused,
+    Resumed,
+    RunEnded {
+        end: RunEnd,
+        lora: Option<PathBuf>,
+        checkpoint: Option<PathBuf>,
+        steps: u64,
+    },
+    Preview {
+        id: u64,
+        strength: f64,
+        checkpoint: Option<PathBuf>,
+        width: u32,
+        height: u32,
+        rgba: Vec<u8>,
+        seconds: f64,
+    },
+    Exported {
+        path: PathBuf,
+        copied_to: Option<PathBuf>,
+    },
+    /// A problem, in one sentence, with the fix people usually need.
+    Error {
+        message: String,
+        hint: Option<String>,
+    },
+    /// Something worth telling the user.
+    Info(String),
+}

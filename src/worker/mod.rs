@@ -1,0 +1,61 @@
+//! The worker threads behind the app: `engine` owns the model (training, previews, exports) and `files`
+//! does the dataset work (scanning, checks, thumbnails, caption saves), so a long training step never holds
+//! up a caption edit. Jobs arrive over channels; events go back over a bounded channel, each followed by
+//! the wake-up closure (the app's repaint request). Must not use egui or eframe.
+
+mod engine;
+mod files;
+mod outbox;
+
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::messages::{Event, Job};
+pub use outbox::Outbox;
+
+/// How many events may wait for the UI before the workers block.
+const EVENT_CAPACITY: usize = 4096;
+
+/// Sends jobs to the right worker thread.
+#[derive(Clone)]
+pub struct WorkerHandle {
+    engine: Sender<Job>,
+    files: Sender<Job>,
+}
+
+impl WorkerHandle {
+    /// Starts both threads. `wake` is called after every event (the app passes its repaint request).
+    pub fn spawn(wake: Arc<dyn Fn() + Send + Sync>) -> std::io::Result<(Self, Receiver<Event>)> {
+        let (event_tx, event_rx) = crossbeam_channel::bounded(EVENT_CAPACITY);
+        let outbox = Outbox::new(event_tx, wake);
+        let (engine_tx, engine_rx) = crossbeam_channel::unbounded();
+        let (files_tx, files_rx) = crossbeam_channel::unbounded();
+        let engine_outbox = outbox.clone();
+        std::thread::Builder::new()
+            .name("lora-studio-engine".into())
+            .spawn(move || engine::run(engine_rx, engine_outbox))?;
+        std::thread::Builder::new()
+            .name("lora-studio-files".into())
+            .spawn(move || files::run(files_rx, outbox))?;
+        Ok((
+            Self {
+                engine: engine_tx,
+                files: files_tx,
+            },
+            event_rx,
+        ))
+    }
+
+    /// Queues a job for the thread that does that kind of work.
+    pub fn send(&self, job: Job) {
+        let target = match job {
+            Job::ScanDataset { .. } | Job::Thumbnail { .. } | Job::SaveCaption { .. } => {
+                &self.files
+            }
+            _ => &self.engine,
+        };
+        // A closed channel means the thread died; its last event already said why.
+        let _ = target.send(job);
+    }
+}

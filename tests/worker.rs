@@ -1,0 +1,186 @@
+//! The worker threads the app drives, without the UI: dataset scans with checks, thumbnails, caption saves,
+//! a training run with pause, a preview while paused, resume, and an export copied into a "WebUI" folder.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{fixture, make_dataset, tiny_config};
+use crossbeam_channel::Receiver;
+use lora_studio::config::{SavePrecision, TrainConfig};
+use lora_studio::messages::{
+    Badge, CaptionOrigin, Event, ExportFormat, ExportRequest, Job, PreviewRequest, PreviewSource,
+    RunEnd,
+};
+use lora_studio::worker::WorkerHandle;
+
+/// The next event that `pick` accepts, failing after a minute.
+fn wait_for<T>(
+    events: &Receiver<Event>,
+    what: &str,
+    mut pick: impl FnMut(&Event) -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(event) = events.recv_timeout(Duration::from_millis(100)) {
+            if let Event::Error { message, .. } = &event {
+                panic!("worker error while waiting for {what}: {message}");
+            }
+            if let Some(found) = pick(&event) {
+                return found;
+            }
+        }
+    }
+    panic!("no {what} within a minute");
+}
+
+fn preview(id: u64, strength: f64) -> PreviewRequest {
+    PreviewRequest {
+        id,
+        base_model: fixture("sd1"),
+        device: "cpu".into(),
+        source: PreviewSource::Live,
+        prompt: "neon city".into(),
+        negative_prompt: String::new(),
+        seed: 3,
+        steps: 2,
+        width: 64,
+        height: 64,
+        cfg: 5.0,
+        strength,
+    }
+}
+
+#[test]
+fn the_app_workflow_runs_on_the_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = make_dataset(&dir.path().join("data"), 4);
+    // Make img3 a byte copy of img0.
+    std::fs::copy(data.join("img0.png"), data.join("img3.png")).unwrap();
+    let (worker, events) = WorkerHandle::spawn(Arc::new(|| {})).unwrap();
+    let config = TrainConfig {
+        max_train_steps: Some(12),
+        save_steps: 6,
+        trigger_word: Some("cyb3r".into()),
+        ..tiny_config(&data, &dir.path().join("out"))
+    };
+
+    worker.send(Job::ScanDataset {
+        config: Box::new(config.clone()),
+    });
+    let view = wait_for(&events, "the dataset", |e| match e {
+        Event::Dataset(view) => Some(view.clone()),
+        _ => None,
+    });
+    assert_eq!(view.entries.len(), 4);
+    assert_eq!(view.entries[0].caption, "neon city 0, magenta squares");
+    let badges = wait_for(&events, "the checks", |e| match e {
+        Event::Checks { badges, .. } => Some(badges.clone()),
+        _ => None,
+    });
+    assert!(badges[0].contains(&Badge::TriggerMissing));
+    assert!(
+        badges[3]
+            .iter()
+            .any(|b| matches!(b, Badge::Duplicate { .. })),
+        "{:?}",
+        badges[3]
+    );
+
+    worker.send(Job::Thumbnail {
+        path: view.entries[1].path.clone(),
+        max_side: 32,
+    });
+    let (w, h, len) = wait_for(&events, "a thumbnail", |e| match e {
+        Event::Thumbnail {
+            width,
+            height,
+            rgba,
+            ..
+        } => Some((*width, *height, rgba.len())),
+        _ => None,
+    });
+    assert_eq!((w, h, len), (32, 21, 32 * 21 * 4));
+
+    worker.send(Job::SaveCaption {
+        root: data.clone(),
+        relative: "img1.png".into(),
+        caption: "cyb3r, \"quoted\", edited".into(),
+        origin: CaptionOrigin::MetadataCsv,
+        metadata_csv: view.metadata_csv.clone(),
+        caption_extension: ".txt".into(),
+    });
+    wait_for(&events, "the caption save", |e| {
+        matches!(e, Event::CaptionSaved { .. }).then_some(())
+    });
+    let csv = std::fs::read_to_string(data.join("metadata.csv")).unwrap();
+    assert!(
+        csv.contains("img1.png,\"cyb3r, \"\"quoted\"\", edited\""),
+        "{csv}"
+    );
+    assert!(
+        csv.contains("img0.png,\"neon city 0, magenta squares\""),
+        "other rows are kept: {csv}"
+    );
+
+    worker.send(Job::Train {
+        config: Box::new(config.clone()),
+        resume: None,
+    });
+    wait_for(&events, "the run to start", |e| {
+        matches!(e, Event::RunStarted { .. }).then_some(())
+    });
+    wait_for(&events, "a loss point", |e| {
+        matches!(e, Event::Loss(_)).then_some(())
+    });
+    worker.send(Job::Pause);
+    wait_for(&events, "the pause", |e| {
+        matches!(e, Event::Paused).then_some(())
+    });
+    // Previews render while paused; the UI only shows the newest id.
+    worker.send(Job::Preview(preview(1, 0.5)));
+    worker.send(Job::Preview(preview(2, 1.0)));
+    let (strength, bytes) = wait_for(&events, "the newest preview", |e| match e {
+        Event::Preview {
+            id: 2,
+            strength,
+            rgba,
+            ..
+        } => Some((*strength, rgba.len())),
+        _ => None,
+    });
+    assert_eq!((strength, bytes), (1.0, 64 * 64 * 4));
+    worker.send(Job::Resume);
+    wait_for(&events, "the resume", |e| {
+        matches!(e, Event::Resumed).then_some(())
+    });
+    let (end, checkpoint) = wait_for(&events, "the end of the run", |e| match e {
+        Event::RunEnded {
+            end, checkpoint, ..
+        } => Some((*end, checkpoint.clone())),
+        _ => None,
+    });
+    assert_eq!(end, RunEnd::Finished);
+    let checkpoint = checkpoint.unwrap();
+
+    let webui = dir.path().join("webui/models/Lora");
+    std::fs::create_dir_all(&webui).unwrap();
+    worker.send(Job::Export(ExportRequest {
+        base_model: fixture("sd1"),
+        device: "cpu".into(),
+        checkpoint,
+        output: dir.path().join("exports/my_style.safetensors"),
+        precision: SavePrecision::Fp16,
+        format: ExportFormat::Kohya,
+        copy_to: Some(webui.clone()),
+    }));
+    let copied = wait_for(&events, "the export", |e| match e {
+        Event::Exported { copied_to, .. } => Some(copied_to.clone()),
+        _ => None,
+    });
+    let copied = copied.unwrap();
+    assert_eq!(copied, webui.join("my_style.safetensors"));
+    let file = lora_studio::tensor_file::TensorFile::open(&copied).unwrap();
+    assert_eq!(file.metadata()["ss_output_name"], "my_style");
+}
