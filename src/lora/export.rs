@@ -183,7 +183,7 @@ pub fn write_lora_file(
     tensors: &[(String, Tensor)],
     metadata: &BTreeMap<String, String>,
 ) -> Result<(), LoraError> {
-    let fail = |reason: String| LoraError::NotKohya {
+    let fail = |reason: String| LoraError::Write {
         path: path.to_path_buf(),
         reason,
     };
