@@ -48,6 +48,8 @@ pub enum LoraError {
         path: PathBuf,
         source: candle_core::Error,
     },
+    #[error("cannot write {}: {reason}", path.display())]
+    Write { path: PathBuf, reason: String },
 }
 
 /// The tensors of one kohya module as stored.
