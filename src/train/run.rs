@@ -162,7 +162,7 @@ fn run_training(
         &optimizer_vars,
     )?;
 
-    let fingerprint = dataset_fingerprint(&dataset)?;
+    let fingerprint = dataset_fingerprint(dataset)?;
     let now = unix_seconds();
     let mut state = TrainState {
         format_version: 1,
@@ -363,7 +363,7 @@ fn run_training(
         if config.sample_every_n_steps > 0 && state.step.is_multiple_of(config.sample_every_n_steps)
         {
             render_samples(
-                &model,
+                model,
                 &network,
                 config,
                 state.step,
