@@ -58,14 +58,11 @@ pub enum PreviewSource {
     Checkpoint(PathBuf),
 }
 
-/// One preview image.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PreviewRequest {
-    /// Increases with every request; events carry it back.
-    pub id: u64,
-    pub base_model: PathBuf,
-    pub device: String,
-    pub source: PreviewSource,
+/// What a preview renders: the prompt, the sampling settings and the LoRA strength. The app keeps the
+/// user's choice of these between sessions.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct PreviewSettings {
     pub prompt: String,
     pub negative_prompt: String,
     pub seed: u64,
@@ -74,6 +71,32 @@ pub struct PreviewRequest {
     pub height: u32,
     pub cfg: f64,
     pub strength: f64,
+}
+
+impl Default for PreviewSettings {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: "blurry, lowres".to_string(),
+            seed: 1234,
+            steps: 20,
+            width: 512,
+            height: 512,
+            cfg: 7.5,
+            strength: 0.8,
+        }
+    }
+}
+
+/// One preview image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreviewRequest {
+    /// Increases with every request; events carry it back.
+    pub id: u64,
+    pub base_model: PathBuf,
+    pub device: String,
+    pub source: PreviewSource,
+    pub settings: PreviewSettings,
 }
 
 /// The file formats an export can write.

@@ -10,8 +10,8 @@ use common::{fixture, make_dataset, tiny_config};
 use crossbeam_channel::Receiver;
 use lora_studio::config::{SavePrecision, TrainConfig};
 use lora_studio::messages::{
-    Badge, CaptionOrigin, Event, ExportFormat, ExportRequest, Job, PreviewRequest, PreviewSource,
-    RunEnd,
+    Badge, CaptionOrigin, Event, ExportFormat, ExportRequest, Job, PreviewRequest, PreviewSettings,
+    PreviewSource, RunEnd,
 };
 use lora_studio::worker::WorkerHandle;
 
@@ -41,14 +41,16 @@ fn preview(id: u64, strength: f64) -> PreviewRequest {
         base_model: fixture("sd1"),
         device: "cpu".into(),
         source: PreviewSource::Live,
-        prompt: "neon city".into(),
-        negative_prompt: String::new(),
-        seed: 3,
-        steps: 2,
-        width: 64,
-        height: 64,
-        cfg: 5.0,
-        strength,
+        settings: PreviewSettings {
+            prompt: "neon city".into(),
+            negative_prompt: String::new(),
+            seed: 3,
+            steps: 2,
+            width: 64,
+            height: 64,
+            cfg: 5.0,
+            strength,
+        },
     }
 }
 

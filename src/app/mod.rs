@@ -1,46 +1,360 @@
-//! The desktop app (feature `gui`). The UI thread never touches candle: it sends jobs to the worker and
-//! draws the events it gets back. This first version opens the window and shows what the build can do.
+//! The desktop app (feature `gui`). The UI thread never touches candle: it sends jobs to the worker threads
+//! and draws the events they send back (images as RGBA bytes, losses as numbers). Views: dataset (grid,
+//! caption editing, checks), train (settings, run controls, live loss chart), preview (strength slider,
+//! checkpoint grid) and export.
 
+mod chart;
+mod dataset_view;
+mod estimate;
+mod export_view;
+mod presets;
+mod preview_view;
+mod settings;
+mod state;
+mod train_view;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender};
 use eframe::egui;
 
+pub use settings::{AppSettings, Tab};
+pub use state::RunStatus;
+use state::{DatasetState, Notice, PreviewState, RunState};
+
 use crate::build_info::LONG_VERSION;
+use crate::messages::{Event, Job};
+use crate::worker::WorkerHandle;
 
 /// Opens the main window and runs until it is closed.
 pub fn run() -> anyhow::Result<()> {
     let options = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()
             .with_title("lora-studio")
-            .with_inner_size([960.0, 640.0]),
+            .with_inner_size([1280.0, 820.0])
+            .with_drag_and_drop(true),
         ..Default::default()
     };
     eframe::run_native(
         "lora-studio",
         options,
-        Box::new(|_cc| Ok(Box::new(StudioApp))),
+        Box::new(|cc| {
+            let ctx = cc.egui_ctx.clone();
+            let (worker, events) = WorkerHandle::spawn(Arc::new(move || ctx.request_repaint()))?;
+            let settings = cc
+                .storage
+                .and_then(|s| eframe::get_value(s, settings::STORAGE_KEY))
+                .unwrap_or_default();
+            Ok(Box::new(StudioApp::new(settings, worker, events)))
+        }),
     )
     .map_err(|e| anyhow::anyhow!("the window could not be opened: {e}"))
 }
 
-/// The app state.
-#[derive(Debug, Default)]
-pub struct StudioApp;
+/// Results of native dialogs, which run on their own threads.
+enum DialogResult {
+    DatasetFolder(PathBuf),
+    BaseModel(PathBuf),
+    OutputFolder(PathBuf),
+    UiLoraFolder(PathBuf),
+}
+
+/// The app.
+pub struct StudioApp {
+    settings: AppSettings,
+    worker: WorkerHandle,
+    events: Receiver<Event>,
+    dialogs: (Sender<DialogResult>, Receiver<DialogResult>),
+    dataset: DatasetState,
+    run: RunState,
+    preview: PreviewState,
+    notices: Vec<Notice>,
+}
+
+/// Events handled per frame at most, so a burst never stalls the UI.
+const EVENTS_PER_FRAME: usize = 256;
 
 impl StudioApp {
+    /// The app with remembered `settings`; the last dataset folder is opened again.
+    pub fn new(settings: AppSettings, worker: WorkerHandle, events: Receiver<Event>) -> Self {
+        let mut app = Self {
+            settings,
+            worker,
+            events,
+            dialogs: crossbeam_channel::unbounded(),
+            dataset: DatasetState::default(),
+            run: RunState::default(),
+            preview: PreviewState::default(),
+            notices: Vec::new(),
+        };
+        let folder = app.settings.train.train_data_dir.clone();
+        if folder.is_dir() {
+            app.open_dataset(folder);
+        }
+        app
+    }
+
+    /// The number of images in the open dataset.
+    pub fn dataset_len(&self) -> usize {
+        self.dataset.view.as_ref().map_or(0, |v| v.entries.len())
+    }
+
+    /// Captions that are not yet confirmed saved.
+    pub fn unsaved_captions(&self) -> usize {
+        self.dataset.unsaved_count() + self.dataset.saves_in_flight
+    }
+
+    pub fn settings(&self) -> &AppSettings {
+        &self.settings
+    }
+
+    pub fn settings_mut(&mut self) -> &mut AppSettings {
+        &mut self.settings
+    }
+
+    /// The loss points of the current run.
+    pub fn losses(&self) -> &[crate::messages::LossPoint] {
+        &self.run.losses
+    }
+
+    /// Whether a run is training (or paused).
+    pub fn run_status(&self) -> RunStatus {
+        self.run.status
+    }
+
+    /// The id and strength of the preview on screen.
+    pub fn shown_preview(&self) -> Option<(u64, f64)> {
+        self.preview.shown.as_ref().map(|s| (s.id, s.strength))
+    }
+
+    /// Files written by exports so far.
+    pub fn exported(&self) -> &[PathBuf] {
+        &self.preview.exported
+    }
+
+    /// The notices (errors and information) shown so far, newest last.
+    pub fn notices(&self) -> Vec<String> {
+        self.notices.iter().map(|n| n.text.clone()).collect()
+    }
+
+    /// Opens a dataset folder: scans it and shows its grid.
+    pub fn open_dataset(&mut self, folder: PathBuf) {
+        self.flush_captions();
+        self.settings.train.train_data_dir = folder;
+        self.dataset = DatasetState::default();
+        self.worker.send(Job::ScanDataset {
+            config: Box::new(self.settings.train.clone()),
+        });
+    }
+
+    fn notice(&mut self, error: bool, text: String, hint: Option<String>) {
+        self.notices.push(Notice { error, text, hint });
+        if self.notices.len() > 50 {
+            self.notices.remove(0);
+        }
+    }
+
+    /// Handles the workers' events.
+    fn process_events(&mut self, ctx: &egui::Context) {
+        for event in self
+            .events
+            .try_iter()
+            .take(EVENTS_PER_FRAME)
+            .collect::<Vec<_>>()
+        {
+            match event {
+                Event::Dataset(view) => self.dataset.set_view(view),
+                Event::Checks { root, badges } => {
+                    if self.dataset.view.as_ref().is_some_and(|v| v.root == root) {
+                        self.dataset.badges = badges;
+                    }
+                }
+                Event::Thumbnail {
+                    path,
+                    width,
+                    height,
+                    rgba,
+                } => self.dataset.add_thumbnail(ctx, path, width, height, &rgba),
+                Event::CaptionSaved { relative, target } => {
+                    self.dataset.caption_saved(&relative, &target)
+                }
+                Event::Stage { stage, done, total } => self.run.stage = Some((stage, done, total)),
+                Event::RunStarted {
+                    total_steps,
+                    steps_per_epoch,
+                    first_step,
+                } => self.run.started(total_steps, steps_per_epoch, first_step),
+                Event::Loss(point) => self.run.losses.push(point),
+                Event::Checkpoint { path, step } => self.run.checkpoints.push((step, path)),
+                Event::Paused => self.run.status = RunStatus::Paused,
+                Event::Resumed => self.run.status = RunStatus::Training,
+                Event::RunEnded {
+                    end,
+                    lora,
+                    checkpoint,
+                    steps,
+                } => {
+                    self.run.ended(end, lora.clone(), checkpoint);
+                    if let Some(lora) = lora {
+                        self.notice(
+                            false,
+                            format!(
+                                "run ended after {steps} steps; LoRA written to {}",
+                                lora.display()
+                            ),
+                            None,
+                        );
+                    }
+                }
+                Event::Preview {
+                    id,
+                    strength,
+                    checkpoint,
+                    width,
+                    height,
+                    rgba,
+                    seconds,
+                } => self
+                    .preview
+                    .received(ctx, id, strength, checkpoint, width, height, &rgba, seconds),
+                Event::Exported { path, copied_to } => {
+                    let copied = copied_to
+                        .as_ref()
+                        .map(|c| format!(" and copied to {}", c.display()))
+                        .unwrap_or_default();
+                    self.notice(false, format!("exported {}{copied}", path.display()), None);
+                    self.preview.exported.push(path);
+                }
+                Event::Error { message, hint } => self.notice(true, message, hint),
+                Event::Info(text) => self.notice(false, text, None),
+            }
+        }
+        for result in self.dialogs.1.try_iter().collect::<Vec<_>>() {
+            match result {
+                DialogResult::DatasetFolder(folder) => self.open_dataset(folder),
+                DialogResult::BaseModel(path) => self.settings.train.base_model = path,
+                DialogResult::OutputFolder(path) => self.settings.train.output_dir = path,
+                DialogResult::UiLoraFolder(path) => {
+                    self.settings.export.ui_lora_folder = Some(path)
+                }
+            }
+        }
+    }
+
+    /// Folders or images dropped on the window open the dataset they belong to.
+    fn handle_drops(&mut self, ctx: &egui::Context) {
+        let dropped = ctx.input(|i| i.raw.dropped_files.clone());
+        let Some(first) = dropped.first() else { return };
+        let path = first.path().to_path_buf();
+        let folder = if path.is_dir() {
+            Some(path)
+        } else {
+            path.parent().map(|p| p.to_path_buf())
+        };
+        if let Some(folder) = folder {
+            self.settings.tab = Tab::Dataset;
+            self.open_dataset(folder);
+        }
+    }
+
+    /// Starts a native dialog on its own thread; its answer comes back through `dialogs`.
+    fn pick(&self, ctx: &egui::Context, folder: bool, wrap: fn(PathBuf) -> DialogResult) {
+        let tx = self.dialogs.0.clone();
+        let ctx = ctx.clone();
+        std::thread::spawn(move || {
+            let dialog = rfd::FileDialog::new();
+            let picked = if folder {
+                dialog.pick_folder()
+            } else {
+                dialog
+                    .add_filter("Stable Diffusion model", &["safetensors", "ckpt"])
+                    .pick_file()
+            };
+            if let Some(path) = picked {
+                let _ = tx.send(wrap(path));
+                ctx.request_repaint();
+            }
+        });
+    }
+
+    /// Saves every caption edit still waiting for its debounce.
+    pub fn flush_captions(&mut self) {
+        let jobs = self.dataset.take_unsaved(&self.settings.train);
+        for job in jobs {
+            self.worker.send(job);
+        }
+    }
+
     /// Draws the whole window.
     pub fn main_ui(&mut self, ui: &mut egui::Ui) {
-        ui.heading("lora-studio");
-        ui.label(format!("version {LONG_VERSION}"));
-        ui.add_space(8.0);
-        ui.label("Train LoRA style adapters for Stable Diffusion on your own images.");
-        ui.label(
-            "The dataset, training and preview views arrive in the next releases; the command line",
-        );
-        ui.label("already generates images: lora-studio generate --help");
+        let ctx = ui.ctx().clone();
+        self.process_events(&ctx);
+        self.handle_drops(&ctx);
+        for job in self.dataset.take_unsaved(&self.settings.train) {
+            self.worker.send(job);
+        }
+        self.start_waiting_run();
+        self.preview.send_if_due(&self.settings, &self.worker);
+        if self.dataset.unsaved_count() > 0 || self.preview.waiting() {
+            ctx.request_repaint_after(std::time::Duration::from_millis(100));
+        }
+
+        egui::Panel::top("tabs").show(ui, |ui| {
+            ui.horizontal(|ui| {
+                ui.heading("lora-studio");
+                ui.separator();
+                for (tab, label) in [
+                    (Tab::Dataset, "Dataset"),
+                    (Tab::Train, "Train"),
+                    (Tab::Preview, "Preview"),
+                    (Tab::Export, "Export"),
+                ] {
+                    ui.selectable_value(&mut self.settings.tab, tab, label);
+                }
+                ui.separator();
+                ui.label(self.run.status_line());
+            });
+        });
+        egui::Panel::bottom("notices")
+            .resizable(true)
+            .default_size(70.0)
+            .show(ui, |ui| self.notices_ui(ui));
+        egui::CentralPanel::default().show(ui, |ui| match self.settings.tab {
+            Tab::Dataset => self.dataset_tab_ui(ui),
+            Tab::Train => self.train_tab_ui(ui),
+            Tab::Preview => self.preview_tab_ui(ui),
+            Tab::Export => self.export_tab_ui(ui),
+        });
+    }
+
+    fn notices_ui(&mut self, ui: &mut egui::Ui) {
+        egui::ScrollArea::vertical().stick_to_bottom(true).show(ui, |ui| {
+            if self.notices.is_empty() {
+                ui.weak(format!("lora-studio {LONG_VERSION}. Drop a folder of images on the window to begin."));
+            }
+            for notice in &self.notices {
+                let color = if notice.error { ui.visuals().error_fg_color } else { ui.visuals().text_color() };
+                ui.colored_label(color, &notice.text);
+                if let Some(hint) = &notice.hint {
+                    ui.label(format!("    fix: {hint}"));
+                }
+            }
+        });
     }
 }
 
 impl eframe::App for StudioApp {
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
-        egui::CentralPanel::default().show(ui, |ui| self.main_ui(ui));
+        self.main_ui(ui);
+    }
+
+    fn save(&mut self, storage: &mut dyn eframe::Storage) {
+        self.flush_captions();
+        eframe::set_value(storage, settings::STORAGE_KEY, &self.settings);
+    }
+
+    fn on_exit(&mut self) {
+        self.flush_captions();
     }
 }

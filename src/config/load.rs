@@ -57,10 +57,28 @@ const ALIASES: &[(&str, &str)] = &[
 
 /// Loads `path` (if any) and applies `overrides` (`key=value`), then validates the result.
 pub fn load_config(path: Option<&Path>, overrides: &[String]) -> Result<TrainConfig, ConfigError> {
-    let mut map = match path {
-        Some(path) => read_table(path)?,
+    let map = match path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            parse_table(&text, path)?
+        }
         None => Map::new(),
     };
+    config_from_table(map, overrides)
+}
+
+/// Parses config text; `name` (a file name such as `cyberpunk.toml`) gives the format and appears in errors.
+pub fn config_from_text(text: &str, name: &Path) -> Result<TrainConfig, ConfigError> {
+    config_from_table(parse_table(text, name)?, &[])
+}
+
+fn config_from_table(
+    mut map: Map<String, Value>,
+    overrides: &[String],
+) -> Result<TrainConfig, ConfigError> {
     canonicalise_aliases(&mut map)?;
     for text in overrides {
         let (key, value) = parse_override(text)?;
@@ -75,11 +93,7 @@ pub fn load_config(path: Option<&Path>, overrides: &[String]) -> Result<TrainCon
     Ok(config)
 }
 
-fn read_table(path: &Path) -> Result<Map<String, Value>, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+fn parse_table(text: &str, path: &Path) -> Result<Map<String, Value>, ConfigError> {
     let extension = path
         .extension()
         .and_then(|e| e.to_str())
@@ -93,17 +107,16 @@ fn read_table(path: &Path) -> Result<Map<String, Value>, ConfigError> {
     let value = match extension.as_str() {
         "toml" => {
             let table: toml::Table =
-                toml::from_str(&text).map_err(|e| parse("TOML", e.message().to_string()))?;
+                toml::from_str(text).map_err(|e| parse("TOML", e.message().to_string()))?;
             serde_json::to_value(table).map_err(|e| parse("TOML", e.to_string()))?
         }
         "yaml" | "yml" => {
-            let docs =
-                YamlLoader::load_from_str(&text).map_err(|e| parse("YAML", e.to_string()))?;
+            let docs = YamlLoader::load_from_str(text).map_err(|e| parse("YAML", e.to_string()))?;
             docs.first()
                 .map(yaml_to_json)
                 .unwrap_or(Value::Object(Map::new()))
         }
-        _ => serde_json::from_str(&text).map_err(|e| parse("JSON", e.to_string()))?,
+        _ => serde_json::from_str(text).map_err(|e| parse("JSON", e.to_string()))?,
     };
     match value {
         Value::Object(map) => Ok(map),

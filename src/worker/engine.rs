@@ -11,7 +11,9 @@ use crossbeam_channel::Receiver;
 use super::Outbox;
 use crate::config::TrainConfig;
 use crate::lora::LoraNetwork;
-use crate::messages::{Event, ExportFormat, Job, LossPoint, PreviewRequest, PreviewSource, RunEnd};
+use crate::messages::{
+    Event, ExportFormat, Job, LossPoint, PreviewRequest, PreviewSettings, PreviewSource, RunEnd,
+};
 use crate::models::pipeline::{GenerateRequest, StableDiffusion, to_rgb8};
 use crate::models::schedulers::{NoiseSource, SamplerKind, SeededNoise};
 use crate::train::{
@@ -88,7 +90,10 @@ impl Engine {
                     for &strength in &strengths {
                         let one = PreviewRequest {
                             source: PreviewSource::Checkpoint(checkpoint.clone()),
-                            strength,
+                            settings: PreviewSettings {
+                                strength,
+                                ..request.settings.clone()
+                            },
                             ..request.clone()
                         };
                         if let Err(e) = self.preview(&one) {
@@ -260,25 +265,26 @@ fn render_preview(
         Some(network) => (Some(network), live),
         None => (live, None),
     };
+    let settings = &request.settings;
     if let Some(network) = shown {
-        network.set_multiplier(request.strength);
+        network.set_multiplier(settings.strength);
     }
     if let Some(network) = hidden {
         network.set_multiplier(0.0);
     }
     let generate = || -> Result<Event, TrainError> {
-        let (width, height) = (request.width as usize, request.height as usize);
+        let (width, height) = (settings.width as usize, settings.height as usize);
         let generation = GenerateRequest {
-            prompt: request.prompt.clone(),
-            negative_prompt: request.negative_prompt.clone(),
+            prompt: settings.prompt.clone(),
+            negative_prompt: settings.negative_prompt.clone(),
             width,
             height,
-            steps: request.steps as usize,
-            guidance_scale: request.cfg,
+            steps: settings.steps as usize,
+            guidance_scale: settings.cfg,
             sampler: SamplerKind::Ddim,
             clip_skip: 1,
         };
-        let mut noise = SeededNoise::new(request.seed);
+        let mut noise = SeededNoise::new(settings.seed);
         let init = noise.next(
             &model.latent_dims(width, height)?,
             &candle_core::Device::Cpu,
@@ -288,7 +294,7 @@ fn render_preview(
         let rgba = image::DynamicImage::ImageRgb8(rgb).to_rgba8();
         Ok(Event::Preview {
             id: request.id,
-            strength: request.strength,
+            strength: settings.strength,
             checkpoint: match &request.source {
                 PreviewSource::Checkpoint(path) => Some(path.clone()),
                 PreviewSource::Live => None,
@@ -342,7 +348,10 @@ impl EngineReporter<'_> {
                     for &strength in &strengths {
                         let one = PreviewRequest {
                             source: PreviewSource::Checkpoint(checkpoint.clone()),
-                            strength,
+                            settings: PreviewSettings {
+                                strength,
+                                ..request.settings.clone()
+                            },
                             ..request.clone()
                         };
                         self.preview(live, &one);
@@ -453,7 +462,7 @@ mod tests {
     use std::collections::VecDeque;
 
     use super::collapse_previews;
-    use crate::messages::{Job, PreviewRequest, PreviewSource};
+    use crate::messages::{Job, PreviewRequest, PreviewSettings, PreviewSource};
 
     fn preview(id: u64) -> Job {
         Job::Preview(PreviewRequest {
@@ -461,14 +470,7 @@ mod tests {
             base_model: "m".into(),
             device: "cpu".into(),
             source: PreviewSource::Live,
-            prompt: String::new(),
-            negative_prompt: String::new(),
-            seed: 0,
-            steps: 1,
-            width: 64,
-            height: 64,
-            cfg: 1.0,
-            strength: 1.0,
+            settings: PreviewSettings::default(),
         })
     }
 

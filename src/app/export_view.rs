@@ -1,0 +1,82 @@
+//! The export view: name, precision, format, and "Copy to WebUI" (the LoRA folder is picked once and
+//! remembered), writing a LoRA file from the newest checkpoint.
+
+use eframe::egui;
+
+use super::{DialogResult, StudioApp};
+use crate::config::SavePrecision;
+use crate::messages::{ExportFormat, ExportRequest, Job};
+
+impl StudioApp {
+    pub(super) fn export_tab_ui(&mut self, ui: &mut egui::Ui) {
+        let ctx = ui.ctx().clone();
+        let checkpoint = self.run.checkpoints.last().map(|(_, p)| p.clone());
+        ui.horizontal(|ui| {
+            let label = ui.label("Name");
+            ui.add(egui::TextEdit::singleline(
+                &mut self.settings.train.output_name,
+            ))
+            .labelled_by(label.id);
+        });
+        let e = &mut self.settings.export;
+        ui.horizontal(|ui| {
+            ui.label("Precision");
+            ui.radio_value(&mut e.precision, SavePrecision::Fp16, "fp16");
+            ui.radio_value(&mut e.precision, SavePrecision::Bf16, "bf16");
+            ui.radio_value(&mut e.precision, SavePrecision::Fp32, "fp32");
+        });
+        ui.horizontal(|ui| {
+            ui.label("Format");
+            ui.radio_value(
+                &mut e.format,
+                ExportFormat::Kohya,
+                "kohya (AUTOMATIC1111, Forge, ComfyUI)",
+            );
+            ui.radio_value(
+                &mut e.format,
+                ExportFormat::KohyaAndPeft,
+                "kohya + diffusers/PEFT",
+            );
+        });
+        let mut pick_folder = false;
+        ui.horizontal(|ui| {
+            ui.checkbox(&mut e.copy_to_ui, "Copy to WebUI / ComfyUI");
+            pick_folder = ui.button("LoRA folder…").clicked();
+            match &e.ui_lora_folder {
+                Some(folder) => ui.label(folder.display().to_string()),
+                None => ui.label("models/Lora (WebUI) or models/loras (ComfyUI)"),
+            };
+        });
+        if pick_folder {
+            self.pick(&ctx, true, DialogResult::UiLoraFolder);
+        }
+        let button = ui.add_enabled(checkpoint.is_some(), egui::Button::new("Export LoRA"));
+        if checkpoint.is_none() {
+            ui.label(
+                "Train (or resume) a run first: exports are written from its newest checkpoint.",
+            );
+        }
+        if button.clicked()
+            && let Some(checkpoint) = checkpoint
+        {
+            let e = &self.settings.export;
+            let t = &self.settings.train;
+            self.worker.send(Job::Export(ExportRequest {
+                base_model: t.base_model.clone(),
+                device: t.device.clone(),
+                checkpoint,
+                output: t.output_dir.join(format!("{}.safetensors", t.output_name)),
+                precision: e.precision,
+                format: e.format,
+                copy_to: if e.copy_to_ui {
+                    e.ui_lora_folder.clone()
+                } else {
+                    None
+                },
+            }));
+        }
+        for path in &self.preview.exported {
+            ui.label(format!("written: {}", path.display()));
+        }
+    }
+}

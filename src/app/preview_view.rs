@@ -1,0 +1,169 @@
+//! The preview view: prompt, seed, steps and size, and a LoRA strength slider that re-renders the same
+//! prompt and seed with the current adapters (debounced; the newest request wins), during or after
+//! training. A grid compares strengths over the last checkpoints. The WebUI prompt is shown, copyable.
+
+use eframe::egui;
+
+use super::StudioApp;
+use super::state::GRID_STRENGTHS;
+use crate::messages::{Job, PreviewSource};
+
+impl StudioApp {
+    pub(super) fn preview_tab_ui(&mut self, ui: &mut egui::Ui) {
+        let mut changed = false;
+        let p = &mut self.settings.preview;
+        for (label, text) in [
+            ("Prompt", &mut p.prompt),
+            ("Negative prompt", &mut p.negative_prompt),
+        ] {
+            ui.horizontal(|ui| {
+                let label = ui.label(label);
+                changed |= ui
+                    .add(egui::TextEdit::singleline(text).desired_width(480.0))
+                    .labelled_by(label.id)
+                    .changed();
+            });
+        }
+        ui.horizontal(|ui| {
+            ui.label("Seed");
+            changed |= ui.add(egui::DragValue::new(&mut p.seed)).changed();
+            ui.label("Steps");
+            changed |= ui
+                .add(egui::DragValue::new(&mut p.steps).range(1..=150))
+                .changed();
+            ui.label("Size");
+            changed |= ui
+                .add(egui::DragValue::new(&mut p.width).range(64..=1536).speed(8))
+                .changed();
+            changed |= ui
+                .add(
+                    egui::DragValue::new(&mut p.height)
+                        .range(64..=1536)
+                        .speed(8),
+                )
+                .changed();
+            p.width -= p.width % 8;
+            p.height -= p.height % 8;
+            ui.label("CFG");
+            changed |= ui
+                .add(
+                    egui::DragValue::new(&mut p.cfg)
+                        .range(1.0..=30.0)
+                        .speed(0.1),
+                )
+                .changed();
+        });
+        ui.horizontal(|ui| {
+            changed |= ui
+                .add(
+                    egui::Slider::new(&mut p.strength, 0.0..=1.5)
+                        .text("LoRA strength")
+                        .step_by(0.05),
+                )
+                .changed();
+        });
+        let name = self.settings.train.output_name.clone();
+        let webui = format!("<lora:{name}:{:.2}>", self.settings.preview.strength);
+        ui.horizontal(|ui| {
+            ui.label("In WebUI:");
+            ui.code(&webui);
+            if ui.button("Copy").clicked() {
+                ui.ctx().copy_text(webui.clone());
+            }
+            if ui.button("Render").clicked() {
+                changed = true;
+            }
+        });
+        if changed && !self.settings.preview.prompt.trim().is_empty() {
+            self.preview.changed();
+        }
+        let shown_id = self.preview.shown.as_ref().map_or(0, |s| s.id);
+        if self.preview.requested_id > shown_id {
+            ui.horizontal(|ui| {
+                ui.spinner();
+                ui.label("rendering…");
+            });
+        }
+        match &self.preview.shown {
+            Some(shown) => {
+                ui.label(format!(
+                    "strength {:.2}, rendered in {:.1} s",
+                    shown.strength, shown.seconds
+                ));
+                let size = egui::vec2(
+                    self.settings.preview.width as f32,
+                    self.settings.preview.height as f32,
+                );
+                let scale = (ui.available_height() - 160.0).max(128.0) / size.y;
+                ui.add(egui::Image::new(&shown.texture).fit_to_exact_size(size * scale.min(1.0)));
+            }
+            None => {
+                ui.label("Type a prompt: the preview renders with the current adapters at the chosen strength.");
+            }
+        }
+        self.comparison_grid_ui(ui);
+    }
+
+    fn comparison_grid_ui(&mut self, ui: &mut egui::Ui) {
+        ui.separator();
+        let checkpoints: Vec<_> = self
+            .run
+            .checkpoints
+            .iter()
+            .rev()
+            .take(4)
+            .rev()
+            .map(|(_, p)| p.clone())
+            .collect();
+        ui.horizontal(|ui| {
+            let button = ui.add_enabled(
+                !checkpoints.is_empty(),
+                egui::Button::new("Compare checkpoints"),
+            );
+            if button
+                .on_hover_text("strengths 0, 0.4, 0.8, 1.2 over the last 4 checkpoints")
+                .clicked()
+            {
+                self.preview.grid.clear();
+                self.preview.grid_checkpoints = checkpoints.clone();
+                let request = self.preview.request(&self.settings, PreviewSource::Live);
+                self.worker.send(Job::PreviewGrid {
+                    request,
+                    strengths: GRID_STRENGTHS.to_vec(),
+                    checkpoints: checkpoints.clone(),
+                });
+            }
+        });
+        if self.preview.grid_checkpoints.is_empty() {
+            return;
+        }
+        egui::Grid::new("strength-grid").show(ui, |ui| {
+            ui.label("");
+            for strength in GRID_STRENGTHS {
+                ui.label(format!("{strength:.1}"));
+            }
+            ui.end_row();
+            for checkpoint in &self.preview.grid_checkpoints {
+                ui.label(
+                    checkpoint
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                );
+                for strength in GRID_STRENGTHS {
+                    match self
+                        .preview
+                        .grid
+                        .get(&(checkpoint.clone(), (strength * 100.0).round() as i64))
+                    {
+                        Some(texture) => ui.add(
+                            egui::Image::new(texture).fit_to_exact_size(egui::vec2(128.0, 128.0)),
+                        ),
+                        None => ui.spinner(),
+                    };
+                }
+                ui.end_row();
+            }
+        });
+    }
+}

@@ -1,0 +1,447 @@
+//! The training view: base model and output, a preset by hardware, the settings people tune most (with
+//! help on hover), everything else under "Advanced", an estimate of a step's memory and time, the run
+//! controls, the progress bar and the live loss chart.
+
+use eframe::egui;
+
+use super::chart::loss_chart_ui;
+use super::estimate::estimate;
+use super::presets::{apply_preset, preset_names};
+use super::state::RunStatus;
+use super::{DialogResult, StudioApp};
+use crate::config::{LrScheduler, MixedPrecision, OptimizerKind, TrainConfig, validate};
+use crate::messages::Job;
+
+/// A slider that never changes a value loaded from a config file, even one outside its range.
+fn setting_slider<'a, N: egui::emath::Numeric>(
+    value: &'a mut N,
+    range: std::ops::RangeInclusive<N>,
+) -> egui::Slider<'a> {
+    egui::Slider::new(value, range).clamping(egui::SliderClamping::Edits)
+}
+
+/// A labelled row with hover help.
+fn row<R>(ui: &mut egui::Ui, label: &str, help: &str, add: impl FnOnce(&mut egui::Ui) -> R) -> R {
+    ui.horizontal(|ui| {
+        ui.label(label).on_hover_text(help);
+        add(ui)
+    })
+    .inner
+}
+
+impl StudioApp {
+    pub(super) fn train_tab_ui(&mut self, ui: &mut egui::Ui) {
+        egui::Panel::left("train-settings")
+            .resizable(true)
+            .default_size(380.0)
+            .show(ui, |ui| {
+                egui::ScrollArea::vertical().show(ui, |ui| self.settings_ui(ui));
+            });
+        egui::CentralPanel::default().show(ui, |ui| self.run_ui(ui));
+    }
+
+    fn settings_ui(&mut self, ui: &mut egui::Ui) {
+        let ctx = ui.ctx().clone();
+        let running = self.run.active();
+        ui.add_enabled_ui(!running, |ui| {
+            ui.heading("Model and output");
+            let base_model = self.settings.train.base_model.clone();
+            let output_dir = self.settings.train.output_dir.clone();
+            let choices = [
+                (
+                    "Base model",
+                    "a Stable Diffusion 1.x/2.x .safetensors/.ckpt file or diffusers folder",
+                    base_model,
+                    false,
+                    DialogResult::BaseModel as fn(_) -> _,
+                ),
+                (
+                    "Output folder",
+                    "checkpoints, logs, samples and the LoRA file go here",
+                    output_dir,
+                    true,
+                    DialogResult::OutputFolder,
+                ),
+            ];
+            for (label, help, path, folder, result) in choices {
+                row(ui, label, help, |ui| {
+                    if ui.button("Choose…").clicked() {
+                        self.pick(&ctx, folder, result);
+                    }
+                    ui.label(path.display().to_string());
+                });
+            }
+            row(
+                ui,
+                "Output name",
+                "the LoRA file name; in WebUI you write <lora:NAME:0.8>",
+                |ui| ui.text_edit_singleline(&mut self.settings.train.output_name),
+            );
+            ui.separator();
+            let before = self.settings.preset.clone();
+            row(
+                ui,
+                "Preset",
+                "settings for your hardware; you can change any of them afterwards",
+                |ui| {
+                    egui::ComboBox::from_id_salt("preset")
+                        .selected_text(if before.is_empty() {
+                            "choose…"
+                        } else {
+                            before.as_str()
+                        })
+                        .show_ui(ui, |ui| {
+                            for name in preset_names() {
+                                ui.selectable_value(
+                                    &mut self.settings.preset,
+                                    name.to_string(),
+                                    name,
+                                );
+                            }
+                        });
+                },
+            );
+            if self.settings.preset != before {
+                match apply_preset(&self.settings.preset, &self.settings.train) {
+                    Ok(config) => self.settings.train = config,
+                    Err(e) => self.notice(true, e, None),
+                }
+            }
+            ui.separator();
+            ui.heading("Training");
+            let t = &mut self.settings.train;
+            row(
+                ui,
+                "Rank",
+                "adapter size; 8-32 for a style, higher learns more detail and overfits sooner",
+                |ui| ui.add(setting_slider(&mut t.lora_rank, 1..=128).logarithmic(true)),
+            );
+            row(
+                ui,
+                "Alpha",
+                "scales the adapter by alpha/rank; rank/2 is a common choice",
+                |ui| ui.add(setting_slider(&mut t.lora_alpha, 0.5..=128.0).logarithmic(true)),
+            );
+            row(
+                ui,
+                "Conv LoRA (LoCon)",
+                "also adapt the 3x3 convolutions: more texture, bigger file",
+                |ui| ui.checkbox(&mut t.conv_lora, ""),
+            );
+            row(
+                ui,
+                "Train text encoder",
+                "also adapt CLIP; helps trigger words, can overfit captions",
+                |ui| ui.checkbox(&mut t.train_text_encoder, ""),
+            );
+            row(
+                ui,
+                "Learning rate",
+                "1e-4 is a safe start; too high breaks details",
+                |ui| {
+                    ui.add(
+                        setting_slider(&mut t.learning_rate, 1e-6..=1e-2)
+                            .logarithmic(true)
+                            .custom_formatter(|v, _| format!("{v:.1e}")),
+                    )
+                },
+            );
+            let mut by_steps = t.max_train_steps.is_some();
+            row(
+                ui,
+                "Length",
+                "epochs go through every image (times its repeats) once",
+                |ui| {
+                    ui.radio_value(&mut by_steps, false, "epochs");
+                    ui.radio_value(&mut by_steps, true, "steps");
+                },
+            );
+            if by_steps {
+                let mut steps = t.max_train_steps.unwrap_or(1000);
+                row(ui, "Steps", "optimizer steps to train", |ui| {
+                    ui.add(egui::DragValue::new(&mut steps).range(1..=1_000_000))
+                });
+                t.max_train_steps = Some(steps);
+            } else {
+                t.max_train_steps = None;
+                row(ui, "Epochs", "passes over the dataset", |ui| {
+                    ui.add(setting_slider(&mut t.epochs, 1..=100))
+                });
+            }
+            row(
+                ui,
+                "Batch size",
+                "images per step; lower it first when memory runs out",
+                |ui| ui.add(setting_slider(&mut t.batch_size, 1..=16)),
+            );
+            row(
+                ui,
+                "Resolution",
+                "training size in pixels; buckets keep the same area for other aspect ratios",
+                |ui| ui.add(setting_slider(&mut t.resolution, 256..=1024).step_by(64.0)),
+            );
+            row(
+                ui,
+                "Gradient accumulation",
+                "steps whose gradients are summed before an update",
+                |ui| ui.add(setting_slider(&mut t.gradient_accumulation_steps, 1..=16)),
+            );
+            row(
+                ui,
+                "Save every N steps",
+                "a resumable checkpoint every N steps (0: only at the end)",
+                |ui| ui.add(egui::DragValue::new(&mut t.save_steps).range(0..=100_000)),
+            );
+            row(
+                ui,
+                "Mixed precision",
+                "GPU compute precision; adapters always stay f32",
+                |ui| {
+                    egui::ComboBox::from_id_salt("precision")
+                        .selected_text(format!("{:?}", t.mixed_precision))
+                        .show_ui(ui, |ui| {
+                            for p in [
+                                MixedPrecision::Auto,
+                                MixedPrecision::Bf16,
+                                MixedPrecision::Fp16,
+                                MixedPrecision::No,
+                            ] {
+                                ui.selectable_value(&mut t.mixed_precision, p, format!("{p:?}"));
+                            }
+                        })
+                },
+            );
+            row(ui, "Seed", "the same seed gives the same run", |ui| {
+                ui.add(egui::DragValue::new(&mut t.seed))
+            });
+            egui::CollapsingHeader::new("Advanced").show(ui, |ui| advanced_ui(ui, t));
+        });
+        let est = estimate(
+            &self.settings.train,
+            !crate::build_info::BACKENDS.eq("cpu") && self.settings.train.device != "cpu",
+        );
+        ui.separator();
+        ui.label(format!(
+            "Rough estimate: {:.1} GB of memory, {:.1} s per step",
+            est.memory_gb, est.seconds
+        ));
+    }
+
+    fn run_ui(&mut self, ui: &mut egui::Ui) {
+        ui.horizontal(|ui| {
+            match self.run.status {
+                RunStatus::Idle => {
+                    if ui.button("Start training").clicked() {
+                        self.start_run(None);
+                    }
+                    if ui
+                        .button("Resume from checkpoint")
+                        .on_hover_text("continue from the newest checkpoint in the output folder")
+                        .clicked()
+                    {
+                        let output = self.settings.train.output_dir.clone();
+                        self.start_run(Some(output));
+                    }
+                }
+                RunStatus::Training => {
+                    if ui.button("Pause").clicked() {
+                        self.worker.send(Job::Pause);
+                    }
+                    if ui
+                        .button("Stop")
+                        .on_hover_text("saves a checkpoint and the LoRA")
+                        .clicked()
+                    {
+                        self.worker.send(Job::Stop);
+                        self.run.status = RunStatus::Stopping;
+                    }
+                }
+                RunStatus::Paused => {
+                    if ui.button("Resume").clicked() {
+                        self.worker.send(Job::Resume);
+                    }
+                    if ui.button("Stop").clicked() {
+                        self.worker.send(Job::Stop);
+                        self.run.status = RunStatus::Stopping;
+                    }
+                }
+                RunStatus::Starting | RunStatus::Stopping => {
+                    ui.spinner();
+                }
+            }
+            ui.label(self.run.status_line());
+        });
+        if self.run.total_steps > 0 {
+            let fraction = self.run.step() as f32 / self.run.total_steps as f32;
+            ui.add(egui::ProgressBar::new(fraction).text(format!(
+                "{}/{}",
+                self.run.step(),
+                self.run.total_steps
+            )));
+        }
+        if let Some((stage, done, total)) = &self.run.stage {
+            ui.label(format!("{stage}: {done}/{total}"));
+        }
+        loss_chart_ui(ui, &self.run.losses, self.run.steps_per_epoch);
+        ui.collapsing("When the results are not right", |ui| {
+            ui.label("Out of memory: lower the batch size to 1-2 and the rank to 4-8, or turn on gradient checkpointing.");
+            ui.label("The loss stays flat: raise the rank, train longer, improve the captions.");
+            ui.label("Details break or colours burn: fewer epochs, learning rate 1e-4.");
+        });
+    }
+
+    /// Validates the settings, saves pending caption edits, and starts (or resumes) a run.
+    fn start_run(&mut self, resume: Option<std::path::PathBuf>) {
+        if let Err(e) = validate(&self.settings.train) {
+            self.notice(true, e.to_string(), None);
+            return;
+        }
+        self.flush_captions();
+        self.run.status = RunStatus::Starting;
+        self.run.waiting_to_start = Some(resume);
+        self.start_waiting_run();
+    }
+}
+
+fn advanced_ui(ui: &mut egui::Ui, t: &mut TrainConfig) {
+    row(
+        ui,
+        "Optimizer",
+        "Adafactor keeps almost no optimizer state",
+        |ui| {
+            egui::ComboBox::from_id_salt("optimizer")
+                .selected_text(format!("{:?}", t.optimizer))
+                .show_ui(ui, |ui| {
+                    ui.selectable_value(&mut t.optimizer, OptimizerKind::AdamW, "AdamW");
+                    ui.selectable_value(&mut t.optimizer, OptimizerKind::Adafactor, "Adafactor");
+                })
+        },
+    );
+    row(
+        ui,
+        "LR schedule",
+        "how the learning rate changes over the run",
+        |ui| {
+            egui::ComboBox::from_id_salt("scheduler")
+                .selected_text(format!("{:?}", t.lr_scheduler))
+                .show_ui(ui, |ui| {
+                    for s in [
+                        LrScheduler::Constant,
+                        LrScheduler::ConstantWithWarmup,
+                        LrScheduler::Linear,
+                        LrScheduler::Cosine,
+                        LrScheduler::CosineWithRestarts,
+                    ] {
+                        ui.selectable_value(&mut t.lr_scheduler, s, format!("{s:?}"));
+                    }
+                })
+        },
+    );
+    row(
+        ui,
+        "Warmup steps",
+        "steps over which the learning rate rises",
+        |ui| ui.add(egui::DragValue::new(&mut t.lr_warmup_steps)),
+    );
+    row(ui, "Conv rank / alpha", "LoCon's rank and alpha", |ui| {
+        ui.add(egui::DragValue::new(&mut t.conv_rank).range(1..=128));
+        ui.add(egui::DragValue::new(&mut t.conv_alpha).range(0.1..=128.0));
+    });
+    row(
+        ui,
+        "Text encoder LR",
+        "0 means the same as the learning rate",
+        |ui| {
+            let mut lr = t.text_encoder_lr.unwrap_or(0.0);
+            ui.add(egui::DragValue::new(&mut lr).speed(1e-6).range(0.0..=1e-2));
+            t.text_encoder_lr = (lr > 0.0).then_some(lr);
+        },
+    );
+    row(
+        ui,
+        "Noise offset",
+        "helps very dark and very bright images; 0.05 is typical",
+        |ui| ui.add(setting_slider(&mut t.noise_offset, 0.0..=0.2)),
+    );
+    row(
+        ui,
+        "Min-SNR gamma",
+        "reweights timesteps for faster convergence (5 is typical; 0 off)",
+        |ui| {
+            let mut gamma = t.min_snr_gamma.unwrap_or(0.0);
+            ui.add(setting_slider(&mut gamma, 0.0..=20.0));
+            t.min_snr_gamma = (gamma > 0.0).then_some(gamma);
+        },
+    );
+    row(
+        ui,
+        "Flip images",
+        "horizontal flips double the variety (not for asymmetric subjects)",
+        |ui| ui.checkbox(&mut t.flip_aug, ""),
+    );
+    row(
+        ui,
+        "Shuffle tags",
+        "shuffles comma-separated tags each step",
+        |ui| ui.checkbox(&mut t.shuffle_caption, ""),
+    );
+    row(
+        ui,
+        "Keep first tags",
+        "tags kept in place when shuffling",
+        |ui| ui.add(egui::DragValue::new(&mut t.keep_tokens).range(0..=20)),
+    );
+    row(
+        ui,
+        "Caption dropout",
+        "share of steps trained with an empty caption",
+        |ui| ui.add(setting_slider(&mut t.caption_dropout_rate, 0.0..=0.5)),
+    );
+    row(
+        ui,
+        "Buckets",
+        "aspect-ratio buckets instead of square crops",
+        |ui| ui.checkbox(&mut t.enable_bucket, ""),
+    );
+    row(
+        ui,
+        "Cache latents",
+        "encode images once (kept on disk for the next run)",
+        |ui| ui.checkbox(&mut t.cache_latents, ""),
+    );
+    row(
+        ui,
+        "Clip skip",
+        "2 for anime models trained that way",
+        |ui| ui.add(setting_slider(&mut t.clip_skip, 1..=4)),
+    );
+    row(
+        ui,
+        "DoRA",
+        "weight-decomposed LoRA (exported as a plain LoRA)",
+        |ui| {
+            if ui.checkbox(&mut t.dora, "").changed() && t.dora {
+                t.pissa = false;
+            }
+        },
+    );
+    row(
+        ui,
+        "PiSSA init",
+        "start from the weights' principal directions",
+        |ui| {
+            if ui.checkbox(&mut t.pissa, "").changed() && t.pissa {
+                t.dora = false;
+            }
+        },
+    );
+    row(
+        ui,
+        "Gradient checkpointing",
+        "recompute instead of storing activations: less memory, slower",
+        |ui| ui.checkbox(&mut t.gradient_checkpointing, ""),
+    );
+    row(ui, "Device", "cpu, cuda, cuda:N, metal or auto", |ui| {
+        ui.text_edit_singleline(&mut t.device)
+    });
+}

@@ -1,0 +1,147 @@
+//! The desktop app driven like a user would, headless with egui_kittest: drop a dataset folder, edit a
+//! caption and find it on disk, train and watch the loss arrive, pause, move the strength slider and get a
+//! preview, resume to the end, and export a LoRA file.
+#![cfg(feature = "gui")]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{make_dataset, tiny_config};
+use egui::accesskit::Role;
+use egui_kittest::Harness;
+use egui_kittest::kittest::Queryable;
+use lora_studio::app::{AppSettings, StudioApp, Tab};
+use lora_studio::config::TrainConfig;
+use lora_studio::worker::WorkerHandle;
+
+#[derive(Debug)]
+struct DroppedFolder(PathBuf);
+
+impl egui::DroppedFile for DroppedFolder {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+
+    fn bytes(&self) -> Result<Vec<u8>, String> {
+        Err("a folder has no bytes".into())
+    }
+}
+
+/// Steps the app until `done` holds, failing after a minute.
+fn step_until(harness: &mut Harness<'_, StudioApp>, what: &str, done: impl Fn(&StudioApp) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done(harness.state()) {
+        assert!(
+            Instant::now() < deadline,
+            "gave up waiting for {what}; notices: {:?}",
+            harness.state().notices()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        harness.step();
+    }
+}
+
+#[test]
+fn drop_edit_train_pause_preview_resume_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = make_dataset(&dir.path().join("data"), 4);
+    let settings = AppSettings {
+        train: TrainConfig {
+            train_data_dir: PathBuf::new(),
+            max_train_steps: Some(30),
+            save_steps: 10,
+            ..tiny_config(&data, &dir.path().join("out"))
+        },
+        ..Default::default()
+    };
+    let (worker, events) = WorkerHandle::spawn(Arc::new(|| {})).unwrap();
+    let app = StudioApp::new(settings, worker, events);
+    let mut harness = Harness::builder()
+        .with_size([1280.0, 900.0])
+        .build_ui_state(|ui, app: &mut StudioApp| app.main_ui(ui), app);
+
+    // Drop the folder: the grid fills.
+    harness
+        .input_mut()
+        .dropped_files
+        .push(Arc::new(DroppedFolder(data.clone())));
+    step_until(&mut harness, "the dataset", |app| app.dataset_len() == 4);
+    harness.run_steps(3);
+    let caption = harness.get_by_role_and_label(Role::MultilineTextInput, "img1.png");
+    assert_eq!(
+        caption.value().as_deref(),
+        Some("neon city 1, magenta squares")
+    );
+
+    // Edit a caption: it is on disk at once.
+    caption.focus();
+    harness.run_steps(2);
+    harness
+        .get_by_role_and_label(Role::MultilineTextInput, "img1.png")
+        .type_text(" wet streets");
+    harness.run_steps(2);
+    step_until(&mut harness, "the caption save", |app| {
+        app.unsaved_captions() == 0
+    });
+    let csv = std::fs::read_to_string(data.join("metadata.csv")).unwrap();
+    assert!(csv.contains("wet streets"), "{csv}");
+
+    // Train: loss points arrive and the progress advances.
+    harness.state_mut().settings_mut().tab = Tab::Train;
+    harness.run_steps(2);
+    harness.get_by_label("Start training").click();
+    step_until(&mut harness, "loss points", |app| app.losses().len() >= 3);
+    harness.get_by_label("Pause").click();
+    step_until(&mut harness, "the pause", |app| {
+        format!("{:?}", app.run_status()) == "Paused"
+    });
+    let paused_at = harness.state().losses().len();
+
+    // While paused, the strength slider renders a preview with the current adapters.
+    let preview = &mut harness.state_mut().settings_mut().preview;
+    (preview.width, preview.height, preview.steps) = (64, 64, 4);
+    harness.state_mut().settings_mut().tab = Tab::Preview;
+    harness.run_steps(2);
+    harness
+        .get_by_role_and_label(Role::TextInput, "Prompt")
+        .focus();
+    harness.run_steps(1);
+    harness
+        .get_by_role_and_label(Role::TextInput, "Prompt")
+        .type_text("neon city");
+    harness.run_steps(1);
+    harness
+        .get_by_role_and_label(Role::Slider, "LoRA strength")
+        .set_value_accesskit(1.2);
+    step_until(&mut harness, "a preview", |app| {
+        app.shown_preview()
+            .is_some_and(|(_, s)| (s - 1.2).abs() < 1e-9)
+    });
+    assert_eq!(
+        harness.state().losses().len(),
+        paused_at,
+        "no steps while paused"
+    );
+
+    // Resume to the end.
+    harness.state_mut().settings_mut().tab = Tab::Train;
+    harness.run_steps(2);
+    harness.get_by_label("Resume").click();
+    step_until(&mut harness, "the end of the run", |app| {
+        format!("{:?}", app.run_status()) == "Idle"
+    });
+    assert_eq!(harness.state().losses().last().map(|p| p.step), Some(30));
+
+    // Export a LoRA file from the last checkpoint.
+    harness.state_mut().settings_mut().tab = Tab::Export;
+    harness.run_steps(2);
+    harness.get_by_label("Export LoRA").click();
+    step_until(&mut harness, "the export", |app| !app.exported().is_empty());
+    let exported = harness.state().exported()[0].clone();
+    let file = lora_studio::tensor_file::TensorFile::open(&exported).unwrap();
+    assert!(file.infos().keys().any(|k| k.starts_with("lora_unet_")));
+    assert_eq!(exported, dir.path().join("out/tiny.safetensors"));
+}
