@@ -200,6 +200,11 @@ pub enum Event {
         height: u32,
         rgba: Vec<u8>,
     },
+    /// The image could not be decoded for its thumbnail.
+    ThumbnailFailed {
+        path: PathBuf,
+        reason: String,
+    },
     CaptionSaved {
         relative: PathBuf,
         target: PathBuf,

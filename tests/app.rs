@@ -1,6 +1,6 @@
 //! The desktop app driven like a user would, headless with egui_kittest: drop a dataset folder, edit a
 //! caption and find it on disk, train and watch the loss arrive, pause, move the strength slider and get a
-//! preview, resume to the end, and export a LoRA file.
+//! preview, resume to the end, and export a LoRA file; drop a training config and get its settings.
 #![cfg(feature = "gui")]
 
 mod common;
@@ -14,13 +14,13 @@ use egui::accesskit::Role;
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use lora_studio::app::{AppSettings, StudioApp, Tab};
-use lora_studio::config::TrainConfig;
+use lora_studio::config::{TrainConfig, save_config};
 use lora_studio::worker::WorkerHandle;
 
 #[derive(Debug)]
-struct DroppedFolder(PathBuf);
+struct DroppedPath(PathBuf);
 
-impl egui::DroppedFile for DroppedFolder {
+impl egui::DroppedFile for DroppedPath {
     fn path(&self) -> &Path {
         &self.0
     }
@@ -67,7 +67,7 @@ fn drop_edit_train_pause_preview_resume_export() {
     harness
         .input_mut()
         .dropped_files
-        .push(Arc::new(DroppedFolder(data.clone())));
+        .push(Arc::new(DroppedPath(data.clone())));
     step_until(&mut harness, "the dataset", |app| app.dataset_len() == 4);
     harness.run_steps(3);
     let caption = harness.get_by_role_and_label(Role::MultilineTextInput, "img1.png");
@@ -144,4 +144,29 @@ fn drop_edit_train_pause_preview_resume_export() {
     let file = lora_studio::tensor_file::TensorFile::open(&exported).unwrap();
     assert!(file.infos().keys().any(|k| k.starts_with("lora_unet_")));
     assert_eq!(exported, dir.path().join("out/tiny.safetensors"));
+}
+
+#[test]
+fn a_dropped_config_brings_its_settings_and_dataset() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = make_dataset(&dir.path().join("data"), 3);
+    let config = TrainConfig {
+        lora_rank: 12,
+        ..tiny_config(&data, &dir.path().join("out"))
+    };
+    let file = dir.path().join("style.toml");
+    save_config(&config, &file).unwrap();
+    let (worker, events) = WorkerHandle::spawn(Arc::new(|| {})).unwrap();
+    let app = StudioApp::new(AppSettings::default(), worker, events);
+    let mut harness = Harness::builder()
+        .with_size([1280.0, 900.0])
+        .build_ui_state(|ui, app: &mut StudioApp| app.main_ui(ui), app);
+    harness
+        .input_mut()
+        .dropped_files
+        .push(Arc::new(DroppedPath(file)));
+    step_until(&mut harness, "the dataset", |app| app.dataset_len() == 3);
+    assert_eq!(harness.state().settings().train, config);
+    assert_eq!(harness.state().settings().tab, Tab::Train);
+    harness.get_by_label("Start training");
 }

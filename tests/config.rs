@@ -1,9 +1,9 @@
-//! Training configs: every preset loads, files in all three formats work, `--set` wins over the file, and
-//! mistakes are one sentence naming the key.
+//! Training configs: every preset loads, files in all three formats work, `--set` wins over the file, a
+//! saved config loads back unchanged, and mistakes are one sentence naming the key.
 
 use std::path::{Path, PathBuf};
 
-use lora_studio::config::{ConfigError, LrScheduler, OptimizerKind, load_config};
+use lora_studio::config::{ConfigError, LrScheduler, OptimizerKind, load_config, save_config};
 
 fn presets() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("presets");
@@ -30,6 +30,21 @@ fn every_preset_loads() {
     let small = load_config(Some(&presets_dir().join("gpu-8gb.toml")), &[]).unwrap();
     assert!(small.gradient_checkpointing);
     assert_eq!(small.optimizer, OptimizerKind::Adafactor);
+}
+
+#[test]
+fn a_saved_config_loads_back_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    for preset in presets() {
+        let mut config = load_config(Some(&preset), &[]).unwrap();
+        config.train_data_dir = dir.path().join("my images");
+        config.sample_prompts = vec!["neon city, \"rain\"".into()];
+        let saved = dir.path().join("saved.toml");
+        save_config(&config, &saved).unwrap();
+        let loaded = load_config(Some(&saved), &[])
+            .unwrap_or_else(|e| panic!("{} saved and loaded: {e}", preset.display()));
+        assert_eq!(loaded, config, "{}", preset.display());
+    }
 }
 
 fn presets_dir() -> PathBuf {

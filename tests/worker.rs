@@ -104,6 +104,17 @@ fn the_app_workflow_runs_on_the_workers() {
         _ => None,
     });
     assert_eq!((w, h, len), (32, 21, 32 * 21 * 4));
+    let broken = dir.path().join("broken.png");
+    std::fs::write(&broken, b"\x89PNG\r\n\x1a\n not really").unwrap();
+    worker.send(Job::Thumbnail {
+        path: broken.clone(),
+        max_side: 32,
+    });
+    let failed = wait_for(&events, "a failed thumbnail", |e| match e {
+        Event::ThumbnailFailed { path, .. } => Some(path.clone()),
+        _ => None,
+    });
+    assert_eq!(failed, broken);
 
     worker.send(Job::SaveCaption {
         root: data.clone(),

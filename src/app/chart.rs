@@ -1,6 +1,7 @@
 //! The loss chart: raw points and a smoothed curve, the learning rate in a small linked plot below, epoch
 //! boundaries as vertical lines. Long runs are thinned to about two points per pixel column (keeping each
-//! column's minimum and maximum) so 100k steps still draw smoothly.
+//! column's minimum and maximum) so 100k steps still draw smoothly; zoomed in, only the visible steps are
+//! thinned, so detail appears as you zoom.
 
 use egui_plot::{Legend, Line, Plot, PlotPoints, Points, VLine};
 
@@ -47,6 +48,39 @@ pub fn smoothed(losses: &[LossPoint]) -> Vec<[f64; 2]> {
         .collect()
 }
 
+/// The points whose step lies in `[from, to]` plus one neighbour on each side, so lines reach the edges.
+fn in_range(points: &[[f64; 2]], from: f64, to: f64) -> &[[f64; 2]] {
+    let start = points.partition_point(|p| p[0] < from).saturating_sub(1);
+    let end = (points.partition_point(|p| p[0] <= to) + 1).min(points.len());
+    &points[start..end.max(start)]
+}
+
+/// Epoch boundaries to mark: every `stride`-th epoch so that at most `MAX_EPOCH_MARKS` show.
+fn epoch_marks(steps_per_epoch: u64, last_step: u64) -> Vec<(u64, u64)> {
+    if steps_per_epoch == 0 {
+        return Vec::new();
+    }
+    let epochs = last_step.saturating_sub(1) / steps_per_epoch;
+    let stride = epochs.div_ceil(MAX_EPOCH_MARKS).max(1);
+    (1..=epochs)
+        .filter(|e| e % stride == 0)
+        .map(|e| (e * steps_per_epoch, e + 1))
+        .collect()
+}
+
+/// At most this many epoch boundaries are drawn.
+const MAX_EPOCH_MARKS: u64 = 40;
+
+/// Draws `series` thinned: the whole run while the plot follows it, only the visible steps (at full
+/// detail) once the user zooms or pans.
+fn thinned_for_view(plot: &egui_plot::PlotUi<'_>, series: &[[f64; 2]]) -> Vec<[f64; 2]> {
+    if plot.auto_bounds().x {
+        return thin(series);
+    }
+    let bounds = plot.plot_bounds();
+    thin(in_range(series, bounds.min()[0], bounds.max()[0]))
+}
+
 /// Draws the loss and learning-rate plots.
 pub fn loss_chart_ui(ui: &mut egui::Ui, losses: &[LossPoint], steps_per_epoch: u64) {
     let raw: Vec<[f64; 2]> = losses
@@ -54,8 +88,7 @@ pub fn loss_chart_ui(ui: &mut egui::Ui, losses: &[LossPoint], steps_per_epoch: u
         .filter(|p| p.loss.is_finite())
         .map(|p| [p.step as f64, p.loss])
         .collect();
-    let smooth = thin(&smoothed(losses));
-    let raw = thin(&raw);
+    let smooth = smoothed(losses);
     let last_step = losses.last().map_or(0, |p| p.step);
     let link = egui::Id::unique("loss-lr-link");
     Plot::new("loss")
@@ -65,17 +98,14 @@ pub fn loss_chart_ui(ui: &mut egui::Ui, losses: &[LossPoint], steps_per_epoch: u
         .y_axis_label("loss")
         .link_axis(link, [true, false])
         .show(ui, |plot| {
+            let (raw, smooth) = (
+                thinned_for_view(plot, &raw),
+                thinned_for_view(plot, &smooth),
+            );
             plot.points(Points::new("loss", PlotPoints::from(raw)).radius(1.2));
             plot.line(Line::new("smoothed", PlotPoints::from(smooth)).width(2.0));
-            if steps_per_epoch > 0 {
-                let mut boundary = steps_per_epoch;
-                while boundary < last_step {
-                    plot.vline(VLine::new(
-                        format!("epoch {}", boundary / steps_per_epoch + 1),
-                        boundary as f64,
-                    ));
-                    boundary += steps_per_epoch;
-                }
+            for (step, epoch) in epoch_marks(steps_per_epoch, last_step) {
+                plot.vline(VLine::new(format!("epoch {epoch}"), step as f64));
             }
         });
     let lr: Vec<[f64; 2]> = losses.iter().map(|p| [p.step as f64, p.lr]).collect();
@@ -85,13 +115,14 @@ pub fn loss_chart_ui(ui: &mut egui::Ui, losses: &[LossPoint], steps_per_epoch: u
         .y_axis_label("lr")
         .link_axis(link, [true, false])
         .show(ui, |plot| {
-            plot.line(Line::new("learning rate", PlotPoints::from(thin(&lr))))
+            let lr = thinned_for_view(plot, &lr);
+            plot.line(Line::new("learning rate", PlotPoints::from(lr)))
         });
 }
 
 #[cfg(test)]
 mod tests {
-    use super::thin;
+    use super::{epoch_marks, in_range, thin};
 
     #[test]
     fn thinning_keeps_extremes_and_bounds_the_count() {
@@ -101,5 +132,22 @@ mod tests {
         let max = thinned.iter().map(|p| p[1]).fold(f64::MIN, f64::max);
         assert_eq!(max, 96.0);
         assert!(thinned.windows(2).all(|w| w[0][0] <= w[1][0]));
+    }
+
+    #[test]
+    fn a_zoomed_range_keeps_its_edges() {
+        let points: Vec<[f64; 2]> = (0..100).map(|i| [i as f64, 0.0]).collect();
+        let visible = in_range(&points, 10.5, 20.5);
+        assert_eq!((visible[0][0], visible[visible.len() - 1][0]), (10.0, 21.0));
+        assert_eq!(in_range(&points, 200.0, 300.0).len(), 1);
+        assert!(in_range(&[], 0.0, 1.0).is_empty());
+    }
+
+    #[test]
+    fn epoch_marks_are_bounded() {
+        assert_eq!(epoch_marks(10, 35), vec![(10, 2), (20, 3), (30, 4)]);
+        assert_eq!(epoch_marks(10, 30), vec![(10, 2), (20, 3)]);
+        assert!(epoch_marks(10, 100_000).len() <= 40);
+        assert!(epoch_marks(0, 100).is_empty());
     }
 }

@@ -3,7 +3,7 @@
 
 use eframe::egui;
 
-use super::{DialogResult, StudioApp};
+use super::{Dialog, DialogResult, StudioApp};
 use crate::messages::{Badge, CaptionOrigin, Job};
 
 /// Side of a grid cell's thumbnail, in points.
@@ -65,7 +65,7 @@ impl StudioApp {
         let ctx = ui.ctx().clone();
         ui.horizontal(|ui| {
             if ui.button("Open folder…").clicked() {
-                self.pick(&ctx, true, DialogResult::DatasetFolder);
+                self.pick(&ctx, Dialog::Folder, DialogResult::DatasetFolder);
             }
             let folder = &self.settings.train.train_data_dir;
             if folder.as_os_str().is_empty() {
@@ -291,10 +291,18 @@ impl StudioApp {
                                 .fit_to_exact_size(egui::vec2(CELL, CELL))
                                 .sense(egui::Sense::click()),
                         ),
-                        None => ui.add_sized(
-                            [CELL, CELL],
-                            egui::Label::new("…").sense(egui::Sense::click()),
-                        ),
+                        None => match self.dataset.thumbnail_failures.get(&entry.path) {
+                            Some(reason) => ui
+                                .add_sized(
+                                    [CELL, CELL],
+                                    egui::Label::new("unreadable").sense(egui::Sense::click()),
+                                )
+                                .on_hover_text(reason),
+                            None => ui.add_sized(
+                                [CELL, CELL],
+                                egui::Label::new("…").sense(egui::Sense::click()),
+                            ),
+                        },
                     };
                     if image.clicked() {
                         self.dataset.selected = Some(index);

@@ -3,7 +3,7 @@
 
 use eframe::egui;
 
-use super::{DialogResult, StudioApp};
+use super::{Dialog, DialogResult, StudioApp};
 use crate::config::SavePrecision;
 use crate::messages::{ExportFormat, ExportRequest, Job};
 
@@ -48,7 +48,7 @@ impl StudioApp {
             };
         });
         if pick_folder {
-            self.pick(&ctx, true, DialogResult::UiLoraFolder);
+            self.pick(&ctx, Dialog::Folder, DialogResult::UiLoraFolder);
         }
         let button = ui.add_enabled(checkpoint.is_some(), egui::Button::new("Export LoRA"));
         if checkpoint.is_none() {

@@ -24,11 +24,13 @@ pub use state::RunStatus;
 use state::{DatasetState, Notice, PreviewState, RunState};
 
 use crate::build_info::LONG_VERSION;
+use crate::config::{load_config, save_config};
 use crate::messages::{Event, Job};
 use crate::worker::WorkerHandle;
 
-/// Opens the main window and runs until it is closed.
-pub fn run() -> anyhow::Result<()> {
+/// Opens the main window (on `path`, a dataset folder or training config, when given) and runs until it
+/// is closed.
+pub fn run(path: Option<PathBuf>) -> anyhow::Result<()> {
     let options = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()
             .with_title("lora-studio")
@@ -42,11 +44,19 @@ pub fn run() -> anyhow::Result<()> {
         Box::new(|cc| {
             let ctx = cc.egui_ctx.clone();
             let (worker, events) = WorkerHandle::spawn(Arc::new(move || ctx.request_repaint()))?;
-            let settings = cc
+            let mut settings: AppSettings = cc
                 .storage
                 .and_then(|s| eframe::get_value(s, settings::STORAGE_KEY))
                 .unwrap_or_default();
-            Ok(Box::new(StudioApp::new(settings, worker, events)))
+            if path.as_ref().is_some_and(|p| p.exists()) {
+                // The named path replaces the remembered dataset; scanning that one too would be wasted.
+                settings.train.train_data_dir = PathBuf::new();
+            }
+            let mut app = StudioApp::new(settings, worker, events);
+            if let Some(path) = path {
+                app.open_path(path);
+            }
+            Ok(Box::new(app))
         }),
     )
     .map_err(|e| anyhow::anyhow!("the window could not be opened: {e}"))
@@ -58,7 +68,21 @@ enum DialogResult {
     BaseModel(PathBuf),
     OutputFolder(PathBuf),
     UiLoraFolder(PathBuf),
+    OpenConfig(PathBuf),
+    SaveConfig(PathBuf),
 }
+
+/// What a native dialog asks for.
+#[derive(Clone, Copy)]
+enum Dialog {
+    Folder,
+    ModelFile,
+    OpenConfig,
+    SaveConfig,
+}
+
+/// Extensions of the config files the app opens (those `lora-studio train --config` reads).
+const CONFIG_EXTENSIONS: [&str; 4] = ["toml", "yaml", "yml", "json"];
 
 /// The app.
 pub struct StudioApp {
@@ -98,6 +122,11 @@ impl StudioApp {
     /// The number of images in the open dataset.
     pub fn dataset_len(&self) -> usize {
         self.dataset.view.as_ref().map_or(0, |v| v.entries.len())
+    }
+
+    /// Thumbnails the grid asked for that have not arrived yet.
+    pub fn thumbnails_waiting(&self) -> usize {
+        self.dataset.thumbnails_waiting()
     }
 
     /// Captions that are not yet confirmed saved.
@@ -176,6 +205,9 @@ impl StudioApp {
                     height,
                     rgba,
                 } => self.dataset.add_thumbnail(ctx, path, width, height, &rgba),
+                Event::ThumbnailFailed { path, reason } => {
+                    self.dataset.thumbnail_failures.insert(path, reason);
+                }
                 Event::CaptionSaved { relative, target } => {
                     self.dataset.caption_saved(&relative, &target)
                 }
@@ -238,38 +270,84 @@ impl StudioApp {
                 DialogResult::UiLoraFolder(path) => {
                     self.settings.export.ui_lora_folder = Some(path)
                 }
+                DialogResult::OpenConfig(path) => self.open_path(path),
+                DialogResult::SaveConfig(path) => match save_config(&self.settings.train, &path) {
+                    Ok(()) => self.notice(
+                        false,
+                        format!(
+                            "settings saved to {}; run them headless with `lora-studio train --config {0}`",
+                            path.display()
+                        ),
+                        None,
+                    ),
+                    Err(e) => self.notice(true, e.to_string(), None),
+                },
             }
         }
     }
 
-    /// Folders or images dropped on the window open the dataset they belong to.
+    /// Opens what a user dropped or named on the command line: a training config (its settings and
+    /// dataset), a dataset folder, or an image (the folder it is in).
+    pub fn open_path(&mut self, path: PathBuf) {
+        let extension = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        if path.is_file() && CONFIG_EXTENSIONS.contains(&extension.as_str()) {
+            match load_config(Some(&path), &[]) {
+                Ok(config) => {
+                    let folder = config.train_data_dir.clone();
+                    self.settings.train = config;
+                    self.settings.tab = Tab::Train;
+                    self.notice(
+                        false,
+                        format!("settings loaded from {}", path.display()),
+                        None,
+                    );
+                    if folder.is_dir() {
+                        self.open_dataset(folder);
+                    }
+                }
+                Err(e) => self.notice(true, e.to_string(), None),
+            }
+        } else if path.is_dir() {
+            self.settings.tab = Tab::Dataset;
+            self.open_dataset(path);
+        } else if let Some(folder) = path.parent().filter(|p| p.is_dir()) {
+            self.settings.tab = Tab::Dataset;
+            self.open_dataset(folder.to_path_buf());
+        } else {
+            self.notice(true, format!("{} does not exist", path.display()), None);
+        }
+    }
+
+    /// Whatever is dropped on the window opens with [`Self::open_path`].
     fn handle_drops(&mut self, ctx: &egui::Context) {
         let dropped = ctx.input(|i| i.raw.dropped_files.clone());
-        let Some(first) = dropped.first() else { return };
-        let path = first.path().to_path_buf();
-        let folder = if path.is_dir() {
-            Some(path)
-        } else {
-            path.parent().map(|p| p.to_path_buf())
-        };
-        if let Some(folder) = folder {
-            self.settings.tab = Tab::Dataset;
-            self.open_dataset(folder);
+        if let Some(first) = dropped.first() {
+            self.open_path(first.path().to_path_buf());
         }
     }
 
     /// Starts a native dialog on its own thread; its answer comes back through `dialogs`.
-    fn pick(&self, ctx: &egui::Context, folder: bool, wrap: fn(PathBuf) -> DialogResult) {
+    fn pick(&self, ctx: &egui::Context, kind: Dialog, wrap: fn(PathBuf) -> DialogResult) {
         let tx = self.dialogs.0.clone();
         let ctx = ctx.clone();
         std::thread::spawn(move || {
             let dialog = rfd::FileDialog::new();
-            let picked = if folder {
-                dialog.pick_folder()
-            } else {
-                dialog
+            let picked = match kind {
+                Dialog::Folder => dialog.pick_folder(),
+                Dialog::ModelFile => dialog
                     .add_filter("Stable Diffusion model", &["safetensors", "ckpt"])
-                    .pick_file()
+                    .pick_file(),
+                Dialog::OpenConfig => dialog
+                    .add_filter("Training settings", &CONFIG_EXTENSIONS)
+                    .pick_file(),
+                Dialog::SaveConfig => dialog
+                    .add_filter("Training settings", &["toml"])
+                    .set_file_name("lora-studio.toml")
+                    .save_file(),
             };
             if let Some(path) = picked {
                 let _ = tx.send(wrap(path));

@@ -34,6 +34,8 @@ pub struct DatasetState {
     /// The caption each entry had when its current edit began.
     pub edit_anchor: HashMap<usize, String>,
     thumbnails: HashMap<PathBuf, egui::TextureHandle>,
+    /// Images whose thumbnail could not be decoded, with the reason.
+    pub thumbnail_failures: HashMap<PathBuf, String>,
     pub requested: HashSet<PathBuf>,
     pub selected: Option<usize>,
     pub tag_filter: Option<String>,
@@ -70,6 +72,11 @@ impl DatasetState {
             egui::ColorImage::from_rgba_unmultiplied([width as usize, height as usize], rgba);
         let texture = ctx.load_texture(path.to_string_lossy(), image, egui::TextureOptions::LINEAR);
         self.thumbnails.insert(path, texture);
+    }
+
+    /// Thumbnails requested and neither shown nor failed yet.
+    pub fn thumbnails_waiting(&self) -> usize {
+        self.requested.len() - self.thumbnails.len() - self.thumbnail_failures.len()
     }
 
     /// Records that entry `index` changed; it is saved on the next frame.

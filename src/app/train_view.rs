@@ -2,13 +2,15 @@
 //! help on hover), everything else under "Advanced", an estimate of a step's memory and time, the run
 //! controls, the progress bar and the live loss chart.
 
+use std::path::PathBuf;
+
 use eframe::egui;
 
 use super::chart::loss_chart_ui;
 use super::estimate::estimate;
 use super::presets::{apply_preset, preset_names};
 use super::state::RunStatus;
-use super::{DialogResult, StudioApp};
+use super::{Dialog, DialogResult, StudioApp};
 use crate::config::{LrScheduler, MixedPrecision, OptimizerKind, TrainConfig, validate};
 use crate::messages::Job;
 
@@ -18,6 +20,15 @@ fn setting_slider<'a, N: egui::emath::Numeric>(
     range: std::ops::RangeInclusive<N>,
 ) -> egui::Slider<'a> {
     egui::Slider::new(value, range).clamping(egui::SliderClamping::Edits)
+}
+
+/// A path setting with the dialogs that choose it.
+struct PathChoice {
+    label: &'static str,
+    help: &'static str,
+    path: PathBuf,
+    buttons: &'static [(&'static str, Dialog)],
+    result: fn(PathBuf) -> DialogResult,
 }
 
 /// A labelled row with hover help.
@@ -44,31 +55,49 @@ impl StudioApp {
         let ctx = ui.ctx().clone();
         let running = self.run.active();
         ui.add_enabled_ui(!running, |ui| {
+            ui.horizontal(|ui| {
+                if ui
+                    .button("Open settings…")
+                    .on_hover_text("a TOML, YAML or JSON training config, kohya key names included")
+                    .clicked()
+                {
+                    self.pick(&ctx, Dialog::OpenConfig, DialogResult::OpenConfig);
+                }
+                if ui
+                    .button("Save settings…")
+                    .on_hover_text(
+                        "a TOML file that `lora-studio train --config FILE` runs headless",
+                    )
+                    .clicked()
+                {
+                    self.pick(&ctx, Dialog::SaveConfig, DialogResult::SaveConfig);
+                }
+            });
             ui.heading("Model and output");
-            let base_model = self.settings.train.base_model.clone();
-            let output_dir = self.settings.train.output_dir.clone();
             let choices = [
-                (
-                    "Base model",
-                    "a Stable Diffusion 1.x/2.x .safetensors/.ckpt file or diffusers folder",
-                    base_model,
-                    false,
-                    DialogResult::BaseModel as fn(_) -> _,
-                ),
-                (
-                    "Output folder",
-                    "checkpoints, logs, samples and the LoRA file go here",
-                    output_dir,
-                    true,
-                    DialogResult::OutputFolder,
-                ),
+                PathChoice {
+                    label: "Base model",
+                    help: "a Stable Diffusion 1.x/2.x .safetensors/.ckpt file or diffusers folder",
+                    path: self.settings.train.base_model.clone(),
+                    buttons: &[("File…", Dialog::ModelFile), ("Folder…", Dialog::Folder)],
+                    result: DialogResult::BaseModel,
+                },
+                PathChoice {
+                    label: "Output folder",
+                    help: "checkpoints, logs, samples and the LoRA file go here",
+                    path: self.settings.train.output_dir.clone(),
+                    buttons: &[("Choose…", Dialog::Folder)],
+                    result: DialogResult::OutputFolder,
+                },
             ];
-            for (label, help, path, folder, result) in choices {
-                row(ui, label, help, |ui| {
-                    if ui.button("Choose…").clicked() {
-                        self.pick(&ctx, folder, result);
+            for choice in choices {
+                row(ui, choice.label, choice.help, |ui| {
+                    for &(text, dialog) in choice.buttons {
+                        if ui.button(text).clicked() {
+                            self.pick(&ctx, dialog, choice.result);
+                        }
                     }
-                    ui.label(path.display().to_string());
+                    ui.label(choice.path.display().to_string());
                 });
             }
             row(

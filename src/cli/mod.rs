@@ -1,4 +1,5 @@
-//! The command line: `lora-studio` opens the app; subcommands run the engine headless with terminal
+//! The command line: `lora-studio [PATH]` opens the app (on a dataset folder or a training config);
+//! subcommands run the engine headless with terminal
 //! progress. Errors are printed as one sentence (with its causes) and exit code 1, never a panic.
 
 mod generate;
@@ -18,7 +19,10 @@ use crate::build_info::LONG_VERSION;
 /// Train LoRA style adapters for Stable Diffusion on your own images.
 #[derive(Debug, Parser)]
 #[command(name = "lora-studio", version = LONG_VERSION, about, long_about = None)]
+#[command(args_conflicts_with_subcommands = true)]
 struct Cli {
+    /// Open the app on this dataset folder or training config (.toml, .yaml, .json).
+    path: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -43,7 +47,7 @@ pub fn run() -> ExitCode {
         Some(Command::Inspect(args)) => inspect::run(args),
         Some(Command::Train(args)) => train::run(args),
         Some(Command::Merge(args)) => merge::run(args),
-        None => open_app(),
+        None => open_app(cli.path),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -55,12 +59,12 @@ pub fn run() -> ExitCode {
 }
 
 #[cfg(feature = "gui")]
-fn open_app() -> anyhow::Result<()> {
-    crate::app::run()
+fn open_app(path: Option<PathBuf>) -> anyhow::Result<()> {
+    crate::app::run(path)
 }
 
 #[cfg(not(feature = "gui"))]
-fn open_app() -> anyhow::Result<()> {
+fn open_app(_path: Option<PathBuf>) -> anyhow::Result<()> {
     anyhow::bail!(
         "this build has no desktop app (it was built without the `gui` feature); run `lora-studio --help` for the commands"
     )

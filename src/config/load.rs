@@ -36,6 +36,8 @@ pub enum ConfigError {
     BadValue { key: String, reason: String },
     #[error("`--set {text}` is not of the form key=value")]
     BadOverride { text: String },
+    #[error("cannot write the config {}: {reason}", path.display())]
+    Write { path: PathBuf, reason: String },
 }
 
 /// kohya sd-scripts and diffusers names accepted for our keys.
@@ -68,6 +70,17 @@ pub fn load_config(path: Option<&Path>, overrides: &[String]) -> Result<TrainCon
         None => Map::new(),
     };
     config_from_table(map, overrides)
+}
+
+/// Writes `config` as TOML to `path` (atomically); `load_config` reads it back unchanged.
+pub fn save_config(config: &TrainConfig, path: &Path) -> Result<(), ConfigError> {
+    let failed = |reason: String| ConfigError::Write {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = toml::to_string(config).map_err(|e| failed(e.to_string()))?;
+    crate::atomic_file::write_atomically(path, |w| std::io::Write::write_all(w, text.as_bytes()))
+        .map_err(|e| failed(e.to_string()))
 }
 
 /// Parses config text; `name` (a file name such as `cyberpunk.toml`) gives the format and appears in errors.

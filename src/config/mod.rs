@@ -7,7 +7,7 @@ mod train_config;
 mod validate;
 
 pub use device_choice::DeviceChoice;
-pub use load::{ConfigError, config_from_text, load_config};
+pub use load::{ConfigError, config_from_text, load_config, save_config};
 pub use train_config::{
     AlphaMode, LogWith, LrScheduler, MixedPrecision, OptimizerKind, PredictionOverride,
     SavePrecision, TrainConfig,

@@ -1,4 +1,6 @@
-//! The files thread: dataset scans and checks, thumbnails, caption saves.
+//! The files thread (dataset scans, thumbnails, caption saves) and the checks thread it feeds.
+
+use std::path::PathBuf;
 
 use crossbeam_channel::Receiver;
 
@@ -8,34 +10,46 @@ use crate::data::caption_store::{CaptionTarget, caption_target, save_caption};
 use crate::data::captions::CaptionSource;
 use crate::data::checks::{DatasetIssue, check_dataset};
 use crate::data::images::load_oriented;
-use crate::data::scan_dataset;
+use crate::data::{Dataset, scan_dataset};
 use crate::messages::{Badge, CaptionOrigin, DatasetEntry, DatasetView, Event, Job};
 use crate::models::tokenizer::ClipTokenizer;
 
+/// Runs the files thread until the app closes the channel. Caption saves and scans are done in the order
+/// they arrive and before any thumbnail; thumbnails are decoded newest request first, so the cells the
+/// user just scrolled to fill in before those scrolled past. Checks decode every image, so they run on
+/// their own thread and never hold up the grid.
 pub fn run(jobs: Receiver<Job>, outbox: Outbox) {
-    while let Ok(job) = jobs.recv() {
-        match job {
-            Job::ScanDataset { config } => scan(&config, &outbox),
-            Job::Thumbnail { path, max_side } => match load_oriented(&path) {
-                Ok(image) => {
-                    let thumb = image.thumbnail(max_side, max_side).to_rgba8();
-                    outbox.send(Event::Thumbnail {
-                        width: thumb.width(),
-                        height: thumb.height(),
-                        rgba: thumb.into_raw(),
-                        path,
-                    });
+    let (checks_tx, checks_rx) = crossbeam_channel::unbounded();
+    let checks_outbox = outbox.clone();
+    let checks = std::thread::Builder::new()
+        .name("lora-studio-checks".into())
+        .spawn(move || run_checks(checks_rx, checks_outbox));
+    if let Err(e) = checks {
+        outbox.error(format!("the dataset checks could not start: {e}"));
+    }
+    let mut thumbnails: Vec<(PathBuf, u32)> = Vec::new();
+    loop {
+        let next = if thumbnails.is_empty() {
+            jobs.recv().ok()
+        } else {
+            jobs.try_recv().ok()
+        };
+        match next {
+            Some(Job::Thumbnail { path, max_side }) => thumbnails.push((path, max_side)),
+            Some(Job::ScanDataset { config }) => {
+                thumbnails.clear();
+                if let Some(dataset) = scan(&config, &outbox) {
+                    let _ = checks_tx.send((dataset, config));
                 }
-                Err(e) => outbox.send(Event::Info(e.to_string())),
-            },
-            Job::SaveCaption {
+            }
+            Some(Job::SaveCaption {
                 root,
                 relative,
                 caption,
                 origin,
                 metadata_csv,
                 caption_extension,
-            } => {
+            }) => {
                 let source = match origin {
                     CaptionOrigin::MetadataCsv => Some(CaptionSource::MetadataCsv),
                     CaptionOrigin::Sidecar => Some(CaptionSource::Sidecar),
@@ -56,15 +70,55 @@ pub fn run(jobs: Receiver<Job>, outbox: Outbox) {
                     Err(e) => outbox.error(e.to_string()),
                 }
             }
-            other => outbox.error(format!("the files worker cannot do {other:?}")),
+            Some(other) => outbox.error(format!("the files worker cannot do {other:?}")),
+            None if jobs.is_empty() && thumbnails.is_empty() => return,
+            None => {
+                // Only thumbnails are waiting: decode the newest request.
+                if let Some((path, max_side)) = thumbnails.pop() {
+                    outbox.send(thumbnail(path, max_side));
+                }
+            }
         }
     }
 }
 
-fn scan(config: &TrainConfig, outbox: &Outbox) {
+fn thumbnail(path: PathBuf, max_side: u32) -> Event {
+    match load_oriented(&path) {
+        Ok(image) => {
+            let thumb = image.thumbnail(max_side, max_side).to_rgba8();
+            Event::Thumbnail {
+                width: thumb.width(),
+                height: thumb.height(),
+                rgba: thumb.into_raw(),
+                path,
+            }
+        }
+        Err(e) => Event::ThumbnailFailed {
+            path,
+            reason: e.to_string(),
+        },
+    }
+}
+
+/// The checks thread: badges for the newest scanned dataset (older ones still waiting are skipped).
+fn run_checks(scans: Receiver<(Dataset, Box<TrainConfig>)>, outbox: Outbox) {
+    while let Ok(mut newest) = scans.recv() {
+        while let Ok(newer) = scans.try_recv() {
+            newest = newer;
+        }
+        let (dataset, config) = newest;
+        check(&dataset, &config, &outbox);
+    }
+}
+
+/// Scans the dataset and sends its view; the dataset is returned for the checks.
+fn scan(config: &TrainConfig, outbox: &Outbox) -> Option<Dataset> {
     let dataset = match scan_dataset(config) {
         Ok(d) => d,
-        Err(e) => return outbox.error(e.to_string()),
+        Err(e) => {
+            outbox.error(e.to_string());
+            return None;
+        }
     };
     let entries = dataset
         .items
@@ -94,10 +148,15 @@ fn scan(config: &TrainConfig, outbox: &Outbox) {
             .collect(),
         metadata_csv: dataset.metadata_csv.clone(),
     }));
+    Some(dataset)
+}
+
+/// Sends the badges of every entry of `dataset`.
+fn check(dataset: &Dataset, config: &TrainConfig, outbox: &Outbox) {
     let tokenizer = ClipTokenizer::shared().ok();
     let count = |text: &str| tokenizer.map_or(0, |t| t.count(text));
     let issues = check_dataset(
-        &dataset,
+        dataset,
         config.resolution,
         config.trigger_word.as_deref(),
         &count,
@@ -119,7 +178,7 @@ fn scan(config: &TrainConfig, outbox: &Outbox) {
         })
         .collect();
     outbox.send(Event::Checks {
-        root: dataset.root,
+        root: dataset.root.clone(),
         badges,
     });
 }
