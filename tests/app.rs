@@ -1,6 +1,7 @@
 //! The desktop app driven like a user would, headless with egui_kittest: drop a dataset folder, edit a
 //! caption and find it on disk, train and watch the loss arrive, pause, move the strength slider and get a
-//! preview, resume to the end, and export a LoRA file; drop a training config and get its settings.
+//! preview, resume to the end, and export a LoRA file; drop a training config and get its settings; every
+//! view names its widgets for screen readers.
 #![cfg(feature = "gui")]
 
 mod common;
@@ -30,6 +31,25 @@ impl egui::DroppedFile for DroppedPath {
     }
 }
 
+/// The app with `settings` and real workers, in a 1280x900 window.
+fn open_app(settings: AppSettings) -> Harness<'static, StudioApp> {
+    let (worker, events) = WorkerHandle::spawn(Arc::new(|| {})).unwrap();
+    Harness::builder()
+        .with_size([1280.0, 900.0])
+        .build_ui_state(
+            |ui, app: &mut StudioApp| app.main_ui(ui),
+            StudioApp::new(settings, worker, events),
+        )
+}
+
+/// Drops `path` on the window.
+fn drop_path(harness: &mut Harness<'_, StudioApp>, path: PathBuf) {
+    harness
+        .input_mut()
+        .dropped_files
+        .push(Arc::new(DroppedPath(path)));
+}
+
 /// Steps the app until `done` holds, failing after a minute.
 fn step_until(harness: &mut Harness<'_, StudioApp>, what: &str, done: impl Fn(&StudioApp) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -57,17 +77,10 @@ fn drop_edit_train_pause_preview_resume_export() {
         },
         ..Default::default()
     };
-    let (worker, events) = WorkerHandle::spawn(Arc::new(|| {})).unwrap();
-    let app = StudioApp::new(settings, worker, events);
-    let mut harness = Harness::builder()
-        .with_size([1280.0, 900.0])
-        .build_ui_state(|ui, app: &mut StudioApp| app.main_ui(ui), app);
+    let mut harness = open_app(settings);
 
     // Drop the folder: the grid fills.
-    harness
-        .input_mut()
-        .dropped_files
-        .push(Arc::new(DroppedPath(data.clone())));
+    drop_path(&mut harness, data.clone());
     step_until(&mut harness, "the dataset", |app| app.dataset_len() == 4);
     harness.run_steps(3);
     let caption = harness.get_by_role_and_label(Role::MultilineTextInput, "img1.png");
@@ -156,17 +169,16 @@ fn a_dropped_config_brings_its_settings_and_dataset() {
     };
     let file = dir.path().join("style.toml");
     save_config(&config, &file).unwrap();
-    let (worker, events) = WorkerHandle::spawn(Arc::new(|| {})).unwrap();
-    let app = StudioApp::new(AppSettings::default(), worker, events);
-    let mut harness = Harness::builder()
-        .with_size([1280.0, 900.0])
-        .build_ui_state(|ui, app: &mut StudioApp| app.main_ui(ui), app);
-    harness
-        .input_mut()
-        .dropped_files
-        .push(Arc::new(DroppedPath(file)));
+    let mut harness = open_app(AppSettings::default());
+    drop_path(&mut harness, file);
     step_until(&mut harness, "the dataset", |app| app.dataset_len() == 3);
     assert_eq!(harness.state().settings().train, config);
     assert_eq!(harness.state().settings().tab, Tab::Train);
     harness.get_by_label("Start training");
+
+    // Every view names its widgets for screen readers (checked when the frames settle).
+    for tab in [Tab::Dataset, Tab::Train, Tab::Preview, Tab::Export] {
+        harness.state_mut().settings_mut().tab = tab;
+        assert!(harness.run_ok().is_some(), "{tab:?} settles");
+    }
 }

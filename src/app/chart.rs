@@ -55,8 +55,8 @@ fn in_range(points: &[[f64; 2]], from: f64, to: f64) -> &[[f64; 2]] {
     &points[start..end.max(start)]
 }
 
-/// Epoch boundaries to mark: every `stride`-th epoch so that at most `MAX_EPOCH_MARKS` show.
-fn epoch_marks(steps_per_epoch: u64, last_step: u64) -> Vec<(u64, u64)> {
+/// Steps where an epoch starts, every `stride`-th epoch so that at most `MAX_EPOCH_MARKS` show.
+fn epoch_marks(steps_per_epoch: u64, last_step: u64) -> Vec<u64> {
     if steps_per_epoch == 0 {
         return Vec::new();
     }
@@ -64,9 +64,12 @@ fn epoch_marks(steps_per_epoch: u64, last_step: u64) -> Vec<(u64, u64)> {
     let stride = epochs.div_ceil(MAX_EPOCH_MARKS).max(1);
     (1..=epochs)
         .filter(|e| e % stride == 0)
-        .map(|e| (e * steps_per_epoch, e + 1))
+        .map(|e| e * steps_per_epoch)
         .collect()
 }
+
+/// Height of the learning-rate plot under the loss plot.
+const LR_PLOT_HEIGHT: f32 = 90.0;
 
 /// At most this many epoch boundaries are drawn.
 const MAX_EPOCH_MARKS: u64 = 40;
@@ -91,8 +94,9 @@ pub fn loss_chart_ui(ui: &mut egui::Ui, losses: &[LossPoint], steps_per_epoch: u
     let smooth = smoothed(losses);
     let last_step = losses.last().map_or(0, |p| p.step);
     let link = egui::Id::unique("loss-lr-link");
+    let epoch_colour = ui.visuals().weak_text_color().gamma_multiply(0.5);
     Plot::new("loss")
-        .height(220.0)
+        .height((ui.available_height() - LR_PLOT_HEIGHT - 80.0).max(220.0))
         .legend(Legend::default())
         .x_axis_label("step")
         .y_axis_label("loss")
@@ -104,13 +108,13 @@ pub fn loss_chart_ui(ui: &mut egui::Ui, losses: &[LossPoint], steps_per_epoch: u
             );
             plot.points(Points::new("loss", PlotPoints::from(raw)).radius(1.2));
             plot.line(Line::new("smoothed", PlotPoints::from(smooth)).width(2.0));
-            for (step, epoch) in epoch_marks(steps_per_epoch, last_step) {
-                plot.vline(VLine::new(format!("epoch {epoch}"), step as f64));
+            for step in epoch_marks(steps_per_epoch, last_step) {
+                plot.vline(VLine::new("epoch start", step as f64).color(epoch_colour));
             }
         });
     let lr: Vec<[f64; 2]> = losses.iter().map(|p| [p.step as f64, p.lr]).collect();
     Plot::new("learning-rate")
-        .height(90.0)
+        .height(LR_PLOT_HEIGHT)
         .x_axis_label("step")
         .y_axis_label("lr")
         .link_axis(link, [true, false])
@@ -145,8 +149,8 @@ mod tests {
 
     #[test]
     fn epoch_marks_are_bounded() {
-        assert_eq!(epoch_marks(10, 35), vec![(10, 2), (20, 3), (30, 4)]);
-        assert_eq!(epoch_marks(10, 30), vec![(10, 2), (20, 3)]);
+        assert_eq!(epoch_marks(10, 35), vec![10, 20, 30]);
+        assert_eq!(epoch_marks(10, 30), vec![10, 20]);
         assert!(epoch_marks(10, 100_000).len() <= 40);
         assert!(epoch_marks(0, 100).is_empty());
     }

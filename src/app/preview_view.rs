@@ -11,47 +11,56 @@ use crate::messages::{Job, PreviewSource};
 impl StudioApp {
     pub(super) fn preview_tab_ui(&mut self, ui: &mut egui::Ui) {
         let mut changed = false;
+        // A caption from the dataset is the natural first prompt to try.
+        let example = self
+            .dataset
+            .captions
+            .iter()
+            .find(|c| !c.trim().is_empty())
+            .map_or_else(
+                || "a city street at night".to_string(),
+                |c| format!("e.g. {c}"),
+            );
         let p = &mut self.settings.preview;
-        for (label, text) in [
-            ("Prompt", &mut p.prompt),
-            ("Negative prompt", &mut p.negative_prompt),
+        for (label, text, hint) in [
+            ("Prompt", &mut p.prompt, example.as_str()),
+            ("Negative prompt", &mut p.negative_prompt, ""),
         ] {
             ui.horizontal(|ui| {
                 let label = ui.label(label);
                 changed |= ui
-                    .add(egui::TextEdit::singleline(text).desired_width(480.0))
+                    .add(
+                        egui::TextEdit::singleline(text)
+                            .hint_text(hint)
+                            .desired_width(480.0),
+                    )
                     .labelled_by(label.id)
                     .changed();
             });
         }
         ui.horizontal(|ui| {
-            ui.label("Seed");
-            changed |= ui.add(egui::DragValue::new(&mut p.seed)).changed();
-            ui.label("Steps");
-            changed |= ui
-                .add(egui::DragValue::new(&mut p.steps).range(1..=150))
-                .changed();
-            ui.label("Size");
-            changed |= ui
-                .add(egui::DragValue::new(&mut p.width).range(64..=1536).speed(8))
-                .changed();
-            changed |= ui
-                .add(
-                    egui::DragValue::new(&mut p.height)
-                        .range(64..=1536)
-                        .speed(8),
-                )
-                .changed();
+            let mut labelled = |ui: &mut egui::Ui, label: &str, value: egui::DragValue<'_>| {
+                let label = ui.label(label);
+                changed |= ui.add(value).labelled_by(label.id).changed();
+            };
+            labelled(ui, "Seed", egui::DragValue::new(&mut p.seed));
+            labelled(
+                ui,
+                "Steps",
+                egui::DragValue::new(&mut p.steps).range(1..=150),
+            );
+            let size = |value| egui::DragValue::new(value).range(64..=1536).speed(8);
+            labelled(ui, "Width", size(&mut p.width));
+            labelled(ui, "Height", size(&mut p.height));
+            labelled(
+                ui,
+                "CFG",
+                egui::DragValue::new(&mut p.cfg)
+                    .range(1.0..=30.0)
+                    .speed(0.1),
+            );
             p.width -= p.width % 8;
             p.height -= p.height % 8;
-            ui.label("CFG");
-            changed |= ui
-                .add(
-                    egui::DragValue::new(&mut p.cfg)
-                        .range(1.0..=30.0)
-                        .speed(0.1),
-                )
-                .changed();
         });
         ui.horizontal(|ui| {
             changed |= ui

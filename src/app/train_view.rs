@@ -31,11 +31,16 @@ struct PathChoice {
     result: fn(PathBuf) -> DialogResult,
 }
 
-/// A labelled row with hover help.
-fn row<R>(ui: &mut egui::Ui, label: &str, help: &str, add: impl FnOnce(&mut egui::Ui) -> R) -> R {
+/// A labelled row with hover help; the label names the widget `add` returns (for screen readers).
+fn row(
+    ui: &mut egui::Ui,
+    label: &str,
+    help: &str,
+    add: impl FnOnce(&mut egui::Ui) -> egui::Response,
+) -> egui::Response {
     ui.horizontal(|ui| {
-        ui.label(label).on_hover_text(help);
-        add(ui)
+        let label = ui.label(label).on_hover_text(help);
+        add(ui).labelled_by(label.id)
     })
     .inner
 }
@@ -97,7 +102,7 @@ impl StudioApp {
                             self.pick(&ctx, dialog, choice.result);
                         }
                     }
-                    ui.label(choice.path.display().to_string());
+                    ui.label(choice.path.display().to_string())
                 });
             }
             row(
@@ -127,7 +132,8 @@ impl StudioApp {
                                     name,
                                 );
                             }
-                        });
+                        })
+                        .response
                 },
             );
             if self.settings.preset != before {
@@ -181,8 +187,8 @@ impl StudioApp {
                 "Length",
                 "epochs go through every image (times its repeats) once",
                 |ui| {
-                    ui.radio_value(&mut by_steps, false, "epochs");
-                    ui.radio_value(&mut by_steps, true, "steps");
+                    ui.radio_value(&mut by_steps, false, "epochs")
+                        | ui.radio_value(&mut by_steps, true, "steps")
                 },
             );
             if by_steps {
@@ -238,6 +244,7 @@ impl StudioApp {
                                 ui.selectable_value(&mut t.mixed_precision, p, format!("{p:?}"));
                             }
                         })
+                        .response
                 },
             );
             row(ui, "Seed", "the same seed gives the same run", |ui| {
@@ -245,14 +252,14 @@ impl StudioApp {
             });
             egui::CollapsingHeader::new("Advanced").show(ui, |ui| advanced_ui(ui, t));
         });
-        let est = estimate(
-            &self.settings.train,
-            !crate::build_info::BACKENDS.eq("cpu") && self.settings.train.device != "cpu",
-        );
+        let on_gpu = crate::build_info::BACKENDS != "cpu" && self.settings.train.device != "cpu";
+        let est = estimate(&self.settings.train, on_gpu);
         ui.separator();
         ui.label(format!(
-            "Rough estimate: {:.1} GB of memory, {:.1} s per step",
-            est.memory_gb, est.seconds
+            "Rough estimate for an SD 1.5 model on this {}: {:.1} GB of memory, {:.1} s per step",
+            if on_gpu { "GPU" } else { "CPU" },
+            est.memory_gb,
+            est.seconds
         ));
     }
 
@@ -344,6 +351,7 @@ fn advanced_ui(ui: &mut egui::Ui, t: &mut TrainConfig) {
                     ui.selectable_value(&mut t.optimizer, OptimizerKind::AdamW, "AdamW");
                     ui.selectable_value(&mut t.optimizer, OptimizerKind::Adafactor, "Adafactor");
                 })
+                .response
         },
     );
     row(
@@ -364,6 +372,7 @@ fn advanced_ui(ui: &mut egui::Ui, t: &mut TrainConfig) {
                         ui.selectable_value(&mut t.lr_scheduler, s, format!("{s:?}"));
                     }
                 })
+                .response
         },
     );
     row(
@@ -373,8 +382,8 @@ fn advanced_ui(ui: &mut egui::Ui, t: &mut TrainConfig) {
         |ui| ui.add(egui::DragValue::new(&mut t.lr_warmup_steps)),
     );
     row(ui, "Conv rank / alpha", "LoCon's rank and alpha", |ui| {
-        ui.add(egui::DragValue::new(&mut t.conv_rank).range(1..=128));
-        ui.add(egui::DragValue::new(&mut t.conv_alpha).range(0.1..=128.0));
+        ui.add(egui::DragValue::new(&mut t.conv_rank).range(1..=128))
+            | ui.add(egui::DragValue::new(&mut t.conv_alpha).range(0.1..=128.0))
     });
     row(
         ui,
@@ -382,8 +391,9 @@ fn advanced_ui(ui: &mut egui::Ui, t: &mut TrainConfig) {
         "0 means the same as the learning rate",
         |ui| {
             let mut lr = t.text_encoder_lr.unwrap_or(0.0);
-            ui.add(egui::DragValue::new(&mut lr).speed(1e-6).range(0.0..=1e-2));
+            let response = ui.add(egui::DragValue::new(&mut lr).speed(1e-6).range(0.0..=1e-2));
             t.text_encoder_lr = (lr > 0.0).then_some(lr);
+            response
         },
     );
     row(
@@ -398,8 +408,9 @@ fn advanced_ui(ui: &mut egui::Ui, t: &mut TrainConfig) {
         "reweights timesteps for faster convergence (5 is typical; 0 off)",
         |ui| {
             let mut gamma = t.min_snr_gamma.unwrap_or(0.0);
-            ui.add(setting_slider(&mut gamma, 0.0..=20.0));
+            let response = ui.add(setting_slider(&mut gamma, 0.0..=20.0));
             t.min_snr_gamma = (gamma > 0.0).then_some(gamma);
+            response
         },
     );
     row(
@@ -449,9 +460,11 @@ fn advanced_ui(ui: &mut egui::Ui, t: &mut TrainConfig) {
         "DoRA",
         "weight-decomposed LoRA (exported as a plain LoRA)",
         |ui| {
-            if ui.checkbox(&mut t.dora, "").changed() && t.dora {
+            let response = ui.checkbox(&mut t.dora, "");
+            if response.changed() && t.dora {
                 t.pissa = false;
             }
+            response
         },
     );
     row(
@@ -459,9 +472,11 @@ fn advanced_ui(ui: &mut egui::Ui, t: &mut TrainConfig) {
         "PiSSA init",
         "start from the weights' principal directions",
         |ui| {
-            if ui.checkbox(&mut t.pissa, "").changed() && t.pissa {
+            let response = ui.checkbox(&mut t.pissa, "");
+            if response.changed() && t.pissa {
                 t.dora = false;
             }
+            response
         },
     );
     row(

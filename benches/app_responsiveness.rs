@@ -1,0 +1,283 @@
+//! How the desktop app feels, measured headless with egui_kittest (layout, accessibility tree and
+//! tessellation per frame; rasterising is the GPU's work and not included):
+//! - the first screen of a 1,000-photo folder: time until the grid shows and until every visible
+//!   thumbnail is decoded, then frame times while scrolling through it;
+//! - frame times while a training run keeps every core busy;
+//! - frame times of the training view with 100,000 loss points, following the run and zoomed in.
+//!
+//! Run with `cargo bench --bench app_responsiveness`. The photos are generated once into
+//! `target/bench-data/` (1,000 JPEGs of 1024x768).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use egui_kittest::Harness;
+use egui_kittest::kittest::Queryable;
+use lora_studio::app::{AppSettings, StudioApp, Tab};
+use lora_studio::config::{LogWith, TrainConfig};
+use lora_studio::messages::{Event, LossPoint};
+use lora_studio::worker::WorkerHandle;
+
+/// The allocator the `lora-studio` binary uses.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const PHOTOS: usize = 1000;
+const WINDOW: [f32; 2] = [1280.0, 820.0];
+
+#[derive(Debug)]
+struct DroppedPath(PathBuf);
+
+impl egui::DroppedFile for DroppedPath {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+
+    fn bytes(&self) -> Result<Vec<u8>, String> {
+        Err("a folder has no bytes".into())
+    }
+}
+
+fn main() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let photos = photo_folder(
+        &root.join("target/bench-data/photos-1000"),
+        PHOTOS,
+        1024,
+        768,
+    );
+    first_screen_and_scrolling(&photos);
+    while_training(root, &root.join("target/bench-data/train"));
+    long_loss_chart();
+}
+
+/// One frame: the app's UI pass plus tessellation of what it drew.
+fn frame(harness: &mut Harness<'_, StudioApp>) -> Duration {
+    let started = Instant::now();
+    harness.step();
+    let shapes = harness.output().shapes.clone();
+    let pixels_per_point = harness.ctx.pixels_per_point();
+    std::hint::black_box(harness.ctx.tessellate(shapes, pixels_per_point));
+    started.elapsed()
+}
+
+fn open_app(settings: AppSettings) -> Harness<'static, StudioApp> {
+    let (worker, events) = WorkerHandle::spawn(Arc::new(|| {})).expect("workers start");
+    let app = StudioApp::new(settings, worker, events);
+    Harness::builder()
+        .with_size(WINDOW)
+        .build_ui_state(|ui, app: &mut StudioApp| app.main_ui(ui), app)
+}
+
+/// Steps (at most 60 frames a second) until `done`.
+fn step_until(harness: &mut Harness<'_, StudioApp>, done: impl Fn(&StudioApp) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !done(harness.state()) {
+        assert!(Instant::now() < deadline, "{:?}", harness.state().notices());
+        harness.step();
+        std::thread::sleep(Duration::from_millis(16));
+    }
+}
+
+fn first_screen_and_scrolling(photos: &Path) {
+    let mut harness = open_app(AppSettings::default());
+    harness.run_steps(2);
+    let started = Instant::now();
+    harness
+        .input_mut()
+        .dropped_files
+        .push(Arc::new(DroppedPath(photos.to_path_buf())));
+    let mut grid_at = None;
+    loop {
+        harness.step();
+        let app = harness.state();
+        if app.dataset_len() == PHOTOS && grid_at.is_none() {
+            grid_at = Some(started.elapsed());
+            // One more frame so the visible cells ask for their thumbnails.
+            harness.step();
+        }
+        if grid_at.is_some() && harness.state().thumbnails_waiting() == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let full = started.elapsed();
+    println!(
+        "first screen of {PHOTOS} photos (1024x768 JPEG): grid with captions after {:.0} ms, every visible thumbnail after {:.0} ms",
+        grid_at.unwrap().as_secs_f64() * 1e3,
+        full.as_secs_f64() * 1e3
+    );
+
+    let mut times = Vec::new();
+    for _ in 0..300 {
+        harness.event(egui::Event::MouseWheel {
+            unit: egui::MouseWheelUnit::Point,
+            delta: egui::vec2(0.0, -60.0),
+            modifiers: egui::Modifiers::NONE,
+            phase: egui::TouchPhase::Move,
+            source: egui::MouseWheelSource::Wheel,
+        });
+        harness
+            .input_mut()
+            .events
+            .push(egui::Event::PointerMoved(egui::pos2(600.0, 400.0)));
+        times.push(frame(&mut harness));
+        std::thread::sleep(Duration::from_millis(16));
+    }
+    report("scrolling the grid (300 frames, 60 px each)", &times);
+}
+
+fn while_training(root: &Path, dir: &Path) {
+    let data = photo_folder(&dir.join("data"), 16, 512, 512);
+    let settings = AppSettings {
+        train: TrainConfig {
+            train_data_dir: data.clone(),
+            base_model: root.join("tests/fixtures/sd1"),
+            output_dir: dir.join("out"),
+            output_name: "bench".into(),
+            resolution: 128,
+            min_bucket_reso: 128,
+            max_bucket_reso: 256,
+            lora_rank: 8,
+            lora_alpha: 8.0,
+            batch_size: 2,
+            max_train_steps: Some(100_000),
+            save_steps: 1_000_000,
+            log_with: LogWith::None,
+            device: "cpu".into(),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut harness = open_app(settings);
+    step_until(&mut harness, |app| app.dataset_len() == 16);
+    harness.state_mut().settings_mut().tab = Tab::Train;
+    harness.run_steps(2);
+    harness.get_by_label("Start training").click();
+    step_until(&mut harness, |app| app.losses().len() >= 2);
+    let steps_before = harness.state().losses().len();
+    let started = Instant::now();
+    let mut times = Vec::new();
+    while started.elapsed() < Duration::from_secs(20) {
+        harness
+            .input_mut()
+            .events
+            .push(egui::Event::PointerMoved(egui::pos2(
+                700.0 + (times.len() % 50) as f32,
+                300.0,
+            )));
+        times.push(frame(&mut harness));
+        std::thread::sleep(Duration::from_millis(16));
+    }
+    let steps = harness.state().losses().len() - steps_before;
+    report(
+        &format!(
+            "training view while training on all cores ({steps} steps in 20 s, {:.2} s/step)",
+            20.0 / steps.max(1) as f64
+        ),
+        &times,
+    );
+    harness.get_by_label("Stop").click();
+    step_until(&mut harness, |app| {
+        format!("{:?}", app.run_status()) == "Idle"
+    });
+}
+
+fn long_loss_chart() {
+    let (worker, _) = WorkerHandle::spawn(Arc::new(|| {})).expect("workers start");
+    let (events_tx, events) = crossbeam_channel::unbounded();
+    let settings = AppSettings {
+        tab: Tab::Train,
+        ..Default::default()
+    };
+    let app = StudioApp::new(settings, worker, events);
+    let mut harness = Harness::builder()
+        .with_size(WINDOW)
+        .build_ui_state(|ui, app: &mut StudioApp| app.main_ui(ui), app);
+    const POINTS: u64 = 100_000;
+    events_tx
+        .send(Event::RunStarted {
+            total_steps: POINTS,
+            steps_per_epoch: 250,
+            first_step: 0,
+        })
+        .unwrap();
+    for step in 1..=POINTS {
+        let noise = ((step * 2_654_435_761) % 1000) as f64 / 1000.0;
+        events_tx
+            .send(Event::Loss(LossPoint {
+                step,
+                epoch: step / 250,
+                loss: 0.05 + 0.1 * noise + 0.1 / (1.0 + step as f64 / 1000.0),
+                lr: 1e-4 * (1.0 - step as f64 / POINTS as f64),
+                seconds: step as f64 * 0.5,
+            }))
+            .unwrap();
+    }
+    while harness.state().losses().len() < POINTS as usize {
+        harness.step();
+    }
+    let times: Vec<Duration> = (0..100).map(|_| frame(&mut harness)).collect();
+    report(
+        "training view with 100,000 loss points (following the run)",
+        &times,
+    );
+
+    // Zoom in with ctrl+wheel over the loss plot: the plot stops following the run.
+    let plot = harness.get_by_label("loss").rect().center();
+    let mut times = Vec::new();
+    for _ in 0..100 {
+        harness
+            .input_mut()
+            .events
+            .push(egui::Event::PointerMoved(egui::pos2(plot.x, plot.y)));
+        harness.input_mut().events.push(egui::Event::Zoom(1.05));
+        times.push(frame(&mut harness));
+    }
+    report(
+        "training view with 100,000 loss points (zooming in)",
+        &times,
+    );
+}
+
+fn report(what: &str, times: &[Duration]) {
+    let mut ms: Vec<f64> = times.iter().map(|t| t.as_secs_f64() * 1e3).collect();
+    ms.sort_by(f64::total_cmp);
+    let at = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
+    let over = ms.iter().filter(|&&t| t > 33.0).count();
+    println!(
+        "{what}: frame time median {:.1} ms, p95 {:.1} ms, max {:.1} ms; {over} of {} frames over 33 ms",
+        at(0.5),
+        at(0.95),
+        at(1.0),
+        ms.len()
+    );
+}
+
+/// A folder of `count` JPEG photos-like images (smooth gradients with grain) and a `metadata.csv`,
+/// written once.
+fn photo_folder(dir: &Path, count: usize, width: u32, height: u32) -> PathBuf {
+    let csv = dir.join("metadata.csv");
+    if csv.exists() {
+        return dir.to_path_buf();
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    let mut captions = String::from("file_name,text\n");
+    for i in 0..count {
+        let image = image::RgbImage::from_fn(width, height, |x, y| {
+            let grain =
+                (((x * 7 + y * 13 + i as u32 * 31).wrapping_mul(2_654_435_761)) >> 24) as u8 % 24;
+            image::Rgb([
+                ((x * 255 / width) as u8).wrapping_add(grain),
+                ((y * 255 / height) as u8).wrapping_add(i as u8),
+                (((x + y) * 128 / (width + height)) as u8).wrapping_add(grain / 2),
+            ])
+        });
+        let name = format!("photo{i:04}.jpg");
+        image.save(dir.join(&name)).unwrap();
+        captions.push_str(&format!("{name},\"city street {i}, neon signs, rain\"\n"));
+    }
+    std::fs::write(csv, captions).unwrap();
+    dir.to_path_buf()
+}
