@@ -12,6 +12,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::{DroppedPath, fixture};
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use lora_studio::app::{AppSettings, StudioApp, Tab};
@@ -26,19 +30,6 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const PHOTOS: usize = 1000;
 const WINDOW: [f32; 2] = [1280.0, 820.0];
 
-#[derive(Debug)]
-struct DroppedPath(PathBuf);
-
-impl egui::DroppedFile for DroppedPath {
-    fn path(&self) -> &Path {
-        &self.0
-    }
-
-    fn bytes(&self) -> Result<Vec<u8>, String> {
-        Err("a folder has no bytes".into())
-    }
-}
-
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let photos = photo_folder(
@@ -48,7 +39,7 @@ fn main() {
         768,
     );
     first_screen_and_scrolling(&photos);
-    while_training(root, &root.join("target/bench-data/train"));
+    while_training(&root.join("target/bench-data/train"));
     long_loss_chart();
 }
 
@@ -128,12 +119,12 @@ fn first_screen_and_scrolling(photos: &Path) {
     report("scrolling the grid (300 frames, 60 px each)", &times);
 }
 
-fn while_training(root: &Path, dir: &Path) {
+fn while_training(dir: &Path) {
     let data = photo_folder(&dir.join("data"), 16, 512, 512);
     let settings = AppSettings {
         train: TrainConfig {
             train_data_dir: data.clone(),
-            base_model: root.join("tests/fixtures/sd1"),
+            base_model: fixture("sd1"),
             output_dir: dir.join("out"),
             output_name: "bench".into(),
             resolution: 128,

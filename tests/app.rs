@@ -6,30 +6,17 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{make_dataset, tiny_config};
+use common::{DroppedPath, make_dataset, tiny_config};
 use egui::accesskit::Role;
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use lora_studio::app::{AppSettings, StudioApp, Tab};
 use lora_studio::config::{TrainConfig, save_config};
 use lora_studio::worker::WorkerHandle;
-
-#[derive(Debug)]
-struct DroppedPath(PathBuf);
-
-impl egui::DroppedFile for DroppedPath {
-    fn path(&self) -> &Path {
-        &self.0
-    }
-
-    fn bytes(&self) -> Result<Vec<u8>, String> {
-        Err("a folder has no bytes".into())
-    }
-}
 
 /// The app with `settings` and real workers, in a 1280x900 window.
 fn open_app(settings: AppSettings) -> Harness<'static, StudioApp> {

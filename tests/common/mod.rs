@@ -1,4 +1,5 @@
-//! Helpers shared by the integration tests: fixture paths, reference tensors, and comparisons.
+//! Helpers shared by the integration tests and benchmarks: fixture paths, reference tensors, comparisons,
+//! generated datasets, and files dropped on the app's window.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -127,5 +128,21 @@ pub fn tiny_config(
         log_with: lora_studio::config::LogWith::None,
         device: "cpu".to_string(),
         ..Default::default()
+    }
+}
+
+/// A file or folder dropped on the app's window.
+#[cfg(feature = "gui")]
+#[derive(Debug)]
+pub struct DroppedPath(pub PathBuf);
+
+#[cfg(feature = "gui")]
+impl egui::DroppedFile for DroppedPath {
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+
+    fn bytes(&self) -> Result<Vec<u8>, String> {
+        Err(format!("{} is read from its path", self.0.display()))
     }
 }
