@@ -147,13 +147,13 @@ fn the_app_workflow_runs_on_the_workers() {
     wait_for(&events, "a loss point", |e| {
         matches!(e, Event::Loss(_)).then_some(())
     });
+    // Previews sent right behind the pause still render while paused; the newest request wins.
     worker.send(Job::Pause);
+    worker.send(Job::Preview(preview(1, 0.5)));
+    worker.send(Job::Preview(preview(2, 1.0)));
     wait_for(&events, "the pause", |e| {
         matches!(e, Event::Paused).then_some(())
     });
-    // Previews render while paused; the UI only shows the newest id.
-    worker.send(Job::Preview(preview(1, 0.5)));
-    worker.send(Job::Preview(preview(2, 1.0)));
     let (strength, bytes) = wait_for(&events, "the newest preview", |e| match e {
         Event::Preview {
             id: 2,

@@ -81,6 +81,15 @@ pub(crate) fn parse_lora_spec(spec: &str) -> anyhow::Result<(PathBuf, f64)> {
         _ => (spec, 1.0),
     };
     let path = PathBuf::from(path);
+    if path.join("adapters.safetensors").is_file() {
+        bail!(
+            "{} is a training checkpoint, not a LoRA file; export it from the app's Export view, or pass the .safetensors file the run wrote",
+            path.display()
+        );
+    }
+    if path.is_dir() {
+        bail!("{} is a folder, not a LoRA file", path.display());
+    }
     if !path.is_file() {
         bail!("the LoRA file {} does not exist", path.display());
     }

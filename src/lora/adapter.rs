@@ -8,9 +8,12 @@
 //!   between `W` and `W'`.
 //!
 //! The tensors are plain tensors for a loaded file and `Var`s while training; the multiplier can change
-//! between forward passes without touching them. This type knows nothing about files or models.
+//! between forward passes without touching them. A forward pass through `Var`s records the graph for
+//! the backward pass and keeps every intermediate alive until its output is dropped; renders that use
+//! trained adapters (previews, samples) turn gradients off so they cost what inference costs. This type
+//! knows nothing about files or models.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use candle_core::{D, DType, Result, Tensor};
 
@@ -41,6 +44,8 @@ pub struct LoraAdapter {
     alpha: f64,
     kind: AdapterKind,
     multiplier_bits: AtomicU64,
+    /// Whether forward passes record the graph through the trained tensors.
+    gradients: AtomicBool,
 }
 
 impl LoraAdapter {
@@ -97,6 +102,7 @@ impl LoraAdapter {
             alpha,
             kind,
             multiplier_bits: AtomicU64::new(1.0f64.to_bits()),
+            gradients: AtomicBool::new(true),
         })
     }
 
@@ -135,6 +141,20 @@ impl LoraAdapter {
             .store(multiplier.to_bits(), Ordering::Relaxed);
     }
 
+    /// Turns the recording of the graph through the trained tensors on (training) or off (rendering).
+    pub fn set_gradients(&self, enabled: bool) {
+        self.gradients.store(enabled, Ordering::Relaxed);
+    }
+
+    /// `tensor`, cut from the graph when gradients are off (the storage is shared, nothing is copied).
+    fn trained(&self, tensor: &Tensor) -> Tensor {
+        if self.gradients.load(Ordering::Relaxed) {
+            tensor.clone()
+        } else {
+            tensor.detach()
+        }
+    }
+
     /// `up(down(x))` for the given pair, in `x`'s dtype.
     fn low_rank(x: &Tensor, down: &Tensor, up: &Tensor, layer: &LayerShape) -> Result<Tensor> {
         let (down, up) = (down.to_dtype(x.dtype())?, up.to_dtype(x.dtype())?);
@@ -159,7 +179,8 @@ impl LoraAdapter {
     ) -> Result<Tensor> {
         let multiplier = self.multiplier();
         let scale = self.scale();
-        let update = Self::low_rank(x, &self.down, &self.up, layer)?;
+        let (down, up) = (self.trained(&self.down), self.trained(&self.up));
+        let update = Self::low_rank(x, &down, &up, layer)?;
         match &self.kind {
             AdapterKind::Lora => update.affine(multiplier * scale, 0.0),
             AdapterKind::Pissa { down0, up0 } => {
@@ -169,7 +190,8 @@ impl LoraAdapter {
             AdapterKind::Dora { magnitude } => {
                 // ratio = mag / ‖W + s·up·down‖ per output channel, broadcast over the output's channel axis.
                 let norm = self.adapted_weight_norm(weight)?.detach();
-                let ratio = magnitude
+                let ratio = self
+                    .trained(magnitude)
                     .to_dtype(DType::F32)?
                     .broadcast_div(&norm)?
                     .to_dtype(x.dtype())?;
@@ -281,5 +303,46 @@ fn reshape_if(t: &Tensor, dims: &[usize], what: &str) -> std::result::Result<Ten
             t.dims(),
             dims
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var};
+
+    use super::{AdapterKind, LoraAdapter};
+    use crate::lora::layer::LayerShape;
+
+    #[test]
+    fn renders_without_gradients_record_no_graph() {
+        let layer = LayerShape::Linear {
+            in_features: 6,
+            out_features: 5,
+        };
+        let down = Var::ones((2, 6), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let up = Var::ones((5, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let adapter = LoraAdapter::with_kind(
+            down.as_tensor().clone(),
+            up.as_tensor().clone(),
+            Some(2.0),
+            AdapterKind::Lora,
+            &layer,
+        )
+        .unwrap();
+        let x = Tensor::ones((3, 6), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let weight = Tensor::zeros((5, 6), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let base = x.matmul(&weight.t().unwrap()).unwrap();
+        let training = adapter.forward(&x, &base, &weight, &layer).unwrap();
+        assert!(training.track_op());
+        adapter.set_gradients(false);
+        let rendering = adapter.forward(&x, &base, &weight, &layer).unwrap();
+        assert!(!rendering.track_op());
+        let difference = (training - rendering)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert_eq!(difference.to_scalar::<f32>().unwrap(), 0.0);
     }
 }

@@ -237,6 +237,22 @@ impl LoraNetwork {
         }
     }
 
+    /// Turns the recording of the backward graph on (training) or off (previews and samples render at
+    /// inference cost).
+    pub fn set_gradients(&self, enabled: bool) {
+        for module in &self.modules {
+            module.adapter.set_gradients(enabled);
+        }
+    }
+
+    /// Renders at `multiplier` without recording gradients until the guard is dropped, which puts the
+    /// network back in training mode (multiplier 1, gradients on).
+    pub fn rendering_at(&self, multiplier: f64) -> Rendering<'_> {
+        self.set_multiplier(multiplier);
+        self.set_gradients(false);
+        Rendering(self)
+    }
+
     /// The trained tensors (f32) by name, for checkpoints.
     pub fn state(&self) -> Vec<(String, Tensor)> {
         self.named_vars()
@@ -265,6 +281,16 @@ impl LoraNetwork {
             var.set(&saved).map_err(|e| e.to_string())?;
         }
         Ok(())
+    }
+}
+
+/// See [`LoraNetwork::rendering_at`].
+pub struct Rendering<'a>(&'a LoraNetwork);
+
+impl Drop for Rendering<'_> {
+    fn drop(&mut self) {
+        self.0.set_multiplier(1.0);
+        self.0.set_gradients(true);
     }
 }
 

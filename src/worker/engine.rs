@@ -2,13 +2,13 @@
 //! trains, jobs that arrive are handled between steps: pause (everything stays in memory), resume, stop,
 //! and previews of the adapters as they are, so the strength slider works during training.
 
-use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crossbeam_channel::Receiver;
 
 use super::Outbox;
+use super::inbox::Inbox;
 use crate::config::TrainConfig;
 use crate::lora::LoraNetwork;
 use crate::messages::{
@@ -23,10 +23,8 @@ use crate::train::{
 
 /// The engine's state between jobs.
 struct Engine {
-    jobs: Receiver<Job>,
+    inbox: Inbox,
     outbox: Outbox,
-    /// Jobs taken from the channel but not handled yet (preview requests collapse to the newest).
-    pending: VecDeque<Job>,
     base: Option<(BaseKey, LoadedBase)>,
 }
 
@@ -40,39 +38,37 @@ struct BaseKey {
 
 pub fn run(jobs: Receiver<Job>, outbox: Outbox) {
     let mut engine = Engine {
-        jobs,
+        inbox: Inbox::new(jobs),
         outbox,
-        pending: VecDeque::new(),
         base: None,
     };
-    while let Some(job) = engine.next_job() {
+    while let Some(job) = engine.inbox.next(true) {
         engine.handle(job);
     }
 }
 
-/// Replaces an older waiting preview with a newer one: the last request wins.
-fn collapse_previews(first: Job, queue: &mut VecDeque<Job>, jobs: &Receiver<Job>) -> Job {
-    queue.extend(jobs.try_iter());
-    let mut job = first;
-    if matches!(job, Job::Preview(_)) {
-        while let Some(position) = queue.iter().position(|j| matches!(j, Job::Preview(_))) {
-            if let Some(newer) = queue.remove(position) {
-                job = newer;
-            }
-        }
-    }
-    job
+/// The single previews a strength x checkpoint grid consists of.
+fn grid_requests(
+    request: &PreviewRequest,
+    strengths: &[f64],
+    checkpoints: &[PathBuf],
+) -> Vec<PreviewRequest> {
+    checkpoints
+        .iter()
+        .flat_map(|checkpoint| {
+            strengths.iter().map(|&strength| PreviewRequest {
+                source: PreviewSource::Checkpoint(checkpoint.clone()),
+                settings: PreviewSettings {
+                    strength,
+                    ..request.settings.clone()
+                },
+                ..request.clone()
+            })
+        })
+        .collect()
 }
 
 impl Engine {
-    fn next_job(&mut self) -> Option<Job> {
-        let job = match self.pending.pop_front() {
-            Some(job) => job,
-            None => self.jobs.recv().ok()?,
-        };
-        Some(collapse_previews(job, &mut self.pending, &self.jobs))
-    }
-
     fn handle(&mut self, job: Job) {
         match job {
             Job::Train { config, resume } => self.train(&config, resume.as_deref()),
@@ -86,19 +82,9 @@ impl Engine {
                 strengths,
                 checkpoints,
             } => {
-                for checkpoint in checkpoints {
-                    for &strength in &strengths {
-                        let one = PreviewRequest {
-                            source: PreviewSource::Checkpoint(checkpoint.clone()),
-                            settings: PreviewSettings {
-                                strength,
-                                ..request.settings.clone()
-                            },
-                            ..request.clone()
-                        };
-                        if let Err(e) = self.preview(&one) {
-                            return self.outbox.error(e.to_string());
-                        }
+                for one in grid_requests(&request, &strengths, &checkpoints) {
+                    if let Err(e) = self.preview(&one) {
+                        return self.outbox.error(e.to_string());
                     }
                 }
             }
@@ -181,14 +167,16 @@ impl Engine {
 
     fn train(&mut self, config: &TrainConfig, resume: Option<&Path>) {
         let outbox = self.outbox.clone();
-        let jobs = self.jobs.clone();
-        let mut pending = std::mem::take(&mut self.pending);
+        // The run reads the inbox between steps; the engine gets it back (with the jobs the run held
+        // back in front) when the run ends.
+        let mut inbox = std::mem::replace(&mut self.inbox, Inbox::new(crossbeam_channel::never()));
+        let mut deferred = Vec::new();
         let result = self.base_for(config).and_then(|base| {
             let device = base.device.clone();
             let mut reporter = EngineReporter {
                 outbox: outbox.clone(),
-                jobs,
-                pending: &mut pending,
+                inbox: &mut inbox,
+                deferred: &mut deferred,
                 device,
                 losses: Vec::new(),
             };
@@ -197,7 +185,8 @@ impl Engine {
             let flat = reporter.loss_is_flat();
             outcome.map(|o| (o, flat))
         });
-        self.pending = pending;
+        inbox.put_back(deferred);
+        self.inbox = inbox;
         match result {
             Ok((outcome, flat)) => {
                 let end = match outcome.stop {
@@ -266,57 +255,47 @@ fn render_preview(
         None => (live, None),
     };
     let settings = &request.settings;
-    if let Some(network) = shown {
-        network.set_multiplier(settings.strength);
-    }
-    if let Some(network) = hidden {
-        network.set_multiplier(0.0);
-    }
-    let generate = || -> Result<Event, TrainError> {
-        let (width, height) = (settings.width as usize, settings.height as usize);
-        let generation = GenerateRequest {
-            prompt: settings.prompt.clone(),
-            negative_prompt: settings.negative_prompt.clone(),
-            width,
-            height,
-            steps: settings.steps as usize,
-            guidance_scale: settings.cfg,
-            sampler: SamplerKind::Ddim,
-            clip_skip: 1,
-        };
-        let mut noise = SeededNoise::new(settings.seed);
-        let init = noise.next(
-            &model.latent_dims(width, height)?,
-            &candle_core::Device::Cpu,
-        )?;
-        let generated = model.generate(&generation, &init, &mut noise, &mut |_, _| {})?;
-        let rgb = to_rgb8(&generated.image)?;
-        let rgba = image::DynamicImage::ImageRgb8(rgb).to_rgba8();
-        Ok(Event::Preview {
-            id: request.id,
-            strength: settings.strength,
-            checkpoint: match &request.source {
-                PreviewSource::Checkpoint(path) => Some(path.clone()),
-                PreviewSource::Live => None,
-            },
-            width: rgba.width(),
-            height: rgba.height(),
-            rgba: rgba.into_raw(),
-            seconds: started.elapsed().as_secs_f64(),
-        })
+    let _shown = shown.map(|network| network.rendering_at(settings.strength));
+    let _hidden = hidden.map(|network| network.rendering_at(0.0));
+    let (width, height) = (settings.width as usize, settings.height as usize);
+    let generation = GenerateRequest {
+        prompt: settings.prompt.clone(),
+        negative_prompt: settings.negative_prompt.clone(),
+        width,
+        height,
+        steps: settings.steps as usize,
+        guidance_scale: settings.cfg,
+        sampler: SamplerKind::Ddim,
+        clip_skip: 1,
     };
-    let result = generate();
-    if let Some(network) = live {
-        network.set_multiplier(1.0);
-    }
-    result
+    let mut noise = SeededNoise::new(settings.seed);
+    let init = noise.next(
+        &model.latent_dims(width, height)?,
+        &candle_core::Device::Cpu,
+    )?;
+    let generated = model.generate(&generation, &init, &mut noise, &mut |_, _| {})?;
+    let rgb = to_rgb8(&generated.image)?;
+    let rgba = image::DynamicImage::ImageRgb8(rgb).to_rgba8();
+    Ok(Event::Preview {
+        id: request.id,
+        strength: settings.strength,
+        checkpoint: match &request.source {
+            PreviewSource::Checkpoint(path) => Some(path.clone()),
+            PreviewSource::Live => None,
+        },
+        width: rgba.width(),
+        height: rgba.height(),
+        rgba: rgba.into_raw(),
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 /// Turns training progress into events and handles the jobs that arrive between steps.
 struct EngineReporter<'a> {
     outbox: Outbox,
-    jobs: Receiver<Job>,
-    pending: &'a mut VecDeque<Job>,
+    inbox: &'a mut Inbox,
+    /// Jobs that wait for the run to end (exports, scans of other folders).
+    deferred: &'a mut Vec<Job>,
     device: candle_core::Device,
     losses: Vec<f64>,
 }
@@ -344,18 +323,8 @@ impl EngineReporter<'_> {
                 strengths,
                 checkpoints,
             } => {
-                for checkpoint in checkpoints {
-                    for &strength in &strengths {
-                        let one = PreviewRequest {
-                            source: PreviewSource::Checkpoint(checkpoint.clone()),
-                            settings: PreviewSettings {
-                                strength,
-                                ..request.settings.clone()
-                            },
-                            ..request.clone()
-                        };
-                        self.preview(live, &one);
-                    }
+                for one in grid_requests(&request, &strengths, &checkpoints) {
+                    self.preview(live, &one);
                 }
             }
             Job::Resume => {}
@@ -363,7 +332,7 @@ impl EngineReporter<'_> {
                 .outbox
                 .send(Event::Info("a run is already training".into())),
             // Exports and anything else wait for the run to end.
-            other => self.pending.push_back(other),
+            other => self.deferred.push(other),
         }
         true
     }
@@ -378,19 +347,13 @@ impl EngineReporter<'_> {
 
 impl TrainReporter for EngineReporter<'_> {
     fn between_steps(&mut self, live: &LiveRun) -> Flow {
-        while let Some(job) = self
-            .jobs
-            .try_recv()
-            .ok()
-            .map(|j| collapse_previews(j, self.pending, &self.jobs))
-        {
+        while let Some(job) = self.inbox.next(false) {
             if job == Job::Pause {
                 self.outbox.send(Event::Paused);
                 loop {
-                    let Ok(job) = self.jobs.recv() else {
+                    let Some(job) = self.inbox.next(true) else {
                         return Flow::Stop;
                     };
-                    let job = collapse_previews(job, self.pending, &self.jobs);
                     if job == Job::Resume {
                         self.outbox.send(Event::Resumed);
                         break;
@@ -454,39 +417,5 @@ impl TrainReporter for EngineReporter<'_> {
 
     fn message(&mut self, text: &str) {
         self.outbox.send(Event::Info(text.to_string()));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::VecDeque;
-
-    use super::collapse_previews;
-    use crate::messages::{Job, PreviewRequest, PreviewSettings, PreviewSource};
-
-    fn preview(id: u64) -> Job {
-        Job::Preview(PreviewRequest {
-            id,
-            base_model: "m".into(),
-            device: "cpu".into(),
-            source: PreviewSource::Live,
-            settings: PreviewSettings::default(),
-        })
-    }
-
-    #[test]
-    fn waiting_previews_collapse_to_the_newest_and_other_jobs_stay_in_order() {
-        let (tx, rx) = crossbeam_channel::unbounded();
-        for job in [preview(2), Job::Pause, preview(3), Job::Stop] {
-            tx.send(job).unwrap();
-        }
-        let mut queue = VecDeque::new();
-        assert_eq!(collapse_previews(preview(1), &mut queue, &rx), preview(3));
-        assert_eq!(queue, VecDeque::from([Job::Pause, Job::Stop]));
-        assert_eq!(
-            collapse_previews(Job::Resume, &mut queue, &rx),
-            Job::Resume,
-            "only previews collapse"
-        );
     }
 }

@@ -5,6 +5,7 @@
 
 mod engine;
 mod files;
+mod inbox;
 mod outbox;
 
 use std::sync::Arc;
