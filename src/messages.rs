@@ -47,6 +47,10 @@ pub enum Job {
     },
     /// Write a LoRA file from a checkpoint.
     Export(ExportRequest),
+    /// List the complete checkpoints in a run's output folder.
+    FindCheckpoints {
+        output_dir: PathBuf,
+    },
 }
 
 /// The adapters a preview uses.
@@ -225,6 +229,11 @@ pub enum Event {
     Checkpoint {
         path: PathBuf,
         step: u64,
+    },
+    /// The complete checkpoints in `output_dir` as (step, folder), oldest first.
+    CheckpointsFound {
+        output_dir: PathBuf,
+        checkpoints: Vec<(u64, PathBuf)>,
     },
     Paused,
     Resumed,

@@ -156,12 +156,27 @@ fn a_dropped_config_brings_its_settings_and_dataset() {
     };
     let file = dir.path().join("style.toml");
     save_config(&config, &file).unwrap();
+    // An earlier run left two complete checkpoints and one cut off before its state was written.
+    for (step, complete) in [(40, true), (80, true), (120, false)] {
+        let folder = config.output_dir.join(format!("checkpoint-{step}"));
+        std::fs::create_dir_all(&folder).unwrap();
+        if complete {
+            std::fs::write(folder.join("state.json"), "{}").unwrap();
+        }
+    }
     let mut harness = open_app(AppSettings::default());
     drop_path(&mut harness, file);
     step_until(&mut harness, "the dataset", |app| app.dataset_len() == 3);
     assert_eq!(harness.state().settings().train, config);
     assert_eq!(harness.state().settings().tab, Tab::Train);
     harness.get_by_label("Start training");
+
+    // Its checkpoints are offered for resuming and exporting.
+    step_until(&mut harness, "the checkpoints", |app| app.checkpoints().len() == 2);
+    let steps: Vec<u64> = harness.state().checkpoints().iter().map(|c| c.0).collect();
+    assert_eq!(steps, [40, 80]);
+    harness.run();
+    harness.get_by_label("Resume from step 80");
 
     // Every view names its widgets for screen readers (checked when the frames settle).
     for tab in [Tab::Dataset, Tab::Train, Tab::Preview, Tab::Export] {

@@ -1,5 +1,6 @@
 //! The export view: name, precision, format, and "Copy to WebUI" (the LoRA folder is picked once and
-//! remembered), writing a LoRA file from the newest checkpoint.
+//! remembered), writing a LoRA file from any complete checkpoint in the output folder (the newest unless
+//! another is picked).
 
 use eframe::egui;
 
@@ -10,7 +11,8 @@ use crate::messages::{ExportFormat, ExportRequest, Job};
 impl StudioApp {
     pub(super) fn export_tab_ui(&mut self, ui: &mut egui::Ui) {
         let ctx = ui.ctx().clone();
-        let checkpoint = self.run.checkpoints.last().map(|(_, p)| p.clone());
+        self.checkpoint_picker_ui(ui);
+        let checkpoint = self.run.export_checkpoint().cloned();
         ui.horizontal(|ui| {
             let label = ui.label("Name");
             ui.add(egui::TextEdit::singleline(
@@ -52,9 +54,7 @@ impl StudioApp {
         }
         let button = ui.add_enabled(checkpoint.is_some(), egui::Button::new("Export LoRA"));
         if checkpoint.is_none() {
-            ui.label(
-                "Train (or resume) a run first: exports are written from its newest checkpoint.",
-            );
+            ui.label("No checkpoint in the output folder yet: train a run first (Stop saves one).");
         }
         if button.clicked()
             && let Some(checkpoint) = checkpoint
@@ -78,5 +78,39 @@ impl StudioApp {
         for path in &self.preview.exported {
             ui.label(format!("written: {}", path.display()));
         }
+    }
+
+    /// Chooses which checkpoint of the output folder is exported (the newest unless picked).
+    fn checkpoint_picker_ui(&mut self, ui: &mut egui::Ui) {
+        let name = |path: &std::path::Path| {
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        ui.horizontal(|ui| {
+            let label = ui.label("Checkpoint");
+            let shown = self
+                .run
+                .export_checkpoint()
+                .map_or_else(|| "none".to_string(), |p| name(p));
+            let mut choice = self.run.export_checkpoint().cloned();
+            egui::ComboBox::from_id_salt("export checkpoint")
+                .selected_text(shown)
+                .show_ui(ui, |ui| {
+                    for (step, path) in self.run.checkpoints.iter().rev() {
+                        ui.selectable_value(
+                            &mut choice,
+                            Some(path.clone()),
+                            format!("{} (step {step})", name(path)),
+                        );
+                    }
+                })
+                .response
+                .labelled_by(label.id);
+            if choice.as_ref() != self.run.export_checkpoint() {
+                self.run.export_choice = choice;
+            }
+            ui.label(format!("in {}", self.settings.train.output_dir.display()));
+        });
     }
 }

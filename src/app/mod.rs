@@ -157,6 +157,11 @@ impl StudioApp {
         self.preview.shown.as_ref().map(|s| (s.id, s.strength))
     }
 
+    /// The complete checkpoints in the output folder as (step, folder), oldest first.
+    pub fn checkpoints(&self) -> &[(u64, PathBuf)] {
+        &self.run.checkpoints
+    }
+
     /// Files written by exports so far.
     pub fn exported(&self) -> &[PathBuf] {
         &self.preview.exported
@@ -218,7 +223,15 @@ impl StudioApp {
                     first_step,
                 } => self.run.started(total_steps, steps_per_epoch, first_step),
                 Event::Loss(point) => self.run.losses.push(point),
-                Event::Checkpoint { path, step } => self.run.checkpoints.push((step, path)),
+                Event::Checkpoint { path, step } => self.run.add_checkpoints([(step, path)]),
+                Event::CheckpointsFound {
+                    output_dir,
+                    checkpoints,
+                } => {
+                    if self.run.listed_dir.as_ref() == Some(&output_dir) {
+                        self.run.add_checkpoints(checkpoints);
+                    }
+                }
                 Event::Paused => self.run.status = RunStatus::Paused,
                 Event::Resumed => self.run.status = RunStatus::Training,
                 Event::RunEnded {
@@ -373,6 +386,12 @@ impl StudioApp {
             self.worker.send(job);
         }
         self.start_waiting_run();
+        if let Some(job) = self
+            .run
+            .list_checkpoints_job(&self.settings.train.output_dir)
+        {
+            self.worker.send(job);
+        }
         self.preview.send_if_due(&self.settings, &self.worker);
         if self.dataset.unsaved_count() > 0 || self.preview.waiting() {
             ctx.request_repaint_after(std::time::Duration::from_millis(100));

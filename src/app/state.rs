@@ -217,7 +217,12 @@ pub struct RunState {
     pub steps_per_epoch: u64,
     pub first_step: u64,
     pub stage: Option<(String, usize, usize)>,
+    /// Complete checkpoints of the output folder as (step, folder), oldest first.
     pub checkpoints: Vec<(u64, PathBuf)>,
+    /// The output folder whose checkpoints were last asked for.
+    pub listed_dir: Option<PathBuf>,
+    /// The checkpoint the export view writes from (the newest when none was chosen).
+    pub export_choice: Option<PathBuf>,
     pub lora: Option<PathBuf>,
     /// A run to start once pending caption saves are confirmed (`Some(resume)`).
     pub waiting_to_start: Option<Option<PathBuf>>,
@@ -243,12 +248,42 @@ impl RunState {
         if lora.is_some() {
             self.lora = lora;
         }
-        if let Some(checkpoint) = checkpoint
-            && !self.checkpoints.iter().any(|(_, p)| *p == checkpoint)
-        {
+        if let Some(checkpoint) = checkpoint {
             let step = self.losses.last().map_or(0, |p| p.step);
-            self.checkpoints.push((step, checkpoint));
+            self.add_checkpoints([(step, checkpoint)]);
         }
+        // Older checkpoints may have been pruned: list the folder again.
+        self.listed_dir = None;
+    }
+
+    /// Adds checkpoints (from an event or a listing of the output folder), keeping them ordered by step.
+    pub fn add_checkpoints(&mut self, found: impl IntoIterator<Item = (u64, PathBuf)>) {
+        for (step, path) in found {
+            if !self.checkpoints.iter().any(|(_, p)| *p == path) {
+                self.checkpoints.push((step, path));
+            }
+        }
+        self.checkpoints.sort();
+    }
+
+    /// The job that lists `output_dir`'s checkpoints, when they were not asked for yet.
+    pub fn list_checkpoints_job(&mut self, output_dir: &Path) -> Option<Job> {
+        if self.listed_dir.as_deref() == Some(output_dir) {
+            return None;
+        }
+        self.listed_dir = Some(output_dir.to_path_buf());
+        self.checkpoints.clear();
+        self.export_choice = None;
+        Some(Job::FindCheckpoints {
+            output_dir: output_dir.to_path_buf(),
+        })
+    }
+
+    /// The checkpoint an export is written from.
+    pub fn export_checkpoint(&self) -> Option<&PathBuf> {
+        self.export_choice
+            .as_ref()
+            .or_else(|| self.checkpoints.last().map(|(_, p)| p))
     }
 
     pub fn active(&self) -> bool {

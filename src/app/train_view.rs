@@ -270,11 +270,18 @@ impl StudioApp {
                     if ui.button("Start training").clicked() {
                         self.start_run(None);
                     }
-                    if ui
-                        .button("Resume from checkpoint")
+                    let newest = self.run.checkpoints.last().map(|(step, _)| *step);
+                    let resume = ui
+                        .add_enabled(
+                            newest.is_some(),
+                            egui::Button::new(match newest {
+                                Some(step) => format!("Resume from step {step}"),
+                                None => "Resume from checkpoint".to_string(),
+                            }),
+                        )
                         .on_hover_text("continue from the newest checkpoint in the output folder")
-                        .clicked()
-                    {
+                        .on_disabled_hover_text("no checkpoint in the output folder yet");
+                    if resume.clicked() {
                         let output = self.settings.train.output_dir.clone();
                         self.start_run(Some(output));
                     }

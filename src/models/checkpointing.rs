@@ -34,6 +34,9 @@ impl CheckpointGrads {
     }
 
     fn add(&self, id: TensorId, grad: Tensor) -> Result<()> {
+        // A variable's gradient from candle still references the recomputed activations; detached, the
+        // recomputation is freed as soon as the block's backward pass ends.
+        let grad = grad.detach();
         let mut grads = self.grads.lock().unwrap_or_else(PoisonError::into_inner);
         let sum = match grads.remove(&id) {
             Some(previous) => (previous + grad)?,

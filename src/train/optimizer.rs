@@ -84,6 +84,8 @@ impl Optimizer {
         let s = self.settings;
         for (i, var) in vars.iter().enumerate() {
             let Some(grad) = &grads[i] else { continue };
+            // The moments outlive the step: they must never hold a graph.
+            let grad = &grad.detach();
             let lr = lrs[i];
             let param = var.as_tensor().to_dtype(DType::F32)?;
             let updated = match &mut self.moments[i] {
@@ -229,6 +231,29 @@ mod tests {
             (got[0] - expected[0]).abs() < 1e-5 && (got[1] - expected[1]).abs() < 1e-5,
             "{got:?}"
         );
+    }
+
+    #[test]
+    fn the_state_never_holds_the_graph_a_gradient_came_with() {
+        // candle returns a variable's gradient still attached to the forward pass when the variable
+        // feeds an op directly (a conv kernel's gradient is a conv of the activations); a moment built
+        // from it would keep every step's activations alive.
+        for kind in [OptimizerKind::AdamW, OptimizerKind::Adafactor] {
+            let w = Var::ones((2, 3, 1, 1), candle_core::DType::F32, &Device::Cpu).unwrap();
+            let mut opt = Optimizer::new(settings(kind), &[("w".into(), &w)]).unwrap();
+            for _ in 0..2 {
+                let x = Var::ones((1, 3, 4, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+                let activations = (x.as_tensor() * 2.0).unwrap();
+                let y = activations.conv2d(w.as_tensor(), 0, 1, 1, 1).unwrap();
+                let grads = y.sum_all().unwrap().backward().unwrap();
+                let grad = grads.get(&w).unwrap().clone();
+                assert!(grad.track_op(), "candle now detaches: this guard can go");
+                opt.apply(&[&w], &[Some(grad)], &[0.1]).unwrap();
+            }
+            for (name, tensor) in opt.state() {
+                assert!(!tensor.track_op(), "{kind:?}: {name} holds a graph");
+            }
+        }
     }
 
     #[test]

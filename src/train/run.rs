@@ -303,7 +303,10 @@ fn run_training(
                 // A variable inside a checkpointed block gets its gradient from the recomputation.
                 let recomputed = checkpoint_grads.and_then(|store| store.take(var));
                 for g in [grads.get(var).cloned(), recomputed].into_iter().flatten() {
-                    let g = g.to_dtype(DType::F32)?;
+                    // candle leaves a variable's gradient attached to the forward graph (its product
+                    // with the activations); kept attached, the optimizer state would chain every
+                    // step's activations together.
+                    let g = g.detach().to_dtype(DType::F32)?;
                     *slot = Some(match slot.take() {
                         Some(sum) => (sum + g)?,
                         None => g,

@@ -1,4 +1,4 @@
-//! The files thread (dataset scans, thumbnails, caption saves) and the checks thread it feeds.
+//! The files thread (dataset scans, thumbnails, caption saves, checkpoint listings) and the checks thread it feeds.
 
 use std::path::PathBuf;
 
@@ -13,6 +13,7 @@ use crate::data::images::load_oriented;
 use crate::data::{Dataset, scan_dataset};
 use crate::messages::{Badge, CaptionOrigin, DatasetEntry, DatasetView, Event, Job};
 use crate::models::tokenizer::ClipTokenizer;
+use crate::train::list_checkpoints;
 
 /// Runs the files thread until the app closes the channel. Caption saves and scans are done in the order
 /// they arrive and before any thumbnail; thumbnails are decoded newest request first, so the cells the
@@ -69,6 +70,13 @@ pub fn run(jobs: Receiver<Job>, outbox: Outbox) {
                     }
                     Err(e) => outbox.error(e.to_string()),
                 }
+            }
+            Some(Job::FindCheckpoints { output_dir }) => {
+                let checkpoints = list_checkpoints(&output_dir);
+                outbox.send(Event::CheckpointsFound {
+                    output_dir,
+                    checkpoints,
+                });
             }
             Some(other) => outbox.error(format!("the files worker cannot do {other:?}")),
             None if jobs.is_empty() && thumbnails.is_empty() => return,

@@ -51,9 +51,10 @@ impl WorkerHandle {
     /// Queues a job for the thread that does that kind of work.
     pub fn send(&self, job: Job) {
         let target = match job {
-            Job::ScanDataset { .. } | Job::Thumbnail { .. } | Job::SaveCaption { .. } => {
-                &self.files
-            }
+            Job::ScanDataset { .. }
+            | Job::Thumbnail { .. }
+            | Job::SaveCaption { .. }
+            | Job::FindCheckpoints { .. } => &self.files,
             _ => &self.engine,
         };
         // A closed channel means the thread died; its last event already said why.
