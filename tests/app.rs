@@ -172,7 +172,9 @@ fn a_dropped_config_brings_its_settings_and_dataset() {
     harness.get_by_label("Start training");
 
     // Its checkpoints are offered for resuming and exporting.
-    step_until(&mut harness, "the checkpoints", |app| app.checkpoints().len() == 2);
+    step_until(&mut harness, "the checkpoints", |app| {
+        app.checkpoints().len() == 2
+    });
     let steps: Vec<u64> = harness.state().checkpoints().iter().map(|c| c.0).collect();
     assert_eq!(steps, [40, 80]);
     harness.run();

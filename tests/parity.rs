@@ -128,7 +128,7 @@ fn check_generation(
     };
     let init = reference.f32(&format!("{key}.init_noise"));
     let generated = model
-        .generate(&request, &init, &mut noise, &mut |_, _| {})
+        .generate(&request, &init, &mut noise, &mut |_, _| true)
         .unwrap();
     assert_close(
         &format!("{key} latents"),

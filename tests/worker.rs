@@ -197,3 +197,31 @@ fn the_app_workflow_runs_on_the_workers() {
     let file = lora_studio::tensor_file::TensorFile::open(&copied).unwrap();
     assert_eq!(file.metadata()["ss_output_name"], "my_style");
 }
+
+#[test]
+fn a_newer_preview_cancels_the_one_rendering() {
+    let (worker, events) = WorkerHandle::spawn(Arc::new(|| {})).unwrap();
+    let mut slow = preview(1, 0.8);
+    slow.settings.steps = 500;
+    worker.send(Job::Preview(slow));
+    // The render starts once the model is loaded.
+    wait_for(&events, "the base model", |e| {
+        matches!(
+            e,
+            Event::Stage {
+                done: 1,
+                total: 1,
+                ..
+            }
+        )
+        .then_some(())
+    });
+    let sent = Instant::now();
+    worker.send(Job::Preview(preview(2, 0.8)));
+    let id = wait_for(&events, "a preview", |e| match e {
+        Event::Preview { id, .. } => Some(*id),
+        _ => None,
+    });
+    assert_eq!(id, 2, "the 500-step render gave way to the newer request");
+    assert!(sent.elapsed() < Duration::from_secs(30));
+}

@@ -155,7 +155,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     );
     let started = Instant::now();
     let generated = model.generate(&request, &init_noise, &mut noise, &mut |done, _| {
-        bar.set_position(done as u64)
+        bar.set_position(done as u64);
+        true
     })?;
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();

@@ -54,6 +54,9 @@ pub enum ModelError {
         found: Vec<usize>,
         expected: Vec<usize>,
     },
+    /// The caller asked to stop (a newer request superseded this one).
+    #[error("cancelled")]
+    Cancelled,
     #[error("{context}: {}", crate::tensor_file::plain_error(.source))]
     Compute {
         context: String,

@@ -119,13 +119,14 @@ impl StableDiffusion {
     }
 
     /// Runs the sampler from `init_noise` (standard normal, `latent_dims` shaped) and decodes the result.
-    /// `on_step(done, total)` is called after every step.
+    /// `on_step(done, total)` is called after every step; when it returns false the run stops with
+    /// [`ModelError::Cancelled`].
     pub fn generate(
         &self,
         request: &GenerateRequest,
         init_noise: &Tensor,
         noise: &mut dyn NoiseSource,
-        on_step: &mut dyn FnMut(usize, usize),
+        on_step: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Generated, ModelError> {
         let expected = self.latent_dims(request.width, request.height)?;
         if init_noise.dims() != expected {
@@ -193,7 +194,9 @@ impl StableDiffusion {
             })()
             .map_err(run)?;
             latents = sampler.step(&output, index, &latents, noise).map_err(run)?;
-            on_step(index + 1, total);
+            if !on_step(index + 1, total) {
+                return Err(ModelError::Cancelled);
+            }
         }
         let image = self.decode(&latents)?;
         Ok(Generated { latents, image })

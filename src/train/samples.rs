@@ -41,7 +41,7 @@ pub fn render_samples(
             };
             let mut noise = SeededNoise::new(config.sample_seed);
             let init = noise.next(&model.latent_dims(size, size)?, &Device::Cpu)?;
-            let generated = model.generate(&request, &init, &mut noise, &mut |_, _| {})?;
+            let generated = model.generate(&request, &init, &mut noise, &mut |_, _| true)?;
             let image = to_rgb8(&generated.image)?;
             let path = dir.join(format!(
                 "step{step:06}-prompt{index}-strength{strength}.png"

@@ -14,6 +14,7 @@ use crate::lora::LoraNetwork;
 use crate::messages::{
     Event, ExportFormat, Job, LossPoint, PreviewRequest, PreviewSettings, PreviewSource, RunEnd,
 };
+use crate::models::ModelError;
 use crate::models::pipeline::{GenerateRequest, StableDiffusion, to_rgb8};
 use crate::models::schedulers::{NoiseSource, SamplerKind, SeededNoise};
 use crate::train::{
@@ -73,7 +74,7 @@ impl Engine {
         match job {
             Job::Train { config, resume } => self.train(&config, resume.as_deref()),
             Job::Preview(request) => {
-                if let Err(e) = self.preview(&request) {
+                if let Err(e) = self.preview(&request, true) {
                     self.outbox.error(e.to_string());
                 }
             }
@@ -83,7 +84,7 @@ impl Engine {
                 checkpoints,
             } => {
                 for one in grid_requests(&request, &strengths, &checkpoints) {
-                    if let Err(e) = self.preview(&one) {
+                    if let Err(e) = self.preview(&one, false) {
                         return self.outbox.error(e.to_string());
                     }
                 }
@@ -158,10 +159,17 @@ impl Engine {
         }
     }
 
-    fn preview(&mut self, request: &PreviewRequest) -> Result<(), TrainError> {
-        let base = self.base(&request.base_model, &request.device)?;
-        let event = render_preview(&base.model, &base.device, None, request)?;
-        self.outbox.send(event);
+    /// Renders a preview with the base model; a `cancellable` one is abandoned when a newer request
+    /// arrives.
+    fn preview(&mut self, request: &PreviewRequest, cancellable: bool) -> Result<(), TrainError> {
+        self.base(&request.base_model, &request.device)?;
+        let (Some((_, base)), inbox) = (&self.base, &mut self.inbox) else {
+            return Ok(());
+        };
+        let superseded = &mut || cancellable && inbox.newer_preview_waiting();
+        if let Some(event) = render_preview(&base.model, &base.device, None, request, superseded)? {
+            self.outbox.send(event);
+        }
         Ok(())
     }
 
@@ -243,7 +251,8 @@ fn render_preview(
     device: &candle_core::Device,
     live: Option<&LoraNetwork>,
     request: &PreviewRequest,
-) -> Result<Event, TrainError> {
+    superseded: &mut dyn FnMut() -> bool,
+) -> Result<Option<Event>, TrainError> {
     let started = Instant::now();
     let checkpoint_network = match &request.source {
         PreviewSource::Checkpoint(path) => Some(network_from_checkpoint(model, device, path)?.0),
@@ -273,10 +282,14 @@ fn render_preview(
         &model.latent_dims(width, height)?,
         &candle_core::Device::Cpu,
     )?;
-    let generated = model.generate(&generation, &init, &mut noise, &mut |_, _| {})?;
+    let generated = match model.generate(&generation, &init, &mut noise, &mut |_, _| !superseded())
+    {
+        Err(ModelError::Cancelled) => return Ok(None),
+        other => other?,
+    };
     let rgb = to_rgb8(&generated.image)?;
     let rgba = image::DynamicImage::ImageRgb8(rgb).to_rgba8();
-    Ok(Event::Preview {
+    Ok(Some(Event::Preview {
         id: request.id,
         strength: settings.strength,
         checkpoint: match &request.source {
@@ -287,7 +300,7 @@ fn render_preview(
         height: rgba.height(),
         rgba: rgba.into_raw(),
         seconds: started.elapsed().as_secs_f64(),
-    })
+    }))
 }
 
 /// Turns training progress into events and handles the jobs that arrive between steps.
@@ -317,14 +330,14 @@ impl EngineReporter<'_> {
     fn handle_during_run(&mut self, job: Job, live: &LiveRun) -> bool {
         match job {
             Job::Stop => return false,
-            Job::Preview(request) => self.preview(live, &request),
+            Job::Preview(request) => self.preview(live, &request, true),
             Job::PreviewGrid {
                 request,
                 strengths,
                 checkpoints,
             } => {
                 for one in grid_requests(&request, &strengths, &checkpoints) {
-                    self.preview(live, &one);
+                    self.preview(live, &one, false);
                 }
             }
             Job::Resume => {}
@@ -337,9 +350,19 @@ impl EngineReporter<'_> {
         true
     }
 
-    fn preview(&mut self, live: &LiveRun, request: &PreviewRequest) {
-        match render_preview(live.model, &self.device, Some(live.network), request) {
-            Ok(event) => self.outbox.send(event),
+    /// Renders a preview between steps; a `cancellable` one is abandoned when a newer request arrives.
+    fn preview(&mut self, live: &LiveRun, request: &PreviewRequest, cancellable: bool) {
+        let inbox = &mut *self.inbox;
+        let superseded = &mut || cancellable && inbox.newer_preview_waiting();
+        match render_preview(
+            live.model,
+            &self.device,
+            Some(live.network),
+            request,
+            superseded,
+        ) {
+            Ok(Some(event)) => self.outbox.send(event),
+            Ok(None) => {}
             Err(e) => self.outbox.error(e.to_string()),
         }
     }

@@ -40,6 +40,12 @@ impl Inbox {
         }
     }
 
+    /// Whether a preview request waits: the one being rendered is out of date and can be abandoned.
+    pub fn newer_preview_waiting(&mut self) -> bool {
+        self.waiting.extend(self.jobs.try_iter());
+        self.waiting.iter().any(|j| matches!(j, Job::Preview(_)))
+    }
+
     /// Puts `jobs` back in front of everything else, in their order (jobs held back during a run).
     pub fn put_back(&mut self, jobs: Vec<Job>) {
         for job in jobs.into_iter().rev() {
