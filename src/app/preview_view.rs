@@ -106,9 +106,10 @@ impl StudioApp {
                 let scale = (ui.available_height() - 160.0).max(128.0) / size.y;
                 ui.add(egui::Image::new(&shown.texture).fit_to_exact_size(size * scale.min(1.0)));
             }
-            None => {
+            None if self.settings.preview.prompt.trim().is_empty() => {
                 ui.label("Type a prompt: the preview renders with the current adapters at the chosen strength.");
             }
+            None => {}
         }
         self.comparison_grid_ui(ui);
     }
