@@ -2,6 +2,7 @@
 //! subcommands run the engine headless with terminal
 //! progress. Errors are printed as one sentence (with its causes) and exit code 1, never a panic.
 
+mod bench;
 mod generate;
 mod inspect;
 mod merge;
@@ -37,6 +38,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Merge LoRA files into a base model and write one single-file checkpoint.
     Merge(merge::MergeArgs),
+    /// Measure training speed and memory with a real-size model of random weights.
+    Bench(bench::BenchArgs),
 }
 
 /// Parses the command line and runs it.
@@ -47,6 +50,7 @@ pub fn run() -> ExitCode {
         Some(Command::Inspect(args)) => inspect::run(args),
         Some(Command::Train(args)) => train::run(args),
         Some(Command::Merge(args)) => merge::run(args),
+        Some(Command::Bench(args)) => bench::run(args),
         None => open_app(cli.path),
     };
     match result {

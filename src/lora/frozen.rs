@@ -22,6 +22,8 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 /// A 2-D convolution (no groups, no dilation) with a frozen kernel `[out, in, kh, kw]`.
 pub fn frozen_conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     let output = x.detach().conv2d(&weight.detach(), padding, stride, 1, 1)?;
+    let (_, in_channels, kh, kw) = weight.dims4()?;
+    crate::flops::add_layer(output.elem_count() * in_channels * kh * kw);
     if !x.track_op() {
         return Ok(output);
     }
@@ -61,6 +63,7 @@ impl FrozenMatmul {
             candle_core::bail!("frozen linear: the input is not contiguous");
         };
         let rows = x_layout.shape().elem_count() / in_features.max(1);
+        crate::flops::add_layer(rows * in_features * out_features);
         let x_2d = Layout::contiguous_with_offset((rows, in_features), start);
         let w_t = w_layout.transpose(0, 1)?;
         let output = x.matmul(w, (1, rows, out_features, in_features), &x_2d, &w_t)?;

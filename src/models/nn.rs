@@ -70,6 +70,7 @@ pub fn attention(
     let k = split(k, kv_len)?.to_dtype(internal_dtype(dtype))?;
     let v = split(v, kv_len)?;
     let scale = 1.0 / (head_dim as f64).sqrt();
+    crate::flops::add_attention(2 * batch * heads * q_len * kv_len * head_dim);
     let mut scores = (q.matmul(&k.t()?)? * scale)?;
     if let Some(mask) = mask {
         scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;

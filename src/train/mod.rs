@@ -2,6 +2,7 @@
 //! TensorBoard logs, sample previews and the LoRA export. It reports through [`TrainReporter`] so the terminal
 //! and the app's worker drive the same code. Must not use egui, messages or worker.
 
+pub mod bench;
 mod checkpoint;
 mod inputs;
 mod metadata;

@@ -300,13 +300,7 @@ fn run_training(
             let scaled = (loss * (state.loss_scale / micro_batches.len() as f64))?;
             let grads = scaled.backward()?;
             for (slot, var) in accumulated.iter_mut().zip(&vars) {
-                // A variable inside a checkpointed block gets its gradient from the recomputation.
-                let recomputed = checkpoint_grads.and_then(|store| store.take(var));
-                for g in [grads.get(var).cloned(), recomputed].into_iter().flatten() {
-                    // candle leaves a variable's gradient attached to the forward graph (its product
-                    // with the activations); kept attached, the optimizer state would chain every
-                    // step's activations together.
-                    let g = g.detach().to_dtype(DType::F32)?;
+                if let Some(g) = variable_gradient(&grads, checkpoint_grads, var)? {
                     *slot = Some(match slot.take() {
                         Some(sum) => (sum + g)?,
                         None => g,
@@ -671,6 +665,27 @@ fn micro_batch_loss(
         None => per_sample,
     };
     Ok(per_sample.mean_all()?)
+}
+
+/// The gradient of `var` after a backward pass, in f32 and detached. A variable inside a checkpointed
+/// block gets (part of) its gradient from the recomputation in `checkpoint_grads`. candle leaves a
+/// variable's own gradient attached to the forward graph (for a conv kernel it is a conv of the
+/// activations); kept attached, the optimizer state would chain every step's activations together.
+pub(super) fn variable_gradient(
+    grads: &candle_core::backprop::GradStore,
+    checkpoint_grads: Option<&CheckpointGrads>,
+    var: &Var,
+) -> candle_core::Result<Option<Tensor>> {
+    let recomputed = checkpoint_grads.and_then(|store| store.take(var));
+    let mut sum: Option<Tensor> = None;
+    for g in [grads.get(var).cloned(), recomputed].into_iter().flatten() {
+        let g = g.detach().to_dtype(DType::F32)?;
+        sum = Some(match sum {
+            Some(s) => (s + g)?,
+            None => g,
+        });
+    }
+    Ok(sum)
 }
 
 /// Text-encoder outputs for the captions (cached when the encoder is frozen and captions are fixed).

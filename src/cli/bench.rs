@@ -1,0 +1,112 @@
+//! `lora-studio bench [--arch sd15|tiny] [--resolution 256|512] [--steps N] [--rank R] [--device D]
+//! [--gradient-checkpointing] [--json]`: training speed and memory on this machine, with a UNet of real
+//! size and random weights (nothing is downloaded).
+
+use clap::{Args, ValueEnum};
+
+use crate::device::{DeviceChoice, open_device};
+use crate::train::bench::{BenchArch, BenchReport, BenchSettings, run_bench};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// The UNet to build.
+    #[arg(long, value_enum, default_value_t = Arch::Sd15)]
+    pub arch: Arch,
+    /// Image side in pixels (a multiple of 64).
+    #[arg(long, default_value_t = 256)]
+    pub resolution: usize,
+    /// Timed training steps (after one warm-up step).
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    /// LoRA rank on to_q, to_k, to_v and to_out.0.
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// `cpu`, `cuda`, `cuda:N`, `metal` or `auto`.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Recompute activations in the backward pass instead of keeping them.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+    /// Print one JSON line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Arch {
+    /// Stable Diffusion 1.5's UNet (859.5 M parameters).
+    Sd15,
+    /// A small UNet of the same layout.
+    Tiny,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.resolution == 0 || args.resolution % 64 != 0 {
+        anyhow::bail!(
+            "--resolution {} is not a positive multiple of 64",
+            args.resolution
+        );
+    }
+    if args.steps == 0 || args.batch_size == 0 || args.rank == 0 {
+        anyhow::bail!("--steps, --batch-size and --rank must be at least 1");
+    }
+    let choice: DeviceChoice = args
+        .device
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--device {}: {e}", args.device))?;
+    let device = open_device(choice).map_err(anyhow::Error::msg)?;
+    let settings = BenchSettings {
+        arch: match args.arch {
+            Arch::Sd15 => BenchArch::Sd15,
+            Arch::Tiny => BenchArch::Tiny,
+        },
+        resolution: args.resolution,
+        batch_size: args.batch_size,
+        rank: args.rank,
+        steps: args.steps,
+        gradient_checkpointing: args.gradient_checkpointing,
+        device,
+    };
+    let report = run_bench(&settings, &mut |stage| eprintln!("{stage}"))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+fn print_table(r: &BenchReport) {
+    let arch = match r.arch {
+        BenchArch::Sd15 => "SD 1.5 UNet",
+        BenchArch::Tiny => "tiny UNet",
+    };
+    println!(
+        "{arch}, {} px, batch {}, rank {} ({} adapters, {} parameters), {}{}",
+        r.resolution,
+        r.batch_size,
+        r.rank,
+        r.adapters,
+        r.trainable_parameters,
+        r.device,
+        if r.gradient_checkpointing {
+            ", gradient checkpointing"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "training step  {:>8.2} s  ({:.0} GFLOP, {:.1} GFLOP/s)",
+        r.seconds_per_step, r.step_gflop, r.step_gflops_per_second
+    );
+    println!(
+        "forward pass   {:>8.2} s  ({:.0} GFLOP, {:.1} GFLOP/s)",
+        r.forward_seconds, r.forward_gflop, r.forward_gflops_per_second
+    );
+    match r.peak_rss_gib {
+        Some(gib) => println!("peak memory    {gib:>8.2} GiB resident"),
+        None => println!("peak memory    not reported by this system"),
+    }
+}

@@ -1,0 +1,304 @@
+//! The training benchmark behind `lora-studio bench`: a UNet of the chosen architecture with random
+//! weights (nothing is downloaded), a LoRA on the attention projections (`to_q`, `to_k`, `to_v`,
+//! `to_out.0`, as the diffusers/peft reference script trains), AdamW, and latents and text embeddings
+//! drawn at random, as a run with cached latents and a frozen text encoder sees them. It times the
+//! forward pass alone and whole training steps, counts the arithmetic (see [`crate::flops`]) and reads
+//! the peak resident memory.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::var_builder::{SimpleBackend, VarBuilder};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use super::inputs::gaussian;
+use super::run::variable_gradient;
+use super::{Optimizer, OptimizerSettings, TrainError};
+use crate::config::OptimizerKind;
+use crate::flops::FlopCount;
+use crate::lora::{LoraNetwork, NetworkKind, NetworkSpec, TargetComponent, UNET_PREFIX};
+use crate::models::checkpointing::CheckpointGrads;
+use crate::models::unet::{UNet2DConditionModel, UNetConfig};
+
+/// The architectures the benchmark builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchArch {
+    /// Stable Diffusion 1.5's UNet (859.5 M parameters).
+    Sd15,
+    /// A small UNet of the same layout, for a quick check.
+    Tiny,
+}
+
+impl BenchArch {
+    fn unet(self) -> UNetConfig {
+        match self {
+            Self::Sd15 => UNetConfig::sd15(),
+            Self::Tiny => UNetConfig {
+                block_out_channels: vec![32, 64, 64, 64],
+                attention_heads: vec![2; 4],
+                cross_attention_dim: 64,
+                ..UNetConfig::sd15()
+            },
+        }
+    }
+}
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchSettings {
+    pub arch: BenchArch,
+    /// Image side in pixels (the latent side is an eighth of it).
+    pub resolution: usize,
+    pub batch_size: usize,
+    pub rank: usize,
+    /// Timed training steps (one more runs first as a warm-up).
+    pub steps: usize,
+    pub gradient_checkpointing: bool,
+    pub device: Device,
+}
+
+/// The measurements, as `--json` prints them.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub arch: BenchArch,
+    pub resolution: usize,
+    pub batch_size: usize,
+    pub rank: usize,
+    pub device: String,
+    pub gradient_checkpointing: bool,
+    /// Adapted layers (four per attention block).
+    pub adapters: usize,
+    pub trainable_parameters: usize,
+    /// Median seconds of a training step (forward, backward, optimizer).
+    pub seconds_per_step: f64,
+    pub step_seconds: Vec<f64>,
+    /// Median seconds of a forward pass without gradients.
+    pub forward_seconds: f64,
+    /// Arithmetic of one forward pass, in GFLOP.
+    pub forward_gflop: f64,
+    /// Arithmetic of one training step, in GFLOP: the forward pass, the input gradients of every frozen
+    /// layer (as much again) and attention's backward (twice its forward); the adapters' share is
+    /// negligible.
+    pub step_gflop: f64,
+    pub step_gflops_per_second: f64,
+    pub forward_gflops_per_second: f64,
+    /// Peak resident memory of the process, in GiB (Linux only).
+    pub peak_rss_gib: Option<f64>,
+}
+
+/// Builds the model and measures; `progress` hears what is being done.
+pub fn run_bench(
+    settings: &BenchSettings,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BenchReport, TrainError> {
+    let device = &settings.device;
+    let config = settings.arch.unet();
+    progress("building the UNet with random weights");
+    let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, device.clone());
+    let mut unet = UNet2DConditionModel::new(vb, &config)?;
+    let slots = unet
+        .lora_targets(false)
+        .into_iter()
+        .filter(|slot| {
+            ["to_q", "to_k", "to_v", "to_out.0"]
+                .iter()
+                .any(|target| slot.name().ends_with(&format!(".{target}")))
+        })
+        .collect();
+    let spec = NetworkSpec {
+        rank: settings.rank,
+        alpha: settings.rank as f64,
+        conv_rank: settings.rank,
+        conv_alpha: settings.rank as f64,
+        kind: NetworkKind::Lora,
+    };
+    let network = LoraNetwork::create(
+        &[TargetComponent {
+            prefix: UNET_PREFIX,
+            slots,
+        }],
+        spec,
+        0,
+        device,
+    )?;
+    let named: Vec<(String, &Var)> = network
+        .named_vars()
+        .into_iter()
+        .map(|(name, _, var)| (name, var))
+        .collect();
+    let vars: Vec<&Var> = named.iter().map(|(_, var)| *var).collect();
+    let mut optimizer = Optimizer::new(
+        OptimizerSettings {
+            kind: OptimizerKind::AdamW,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        },
+        &named,
+    )?;
+    let store = settings
+        .gradient_checkpointing
+        .then(CheckpointGrads::default);
+    unet.set_gradient_checkpointing(store.clone());
+
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let side = settings.resolution / 8;
+    let batch = settings.batch_size;
+    let latents = gaussian(&mut rng, &[batch, config.in_channels, side, side], device)?;
+    let target = gaussian(&mut rng, latents.dims(), device)?;
+    let context = gaussian(&mut rng, &[batch, 77, config.cross_attention_dim], device)?;
+    let timesteps = Tensor::full(500f32, batch, device)?;
+
+    let mut forward_seconds = Vec::new();
+    let mut forward_flops = FlopCount::default();
+    for index in 0..2 {
+        progress(&format!("forward pass {}/2", index + 1));
+        let _rendering = network.rendering_at(1.0);
+        let (seconds, flops) = timed(device, || {
+            Ok(unet.forward(&latents, &timesteps, &context)?.detach())
+        })?;
+        forward_seconds.push(seconds);
+        forward_flops = flops;
+    }
+    let mut step_seconds = Vec::new();
+    for index in 0..=settings.steps {
+        progress(&format!(
+            "training step {index}/{}{}",
+            settings.steps,
+            if index == 0 { " (warm-up)" } else { "" }
+        ));
+        let (seconds, _) = timed(device, || {
+            let prediction = unet.forward(&latents, &timesteps, &context)?;
+            let loss = (prediction - &target)?.sqr()?.mean_all()?;
+            let grads = loss.backward()?;
+            let collected = vars
+                .iter()
+                .map(|var| variable_gradient(&grads, store.as_ref(), var))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            optimizer.apply(&vars, &collected, &vec![1e-4; vars.len()])?;
+            Ok(loss)
+        })?;
+        if index > 0 {
+            step_seconds.push(seconds);
+        }
+    }
+    unet.set_gradient_checkpointing(None);
+
+    let forward_gflop = forward_flops.total() as f64 / 1e9;
+    let step_gflop = (2 * forward_flops.layers + 3 * forward_flops.attention) as f64 / 1e9;
+    let seconds_per_step = median(&step_seconds);
+    let forward = median(&forward_seconds);
+    Ok(BenchReport {
+        arch: settings.arch,
+        resolution: settings.resolution,
+        batch_size: batch,
+        rank: settings.rank,
+        device: crate::device::describe(device),
+        gradient_checkpointing: settings.gradient_checkpointing,
+        adapters: network.modules().len(),
+        trainable_parameters: network.parameter_count(),
+        seconds_per_step,
+        step_seconds,
+        forward_seconds: forward,
+        forward_gflop,
+        step_gflop,
+        step_gflops_per_second: step_gflop / seconds_per_step,
+        forward_gflops_per_second: forward_gflop / forward,
+        peak_rss_gib: peak_rss_gib(),
+    })
+}
+
+/// Runs `work`, waits for the device to finish, and returns the seconds and the arithmetic counted.
+fn timed(
+    device: &Device,
+    work: impl FnOnce() -> candle_core::Result<Tensor>,
+) -> Result<(f64, FlopCount), TrainError> {
+    let before = FlopCount::now();
+    let started = Instant::now();
+    let output = work()?;
+    // Reading a value waits for queued GPU work.
+    output.flatten_all()?.get(0)?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    device.synchronize()?;
+    Ok((started.elapsed().as_secs_f64(), FlopCount::now().since(before)))
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+/// The peak resident set size (`VmHWM`), where the system reports it.
+fn peak_rss_gib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / (1024.0 * 1024.0))
+}
+
+/// Weights drawn at random with the scale a trained model has: matrices and kernels with standard
+/// deviation 1/√fan-in (activations keep their size through the layers, so no denormals slow the CPU),
+/// norm scales 1, biases 0.
+struct RandomWeights;
+
+impl SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        shape: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let dims = shape.dims();
+        if dims.len() >= 2 {
+            let fan_in: usize = dims[1..].iter().product();
+            (Tensor::randn(0f32, 1.0, dims, device)? / (fan_in as f64).sqrt())?.to_dtype(dtype)
+        } else if name.ends_with("bias") {
+            Tensor::zeros(dims, dtype, device)
+        } else {
+            Tensor::ones(dims, dtype, device)
+        }
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("the benchmark model has no tensor `{name}` without a shape")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{BenchArch, BenchSettings, run_bench};
+
+    #[test]
+    fn the_tiny_benchmark_trains_and_counts() {
+        let settings = BenchSettings {
+            arch: BenchArch::Tiny,
+            resolution: 64,
+            batch_size: 1,
+            rank: 4,
+            steps: 2,
+            gradient_checkpointing: true,
+            device: candle_core::Device::Cpu,
+        };
+        let report = run_bench(&settings, &mut |_| {}).unwrap();
+        assert_eq!(report.step_seconds.len(), 2);
+        assert!(report.seconds_per_step > 0.0 && report.forward_seconds > 0.0);
+        assert!(report.forward_gflop > 0.0 && report.step_gflop > 2.0 * report.forward_gflop);
+        // 16 transformer blocks, two attentions each, four projections per attention.
+        assert_eq!(report.adapters, 128);
+        assert!(report.trainable_parameters > 0);
+    }
+}
