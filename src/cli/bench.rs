@@ -43,7 +43,7 @@ pub enum Arch {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    if args.resolution == 0 || args.resolution % 64 != 0 {
+    if args.resolution == 0 || !args.resolution.is_multiple_of(64) {
         anyhow::bail!(
             "--resolution {} is not a positive multiple of 64",
             args.resolution

@@ -10,7 +10,7 @@ pub mod checkpointing;
 pub mod clip;
 pub mod inspect;
 pub mod merge;
-mod nn;
+pub mod nn;
 mod ops;
 pub mod pipeline;
 mod resnet;

@@ -221,9 +221,16 @@ fn timed(
     let started = Instant::now();
     let output = work()?;
     // Reading a value waits for queued GPU work.
-    output.flatten_all()?.get(0)?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    output
+        .flatten_all()?
+        .get(0)?
+        .to_dtype(DType::F32)?
+        .to_scalar::<f32>()?;
     device.synchronize()?;
-    Ok((started.elapsed().as_secs_f64(), FlopCount::now().since(before)))
+    Ok((
+        started.elapsed().as_secs_f64(),
+        FlopCount::now().since(before),
+    ))
 }
 
 fn median(values: &[f64]) -> f64 {

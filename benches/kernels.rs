@@ -1,0 +1,124 @@
+//! The hot kernels of a Stable Diffusion 1.5 training step at 512 px, forward and forward+backward, as
+//! the UNet runs them (frozen weights, input gradients only): `cargo bench --bench kernels`.
+//! The input requires a gradient, as an activation in the middle of the UNet does.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Module, Result, Tensor, Var};
+use lora_studio::lora::{frozen_conv2d, frozen_linear};
+use lora_studio::models::nn::{LayerNorm, attention};
+
+const RUNS: usize = 3;
+
+fn median_ms(mut run: impl FnMut() -> Result<()>) -> Result<f64> {
+    run()?; // warm-up
+    let mut times = Vec::new();
+    for _ in 0..RUNS {
+        let started = Instant::now();
+        run()?;
+        times.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[RUNS / 2])
+}
+
+/// Prints forward and forward+backward milliseconds of `f` on a fresh input variable of `dims`.
+fn measure(name: &str, dims: &[usize], f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<()> {
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, dims, &Device::Cpu)?)?;
+    let forward = median_ms(|| f(&x.as_tensor().detach()).map(drop))?;
+    let both = median_ms(|| {
+        let y = f(x.as_tensor())?;
+        let grads = y.sum_all()?.backward()?;
+        grads
+            .get(&x)
+            .map(drop)
+            .ok_or_else(|| candle_core::Error::Msg("no gradient".into()))
+    })?;
+    println!(
+        "{name:<44} forward {forward:>8.1} ms   forward+backward {both:>8.1} ms   ({:.1}x)",
+        both / forward
+    );
+    Ok(())
+}
+
+fn weight(dims: &[usize]) -> Result<Tensor> {
+    let fan_in: usize = dims[1..].iter().product();
+    Tensor::randn(0f32, 1.0, dims, &Device::Cpu)? / (fan_in as f64).sqrt()
+}
+
+fn main() -> Result<()> {
+    let conv = weight(&[320, 320, 3, 3])?;
+    measure("conv 3x3 320->320 at 64x64", &[1, 320, 64, 64], |x| {
+        frozen_conv2d(x, &conv, 1, 1)
+    })?;
+    let projection = weight(&[320, 320])?;
+    measure("linear 320->320 over 4096 tokens", &[1, 4096, 320], |x| {
+        frozen_linear(x, &projection)
+    })?;
+    let geglu = weight(&[2560, 320])?;
+    measure(
+        "linear 320->2560 over 4096 tokens (GEGLU)",
+        &[1, 4096, 320],
+        |x| frozen_linear(x, &geglu),
+    )?;
+    measure(
+        "self-attention, 8 heads, 4096 tokens",
+        &[1, 4096, 320],
+        |x| attention(x, x, x, 8, None),
+    )?;
+    let context = Tensor::randn(0f32, 1.0, (1, 77, 320), &Device::Cpu)?;
+    measure(
+        "cross-attention, 8 heads, 4096x77 tokens",
+        &[1, 4096, 320],
+        |x| attention(x, &context, &context, 8, None),
+    )?;
+    let group_norm = candle_nn::group_norm(
+        32,
+        320,
+        1e-5,
+        candle_nn::VarBuilder::from_tensors(
+            [
+                (
+                    "weight".to_string(),
+                    Tensor::ones(320, DType::F32, &Device::Cpu)?,
+                ),
+                (
+                    "bias".to_string(),
+                    Tensor::zeros(320, DType::F32, &Device::Cpu)?,
+                ),
+            ]
+            .into(),
+            DType::F32,
+            &Device::Cpu,
+        ),
+    )?;
+    measure("group norm, 32 groups, 320x64x64", &[1, 320, 64, 64], |x| {
+        group_norm.forward(x)
+    })?;
+    let layer_norm = LayerNorm::new(
+        candle_nn::VarBuilder::from_tensors(
+            [
+                (
+                    "weight".to_string(),
+                    Tensor::ones(320, DType::F32, &Device::Cpu)?,
+                ),
+                (
+                    "bias".to_string(),
+                    Tensor::zeros(320, DType::F32, &Device::Cpu)?,
+                ),
+            ]
+            .into(),
+            DType::F32,
+            &Device::Cpu,
+        ),
+        320,
+        1e-5,
+    )?;
+    measure("layer norm over 4096 tokens x 320", &[1, 4096, 320], |x| {
+        layer_norm.forward(x)
+    })?;
+    measure("silu, 320x64x64", &[1, 320, 64, 64], |x| {
+        candle_nn::ops::silu(x)
+    })?;
+    Ok(())
+}
