@@ -8,6 +8,7 @@
 pub mod checkpoint;
 pub mod checkpointing;
 pub mod clip;
+mod fused_attention;
 pub mod inspect;
 pub mod merge;
 pub mod nn;

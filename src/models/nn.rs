@@ -1,7 +1,8 @@
 //! Building blocks shared by the models, written only with ops whose candle backward is right.
 //!
-//! candle's fused `softmax_last_dim` and `layer_norm` kernels return no gradient at all, so attention here
-//! uses `ops::softmax` and layer norm the composed form; group norm is candle-nn's composed implementation.
+//! candle's fused `softmax_last_dim` and `layer_norm` kernels return no gradient at all, so unmasked
+//! attention runs through [`super::fused_attention`] (its own backward) and masked attention (CLIP's causal
+//! mask) uses `ops::softmax`; layer norm is the composed form, group norm candle-nn's composed one.
 //! Finite-difference tests in `tests/` keep these honest.
 
 use candle_core::{D, DType, Result, Tensor};
@@ -71,6 +72,13 @@ pub fn attention(
     let v = split(v, kv_len)?;
     let scale = 1.0 / (head_dim as f64).sqrt();
     crate::flops::add_attention(2 * batch * heads * q_len * kv_len * head_dim);
+    if mask.is_none() {
+        let v = v.to_dtype(q.dtype())?;
+        return super::fused_attention::fused_attention(&q, &k, &v, scale)?
+            .to_dtype(dtype)?
+            .transpose(1, 2)?
+            .reshape((batch, q_len, width));
+    }
     let mut scores = (q.matmul(&k.t()?)? * scale)?;
     if let Some(mask) = mask {
         scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;

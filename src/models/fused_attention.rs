@@ -1,0 +1,205 @@
+//! Memory-efficient attention with its own backward pass.
+//!
+//! Composed from candle ops, attention over 4096 tokens keeps the `[heads, 4096, 4096]` scores, the
+//! probabilities and every intermediate of the softmax alive for the backward pass (gigabytes per block at
+//! 512 px) and differentiates the softmax through generic element-wise ops. Here the forward pass runs in
+//! chunks of query rows on detached tensors (candle's fused softmax), keeping only `q`, `k`, `v` and the
+//! output; the backward pass recomputes each chunk's probabilities and applies the softmax gradient
+//! directly: with `P = softmax(q·kᵀ·s)` and `D = rowsum(dO ⊙ O)`,
+//! `dV = Pᵀ·dO`, `dS = P ⊙ (dO·vᵀ − D)`, `dQ = dS·k·s`, `dK = dSᵀ·q·s`.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp3, D, Layout, MetalStorage, Result, Shape, Tensor,
+};
+
+/// Elements of one chunk's score matrix at most (128 MB in f32).
+const CHUNK_ELEMENTS: usize = 32 << 20;
+
+/// `softmax(q·kᵀ·scale)·v` for `q`: `[batch, heads, q_len, d]`, `k`/`v`: `[batch, heads, kv_len, d]`
+/// (contiguous, f32 or f64), differentiable in all three.
+pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let (batch, heads, _, _) = q.dims4()?;
+    let rows = (CHUNK_ELEMENTS / (batch * heads * k.dim(2)?).max(1)).max(1);
+    attention_in_chunks(q, k, v, scale, rows)
+}
+
+/// [`fused_attention`] with `rows` query rows per chunk.
+fn attention_in_chunks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    rows: usize,
+) -> Result<Tensor> {
+    let output = chunked_forward(&q.detach(), &k.detach(), &v.detach(), scale, rows)?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(output);
+    }
+    // A custom op has at most three operands: k and v travel together (cat's backward splits them).
+    let kv = Tensor::cat(&[k, v], D::Minus1)?;
+    output.apply_op3(q, &kv, AttentionBackward { scale, rows })
+}
+
+fn chunked_forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, rows: usize) -> Result<Tensor> {
+    let q_len = q.dim(2)?;
+    let k_t = k.t()?;
+    let mut chunks = Vec::with_capacity(q_len.div_ceil(rows));
+    for start in (0..q_len).step_by(rows) {
+        let q_chunk = q.narrow(2, start, rows.min(q_len - start))?;
+        let probs = candle_nn::ops::softmax_last_dim(&(q_chunk.matmul(&k_t)? * scale)?)?;
+        chunks.push(probs.matmul(v)?);
+    }
+    Tensor::cat(&chunks, 2)
+}
+
+/// Ties the precomputed output (first operand) to `q` and `kv`; see the module docs.
+struct AttentionBackward {
+    scale: f64,
+    /// Query rows per chunk.
+    rows: usize,
+}
+
+impl AttentionBackward {
+    fn pass_through<S: BackendStorage>(storage: &S, layout: &Layout) -> Result<(S, Shape)> {
+        Ok((storage.try_clone(layout)?, layout.shape().clone()))
+    }
+}
+
+impl CustomOp3 for AttentionBackward {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Self::pass_through(s1, l1)
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        Self::pass_through(s1, l1)
+    }
+
+    fn metal_fwd(
+        &self,
+        s1: &MetalStorage,
+        l1: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        Self::pass_through(s1, l1)
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        q: &Tensor,
+        kv: &Tensor,
+        output: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (_, _, q_len, head_dim) = q.dims4()?;
+        let q = q.detach();
+        let k = kv.narrow(3, 0, head_dim)?.detach().contiguous()?;
+        let v = kv.narrow(3, head_dim, head_dim)?.detach().contiguous()?;
+        let grad = grad.contiguous()?;
+        let row_dot = (&grad * output.detach())?.sum_keepdim(D::Minus1)?;
+        let (k_t, v_t) = (k.t()?, v.t()?);
+        let rows = self.rows;
+        let mut grad_q = Vec::with_capacity(q_len.div_ceil(rows));
+        let mut grad_k = k.zeros_like()?;
+        let mut grad_v = v.zeros_like()?;
+        for start in (0..q_len).step_by(rows) {
+            let len = rows.min(q_len - start);
+            let q_chunk = q.narrow(2, start, len)?;
+            let grad_chunk = grad.narrow(2, start, len)?;
+            let probs = candle_nn::ops::softmax_last_dim(&(q_chunk.matmul(&k_t)? * self.scale)?)?;
+            grad_v = (grad_v + probs.t()?.matmul(&grad_chunk)?)?;
+            let grad_probs = grad_chunk.matmul(&v_t)?;
+            let grad_scores = (probs
+                * grad_probs.broadcast_sub(&row_dot.narrow(2, start, len)?)?)?
+            .affine(self.scale, 0.0)?;
+            grad_q.push(grad_scores.matmul(&k)?);
+            grad_k = (grad_k + grad_scores.t()?.matmul(&q_chunk)?)?;
+        }
+        let grad_kv = Tensor::cat(&[grad_k, grad_v], D::Minus1)?;
+        Ok((None, Some(Tensor::cat(&grad_q, 2)?), Some(grad_kv)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{D, Device, Tensor, Var};
+
+    use super::attention_in_chunks;
+
+    fn composed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
+        let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+        candle_nn::ops::softmax(&scores, D::Minus1)
+            .unwrap()
+            .matmul(v)
+            .unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    #[test]
+    fn matches_composed_attention_and_its_gradients() {
+        // 37 query rows in chunks of 8: four full chunks and a short one.
+        let (q_len, kv_len) = (37, 23);
+        let device = Device::Cpu;
+        let var = |len: usize, seed: f64| {
+            let t = Tensor::arange(0f64, (2 * 3 * len * 4) as f64, &device)
+                .unwrap()
+                .affine(0.37, seed)
+                .unwrap()
+                .sin()
+                .unwrap()
+                .reshape((2, 3, len, 4))
+                .unwrap();
+            Var::from_tensor(&t).unwrap()
+        };
+        let (q, k, v) = (var(q_len, 0.1), var(kv_len, 0.7), var(kv_len, 1.3));
+        let weights = var(q_len, 2.1);
+        let scale = 0.5;
+        let ours =
+            attention_in_chunks(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale, 8).unwrap();
+        let reference = composed(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale);
+        assert!(max_diff(&ours, &reference) < 1e-12);
+        let loss = |out: &Tensor| (out * weights.as_tensor()).unwrap().sum_all().unwrap();
+        let ours_grads = loss(&ours).backward().unwrap();
+        let reference_grads = loss(&reference).backward().unwrap();
+        for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+            let diff = max_diff(ours_grads.get(x).unwrap(), reference_grads.get(x).unwrap());
+            assert!(diff < 1e-10, "d{name} differs by {diff}");
+        }
+    }
+}
