@@ -46,6 +46,25 @@ fn weight(dims: &[usize]) -> Result<Tensor> {
     Tensor::randn(0f32, 1.0, dims, &Device::Cpu)? / (fan_in as f64).sqrt()
 }
 
+/// A norm's unit scale and zero shift.
+fn norm_parameters(channels: usize) -> Result<candle_nn::VarBuilder<'static>> {
+    let tensors = [
+        (
+            "weight".to_string(),
+            Tensor::ones(channels, DType::F32, &Device::Cpu)?,
+        ),
+        (
+            "bias".to_string(),
+            Tensor::zeros(channels, DType::F32, &Device::Cpu)?,
+        ),
+    ];
+    Ok(candle_nn::VarBuilder::from_tensors(
+        tensors.into(),
+        DType::F32,
+        &Device::Cpu,
+    ))
+}
+
 fn main() -> Result<()> {
     let conv = weight(&[320, 320, 3, 3])?;
     measure("conv 3x3 320->320 at 64x64", &[1, 320, 64, 64], |x| {
@@ -72,48 +91,11 @@ fn main() -> Result<()> {
         &[1, 4096, 320],
         |x| attention(x, &context, &context, 8, None),
     )?;
-    let group_norm = candle_nn::group_norm(
-        32,
-        320,
-        1e-5,
-        candle_nn::VarBuilder::from_tensors(
-            [
-                (
-                    "weight".to_string(),
-                    Tensor::ones(320, DType::F32, &Device::Cpu)?,
-                ),
-                (
-                    "bias".to_string(),
-                    Tensor::zeros(320, DType::F32, &Device::Cpu)?,
-                ),
-            ]
-            .into(),
-            DType::F32,
-            &Device::Cpu,
-        ),
-    )?;
+    let group_norm = candle_nn::group_norm(32, 320, 1e-5, norm_parameters(320)?)?;
     measure("group norm, 32 groups, 320x64x64", &[1, 320, 64, 64], |x| {
         group_norm.forward(x)
     })?;
-    let layer_norm = LayerNorm::new(
-        candle_nn::VarBuilder::from_tensors(
-            [
-                (
-                    "weight".to_string(),
-                    Tensor::ones(320, DType::F32, &Device::Cpu)?,
-                ),
-                (
-                    "bias".to_string(),
-                    Tensor::zeros(320, DType::F32, &Device::Cpu)?,
-                ),
-            ]
-            .into(),
-            DType::F32,
-            &Device::Cpu,
-        ),
-        320,
-        1e-5,
-    )?;
+    let layer_norm = LayerNorm::new(norm_parameters(320)?, 320, 1e-5)?;
     measure("layer norm over 4096 tokens x 320", &[1, 4096, 320], |x| {
         layer_norm.forward(x)
     })?;

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use candle_core::backend::BackendStorage;
+use super::ops::pass_through;
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp3, Layout, MetalStorage, Result, Shape, Tensor, TensorId, Var,
 };
@@ -105,15 +105,6 @@ struct Recompute {
     store: CheckpointGrads,
 }
 
-impl Recompute {
-    fn pass_through<S: BackendStorage>(storage: &S, layout: &Layout) -> Result<(S, Shape)> {
-        if !layout.is_contiguous() || layout.start_offset() != 0 {
-            candle_core::bail!("checkpointed block: the output is not a fresh contiguous tensor");
-        }
-        Ok((storage.try_clone(layout)?, layout.shape().clone()))
-    }
-}
-
 impl CustomOp3 for Recompute {
     fn name(&self) -> &'static str {
         "checkpointed-block"
@@ -128,7 +119,7 @@ impl CustomOp3 for Recompute {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        Self::pass_through(s1, l1)
+        pass_through(s1, l1, "checkpointed block")
     }
 
     fn cuda_fwd(
@@ -140,7 +131,7 @@ impl CustomOp3 for Recompute {
         _: &CudaStorage,
         _: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        Self::pass_through(s1, l1)
+        pass_through(s1, l1, "checkpointed block")
     }
 
     fn metal_fwd(
@@ -152,7 +143,7 @@ impl CustomOp3 for Recompute {
         _: &MetalStorage,
         _: &Layout,
     ) -> Result<(MetalStorage, Shape)> {
-        Self::pass_through(s1, l1)
+        pass_through(s1, l1, "checkpointed block")
     }
 
     fn bwd(

@@ -8,10 +8,11 @@
 //! directly: with `P = softmax(q·kᵀ·s)` and `D = rowsum(dO ⊙ O)`,
 //! `dV = Pᵀ·dO`, `dS = P ⊙ (dO·vᵀ − D)`, `dQ = dS·k·s`, `dK = dSᵀ·q·s`.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp3, D, Layout, MetalStorage, Result, Shape, Tensor,
 };
+
+use super::ops::pass_through;
 
 /// Elements of one chunk's score matrix at most (128 MB in f32).
 const CHUNK_ELEMENTS: usize = 32 << 20;
@@ -60,12 +61,6 @@ struct AttentionBackward {
     rows: usize,
 }
 
-impl AttentionBackward {
-    fn pass_through<S: BackendStorage>(storage: &S, layout: &Layout) -> Result<(S, Shape)> {
-        Ok((storage.try_clone(layout)?, layout.shape().clone()))
-    }
-}
-
 impl CustomOp3 for AttentionBackward {
     fn name(&self) -> &'static str {
         "fused-attention"
@@ -80,7 +75,7 @@ impl CustomOp3 for AttentionBackward {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        Self::pass_through(s1, l1)
+        pass_through(s1, l1, "fused attention")
     }
 
     fn cuda_fwd(
@@ -92,7 +87,7 @@ impl CustomOp3 for AttentionBackward {
         _: &CudaStorage,
         _: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        Self::pass_through(s1, l1)
+        pass_through(s1, l1, "fused attention")
     }
 
     fn metal_fwd(
@@ -104,7 +99,7 @@ impl CustomOp3 for AttentionBackward {
         _: &MetalStorage,
         _: &Layout,
     ) -> Result<(MetalStorage, Shape)> {
-        Self::pass_through(s1, l1)
+        pass_through(s1, l1, "fused attention")
     }
 
     fn bwd(
