@@ -30,5 +30,103 @@ fn temp_path(path: &Path) -> PathBuf {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    path.with_file_name(temp_name(&name))
+}
+
+/// What follows a temporary name's dot, before the writing process's id.
+const TEMP_MARK: &str = "tmp-";
+
+/// A hidden name for work in progress on `name` inside its folder: `.name.tmp-PID`.
+pub fn temp_name(name: &str) -> String {
+    format!(".{name}.{TEMP_MARK}{}", std::process::id())
+}
+
+/// Removes what a killed process left half-written in `dir`: hidden `.NAME.tmp-PID` files and folders whose
+/// process no longer runs. Returns the names removed. Where running processes cannot be listed (no `/proc`),
+/// nothing is removed.
+pub fn remove_abandoned(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix('.')
+            .and_then(|rest| rest.rsplit_once(&format!(".{TEMP_MARK}")))
+            .and_then(|(_, pid)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if process_may_run(pid) {
+            continue;
+        }
+        let path = entry.path();
+        let gone = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        if gone.is_ok() {
+            removed.push(name);
+        }
+    }
+    removed.sort();
+    removed
+}
+
+/// Whether process `pid` may still be running (and writing its temporary files).
+fn process_may_run(pid: u32) -> bool {
+    let proc = Path::new("/proc");
+    pid == std::process::id() || !proc.join("self").exists() || proc.join(pid.to_string()).exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_write_leaves_the_old_file_and_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("captions.csv");
+        std::fs::write(&target, "old").unwrap();
+        let failed = write_atomically(&target, |w| {
+            std::io::Write::write_all(w, b"half")?;
+            Err(std::io::Error::other("disk full"))
+        });
+        assert!(failed.is_err());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "old");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn leftovers_of_dead_processes_are_removed_and_the_rest_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let dead = u32::MAX - 1;
+        std::fs::write(
+            dir.path().join(format!(".tiny.safetensors.tmp-{dead}")),
+            "x",
+        )
+        .unwrap();
+        std::fs::create_dir(dir.path().join(format!(".checkpoint-5.tmp-{dead}"))).unwrap();
+        std::fs::write(dir.path().join(temp_name("state.json")), "x").unwrap();
+        for kept in [
+            "tiny.safetensors",
+            ".hidden",
+            ".notes.tmp-abc",
+            "checkpoint-4",
+        ] {
+            std::fs::write(dir.path().join(kept), "x").unwrap();
+        }
+        let removed = remove_abandoned(dir.path());
+        assert_eq!(
+            removed,
+            [
+                format!(".checkpoint-5.tmp-{dead}"),
+                format!(".tiny.safetensors.tmp-{dead}"),
+            ]
+        );
+        // This process's own temporary file may be in use, so it stays too.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 5);
+    }
 }

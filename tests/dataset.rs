@@ -9,8 +9,7 @@ use candle_core::Device;
 use common::{make_dataset, tiny_config};
 use lora_studio::config::{AlphaMode, TrainConfig};
 use lora_studio::data::captions::CaptionSource;
-use lora_studio::data::images::{CropPlan, load_oriented, prepare};
-use lora_studio::data::scan::oriented_dimensions;
+use lora_studio::data::images::{CropPlan, load_oriented, oriented_dimensions, prepare};
 use lora_studio::data::scan_dataset;
 use lora_studio::train::{CancelToken, TrainReporter, train};
 
@@ -153,6 +152,126 @@ fn broken_files_are_listed_not_fatal_and_an_empty_folder_is_an_error() {
         .unwrap_err()
         .to_string();
     assert!(message.contains("does not exist"), "{message}");
+}
+
+/// A PNG whose header claims `w`x`h` pixels, followed by a little compressed data and the end chunk.
+fn png_claiming(w: u32, h: u32) -> Vec<u8> {
+    fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+        out.extend((data.len() as u32).to_be_bytes());
+        let mut crc = flate2::Crc::new();
+        crc.update(kind);
+        crc.update(data);
+        out.extend(kind);
+        out.extend(data);
+        out.extend(crc.sum().to_be_bytes());
+    }
+    let mut header = Vec::new();
+    header.extend(w.to_be_bytes());
+    header.extend(h.to_be_bytes());
+    header.extend([8, 2, 0, 0, 0]);
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    chunk(&mut out, b"IHDR", &header);
+    chunk(&mut out, b"IDAT", &[0x78, 0x9c, 0x63, 0, 0, 0, 1, 0, 1]);
+    chunk(&mut out, b"IEND", &[]);
+    out
+}
+
+/// A real JPEG whose frame header is changed to claim `w`x`h` pixels.
+fn jpeg_claiming(w: u16, h: u16) -> Vec<u8> {
+    let mut jpeg = Vec::new();
+    image::RgbImage::from_pixel(16, 16, image::Rgb([1, 2, 3]))
+        .write_to(
+            &mut std::io::Cursor::new(&mut jpeg),
+            image::ImageFormat::Jpeg,
+        )
+        .unwrap();
+    let frame = jpeg.windows(2).position(|m| m == [0xFF, 0xC0]).unwrap();
+    jpeg[frame + 5..frame + 7].copy_from_slice(&h.to_be_bytes());
+    jpeg[frame + 7..frame + 9].copy_from_slice(&w.to_be_bytes());
+    jpeg
+}
+
+#[test]
+fn images_claiming_30000x30000_pixels_are_refused_before_decoding() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    png(&root.join("good.png"), 64, 64);
+    std::fs::write(root.join("bomb.png"), png_claiming(30000, 30000)).unwrap();
+    std::fs::write(root.join("bomb.jpg"), jpeg_claiming(30000, 30000)).unwrap();
+    let dataset = scan_dataset(&config(root)).unwrap();
+    assert_eq!(dataset.items.len(), 1);
+    assert_eq!(dataset.unreadable.len(), 2, "{:?}", dataset.unreadable);
+    for (path, reason) in &dataset.unreadable {
+        assert!(
+            reason.contains("claims 30000x30000 pixels (900 megapixels)"),
+            "{}: {reason}",
+            path.display()
+        );
+        let message = load_oriented(path).unwrap_err().to_string();
+        assert!(
+            message.contains(&*path.to_string_lossy()) && message.contains("30000x30000"),
+            "{message}"
+        );
+    }
+}
+
+#[test]
+fn empty_and_non_utf8_caption_files_do_not_stop_the_scan() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    for name in ["empty.png", "latin1.png", "fine.png", "blank_row.png"] {
+        png(&root.join(name), 64, 64);
+    }
+    std::fs::write(root.join("empty.txt"), "  \n").unwrap();
+    std::fs::write(root.join("latin1.txt"), b"caf\xe9 neon").unwrap();
+    std::fs::write(root.join("fine.txt"), "neon street").unwrap();
+    std::fs::write(
+        root.join("metadata.csv"),
+        "file_name,text\nblank_row.png,\n",
+    )
+    .unwrap();
+    let dataset = scan_dataset(&config(root)).unwrap();
+    let names: Vec<_> = dataset
+        .items
+        .iter()
+        .map(|i| i.relative.to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["blank_row.png", "empty.png", "fine.png"]);
+    assert_eq!(dataset.items[2].caption, "neon street");
+    let missing: Vec<_> = dataset
+        .missing_captions
+        .iter()
+        .map(|p| p.to_string_lossy())
+        .collect();
+    assert_eq!(missing, ["blank_row.png", "empty.png"]);
+    assert_eq!(dataset.unreadable.len(), 1);
+    let (path, reason) = &dataset.unreadable[0];
+    assert!(path.ends_with("latin1.png"), "{}", path.display());
+    assert!(
+        reason.contains("latin1.txt") && reason.contains("not UTF-8"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn a_csv_with_an_open_quote_names_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    for name in ["a.png", "b.png", "c.png"] {
+        png(&root.join(name), 64, 64);
+    }
+    std::fs::write(
+        root.join("metadata.csv"),
+        "file_name,text\na.png,\"neon, rain\"\nb.png,\"an open quote\nc.png,street\n",
+    )
+    .unwrap();
+    let message = scan_dataset(&config(root)).unwrap_err().to_string();
+    assert!(
+        message.contains("metadata.csv")
+            && message.contains("line 3")
+            && message.contains("`b.png` runs over several lines"),
+        "{message}"
+    );
 }
 
 /// Inserts an EXIF block with the given orientation after a JPEG's start marker.

@@ -158,6 +158,54 @@ fn garbage_and_wrong_files_are_refused() {
     assert!(open_error(&legacy).contains("not a zip-format torch.save file"));
 }
 
+/// A zip-format `torch.save` file whose pickle holds `pickle` as `archive/data.pkl`.
+fn torch_zip(path: &Path, pickle: &[u8]) {
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    let stored =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    zip.start_file("archive/data.pkl", stored).unwrap();
+    std::io::Write::write_all(&mut zip, pickle).unwrap();
+    zip.finish().unwrap();
+}
+
+#[test]
+fn a_ckpt_whose_pickle_calls_code_is_read_as_data_and_nothing_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("pwned");
+    let command = format!("touch {}", marker.display());
+    let unicode = |text: &str| {
+        let mut op = vec![b'X'];
+        op.extend((text.len() as u32).to_le_bytes());
+        op.extend(text.as_bytes());
+        op
+    };
+    // {"weight": os.system(COMMAND)} and, at the top level, os.system(COMMAND) itself.
+    let call = [
+        b"cposix\nsystem\n".to_vec(),
+        unicode(&command),
+        b"\x85R".to_vec(),
+    ]
+    .concat();
+    let in_dict = [
+        b"\x80\x02}".to_vec(),
+        unicode("weight"),
+        call.clone(),
+        b"s.".to_vec(),
+    ]
+    .concat();
+    let top_level = [b"\x80\x02".to_vec(), call, b".".to_vec()].concat();
+    for (name, pickle) in [("in_dict.ckpt", in_dict), ("top_level.ckpt", top_level)] {
+        let path = dir.path().join(name);
+        torch_zip(&path, &pickle);
+        let message = open_error(&path);
+        assert!(message.contains(name), "{message}");
+        if let Ok(file) = TensorFile::open(&path) {
+            assert!(file.infos().is_empty(), "{name}: {:?}", file.infos());
+        }
+        assert!(!marker.exists(), "{name} ran its pickle's code");
+    }
+}
+
 #[test]
 fn missing_tensor_is_named() {
     let dir = tempfile::tempdir().unwrap();

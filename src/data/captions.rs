@@ -43,10 +43,10 @@ pub fn read_metadata_csv(
         path: root.to_path_buf(),
         source,
     })?;
-    for record in records {
-        line += 1;
-        let record = record.map_err(|e| bad(format!("line {line} cannot be read ({e})")))?;
-        if line == 1 {
+    for (index, record) in records.enumerate() {
+        let record = record.map_err(|e| bad(format!("line {} cannot be read ({e})", line + 1)))?;
+        line = record.position().map_or(line + 1, |p| p.line());
+        if index == 0 {
             let lower: Vec<String> = record
                 .iter()
                 .map(|f| f.trim().to_ascii_lowercase())
@@ -73,6 +73,11 @@ pub fn read_metadata_csv(
         };
         if file.is_empty() {
             return Err(bad(format!("line {line} names no file")));
+        }
+        if caption.contains(['\n', '\r']) {
+            return Err(bad(format!(
+                "line {line}: the caption of `{file}` runs over several lines; is a quote (\") left open?"
+            )));
         }
         let relative = safe_relative_path(file, root, &canonical_root)
             .map_err(|reason| bad(format!("line {line}: `{file}` {reason}")))?;

@@ -77,19 +77,60 @@ pub struct PreparedImage {
     pub mask: Option<Tensor>,
 }
 
+/// The most pixels an image may have (a 102-megapixel medium-format photo fits). Larger images, or files
+/// whose header claims more, are refused before anything is allocated for them.
+pub const MAX_IMAGE_PIXELS: u64 = 120_000_000;
+
+/// The most bytes one decode may allocate (RGBA at `MAX_IMAGE_PIXELS`, plus room for 16-bit channels).
+const MAX_DECODE_BYTES: u64 = MAX_IMAGE_PIXELS * 8;
+
+/// Opens `path`'s decoder with the size limits applied; the error is a reason, without the path.
+fn limited_decoder(path: &Path) -> Result<impl ImageDecoder, String> {
+    let mut reader = image::ImageReader::open(path)
+        .map_err(|e| e.to_string())?
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?;
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    reader.limits(limits);
+    let decoder = reader.into_decoder().map_err(|e| e.to_string())?;
+    let (width, height) = decoder.dimensions();
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > MAX_IMAGE_PIXELS {
+        return Err(format!(
+            "it claims {width}x{height} pixels ({} megapixels), more than the {} megapixels lora-studio decodes",
+            pixels / 1_000_000,
+            MAX_IMAGE_PIXELS / 1_000_000
+        ));
+    }
+    Ok(decoder)
+}
+
+/// Width and height as displayed (after EXIF rotation), read from the header only.
+pub fn oriented_dimensions(path: &Path) -> Result<(u32, u32), String> {
+    let mut decoder = limited_decoder(path)?;
+    let (width, height) = decoder.dimensions();
+    let rotated = matches!(
+        decoder.orientation(),
+        Ok(image::metadata::Orientation::Rotate90
+            | image::metadata::Orientation::Rotate270
+            | image::metadata::Orientation::Rotate90FlipH
+            | image::metadata::Orientation::Rotate270FlipH)
+    );
+    Ok(if rotated {
+        (height, width)
+    } else {
+        (width, height)
+    })
+}
+
 /// Decodes an image with its EXIF orientation applied.
 pub fn load_oriented(path: &Path) -> Result<DynamicImage, DataError> {
     let unreadable = |reason: String| DataError::Image {
         path: path.to_path_buf(),
         reason,
     };
-    let reader = image::ImageReader::open(path).map_err(|e| unreadable(e.to_string()))?;
-    let reader = reader
-        .with_guessed_format()
-        .map_err(|e| unreadable(e.to_string()))?;
-    let mut decoder = reader
-        .into_decoder()
-        .map_err(|e| unreadable(e.to_string()))?;
+    let mut decoder = limited_decoder(path).map_err(unreadable)?;
     let orientation = decoder
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);

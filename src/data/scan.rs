@@ -7,10 +7,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use image::ImageDecoder;
-
 use super::DataError;
 use super::captions::{CaptionSource, read_metadata_csv, read_sidecar, with_trigger};
+use super::images::oriented_dimensions;
 use crate::config::TrainConfig;
 
 /// Image file extensions that are read.
@@ -52,7 +51,7 @@ pub struct Dataset {
     pub folders: Vec<FolderSummary>,
     /// Images with no caption from any source (they train with the trigger word or an empty caption).
     pub missing_captions: Vec<PathBuf>,
-    /// Files that could not be read as images, with the reason; they are skipped.
+    /// Images that could not be read, or whose caption file could not be, with the reason; they are skipped.
     pub unreadable: Vec<(PathBuf, String)>,
 }
 
@@ -115,9 +114,21 @@ pub fn scan_dataset(config: &TrainConfig) -> Result<Dataset, DataError> {
                     continue;
                 }
             };
-            let (caption, source) = if let Some(caption) = csv.get(&relative) {
+            // An empty caption counts as none, so the instance prompt or the missing-caption list applies.
+            let from_csv = csv.get(&relative).filter(|c| !c.is_empty());
+            let from_sidecar = match from_csv {
+                Some(_) => None,
+                None => match read_sidecar(&path, &config.caption_extension) {
+                    Ok(sidecar) => sidecar.filter(|c| !c.is_empty()),
+                    Err(error) => {
+                        dataset.unreadable.push((path, error.to_string()));
+                        continue;
+                    }
+                },
+            };
+            let (caption, source) = if let Some(caption) = from_csv {
                 (Some(caption.clone()), Some(CaptionSource::MetadataCsv))
-            } else if let Some(caption) = read_sidecar(&path, &config.caption_extension)? {
+            } else if let Some(caption) = from_sidecar {
                 (Some(caption), Some(CaptionSource::Sidecar))
             } else if let Some(prompt) = &config.instance_prompt {
                 (Some(prompt.clone()), Some(CaptionSource::InstancePrompt))
@@ -183,24 +194,4 @@ pub fn is_image(path: &Path) -> bool {
     path.extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-}
-
-/// Width and height as displayed (after EXIF rotation), read from the header only.
-pub fn oriented_dimensions(path: &Path) -> Result<(u32, u32), String> {
-    let reader = image::ImageReader::open(path).map_err(|e| e.to_string())?;
-    let reader = reader.with_guessed_format().map_err(|e| e.to_string())?;
-    let mut decoder = reader.into_decoder().map_err(|e| e.to_string())?;
-    let (width, height) = decoder.dimensions();
-    let rotated = matches!(
-        decoder.orientation(),
-        Ok(image::metadata::Orientation::Rotate90
-            | image::metadata::Orientation::Rotate270
-            | image::metadata::Orientation::Rotate90FlipH
-            | image::metadata::Orientation::Rotate270FlipH)
-    );
-    Ok(if rotated {
-        (height, width)
-    } else {
-        (width, height)
-    })
 }

@@ -11,6 +11,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::TrainError;
+use crate::atomic_file::{remove_abandoned, temp_name};
 use crate::config::TrainConfig;
 
 /// The RNG's exact position.
@@ -83,6 +84,20 @@ pub struct Checkpoint {
     pub optimizer: HashMap<String, Tensor>,
 }
 
+/// Makes sure training can write to `output_dir` before any time is spent (creating it if needed), and
+/// removes what an interrupted run left half-written there. Returns the names removed.
+pub fn prepare_output_folder(output_dir: &Path) -> Result<Vec<String>, TrainError> {
+    let not_writable = |source| TrainError::OutputNotWritable {
+        path: output_dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(output_dir).map_err(not_writable)?;
+    let probe = output_dir.join(temp_name("write-check"));
+    std::fs::write(&probe, b"").map_err(not_writable)?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(remove_abandoned(output_dir))
+}
+
 /// Writes `output_dir/checkpoint-STEP` atomically and prunes old checkpoints.
 pub fn save_checkpoint(
     output_dir: &Path,
@@ -91,16 +106,8 @@ pub fn save_checkpoint(
     optimizer: &[(String, Tensor)],
     keep: usize,
 ) -> Result<PathBuf, TrainError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| TrainError::Io { path, source }
-    };
     let final_dir = output_dir.join(format!("checkpoint-{}", state.step));
-    let temp_dir = output_dir.join(format!(
-        ".checkpoint-{}.tmp-{}",
-        state.step,
-        std::process::id()
-    ));
+    let temp_dir = output_dir.join(temp_name(&format!("checkpoint-{}", state.step)));
     if temp_dir.exists() {
         std::fs::remove_dir_all(&temp_dir).map_err(io(&temp_dir))?;
     }
@@ -125,11 +132,7 @@ pub fn save_checkpoint(
     }
     // Replace an older checkpoint of the same step (a resumed run saving again) only once the new one is whole.
     if final_dir.exists() {
-        let stale = output_dir.join(format!(
-            ".checkpoint-{}.old-{}",
-            state.step,
-            std::process::id()
-        ));
+        let stale = output_dir.join(temp_name(&format!("checkpoint-{}.old", state.step)));
         std::fs::rename(&final_dir, &stale).map_err(io(&final_dir))?;
         std::fs::rename(&temp_dir, &final_dir).map_err(io(&final_dir))?;
         let _ = std::fs::remove_dir_all(&stale);
@@ -153,6 +156,12 @@ fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<(), TrainE
             source,
         },
     )
+}
+
+/// Turns an I/O error on `path` into a training error.
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError {
+    let path = path.to_path_buf();
+    move |source| TrainError::Io { path, source }
 }
 
 /// Makes a rename durable (best effort: not every file system supports syncing a folder).
@@ -184,11 +193,11 @@ pub fn list_checkpoints(output_dir: &Path) -> Vec<(u64, PathBuf)> {
 
 fn prune(output_dir: &Path, keep: usize) -> Result<(), TrainError> {
     let all = list_checkpoints(output_dir);
-    for (_, path) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
-        std::fs::remove_dir_all(path).map_err(|source| TrainError::Io {
-            path: path.clone(),
-            source,
-        })?;
+    for (step, path) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
+        // Renamed first, so that a kill during the removal leaves a hidden leftover, not half a checkpoint.
+        let doomed = output_dir.join(temp_name(&format!("checkpoint-{step}.pruned")));
+        std::fs::rename(path, &doomed).map_err(io(path))?;
+        std::fs::remove_dir_all(&doomed).map_err(io(&doomed))?;
     }
     Ok(())
 }

@@ -68,6 +68,25 @@ pub enum TrainError {
     },
     #[error("the checkpoint {}: {reason}", path.display())]
     Checkpoint { path: PathBuf, reason: String },
+    #[error("the output folder {} is not writable: {source}", path.display())]
+    OutputNotWritable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "checkpoint {step} could not be saved in {} ({reason}); {}",
+        output_dir.display(),
+        match kept {
+            Some(kept) => format!("the previous checkpoint {} is kept; free some space and resume from it", kept.display()),
+            None => "no earlier checkpoint exists".to_string(),
+        }
+    )]
+    CheckpointNotSaved {
+        output_dir: PathBuf,
+        step: u64,
+        reason: String,
+        kept: Option<PathBuf>,
+    },
     #[error("{0}")]
     Device(String),
     #[error("{}", crate::tensor_file::plain_error(.0))]

@@ -7,7 +7,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::checkpoint::{RngState, TrainState, list_checkpoints, load_checkpoint, save_checkpoint};
+use super::checkpoint::{
+    RngState, TrainState, list_checkpoints, load_checkpoint, prepare_output_folder, save_checkpoint,
+};
 use super::inputs::{ContextCache, LatentSource, gaussian, process_caption};
 use super::metadata::{RunFacts, lora_metadata};
 use super::noise::{add_noise, min_snr_weights, target};
@@ -84,6 +86,8 @@ pub fn train(
     reporter: &mut dyn TrainReporter,
     cancel: &CancelToken,
 ) -> Result<TrainOutcome, TrainError> {
+    // Checked before loading, so that an unwritable output folder is reported at once.
+    prepare_output(config, reporter)?;
     reporter.stage("loading the base model", 0, 1);
     let mut base = load_base(config)?;
     reporter.stage("loading the base model", 1, 1);
@@ -98,11 +102,7 @@ pub fn train_on(
     reporter: &mut dyn TrainReporter,
     cancel: &CancelToken,
 ) -> Result<TrainOutcome, TrainError> {
-    // ---- setup
-    std::fs::create_dir_all(&config.output_dir).map_err(|source| TrainError::Io {
-        path: config.output_dir.clone(),
-        source,
-    })?;
+    prepare_output(config, reporter)?;
     let dataset = scan_dataset(config)?;
     report_dataset(&dataset, reporter);
     let (device, dtype, family) = (base.device.clone(), base.dtype, base.family);
@@ -124,6 +124,22 @@ pub fn train_on(
     );
     base.model.unet.set_gradient_checkpointing(None);
     result
+}
+
+/// Checks that the output folder can be written and clears what an interrupted run left half-written.
+fn prepare_output(
+    config: &TrainConfig,
+    reporter: &mut dyn TrainReporter,
+) -> Result<(), TrainError> {
+    let removed = prepare_output_folder(&config.output_dir)?;
+    if !removed.is_empty() {
+        reporter.message(&format!(
+            "removed what an interrupted run left half-written in {}: {}",
+            config.output_dir.display(),
+            removed.join(", ")
+        ));
+    }
+    Ok(())
 }
 
 /// The setup after loading, the loop, and the final save.
@@ -380,10 +396,9 @@ fn run_training(
 
     // ---- save
     if state.step > 0
-        && (stop != TrainStop::Finished
-            || last_checkpoint
-                .as_ref()
-                .is_none_or(|(s, _)| *s != state.step))
+        && last_checkpoint
+            .as_ref()
+            .is_none_or(|(s, _)| *s != state.step)
     {
         last_checkpoint = Some(save(&run, &network, &optimizer, &state, reporter)?);
     }
@@ -792,7 +807,18 @@ fn save(
         &network.state(),
         &optimizer.state(),
         config.keep_last_checkpoints as usize,
-    )?;
+    )
+    .map_err(|error| TrainError::CheckpointNotSaved {
+        output_dir: config.output_dir.clone(),
+        step: state.step,
+        reason: match error {
+            TrainError::Io { source, .. } => source.to_string(),
+            other => other.to_string(),
+        },
+        kept: list_checkpoints(&config.output_dir)
+            .pop()
+            .map(|(_, path)| path),
+    })?;
     reporter.checkpoint(&path, state.step);
     Ok((state.step, path))
 }
