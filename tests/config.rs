@@ -107,37 +107,40 @@ fn error(text: &str, overrides: &[&str]) -> String {
     let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
     let e: ConfigError =
         load_config(Some(&path), &overrides).expect_err("the config must be refused");
+    // Named relative to the temporary folder, as a user sees their own file.
     e.to_string()
+        .replace(&format!("{}/", dir.path().display()), "")
 }
 
 #[test]
 fn mistakes_name_the_key() {
     assert_eq!(
         error(&format!("{REQUIRED}learnig_rate = 1e-4\n"), &[]),
-        "unknown setting `learnig_rate`; did you mean `learning_rate`?"
+        "c.toml: unknown setting `learnig_rate`; did you mean `learning_rate`?"
     );
     assert_eq!(
         error(REQUIRED, &["lora_rnak=4"]),
-        "unknown setting `lora_rnak`; did you mean `lora_rank`?"
+        "unknown setting `lora_rnak`; did you mean `lora_rank`?",
+        "a mistake in `--set` is not blamed on the file"
     );
     let message = error(&format!("{REQUIRED}lora_rank = \"big\"\n"), &[]);
     assert!(
-        message.starts_with("setting `lora_rank`: invalid type: string \"big\""),
+        message.starts_with("c.toml: setting `lora_rank`: invalid type: string \"big\""),
         "{message}"
     );
     let message = error(&format!("{REQUIRED}resolution = 500\n"), &[]);
     assert!(
-        message.starts_with("setting `resolution`: must be a multiple of 64"),
+        message.starts_with("c.toml: setting `resolution`: must be a multiple of 64"),
         "{message}"
     );
     let message = error(&format!("{REQUIRED}lr_scheduler = \"cosin\"\n"), &[]);
     assert!(
-        message.starts_with("setting `lr_scheduler`: unknown variant `cosin`"),
+        message.starts_with("c.toml: setting `lr_scheduler`: unknown variant `cosin`"),
         "{message}"
     );
     let message = error("base_model = \"m.safetensors\"\n", &[]);
     assert!(
-        message.starts_with("setting `train_data_dir`: is required"),
+        message.starts_with("c.toml: setting `train_data_dir`: is required"),
         "{message}"
     );
     assert!(error(REQUIRED, &["no_equals_sign"]).contains("not of the form key=value"));

@@ -216,7 +216,7 @@ fn images_claiming_30000x30000_pixels_are_refused_before_decoding() {
 }
 
 #[test]
-fn empty_and_non_utf8_caption_files_do_not_stop_the_scan() {
+fn empty_and_non_utf8_captions_and_csv_rows_without_images_do_not_stop_the_scan() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     for name in ["empty.png", "latin1.png", "fine.png", "blank_row.png"] {
@@ -225,9 +225,10 @@ fn empty_and_non_utf8_caption_files_do_not_stop_the_scan() {
     std::fs::write(root.join("empty.txt"), "  \n").unwrap();
     std::fs::write(root.join("latin1.txt"), b"caf\xe9 neon").unwrap();
     std::fs::write(root.join("fine.txt"), "neon street").unwrap();
+    std::fs::write(root.join("notes.gif"), "x").unwrap();
     std::fs::write(
         root.join("metadata.csv"),
-        "file_name,text\nblank_row.png,\n",
+        "file_name,text\nblank_row.png,\ngone.png,a deleted image\nnotes.gif,not an image\n",
     )
     .unwrap();
     let dataset = scan_dataset(&config(root)).unwrap();
@@ -244,13 +245,21 @@ fn empty_and_non_utf8_caption_files_do_not_stop_the_scan() {
         .map(|p| p.to_string_lossy())
         .collect();
     assert_eq!(missing, ["blank_row.png", "empty.png"]);
-    assert_eq!(dataset.unreadable.len(), 1);
-    let (path, reason) = &dataset.unreadable[0];
-    assert!(path.ends_with("latin1.png"), "{}", path.display());
+    let unreadable: Vec<_> = dataset
+        .unreadable
+        .iter()
+        .map(|(path, reason)| (path.file_name().unwrap().to_string_lossy(), reason.as_str()))
+        .collect();
+    assert_eq!(unreadable.len(), 3, "{unreadable:?}");
+    assert_eq!(unreadable[0].0, "latin1.png");
     assert!(
-        reason.contains("latin1.txt") && reason.contains("not UTF-8"),
-        "{reason}"
+        unreadable[0].1.contains("latin1.txt") && unreadable[0].1.contains("not UTF-8"),
+        "{unreadable:?}"
     );
+    assert_eq!(unreadable[1].0, "gone.png");
+    assert!(unreadable[1].1.contains("no such file"), "{unreadable:?}");
+    assert_eq!(unreadable[2].0, "notes.gif");
+    assert!(unreadable[2].1.contains("not an image"), "{unreadable:?}");
 }
 
 #[test]

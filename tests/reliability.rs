@@ -13,7 +13,9 @@ use candle_core::Device;
 use common::{make_dataset, tiny_config};
 use lora_studio::config::{TrainConfig, save_config};
 use lora_studio::tensor_file::TensorFile;
-use lora_studio::train::{list_checkpoints, load_checkpoint};
+use lora_studio::train::{
+    CancelToken, SilentReporter, TrainStop, list_checkpoints, load_checkpoint, train,
+};
 use rand::{Rng, SeedableRng};
 
 const BIN: &str = env!("CARGO_BIN_EXE_lora-studio");
@@ -164,6 +166,55 @@ fn ctrl_c_at_random_moments_stops_with_a_whole_checkpoint_of_the_last_step() {
         assert_eq!(newest, Some(step), "{text}");
         assert!(temporaries.is_empty(), "left behind: {temporaries:?}");
     }
+}
+
+#[test]
+fn stop_during_a_save_finishes_the_save_and_stops_at_its_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = checkpointing_config(dir.path(), 200);
+    let cancel = CancelToken::default();
+    let run = {
+        let (config, cancel) = (config.clone(), cancel.clone());
+        std::thread::spawn(move || train(&config, None, &mut SilentReporter, &cancel))
+    };
+    // Watch for a checkpoint being written (its hidden staging folder) and press Stop right then.
+    let mut stopped_during = None;
+    while stopped_during.is_none() && !run.is_finished() {
+        stopped_during = std::fs::read_dir(&config.output_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .find_map(|entry| {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let step = name.strip_prefix(".checkpoint-")?.split_once(".tmp-")?.0;
+                step.parse::<u64>().ok()
+            });
+        if stopped_during.is_some() {
+            cancel.cancel();
+        }
+    }
+    let outcome = run.join().unwrap().unwrap();
+    let step = stopped_during.expect("no save was seen in progress in 200 steps");
+    assert_eq!(outcome.stop, TrainStop::Cancelled);
+    assert_eq!(
+        outcome.steps, step,
+        "the run stops at the step it was saving"
+    );
+    let checkpoint = outcome.checkpoint.unwrap();
+    assert_eq!(
+        checkpoint,
+        config.output_dir.join(format!("checkpoint-{step}"))
+    );
+    assert_eq!(
+        load_checkpoint(&checkpoint, &Device::Cpu)
+            .unwrap()
+            .state
+            .step,
+        step
+    );
+    let (newest, temporaries) = assert_whole(&config.output_dir);
+    assert_eq!(newest, Some(step));
+    assert!(temporaries.is_empty(), "left behind: {temporaries:?}");
 }
 
 /// Sum of the sizes of the files under `dir`, each rounded up to whole 4 KiB pages as tmpfs stores them.

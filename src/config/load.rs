@@ -38,6 +38,24 @@ pub enum ConfigError {
     BadOverride { text: String },
     #[error("cannot write the config {}: {reason}", path.display())]
     Write { path: PathBuf, reason: String },
+    /// A mistake in a setting that comes from the config file (not from `--set`).
+    #[error("{}: {source}", path.display())]
+    InFile {
+        path: PathBuf,
+        source: Box<ConfigError>,
+    },
+}
+
+impl ConfigError {
+    /// The setting this error is about, if it is about one.
+    fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::UnknownKey { key, .. }
+            | ConfigError::DuplicateKey { key, .. }
+            | ConfigError::BadValue { key, .. } => Some(key),
+            _ => None,
+        }
+    }
 }
 
 /// kohya sd-scripts and diffusers names accepted for our keys.
@@ -59,17 +77,29 @@ const ALIASES: &[(&str, &str)] = &[
 
 /// Loads `path` (if any) and applies `overrides` (`key=value`), then validates the result.
 pub fn load_config(path: Option<&Path>, overrides: &[String]) -> Result<TrainConfig, ConfigError> {
-    let map = match path {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-                path: path.to_path_buf(),
-                source,
-            })?;
-            parse_table(&text, path)?
-        }
-        None => Map::new(),
+    let Some(path) = path else {
+        return config_from_table(Map::new(), overrides);
     };
-    config_from_table(map, overrides)
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    config_from_table(parse_table(&text, path)?, overrides).map_err(|error| {
+        let overridden = error.key().is_some_and(|key| {
+            overrides
+                .iter()
+                .filter_map(|text| text.split_once('='))
+                .any(|(set, _)| set.trim() == key)
+        });
+        if error.key().is_some() && !overridden {
+            ConfigError::InFile {
+                path: path.to_path_buf(),
+                source: Box::new(error),
+            }
+        } else {
+            error
+        }
+    })
 }
 
 /// Writes `config` as TOML to `path` (atomically); `load_config` reads it back unchanged.

@@ -4,7 +4,7 @@
 //! convention) repeats its images N times. Captions are taken, in this order, from `metadata.csv`, then a
 //! `.txt`/`.caption` sidecar, then the instance prompt. Images are only read, never written.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use super::DataError;
@@ -162,6 +162,7 @@ pub fn scan_dataset(config: &TrainConfig) -> Result<Dataset, DataError> {
             });
         }
     }
+    list_csv_rows_without_images(&csv, &mut dataset);
     if dataset.items.is_empty() {
         return Err(DataError::NoImages {
             path: root.clone(),
@@ -169,6 +170,32 @@ pub fn scan_dataset(config: &TrainConfig) -> Result<Dataset, DataError> {
         });
     }
     Ok(dataset)
+}
+
+/// Adds the `metadata.csv` rows that name no image of the dataset to `dataset.unreadable`.
+fn list_csv_rows_without_images(csv: &HashMap<PathBuf, String>, dataset: &mut Dataset) {
+    let known: HashSet<PathBuf> = dataset
+        .items
+        .iter()
+        .map(|item| dataset.root.join(&item.relative))
+        .chain(dataset.unreadable.iter().map(|(path, _)| path.clone()))
+        .collect();
+    let mut orphans: Vec<PathBuf> = csv
+        .keys()
+        .map(|relative| dataset.root.join(relative))
+        .filter(|path| !known.contains(path))
+        .collect();
+    orphans.sort();
+    for path in orphans {
+        let reason = if !path.is_file() {
+            "metadata.csv names it, but there is no such file in the dataset folder"
+        } else if !is_image(&path) {
+            "metadata.csv names it, but it is not an image lora-studio reads (jpg, png, webp, bmp)"
+        } else {
+            "metadata.csv names it, but it is in a folder that is not scanned (hidden, or more than one level deep)"
+        };
+        dataset.unreadable.push((path, reason.to_string()));
+    }
 }
 
 fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
