@@ -53,6 +53,25 @@ pub enum Job {
     },
 }
 
+impl Job {
+    /// What the job does, for messages ("rendering a preview").
+    pub fn name(&self) -> &'static str {
+        match self {
+            Job::ScanDataset { .. } => "scanning the dataset",
+            Job::Thumbnail { .. } => "decoding a thumbnail",
+            Job::SaveCaption { .. } => "saving a caption",
+            Job::Train { .. } => "training",
+            Job::Pause => "pausing",
+            Job::Resume => "resuming",
+            Job::Stop => "stopping",
+            Job::Preview(_) => "rendering a preview",
+            Job::PreviewGrid { .. } => "rendering a preview grid",
+            Job::Export(_) => "exporting",
+            Job::FindCheckpoints { .. } => "listing checkpoints",
+        }
+    }
+}
+
 /// The adapters a preview uses.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PreviewSource {

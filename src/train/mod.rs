@@ -89,6 +89,9 @@ pub enum TrainError {
     },
     #[error("{0}")]
     Device(String),
+    /// A bug, caught: the message says what was being done and what went wrong.
+    #[error("{0}")]
+    Internal(String),
     #[error("{}", crate::tensor_file::plain_error(.0))]
     Compute(Box<candle_core::Error>),
 }

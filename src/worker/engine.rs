@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use crossbeam_channel::Receiver;
 
-use super::Outbox;
 use super::inbox::Inbox;
+use super::{Outbox, contain, internal_error};
 use crate::config::TrainConfig;
 use crate::lora::LoraNetwork;
 use crate::messages::{
@@ -44,7 +44,11 @@ pub fn run(jobs: Receiver<Job>, outbox: Outbox) {
         base: None,
     };
     while let Some(job) = engine.inbox.next(true) {
-        engine.handle(job);
+        let what = job.name();
+        if contain(&engine.outbox.clone(), what, || engine.handle(job)).is_none() {
+            // The model may have been left half-changed (adapters attached); load it afresh next time.
+            engine.base = None;
+        }
     }
 }
 
@@ -179,19 +183,26 @@ impl Engine {
         // back in front) when the run ends.
         let mut inbox = std::mem::replace(&mut self.inbox, Inbox::new(crossbeam_channel::never()));
         let mut deferred = Vec::new();
-        let result = self.base_for(config).and_then(|base| {
-            let device = base.device.clone();
-            let mut reporter = EngineReporter {
-                outbox: outbox.clone(),
-                inbox: &mut inbox,
-                deferred: &mut deferred,
-                device,
-                losses: Vec::new(),
-            };
-            let cancel = CancelToken::default();
-            let outcome = train_on(base, config, resume, &mut reporter, &cancel);
-            let flat = reporter.loss_is_flat();
-            outcome.map(|o| (o, flat))
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.base_for(config).and_then(|base| {
+                let device = base.device.clone();
+                let mut reporter = EngineReporter {
+                    outbox: outbox.clone(),
+                    inbox: &mut inbox,
+                    deferred: &mut deferred,
+                    device,
+                    losses: Vec::new(),
+                };
+                let cancel = CancelToken::default();
+                let outcome = train_on(base, config, resume, &mut reporter, &cancel);
+                let flat = reporter.loss_is_flat();
+                outcome.map(|o| (o, flat))
+            })
+        }));
+        // A panic (a bug) ends the run like an error; the inbox is given back either way.
+        let result = run.unwrap_or_else(|payload| {
+            self.base = None;
+            Err(TrainError::Internal(internal_error("training", &*payload)))
         });
         inbox.put_back(deferred);
         self.inbox = inbox;

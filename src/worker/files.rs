@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use crossbeam_channel::Receiver;
 
-use super::Outbox;
+use super::{Outbox, contain};
 use crate::config::TrainConfig;
 use crate::data::caption_store::{CaptionTarget, caption_target, save_caption};
 use crate::data::captions::CaptionSource;
@@ -39,7 +39,8 @@ pub fn run(jobs: Receiver<Job>, outbox: Outbox) {
             Some(Job::Thumbnail { path, max_side }) => thumbnails.push((path, max_side)),
             Some(Job::ScanDataset { config }) => {
                 thumbnails.clear();
-                if let Some(dataset) = scan(&config, &outbox) {
+                let scanned = contain(&outbox, "scanning the dataset", || scan(&config, &outbox));
+                if let Some(dataset) = scanned.flatten() {
                     let _ = checks_tx.send((dataset, config));
                 }
             }
@@ -83,7 +84,10 @@ pub fn run(jobs: Receiver<Job>, outbox: Outbox) {
             None => {
                 // Only thumbnails are waiting: decode the newest request.
                 if let Some((path, max_side)) = thumbnails.pop() {
-                    outbox.send(thumbnail(path, max_side));
+                    let what = format!("decoding a thumbnail of {}", path.display());
+                    if let Some(event) = contain(&outbox, &what, || thumbnail(path, max_side)) {
+                        outbox.send(event);
+                    }
                 }
             }
         }
@@ -115,7 +119,9 @@ fn run_checks(scans: Receiver<(Dataset, Box<TrainConfig>)>, outbox: Outbox) {
             newest = newer;
         }
         let (dataset, config) = newest;
-        check(&dataset, &config, &outbox);
+        contain(&outbox, "checking the dataset", || {
+            check(&dataset, &config, &outbox)
+        });
     }
 }
 

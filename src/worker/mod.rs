@@ -15,6 +15,35 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::messages::{Event, Job};
 pub use outbox::Outbox;
 
+/// The text of a panic's payload.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "an unknown panic".to_string())
+}
+
+/// Runs `work`. A panic in it, which is a bug, becomes an error event naming `what`, and the worker
+/// thread goes on serving jobs instead of dying silently.
+fn contain<T>(outbox: &Outbox, what: &str, work: impl FnOnce() -> T) -> Option<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)) {
+        Ok(value) => Some(value),
+        Err(payload) => {
+            outbox.error(internal_error(what, &*payload));
+            None
+        }
+    }
+}
+
+/// The message for a bug hit while doing `what`.
+fn internal_error(what: &str, payload: &(dyn std::any::Any + Send)) -> String {
+    format!(
+        "internal error while {what} ({}); this is a bug in lora-studio, please report it",
+        panic_text(payload)
+    )
+}
+
 /// How many events may wait for the UI before the workers block.
 const EVENT_CAPACITY: usize = 4096;
 
@@ -59,5 +88,29 @@ impl WorkerHandle {
         };
         // A closed channel means the thread died; its last event already said why.
         let _ = target.send(job);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_in_a_job_becomes_an_error_event_and_the_thread_goes_on() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let outbox = Outbox::new(tx, Arc::new(|| {}));
+        let index = 7;
+        let result = contain(&outbox, "rendering a preview", || [1, 2, 3][index]);
+        assert_eq!(result, None);
+        let Ok(Event::Error { message, .. }) = rx.try_recv() else {
+            panic!("no error event");
+        };
+        assert!(
+            message.starts_with("internal error while rendering a preview (index out of bounds")
+                && message.ends_with("this is a bug in lora-studio, please report it"),
+            "{message}"
+        );
+        assert_eq!(contain(&outbox, "saving a caption", || 5), Some(5));
+        assert!(rx.try_recv().is_err());
     }
 }
