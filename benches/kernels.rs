@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use lora_studio::lora::{frozen_conv2d, frozen_linear};
-use lora_studio::models::nn::{LayerNorm, attention};
+use lora_studio::models::nn::{GroupNorm, LayerNorm, attention};
+use lora_studio::models::ops::silu;
 
 const RUNS: usize = 3;
 
@@ -91,16 +92,24 @@ fn main() -> Result<()> {
         &[1, 4096, 320],
         |x| attention(x, &context, &context, 8, None),
     )?;
-    let group_norm = candle_nn::group_norm(32, 320, 1e-5, norm_parameters(320)?)?;
+    let group_norm = GroupNorm::new(norm_parameters(320)?, 32, 320, 1e-5)?;
     measure("group norm, 32 groups, 320x64x64", &[1, 320, 64, 64], |x| {
         group_norm.forward(x)
     })?;
+    // The composed form the fused one replaced, for comparison.
+    let composed = candle_nn::group_norm(32, 320, 1e-5, norm_parameters(320)?)?;
+    measure(
+        "group norm, candle-nn's composed form",
+        &[1, 320, 64, 64],
+        |x| composed.forward(x),
+    )?;
     let layer_norm = LayerNorm::new(norm_parameters(320)?, 320, 1e-5)?;
     measure("layer norm over 4096 tokens x 320", &[1, 4096, 320], |x| {
         layer_norm.forward(x)
     })?;
-    measure("silu, 320x64x64", &[1, 320, 64, 64], |x| {
-        candle_nn::ops::silu(x)
+    measure("silu, 320x64x64", &[1, 320, 64, 64], silu)?;
+    measure("silu, candle's composed backward", &[1, 320, 64, 64], |x| {
+        x.silu()
     })?;
     Ok(())
 }

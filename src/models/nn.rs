@@ -2,7 +2,7 @@
 //!
 //! candle's fused `softmax_last_dim` and `layer_norm` kernels return no gradient at all, so unmasked
 //! attention runs through [`super::fused_attention`] (its own backward) and masked attention (CLIP's causal
-//! mask) uses `ops::softmax`; layer norm is the composed form, group norm candle-nn's composed one.
+//! mask) uses `ops::softmax`; layer and group norm run through [`super::fused_norm`] (its own backward).
 //! Finite-difference tests in `tests/` keep these honest.
 
 use candle_core::{D, DType, Result, Tensor};
@@ -26,17 +26,53 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let x = x.to_dtype(internal_dtype(dtype))?;
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centered = x.broadcast_sub(&mean)?;
-        let variance = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(variance + self.eps)?.sqrt()?)?;
-        normed
-            .to_dtype(dtype)?
+        let size = x.dim(D::Minus1)?;
+        let rows = x.reshape(((), size))?;
+        normalized(&rows, self.eps)?
+            .reshape(x.shape())?
             .broadcast_mul(&self.weight)?
             .broadcast_add(&self.bias)
     }
+}
+
+/// Group normalisation of `[batch, channels, ...]` with a learned per-channel scale and shift.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        if !channels.is_multiple_of(groups) {
+            candle_core::bail!("group norm: {channels} channels do not split into {groups} groups");
+        }
+        Ok(Self {
+            weight: vb.get(channels, "weight")?,
+            bias: vb.get(channels, "bias")?,
+            groups,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (batch, channels) = (x.dim(0)?, x.dim(1)?);
+        let rows = x.reshape((batch * self.groups, ()))?;
+        let mut per_channel = vec![1; x.rank()];
+        per_channel[1] = channels;
+        normalized(&rows, self.eps)?
+            .reshape(x.shape())?
+            .broadcast_mul(&self.weight.reshape(per_channel.as_slice())?)?
+            .broadcast_add(&self.bias.reshape(per_channel.as_slice())?)
+    }
+}
+
+/// The rows of `rows` normalised, computed in f32 for reduced-precision activations.
+fn normalized(rows: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = rows.dtype();
+    super::fused_norm::normalize_rows(&rows.to_dtype(internal_dtype(dtype))?, eps)?.to_dtype(dtype)
 }
 
 /// Reduced-precision activations are normalised in f32.

@@ -1,9 +1,10 @@
 //! `ResnetBlock2D`, shared by the UNet (with a time embedding) and the VAE (without).
 
 use candle_core::{Result, Tensor};
-use candle_nn::{GroupNorm, Module};
 
 use crate::lora::{AdaptableConv2d, AdaptableLinear, LayerBuilder};
+use crate::models::nn::GroupNorm;
+use crate::models::ops::silu;
 
 /// GroupNorm → SiLU → 3x3 conv (+ projected time embedding) → GroupNorm → SiLU → 3x3 conv, plus a residual
 /// through a 1x1 `conv_shortcut` when the channel count changes.
@@ -37,12 +38,12 @@ impl ResnetBlock2D {
             groups,
             eps,
         } = shape;
-        let norm1 = candle_nn::group_norm(groups, in_channels, eps, lb.vb().pp("norm1"))?;
+        let norm1 = GroupNorm::new(lb.vb().pp("norm1"), groups, in_channels, eps)?;
         let conv1 = lb.pp("conv1").conv2d(in_channels, out_channels, 3, 1, 1)?;
         let time_emb_proj = temb_channels
             .map(|t| lb.pp("time_emb_proj").linear(t, out_channels, true))
             .transpose()?;
-        let norm2 = candle_nn::group_norm(groups, out_channels, eps, lb.vb().pp("norm2"))?;
+        let norm2 = GroupNorm::new(lb.vb().pp("norm2"), groups, out_channels, eps)?;
         let conv2 = lb.pp("conv2").conv2d(out_channels, out_channels, 3, 1, 1)?;
         let conv_shortcut = (in_channels != out_channels)
             .then(|| {
@@ -62,12 +63,12 @@ impl ResnetBlock2D {
 
     /// `temb` is the (not yet activated) time embedding `[batch, temb_channels]`.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let mut h = self.conv1.forward(&silu(&self.norm1.forward(x)?)?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            let t = proj.forward(&temb.silu()?)?;
+            let t = proj.forward(&silu(temb)?)?;
             h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
         }
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&silu(&self.norm2.forward(&h)?)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),

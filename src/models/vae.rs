@@ -2,12 +2,11 @@
 //! back (decoder, for previews), in the diffusers module layout.
 
 use candle_core::{D, Result, Tensor};
-use candle_nn::{GroupNorm, Module};
 use serde::Deserialize;
 
 use crate::lora::{AdaptableConv2d, AdaptableLinear, LayerBuilder, LayerRegistry};
 use crate::models::ModelError;
-use crate::models::nn::attention;
+use crate::models::nn::{GroupNorm, attention};
 use crate::models::resnet::{ResnetBlock2D, ResnetShape};
 
 /// Architecture of an `AutoencoderKL`.
@@ -85,7 +84,7 @@ struct PixelAttention {
 impl PixelAttention {
     fn new(lb: LayerBuilder, channels: usize, groups: usize) -> Result<Self> {
         Ok(Self {
-            group_norm: candle_nn::group_norm(groups, channels, VAE_EPS, lb.vb().pp("group_norm"))?,
+            group_norm: GroupNorm::new(lb.vb().pp("group_norm"), groups, channels, VAE_EPS)?,
             to_q: lb.pp("to_q").linear(channels, channels, true)?,
             to_k: lb.pp("to_k").linear(channels, channels, true)?,
             to_v: lb.pp("to_v").linear(channels, channels, true)?,
@@ -202,7 +201,7 @@ impl Encoder {
             conv_in,
             down,
             mid: VaeMidBlock::new(lb.pp("mid_block"), last, groups)?,
-            norm_out: candle_nn::group_norm(groups, last, VAE_EPS, lb.vb().pp("conv_norm_out"))?,
+            norm_out: GroupNorm::new(lb.vb().pp("conv_norm_out"), groups, last, VAE_EPS)?,
             conv_out: lb
                 .pp("conv_out")
                 .conv2d(last, 2 * config.latent_channels, 3, 1, 1)?,
@@ -274,7 +273,7 @@ impl Decoder {
             conv_in,
             mid,
             up,
-            norm_out: candle_nn::group_norm(groups, first, VAE_EPS, lb.vb().pp("conv_norm_out"))?,
+            norm_out: GroupNorm::new(lb.vb().pp("conv_norm_out"), groups, first, VAE_EPS)?,
             conv_out: lb
                 .pp("conv_out")
                 .conv2d(first, config.out_channels, 3, 1, 1)?,

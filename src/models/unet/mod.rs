@@ -6,12 +6,13 @@ mod config;
 mod transformer;
 
 use candle_core::{DType, Device, Result, Tensor};
-use candle_nn::{GroupNorm, Module};
 
 use std::sync::Arc;
 
 use crate::lora::{AdaptableConv2d, AdaptableLinear, AdapterSlot, LayerBuilder, LayerRegistry};
 use crate::models::checkpointing::{CheckpointGrads, trainable_anchor};
+use crate::models::nn::GroupNorm;
+use crate::models::ops::silu;
 use blocks::{BlockInputs, BlockShape, DownBlock, LevelAttention, MidBlock, UpBlock, UpChannels};
 pub use config::UNetConfig;
 
@@ -115,11 +116,11 @@ impl UNet2DConditionModel {
             )?);
         }
 
-        let conv_norm_out = candle_nn::group_norm(
+        let conv_norm_out = GroupNorm::new(
+            lb.vb().pp("conv_norm_out"),
             config.norm_num_groups,
             channels[0],
             config.norm_eps,
-            lb.vb().pp("conv_norm_out"),
         )?;
         let conv_out = lb
             .pp("conv_out")
@@ -184,7 +185,7 @@ impl UNet2DConditionModel {
         .to_dtype(dtype)?;
         let temb = self
             .time_linear_2
-            .forward(&self.time_linear_1.forward(&emb)?.silu()?)?;
+            .forward(&silu(&self.time_linear_1.forward(&emb)?)?)?;
 
         let anchor = match &self.checkpointing {
             Some(_) => {
@@ -221,7 +222,7 @@ impl UNet2DConditionModel {
                 .map(|(_, _, h, w)| (h, w));
             h = block.forward(&h, &mut skips, inputs, upsample_to)?;
         }
-        let h = self.conv_norm_out.forward(&h)?.silu()?;
+        let h = silu(&self.conv_norm_out.forward(&h)?)?;
         self.conv_out.forward(&h)
     }
 }

@@ -2,10 +2,9 @@
 //! embedding, and a GEGLU feed-forward, with diffusers' module names (`attn1.to_q`, `ff.net.0.proj`, ...).
 
 use candle_core::{D, Result, Tensor};
-use candle_nn::{GroupNorm, Module};
 
 use crate::lora::{AdaptableConv2d, AdaptableLinear, LayerBuilder};
-use crate::models::nn::{LayerNorm, attention};
+use crate::models::nn::{GroupNorm, LayerNorm, attention};
 use crate::models::ops::gelu;
 
 /// Multi-head attention with separate q/k/v projections and an output projection (`to_out.0`).
@@ -158,7 +157,7 @@ impl SpatialTransformer {
             })
             .collect::<Result<Vec<_>>>()?;
         let proj_out = projection("proj_out")?;
-        let norm = candle_nn::group_norm(shape.groups, c, 1e-6, lb.vb().pp("norm"))?;
+        let norm = GroupNorm::new(lb.vb().pp("norm"), shape.groups, c, 1e-6)?;
         Ok(Self {
             norm,
             proj_in,
