@@ -71,6 +71,11 @@ fn main() -> Result<()> {
     measure("conv 3x3 320->320 at 64x64", &[1, 320, 64, 64], |x| {
         frozen_conv2d(x, &conv, 1, 1)
     })?;
+    measure(
+        "conv 3x3, candle's conv2d (all gradients)",
+        &[1, 320, 64, 64],
+        |x| x.conv2d(&conv, 1, 1, 1, 1),
+    )?;
     let projection = weight(&[320, 320])?;
     measure("linear 320->320 over 4096 tokens", &[1, 4096, 320], |x| {
         frozen_linear(x, &projection)

@@ -3,8 +3,8 @@
 //! candle's autograd differentiates every operand of an op, frozen weights included: a plain `matmul` or
 //! `conv2d` against a base weight spends as much time on the weight's (discarded) gradient as on the input's.
 //! LoRA training never needs the base weight's gradient, so the base layers run through the custom ops here,
-//! whose backward returns the input gradient alone. The forward result is bit-for-bit the one candle's own
-//! kernels compute. This module must not hold adapters or know about models.
+//! whose backward returns the input gradient alone. Convolutions on the CPU run as one matrix product
+//! ([`super::im2col`]). This module must not hold adapters or know about models.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -21,7 +21,7 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 
 /// A 2-D convolution (no groups, no dilation) with a frozen kernel `[out, in, kh, kw]`.
 pub fn frozen_conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    let output = x.detach().conv2d(&weight.detach(), padding, stride, 1, 1)?;
+    let output = super::im2col::conv2d(&x.detach(), &weight.detach(), padding, stride)?;
     let (_, in_channels, kh, kw) = weight.dims4()?;
     crate::flops::add_layer(output.elem_count() * in_channels * kh * kw);
     if !x.track_op() {
@@ -137,7 +137,7 @@ impl FrozenConvBackward {
             // spatially flipped, channel-transposed kernel; candle's conv2d is much faster than its
             // conv_transpose2d.
             let flipped = flipped_transposed(&self.weight)?;
-            return grad.conv2d(&flipped, k_h - 1 - self.padding, 1, 1, 1);
+            return super::im2col::conv2d(grad, &flipped, k_h - 1 - self.padding, 1);
         }
         // Strided: a transposed convolution with one extra row and column of output, cropped to the
         // input, handles odd and even sizes (and mixed parity) alike.

@@ -7,6 +7,7 @@
 mod adapter;
 mod export;
 mod frozen;
+mod im2col;
 mod kohya;
 mod layer;
 mod network;
