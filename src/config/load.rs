@@ -1,9 +1,11 @@
 //! Reading a training config: a JSON, TOML or YAML file, then `--set key=value` overrides, then validation.
 //! Every mistake is one sentence naming the key (and the nearest known key for a typo).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
+use yaml_rust2::parser::{Event, EventReceiver, Parser};
 use yaml_rust2::{Yaml, YamlLoader};
 
 use super::train_config::TrainConfig;
@@ -154,6 +156,16 @@ fn parse_table(text: &str, path: &Path) -> Result<Map<String, Value>, ConfigErro
             serde_json::to_value(table).map_err(|e| parse("TOML", e.to_string()))?
         }
         "yaml" | "yml" => {
+            let mut size = ExpandedSize::default();
+            Parser::new_from_str(text)
+                .load(&mut size, true)
+                .map_err(|e| parse("YAML", e.to_string()))?;
+            if size.values > MAX_YAML_VALUES {
+                return Err(parse(
+                    "YAML",
+                    format!("its aliases expand to more than {MAX_YAML_VALUES} values"),
+                ));
+            }
             let docs = YamlLoader::load_from_str(text).map_err(|e| parse("YAML", e.to_string()))?;
             docs.first()
                 .map(yaml_to_json)
@@ -166,6 +178,51 @@ fn parse_table(text: &str, path: &Path) -> Result<Map<String, Value>, ConfigErro
         _ => Err(ConfigError::NotATable {
             path: path.to_path_buf(),
         }),
+    }
+}
+
+/// The most values a YAML config may hold once its aliases are expanded; real configs hold a few dozen.
+const MAX_YAML_VALUES: u64 = 100_000;
+
+/// Counts the values `YamlLoader` would build from a YAML text. It copies an anchor's whole value for every
+/// alias to it, so a few hundred bytes of aliases to aliases ("billion laughs") would expand to 10^12 values
+/// and exhaust memory; counting the parser's events first costs no memory.
+#[derive(Default)]
+struct ExpandedSize {
+    /// Values built so far, copies included.
+    values: u64,
+    /// The size of each anchored value, by anchor id.
+    anchors: HashMap<usize, u64>,
+    /// The sequences and mappings being read: their anchor id and `values` at their start.
+    open: Vec<(usize, u64)>,
+}
+
+impl EventReceiver for ExpandedSize {
+    fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Scalar(_, _, anchor, _) => {
+                self.values = self.values.saturating_add(1);
+                if anchor > 0 {
+                    self.anchors.insert(anchor, 1);
+                }
+            }
+            Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
+                self.open.push((anchor, self.values));
+                self.values = self.values.saturating_add(1);
+            }
+            Event::SequenceEnd | Event::MappingEnd => {
+                if let Some((anchor, start)) = self.open.pop()
+                    && anchor > 0
+                {
+                    self.anchors.insert(anchor, self.values - start);
+                }
+            }
+            Event::Alias(anchor) => {
+                let size = self.anchors.get(&anchor).copied().unwrap_or(0);
+                self.values = self.values.saturating_add(size);
+            }
+            _ => {}
+        }
     }
 }
 
@@ -295,7 +352,36 @@ fn edit_distance(a: &str, b: &str) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::{edit_distance, nearest};
+    use std::path::Path;
+
+    use super::{ConfigError, config_from_text, edit_distance, nearest};
+
+    #[test]
+    fn yaml_aliases_that_multiply_are_an_error_not_an_exhausted_memory() {
+        // Levels of ten aliases to the level below ("billion laughs"): 12 levels, 700 bytes, would be 10^12
+        // values; 6 levels (10^6 values) keep this test small should the check ever be lost.
+        let mut text = "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n".to_string();
+        for level in 1..6 {
+            let refs = vec![format!("*a{}", level - 1); 10].join(", ");
+            text += &format!("a{level}: &a{level} [{refs}]\n");
+        }
+        match config_from_text(&text, Path::new("laughs.yaml")) {
+            Err(e @ ConfigError::Parse { .. }) => {
+                let message = e.to_string();
+                assert!(
+                    message.contains("laughs.yaml") && message.contains("aliases expand"),
+                    "{message}"
+                );
+            }
+            other => panic!("expected a YAML error, got {other:?}"),
+        }
+        // Aliases that copy a little are fine (and unknown keys are still named).
+        let text = "base: &b {x: 1}\nother: *b\n";
+        let message = config_from_text(text, Path::new("ok.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("unknown setting `base`"), "{message}");
+    }
 
     #[test]
     fn typos_find_their_key() {

@@ -131,6 +131,7 @@ impl TensorFile {
         let mut infos = BTreeMap::new();
         let mut offsets = HashMap::new();
         for (name, info) in header.tensors() {
+            check_shape(&name, &info.shape).map_err(bad)?;
             let dtype = match safetensors_dtype(info.dtype) {
                 Some(d) => StoredDType::Supported(d),
                 None => StoredDType::Other(dtype_name(info.dtype)),
@@ -176,12 +177,15 @@ impl TensorFile {
             ));
         }
         let records = pickle::read_index(path).map_err(bad)?;
+        for (name, record) in &records {
+            check_shape(name, &record.shape).map_err(bad)?;
+        }
         let infos = records
             .iter()
             .map(|(name, record)| {
                 let dtype = match &record.dtype {
                     Ok(d) => StoredDType::Supported(*d),
-                    Err(_) => StoredDType::Other("an unsupported type"),
+                    Err(_) => StoredDType::Other("unknown"),
                 };
                 (
                     name.clone(),
@@ -240,7 +244,7 @@ impl TensorFile {
         let dtype = match info.dtype {
             StoredDType::Supported(d) => d,
             StoredDType::Other(other) => {
-                return Err(fail(format!("its element type {other} is not supported")));
+                return Err(fail(format!("its element type ({other}) is not supported")));
             }
         };
         match &self.storage {
@@ -279,6 +283,21 @@ fn release_pages(mmap: &Mmap, range: std::ops::Range<usize>) {
     }
     #[cfg(not(unix))]
     let _ = (mmap, range);
+}
+
+/// Refuses a shape whose dimensions, zeros counted as ones, multiply past `usize`: such a tensor holds no
+/// data when one dimension is 0 (so the file's size checks pass), but candle's stride arithmetic on it
+/// overflows.
+fn check_shape(name: &str, shape: &[usize]) -> Result<(), String> {
+    match shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d.max(1)))
+    {
+        Some(_) => Ok(()),
+        None => Err(format!(
+            "tensor `{name}` has the impossible shape {shape:?} (its dimensions multiply past any size)"
+        )),
+    }
 }
 
 fn read_head(path: &Path) -> Result<Vec<u8>, TensorFileError> {
@@ -343,6 +362,29 @@ fn dtype_name(d: safetensors::Dtype) -> &'static str {
         S::U64 => "u64",
         S::F8_E4M3 => "f8_e4m3",
         S::F8_E5M2 => "f8_e5m2",
-        _ => "an unsupported type",
+        _ => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TensorFile;
+
+    #[test]
+    fn a_zero_element_tensor_with_huge_dimensions_is_an_error_not_a_panic() {
+        // 0 x 2^40 x 2^40 floats hold no data, so safetensors' own checks pass, but candle's stride
+        // arithmetic overflowed when the tensor was loaded.
+        let header = br#"{"t":{"dtype":"F32","shape":[0,1099511627776,1099511627776],"data_offsets":[0,0]}}"#;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("zero.safetensors");
+        let bytes = [(header.len() as u64).to_le_bytes().as_slice(), header].concat();
+        std::fs::write(&path, bytes).unwrap();
+        let message = TensorFile::open(&path)
+            .expect_err("the file must not open")
+            .to_string();
+        assert!(
+            message.contains("zero.safetensors") && message.contains("impossible shape"),
+            "{message}"
+        );
     }
 }
