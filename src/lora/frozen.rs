@@ -132,6 +132,15 @@ impl FrozenConvBackward {
     fn input_grad(&self, input: &Tensor, grad: &Tensor) -> Result<Tensor> {
         let (_, _, in_h, in_w) = input.dims4()?;
         let (_, _, k_h, k_w) = self.weight.dims4()?;
+        if let Some(grad) = super::im2col::conv2d_input_grad(
+            grad,
+            &self.weight,
+            (in_h, in_w),
+            self.padding,
+            self.stride,
+        )? {
+            return Ok(grad);
+        }
         if self.stride == 1 && self.padding < k_h && self.padding < k_w && k_h == k_w {
             // A stride-1 convolution's input gradient is a convolution of the output gradient with the
             // spatially flipped, channel-transposed kernel; candle's conv2d is much faster than its

@@ -6,11 +6,13 @@
 //! ([`pass_through`]), whose backward passes are their own.
 
 use candle_core::backend::BackendStorage;
+use candle_core::cpu::erf;
 use candle_core::op::GeluErf;
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, MetalStorage, Result, Shape,
     Tensor,
 };
+use rayon::prelude::*;
 
 /// The forward pass of an op that ties `storage` (a result computed on detached tensors) to the inputs
 /// its backward pass differentiates: the result, unchanged. `what` names the op in the error.
@@ -63,6 +65,11 @@ impl CustomOp1 for Gelu {
 
     /// d/dx = 0.5·(1 + erf(x/√2)) + x·exp(-x²/2)/√(2π).
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        if has_cpu_gradient(x) {
+            let op = ActivationGradient(Activation::Gelu);
+            let x = x.detach().contiguous()?;
+            return Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &op)?));
+        }
         let cdf = (x * std::f64::consts::FRAC_1_SQRT_2)?
             .erf()?
             .affine(0.5, 0.5)?;
@@ -115,8 +122,9 @@ impl CustomOp1 for SiluOp {
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let x = x.detach().contiguous()?;
         let grad = grad.contiguous()?;
-        if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
-            return Ok(Some(x.apply_op2_no_bwd(&grad, &SiluGradient)?));
+        if has_cpu_gradient(&x) {
+            let op = ActivationGradient(Activation::Silu);
+            return Ok(Some(x.apply_op2_no_bwd(&grad, &op)?));
         }
         let sigmoid = (x.neg()?.exp()? + 1.0)?.recip()?;
         let derivative = (&sigmoid * ((&x * (1.0 - &sigmoid)?)? + 1.0)?)?;
@@ -124,22 +132,67 @@ impl CustomOp1 for SiluOp {
     }
 }
 
-/// `grad · silu'(x)` in one pass, for contiguous f32/f64 tensors on the CPU.
-struct SiluGradient;
+/// An activation whose derivative [`ActivationGradient`] evaluates.
+#[derive(Clone, Copy)]
+enum Activation {
+    Silu,
+    Gelu,
+}
 
-fn silu_gradient<T: num_traits::Float>(x: &[T], grad: &[T]) -> Vec<T> {
-    x.iter()
+impl Activation {
+    fn derivative_f32(self, x: f32) -> f32 {
+        match self {
+            Activation::Silu => {
+                let sigmoid = 1.0 / (1.0 + (-x).exp());
+                sigmoid * (1.0 + x * (1.0 - sigmoid))
+            }
+            Activation::Gelu => {
+                0.5 * (1.0 + erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2))
+                    + x * (-0.5 * x * x).exp()
+                        * (0.5 * std::f32::consts::FRAC_2_SQRT_PI)
+                        * std::f32::consts::FRAC_1_SQRT_2
+            }
+        }
+    }
+
+    fn derivative_f64(self, x: f64) -> f64 {
+        match self {
+            Activation::Silu => {
+                let sigmoid = 1.0 / (1.0 + (-x).exp());
+                sigmoid * (1.0 + x * (1.0 - sigmoid))
+            }
+            Activation::Gelu => {
+                0.5 * (1.0 + erf::erf_f64(x * std::f64::consts::FRAC_1_SQRT_2))
+                    + x * (-0.5 * x * x).exp()
+                        * (0.5 * std::f64::consts::FRAC_2_SQRT_PI)
+                        * std::f64::consts::FRAC_1_SQRT_2
+            }
+        }
+    }
+}
+
+/// `grad · f'(x)` for an activation `f`, in one parallel pass, for contiguous f32/f64 tensors on the CPU.
+struct ActivationGradient(Activation);
+
+fn times_derivative<T: Copy + Send + Sync + std::ops::Mul<Output = T>>(
+    x: &[T],
+    grad: &[T],
+    derivative: impl Fn(T) -> T + Sync,
+) -> Vec<T> {
+    x.par_iter()
         .zip(grad)
-        .map(|(&x, &g)| {
-            let sigmoid = T::one() / (T::one() + (-x).exp());
-            g * sigmoid * (T::one() + x * (T::one() - sigmoid))
-        })
+        .map(|(&x, &g)| g * derivative(x))
         .collect()
 }
 
-impl CustomOp2 for SiluGradient {
+/// Whether [`ActivationGradient`] can take `x`.
+fn has_cpu_gradient(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+impl CustomOp2 for ActivationGradient {
     fn name(&self) -> &'static str {
-        "silu-gradient"
+        "activation-gradient"
     }
 
     fn cpu_fwd(
@@ -153,16 +206,23 @@ impl CustomOp2 for SiluGradient {
             x_layout.contiguous_offsets(),
             grad_layout.contiguous_offsets(),
         ) else {
-            candle_core::bail!("silu gradient: the inputs are not contiguous");
+            candle_core::bail!("activation gradient: the inputs are not contiguous");
         };
+        let activation = self.0;
         let result = match (x, grad) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
-                CpuStorage::F32(silu_gradient(&x[x_start..x_end], &g[g_start..g_end]))
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(times_derivative(
+                &x[x_start..x_end],
+                &g[g_start..g_end],
+                |v| activation.derivative_f32(v),
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(times_derivative(
+                &x[x_start..x_end],
+                &g[g_start..g_end],
+                |v| activation.derivative_f64(v),
+            )),
+            _ => {
+                candle_core::bail!("activation gradient: f32 or f64 tensors of one type are needed")
             }
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
-                CpuStorage::F64(silu_gradient(&x[x_start..x_end], &g[g_start..g_end]))
-            }
-            _ => candle_core::bail!("silu gradient: f32 or f64 tensors of one type are needed"),
         };
         Ok((result, x_layout.shape().clone()))
     }
