@@ -18,5 +18,7 @@ pub mod lora;
 pub mod messages;
 pub mod models;
 pub mod tensor_file;
+#[cfg(test)]
+mod test_support;
 pub mod train;
 pub mod worker;

@@ -143,6 +143,8 @@ impl CustomOp3 for AttentionBackward {
 mod tests {
     use candle_core::{D, Device, Tensor, Var};
 
+    use crate::test_support::max_abs_diff;
+
     use super::attention_in_chunks;
 
     fn composed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
@@ -150,19 +152,6 @@ mod tests {
         candle_nn::ops::softmax(&scores, D::Minus1)
             .unwrap()
             .matmul(v)
-            .unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
             .unwrap()
     }
 
@@ -188,12 +177,12 @@ mod tests {
         let ours =
             attention_in_chunks(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale, 8).unwrap();
         let reference = composed(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale);
-        assert!(max_diff(&ours, &reference) < 1e-12);
+        assert!(max_abs_diff(&ours, &reference) < 1e-12);
         let loss = |out: &Tensor| (out * weights.as_tensor()).unwrap().sum_all().unwrap();
         let ours_grads = loss(&ours).backward().unwrap();
         let reference_grads = loss(&reference).backward().unwrap();
         for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
-            let diff = max_diff(ours_grads.get(x).unwrap(), reference_grads.get(x).unwrap());
+            let diff = max_abs_diff(ours_grads.get(x).unwrap(), reference_grads.get(x).unwrap());
             assert!(diff < 1e-10, "d{name} differs by {diff}");
         }
     }

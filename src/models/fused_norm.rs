@@ -90,6 +90,8 @@ impl CustomOp2 for NormBackward {
 mod tests {
     use candle_core::{D, Device, Tensor, Var};
 
+    use crate::test_support::max_abs_diff;
+
     use super::normalize_rows;
 
     fn composed(x: &Tensor, eps: f64) -> Tensor {
@@ -99,19 +101,6 @@ mod tests {
         let variance = centred.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
         centred
             .broadcast_div(&(variance + eps).unwrap().sqrt().unwrap())
-            .unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
             .unwrap()
     }
 
@@ -131,11 +120,11 @@ mod tests {
         let eps = 1e-5;
         let ours = normalize_rows(x.as_tensor(), eps).unwrap();
         let reference = composed(x.as_tensor(), eps);
-        assert!(max_diff(&ours, &reference) < 1e-13);
+        assert!(max_abs_diff(&ours, &reference) < 1e-13);
         let loss = |out: &Tensor| (out * &weights).unwrap().sum_all().unwrap();
         let ours_grad = loss(&ours).backward().unwrap();
         let reference_grad = loss(&reference).backward().unwrap();
-        let diff = max_diff(ours_grad.get(&x).unwrap(), reference_grad.get(&x).unwrap());
+        let diff = max_abs_diff(ours_grad.get(&x).unwrap(), reference_grad.get(&x).unwrap());
         assert!(diff < 1e-12, "dx differs by {diff}");
     }
 }
