@@ -241,20 +241,20 @@ fn train_on_tmpfs(config: &TrainConfig, config_path: &Path, options: &str, keep:
 status=$?
 cp -a "$2/." "$5/"
 exit $status"#;
-    let output = Command::new("unshare")
-        .args([
-            "--user",
-            "--map-root-user",
-            "--mount",
-            "sh",
-            "-c",
-            script,
-            "sh",
-        ])
-        .args([options.as_ref(), config.output_dir.as_os_str()])
-        .args([BIN.as_ref(), config_path.as_os_str(), keep.as_os_str()])
-        .output()
-        .expect("`unshare` (util-linux) runs the training in a private mount namespace");
+    // A user namespace lets anyone mount; where those are not allowed, root can still unshare the mounts.
+    let run = |namespaces: &[&str]| {
+        Command::new("unshare")
+            .args(namespaces)
+            .args(["sh", "-c", script, "sh"])
+            .args([options.as_ref(), config.output_dir.as_os_str()])
+            .args([BIN.as_ref(), config_path.as_os_str(), keep.as_os_str()])
+            .output()
+            .expect("`unshare` (util-linux) runs the training in a private mount namespace")
+    };
+    let mut output = run(&["--user", "--map-root-user", "--mount"]);
+    if String::from_utf8_lossy(&output.stderr).starts_with("unshare:") {
+        output = run(&["--mount"]);
+    }
     let text = String::from_utf8_lossy(&output.stdout).into_owned()
         + &String::from_utf8_lossy(&output.stderr);
     assert_ne!(
