@@ -44,11 +44,13 @@ fn attention_in_chunks(
 
 fn chunked_forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, rows: usize) -> Result<Tensor> {
     let q_len = q.dim(2)?;
+    // Scaling the small `q` instead of every score matrix saves a pass over each chunk's scores.
+    let q = (q * scale)?;
     let k_t = k.t()?;
     let mut chunks = Vec::with_capacity(q_len.div_ceil(rows));
     for start in (0..q_len).step_by(rows) {
         let q_chunk = q.narrow(2, start, rows.min(q_len - start))?;
-        let probs = candle_nn::ops::softmax_last_dim(&(q_chunk.matmul(&k_t)? * scale)?)?;
+        let probs = candle_nn::ops::softmax_last_dim(&q_chunk.matmul(&k_t)?)?;
         chunks.push(probs.matmul(v)?);
     }
     Tensor::cat(&chunks, 2)
@@ -111,8 +113,11 @@ impl CustomOp3 for AttentionBackward {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (_, _, q_len, head_dim) = q.dims4()?;
-        let q = q.detach();
+        // With `S = s·q·kᵀ`: `dQ = dS·(s·k)` and `dK = dSᵀ·(s·q)`, so scaling `q` and `k` once (small)
+        // replaces scaling every chunk's scores and score gradients.
+        let q = (q.detach() * self.scale)?;
         let k = kv.narrow(3, 0, head_dim)?.detach().contiguous()?;
+        let k_scaled = (&k * self.scale)?;
         let v = kv.narrow(3, head_dim, head_dim)?.detach().contiguous()?;
         let grad = grad.contiguous()?;
         let row_dot = (&grad * output.detach())?.sum_keepdim(D::Minus1)?;
@@ -125,13 +130,12 @@ impl CustomOp3 for AttentionBackward {
             let len = rows.min(q_len - start);
             let q_chunk = q.narrow(2, start, len)?;
             let grad_chunk = grad.narrow(2, start, len)?;
-            let probs = candle_nn::ops::softmax_last_dim(&(q_chunk.matmul(&k_t)? * self.scale)?)?;
+            let probs = candle_nn::ops::softmax_last_dim(&q_chunk.matmul(&k_t)?)?;
             grad_v = (grad_v + probs.t()?.matmul(&grad_chunk)?)?;
             let grad_probs = grad_chunk.matmul(&v_t)?;
-            let grad_scores = (probs
-                * grad_probs.broadcast_sub(&row_dot.narrow(2, start, len)?)?)?
-            .affine(self.scale, 0.0)?;
-            grad_q.push(grad_scores.matmul(&k)?);
+            let grad_scores =
+                (probs * grad_probs.broadcast_sub(&row_dot.narrow(2, start, len)?)?)?;
+            grad_q.push(grad_scores.matmul(&k_scaled)?);
             grad_k = (grad_k + grad_scores.t()?.matmul(&q_chunk)?)?;
         }
         let grad_kv = Tensor::cat(&[grad_k, grad_v], D::Minus1)?;
