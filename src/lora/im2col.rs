@@ -15,21 +15,11 @@ use rayon::prelude::*;
 /// `conv2d(x, kernel)` with no groups and no dilation: `x` `[b, in, h, w]`, `kernel` `[out, in, kh, kw]`.
 pub fn conv2d(x: &Tensor, kernel: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     let (out_channels, in_channels, k_h, k_w) = kernel.dims4()?;
-    let fast =
-        x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && (k_h, k_w) != (1, 1);
-    if !fast {
+    if !uses_patches(x, k_h, k_w) {
         return x.conv2d(kernel, padding, stride, 1, 1);
     }
     let (batch, _, height, width) = x.dims4()?;
-    let patches = Patches {
-        in_channels,
-        height,
-        width,
-        k_h,
-        k_w,
-        padding,
-        stride,
-    };
+    let patches = Patches::new(kernel, (height, width), padding, stride)?;
     let (out_h, out_w) = patches.output_size()?;
     let columns = x.contiguous()?.apply_op1_no_bwd(&patches)?;
     let output = kernel
@@ -65,15 +55,7 @@ pub fn conv2d_input_grad(
         return Ok(None);
     }
     let (batch, _, out_h, out_w) = grad.dims4()?;
-    let patches = Patches {
-        in_channels,
-        height,
-        width,
-        k_h,
-        k_w,
-        padding,
-        stride,
-    };
+    let patches = Patches::new(kernel, (height, width), padding, stride)?;
     if patches.output_size()? != (out_h, out_w) {
         candle_core::bail!(
             "conv2d input gradient: the output gradient does not fit the input size"
@@ -109,6 +91,25 @@ struct Patches {
 }
 
 impl Patches {
+    /// The patches `kernel` (`[out, in, kh, kw]`) sees of a `height`x`width` input.
+    fn new(
+        kernel: &Tensor,
+        (height, width): (usize, usize),
+        padding: usize,
+        stride: usize,
+    ) -> Result<Self> {
+        let (_, in_channels, k_h, k_w) = kernel.dims4()?;
+        Ok(Self {
+            in_channels,
+            height,
+            width,
+            k_h,
+            k_w,
+            padding,
+            stride,
+        })
+    }
+
     fn output_size(&self) -> Result<(usize, usize)> {
         let size = |input: usize, kernel: usize| {
             (input + 2 * self.padding)

@@ -32,53 +32,7 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     if !x.track_op() {
         return x.gelu_erf();
     }
-    x.apply_op1(Gelu)
-}
-
-struct Gelu;
-
-impl Gelu {
-    fn forward<S: BackendStorage>(storage: &S, layout: &Layout) -> Result<(S, Shape)> {
-        Ok((
-            storage.unary_impl::<GeluErf>(layout)?,
-            layout.shape().clone(),
-        ))
-    }
-}
-
-impl CustomOp1 for Gelu {
-    fn name(&self) -> &'static str {
-        "gelu-exact"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        Self::forward(storage, layout)
-    }
-
-    fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
-        Self::forward(storage, layout)
-    }
-
-    fn metal_fwd(&self, storage: &MetalStorage, layout: &Layout) -> Result<(MetalStorage, Shape)> {
-        Self::forward(storage, layout)
-    }
-
-    /// d/dx = 0.5·(1 + erf(x/√2)) + x·exp(-x²/2)/√(2π).
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        if has_cpu_gradient(x) {
-            let op = ActivationGradient(Activation::Gelu);
-            let x = x.detach().contiguous()?;
-            return Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &op)?));
-        }
-        let cdf = (x * std::f64::consts::FRAC_1_SQRT_2)?
-            .erf()?
-            .affine(0.5, 0.5)?;
-        let density = (x.sqr()? * -0.5)?
-            .exp()?
-            .affine(1.0 / (2.0 * std::f64::consts::PI).sqrt(), 0.0)?;
-        let derivative = (cdf + (x * density)?)?;
-        Ok(Some((grad * derivative)?))
-    }
+    x.apply_op1(Activation::Gelu)
 }
 
 /// SiLU, `x·σ(x)`, whose backward pass is one pass over memory on the CPU (candle's composes seven
@@ -87,52 +41,73 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
     if !x.track_op() {
         return x.silu();
     }
-    x.apply_op1(SiluOp)
+    x.apply_op1(Activation::Silu)
 }
 
-struct SiluOp;
+impl Activation {
+    /// candle's own forward kernel, on any backend.
+    fn forward<S: BackendStorage>(self, storage: &S, layout: &Layout) -> Result<(S, Shape)> {
+        let result = match self {
+            Activation::Silu => storage.unary_impl::<candle_core::op::Silu>(layout)?,
+            Activation::Gelu => storage.unary_impl::<GeluErf>(layout)?,
+        };
+        Ok((result, layout.shape().clone()))
+    }
 
-impl SiluOp {
-    fn forward<S: BackendStorage>(storage: &S, layout: &Layout) -> Result<(S, Shape)> {
-        Ok((
-            storage.unary_impl::<candle_core::op::Silu>(layout)?,
-            layout.shape().clone(),
-        ))
+    /// `f'(x)` composed from tensor ops, for the devices without [`ActivationGradient`].
+    fn composed_derivative(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            // σ(x)·(1 + x·(1 − σ(x))).
+            Activation::Silu => {
+                let sigmoid = (x.neg()?.exp()? + 1.0)?.recip()?;
+                &sigmoid * ((x * (1.0 - &sigmoid)?)? + 1.0)?
+            }
+            // 0.5·(1 + erf(x/√2)) + x·exp(-x²/2)/√(2π).
+            Activation::Gelu => {
+                let cdf = (x * std::f64::consts::FRAC_1_SQRT_2)?
+                    .erf()?
+                    .affine(0.5, 0.5)?;
+                let density = (x.sqr()? * -0.5)?
+                    .exp()?
+                    .affine(1.0 / (2.0 * std::f64::consts::PI).sqrt(), 0.0)?;
+                cdf + (x * density)?
+            }
+        }
     }
 }
 
-impl CustomOp1 for SiluOp {
+impl CustomOp1 for Activation {
     fn name(&self) -> &'static str {
-        "silu"
+        match self {
+            Activation::Silu => "silu",
+            Activation::Gelu => "gelu-exact",
+        }
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        Self::forward(storage, layout)
+        self.forward(storage, layout)
     }
 
     fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
-        Self::forward(storage, layout)
+        self.forward(storage, layout)
     }
 
     fn metal_fwd(&self, storage: &MetalStorage, layout: &Layout) -> Result<(MetalStorage, Shape)> {
-        Self::forward(storage, layout)
+        self.forward(storage, layout)
     }
 
-    /// d/dx = σ(x)·(1 + x·(1 − σ(x))).
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let x = x.detach().contiguous()?;
-        let grad = grad.contiguous()?;
         if has_cpu_gradient(&x) {
-            let op = ActivationGradient(Activation::Silu);
-            return Ok(Some(x.apply_op2_no_bwd(&grad, &op)?));
+            let op = ActivationGradient(*self);
+            return Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &op)?));
         }
-        let sigmoid = (x.neg()?.exp()? + 1.0)?.recip()?;
-        let derivative = (&sigmoid * ((&x * (1.0 - &sigmoid)?)? + 1.0)?)?;
-        Ok(Some((grad * derivative)?))
+        Ok(Some((grad * self.composed_derivative(&x)?)?))
     }
 }
 
-/// An activation whose derivative [`ActivationGradient`] evaluates.
+/// An element-wise activation with an exact gradient: candle's forward kernel, and a one-pass gradient on
+/// the CPU ([`ActivationGradient`]).
 #[derive(Clone, Copy)]
 enum Activation {
     Silu,
@@ -230,7 +205,7 @@ impl CustomOp2 for ActivationGradient {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{Device, Tensor, Var};
+    use candle_core::{CustomOp1, Device, Tensor, Var};
 
     #[test]
     fn silu_gradient_matches_finite_differences() {
@@ -252,6 +227,23 @@ mod tests {
                 (g - numeric).abs() < 1e-7 * (i + 1) as f64,
                 "x = {v}: {g} vs {numeric}"
             );
+        }
+    }
+
+    #[test]
+    fn composed_derivatives_for_other_devices_match_the_cpu_pass() {
+        let x = Tensor::arange(-60f64, 61.0, &Device::Cpu)
+            .unwrap()
+            .affine(0.1, 0.0)
+            .unwrap();
+        let ones = x.ones_like().unwrap();
+        for activation in [super::Activation::Silu, super::Activation::Gelu] {
+            let composed = activation.composed_derivative(&x).unwrap();
+            let one_pass = x
+                .apply_op2_no_bwd(&ones, &super::ActivationGradient(activation))
+                .unwrap();
+            let diff = crate::test_support::max_abs_diff(&composed, &one_pass);
+            assert!(diff < 1e-12, "{}: {diff}", activation.name());
         }
     }
 
