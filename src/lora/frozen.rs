@@ -119,15 +119,6 @@ struct FrozenConvBackward {
 }
 
 impl FrozenConvBackward {
-    fn pass_through<S: BackendStorage>(storage: &S, layout: &Layout) -> Result<(S, Shape)> {
-        if !layout.is_contiguous() || layout.start_offset() != 0 {
-            candle_core::bail!(
-                "frozen conv2d: the convolution output is not a fresh contiguous tensor"
-            );
-        }
-        Ok((storage.try_clone(layout)?, layout.shape().clone()))
-    }
-
     /// The gradient of the convolution's input `[b, in, h, w]` given the output gradient.
     fn input_grad(&self, input: &Tensor, grad: &Tensor) -> Result<Tensor> {
         let (_, _, in_h, in_w) = input.dims4()?;
@@ -154,6 +145,20 @@ impl FrozenConvBackward {
             grad.conv_transpose2d(&self.weight, self.padding, self.stride - 1, self.stride, 1)?;
         full.narrow(2, 0, in_h)?.narrow(3, 0, in_w)
     }
+}
+
+/// The forward pass of an op that ties `storage` (a result computed on detached tensors) to the inputs
+/// its backward pass differentiates: the result, unchanged. `what` names the op in the error. Shared by
+/// every op built this way (frozen convolutions, fused attention and normalisation, checkpointed blocks).
+pub(crate) fn pass_through<S: BackendStorage>(
+    storage: &S,
+    layout: &Layout,
+    what: &str,
+) -> Result<(S, Shape)> {
+    if !layout.is_contiguous() || layout.start_offset() != 0 {
+        candle_core::bail!("{what}: the result is not a fresh contiguous tensor");
+    }
+    Ok((storage.try_clone(layout)?, layout.shape().clone()))
 }
 
 /// A `[out, in, kh, kw]` kernel as `[in, out, kh, kw]` with both spatial axes reversed: the kernel of the
@@ -226,7 +231,7 @@ impl CustomOp2 for FrozenConvBackward {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        Self::pass_through(s1, l1)
+        pass_through(s1, l1, "frozen conv2d")
     }
 
     fn cuda_fwd(
@@ -236,7 +241,7 @@ impl CustomOp2 for FrozenConvBackward {
         _: &CudaStorage,
         _: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        Self::pass_through(s1, l1)
+        pass_through(s1, l1, "frozen conv2d")
     }
 
     fn metal_fwd(
@@ -246,7 +251,7 @@ impl CustomOp2 for FrozenConvBackward {
         _: &MetalStorage,
         _: &Layout,
     ) -> Result<(MetalStorage, Shape)> {
-        Self::pass_through(s1, l1)
+        pass_through(s1, l1, "frozen conv2d")
     }
 
     fn bwd(

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use super::ops::pass_through;
+use crate::lora::pass_through;
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp3, Layout, MetalStorage, Result, Shape, Tensor, TensorId, Var,
 };

@@ -12,7 +12,7 @@ use candle_core::{
     CpuStorage, CudaStorage, CustomOp3, D, Layout, MetalStorage, Result, Shape, Tensor,
 };
 
-use super::ops::pass_through;
+use crate::lora::pass_through;
 
 /// Elements of one chunk's score matrix at most (128 MB in f32).
 const CHUNK_ELEMENTS: usize = 32 << 20;

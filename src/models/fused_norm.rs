@@ -11,7 +11,7 @@ use candle_core::{
     CpuStorage, CudaStorage, CustomOp2, Layout, MetalStorage, Result, Shape, Tensor,
 };
 
-use super::ops::pass_through;
+use crate::lora::pass_through;
 
 /// `(x − mean)/√(var + eps)` over each row of `x` (`[rows, n]`, f32 or f64), differentiable in `x`.
 pub(super) fn normalize_rows(x: &Tensor, eps: f64) -> Result<Tensor> {

@@ -2,8 +2,6 @@
 //!
 //! candle's `gelu_erf` gradient uses 0.398942 for 1/sqrt(2π) (off by 7e-7 relative), which finite-difference
 //! checks of the UNet's GEGLU feed-forward detect. The forward here runs candle's own kernel on any backend.
-//! Also the forward of the ops that attach a result computed without a graph to its inputs
-//! ([`pass_through`]), whose backward passes are their own.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cpu::erf;
@@ -13,19 +11,6 @@ use candle_core::{
     Tensor,
 };
 use rayon::prelude::*;
-
-/// The forward pass of an op that ties `storage` (a result computed on detached tensors) to the inputs
-/// its backward pass differentiates: the result, unchanged. `what` names the op in the error.
-pub(super) fn pass_through<S: BackendStorage>(
-    storage: &S,
-    layout: &Layout,
-    what: &str,
-) -> Result<(S, Shape)> {
-    if !layout.is_contiguous() || layout.start_offset() != 0 {
-        candle_core::bail!("{what}: the result is not a fresh contiguous tensor");
-    }
-    Ok((storage.try_clone(layout)?, layout.shape().clone()))
-}
 
 /// Exact (erf) GELU, `0.5·x·(1 + erf(x/√2))`, with an exact gradient.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
