@@ -440,8 +440,13 @@ fn report_dataset(dataset: &Dataset, reporter: &mut dyn TrainReporter) {
     }
     if !dataset.missing_captions.is_empty() {
         reporter.message(&format!(
-            "{} images have no caption (no metadata.csv entry, sidecar or instance prompt), e.g. {}",
+            "{} {} no caption (no metadata.csv entry, sidecar or instance prompt), e.g. {}",
             dataset.missing_captions.len(),
+            if dataset.missing_captions.len() == 1 {
+                "image has"
+            } else {
+                "images have"
+            },
             dataset.missing_captions[0].display()
         ));
     }
