@@ -14,6 +14,7 @@ pub mod data;
 pub mod device;
 pub mod flops;
 pub mod hashing;
+pub mod label;
 pub mod lora;
 pub mod messages;
 pub mod models;

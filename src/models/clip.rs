@@ -5,10 +5,10 @@ use candle_core::{DType, Device, IndexOp, Result, Tensor};
 use candle_nn::{Embedding, Module};
 use serde::Deserialize;
 
-use crate::lora::{AdaptableLinear, LayerBuilder, LayerRegistry};
+use crate::lora::{LayerBuilder, LayerRegistry};
 use crate::models::ModelError;
-use crate::models::nn::{LayerNorm, attention, quick_gelu};
-use crate::models::ops::gelu;
+use crate::models::nn::LayerNorm;
+use crate::models::transformer_layer::{AttentionLayout, EncoderDims, EncoderLayer};
 
 /// The activation of the MLPs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -77,6 +77,17 @@ impl ClipTextConfig {
         }
     }
 
+    /// The sizes of one encoder layer.
+    pub fn encoder_dims(&self) -> EncoderDims {
+        EncoderDims {
+            hidden: self.hidden_size,
+            intermediate: self.intermediate_size,
+            heads: self.num_attention_heads,
+            activation: self.hidden_act,
+            layer_norm_eps: self.layer_norm_eps,
+        }
+    }
+
     /// Parses a transformers `text_encoder/config.json`.
     pub fn from_transformers_json(json: &str) -> std::result::Result<Self, ModelError> {
         let config: Self = serde_json::from_str(json).map_err(|e| {
@@ -93,58 +104,6 @@ impl ClipTextConfig {
             )));
         }
         Ok(config)
-    }
-}
-
-#[derive(Debug, Clone)]
-struct EncoderLayer {
-    layer_norm1: LayerNorm,
-    q_proj: AdaptableLinear,
-    k_proj: AdaptableLinear,
-    v_proj: AdaptableLinear,
-    out_proj: AdaptableLinear,
-    layer_norm2: LayerNorm,
-    fc1: AdaptableLinear,
-    fc2: AdaptableLinear,
-    heads: usize,
-    activation: ClipActivation,
-}
-
-impl EncoderLayer {
-    fn new(lb: LayerBuilder, config: &ClipTextConfig) -> Result<Self> {
-        let d = config.hidden_size;
-        let attn = lb.pp("self_attn");
-        let mlp = lb.pp("mlp");
-        Ok(Self {
-            layer_norm1: LayerNorm::new(lb.vb().pp("layer_norm1"), d, config.layer_norm_eps)?,
-            q_proj: attn.pp("q_proj").linear(d, d, true)?,
-            k_proj: attn.pp("k_proj").linear(d, d, true)?,
-            v_proj: attn.pp("v_proj").linear(d, d, true)?,
-            out_proj: attn.pp("out_proj").linear(d, d, true)?,
-            layer_norm2: LayerNorm::new(lb.vb().pp("layer_norm2"), d, config.layer_norm_eps)?,
-            fc1: mlp.pp("fc1").linear(d, config.intermediate_size, true)?,
-            fc2: mlp.pp("fc2").linear(config.intermediate_size, d, true)?,
-            heads: config.num_attention_heads,
-            activation: config.hidden_act,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
-        let h = self.layer_norm1.forward(x)?;
-        let attended = attention(
-            &self.q_proj.forward(&h)?,
-            &self.k_proj.forward(&h)?,
-            &self.v_proj.forward(&h)?,
-            self.heads,
-            Some(causal_mask),
-        )?;
-        let x = (self.out_proj.forward(&attended)? + x)?;
-        let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
-        let h = match self.activation {
-            ClipActivation::QuickGelu => quick_gelu(&h)?,
-            ClipActivation::Gelu => gelu(&h)?,
-        };
-        self.fc2.forward(&h)? + x
     }
 }
 
@@ -173,7 +132,13 @@ impl ClipTextTransformer {
             "weight",
         )?;
         let layers = (0..config.num_hidden_layers)
-            .map(|i| EncoderLayer::new(lb.pp("encoder").pp("layers").pp(i), config))
+            .map(|i| {
+                EncoderLayer::new(
+                    lb.pp("encoder").pp("layers").pp(i),
+                    config.encoder_dims(),
+                    AttentionLayout::Separate,
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         let final_layer_norm = LayerNorm::new(
             lb.vb().pp("final_layer_norm"),
@@ -217,14 +182,14 @@ impl ClipTextTransformer {
             .saturating_sub(clip_skip.max(1) - 1)
             .max(1);
         for layer in &self.layers[..used_layers] {
-            h = layer.forward(&h, &mask)?;
+            h = layer.forward(&h, Some(&mask))?;
         }
         self.final_layer_norm.forward(&h)
     }
 }
 
 /// `[tokens, tokens]`, zero on and below the diagonal and -inf above it.
-fn causal_mask(tokens: usize, device: &Device) -> Result<Tensor> {
+pub(crate) fn causal_mask(tokens: usize, device: &Device) -> Result<Tensor> {
     let values: Vec<f32> = (0..tokens)
         .flat_map(|i| (0..tokens).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();

@@ -5,22 +5,29 @@
 //! adapter-capable layers so LoRA training, previews and merging share one code path. Must not use egui,
 //! messages, train or worker.
 
+pub mod blip;
 pub mod checkpoint;
 pub mod checkpointing;
 pub mod clip;
+pub mod clip_embedder;
 mod fused_attention;
 mod fused_norm;
+pub mod image_processor;
 pub mod inspect;
 pub mod merge;
 pub mod nn;
 pub mod ops;
 pub mod pipeline;
+mod resample;
 mod resnet;
 pub mod schedulers;
 mod text_clean;
 pub mod tokenizer;
+pub mod transformer_layer;
 pub mod unet;
 pub mod vae;
+pub mod vision;
+pub mod wordpiece;
 
 use std::path::PathBuf;
 

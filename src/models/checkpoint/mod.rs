@@ -182,7 +182,7 @@ impl ModelSource {
 }
 
 /// Builds one component, reporting the backend's structured error (missing tensor, wrong shape) if any.
-fn build<T>(
+pub fn build<T>(
     component: &Component,
     label: &str,
     device: &Device,
@@ -378,6 +378,17 @@ fn open_diffusers(folder: &Path) -> Result<ModelSource, ModelError> {
             pad_token,
         },
         config_files,
+    })
+}
+
+/// The weights of a transformers model folder (`model.safetensors`, possibly sharded, or
+/// `pytorch_model.bin`), under their stored names.
+pub fn transformers_weights(folder: &Path) -> Result<Component, ModelError> {
+    Ok(Component {
+        files: Arc::new(TensorFiles::new(diffusers_weights(folder, "model")?)),
+        names: NameMap::Diffusers {
+            prefix: String::new(),
+        },
     })
 }
 
