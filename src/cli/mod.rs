@@ -5,6 +5,7 @@
 mod bench;
 mod generate;
 mod inspect;
+mod label;
 mod merge;
 mod train;
 
@@ -36,6 +37,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Train a LoRA from a folder of images.
     Train(train::TrainArgs),
+    /// Write a first caption for every image of a dataset folder (BLIP sentences, CLIP tags).
+    Label(label::LabelArgs),
     /// Merge LoRA files into a base model and write one single-file checkpoint.
     Merge(merge::MergeArgs),
     /// Measure training speed and memory with a real-size model of random weights.
@@ -49,6 +52,7 @@ pub fn run() -> ExitCode {
         Some(Command::Generate(args)) => generate::run(*args),
         Some(Command::Inspect(args)) => inspect::run(args),
         Some(Command::Train(args)) => train::run(args),
+        Some(Command::Label(args)) => label::run(args),
         Some(Command::Merge(args)) => merge::run(args),
         Some(Command::Bench(args)) => bench::run(args),
         None => open_app(cli.path),

@@ -193,7 +193,7 @@ impl<'a> HubModel<'a> {
                 return Ok(folder);
             }
             return Err(LabelError::Input(format!(
-                "{} is not complete in the Hugging Face cache {} (it lacks {}) and downloads are off (HF_HUB_OFFLINE)",
+                "{} is not complete in the Hugging Face cache {} (it lacks {}) and downloads are off (--offline or HF_HUB_OFFLINE=1)",
                 self.repo,
                 self.settings.cache_dir.display(),
                 missing[0].join(" or ")
@@ -223,7 +223,7 @@ impl<'a> HubModel<'a> {
         }
         let Some(api) = &self.api else {
             return Err(LabelError::Input(format!(
-                "{} is not in the Hugging Face cache {} and downloads are off (HF_HUB_OFFLINE)",
+                "{} is not in the Hugging Face cache {} and downloads are off (--offline or HF_HUB_OFFLINE=1)",
                 self.repo,
                 self.settings.cache_dir.display()
             )));
