@@ -27,6 +27,11 @@ pub enum Job {
         metadata_csv: Option<PathBuf>,
         caption_extension: String,
     },
+    /// Caption the dataset's images that have no caption (all of them with `overwrite`), saving each where
+    /// the dataset keeps captions.
+    AutoCaption(AutoCaptionRequest),
+    /// Stop auto-captioning after the current image.
+    CancelAutoCaption,
     /// Train (or resume) a LoRA.
     Train {
         config: Box<TrainConfig>,
@@ -68,8 +73,25 @@ impl Job {
             Job::PreviewGrid { .. } => "rendering a preview grid",
             Job::Export(_) => "exporting",
             Job::FindCheckpoints { .. } => "listing checkpoints",
+            Job::AutoCaption(_) => "auto-captioning",
+            Job::CancelAutoCaption => "cancelling auto-captioning",
         }
     }
+}
+
+/// An auto-captioning run over a dataset folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AutoCaptionRequest {
+    pub root: PathBuf,
+    /// Model folders, short names (`blip`, `clip`) or Hub repositories; their parts are joined with ", ".
+    pub models: Vec<String>,
+    /// Text put before every caption, followed by ", ".
+    pub prefix: Option<String>,
+    pub overwrite: bool,
+    /// The dataset's `metadata.csv`, if captions live there; otherwise sidecars with `caption_extension`.
+    pub metadata_csv: Option<PathBuf>,
+    pub caption_extension: String,
+    pub device: String,
 }
 
 /// The adapters a preview uses.
@@ -274,6 +296,25 @@ pub enum Event {
     Exported {
         path: PathBuf,
         copied_to: Option<PathBuf>,
+    },
+    /// Auto-captioning advanced: what it is doing (downloading, loading, captioning) and how far along.
+    AutoCaptionProgress {
+        activity: String,
+        done: u64,
+        total: u64,
+    },
+    /// One image was auto-captioned and its caption saved.
+    AutoCaptioned {
+        relative: PathBuf,
+        caption: String,
+        target: PathBuf,
+    },
+    /// Auto-captioning ended (`failed` lists images that could not be captioned, with the reason).
+    AutoCaptionEnded {
+        captioned: usize,
+        kept: usize,
+        failed: Vec<(PathBuf, String)>,
+        cancelled: bool,
     },
     /// A problem, in one sentence, with the fix people usually need.
     Error {

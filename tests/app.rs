@@ -186,3 +186,68 @@ fn a_dropped_config_brings_its_settings_and_dataset() {
         assert!(harness.run_ok().is_some(), "{tab:?} settles");
     }
 }
+
+#[test]
+fn auto_caption_fills_empty_captions_then_replaces_all_after_confirmation() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = make_dataset(&dir.path().join("data"), 3);
+    // img2 loses its caption.
+    let csv = std::fs::read_to_string(data.join("metadata.csv")).unwrap();
+    let kept: Vec<&str> = csv.lines().filter(|l| !l.starts_with("img2.png")).collect();
+    std::fs::write(data.join("metadata.csv"), kept.join("\n") + "\n").unwrap();
+    let mut settings = AppSettings {
+        train: TrainConfig {
+            train_data_dir: PathBuf::new(),
+            ..tiny_config(&data, &dir.path().join("out"))
+        },
+        ..Default::default()
+    };
+    settings.auto_caption.models = common::fixture("captioners/blip").display().to_string();
+    let mut harness = open_app(settings);
+    drop_path(&mut harness, data.clone());
+    step_until(&mut harness, "the dataset", |app| app.dataset_len() == 3);
+    harness.run_steps(3);
+
+    harness.get_by_label("Caption 1 empty").click();
+    harness.run_steps(1);
+    step_until(&mut harness, "auto-captioning", |app| {
+        !app.auto_captioning()
+    });
+    let captions = harness.state().captions().to_vec();
+    assert_eq!(captions[0], "neon city 0, magenta squares");
+    assert!(!captions[2].trim().is_empty(), "{captions:?}");
+    let on_disk = std::fs::read_to_string(data.join("metadata.csv")).unwrap();
+    assert!(on_disk.contains(&captions[2]), "{on_disk}");
+    assert!(
+        harness
+            .state()
+            .notices()
+            .iter()
+            .any(|n| n.contains("1 captioned, 2 kept")),
+        "{:?}",
+        harness.state().notices()
+    );
+
+    // Re-caption all asks first; "Keep them" changes nothing.
+    harness.get_by_label("Re-caption all…").click();
+    harness.run_steps(2);
+    harness.get_by_label("Keep them").click();
+    harness.run_steps(2);
+    assert!(!harness.state().auto_captioning());
+    assert_eq!(
+        harness.state().captions()[0],
+        "neon city 0, magenta squares"
+    );
+    harness.get_by_label("Re-caption all…").click();
+    harness.run_steps(2);
+    harness.get_by_label("Replace all").click();
+    harness.run_steps(1);
+    step_until(&mut harness, "re-captioning", |app| !app.auto_captioning());
+    let captions = harness.state().captions().to_vec();
+    assert!(
+        captions.iter().all(|c| !c.contains("neon city")),
+        "{captions:?}"
+    );
+    let on_disk = std::fs::read_to_string(data.join("metadata.csv")).unwrap();
+    assert!(!on_disk.contains("neon city"), "{on_disk}");
+}

@@ -33,6 +33,16 @@ const RULES: &[(&str, &[&str])] = &[
         "train",
         &["egui", "eframe", "crate::messages", "crate::worker"],
     ),
+    (
+        "label",
+        &[
+            "egui",
+            "eframe",
+            "crate::messages",
+            "crate::train",
+            "crate::worker",
+        ],
+    ),
     ("worker", &["egui", "eframe"]),
     ("cli", &["egui", "eframe"]),
     (
@@ -47,6 +57,7 @@ const RULES: &[(&str, &[&str])] = &[
             "crate::train",
             "crate::lora",
             "crate::data",
+            "crate::label",
             "crate::tensor_file",
         ],
     ),

@@ -225,3 +225,70 @@ fn a_newer_preview_cancels_the_one_rendering() {
     assert_eq!(id, 2, "the 500-step render gave way to the newer request");
     assert!(sent.elapsed() < Duration::from_secs(30));
 }
+
+#[test]
+fn auto_captioning_streams_captions_and_stops_when_cancelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for i in 0..40u32 {
+        let image = image::RgbImage::from_fn(48, 40, |x, y| {
+            image::Rgb([(x * 5 + i) as u8, (y * 6) as u8, (i * 9) as u8])
+        });
+        image.save(data.join(format!("img{i:02}.png"))).unwrap();
+    }
+    let (worker, events) = WorkerHandle::spawn(Arc::new(|| {})).unwrap();
+    let request = lora_studio::messages::AutoCaptionRequest {
+        root: data.clone(),
+        models: vec![fixture("captioners/blip").display().to_string()],
+        prefix: Some("cyb3r".into()),
+        overwrite: false,
+        metadata_csv: None,
+        caption_extension: ".txt".into(),
+        device: "cpu".into(),
+    };
+    worker.send(Job::AutoCaption(request.clone()));
+    let (relative, caption, target) = wait_for(&events, "the first caption", |e| match e {
+        Event::AutoCaptioned {
+            relative,
+            caption,
+            target,
+        } => Some((relative.clone(), caption.clone(), target.clone())),
+        _ => None,
+    });
+    worker.send(Job::CancelAutoCaption);
+    assert!(caption.starts_with("cyb3r, "), "{caption}");
+    assert_eq!(target, data.join(&relative).with_extension("txt"));
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), caption);
+    let (captioned, cancelled) = wait_for(&events, "the end", |e| match e {
+        Event::AutoCaptionEnded {
+            captioned,
+            cancelled,
+            ..
+        } => Some((*captioned, *cancelled)),
+        _ => None,
+    });
+    assert!(cancelled);
+    assert!((1..40).contains(&captioned), "{captioned}");
+    let sidecars = std::fs::read_dir(&data)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "txt")
+        })
+        .count();
+    assert_eq!(sidecars, captioned);
+
+    // Running again captions only the rest (the models stay loaded).
+    worker.send(Job::AutoCaption(request));
+    let (again, kept) = wait_for(&events, "the second run", |e| match e {
+        Event::AutoCaptionEnded {
+            captioned, kept, ..
+        } => Some((*captioned, *kept)),
+        _ => None,
+    });
+    assert_eq!((again, kept), (40 - captioned, captioned));
+}

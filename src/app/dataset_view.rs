@@ -113,6 +113,7 @@ impl StudioApp {
                 format!("{}: {reason}", path.display()),
             );
         }
+        self.auto_caption_ui(ui);
         self.caption_tools_ui(ui);
         egui::Panel::right("caption-editor")
             .resizable(true)

@@ -3,6 +3,7 @@
 //! caption editing, checks), train (settings, run controls, live loss chart), preview (strength slider,
 //! checkpoint grid) and export.
 
+mod auto_caption_view;
 mod chart;
 mod dataset_view;
 mod estimate;
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use crossbeam_channel::{Receiver, Sender};
 use eframe::egui;
 
+use auto_caption_view::AutoCaptionState;
 pub use settings::{AppSettings, Tab};
 pub use state::RunStatus;
 use state::{DatasetState, Notice, PreviewState, RunState};
@@ -93,6 +95,7 @@ pub struct StudioApp {
     dataset: DatasetState,
     run: RunState,
     preview: PreviewState,
+    auto_caption: AutoCaptionState,
     notices: Vec<Notice>,
 }
 
@@ -110,6 +113,7 @@ impl StudioApp {
             dataset: DatasetState::default(),
             run: RunState::default(),
             preview: PreviewState::default(),
+            auto_caption: AutoCaptionState::default(),
             notices: Vec::new(),
         };
         let folder = app.settings.train.train_data_dir.clone();
@@ -127,6 +131,16 @@ impl StudioApp {
     /// Thumbnails the grid asked for that have not arrived yet.
     pub fn thumbnails_waiting(&self) -> usize {
         self.dataset.thumbnails_waiting()
+    }
+
+    /// Whether auto-captioning is running.
+    pub fn auto_captioning(&self) -> bool {
+        self.auto_caption.running
+    }
+
+    /// The captions the grid shows, in entry order.
+    pub fn captions(&self) -> &[String] {
+        &self.dataset.captions
     }
 
     /// Captions that are not yet confirmed saved.
@@ -270,6 +284,45 @@ impl StudioApp {
                         .unwrap_or_default();
                     self.notice(false, format!("exported {}{copied}", path.display()), None);
                     self.preview.exported.push(path);
+                }
+                Event::AutoCaptionProgress {
+                    activity,
+                    done,
+                    total,
+                } => {
+                    self.auto_caption.activity = activity;
+                    self.auto_caption.done = done;
+                    self.auto_caption.total = total;
+                }
+                Event::AutoCaptioned {
+                    relative,
+                    caption,
+                    target,
+                } => self.dataset.auto_captioned(
+                    &relative,
+                    &caption,
+                    &target,
+                    self.auto_caption.overwrite,
+                ),
+                Event::AutoCaptionEnded {
+                    captioned,
+                    kept,
+                    failed,
+                    cancelled,
+                } => {
+                    self.auto_caption = AutoCaptionState::default();
+                    let mut text = format!(
+                        "auto-captioning {}: {captioned} captioned, {kept} kept",
+                        if cancelled { "cancelled" } else { "finished" }
+                    );
+                    if let Some((path, reason)) = failed.first() {
+                        text.push_str(&format!(
+                            ", {} could not be captioned ({}: {reason})",
+                            failed.len(),
+                            path.display()
+                        ));
+                    }
+                    self.notice(!failed.is_empty(), text, None);
                 }
                 Event::Error { message, hint } => self.notice(true, message, hint),
                 Event::Info(text) => self.notice(false, text, None),

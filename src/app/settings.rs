@@ -29,6 +29,37 @@ pub struct ExportSettings {
     pub copy_to_ui: bool,
 }
 
+/// Auto-captioning choices.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AutoCaptionSettings {
+    /// Model names, folders or Hub repositories, separated by commas (`blip, clip`).
+    pub models: String,
+    /// Text put before every caption.
+    pub prefix: String,
+}
+
+impl Default for AutoCaptionSettings {
+    fn default() -> Self {
+        Self {
+            models: "blip".to_string(),
+            prefix: String::new(),
+        }
+    }
+}
+
+impl AutoCaptionSettings {
+    /// The model names, trimmed, empty ones dropped.
+    pub fn model_names(&self) -> Vec<String> {
+        self.models
+            .split(',')
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+}
+
 /// Everything the app remembers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default)]
@@ -39,6 +70,7 @@ pub struct AppSettings {
     pub preset: String,
     pub preview: PreviewSettings,
     pub export: ExportSettings,
+    pub auto_caption: AutoCaptionSettings,
     pub show_advanced: bool,
 }
 

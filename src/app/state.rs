@@ -151,6 +151,30 @@ impl DatasetState {
     /// A save was confirmed: the entry's caption now lives at `target`.
     pub fn caption_saved(&mut self, relative: &Path, target: &Path) {
         self.saves_in_flight = self.saves_in_flight.saturating_sub(1);
+        self.caption_stored(relative, target);
+    }
+
+    /// An auto-caption was saved: the grid shows it unless the user has typed a caption meanwhile (the
+    /// worker never overwrites that one on disk either, except when re-captioning everything).
+    pub fn auto_captioned(
+        &mut self,
+        relative: &Path,
+        caption: &str,
+        target: &Path,
+        overwrite: bool,
+    ) {
+        let Some(view) = &self.view else { return };
+        let Some(index) = view.entries.iter().position(|e| e.relative == relative) else {
+            return;
+        };
+        if overwrite || self.captions[index].trim().is_empty() {
+            self.captions[index] = caption.to_string();
+        }
+        self.caption_stored(relative, target);
+    }
+
+    /// The entry's caption now lives at `target`.
+    fn caption_stored(&mut self, relative: &Path, target: &Path) {
         let Some(view) = &mut self.view else { return };
         if let Some(entry) = view.entries.iter_mut().find(|e| e.relative == relative) {
             entry.origin = if target.extension().is_some_and(|e| e == "csv") {

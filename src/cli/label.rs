@@ -252,7 +252,7 @@ impl LabelReporter for TerminalLabel {
         self.bar = Some(bar);
     }
 
-    fn captioned(&mut self, relative: &Path, caption: &str) {
+    fn captioned(&mut self, relative: &Path, caption: &str, _target: &Path) {
         self.say(format!("{}: {caption}", relative.display()));
         if let Some(bar) = &self.bar {
             bar.inc(1);

@@ -10,6 +10,7 @@ use super::LabelError;
 use super::captioner::Captioner;
 use crate::config::TrainConfig;
 use crate::data::caption_store::{CaptionTarget, save_caption};
+use crate::data::captions::read_metadata_csv;
 use crate::data::images::load_oriented;
 use crate::data::scan::scan_dataset;
 
@@ -60,8 +61,8 @@ impl LabelOptions {
 pub trait LabelReporter {
     /// The images that will be captioned, and how many keep the caption they have.
     fn planned(&mut self, to_caption: &[PathBuf], kept: usize);
-    /// One image's caption was written (`relative` to the input folder).
-    fn captioned(&mut self, relative: &Path, caption: &str);
+    /// One image's caption was written (`relative` to the input folder) to `target`.
+    fn captioned(&mut self, relative: &Path, caption: &str, target: &Path);
     /// One image could not be captioned; the run goes on.
     fn failed(&mut self, relative: &Path, reason: &str);
 }
@@ -185,8 +186,13 @@ pub fn label_folder(
                         path.with_extension(extension.trim_start_matches('.')),
                     ),
                 };
+                if !options.overwrite && captioned_meanwhile(&target, &options.input, &relative) {
+                    report.kept += 1;
+                    continue;
+                }
                 save_caption(&target, &relative, &caption)?;
-                reporter.captioned(&relative, &caption);
+                let (CaptionTarget::Csv(written) | CaptionTarget::Sidecar(written)) = &target;
+                reporter.captioned(&relative, &caption, written);
                 report.captioned += 1;
             }
             Err(reason) => {
@@ -196,6 +202,20 @@ pub fn label_folder(
         }
     }
     Ok(report)
+}
+
+/// Whether the image got a caption after the run was planned (typed in the app meanwhile); it is kept.
+fn captioned_meanwhile(target: &CaptionTarget, root: &Path, relative: &Path) -> bool {
+    match target {
+        CaptionTarget::Csv(csv) => {
+            csv.is_file()
+                && read_metadata_csv(csv, root)
+                    .is_ok_and(|rows| rows.get(relative).is_some_and(|c| !c.trim().is_empty()))
+        }
+        CaptionTarget::Sidecar(path) => {
+            std::fs::read_to_string(path).is_ok_and(|text| !text.trim().is_empty())
+        }
+    }
 }
 
 /// Every model's contribution for one image.

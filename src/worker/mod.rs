@@ -1,8 +1,9 @@
-//! The worker threads behind the app: `engine` owns the model (training, previews, exports) and `files`
-//! does the dataset work (scanning, checks, thumbnails, caption saves), so a long training step never holds
-//! up a caption edit. Jobs arrive over channels; events go back over a bounded channel, each followed by
+//! The worker threads behind the app: `engine` owns the model (training, previews, exports), `files`
+//! does the dataset work (scanning, checks, thumbnails, caption saves) and `captioner` auto-captions, so a
+//! long training step never holds up a caption edit. Jobs arrive over channels; events go back over a bounded channel, each followed by
 //! the wake-up closure (the app's repaint request). Must not use egui or eframe.
 
+mod captioner;
 mod engine;
 mod files;
 mod inbox;
@@ -52,6 +53,7 @@ const EVENT_CAPACITY: usize = 4096;
 pub struct WorkerHandle {
     engine: Sender<Job>,
     files: Sender<Job>,
+    captioner: Sender<Job>,
 }
 
 impl WorkerHandle {
@@ -61,17 +63,23 @@ impl WorkerHandle {
         let outbox = Outbox::new(event_tx, wake);
         let (engine_tx, engine_rx) = crossbeam_channel::unbounded();
         let (files_tx, files_rx) = crossbeam_channel::unbounded();
+        let (captioner_tx, captioner_rx) = crossbeam_channel::unbounded();
         let engine_outbox = outbox.clone();
+        let captioner_outbox = outbox.clone();
         std::thread::Builder::new()
             .name("lora-studio-engine".into())
             .spawn(move || engine::run(engine_rx, engine_outbox))?;
         std::thread::Builder::new()
             .name("lora-studio-files".into())
             .spawn(move || files::run(files_rx, outbox))?;
+        std::thread::Builder::new()
+            .name("lora-studio-captioner".into())
+            .spawn(move || captioner::run(captioner_rx, captioner_outbox))?;
         Ok((
             Self {
                 engine: engine_tx,
                 files: files_tx,
+                captioner: captioner_tx,
             },
             event_rx,
         ))
@@ -84,6 +92,7 @@ impl WorkerHandle {
             | Job::Thumbnail { .. }
             | Job::SaveCaption { .. }
             | Job::FindCheckpoints { .. } => &self.files,
+            Job::AutoCaption(_) | Job::CancelAutoCaption => &self.captioner,
             _ => &self.engine,
         };
         // A closed channel means the thread died; its last event already said why.
