@@ -309,12 +309,14 @@ pub enum Event {
         caption: String,
         target: PathBuf,
     },
-    /// Auto-captioning ended (`failed` lists images that could not be captioned, with the reason).
+    /// Auto-captioning ended (`failed` lists images that could not be captioned, with the reason);
+    /// `errored` when it could not run at all (an `Error` event said why).
     AutoCaptionEnded {
         captioned: usize,
         kept: usize,
         failed: Vec<(PathBuf, String)>,
         cancelled: bool,
+        errored: bool,
     },
     /// A problem, in one sentence, with the fix people usually need.
     Error {

@@ -309,8 +309,12 @@ impl StudioApp {
                     kept,
                     failed,
                     cancelled,
+                    errored,
                 } => {
                     self.auto_caption = AutoCaptionState::default();
+                    if errored {
+                        continue;
+                    }
                     let mut text = format!(
                         "auto-captioning {}: {captioned} captioned, {kept} kept",
                         if cancelled { "cancelled" } else { "finished" }

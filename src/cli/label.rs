@@ -141,6 +141,7 @@ pub fn run(args: LabelArgs) -> anyhow::Result<()> {
         handler_token.cancel();
     });
     let mut reporter = TerminalLabel::default();
+    let started = Instant::now();
     let report = label_folder(&options, &captioners, &device, &mut reporter, &|| {
         cancel.is_cancelled()
     })?;
@@ -152,7 +153,7 @@ pub fn run(args: LabelArgs) -> anyhow::Result<()> {
         CaptionOutput::Sidecars { extension } => format!(".{extension} files next to the images"),
     };
     eprintln!(
-        "{} {} {} in {written_to}; {} kept {} caption{}{}",
+        "{} {} {} in {written_to} ({:.2} s per image); {} kept {} caption{}{}",
         if report.cancelled {
             "stopped:"
         } else {
@@ -164,6 +165,7 @@ pub fn run(args: LabelArgs) -> anyhow::Result<()> {
         } else {
             "images"
         },
+        started.elapsed().as_secs_f64() / report.captioned.max(1) as f64,
         report.kept,
         if report.kept == 1 { "its" } else { "their" },
         if report.failed.is_empty() {

@@ -53,7 +53,7 @@ pub fn run(jobs: Receiver<Job>, outbox: Outbox) {
                 });
                 if ended.is_none() {
                     loaded = None;
-                    outbox.send(ended_event(0, 0, Vec::new(), false));
+                    outbox.send(errored());
                 }
             }
             Job::CancelAutoCaption => {}
@@ -62,17 +62,14 @@ pub fn run(jobs: Receiver<Job>, outbox: Outbox) {
     }
 }
 
-fn ended_event(
-    captioned: usize,
-    kept: usize,
-    failed: Vec<(PathBuf, String)>,
-    cancelled: bool,
-) -> Event {
+/// The end of a run that could not start or broke off with an error.
+fn errored() -> Event {
     Event::AutoCaptionEnded {
-        captioned,
-        kept,
-        failed,
-        cancelled,
+        captioned: 0,
+        kept: 0,
+        failed: Vec::new(),
+        cancelled: false,
+        errored: true,
     }
 }
 
@@ -113,15 +110,16 @@ fn auto_caption(
         .map_err(|e| e.to_string())
     });
     match result {
-        Ok(report) => outbox.send(ended_event(
-            report.captioned,
-            report.kept,
-            report.failed,
-            report.cancelled,
-        )),
+        Ok(report) => outbox.send(Event::AutoCaptionEnded {
+            captioned: report.captioned,
+            kept: report.kept,
+            failed: report.failed,
+            cancelled: report.cancelled,
+            errored: false,
+        }),
         Err(message) => {
             outbox.error(message);
-            outbox.send(ended_event(0, 0, Vec::new(), false));
+            outbox.send(errored());
         }
     }
 }

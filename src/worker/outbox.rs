@@ -51,6 +51,12 @@ pub fn hint_for(message: &str) -> Option<String> {
             "pick a Stable Diffusion 1.x/2.x checkpoint (.safetensors/.ckpt) or a diffusers folder"
                 .into(),
         )
+    } else if lower.contains("could not download") {
+        Some(
+            "without internet access, put the model folder (config.json, weights, vocab) on disk and \
+             name the folder instead; HF_ENDPOINT points downloads at a mirror"
+                .into(),
+        )
     } else {
         None
     }
