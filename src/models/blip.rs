@@ -59,12 +59,14 @@ pub struct BlipConfig {
 
 impl BlipConfig {
     pub fn from_json(json: &serde_json::Value) -> std::result::Result<Self, ModelError> {
-        let text: BlipTextConfig = match json.get("text_config") {
+        let mut text: BlipTextConfig = match json.get("text_config") {
             Some(v) if !v.is_null() => serde_json::from_value(v.clone())
                 .map_err(|e| ModelError::Config(format!("the text_config is not valid: {e}")))?,
             _ => BlipTextConfig::default(),
         };
         let vision = VisionConfig::from_json(json.get("vision_config"), VisionFamily::Blip)?;
+        // transformers ties the decoder's cross-attention width to the vision tower, whatever is stored.
+        text.encoder_hidden_size = vision.hidden_size;
         let heads_fit = text.num_attention_heads > 0
             && text.hidden_size.is_multiple_of(text.num_attention_heads);
         let ids_fit = [text.bos_token_id, text.sep_token_id, text.pad_token_id]
@@ -337,4 +339,31 @@ fn argmax(values: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cross_attention_width_follows_the_vision_tower() {
+        let json = serde_json::json!({
+            "text_config": {"encoder_hidden_size": 768, "num_attention_heads": 12},
+            "vision_config": {"hidden_size": 1024, "num_attention_heads": 16},
+        });
+        let config = BlipConfig::from_json(&json).unwrap();
+        assert_eq!(config.text.encoder_hidden_size, 1024);
+        assert_eq!(
+            (config.vision.image_size, config.vision.patch_size),
+            (384, 16)
+        );
+        assert_eq!(config.text.bos_token_id, 30522);
+    }
+
+    #[test]
+    fn special_tokens_outside_the_vocabulary_are_refused() {
+        let json = serde_json::json!({"text_config": {"vocab_size": 100}});
+        let message = BlipConfig::from_json(&json).unwrap_err().to_string();
+        assert!(message.contains("in a vocabulary of 100"), "{message}");
+    }
 }
