@@ -1,6 +1,7 @@
 //! The hot kernels of a Stable Diffusion 1.5 training step at 512 px, forward and forward+backward, as
 //! the UNet runs them (frozen weights, input gradients only): `cargo bench --bench kernels`.
-//! The input requires a gradient, as an activation in the middle of the UNet does.
+//! The input requires a gradient, as an activation in the middle of the UNet does. A word after `--`
+//! runs only the kernels whose name contains it.
 
 use std::time::Instant;
 
@@ -23,8 +24,13 @@ fn median_ms(mut run: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(times[RUNS / 2])
 }
 
-/// Prints forward and forward+backward milliseconds of `f` on a fresh input variable of `dims`.
+/// Prints forward and forward+backward milliseconds of `f` on a fresh input variable of `dims`, unless a
+/// name filter was given (`cargo bench --bench kernels -- attention`) and `name` does not contain it.
 fn measure(name: &str, dims: &[usize], f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<()> {
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with("--"));
+    if filter.is_some_and(|f| !name.contains(&f)) {
+        return Ok(());
+    }
     let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, dims, &Device::Cpu)?)?;
     let forward = median_ms(|| f(&x.as_tensor().detach()).map(drop))?;
     let both = median_ms(|| {

@@ -6,12 +6,15 @@
 //! chunks of query rows on detached tensors (candle's fused softmax), keeping only `q`, `k`, `v` and the
 //! output; the backward pass recomputes each chunk's probabilities and applies the softmax gradient
 //! directly: with `P = softmax(q·kᵀ·s)` and `D = rowsum(dO ⊙ O)`,
-//! `dV = Pᵀ·dO`, `dS = P ⊙ (dO·vᵀ − D)`, `dQ = dS·k·s`, `dK = dSᵀ·q·s`.
+//! `dV = Pᵀ·dO`, `dS = P ⊙ (dO·vᵀ − D)`, `dQ = dS·k·s`, `dK = dSᵀ·q·s`. On the CPU both passes run in
+//! [`super::flash_attention`]'s cache-sized tiles; other devices use chunks of candle ops.
 
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp3, D, Layout, MetalStorage, Result, Shape, Tensor,
+    CpuStorage, CudaStorage, CustomOp3, D, DType, Layout, MetalStorage, Result, Shape, Tensor,
+    WithDType,
 };
 
+use super::flash_attention::{self, AttentionDims, Element};
 use crate::lora::pass_through;
 
 /// Elements of one chunk's score matrix at most (128 MB in f32).
@@ -21,8 +24,79 @@ const CHUNK_ELEMENTS: usize = 32 << 20;
 /// (contiguous, f32 or f64), differentiable in all three.
 pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let (batch, heads, _, _) = q.dims4()?;
-    let rows = (CHUNK_ELEMENTS / (batch * heads * k.dim(2)?).max(1)).max(1);
+    let kv_len = k.dim(2)?;
+    let rows = if runs_on_cpu_kernel(q) {
+        flash_attention::tile_rows(kv_len)
+    } else {
+        (CHUNK_ELEMENTS / (batch * heads * kv_len).max(1)).max(1)
+    };
     attention_in_chunks(q, k, v, scale, rows)
+}
+
+/// Whether the tiled CPU kernel ([`flash_attention`]) computes this attention.
+fn runs_on_cpu_kernel(q: &Tensor) -> bool {
+    q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64)
+}
+
+/// The kernel's sizes for `q` `[batch, heads, q_len, d]` and `k` `[batch, heads, kv_len, d]`.
+fn kernel_dims(q: &Tensor, k: &Tensor, rows: usize) -> Result<AttentionDims> {
+    let (batch, heads, q_len, head_dim) = q.dims4()?;
+    Ok(AttentionDims {
+        heads: batch * heads,
+        q_len,
+        kv_len: k.dim(2)?,
+        head_dim,
+        tile_rows: rows,
+    })
+}
+
+fn values<T: WithDType>(t: &Tensor) -> Result<Vec<T>> {
+    t.flatten_all()?.to_vec1::<T>()
+}
+
+fn scale_as<T: Element>(scale: f64) -> Result<T> {
+    T::from(scale).ok_or_else(|| candle_core::Error::Msg(format!("attention scale {scale}")))
+}
+
+fn kernel_forward<T: Element + WithDType>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    rows: usize,
+) -> Result<Tensor> {
+    let dims = kernel_dims(q, k, rows)?;
+    let out = flash_attention::forward(
+        &values::<T>(q)?,
+        &values::<T>(k)?,
+        &values::<T>(v)?,
+        dims,
+        scale_as(scale)?,
+    );
+    Tensor::from_vec(out, q.shape(), q.device())
+}
+
+/// The gradients of `q`, `k` and `v` from the kernel.
+fn kernel_backward<T: Element + WithDType>(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    output: &Tensor,
+    grad: &Tensor,
+    scale: f64,
+    rows: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let dims = kernel_dims(q, k, rows)?;
+    let (grad_q, grad_k, grad_v) = flash_attention::backward(
+        (&values::<T>(q)?, &values::<T>(k)?, &values::<T>(v)?),
+        &values::<T>(output)?,
+        &values::<T>(grad)?,
+        dims,
+        scale_as(scale)?,
+    );
+    Ok((
+        Tensor::from_vec(grad_q, q.shape(), q.device())?,
+        Tensor::from_vec(grad_k, k.shape(), k.device())?,
+        Tensor::from_vec(grad_v, v.shape(), v.device())?,
+    ))
 }
 
 /// [`fused_attention`] with `rows` query rows per chunk.
@@ -43,6 +117,11 @@ fn attention_in_chunks(
 }
 
 fn chunked_forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, rows: usize) -> Result<Tensor> {
+    match (q.device().is_cpu(), q.dtype()) {
+        (true, DType::F32) => return kernel_forward::<f32>(q, k, v, scale, rows),
+        (true, DType::F64) => return kernel_forward::<f64>(q, k, v, scale, rows),
+        _ => {}
+    }
     let q_len = q.dim(2)?;
     // Scaling the small `q` instead of every score matrix saves a pass over each chunk's scores.
     let q = (q * scale)?;
@@ -113,6 +192,20 @@ impl CustomOp3 for AttentionBackward {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (_, _, q_len, head_dim) = q.dims4()?;
+        if runs_on_cpu_kernel(q) {
+            let k = kv.narrow(3, 0, head_dim)?.detach().contiguous()?;
+            let v = kv.narrow(3, head_dim, head_dim)?.detach().contiguous()?;
+            let operands = (&q.detach(), &k, &v);
+            let (output, grad) = (output.detach(), grad.contiguous()?);
+            let (grad_q, grad_k, grad_v) = match q.dtype() {
+                DType::F32 => {
+                    kernel_backward::<f32>(operands, &output, &grad, self.scale, self.rows)?
+                }
+                _ => kernel_backward::<f64>(operands, &output, &grad, self.scale, self.rows)?,
+            };
+            let grad_kv = Tensor::cat(&[grad_k, grad_v], D::Minus1)?;
+            return Ok((None, Some(grad_q), Some(grad_kv)));
+        }
         // With `S = s·q·kᵀ`: `dQ = dS·(s·k)` and `dK = dSᵀ·(s·q)`, so scaling `q` and `k` once (small)
         // replaces scaling every chunk's scores and score gradients.
         let q = (q.detach() * self.scale)?;
