@@ -155,6 +155,19 @@ impl LoraAdapter {
         }
     }
 
+    /// A plain LoRA's down and up matrices (detached unless training) and its effective scale
+    /// (multiplier × alpha/rank); `None` for DoRA and PiSSA.
+    pub(crate) fn plain_parts(&self) -> Option<(Tensor, Tensor, f64)> {
+        match self.kind {
+            AdapterKind::Lora => Some((
+                self.trained(&self.down),
+                self.trained(&self.up),
+                self.multiplier() * self.scale(),
+            )),
+            _ => None,
+        }
+    }
+
     /// `up(down(x))` for the given pair, in `x`'s dtype.
     fn low_rank(x: &Tensor, down: &Tensor, up: &Tensor, layer: &LayerShape) -> Result<Tensor> {
         let (down, up) = (down.to_dtype(x.dtype())?, up.to_dtype(x.dtype())?);

@@ -14,6 +14,7 @@ use candle_nn::VarBuilder;
 
 use super::adapter::LoraAdapter;
 use super::frozen::{frozen_conv2d, frozen_linear};
+use super::fused_lora::lora_linear;
 
 /// The geometry of a base layer, which decides how an adapter attaches to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +112,19 @@ impl AdapterSlot {
 
     /// Adds the contribution of every adapter with a non-zero multiplier to `base`, the frozen layer's
     /// output without bias.
+    /// The single active adapter's parts when it is a plain LoRA on a linear layer (the fused path).
+    fn single_plain_linear_lora(&self) -> Option<(Tensor, Tensor, f64)> {
+        if !matches!(self.shape, LayerShape::Linear { .. }) {
+            return None;
+        }
+        let adapters = self.adapters.read().unwrap_or_else(PoisonError::into_inner);
+        let mut active = adapters.iter().filter(|a| a.multiplier() != 0.0);
+        match (active.next(), active.next()) {
+            (Some(only), None) => only.plain_parts(),
+            _ => None,
+        }
+    }
+
     fn add_adapters(&self, x: &Tensor, base: Tensor) -> Result<Tensor> {
         let adapters = self.adapters.read().unwrap_or_else(PoisonError::into_inner);
         let mut y = base.clone();
@@ -270,6 +284,9 @@ pub struct AdaptableLinear {
 
 impl AdaptableLinear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some((down, up, scale)) = self.slot.single_plain_linear_lora() {
+            return lora_linear(x, &self.weight, self.bias.as_ref(), (&down, &up), scale);
+        }
         let y = self.slot.add_adapters(x, frozen_linear(x, &self.weight)?)?;
         match &self.bias {
             Some(bias) => y.broadcast_add(bias),

@@ -7,6 +7,7 @@
 mod adapter;
 mod export;
 mod frozen;
+mod fused_lora;
 mod im2col;
 mod kohya;
 mod layer;

@@ -1,0 +1,189 @@
+//! A linear layer with one plain LoRA adapter as a single autograd node:
+//! `y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ` with `A` the `[rank, in]` down and `B` the `[out, rank]` up projection.
+//!
+//! Composed from candle ops, the frozen product, the low-rank product, its scaling, their sum and the bias
+//! sum each keep an output as large as the layer's alive until the backward pass ends (candle retains
+//! every intermediate of the graph); here only `y` is kept, and the backward pass recomputes the small
+//! `x·Aᵀ`: with `g = dy` and `u = g·B`, `dx = g·W + s·u·A`, `dB = s·gᵀ·(x·Aᵀ)`, `dA = s·uᵀ·x`.
+
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp3, Layout, MetalStorage, Result, Shape, Tensor,
+};
+
+use super::frozen::{frozen_linear, pass_through};
+
+/// `x·Wᵀ + b + scale·(x·downᵀ)·upᵀ`, differentiable in `x`, `down` and `up` (`W` and `b` frozen).
+pub fn lora_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    (down, up): (&Tensor, &Tensor),
+    scale: f64,
+) -> Result<Tensor> {
+    let (down, up) = (down.to_dtype(x.dtype())?, up.to_dtype(x.dtype())?);
+    let (x_value, down_value, up_value) = (x.detach(), down.detach(), up.detach());
+    let low_rank = x_value
+        .broadcast_matmul(&down_value.t()?)?
+        .broadcast_matmul(&up_value.t()?)?;
+    let mut y = (frozen_linear(&x_value, weight)? + (low_rank * scale)?)?;
+    if let Some(bias) = bias {
+        y = y.broadcast_add(bias)?;
+    }
+    if !(x.track_op() || down.track_op() || up.track_op()) {
+        return Ok(y);
+    }
+    // A custom op has three operands: the result, the input, and both adapter matrices flattened into
+    // one (cat's backward splits the gradient between them).
+    let adapter = Tensor::cat(&[down.flatten_all()?, up.flatten_all()?], 0)?;
+    y.apply_op3(
+        x,
+        &adapter,
+        LoraLinearBackward {
+            weight: weight.clone(),
+            down_dims: down.dims2()?,
+            up_dims: up.dims2()?,
+            scale,
+        },
+    )
+}
+
+/// Ties the precomputed result (first operand) to the input and the flattened adapter.
+struct LoraLinearBackward {
+    weight: Tensor,
+    down_dims: (usize, usize),
+    up_dims: (usize, usize),
+    scale: f64,
+}
+
+impl CustomOp3 for LoraLinearBackward {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        pass_through(s1, l1, "LoRA linear")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        pass_through(s1, l1, "LoRA linear")
+    }
+
+    fn metal_fwd(
+        &self,
+        s1: &MetalStorage,
+        l1: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        pass_through(s1, l1, "LoRA linear")
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        x: &Tensor,
+        adapter: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (rank, in_features) = self.down_dims;
+        let out_features = self.up_dims.0;
+        let adapter = adapter.detach();
+        let down = adapter
+            .narrow(0, 0, rank * in_features)?
+            .reshape(self.down_dims)?;
+        let up = adapter
+            .narrow(0, rank * in_features, out_features * rank)?
+            .reshape(self.up_dims)?;
+        let x_rows = x.detach().reshape(((), in_features))?;
+        let grad_rows = grad.reshape(((), out_features))?;
+        let grad_up_side = grad_rows.matmul(&up)?;
+        let grad_x = (grad_rows.matmul(&self.weight)?
+            + (grad_up_side.matmul(&down)? * self.scale)?)?
+            .reshape(x.shape())?;
+        let hidden = x_rows.matmul(&down.t()?)?;
+        let grad_up = (grad_rows.t()?.matmul(&hidden)? * self.scale)?;
+        let grad_down = (grad_up_side.t()?.matmul(&x_rows)? * self.scale)?;
+        let grad_adapter = Tensor::cat(&[grad_down.flatten_all()?, grad_up.flatten_all()?], 0)?;
+        Ok((None, Some(grad_x), Some(grad_adapter)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var};
+
+    use super::lora_linear;
+    use crate::test_support::max_abs_diff;
+
+    fn var(dims: &[usize], seed: f64) -> Var {
+        let n: usize = dims.iter().product();
+        let t = Tensor::arange(0f64, n as f64, &Device::Cpu)
+            .unwrap()
+            .affine(0.61, seed)
+            .unwrap()
+            .sin()
+            .unwrap()
+            .reshape(dims)
+            .unwrap();
+        Var::from_tensor(&t).unwrap()
+    }
+
+    #[test]
+    fn matches_the_composed_layer_and_its_gradients() {
+        let x = var(&[2, 5, 7], 0.2);
+        let weight = var(&[6, 7], 0.9).as_tensor().detach();
+        let bias = var(&[6], 1.4).as_tensor().detach();
+        let (down, up) = (var(&[3, 7], 2.3), var(&[6, 3], 3.1));
+        let scale = 0.75;
+        let ours = lora_linear(
+            x.as_tensor(),
+            &weight,
+            Some(&bias),
+            (down.as_tensor(), up.as_tensor()),
+            scale,
+        )
+        .unwrap();
+        let composed = (x
+            .as_tensor()
+            .broadcast_matmul(&weight.t().unwrap())
+            .unwrap()
+            + (x.as_tensor()
+                .broadcast_matmul(&down.as_tensor().t().unwrap())
+                .unwrap()
+                .broadcast_matmul(&up.as_tensor().t().unwrap())
+                .unwrap()
+                * scale)
+                .unwrap())
+        .unwrap()
+        .broadcast_add(&bias)
+        .unwrap();
+        assert!(max_abs_diff(&ours, &composed) < 1e-12);
+        let weights = var(&[2, 5, 6], 4.7);
+        let loss = |y: &Tensor| (y * weights.as_tensor()).unwrap().sum_all().unwrap();
+        let ours_grads = loss(&ours).backward().unwrap();
+        let composed_grads = loss(&composed).backward().unwrap();
+        for (name, v) in [("x", &x), ("down", &down), ("up", &up)] {
+            let diff = max_abs_diff(ours_grads.get(v).unwrap(), composed_grads.get(v).unwrap());
+            assert!(diff < 1e-11, "d{name} differs by {diff}");
+        }
+    }
+}
