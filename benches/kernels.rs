@@ -75,7 +75,7 @@ fn norm_parameters(channels: usize) -> Result<candle_nn::VarBuilder<'static>> {
 fn main() -> Result<()> {
     let conv = weight(&[320, 320, 3, 3])?;
     measure("conv 3x3 320->320 at 64x64", &[1, 320, 64, 64], |x| {
-        frozen_conv2d(x, &conv, 1, 1)
+        frozen_conv2d(x, &conv, None, 1, 1)
     })?;
     measure(
         "conv 3x3, candle's conv2d (all gradients)",

@@ -19,9 +19,85 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// A 2-D convolution (no groups, no dilation) with a frozen kernel `[out, in, kh, kw]`.
-pub fn frozen_conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    let output = super::im2col::conv2d(&x.detach(), &weight.detach(), padding, stride)?;
+/// `x · Wᵀ + b` with a frozen `W` and `b`, keeping only its output for the backward pass (the bias sum of
+/// a separate op would keep the product as well).
+pub fn frozen_affine(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let output = frozen_linear(&x.detach(), weight)?.broadcast_add(bias)?;
+    if !x.track_op() {
+        return Ok(output);
+    }
+    output.apply_op2(
+        x,
+        FrozenAffineBackward {
+            weight: weight.clone(),
+        },
+    )
+}
+
+/// Routes the output gradient of [`frozen_affine`] to its input.
+struct FrozenAffineBackward {
+    weight: Tensor,
+}
+
+impl CustomOp2 for FrozenAffineBackward {
+    fn name(&self) -> &'static str {
+        "frozen-affine"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        pass_through(s1, l1, "frozen affine")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        pass_through(s1, l1, "frozen affine")
+    }
+
+    fn metal_fwd(
+        &self,
+        s1: &MetalStorage,
+        l1: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        pass_through(s1, l1, "frozen affine")
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((None, Some(grad.broadcast_matmul(&self.weight)?)))
+    }
+}
+
+/// A 2-D convolution (no groups, no dilation) with a frozen kernel `[out, in, kh, kw]` and, optionally, a
+/// frozen bias `[1, out, 1, 1]` added before the result is tied to the input (so only one tensor is kept).
+pub fn frozen_conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let mut output = super::im2col::conv2d(&x.detach(), &weight.detach(), padding, stride)?;
+    if let Some(bias) = bias {
+        output = output.broadcast_add(bias)?;
+    }
     let (_, in_channels, kh, kw) = weight.dims4()?;
     crate::flops::add_layer(output.elem_count() * in_channels * kh * kw);
     if !x.track_op() {
@@ -269,7 +345,7 @@ impl CustomOp2 for FrozenConvBackward {
 mod tests {
     use candle_core::{DType, Device, Tensor, Var};
 
-    use super::{frozen_conv2d, frozen_linear};
+    use super::{frozen_affine, frozen_conv2d, frozen_linear};
 
     fn random(dims: &[usize], seed: u64) -> Tensor {
         let mut state = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -350,6 +426,30 @@ mod tests {
     }
 
     #[test]
+    fn frozen_affine_adds_the_bias_and_its_input_gradient_is_exact() {
+        let weight = random(&[4, 5], 3);
+        let bias = random(&[4], 7);
+        let x = random(&[2, 3, 5], 4);
+        let expected = frozen_linear(&x, &weight)
+            .unwrap()
+            .broadcast_add(&bias)
+            .unwrap();
+        let diff = (frozen_affine(&x, &weight, &bias).unwrap() - expected)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(diff.to_scalar::<f64>().unwrap() < 1e-12);
+        check_input_gradient(&[2, 3, 5], |x| frozen_affine(x, &weight, &bias).unwrap());
+        let biased_conv = random(&[3, 2, 3, 3], 5);
+        let conv_bias = random(&[1, 3, 1, 1], 8);
+        check_input_gradient(&[1, 2, 5, 4], |x| {
+            frozen_conv2d(x, &biased_conv, Some(&conv_bias), 1, 1).unwrap()
+        });
+    }
+
+    #[test]
     fn frozen_conv_input_gradients_are_exact() {
         // stride 1 with 3x3 and 1x1 kernels, and stride 2 on odd, even and mixed-parity sizes.
         for (kernel, stride, padding, height, width) in [
@@ -362,7 +462,7 @@ mod tests {
         ] {
             let weight = random(&[3, 2, kernel, kernel], 5);
             check_input_gradient(&[2, 2, height, width], |x| {
-                frozen_conv2d(x, &weight, padding, stride).unwrap()
+                frozen_conv2d(x, &weight, None, padding, stride).unwrap()
             });
         }
     }
@@ -371,7 +471,7 @@ mod tests {
     fn frozen_ops_leave_the_weight_without_gradient() {
         let weight = Var::from_tensor(&random(&[3, 2, 3, 3], 5)).unwrap();
         let x = Var::from_tensor(&random(&[1, 2, 5, 5], 6)).unwrap();
-        let y = frozen_conv2d(x.as_tensor(), weight.as_tensor(), 1, 1).unwrap();
+        let y = frozen_conv2d(x.as_tensor(), weight.as_tensor(), None, 1, 1).unwrap();
         let grads = y.sum_all().unwrap().backward().unwrap();
         assert!(grads.get(&x).is_some());
         assert!(

@@ -13,7 +13,7 @@ use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::adapter::LoraAdapter;
-use super::frozen::{frozen_conv2d, frozen_linear};
+use super::frozen::{frozen_affine, frozen_conv2d, frozen_linear};
 use super::fused_lora::lora_linear;
 
 /// The geometry of a base layer, which decides how an adapter attaches to it.
@@ -112,6 +112,12 @@ impl AdapterSlot {
 
     /// Adds the contribution of every adapter with a non-zero multiplier to `base`, the frozen layer's
     /// output without bias.
+    /// Whether any adapter would change the layer's output.
+    fn has_active_adapters(&self) -> bool {
+        let adapters = self.adapters.read().unwrap_or_else(PoisonError::into_inner);
+        adapters.iter().any(|a| a.multiplier() != 0.0)
+    }
+
     /// The single active adapter's parts when it is a plain LoRA on a linear layer (the fused path).
     fn single_plain_linear_lora(&self) -> Option<(Tensor, Tensor, f64)> {
         if !matches!(self.shape, LayerShape::Linear { .. }) {
@@ -287,6 +293,11 @@ impl AdaptableLinear {
         if let Some((down, up, scale)) = self.slot.single_plain_linear_lora() {
             return lora_linear(x, &self.weight, self.bias.as_ref(), (&down, &up), scale);
         }
+        if let Some(bias) = &self.bias
+            && !self.slot.has_active_adapters()
+        {
+            return frozen_affine(x, &self.weight, bias);
+        }
         let y = self.slot.add_adapters(x, frozen_linear(x, &self.weight)?)?;
         match &self.bias {
             Some(bias) => y.broadcast_add(bias),
@@ -315,10 +326,13 @@ pub struct AdaptableConv2d {
 
 impl AdaptableConv2d {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = frozen_conv2d(x, &self.weight, self.padding, self.stride)?;
-        let y = self.slot.add_adapters(x, y)?;
         let channels = self.bias.dims1()?;
-        y.broadcast_add(&self.bias.reshape((1, channels, 1, 1))?)
+        let bias = self.bias.reshape((1, channels, 1, 1))?;
+        if !self.slot.has_active_adapters() {
+            return frozen_conv2d(x, &self.weight, Some(&bias), self.padding, self.stride);
+        }
+        let y = frozen_conv2d(x, &self.weight, None, self.padding, self.stride)?;
+        self.slot.add_adapters(x, y)?.broadcast_add(&bias)
     }
 
     pub fn weight(&self) -> &Tensor {

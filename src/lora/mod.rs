@@ -17,7 +17,7 @@ pub mod svd;
 pub use adapter::{AdapterKind, LoraAdapter, adapter_dims, row_norm};
 pub use export::{ExportedLora, ExportedModule, export_network, write_lora_file};
 pub(crate) use frozen::pass_through;
-pub use frozen::{frozen_conv2d, frozen_linear};
+pub use frozen::{frozen_affine, frozen_conv2d, frozen_linear};
 pub use kohya::{
     AttachReport, KohyaLora, KohyaModule, LoraError, TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name,
 };

@@ -5,7 +5,8 @@
 //! on the CPU. Here the rows are normalised on detached tensors and a custom op ties the result to the
 //! input; its backward applies the normalisation's gradient directly: with `x̂ = (x − mean)·r`,
 //! `r = 1/√(var + eps)` and the incoming gradient `g` of `x̂`, per row
-//! `dx = r·(g − mean(g) − x̂·mean(g ⊙ x̂))`. The affine scale and shift (frozen weights) stay ordinary ops.
+//! `dx = r·(g − mean(g) − x̂·mean(g ⊙ x̂))`. With the frozen affine scale and shift folded in
+//! ([`normalize_affine`]), only the layer's output is kept for the backward pass.
 
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp2, Layout, MetalStorage, Result, Shape, Tensor,
@@ -24,6 +25,111 @@ pub(super) fn normalize_rows(x: &Tensor, eps: f64) -> Result<Tensor> {
         return Ok(normalized);
     }
     normalized.apply_op2(x, NormBackward { inverse_std })
+}
+
+/// `normalize_rows` over `rows` rows of `x`, reshaped back to `x`'s shape, times `weight` plus `bias`
+/// (both broadcast to `x`, frozen), as one autograd node that keeps only its output: the backward pass
+/// recomputes `x̂` from the input and the row statistics, and the incoming gradient of `x̂` is
+/// `g ⊙ weight`. `x` is f32 or f64.
+pub(super) fn normalize_affine(
+    x: &Tensor,
+    rows: usize,
+    eps: f64,
+    weight: &Tensor,
+    bias: &Tensor,
+) -> Result<Tensor> {
+    let detached = x.detach().contiguous()?.reshape((rows, ()))?;
+    let mean = detached.mean_keepdim(1)?;
+    let centred = detached.broadcast_sub(&mean)?;
+    let inverse_std = (centred.sqr()?.mean_keepdim(1)? + eps)?.sqrt()?.recip()?;
+    let y = centred
+        .broadcast_mul(&inverse_std)?
+        .reshape(x.shape())?
+        .broadcast_mul(weight)?
+        .broadcast_add(bias)?;
+    if !x.track_op() {
+        return Ok(y);
+    }
+    y.apply_op2(
+        x,
+        AffineNormBackward {
+            mean,
+            inverse_std,
+            weight: weight.clone(),
+        },
+    )
+}
+
+/// `dx` from the gradient `grad` of `x̂` (`[rows, n]`) and `x̂` itself.
+fn rows_gradient(grad: &Tensor, normalized: &Tensor, inverse_std: &Tensor) -> Result<Tensor> {
+    let grad_mean = grad.mean_keepdim(1)?;
+    let projection = (grad * normalized)?.mean_keepdim(1)?;
+    grad.broadcast_sub(&grad_mean)?
+        .sub(&normalized.broadcast_mul(&projection)?)?
+        .broadcast_mul(inverse_std)
+}
+
+/// Ties the precomputed affine result (first operand) to the input (second); see [`normalize_affine`].
+struct AffineNormBackward {
+    /// Row means and `1/√(var + eps)`, `[rows, 1]`.
+    mean: Tensor,
+    inverse_std: Tensor,
+    weight: Tensor,
+}
+
+impl CustomOp2 for AffineNormBackward {
+    fn name(&self) -> &'static str {
+        "fused-affine-normalization"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        pass_through(s1, l1, "fused normalization")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        pass_through(s1, l1, "fused normalization")
+    }
+
+    fn metal_fwd(
+        &self,
+        s1: &MetalStorage,
+        l1: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        pass_through(s1, l1, "fused normalization")
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        x: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let rows = self.mean.dim(0)?;
+        let normalized = x
+            .detach()
+            .contiguous()?
+            .reshape((rows, ()))?
+            .broadcast_sub(&self.mean)?
+            .broadcast_mul(&self.inverse_std)?;
+        let grad = grad.broadcast_mul(&self.weight)?.reshape((rows, ()))?;
+        let grad_x = rows_gradient(&grad, &normalized, &self.inverse_std)?.reshape(x.shape())?;
+        Ok((None, Some(grad_x)))
+    }
 }
 
 /// Ties the precomputed normalised rows (first operand) to the input (second); see the module docs.
@@ -74,14 +180,7 @@ impl CustomOp2 for NormBackward {
         normalized: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let normalized = normalized.detach();
-        let grad = grad.contiguous()?;
-        let grad_mean = grad.mean_keepdim(1)?;
-        let projection = (&grad * &normalized)?.mean_keepdim(1)?;
-        let grad_x = grad
-            .broadcast_sub(&grad_mean)?
-            .sub(&normalized.broadcast_mul(&projection)?)?
-            .broadcast_mul(&self.inverse_std)?;
+        let grad_x = rows_gradient(&grad.contiguous()?, &normalized.detach(), &self.inverse_std)?;
         Ok((None, Some(grad_x)))
     }
 }
@@ -92,7 +191,7 @@ mod tests {
 
     use crate::test_support::max_abs_diff;
 
-    use super::normalize_rows;
+    use super::{normalize_affine, normalize_rows};
 
     fn composed(x: &Tensor, eps: f64) -> Tensor {
         let centred = x
@@ -125,6 +224,49 @@ mod tests {
         let ours_grad = loss(&ours).backward().unwrap();
         let reference_grad = loss(&reference).backward().unwrap();
         let diff = max_abs_diff(ours_grad.get(&x).unwrap(), reference_grad.get(&x).unwrap());
+        assert!(diff < 1e-12, "dx differs by {diff}");
+    }
+
+    #[test]
+    fn the_affine_form_matches_the_composed_one_and_its_gradient() {
+        // A group norm: batch 2, 6 channels in 3 groups, 3x4 pixels.
+        let device = Device::Cpu;
+        let values = Tensor::arange(0f64, 144.0, &device)
+            .unwrap()
+            .affine(0.37, 0.5)
+            .unwrap()
+            .sin()
+            .unwrap()
+            .reshape((2, 6, 3, 4))
+            .unwrap();
+        let x = Var::from_tensor(&values).unwrap();
+        let per_channel = |seed: f64| {
+            Tensor::arange(0f64, 6.0, &device)
+                .unwrap()
+                .affine(0.9, seed)
+                .unwrap()
+                .cos()
+                .unwrap()
+                .reshape((1, 6, 1, 1))
+                .unwrap()
+        };
+        let (weight, bias) = (per_channel(0.3), per_channel(1.1));
+        let eps = 1e-5;
+        let ours = normalize_affine(x.as_tensor(), 6, eps, &weight, &bias).unwrap();
+        let composed = normalize_rows(&x.as_tensor().reshape((6, ())).unwrap(), eps)
+            .unwrap()
+            .reshape((2, 6, 3, 4))
+            .unwrap()
+            .broadcast_mul(&weight)
+            .unwrap()
+            .broadcast_add(&bias)
+            .unwrap();
+        assert!(max_abs_diff(&ours, &composed) < 1e-13);
+        let weights = values.cos().unwrap();
+        let loss = |out: &Tensor| (out * &weights).unwrap().sum_all().unwrap();
+        let ours_grad = loss(&ours).backward().unwrap();
+        let composed_grad = loss(&composed).backward().unwrap();
+        let diff = max_abs_diff(ours_grad.get(&x).unwrap(), composed_grad.get(&x).unwrap());
         assert!(diff < 1e-12, "dx differs by {diff}");
     }
 }

@@ -8,6 +8,8 @@
 use candle_core::{D, DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use super::fused_norm::normalize_affine;
+
 /// Layer normalisation over the last dimension with a learned scale and shift.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
@@ -27,8 +29,11 @@ impl LayerNorm {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let size = x.dim(D::Minus1)?;
-        let rows = x.reshape(((), size))?;
-        normalized(&rows, self.eps)?
+        let rows = x.elem_count() / size.max(1);
+        if !is_reduced(x.dtype()) {
+            return normalize_affine(x, rows, self.eps, &self.weight, &self.bias);
+        }
+        normalized(&x.reshape((rows, size))?, self.eps)?
             .reshape(x.shape())?
             .broadcast_mul(&self.weight)?
             .broadcast_add(&self.bias)
@@ -59,13 +64,17 @@ impl GroupNorm {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (batch, channels) = (x.dim(0)?, x.dim(1)?);
-        let rows = x.reshape((batch * self.groups, ()))?;
         let mut per_channel = vec![1; x.rank()];
         per_channel[1] = channels;
-        normalized(&rows, self.eps)?
+        let weight = self.weight.reshape(per_channel.as_slice())?;
+        let bias = self.bias.reshape(per_channel.as_slice())?;
+        if !is_reduced(x.dtype()) {
+            return normalize_affine(x, batch * self.groups, self.eps, &weight, &bias);
+        }
+        normalized(&x.reshape((batch * self.groups, ()))?, self.eps)?
             .reshape(x.shape())?
-            .broadcast_mul(&self.weight.reshape(per_channel.as_slice())?)?
-            .broadcast_add(&self.bias.reshape(per_channel.as_slice())?)
+            .broadcast_mul(&weight)?
+            .broadcast_add(&bias)
     }
 }
 
@@ -77,10 +86,12 @@ fn normalized(rows: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// Reduced-precision activations are normalised in f32.
 fn internal_dtype(dtype: DType) -> DType {
-    match dtype {
-        DType::F16 | DType::BF16 => DType::F32,
-        other => other,
-    }
+    if is_reduced(dtype) { DType::F32 } else { dtype }
+}
+
+/// f16 and bf16, which are normalised in f32 (through the composed affine form).
+fn is_reduced(dtype: DType) -> bool {
+    matches!(dtype, DType::F16 | DType::BF16)
 }
 
 /// Multi-head scaled dot-product attention.
