@@ -7,10 +7,12 @@ use candle_core::backend::BackendStorage;
 use candle_core::cpu::erf;
 use candle_core::op::GeluErf;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, MetalStorage, Result, Shape,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, D, DType, Layout, MetalStorage, Result, Shape,
     Tensor,
 };
 use rayon::prelude::*;
+
+use crate::lora::pass_through;
 
 /// Exact (erf) GELU, `0.5·x·(1 + erf(x/√2))`, with an exact gradient.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
@@ -82,12 +84,92 @@ impl CustomOp1 for Activation {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.gradient(x, grad)?))
+    }
+}
+
+impl Activation {
+    /// `grad · f'(x)`.
+    fn gradient(self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
         let x = x.detach().contiguous()?;
         if has_cpu_gradient(&x) {
-            let op = ActivationGradient(*self);
-            return Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &op)?));
+            let op = ActivationGradient(self);
+            return x.apply_op2_no_bwd(&grad.contiguous()?, &op);
         }
-        Ok(Some((grad * self.composed_derivative(&x)?)?))
+        grad * self.composed_derivative(&x)?
+    }
+}
+
+/// diffusers' GEGLU: `value · gelu(gate)` for `projected = [value, gate]` along the last dimension, as one
+/// autograd node that keeps only its input and output (composed, `gelu(gate)` would be kept too); the
+/// backward pass recomputes `gelu(gate)`.
+pub fn geglu(projected: &Tensor) -> Result<Tensor> {
+    let inner = projected.dim(D::Minus1)? / 2;
+    let detached = projected.detach();
+    let value = detached.narrow(D::Minus1, 0, inner)?;
+    let gate = detached.narrow(D::Minus1, inner, inner)?;
+    let output = (value * gate.gelu_erf()?)?;
+    if !projected.track_op() {
+        return Ok(output);
+    }
+    output.apply_op2(projected, GegluBackward)
+}
+
+/// Ties the precomputed GEGLU output (first operand) to the projection (second).
+struct GegluBackward;
+
+impl CustomOp2 for GegluBackward {
+    fn name(&self) -> &'static str {
+        "geglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        pass_through(s1, l1, "GEGLU")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        pass_through(s1, l1, "GEGLU")
+    }
+
+    fn metal_fwd(
+        &self,
+        s1: &MetalStorage,
+        l1: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        pass_through(s1, l1, "GEGLU")
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        projected: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let inner = projected.dim(D::Minus1)? / 2;
+        let projected = projected.detach();
+        let value = projected.narrow(D::Minus1, 0, inner)?;
+        let gate = projected.narrow(D::Minus1, inner, inner)?.contiguous()?;
+        let grad_value = (grad * gate.gelu_erf()?)?;
+        let grad_gate = Activation::Gelu.gradient(&gate, &(grad * value)?)?;
+        Ok((
+            None,
+            Some(Tensor::cat(&[grad_value, grad_gate], D::Minus1)?),
+        ))
     }
 }
 
@@ -213,6 +295,42 @@ mod tests {
                 "x = {v}: {g} vs {numeric}"
             );
         }
+    }
+
+    #[test]
+    fn geglu_matches_the_composed_form_and_its_gradient() {
+        let values = Tensor::arange(0f64, 2.0 * 3.0 * 10.0, &Device::Cpu)
+            .unwrap()
+            .affine(0.29, -2.0)
+            .unwrap()
+            .sin()
+            .unwrap()
+            .affine(3.0, 0.0)
+            .unwrap()
+            .reshape((2, 3, 10))
+            .unwrap();
+        let x = Var::from_tensor(&values).unwrap();
+        let ours = super::geglu(x.as_tensor()).unwrap();
+        let value = x.as_tensor().narrow(2, 0, 5).unwrap();
+        let gate = x.as_tensor().narrow(2, 5, 5).unwrap();
+        let composed = (value * super::gelu(&gate).unwrap()).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        assert!(diff(&ours, &composed) < 1e-14);
+        let weights = ours.cos().unwrap();
+        let loss = |y: &Tensor| (y * &weights).unwrap().sum_all().unwrap();
+        let ours_grad = loss(&ours).backward().unwrap();
+        let composed_grad = loss(&composed).backward().unwrap();
+        let gap = diff(ours_grad.get(&x).unwrap(), composed_grad.get(&x).unwrap());
+        assert!(gap < 1e-13, "gradient differs by {gap}");
     }
 
     #[test]

@@ -1,11 +1,11 @@
 //! The UNet's spatial transformer (`Transformer2DModel`): self-attention, cross-attention to the text
 //! embedding, and a GEGLU feed-forward, with diffusers' module names (`attn1.to_q`, `ff.net.0.proj`, ...).
 
-use candle_core::{D, Result, Tensor};
+use candle_core::{Result, Tensor};
 
 use crate::lora::{AdaptableConv2d, AdaptableLinear, LayerBuilder};
 use crate::models::nn::{GroupNorm, LayerNorm, attention};
-use crate::models::ops::gelu;
+use crate::models::ops::geglu;
 
 /// Multi-head attention with separate q/k/v projections and an output projection (`to_out.0`).
 #[derive(Debug, Clone)]
@@ -66,11 +66,7 @@ impl FeedForward {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let projected = self.proj.forward(x)?;
-        let inner = projected.dim(D::Minus1)? / 2;
-        let value = projected.narrow(D::Minus1, 0, inner)?;
-        let gate = projected.narrow(D::Minus1, inner, inner)?;
-        self.out.forward(&(value * gelu(&gate)?)?)
+        self.out.forward(&geglu(&self.proj.forward(x)?)?)
     }
 }
 
