@@ -12,6 +12,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use super::fast_math::{erf_f32, exp_f32};
 use crate::lora::pass_through;
 
 /// Exact (erf) GELU, `0.5·x·(1 + erf(x/√2))`, with an exact gradient.
@@ -106,9 +107,13 @@ impl Activation {
 pub fn geglu(projected: &Tensor) -> Result<Tensor> {
     let inner = projected.dim(D::Minus1)? / 2;
     let detached = projected.detach();
-    let value = detached.narrow(D::Minus1, 0, inner)?;
-    let gate = detached.narrow(D::Minus1, inner, inner)?;
-    let output = (value * gate.gelu_erf()?)?;
+    let output = if has_f32_cpu_kernel(&detached) {
+        detached.contiguous()?.apply_op1_no_bwd(&GegluRows)?
+    } else {
+        let value = detached.narrow(D::Minus1, 0, inner)?;
+        let gate = detached.narrow(D::Minus1, inner, inner)?;
+        (value * gate.gelu_erf()?)?
+    };
     if !projected.track_op() {
         return Ok(output);
     }
@@ -162,6 +167,12 @@ impl CustomOp2 for GegluBackward {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let inner = projected.dim(D::Minus1)? / 2;
         let projected = projected.detach();
+        if has_f32_cpu_kernel(&projected) {
+            let grad = projected
+                .contiguous()?
+                .apply_op2_no_bwd(&grad.contiguous()?, &GegluGradientRows)?;
+            return Ok((None, Some(grad)));
+        }
         let value = projected.narrow(D::Minus1, 0, inner)?;
         let gate = projected.narrow(D::Minus1, inner, inner)?.contiguous()?;
         let grad_value = (grad * gate.gelu_erf()?)?;
@@ -170,6 +181,144 @@ impl CustomOp2 for GegluBackward {
             None,
             Some(Tensor::cat(&[grad_value, grad_gate], D::Minus1)?),
         ))
+    }
+}
+
+/// Whether the f32 CPU kernels of GEGLU apply.
+fn has_f32_cpu_kernel(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+/// The f32 slice of a contiguous CPU storage.
+fn f32_rows<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
+        _ => candle_core::bail!("{what}: expects contiguous f32 data"),
+    }
+}
+
+/// `0.5·(1 + erf(x/√2))` and `x·φ(x)`, whose sum is GELU's derivative and whose first times `x` is GELU.
+#[inline(always)]
+fn gelu_parts(x: f32) -> (f32, f32) {
+    const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+    let cdf = 0.5 * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
+    (cdf, x * FRAC_1_SQRT_2PI * exp_f32(-0.5 * x * x))
+}
+
+#[inline(always)]
+fn geglu_row(row: &[f32], out: &mut [f32]) {
+    let (value, gate) = row.split_at(out.len());
+    for ((o, &v), &g) in out.iter_mut().zip(value).zip(gate) {
+        *o = v * g * gelu_parts(g).0;
+    }
+}
+
+#[inline(always)]
+fn geglu_gradient_row(row: &[f32], grad: &[f32], out: &mut [f32]) {
+    let (value, gate) = row.split_at(grad.len());
+    let (grad_value, grad_gate) = out.split_at_mut(grad.len());
+    for i in 0..grad.len() {
+        let (cdf, density) = gelu_parts(gate[i]);
+        grad_value[i] = grad[i] * gate[i] * cdf;
+        grad_gate[i] = grad[i] * value[i] * (cdf + density);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn geglu_row_avx2(row: &[f32], out: &mut [f32]) {
+    geglu_row(row, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn geglu_gradient_row_avx2(row: &[f32], grad: &[f32], out: &mut [f32]) {
+    geglu_gradient_row(row, grad, out)
+}
+
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// GEGLU's forward over rows `[value | gate]` of contiguous f32 data, rows in parallel.
+struct GegluRows;
+
+impl CustomOp1 for GegluRows {
+    fn name(&self) -> &'static str {
+        "geglu-rows"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let input = f32_rows(storage, layout, "GEGLU")?;
+        let dims = layout.dims();
+        let width = dims.last().copied().unwrap_or(0);
+        let inner = width / 2;
+        let mut out = vec![0f32; input.len() / 2];
+        let avx2 = has_avx2();
+        out.par_chunks_mut(inner.max(1))
+            .zip(input.par_chunks(width.max(1)))
+            .for_each(|(out, row)| {
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    // SAFETY: the CPU has the features the function is compiled for.
+                    return unsafe { geglu_row_avx2(row, out) };
+                }
+                let _ = avx2;
+                geglu_row(row, out)
+            });
+        let mut shape = dims.to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = inner;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
+/// GEGLU's input gradient `[grad·gelu(gate) | grad·value·gelu'(gate)]` from the projection (first operand)
+/// and the output gradient (second), contiguous f32 rows in parallel.
+struct GegluGradientRows;
+
+impl CustomOp2 for GegluGradientRows {
+    fn name(&self) -> &'static str {
+        "geglu-gradient-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let input = f32_rows(s1, l1, "GEGLU gradient")?;
+        let grad = f32_rows(s2, l2, "GEGLU gradient")?;
+        let width = l1.dims().last().copied().unwrap_or(0);
+        let inner = width / 2;
+        if grad.len() * 2 != input.len() {
+            candle_core::bail!("GEGLU gradient: the gradient does not match the projection");
+        }
+        let mut out = vec![0f32; input.len()];
+        let avx2 = has_avx2();
+        out.par_chunks_mut(width.max(1))
+            .zip(input.par_chunks(width.max(1)))
+            .zip(grad.par_chunks(inner.max(1)))
+            .for_each(|((out, row), grad)| {
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    // SAFETY: the CPU has the features the function is compiled for.
+                    return unsafe { geglu_gradient_row_avx2(row, grad, out) };
+                }
+                let _ = avx2;
+                geglu_gradient_row(row, grad, out)
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
 
@@ -331,6 +480,58 @@ mod tests {
         let composed_grad = loss(&composed).backward().unwrap();
         let gap = diff(ours_grad.get(&x).unwrap(), composed_grad.get(&x).unwrap());
         assert!(gap < 1e-13, "gradient differs by {gap}");
+    }
+
+    #[test]
+    fn the_f32_geglu_kernels_match_f64() {
+        let values = Tensor::arange(0f64, 4.0 * 38.0, &Device::Cpu)
+            .unwrap()
+            .affine(0.41, -1.0)
+            .unwrap()
+            .sin()
+            .unwrap()
+            .affine(4.0, 0.0)
+            .unwrap()
+            .reshape((4, 38))
+            .unwrap();
+        let run = |dtype: candle_core::DType| {
+            let x = Var::from_tensor(&values.to_dtype(dtype).unwrap()).unwrap();
+            let y = super::geglu(x.as_tensor()).unwrap();
+            let weights = Tensor::arange(0f64, 4.0 * 19.0, &Device::Cpu)
+                .unwrap()
+                .cos()
+                .unwrap()
+                .reshape((4, 19))
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let grads = (&y * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let grad = grads
+                .get(&x)
+                .unwrap()
+                .to_dtype(candle_core::DType::F64)
+                .unwrap();
+            (y.to_dtype(candle_core::DType::F64).unwrap(), grad)
+        };
+        let (y32, g32) = run(candle_core::DType::F32);
+        let (y64, g64) = run(candle_core::DType::F64);
+        let gap = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        assert!(gap(&y32, &y64) < 1e-5, "{}", gap(&y32, &y64));
+        assert!(gap(&g32, &g64) < 1e-5, "{}", gap(&g32, &g64));
     }
 
     #[test]
