@@ -519,3 +519,50 @@ fn a_download_that_keeps_breaking_off_resumes_in_the_next_run() {
         std::fs::read(fixture("captioners/blip/model.safetensors")).unwrap()
     );
 }
+
+#[test]
+fn a_cache_holding_only_an_older_config_is_completed_in_one_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let data_arg = data.display().to_string();
+    let cache = dir.path().join("hub-cache");
+    // What a Python tool may leave: the config of an older revision, nothing else.
+    let old = "fedcba9876543210fedcba9876543210fedcba98";
+    let repo = cache.join("models--tiny--blip");
+    std::fs::create_dir_all(repo.join("snapshots").join(old)).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), old).unwrap();
+    std::fs::copy(
+        fixture("captioners/blip/config.json"),
+        repo.join("snapshots").join(old).join("config.json"),
+    )
+    .unwrap();
+    let hub = FakeHub::start(
+        "tiny/blip",
+        &fixture("captioners/blip"),
+        "model.safetensors",
+        0,
+    );
+    let cache_arg = cache.display().to_string();
+    let out = label(
+        &[
+            "--input",
+            &data_arg,
+            "--sidecars",
+            "--model",
+            "tiny/blip",
+            "--cache-dir",
+            &cache_arg,
+        ],
+        &[("HF_ENDPOINT", &hub.address)],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let snapshot = repo.join("snapshots").join(COMMIT);
+    for file in ["config.json", "model.safetensors", "vocab.txt"] {
+        assert!(
+            snapshot.join(file).is_file(),
+            "{file} is not in the new snapshot"
+        );
+    }
+    assert!(data.join("a.txt").is_file());
+}

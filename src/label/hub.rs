@@ -170,11 +170,13 @@ impl<'a> HubModel<'a> {
 
     /// The snapshot folder with the config, the weights and (BLIP) the vocabulary.
     fn fetch(&self, reporter: &mut dyn DownloadReporter) -> Result<PathBuf, LabelError> {
-        let config = self.one_of(&["config.json"], reporter)?;
-        let folder = config
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
+        let (config, config_downloaded) = self.config(reporter)?;
+        let folder_of = |file: &Path| {
+            file.parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("."))
+        };
+        let folder = folder_of(&config);
         let text = std::fs::read_to_string(&config).unwrap_or_default();
         let is_blip = serde_json::from_str::<serde_json::Value>(&text)
             .ok()
@@ -199,27 +201,30 @@ impl<'a> HubModel<'a> {
                 missing[0].join(" or ")
             )));
         };
+        if missing.is_empty() {
+            return Ok(folder);
+        }
         let mut plan: Vec<(String, u64)> = Vec::new();
+        if !config_downloaded {
+            // A config cached from an older revision: fetch it again so every file lands in the snapshot
+            // of the revision the Hub serves now.
+            plan.push(self.first_available(api, &["config.json"])?);
+        }
         for alternatives in &missing {
             plan.push(self.first_available(api, alternatives)?);
         }
-        if !plan.is_empty() {
-            reporter.planned(&self.repo, &plan);
-        }
+        reporter.planned(&self.repo, &plan);
+        let mut last = config;
         for (file, _) in &plan {
-            self.download(api, file, reporter)?;
+            last = self.download(api, file, reporter)?;
         }
-        Ok(folder)
+        Ok(folder_of(&last))
     }
 
-    /// A file from the cache, or downloaded (the first of `alternatives` the Hub has).
-    fn one_of(
-        &self,
-        alternatives: &[&str],
-        reporter: &mut dyn DownloadReporter,
-    ) -> Result<PathBuf, LabelError> {
-        if let Some(path) = alternatives.iter().find_map(|f| self.cache.get(f)) {
-            return Ok(path);
+    /// `config.json` from the cache, or downloaded (then `true`).
+    fn config(&self, reporter: &mut dyn DownloadReporter) -> Result<(PathBuf, bool), LabelError> {
+        if let Some(path) = self.cache.get("config.json") {
+            return Ok((path, false));
         }
         let Some(api) = &self.api else {
             return Err(LabelError::Input(format!(
@@ -228,8 +233,8 @@ impl<'a> HubModel<'a> {
                 self.settings.cache_dir.display()
             )));
         };
-        let (file, _) = self.first_available(api, alternatives)?;
-        self.download(api, &file, reporter)
+        let (file, _) = self.first_available(api, &["config.json"])?;
+        Ok((self.download(api, &file, reporter)?, true))
     }
 
     /// The first of `alternatives` the repository has, with its size.
