@@ -378,3 +378,24 @@ fn pissa_exports_exactly_and_dora_within_its_stated_error() {
         }
     }
 }
+
+#[test]
+fn a_dataset_problem_is_reported_before_the_base_model_is_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = make_dataset(&dir.path().join("data"), 2);
+    std::fs::write(
+        data.join("metadata.csv"),
+        "file_name,text\nimg0.png,\"never closed\n",
+    )
+    .unwrap();
+    let config = TrainConfig {
+        // Loading this would fail with a different message; the dataset's must come first.
+        base_model: dir.path().join("no-such-model.safetensors"),
+        ..tiny_config(&data, &dir.path().join("out"))
+    };
+    let error = train(&config, None, &mut SilentReporter, &CancelToken::default())
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(error.contains("metadata.csv"), "{error}");
+}

@@ -86,12 +86,14 @@ pub fn train(
     reporter: &mut dyn TrainReporter,
     cancel: &CancelToken,
 ) -> Result<TrainOutcome, TrainError> {
-    // Checked before loading, so that an unwritable output folder is reported at once.
+    // The output folder and the dataset are checked before the model is loaded, so that their problems
+    // are reported at once.
     prepare_output(config, reporter)?;
+    let dataset = scan_dataset(config)?;
     reporter.stage("loading the base model", 0, 1);
     let mut base = load_base(config)?;
     reporter.stage("loading the base model", 1, 1);
-    train_on(&mut base, config, resume, reporter, cancel)
+    train_scanned(&mut base, &dataset, config, resume, reporter, cancel)
 }
 
 /// [`train`] on an already loaded base model; the model is left without adapters afterwards.
@@ -104,7 +106,19 @@ pub fn train_on(
 ) -> Result<TrainOutcome, TrainError> {
     prepare_output(config, reporter)?;
     let dataset = scan_dataset(config)?;
-    report_dataset(&dataset, reporter);
+    train_scanned(base, &dataset, config, resume, reporter, cancel)
+}
+
+/// [`train_on`] with the dataset already scanned.
+fn train_scanned(
+    base: &mut LoadedBase,
+    dataset: &Dataset,
+    config: &TrainConfig,
+    resume: Option<&Path>,
+    reporter: &mut dyn TrainReporter,
+    cancel: &CancelToken,
+) -> Result<TrainOutcome, TrainError> {
+    report_dataset(dataset, reporter);
     let (device, dtype, family) = (base.device.clone(), base.dtype, base.family);
     let checkpoint_grads = config.gradient_checkpointing.then(CheckpointGrads::default);
     base.model
@@ -116,7 +130,7 @@ pub fn train_on(
         &device,
         dtype,
         checkpoint_grads.as_ref(),
-        &dataset,
+        dataset,
         config,
         resume,
         reporter,
