@@ -237,6 +237,8 @@ fn auto_captioning_streams_captions_and_stops_when_cancelled() {
         });
         image.save(data.join(format!("img{i:02}.png"))).unwrap();
     }
+    // An unreadable file is reported, but not counted as an image to caption.
+    std::fs::write(data.join("broken.png"), b"not a png").unwrap();
     let (worker, events) = WorkerHandle::spawn(Arc::new(|| {})).unwrap();
     let request = lora_studio::messages::AutoCaptionRequest {
         root: data.clone(),
@@ -284,11 +286,20 @@ fn auto_captioning_streams_captions_and_stops_when_cancelled() {
 
     // Running again captions only the rest (the models stay loaded).
     worker.send(Job::AutoCaption(request));
-    let (again, kept) = wait_for(&events, "the second run", |e| match e {
+    let mut progress = (0, 0);
+    let (again, kept, failed) = wait_for(&events, "the second run", |e| match e {
+        Event::AutoCaptionProgress { done, total, .. } => {
+            progress = (*done, *total);
+            None
+        }
         Event::AutoCaptionEnded {
-            captioned, kept, ..
-        } => Some((*captioned, *kept)),
+            captioned,
+            kept,
+            failed,
+            ..
+        } => Some((*captioned, *kept, failed.len())),
         _ => None,
     });
-    assert_eq!((again, kept), (40 - captioned, captioned));
+    assert_eq!((again, kept, failed), (40 - captioned, captioned, 1));
+    assert_eq!(progress, ((40 - captioned) as u64, (40 - captioned) as u64));
 }

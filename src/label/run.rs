@@ -63,8 +63,12 @@ pub trait LabelReporter {
     fn planned(&mut self, to_caption: &[PathBuf], kept: usize);
     /// One image's caption was written (`relative` to the input folder) to `target`.
     fn captioned(&mut self, relative: &Path, caption: &str, target: &Path);
-    /// One image could not be captioned; the run goes on.
+    /// One of the planned images could not be captioned; the run goes on.
     fn failed(&mut self, relative: &Path, reason: &str);
+    /// A file the dataset scan could not read (it was never planned).
+    fn unreadable(&mut self, relative: &Path, reason: &str) {
+        self.failed(relative, reason);
+    }
 }
 
 /// How a labelling run ended.
@@ -155,7 +159,7 @@ pub fn label_folder(
         ..LabelReport::default()
     };
     for (relative, reason) in unreadable {
-        reporter.failed(&relative, &reason);
+        reporter.unreadable(&relative, &reason);
         report.failed.push((relative, reason));
     }
     let prefix = options

@@ -266,4 +266,6 @@ impl LabelReporter for EventReporter<'_> {
         self.done += 1;
         self.progress();
     }
+
+    fn unreadable(&mut self, _relative: &Path, _reason: &str) {}
 }
