@@ -8,9 +8,10 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, CustomOp2, Layout, MetalStorage, Result, Shape, Storage,
-    Tensor,
+    CpuStorage, CudaStorage, CustomOp1, Layout, MetalStorage, Result, Shape, Storage, Tensor,
 };
+
+use super::tied::{TiedBackward, tie};
 
 /// `x · Wᵀ` for a frozen `W` of shape `[out, in]`, over any number of leading batch dimensions.
 pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
@@ -26,7 +27,8 @@ pub fn frozen_affine(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tenso
     if !x.track_op() {
         return Ok(output);
     }
-    output.apply_op2(
+    tie(
+        &output,
         x,
         FrozenAffineBackward {
             weight: weight.clone(),
@@ -39,39 +41,9 @@ struct FrozenAffineBackward {
     weight: Tensor,
 }
 
-impl CustomOp2 for FrozenAffineBackward {
+impl TiedBackward for FrozenAffineBackward {
     fn name(&self) -> &'static str {
         "frozen-affine"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        pass_through(s1, l1, "frozen affine")
-    }
-
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        pass_through(s1, l1, "frozen affine")
-    }
-
-    fn metal_fwd(
-        &self,
-        s1: &MetalStorage,
-        l1: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        pass_through(s1, l1, "frozen affine")
     }
 
     fn bwd(
@@ -103,7 +75,8 @@ pub fn frozen_conv2d(
     if !x.track_op() {
         return Ok(output);
     }
-    output.apply_op2(
+    tie(
+        &output,
         x,
         FrozenConvBackward {
             weight: weight.clone(),
@@ -223,20 +196,6 @@ impl FrozenConvBackward {
     }
 }
 
-/// The forward pass of an op that ties `storage` (a result computed on detached tensors) to the inputs
-/// its backward pass differentiates: the result, unchanged. `what` names the op in the error. Shared by
-/// every op built this way (frozen convolutions, fused attention and normalisation, checkpointed blocks).
-pub(crate) fn pass_through<S: BackendStorage>(
-    storage: &S,
-    layout: &Layout,
-    what: &str,
-) -> Result<(S, Shape)> {
-    if !layout.is_contiguous() || layout.start_offset() != 0 {
-        candle_core::bail!("{what}: the result is not a fresh contiguous tensor");
-    }
-    Ok((storage.try_clone(layout)?, layout.shape().clone()))
-}
-
 /// A `[out, in, kh, kw]` kernel as `[in, out, kh, kw]` with both spatial axes reversed: the kernel of the
 /// input-gradient convolution. It is built anew in every backward pass (keeping one per layer would double
 /// the model's convolution weights in memory), so on the CPU it is one pass over the weights.
@@ -295,39 +254,9 @@ impl CustomOp1 for FlipTranspose {
     }
 }
 
-impl CustomOp2 for FrozenConvBackward {
+impl TiedBackward for FrozenConvBackward {
     fn name(&self) -> &'static str {
         "frozen-conv2d"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        pass_through(s1, l1, "frozen conv2d")
-    }
-
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        pass_through(s1, l1, "frozen conv2d")
-    }
-
-    fn metal_fwd(
-        &self,
-        s1: &MetalStorage,
-        l1: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        pass_through(s1, l1, "frozen conv2d")
     }
 
     fn bwd(

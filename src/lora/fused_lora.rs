@@ -6,11 +6,10 @@
 //! every intermediate of the graph); here only `y` is kept, and the backward pass recomputes the small
 //! `x·Aᵀ`: with `g = dy` and `u = g·B`, `dx = g·W + s·u·A`, `dB = s·gᵀ·(x·Aᵀ)`, `dA = s·uᵀ·x`.
 
-use candle_core::{
-    CpuStorage, CudaStorage, CustomOp3, Layout, MetalStorage, Result, Shape, Tensor,
-};
+use candle_core::{Result, Tensor};
 
-use super::frozen::{frozen_linear, pass_through};
+use super::frozen::frozen_linear;
+use super::tied::{TiedBackward2, tie2};
 
 /// `x·Wᵀ + b + scale·(x·downᵀ)·upᵀ`, differentiable in `x`, `down` and `up` (`W` and `b` frozen).
 pub fn lora_linear(
@@ -35,7 +34,8 @@ pub fn lora_linear(
     // A custom op has three operands: the result, the input, and both adapter matrices flattened into
     // one (cat's backward splits the gradient between them).
     let adapter = Tensor::cat(&[down.flatten_all()?, up.flatten_all()?], 0)?;
-    y.apply_op3(
+    tie2(
+        &y,
         x,
         &adapter,
         LoraLinearBackward {
@@ -55,45 +55,9 @@ struct LoraLinearBackward {
     scale: f64,
 }
 
-impl CustomOp3 for LoraLinearBackward {
+impl TiedBackward2 for LoraLinearBackward {
     fn name(&self) -> &'static str {
         "lora-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        pass_through(s1, l1, "LoRA linear")
-    }
-
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        pass_through(s1, l1, "LoRA linear")
-    }
-
-    fn metal_fwd(
-        &self,
-        s1: &MetalStorage,
-        l1: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        pass_through(s1, l1, "LoRA linear")
     }
 
     fn bwd(

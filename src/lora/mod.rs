@@ -13,10 +13,10 @@ mod kohya;
 mod layer;
 mod network;
 pub mod svd;
+mod tied;
 
 pub use adapter::{AdapterKind, LoraAdapter, adapter_dims, row_norm};
 pub use export::{ExportedLora, ExportedModule, export_network, write_lora_file};
-pub(crate) use frozen::pass_through;
 pub use frozen::{frozen_affine, frozen_conv2d, frozen_linear};
 pub use kohya::{
     AttachReport, KohyaLora, KohyaModule, LoraError, TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name,
@@ -25,3 +25,4 @@ pub use layer::{
     AdaptableConv2d, AdaptableLinear, AdapterSlot, LayerBuilder, LayerRegistry, LayerShape,
 };
 pub use network::{LoraNetwork, NetworkKind, NetworkModule, NetworkSpec, TargetComponent};
+pub(crate) use tied::{TiedBackward, TiedBackward2, tie, tie2};

@@ -10,10 +10,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::lora::pass_through;
-use candle_core::{
-    CpuStorage, CudaStorage, CustomOp3, Layout, MetalStorage, Result, Shape, Tensor, TensorId, Var,
-};
+use candle_core::{Result, Tensor, TensorId, Var};
+
+use crate::lora::{TiedBackward2, tie2};
 
 /// A sub-module's forward function: `(input, auxiliary input) -> output`.
 pub type BlockFn = Arc<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
@@ -73,7 +72,8 @@ pub fn checkpointed(
     } else {
         x.clone()
     };
-    output.apply_op3(
+    tie2(
+        &output,
         &x,
         aux,
         Recompute {
@@ -105,45 +105,9 @@ struct Recompute {
     store: CheckpointGrads,
 }
 
-impl CustomOp3 for Recompute {
+impl TiedBackward2 for Recompute {
     fn name(&self) -> &'static str {
         "checkpointed-block"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        pass_through(s1, l1, "checkpointed block")
-    }
-
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        pass_through(s1, l1, "checkpointed block")
-    }
-
-    fn metal_fwd(
-        &self,
-        s1: &MetalStorage,
-        l1: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        pass_through(s1, l1, "checkpointed block")
     }
 
     fn bwd(

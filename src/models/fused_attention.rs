@@ -9,13 +9,10 @@
 //! `dV = Pᵀ·dO`, `dS = P ⊙ (dO·vᵀ − D)`, `dQ = dS·k·s`, `dK = dSᵀ·q·s`. On the CPU both passes run in
 //! [`super::flash_attention`]'s cache-sized tiles; other devices use chunks of candle ops.
 
-use candle_core::{
-    CpuStorage, CudaStorage, CustomOp3, D, DType, Layout, MetalStorage, Result, Shape, Tensor,
-    WithDType,
-};
+use candle_core::{D, DType, Result, Tensor, WithDType};
 
 use super::flash_attention::{self, AttentionDims, Element};
-use crate::lora::pass_through;
+use crate::lora::{TiedBackward2, tie2};
 
 /// Elements of one chunk's score matrix at most (128 MB in f32).
 const CHUNK_ELEMENTS: usize = 32 << 20;
@@ -113,7 +110,7 @@ fn attention_in_chunks(
     }
     // A custom op has at most three operands: k and v travel together (cat's backward splits them).
     let kv = Tensor::cat(&[k, v], D::Minus1)?;
-    output.apply_op3(q, &kv, AttentionBackward { scale, rows })
+    tie2(&output, q, &kv, AttentionBackward { scale, rows })
 }
 
 fn chunked_forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, rows: usize) -> Result<Tensor> {
@@ -142,45 +139,9 @@ struct AttentionBackward {
     rows: usize,
 }
 
-impl CustomOp3 for AttentionBackward {
+impl TiedBackward2 for AttentionBackward {
     fn name(&self) -> &'static str {
         "fused-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        pass_through(s1, l1, "fused attention")
-    }
-
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        pass_through(s1, l1, "fused attention")
-    }
-
-    fn metal_fwd(
-        &self,
-        s1: &MetalStorage,
-        l1: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        pass_through(s1, l1, "fused attention")
     }
 
     fn bwd(

@@ -8,11 +8,9 @@
 //! `dx = r·(g − mean(g) − x̂·mean(g ⊙ x̂))`. With the frozen affine scale and shift folded in
 //! ([`normalize_affine`]), only the layer's output is kept for the backward pass.
 
-use candle_core::{
-    CpuStorage, CudaStorage, CustomOp2, Layout, MetalStorage, Result, Shape, Tensor,
-};
+use candle_core::{Result, Tensor};
 
-use crate::lora::pass_through;
+use crate::lora::{TiedBackward, tie};
 
 /// `(x − mean)/√(var + eps)` over each row of `x` (`[rows, n]`, f32 or f64), differentiable in `x`.
 pub(super) fn normalize_rows(x: &Tensor, eps: f64) -> Result<Tensor> {
@@ -24,7 +22,7 @@ pub(super) fn normalize_rows(x: &Tensor, eps: f64) -> Result<Tensor> {
     if !x.track_op() {
         return Ok(normalized);
     }
-    normalized.apply_op2(x, NormBackward { inverse_std })
+    tie(&normalized, x, NormBackward { inverse_std })
 }
 
 /// `normalize_rows` over `rows` rows of `x`, reshaped back to `x`'s shape, times `weight` plus `bias`
@@ -50,7 +48,8 @@ pub(super) fn normalize_affine(
     if !x.track_op() {
         return Ok(y);
     }
-    y.apply_op2(
+    tie(
+        &y,
         x,
         AffineNormBackward {
             mean,
@@ -77,39 +76,9 @@ struct AffineNormBackward {
     weight: Tensor,
 }
 
-impl CustomOp2 for AffineNormBackward {
+impl TiedBackward for AffineNormBackward {
     fn name(&self) -> &'static str {
         "fused-affine-normalization"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        pass_through(s1, l1, "fused normalization")
-    }
-
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        pass_through(s1, l1, "fused normalization")
-    }
-
-    fn metal_fwd(
-        &self,
-        s1: &MetalStorage,
-        l1: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        pass_through(s1, l1, "fused normalization")
     }
 
     fn bwd(
@@ -138,39 +107,9 @@ struct NormBackward {
     inverse_std: Tensor,
 }
 
-impl CustomOp2 for NormBackward {
+impl TiedBackward for NormBackward {
     fn name(&self) -> &'static str {
         "fused-normalization"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        pass_through(s1, l1, "fused normalization")
-    }
-
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        pass_through(s1, l1, "fused normalization")
-    }
-
-    fn metal_fwd(
-        &self,
-        s1: &MetalStorage,
-        l1: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        pass_through(s1, l1, "fused normalization")
     }
 
     fn bwd(

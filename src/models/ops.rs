@@ -13,7 +13,7 @@ use candle_core::{
 use rayon::prelude::*;
 
 use super::fast_math::{erf_f32, exp_f32};
-use crate::lora::pass_through;
+use crate::lora::{TiedBackward, tie};
 
 /// Exact (erf) GELU, `0.5·x·(1 + erf(x/√2))`, with an exact gradient.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
@@ -117,45 +117,15 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
     if !projected.track_op() {
         return Ok(output);
     }
-    output.apply_op2(projected, GegluBackward)
+    tie(&output, projected, GegluBackward)
 }
 
 /// Ties the precomputed GEGLU output (first operand) to the projection (second).
 struct GegluBackward;
 
-impl CustomOp2 for GegluBackward {
+impl TiedBackward for GegluBackward {
     fn name(&self) -> &'static str {
         "geglu"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        pass_through(s1, l1, "GEGLU")
-    }
-
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        pass_through(s1, l1, "GEGLU")
-    }
-
-    fn metal_fwd(
-        &self,
-        s1: &MetalStorage,
-        l1: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        pass_through(s1, l1, "GEGLU")
     }
 
     fn bwd(
