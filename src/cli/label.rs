@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 
+use super::cancel_on_ctrl_c;
 use crate::device::{DeviceChoice, describe, open_device};
 use crate::label::hub::{DownloadReporter, HubSettings, model_folder};
 use crate::label::interrogate::Vocabulary;
@@ -18,7 +19,6 @@ use crate::label::{
     CaptionOutput, CaptionSettings, Captioner, LabelOptions, LabelReporter, label_folder,
 };
 use crate::models::blip::CaptionLength;
-use crate::train::CancelToken;
 
 #[derive(Debug, Args)]
 pub struct LabelArgs {
@@ -131,15 +131,7 @@ pub fn run(args: LabelArgs) -> anyhow::Result<()> {
         );
         captioners.push(captioner);
     }
-    let cancel = CancelToken::default();
-    let handler_token = cancel.clone();
-    let _ = ctrlc::set_handler(move || {
-        if handler_token.is_cancelled() {
-            std::process::exit(130);
-        }
-        eprintln!("\nstopping after this image (press Ctrl-C again to quit now)");
-        handler_token.cancel();
-    });
+    let cancel = cancel_on_ctrl_c("stopping after this image (press Ctrl-C again to quit now)");
     let mut reporter = TerminalLabel::default();
     let started = Instant::now();
     let report = label_folder(&options, &captioners, &device, &mut reporter, &|| {

@@ -17,6 +17,7 @@ use anyhow::bail;
 use clap::{Parser, Subcommand};
 
 use crate::build_info::LONG_VERSION;
+use crate::train::CancelToken;
 
 /// Train LoRA style adapters for Stable Diffusion on your own images.
 #[derive(Debug, Parser)]
@@ -79,6 +80,20 @@ fn open_app(_path: Option<PathBuf>) -> anyhow::Result<()> {
 }
 
 /// `FILE` or `FILE:STRENGTH`; a suffix that is not a number is part of the path (e.g. `C:\…`).
+/// A cancel token that the first Ctrl-C sets, after printing `stopping`; a second Ctrl-C quits at once.
+pub(crate) fn cancel_on_ctrl_c(stopping: &'static str) -> CancelToken {
+    let cancel = CancelToken::default();
+    let handler_token = cancel.clone();
+    let _ = ctrlc::set_handler(move || {
+        if handler_token.is_cancelled() {
+            std::process::exit(130);
+        }
+        eprintln!("\n{stopping}");
+        handler_token.cancel();
+    });
+    cancel
+}
+
 pub(crate) fn parse_lora_spec(spec: &str) -> anyhow::Result<(PathBuf, f64)> {
     let (path, strength) = match spec.rsplit_once(':') {
         Some((path, strength)) if !path.is_empty() => match strength.parse::<f64>() {

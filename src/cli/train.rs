@@ -7,10 +7,9 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use super::cancel_on_ctrl_c;
 use crate::config::load_config;
-use crate::train::{
-    CancelToken, StepReport, TrainPlan, TrainReporter, TrainStop, latest_checkpoint, train,
-};
+use crate::train::{StepReport, TrainPlan, TrainReporter, TrainStop, latest_checkpoint, train};
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
@@ -43,15 +42,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         }
         other => other.clone(),
     };
-    let cancel = CancelToken::default();
-    let handler_token = cancel.clone();
-    let _ = ctrlc::set_handler(move || {
-        if handler_token.is_cancelled() {
-            std::process::exit(130);
-        }
-        eprintln!("\nstopping after this step (press Ctrl-C again to quit without saving)");
-        handler_token.cancel();
-    });
+    let cancel =
+        cancel_on_ctrl_c("stopping after this step (press Ctrl-C again to quit without saving)");
     let mut reporter = TerminalReporter::default();
     let outcome = train(&config, resume.as_deref(), &mut reporter, &cancel)?;
     reporter.finish();
