@@ -336,7 +336,13 @@ mod tests {
             locate("me/my-captioner").unwrap(),
             ModelLocation::Hub("me/my-captioner".to_string())
         );
-        for bad in ["nonsense", "a/b/c", "../x", "a/..", "/no/such/folder"] {
+        for bad in [
+            "nonsense",
+            "a/b/c",
+            "../lora-studio-no-such-model",
+            "lora-studio-no-such-owner/..",
+            "/no/such/folder",
+        ] {
             let message = locate(bad).unwrap_err().to_string();
             assert!(message.contains("neither a folder"), "{bad}: {message}");
         }
