@@ -28,8 +28,8 @@ pub fn frozen_affine(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tenso
         return Ok(output);
     }
     tie(
-        &output,
-        x,
+        output,
+        &[x],
         FrozenAffineBackward {
             weight: weight.clone(),
         },
@@ -46,14 +46,8 @@ impl TiedBackward for FrozenAffineBackward {
         "frozen-affine"
     }
 
-    fn bwd(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((None, Some(grad.broadcast_matmul(&self.weight)?)))
+    fn bwd(&self, _: &[&Tensor], _: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(grad.broadcast_matmul(&self.weight)?)])
     }
 }
 
@@ -76,8 +70,8 @@ pub fn frozen_conv2d(
         return Ok(output);
     }
     tie(
-        &output,
-        x,
+        output,
+        &[x],
         FrozenConvBackward {
             weight: weight.clone(),
             padding,
@@ -259,14 +253,8 @@ impl TiedBackward for FrozenConvBackward {
         "frozen-conv2d"
     }
 
-    fn bwd(
-        &self,
-        _: &Tensor,
-        input: &Tensor,
-        _: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((None, Some(self.input_grad(input, grad)?)))
+    fn bwd(&self, input: &[&Tensor], _: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(self.input_grad(input[0], grad)?)])
     }
 }
 

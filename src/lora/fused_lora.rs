@@ -9,7 +9,7 @@
 use candle_core::{Result, Tensor};
 
 use super::frozen::frozen_linear;
-use super::tied::{TiedBackward2, tie2};
+use super::tied::{TiedBackward, tie};
 
 /// `x·Wᵀ + b + scale·(x·downᵀ)·upᵀ`, differentiable in `x`, `down` and `up` (`W` and `b` frozen).
 pub fn lora_linear(
@@ -31,52 +31,30 @@ pub fn lora_linear(
     if !(x.track_op() || down.track_op() || up.track_op()) {
         return Ok(y);
     }
-    // A custom op has three operands: the result, the input, and both adapter matrices flattened into
-    // one (cat's backward splits the gradient between them).
-    let adapter = Tensor::cat(&[down.flatten_all()?, up.flatten_all()?], 0)?;
-    tie2(
-        &y,
-        x,
-        &adapter,
+    tie(
+        y,
+        &[x, &down, &up],
         LoraLinearBackward {
             weight: weight.clone(),
-            down_dims: down.dims2()?,
-            up_dims: up.dims2()?,
             scale,
         },
     )
 }
 
-/// Ties the precomputed result (first operand) to the input and the flattened adapter.
+/// Ties the precomputed result to the input and the adapter's down and up matrices.
 struct LoraLinearBackward {
     weight: Tensor,
-    down_dims: (usize, usize),
-    up_dims: (usize, usize),
     scale: f64,
 }
 
-impl TiedBackward2 for LoraLinearBackward {
+impl TiedBackward for LoraLinearBackward {
     fn name(&self) -> &'static str {
         "lora-linear"
     }
 
-    fn bwd(
-        &self,
-        _: &Tensor,
-        x: &Tensor,
-        adapter: &Tensor,
-        _: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (rank, in_features) = self.down_dims;
-        let out_features = self.up_dims.0;
-        let adapter = adapter.detach();
-        let down = adapter
-            .narrow(0, 0, rank * in_features)?
-            .reshape(self.down_dims)?;
-        let up = adapter
-            .narrow(0, rank * in_features, out_features * rank)?
-            .reshape(self.up_dims)?;
+    fn bwd(&self, inputs: &[&Tensor], _: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let (x, down, up) = (inputs[0], inputs[1].detach(), inputs[2].detach());
+        let (in_features, out_features) = (down.dim(1)?, up.dim(0)?);
         let x_rows = x.detach().reshape(((), in_features))?;
         let grad_rows = grad.reshape(((), out_features))?;
         let grad_up_side = grad_rows.matmul(&up)?;
@@ -86,8 +64,7 @@ impl TiedBackward2 for LoraLinearBackward {
         let hidden = x_rows.matmul(&down.t()?)?;
         let grad_up = (grad_rows.t()?.matmul(&hidden)? * self.scale)?;
         let grad_down = (grad_up_side.t()?.matmul(&x_rows)? * self.scale)?;
-        let grad_adapter = Tensor::cat(&[grad_down.flatten_all()?, grad_up.flatten_all()?], 0)?;
-        Ok((None, Some(grad_x), Some(grad_adapter)))
+        Ok(vec![Some(grad_x), Some(grad_down), Some(grad_up)])
     }
 }
 

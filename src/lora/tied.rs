@@ -1,162 +1,241 @@
 //! Ops whose result is computed on detached tensors and then tied to the inputs its backward pass
-//! differentiates: the forward pass hands the result (the first operand) through unchanged, and the
-//! backward half is the op's own. Frozen layers, fused attention, normalisation, GEGLU, LoRA linears and
-//! checkpointed blocks are all built this way; here is the forward half they share.
+//! differentiates. Frozen layers, fused attention, normalisation, GEGLU, LoRA linears and checkpointed
+//! blocks are all built this way; here is the forward half they share.
+//!
+//! The tied op holds the result until its forward pass, which hands it over as the op's output (one copy)
+//! and lets it go. The graph therefore keeps the result once, as the op's output; passed as an operand
+//! instead, it would stay alive a second time until the backward pass ends.
+
+use std::sync::{Mutex, PoisonError};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, MetalStorage, Result, Shape, Tensor,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, Layout, MetalStorage, Result, Shape,
+    Storage, Tensor,
 };
 
-/// The forward pass of a tied op: the result, unchanged (one copy). `what` names the op in the error.
-fn pass_through<S: BackendStorage>(storage: &S, layout: &Layout, what: &str) -> Result<(S, Shape)> {
-    if !layout.is_contiguous() || layout.start_offset() != 0 {
-        candle_core::bail!("{what}: the result is not a fresh contiguous tensor");
-    }
-    Ok((storage.try_clone(layout)?, layout.shape().clone()))
-}
-
-/// The backward half of an op tied to one input.
+/// The backward half of a tied op.
 pub(crate) trait TiedBackward: Send + Sync + 'static {
     /// The op's name in the graph and in errors.
     fn name(&self) -> &'static str;
-    /// `CustomOp2::bwd` with operands (result, input): the first gradient is ignored.
+    /// The gradients of `inputs` (in the order given to [`tie`]) from the gradient `grad` of `output`.
     fn bwd(
         &self,
-        result: &Tensor,
-        input: &Tensor,
-        tied: &Tensor,
+        inputs: &[&Tensor],
+        output: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)>;
+    ) -> Result<Vec<Option<Tensor>>>;
 }
 
-/// The backward half of an op tied to two inputs.
-pub(crate) trait TiedBackward2: Send + Sync + 'static {
-    /// The op's name in the graph and in errors.
-    fn name(&self) -> &'static str;
-    /// `CustomOp3::bwd` with operands (result, first input, second input).
-    fn bwd(
-        &self,
-        result: &Tensor,
-        first: &Tensor,
-        second: &Tensor,
-        tied: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>;
-}
-
-/// `result` tied to `input` through `backward`.
-pub(crate) fn tie(result: &Tensor, input: &Tensor, backward: impl TiedBackward) -> Result<Tensor> {
-    result.apply_op2(input, Tied(backward))
-}
-
-/// `result` tied to `first` and `second` through `backward`.
-pub(crate) fn tie2(
-    result: &Tensor,
-    first: &Tensor,
-    second: &Tensor,
-    backward: impl TiedBackward2,
+/// `result` (contiguous, not a view into a larger tensor) tied to one, two or three `inputs` through
+/// `backward`.
+pub(crate) fn tie(
+    result: Tensor,
+    inputs: &[&Tensor],
+    backward: impl TiedBackward,
 ) -> Result<Tensor> {
-    result.apply_op3(first, second, Tied(backward))
+    let name = backward.name();
+    let op = Tied {
+        backward,
+        result: Mutex::new(Some(result)),
+    };
+    match inputs {
+        [a] => a.apply_op1(op),
+        [a, b] => a.apply_op2(b, op),
+        [a, b, c] => a.apply_op3(b, c, op),
+        _ => candle_core::bail!("{name}: ties one to three inputs, not {}", inputs.len()),
+    }
 }
 
-struct Tied<B>(B);
+struct Tied<B> {
+    backward: B,
+    /// The result until the forward pass hands it over.
+    result: Mutex<Option<Tensor>>,
+}
+
+impl<B: TiedBackward> Tied<B> {
+    /// The result as the op's output storage, the device's own picked from it by `select`.
+    fn hand_over<S: BackendStorage>(
+        &self,
+        select: impl FnOnce(&Storage) -> Option<&S>,
+    ) -> Result<(S, Shape)> {
+        let name = self.backward.name();
+        let Some(result) = self
+            .result
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        else {
+            candle_core::bail!("{name}: the result was handed over already");
+        };
+        let (storage, layout) = result.storage_and_layout();
+        let Some(storage) = select(&storage) else {
+            candle_core::bail!("{name}: the result is on another device than the inputs");
+        };
+        if !layout.is_contiguous() || layout.start_offset() != 0 {
+            candle_core::bail!("{name}: the result is not a fresh contiguous tensor");
+        }
+        Ok((storage.try_clone(layout)?, layout.shape().clone()))
+    }
+
+    fn gradients<const N: usize>(
+        &self,
+        inputs: [&Tensor; N],
+        output: &Tensor,
+        grad: &Tensor,
+    ) -> Result<[Option<Tensor>; N]> {
+        let grads = self.backward.bwd(&inputs, output, grad)?;
+        let count = grads.len();
+        grads.try_into().map_err(|_| {
+            candle_core::Error::Msg(format!(
+                "{}: {count} gradients for {N} inputs",
+                self.backward.name()
+            ))
+        })
+    }
+}
+
+fn cpu(storage: &Storage) -> Option<&CpuStorage> {
+    match storage {
+        Storage::Cpu(s) => Some(s),
+        _ => None,
+    }
+}
+
+fn cuda(storage: &Storage) -> Option<&CudaStorage> {
+    match storage {
+        Storage::Cuda(s) => Some(s),
+        _ => None,
+    }
+}
+
+fn metal(storage: &Storage) -> Option<&MetalStorage> {
+    match storage {
+        Storage::Metal(s) => Some(s),
+        _ => None,
+    }
+}
+
+impl<B: TiedBackward> CustomOp1 for Tied<B> {
+    fn name(&self) -> &'static str {
+        self.backward.name()
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.hand_over(cpu)
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.hand_over(cuda)
+    }
+
+    fn metal_fwd(&self, _: &MetalStorage, _: &Layout) -> Result<(MetalStorage, Shape)> {
+        self.hand_over(metal)
+    }
+
+    fn bwd(&self, input: &Tensor, output: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let [grad] = self.gradients([input], output, grad)?;
+        Ok(grad)
+    }
+}
 
 impl<B: TiedBackward> CustomOp2 for Tied<B> {
     fn name(&self) -> &'static str {
-        self.0.name()
+        self.backward.name()
     }
 
     fn cpu_fwd(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        pass_through(s1, l1, self.0.name())
+        self.hand_over(cpu)
     }
 
     fn cuda_fwd(
         &self,
-        s1: &CudaStorage,
-        l1: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
         _: &CudaStorage,
         _: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        pass_through(s1, l1, self.0.name())
+        self.hand_over(cuda)
     }
 
     fn metal_fwd(
         &self,
-        s1: &MetalStorage,
-        l1: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
         _: &MetalStorage,
         _: &Layout,
     ) -> Result<(MetalStorage, Shape)> {
-        pass_through(s1, l1, self.0.name())
+        self.hand_over(metal)
     }
 
     fn bwd(
         &self,
-        result: &Tensor,
-        input: &Tensor,
-        tied: &Tensor,
+        first: &Tensor,
+        second: &Tensor,
+        output: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        self.0.bwd(result, input, tied, grad)
+        let [first, second] = self.gradients([first, second], output, grad)?;
+        Ok((first, second))
     }
 }
 
-impl<B: TiedBackward2> CustomOp3 for Tied<B> {
+impl<B: TiedBackward> CustomOp3 for Tied<B> {
     fn name(&self) -> &'static str {
-        self.0.name()
+        self.backward.name()
     }
 
     fn cpu_fwd(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
         _: &CpuStorage,
         _: &Layout,
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        pass_through(s1, l1, self.0.name())
+        self.hand_over(cpu)
     }
 
     fn cuda_fwd(
         &self,
-        s1: &CudaStorage,
-        l1: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
         _: &CudaStorage,
         _: &Layout,
         _: &CudaStorage,
         _: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        pass_through(s1, l1, self.0.name())
+        self.hand_over(cuda)
     }
 
     fn metal_fwd(
         &self,
-        s1: &MetalStorage,
-        l1: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
         _: &MetalStorage,
         _: &Layout,
         _: &MetalStorage,
         _: &Layout,
     ) -> Result<(MetalStorage, Shape)> {
-        pass_through(s1, l1, self.0.name())
+        self.hand_over(metal)
     }
 
     fn bwd(
         &self,
-        result: &Tensor,
         first: &Tensor,
         second: &Tensor,
-        tied: &Tensor,
+        third: &Tensor,
+        output: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        self.0.bwd(result, first, second, tied, grad)
+        let [first, second, third] = self.gradients([first, second, third], output, grad)?;
+        Ok((first, second, third))
     }
 }

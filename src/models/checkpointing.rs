@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::{Result, Tensor, TensorId, Var};
 
-use crate::lora::{TiedBackward2, tie2};
+use crate::lora::{TiedBackward, tie};
 
 /// A sub-module's forward function: `(input, auxiliary input) -> output`.
 pub type BlockFn = Arc<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
@@ -72,10 +72,9 @@ pub fn checkpointed(
     } else {
         x.clone()
     };
-    tie2(
-        &output,
-        &x,
-        aux,
+    tie(
+        output,
+        &[&x, aux],
         Recompute {
             f,
             store: store.clone(),
@@ -105,19 +104,13 @@ struct Recompute {
     store: CheckpointGrads,
 }
 
-impl TiedBackward2 for Recompute {
+impl TiedBackward for Recompute {
     fn name(&self) -> &'static str {
         "checkpointed-block"
     }
 
-    fn bwd(
-        &self,
-        _output: &Tensor,
-        x: &Tensor,
-        aux: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, inputs: &[&Tensor], _: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let (x, aux) = (inputs[0], inputs[1]);
         let x_var = Var::from_tensor(&x.detach())?;
         let aux_var = Var::from_tensor(&aux.detach())?;
         let recomputed = (self.f)(x_var.as_tensor(), aux_var.as_tensor())?;
@@ -129,10 +122,9 @@ impl TiedBackward2 for Recompute {
                 self.store.add(id, g.clone())?;
             }
         }
-        Ok((
-            None,
+        Ok(vec![
             x_grad.filter(|_| x.track_op()),
             aux_grad.filter(|_| aux.track_op()),
-        ))
+        ])
     }
 }

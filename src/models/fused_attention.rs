@@ -2,9 +2,9 @@
 //!
 //! Composed from candle ops, attention over 4096 tokens keeps the `[heads, 4096, 4096]` scores, the
 //! probabilities and every intermediate of the softmax alive for the backward pass (gigabytes per block at
-//! 512 px) and differentiates the softmax through generic element-wise ops. Here the forward pass runs in
-//! chunks of query rows on detached tensors (candle's fused softmax), keeping only `q`, `k`, `v` and the
-//! output; the backward pass recomputes each chunk's probabilities and applies the softmax gradient
+//! 512 px) and differentiates the softmax through generic element-wise ops. Here the heads are split off,
+//! attended in chunks of query rows (candle's fused softmax) and merged back on detached tensors, so the
+//! graph keeps only `q`, `k`, `v` and the output, all in token layout; the backward pass recomputes each chunk's probabilities and applies the softmax gradient
 //! directly: with `P = softmax(q·kᵀ·s)` and `D = rowsum(dO ⊙ O)`,
 //! `dV = Pᵀ·dO`, `dS = P ⊙ (dO·vᵀ − D)`, `dQ = dS·k·s`, `dK = dSᵀ·q·s`. On the CPU both passes run in
 //! [`super::flash_attention`]'s cache-sized tiles; other devices use chunks of candle ops.
@@ -12,22 +12,45 @@
 use candle_core::{D, DType, Result, Tensor, WithDType};
 
 use super::flash_attention::{self, AttentionDims, Element};
-use crate::lora::{TiedBackward2, tie2};
+use crate::lora::{TiedBackward, tie};
 
 /// Elements of one chunk's score matrix at most (128 MB in f32).
 const CHUNK_ELEMENTS: usize = 32 << 20;
 
-/// `softmax(q·kᵀ·scale)·v` for `q`: `[batch, heads, q_len, d]`, `k`/`v`: `[batch, heads, kv_len, d]`
-/// (contiguous, f32 or f64), differentiable in all three.
-pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let (batch, heads, _, _) = q.dims4()?;
-    let kv_len = k.dim(2)?;
+/// `softmax(q·kᵀ·scale)·v` over `heads` heads for `q`: `[batch, q_len, heads·d]` and `k`/`v`:
+/// `[batch, kv_len, heads·d]` (f32 or f64 for the CPU kernel), differentiable in all three; the result is
+/// shaped like `q`.
+pub fn fused_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (batch, kv_len, _) = k.dims3()?;
     let rows = if runs_on_cpu_kernel(q) {
         flash_attention::tile_rows(kv_len)
     } else {
         (CHUNK_ELEMENTS / (batch * heads * kv_len).max(1)).max(1)
     };
-    attention_in_chunks(q, k, v, scale, rows)
+    attention_in_chunks((q, k, v), heads, scale, rows)
+}
+
+/// `[batch, len, heads·d]` as a contiguous `[batch, heads, len, d]`, detached.
+fn split_heads(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let (batch, len, width) = t.dims3()?;
+    t.detach()
+        .reshape((batch, len, heads, width / heads))?
+        .transpose(1, 2)?
+        .contiguous()
+}
+
+/// `[batch, heads, len, d]` as a contiguous `[batch, len, heads·d]`.
+fn merge_heads(t: &Tensor) -> Result<Tensor> {
+    let (batch, heads, len, head_dim) = t.dims4()?;
+    t.transpose(1, 2)?
+        .contiguous()?
+        .reshape((batch, len, heads * head_dim))
 }
 
 /// Whether the tiled CPU kernel ([`flash_attention`]) computes this attention.
@@ -98,19 +121,19 @@ fn kernel_backward<T: Element + WithDType>(
 
 /// [`fused_attention`] with `rows` query rows per chunk.
 fn attention_in_chunks(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    heads: usize,
     scale: f64,
     rows: usize,
 ) -> Result<Tensor> {
-    let output = chunked_forward(&q.detach(), &k.detach(), &v.detach(), scale, rows)?;
+    let [q_heads, k_heads, v_heads] = [q, k, v].map(|t| split_heads(t, heads));
+    let output = merge_heads(&chunked_forward(
+        &q_heads?, &k_heads?, &v_heads?, scale, rows,
+    )?)?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(output);
     }
-    // A custom op has at most three operands: k and v travel together (cat's backward splits them).
-    let kv = Tensor::cat(&[k, v], D::Minus1)?;
-    tie2(&output, q, &kv, AttentionBackward { scale, rows })
+    tie(output, &[q, k, v], AttentionBackward { heads, scale, rows })
 }
 
 fn chunked_forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, rows: usize) -> Result<Tensor> {
@@ -132,49 +155,62 @@ fn chunked_forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, rows: usize) 
     Tensor::cat(&chunks, 2)
 }
 
-/// Ties the precomputed output (first operand) to `q` and `kv`; see the module docs.
+/// Ties the precomputed output to `q`, `k` and `v`; see the module docs.
 struct AttentionBackward {
+    heads: usize,
     scale: f64,
     /// Query rows per chunk.
     rows: usize,
 }
 
-impl TiedBackward2 for AttentionBackward {
+impl TiedBackward for AttentionBackward {
     fn name(&self) -> &'static str {
         "fused-attention"
     }
 
     fn bwd(
         &self,
-        _: &Tensor,
-        q: &Tensor,
-        kv: &Tensor,
+        inputs: &[&Tensor],
         output: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (_, _, q_len, head_dim) = q.dims4()?;
+    ) -> Result<Vec<Option<Tensor>>> {
+        let [q, k, v] = [inputs[0], inputs[1], inputs[2]].map(|t| split_heads(t, self.heads));
+        let (q, k, v) = (q?, k?, v?);
+        let (output, grad) = (
+            split_heads(output, self.heads)?,
+            split_heads(grad, self.heads)?,
+        );
+        let (grad_q, grad_k, grad_v) = self.head_gradients((&q, &k, &v), &output, &grad)?;
+        Ok(vec![
+            Some(merge_heads(&grad_q)?),
+            Some(merge_heads(&grad_k)?),
+            Some(merge_heads(&grad_v)?),
+        ])
+    }
+}
+
+impl AttentionBackward {
+    /// The gradients of `q`, `k` and `v`, all in head layout `[batch, heads, len, d]`.
+    fn head_gradients(
+        &self,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        output: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let q_len = q.dim(2)?;
         if runs_on_cpu_kernel(q) {
-            let k = kv.narrow(3, 0, head_dim)?.detach().contiguous()?;
-            let v = kv.narrow(3, head_dim, head_dim)?.detach().contiguous()?;
-            let operands = (&q.detach(), &k, &v);
-            let (output, grad) = (output.detach(), grad.contiguous()?);
-            let (grad_q, grad_k, grad_v) = match q.dtype() {
+            return match q.dtype() {
                 DType::F32 => {
-                    kernel_backward::<f32>(operands, &output, &grad, self.scale, self.rows)?
+                    kernel_backward::<f32>((q, k, v), output, grad, self.scale, self.rows)
                 }
-                _ => kernel_backward::<f64>(operands, &output, &grad, self.scale, self.rows)?,
+                _ => kernel_backward::<f64>((q, k, v), output, grad, self.scale, self.rows),
             };
-            let grad_kv = Tensor::cat(&[grad_k, grad_v], D::Minus1)?;
-            return Ok((None, Some(grad_q), Some(grad_kv)));
         }
         // With `S = s·q·kᵀ`: `dQ = dS·(s·k)` and `dK = dSᵀ·(s·q)`, so scaling `q` and `k` once (small)
         // replaces scaling every chunk's scores and score gradients.
-        let q = (q.detach() * self.scale)?;
-        let k = kv.narrow(3, 0, head_dim)?.detach().contiguous()?;
-        let k_scaled = (&k * self.scale)?;
-        let v = kv.narrow(3, head_dim, head_dim)?.detach().contiguous()?;
-        let grad = grad.contiguous()?;
-        let row_dot = (&grad * output.detach())?.sum_keepdim(D::Minus1)?;
+        let q = (q * self.scale)?;
+        let k_scaled = (k * self.scale)?;
+        let row_dot = (grad * output)?.sum_keepdim(D::Minus1)?;
         let (k_t, v_t) = (k.t()?, v.t()?);
         let rows = self.rows;
         let mut grad_q = Vec::with_capacity(q_len.div_ceil(rows));
@@ -192,8 +228,7 @@ impl TiedBackward2 for AttentionBackward {
             grad_q.push(grad_scores.matmul(&k_scaled)?);
             grad_k = (grad_k + grad_scores.t()?.matmul(&q_chunk)?)?;
         }
-        let grad_kv = Tensor::cat(&[grad_k, grad_v], D::Minus1)?;
-        Ok((None, Some(Tensor::cat(&grad_q, 2)?), Some(grad_kv)))
+        Ok((Tensor::cat(&grad_q, 2)?, grad_k, grad_v))
     }
 }
 
@@ -203,14 +238,49 @@ mod tests {
 
     use crate::test_support::max_abs_diff;
 
-    use super::attention_in_chunks;
+    use super::{attention_in_chunks, merge_heads, split_heads};
 
+    /// Composed attention over 3 heads of token-layout tensors.
     fn composed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
+        let [q, k, v] = [q, k, v].map(|t| {
+            t.reshape((2, (), 3, 4))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        });
         let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
         candle_nn::ops::softmax(&scores, D::Minus1)
             .unwrap()
-            .matmul(v)
+            .matmul(&v)
             .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((2, (), 12))
+            .unwrap()
+    }
+
+    #[test]
+    fn heads_split_and_merge_back() {
+        let t = Tensor::arange(0f64, 2.0 * 5.0 * 12.0, &Device::Cpu)
+            .unwrap()
+            .reshape((2, 5, 12))
+            .unwrap();
+        let heads = split_heads(&t, 3).unwrap();
+        assert_eq!(heads.dims(), &[2, 3, 5, 4]);
+        // Token 1 of image 0, head 2: columns 8..12 of row 1.
+        let head_row: Vec<f64> = heads
+            .get(0)
+            .unwrap()
+            .get(2)
+            .unwrap()
+            .get(1)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(head_row, vec![20.0, 21.0, 22.0, 23.0]);
+        assert_eq!(max_abs_diff(&merge_heads(&heads).unwrap(), &t), 0.0);
     }
 
     #[test]
@@ -219,21 +289,21 @@ mod tests {
         let (q_len, kv_len) = (37, 23);
         let device = Device::Cpu;
         let var = |len: usize, seed: f64| {
-            let t = Tensor::arange(0f64, (2 * 3 * len * 4) as f64, &device)
+            let t = Tensor::arange(0f64, (2 * len * 12) as f64, &device)
                 .unwrap()
                 .affine(0.37, seed)
                 .unwrap()
                 .sin()
                 .unwrap()
-                .reshape((2, 3, len, 4))
+                .reshape((2, len, 12))
                 .unwrap();
             Var::from_tensor(&t).unwrap()
         };
         let (q, k, v) = (var(q_len, 0.1), var(kv_len, 0.7), var(kv_len, 1.3));
         let weights = var(q_len, 2.1);
         let scale = 0.5;
-        let ours =
-            attention_in_chunks(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale, 8).unwrap();
+        let operands = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+        let ours = attention_in_chunks(operands, 3, scale, 8).unwrap();
         let reference = composed(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale);
         assert!(max_abs_diff(&ours, &reference) < 1e-12);
         let loss = |out: &Tensor| (out * weights.as_tensor()).unwrap().sum_all().unwrap();

@@ -22,7 +22,7 @@ pub(super) fn normalize_rows(x: &Tensor, eps: f64) -> Result<Tensor> {
     if !x.track_op() {
         return Ok(normalized);
     }
-    tie(&normalized, x, NormBackward { inverse_std })
+    tie(normalized, &[x], NormBackward { inverse_std })
 }
 
 /// `normalize_rows` over `rows` rows of `x`, reshaped back to `x`'s shape, times `weight` plus `bias`
@@ -49,8 +49,8 @@ pub(super) fn normalize_affine(
         return Ok(y);
     }
     tie(
-        &y,
-        x,
+        y,
+        &[x],
         AffineNormBackward {
             mean,
             inverse_std,
@@ -81,13 +81,8 @@ impl TiedBackward for AffineNormBackward {
         "fused-affine-normalization"
     }
 
-    fn bwd(
-        &self,
-        _: &Tensor,
-        x: &Tensor,
-        _: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &[&Tensor], _: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let x = x[0];
         let rows = self.mean.dim(0)?;
         let normalized = x
             .detach()
@@ -97,7 +92,7 @@ impl TiedBackward for AffineNormBackward {
             .broadcast_mul(&self.inverse_std)?;
         let grad = grad.broadcast_mul(&self.weight)?.reshape((rows, ()))?;
         let grad_x = rows_gradient(&grad, &normalized, &self.inverse_std)?.reshape(x.shape())?;
-        Ok((None, Some(grad_x)))
+        Ok(vec![Some(grad_x)])
     }
 }
 
@@ -114,13 +109,12 @@ impl TiedBackward for NormBackward {
 
     fn bwd(
         &self,
-        _: &Tensor,
-        _: &Tensor,
+        _: &[&Tensor],
         normalized: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<Vec<Option<Tensor>>> {
         let grad_x = rows_gradient(&grad.contiguous()?, &normalized.detach(), &self.inverse_std)?;
-        Ok((None, Some(grad_x)))
+        Ok(vec![Some(grad_x)])
     }
 }
 

@@ -108,28 +108,23 @@ pub fn attention(
     let (batch, q_len, width) = q.dims3()?;
     let (_, kv_len, _) = k.dims3()?;
     let head_dim = width / heads;
+    let dtype = q.dtype();
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    crate::flops::add_attention(2 * batch * heads * q_len * kv_len * head_dim);
+    let Some(mask) = mask else {
+        let [q, k, v] = [q, k, v].map(|t| t.to_dtype(internal_dtype(dtype)));
+        return super::fused_attention::fused_attention(&q?, &k?, &v?, heads, scale)?
+            .to_dtype(dtype);
+    };
     let split = |t: &Tensor, len: usize| -> Result<Tensor> {
         t.reshape((batch, len, heads, head_dim))?
             .transpose(1, 2)?
             .contiguous()
     };
-    let dtype = q.dtype();
     let q = split(q, q_len)?.to_dtype(internal_dtype(dtype))?;
     let k = split(k, kv_len)?.to_dtype(internal_dtype(dtype))?;
     let v = split(v, kv_len)?;
-    let scale = 1.0 / (head_dim as f64).sqrt();
-    crate::flops::add_attention(2 * batch * heads * q_len * kv_len * head_dim);
-    if mask.is_none() {
-        let v = v.to_dtype(q.dtype())?;
-        return super::fused_attention::fused_attention(&q, &k, &v, scale)?
-            .to_dtype(dtype)?
-            .transpose(1, 2)?
-            .reshape((batch, q_len, width));
-    }
-    let mut scores = (q.matmul(&k.t()?)? * scale)?;
-    if let Some(mask) = mask {
-        scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
-    }
+    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask.to_dtype(q.dtype())?)?;
     let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?;
     probs
         .matmul(&v)?

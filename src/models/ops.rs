@@ -117,7 +117,7 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
     if !projected.track_op() {
         return Ok(output);
     }
-    tie(&output, projected, GegluBackward)
+    tie(output, &[projected], GegluBackward)
 }
 
 /// Ties the precomputed GEGLU output (first operand) to the projection (second).
@@ -128,29 +128,24 @@ impl TiedBackward for GegluBackward {
         "geglu"
     }
 
-    fn bwd(
-        &self,
-        _: &Tensor,
-        projected: &Tensor,
-        _: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, projected: &[&Tensor], _: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let projected = projected[0];
         let inner = projected.dim(D::Minus1)? / 2;
         let projected = projected.detach();
         if has_f32_cpu_kernel(&projected) {
             let grad = projected
                 .contiguous()?
                 .apply_op2_no_bwd(&grad.contiguous()?, &GegluGradientRows)?;
-            return Ok((None, Some(grad)));
+            return Ok(vec![Some(grad)]);
         }
         let value = projected.narrow(D::Minus1, 0, inner)?;
         let gate = projected.narrow(D::Minus1, inner, inner)?.contiguous()?;
         let grad_value = (grad * gate.gelu_erf()?)?;
         let grad_gate = Activation::Gelu.gradient(&gate, &(grad * value)?)?;
-        Ok((
-            None,
-            Some(Tensor::cat(&[grad_value, grad_gate], D::Minus1)?),
-        ))
+        Ok(vec![Some(Tensor::cat(
+            &[grad_value, grad_gate],
+            D::Minus1,
+        )?)])
     }
 }
 
