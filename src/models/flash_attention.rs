@@ -1,11 +1,16 @@
 //! Attention on the CPU in tiles of query rows, forward and backward (the FlashAttention schedule): for
 //! each head and each tile of rows, the scores against every key are computed into a tile buffer, turned
 //! into probabilities there and multiplied out, so the `[heads, q_len, kv_len]` score matrix never exists
-//! in memory. The backward pass recomputes each tile's probabilities and applies
+//! in memory. The forward pass also returns each query's log-sum-exp `L`, from which the backward pass
+//! recomputes a tile's probabilities in one pass (`P = exp(s·q·kᵀ − L)`) and applies
 //! `dV += Pᵀ·dO`, `dS = P ⊙ (dO·Vᵀ − rowsum(dO ⊙ O))`, `dQ = s·dS·K`, `dK += s·dSᵀ·Q`.
 //!
-//! Heads run in parallel; each tile product is one single-threaded `gemm` call. The f32 softmax uses
-//! [`super::fast_math`]'s vectorisable exponential.
+//! Tiles are held key-major (`[kv_len, rows]`, the transposed scores): then the large operand of every
+//! product but one is read row by row in place, which the `gemm` crate multiplies at 90-105 GFLOP/s per
+//! core at head size 40, where the query-major layout's `Pᵀ·dO` and `dSᵀ·Q` reach 55. Normalisation by the
+//! softmax sums is applied to the `rows × d` output instead of the tile. Heads run in parallel; each tile
+//! product is one single-threaded `gemm` call. The f32 exponentials use [`super::fast_math`]'s
+//! vectorisable `exp`.
 
 use rayon::prelude::*;
 
@@ -33,78 +38,78 @@ pub fn tile_rows(kv_len: usize) -> usize {
 
 /// The element types the kernel runs on.
 pub trait Element: num_traits::Float + Send + Sync + 'static {
-    /// `row` replaced by its softmax.
-    fn softmax(row: &mut [Self]);
+    /// `row[j] = exp(row[j] − shift[j])` and `sums[j] += row[j]` for every column `j`.
+    fn exp_shifted(row: &mut [Self], shift: &[Self], sums: &mut [Self]);
 }
 
 impl Element for f64 {
-    fn softmax(row: &mut [f64]) {
-        let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let mut sum = 0.0;
-        for x in row.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
+    fn exp_shifted(row: &mut [f64], shift: &[f64], sums: &mut [f64]) {
+        for ((x, &shift), sum) in row.iter_mut().zip(shift).zip(sums) {
+            *x = (*x - shift).exp();
+            *sum += *x;
         }
-        let inverse = 1.0 / sum;
-        row.iter_mut().for_each(|x| *x *= inverse);
     }
 }
 
 impl Element for f32 {
-    fn softmax(row: &mut [f32]) {
+    fn exp_shifted(row: &mut [f32], shift: &[f32], sums: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { softmax_f32_avx2(row) };
+            return unsafe { exp_shifted_f32_avx2(row, shift, sums) };
         }
-        softmax_f32(row)
+        exp_shifted_f32(row, shift, sums)
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_f32_avx2(row: &mut [f32]) {
-    softmax_f32(row)
+unsafe fn exp_shifted_f32_avx2(row: &mut [f32], shift: &[f32], sums: &mut [f32]) {
+    exp_shifted_f32(row, shift, sums)
 }
 
 #[inline(always)]
-fn softmax_f32(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    // Sums in eight lanes, so the loop vectorises (and rounds less than one running sum).
-    let mut lanes = [0f32; 8];
-    let mut chunks = row.chunks_exact_mut(8);
-    for chunk in &mut chunks {
-        for (x, lane) in chunk.iter_mut().zip(lanes.iter_mut()) {
-            *x = exp_f32(*x - max);
-            *lane += *x;
-        }
+fn exp_shifted_f32(row: &mut [f32], shift: &[f32], sums: &mut [f32]) {
+    for ((x, &shift), sum) in row.iter_mut().zip(shift).zip(sums) {
+        *x = exp_f32(*x - shift);
+        *sum += *x;
     }
-    let mut sum: f32 = lanes.iter().sum();
-    for x in chunks.into_remainder() {
-        *x = exp_f32(*x - max);
-        sum += *x;
-    }
-    let inverse = 1.0 / sum;
-    row.iter_mut().for_each(|x| *x *= inverse);
 }
 
-/// `dst (m×n, row stride dst_rs) [+]= beta · lhs (m×k) · rhs (k×n)`, operands given by row and column
-/// strides, on the calling thread.
-#[allow(clippy::too_many_arguments)]
+/// A read-only matrix view: element `(r, c)` is `data[r·row_stride + c·col_stride]`.
+#[derive(Clone, Copy)]
+struct View<'a, T> {
+    data: &'a [T],
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a, T> View<'a, T> {
+    fn new(data: &'a [T], row_stride: usize, col_stride: usize) -> Self {
+        Self {
+            data,
+            row_stride,
+            col_stride,
+        }
+    }
+}
+
+/// `dst (m×n, row stride dst_rs) [+]= beta · lhs (m×k) · rhs (k×n)` on the calling thread; without
+/// `accumulate`, `dst` is overwritten.
 fn matmul<T: Element>(
     (m, n, k): (usize, usize, usize),
     dst: &mut [T],
     dst_rs: usize,
     accumulate: bool,
-    (lhs, lhs_rs, lhs_cs): (&[T], usize, usize),
-    (rhs, rhs_rs, rhs_cs): (&[T], usize, usize),
+    lhs: View<'_, T>,
+    rhs: View<'_, T>,
     beta: T,
 ) {
     let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
     assert!(m > 0 && n > 0 && k > 0);
     assert!(last(m, n, dst_rs, 1) < dst.len());
-    assert!(last(m, k, lhs_rs, lhs_cs) < lhs.len());
-    assert!(last(k, n, rhs_rs, rhs_cs) < rhs.len());
+    assert!(last(m, k, lhs.row_stride, lhs.col_stride) < lhs.data.len());
+    assert!(last(k, n, rhs.row_stride, rhs.col_stride) < rhs.data.len());
     // SAFETY: the asserts keep every index the product touches inside the slices, and `dst` does not
     // overlap the operands (it is borrowed mutably).
     unsafe {
@@ -116,12 +121,12 @@ fn matmul<T: Element>(
             1,
             dst_rs as isize,
             accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
             T::one(),
             beta,
             false,
@@ -132,67 +137,120 @@ fn matmul<T: Element>(
     }
 }
 
-/// The probabilities of query rows `start..start + rows` of one head into `probs` (`rows × kv_len`).
-fn tile_probabilities<T: Element>(
+/// The transposed scores `s·K·Q_tileᵀ` (`kv_len × rows`) of query rows `start..start + rows` of one head
+/// into `scores`.
+fn transposed_scores<T: Element>(
     dims: &AttentionDims,
-    q: &[T],
-    k: &[T],
-    start: usize,
-    rows: usize,
+    (q, k): (&[T], &[T]),
+    (start, rows): (usize, usize),
     scale: T,
-    probs: &mut [T],
+    scores: &mut [T],
 ) {
-    let (m, d) = (dims.kv_len, dims.head_dim);
+    let d = dims.head_dim;
     matmul(
-        (rows, m, d),
-        probs,
-        m,
+        (dims.kv_len, rows, d),
+        scores,
+        rows,
         false,
-        (&q[start * d..], d, 1),
-        (k, 1, d),
+        View::new(k, d, 1),
+        View::new(&q[start * d..], 1, d),
         scale,
     );
-    probs.chunks_mut(m).for_each(T::softmax);
+}
+
+/// Rows `j` of `Tᵀ·X` times `row_scale(j)` into `target` (`rows × d`) for a key-major tile `T`
+/// (`kv_len × rows`) and keys' `X` (`kv_len × d`), computed as `(Tᵀ·X)ᵀ = Xᵀ·T` in `scratch` (`d × rows`),
+/// the product whose large operand, the tile, is read row by row.
+fn tile_product_rows<T: Element>(
+    (tile, keys): (&[T], &[T]),
+    (kv_len, rows, d): (usize, usize, usize),
+    row_scale: impl Fn(usize) -> T,
+    scratch: &mut [T],
+    target: &mut [T],
+) {
+    matmul(
+        (d, rows, kv_len),
+        scratch,
+        rows,
+        false,
+        View::new(keys, 1, d),
+        View::new(tile, rows, 1),
+        T::one(),
+    );
+    for (j, row) in target.chunks_mut(d).enumerate() {
+        let factor = row_scale(j);
+        for (c, value) in row.iter_mut().enumerate() {
+            *value = scratch[c * rows + j] * factor;
+        }
+    }
 }
 
 /// `softmax(s·q·kᵀ)·v` for `q`: `[heads, q_len, head_dim]`, `k`, `v`: `[heads, kv_len, head_dim]`, all
-/// contiguous; the result is shaped like `q`.
-pub fn forward<T: Element>(q: &[T], k: &[T], v: &[T], dims: AttentionDims, scale: T) -> Vec<T> {
+/// contiguous. Returns the result, shaped like `q`, and the log-sum-exp of each query's scores
+/// (`[heads, q_len]`), from which [`backward`] recomputes the probabilities.
+pub fn forward<T: Element>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    dims: AttentionDims,
+    scale: T,
+) -> (Vec<T>, Vec<T>) {
     let (l, m, d) = (dims.q_len, dims.kv_len, dims.head_dim);
     let mut out = vec![T::zero(); dims.heads * l * d];
+    let mut log_sum_exp = vec![T::zero(); dims.heads * l];
     if l == 0 || m == 0 || d == 0 {
-        return out;
+        return (out, log_sum_exp);
     }
     let tile = dims.tile_rows.max(1);
-    out.par_chunks_mut(l * d).enumerate().for_each(|(h, out)| {
-        let (q, k, v) = (
-            &q[h * l * d..(h + 1) * l * d],
-            &k[h * m * d..(h + 1) * m * d],
-            &v[h * m * d..(h + 1) * m * d],
-        );
-        let mut probs = vec![T::zero(); tile * m];
-        for start in (0..l).step_by(tile) {
-            let rows = tile.min(l - start);
-            let probs = &mut probs[..rows * m];
-            tile_probabilities(&dims, q, k, start, rows, scale, probs);
-            matmul(
-                (rows, d, m),
-                &mut out[start * d..],
-                d,
-                false,
-                (probs, m, 1),
-                (v, d, 1),
-                T::one(),
+    out.par_chunks_mut(l * d)
+        .zip(log_sum_exp.par_chunks_mut(l))
+        .enumerate()
+        .for_each(|(h, (out, log_sum_exp))| {
+            let (q, k, v) = (
+                &q[h * l * d..(h + 1) * l * d],
+                &k[h * m * d..(h + 1) * m * d],
+                &v[h * m * d..(h + 1) * m * d],
             );
-        }
-    });
-    out
+            let mut probs = vec![T::zero(); m * tile];
+            let mut out_t = vec![T::zero(); d * tile];
+            let (mut max, mut sums) = (vec![T::zero(); tile], vec![T::zero(); tile]);
+            for start in (0..l).step_by(tile) {
+                let rows = tile.min(l - start);
+                let (probs, out_t) = (&mut probs[..m * rows], &mut out_t[..d * rows]);
+                let (max, sums) = (&mut max[..rows], &mut sums[..rows]);
+                transposed_scores(&dims, (q, k), (start, rows), scale, probs);
+                max.fill(T::neg_infinity());
+                for key in probs.chunks(rows) {
+                    for (max, &score) in max.iter_mut().zip(key) {
+                        *max = max.max(score);
+                    }
+                }
+                sums.fill(T::zero());
+                probs
+                    .chunks_mut(rows)
+                    .for_each(|key| T::exp_shifted(key, max, sums));
+                // O = P·V, normalised by the sums.
+                let out_rows = &mut out[start * d..][..rows * d];
+                tile_product_rows(
+                    (probs, v),
+                    (m, rows, d),
+                    |j| sums[j].recip(),
+                    out_t,
+                    out_rows,
+                );
+                for ((lse, &max), &sum) in log_sum_exp[start..].iter_mut().zip(&*max).zip(&*sums) {
+                    *lse = max + sum.ln();
+                }
+            }
+        });
+    (out, log_sum_exp)
 }
 
-/// The gradients of `q`, `k` and `v` for the gradient `grad` of the output `out` of [`forward`].
+/// The gradients of `q`, `k` and `v` for the gradient `grad` of the output `out` of [`forward`], which also
+/// gave `log_sum_exp`.
 pub fn backward<T: Element>(
     (q, k, v): (&[T], &[T], &[T]),
-    out: &[T],
+    (out, log_sum_exp): (&[T], &[T]),
     grad: &[T],
     dims: AttentionDims,
     scale: T,
@@ -219,18 +277,26 @@ pub fn backward<T: Element>(
                 &grad[query_rows],
             );
             let (k, v) = (&k[key_rows.clone()], &v[key_rows]);
+            let log_sum_exp = &log_sum_exp[h * l..(h + 1) * l];
             let row_dot: Vec<T> = grad
                 .chunks(d)
                 .zip(out.chunks(d))
                 .map(|(g, o)| g.iter().zip(o).fold(T::zero(), |acc, (&g, &o)| acc + g * o))
                 .collect();
-            let mut probs = vec![T::zero(); tile * m];
-            let mut grad_scores = vec![T::zero(); tile * m];
+            let mut probs = vec![T::zero(); m * tile];
+            let mut grad_scores = vec![T::zero(); m * tile];
+            let mut grad_q_t = vec![T::zero(); d * tile];
+            let mut unused_sums = vec![T::zero(); tile];
             for start in (0..l).step_by(tile) {
                 let rows = tile.min(l - start);
-                let probs = &mut probs[..rows * m];
-                let grad_scores = &mut grad_scores[..rows * m];
-                tile_probabilities(&dims, q, k, start, rows, scale, probs);
+                let probs = &mut probs[..m * rows];
+                let grad_scores = &mut grad_scores[..m * rows];
+                let grad_q_t = &mut grad_q_t[..d * rows];
+                let shift = &log_sum_exp[start..start + rows];
+                transposed_scores(&dims, (q, k), (start, rows), scale, probs);
+                probs
+                    .chunks_mut(rows)
+                    .for_each(|key| T::exp_shifted(key, shift, &mut unused_sums[..rows]));
                 let grad_tile = &grad[start * d..];
                 // dV += Pᵀ·dO
                 matmul(
@@ -238,49 +304,45 @@ pub fn backward<T: Element>(
                     grad_v,
                     d,
                     true,
-                    (probs, 1, m),
-                    (grad_tile, d, 1),
+                    View::new(probs, rows, 1),
+                    View::new(grad_tile, d, 1),
                     T::one(),
                 );
-                // dP = dO·Vᵀ
+                // dPᵀ = V·dOᵀ
                 matmul(
-                    (rows, m, d),
+                    (m, rows, d),
                     grad_scores,
-                    m,
+                    rows,
                     false,
-                    (grad_tile, d, 1),
-                    (v, 1, d),
+                    View::new(v, d, 1),
+                    View::new(grad_tile, 1, d),
                     T::one(),
                 );
-                // dS = P ⊙ (dP − rowsum(dO ⊙ O))
-                for ((p_row, ds_row), &dot) in probs
-                    .chunks(m)
-                    .zip(grad_scores.chunks_mut(m))
-                    .zip(&row_dot[start..start + rows])
-                {
-                    for (ds, &p) in ds_row.iter_mut().zip(p_row) {
+                // dSᵀ = Pᵀ ⊙ (dPᵀ − rowsum(dO ⊙ O))
+                let dots = &row_dot[start..start + rows];
+                for (p_key, ds_key) in probs.chunks(rows).zip(grad_scores.chunks_mut(rows)) {
+                    for ((ds, &p), &dot) in ds_key.iter_mut().zip(p_key).zip(dots) {
                         *ds = p * (*ds - dot);
                     }
                 }
-                // dQ = s·dS·K
-                matmul(
-                    (rows, d, m),
-                    &mut grad_q[start * d..],
-                    d,
-                    false,
-                    (grad_scores, m, 1),
-                    (k, d, 1),
-                    scale,
-                );
                 // dK += s·dSᵀ·Q
                 matmul(
                     (m, d, rows),
                     grad_k,
                     d,
                     true,
-                    (grad_scores, 1, m),
-                    (&q[start * d..], d, 1),
+                    View::new(grad_scores, rows, 1),
+                    View::new(&q[start * d..], d, 1),
                     scale,
+                );
+                // dQ = s·dS·K
+                let grad_q_rows = &mut grad_q[start * d..][..rows * d];
+                tile_product_rows(
+                    (grad_scores, k),
+                    (m, rows, d),
+                    |_| scale,
+                    grad_q_t,
+                    grad_q_rows,
                 );
             }
         });
@@ -311,12 +373,12 @@ mod tests {
         let grad = values(q.len(), 1.7);
         let narrow = |x: &[f64]| -> Vec<f32> { x.iter().map(|&x| x as f32).collect() };
         let scale = 0.35;
-        let out64 = forward(&q, &k, &v, dims, scale);
-        let out32 = forward(&narrow(&q), &narrow(&k), &narrow(&v), dims, scale as f32);
-        let grads64 = backward((&q, &k, &v), &out64, &grad, dims, scale);
+        let (out64, lse64) = forward(&q, &k, &v, dims, scale);
+        let (out32, lse32) = forward(&narrow(&q), &narrow(&k), &narrow(&v), dims, scale as f32);
+        let grads64 = backward((&q, &k, &v), (&out64, &lse64), &grad, dims, scale);
         let grads32 = backward(
             (&narrow(&q), &narrow(&k), &narrow(&v)),
-            &out32,
+            (&out32, &lse32),
             &narrow(&grad),
             dims,
             scale as f32,
@@ -328,21 +390,31 @@ mod tests {
                 .fold(0.0, f64::max)
         };
         assert!(worst(&out32, &out64) < 1e-5);
+        assert!(worst(&lse32, &lse64) < 1e-5);
         assert!(worst(&grads32.0, &grads64.0) < 1e-4);
         assert!(worst(&grads32.1, &grads64.1) < 1e-4);
         assert!(worst(&grads32.2, &grads64.2) < 1e-4);
     }
 
     #[test]
-    fn f32_softmax_matches_f64() {
+    fn f32_shifted_exponentials_match_f64() {
         let mut row: Vec<f32> = (0..1001)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.3)
             .collect();
+        let shift: Vec<f32> = (0..1001).map(|i| (i % 7) as f32 - 3.0).collect();
         let mut reference: Vec<f64> = row.iter().map(|&x| x as f64).collect();
-        f32::softmax(&mut row);
-        f64::softmax(&mut reference);
-        for (a, b) in row.iter().zip(&reference) {
-            assert!((*a as f64 - b).abs() < 1e-7 * b.max(1e-3), "{a} vs {b}");
+        let shift64: Vec<f64> = shift.iter().map(|&x| x as f64).collect();
+        let (mut sums, mut sums64) = (vec![1f32; 1001], vec![1f64; 1001]);
+        f32::exp_shifted(&mut row, &shift, &mut sums);
+        f64::exp_shifted(&mut reference, &shift64, &mut sums64);
+        for ((a, b), (sum, sum64)) in row.iter().zip(&reference).zip(sums.iter().zip(&sums64)) {
+            // The f32 difference `x − shift` rounds by up to half an ulp of 15 (5e-7), which the
+            // exponential carries over as a relative error.
+            assert!((*a as f64 - b).abs() < 2e-6 * b, "{a} vs {b}");
+            assert!(
+                (*sum as f64 - sum64).abs() < 2e-6 * sum64,
+                "{sum} vs {sum64}"
+            );
         }
     }
 }

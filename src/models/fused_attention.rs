@@ -78,28 +78,32 @@ fn scale_as<T: Element>(scale: f64) -> Result<T> {
     T::from(scale).ok_or_else(|| candle_core::Error::Msg(format!("attention scale {scale}")))
 }
 
+/// The kernel's output and the log-sum-exp of each query's scores (`[batch·heads, q_len]`).
 fn kernel_forward<T: Element + WithDType>(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f64,
     rows: usize,
-) -> Result<Tensor> {
+) -> Result<(Tensor, Tensor)> {
     let dims = kernel_dims(q, k, rows)?;
-    let out = flash_attention::forward(
+    let (out, log_sum_exp) = flash_attention::forward(
         &values::<T>(q)?,
         &values::<T>(k)?,
         &values::<T>(v)?,
         dims,
         scale_as(scale)?,
     );
-    Tensor::from_vec(out, q.shape(), q.device())
+    Ok((
+        Tensor::from_vec(out, q.shape(), q.device())?,
+        Tensor::from_vec(log_sum_exp, (dims.heads, dims.q_len), q.device())?,
+    ))
 }
 
 /// The gradients of `q`, `k` and `v` from the kernel.
 fn kernel_backward<T: Element + WithDType>(
     (q, k, v): (&Tensor, &Tensor, &Tensor),
-    output: &Tensor,
+    (output, log_sum_exp): (&Tensor, &Tensor),
     grad: &Tensor,
     scale: f64,
     rows: usize,
@@ -107,7 +111,7 @@ fn kernel_backward<T: Element + WithDType>(
     let dims = kernel_dims(q, k, rows)?;
     let (grad_q, grad_k, grad_v) = flash_attention::backward(
         (&values::<T>(q)?, &values::<T>(k)?, &values::<T>(v)?),
-        &values::<T>(output)?,
+        (&values::<T>(output)?, &values::<T>(log_sum_exp)?),
         &values::<T>(grad)?,
         dims,
         scale_as(scale)?,
@@ -127,20 +131,38 @@ fn attention_in_chunks(
     rows: usize,
 ) -> Result<Tensor> {
     let [q_heads, k_heads, v_heads] = [q, k, v].map(|t| split_heads(t, heads));
-    let output = merge_heads(&chunked_forward(
-        &q_heads?, &k_heads?, &v_heads?, scale, rows,
-    )?)?;
+    let (output, log_sum_exp) = chunked_forward(&q_heads?, &k_heads?, &v_heads?, scale, rows)?;
+    let output = merge_heads(&output)?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(output);
     }
-    tie(output, &[q, k, v], AttentionBackward { heads, scale, rows })
+    tie(
+        output,
+        &[q, k, v],
+        AttentionBackward {
+            heads,
+            scale,
+            rows,
+            log_sum_exp,
+        },
+    )
 }
 
-fn chunked_forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, rows: usize) -> Result<Tensor> {
-    match (q.device().is_cpu(), q.dtype()) {
-        (true, DType::F32) => return kernel_forward::<f32>(q, k, v, scale, rows),
-        (true, DType::F64) => return kernel_forward::<f64>(q, k, v, scale, rows),
-        _ => {}
+/// The attention of head-layout tensors, and the CPU kernel's log-sum-exp of each query's scores.
+fn chunked_forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    rows: usize,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let kernel = match (q.device().is_cpu(), q.dtype()) {
+        (true, DType::F32) => Some(kernel_forward::<f32>(q, k, v, scale, rows)?),
+        (true, DType::F64) => Some(kernel_forward::<f64>(q, k, v, scale, rows)?),
+        _ => None,
+    };
+    if let Some((output, log_sum_exp)) = kernel {
+        return Ok((output, Some(log_sum_exp)));
     }
     let q_len = q.dim(2)?;
     // Scaling the small `q` instead of every score matrix saves a pass over each chunk's scores.
@@ -152,7 +174,7 @@ fn chunked_forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, rows: usize) 
         let probs = candle_nn::ops::softmax_last_dim(&q_chunk.matmul(&k_t)?)?;
         chunks.push(probs.matmul(v)?);
     }
-    Tensor::cat(&chunks, 2)
+    Ok((Tensor::cat(&chunks, 2)?, None))
 }
 
 /// Ties the precomputed output to `q`, `k` and `v`; see the module docs.
@@ -161,6 +183,8 @@ struct AttentionBackward {
     scale: f64,
     /// Query rows per chunk.
     rows: usize,
+    /// The CPU kernel's log-sum-exp of each query's scores.
+    log_sum_exp: Option<Tensor>,
 }
 
 impl TiedBackward for AttentionBackward {
@@ -198,12 +222,13 @@ impl AttentionBackward {
         grad: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let q_len = q.dim(2)?;
-        if runs_on_cpu_kernel(q) {
+        if let Some(log_sum_exp) = &self.log_sum_exp {
+            let statistics = (output, log_sum_exp);
             return match q.dtype() {
                 DType::F32 => {
-                    kernel_backward::<f32>((q, k, v), output, grad, self.scale, self.rows)
+                    kernel_backward::<f32>((q, k, v), statistics, grad, self.scale, self.rows)
                 }
-                _ => kernel_backward::<f64>((q, k, v), output, grad, self.scale, self.rows),
+                _ => kernel_backward::<f64>((q, k, v), statistics, grad, self.scale, self.rows),
             };
         }
         // With `S = s·q·kᵀ`: `dQ = dS·(s·k)` and `dK = dSᵀ·(s·q)`, so scaling `q` and `k` once (small)
