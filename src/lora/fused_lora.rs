@@ -28,9 +28,6 @@ pub fn lora_linear(
     if let Some(bias) = bias {
         y = y.broadcast_add(bias)?;
     }
-    if !(x.track_op() || down.track_op() || up.track_op()) {
-        return Ok(y);
-    }
     tie(
         y,
         &[x, &down, &up],

@@ -28,12 +28,15 @@ pub(crate) trait TiedBackward: Send + Sync + 'static {
 }
 
 /// `result` (contiguous, not a view into a larger tensor) tied to one, two or three `inputs` through
-/// `backward`.
+/// `backward`; returned as it is when no input is part of a graph.
 pub(crate) fn tie(
     result: Tensor,
     inputs: &[&Tensor],
     backward: impl TiedBackward,
 ) -> Result<Tensor> {
+    if !inputs.iter().any(|input| input.track_op()) {
+        return Ok(result);
+    }
     let name = backward.name();
     let op = Tied {
         backward,

@@ -133,9 +133,6 @@ fn attention_in_chunks(
     let [q_heads, k_heads, v_heads] = [q, k, v].map(|t| split_heads(t, heads));
     let (output, log_sum_exp) = chunked_forward(&q_heads?, &k_heads?, &v_heads?, scale, rows)?;
     let output = merge_heads(&output)?;
-    if !(q.track_op() || k.track_op() || v.track_op()) {
-        return Ok(output);
-    }
     tie(
         output,
         &[q, k, v],

@@ -8,8 +8,9 @@
 //! `dx = r·(g − mean(g) − x̂·mean(g ⊙ x̂))`. With the frozen affine scale and shift folded in
 //! ([`normalize_affine`]), only the layer's output is kept for the backward pass.
 
-use candle_core::{Result, Tensor};
+use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
 
+use super::norm_kernel::{self, Affine, Channels};
 use crate::lora::{TiedBackward, tie};
 
 /// `(x − mean)/√(var + eps)` over each row of `x` (`[rows, n]`, f32 or f64), differentiable in `x`.
@@ -19,9 +20,6 @@ pub(super) fn normalize_rows(x: &Tensor, eps: f64) -> Result<Tensor> {
     let centred = detached.broadcast_sub(&mean)?;
     let inverse_std = (centred.sqr()?.mean_keepdim(1)? + eps)?.sqrt()?.recip()?;
     let normalized = centred.broadcast_mul(&inverse_std)?;
-    if !x.track_op() {
-        return Ok(normalized);
-    }
     tie(normalized, &[x], NormBackward { inverse_std })
 }
 
@@ -36,6 +34,9 @@ pub(super) fn normalize_affine(
     weight: &Tensor,
     bias: &Tensor,
 ) -> Result<Tensor> {
+    if let Some(channels) = kernel_channels(x, rows, weight, bias) {
+        return kernel_normalize_affine(x, rows, eps, (weight, bias), channels);
+    }
     let detached = x.detach().contiguous()?.reshape((rows, ()))?;
     let mean = detached.mean_keepdim(1)?;
     let centred = detached.broadcast_sub(&mean)?;
@@ -45,9 +46,6 @@ pub(super) fn normalize_affine(
         .reshape(x.shape())?
         .broadcast_mul(weight)?
         .broadcast_add(bias)?;
-    if !x.track_op() {
-        return Ok(y);
-    }
     tie(
         y,
         &[x],
@@ -57,6 +55,98 @@ pub(super) fn normalize_affine(
             weight: weight.clone(),
         },
     )
+}
+
+/// The [`norm_kernel`] layout of `weight` over `x`, when the kernel applies (f32 on the CPU).
+fn kernel_channels(x: &Tensor, rows: usize, weight: &Tensor, bias: &Tensor) -> Option<Channels> {
+    let f32_on_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if !(f32_on_cpu(x) && f32_on_cpu(weight) && f32_on_cpu(bias)) || weight.dims() != bias.dims() {
+        return None;
+    }
+    Channels::of(x.dims(), weight.dims(), x.elem_count() / rows.max(1))
+}
+
+/// Calls `f` with the values of `t` (f32 on the CPU), without a copy when `t` is contiguous.
+fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) => Ok(f(&values[start..end])),
+        _ => candle_core::bail!("normalisation: expects f32 values on the CPU"),
+    }
+}
+
+/// [`normalize_affine`] by [`norm_kernel`].
+fn kernel_normalize_affine(
+    x: &Tensor,
+    rows: usize,
+    eps: f64,
+    (weight, bias): (&Tensor, &Tensor),
+    channels: Channels,
+) -> Result<Tensor> {
+    let scale_shift = KernelAffine {
+        weight: weight.flatten_all()?.to_vec1()?,
+        bias: bias.flatten_all()?.to_vec1()?,
+        channels,
+    };
+    let (output, means, inverse_stds) = with_values(&x.detach(), |values| {
+        norm_kernel::forward(values, rows, eps, &scale_shift.affine())
+    })?;
+    let output = Tensor::from_vec(output, x.shape(), x.device())?;
+    tie(
+        output,
+        &[x],
+        KernelNormBackward {
+            scale_shift,
+            means,
+            inverse_stds,
+        },
+    )
+}
+
+/// The frozen scale and shift of [`kernel_normalize_affine`], owned.
+struct KernelAffine {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    channels: Channels,
+}
+
+impl KernelAffine {
+    fn affine(&self) -> Affine<'_> {
+        Affine {
+            weight: &self.weight,
+            bias: &self.bias,
+            channels: self.channels,
+        }
+    }
+}
+
+/// Routes the output gradient of [`kernel_normalize_affine`] to its input.
+struct KernelNormBackward {
+    scale_shift: KernelAffine,
+    means: Vec<f32>,
+    inverse_stds: Vec<f32>,
+}
+
+impl TiedBackward for KernelNormBackward {
+    fn name(&self) -> &'static str {
+        "affine-normalization-kernel"
+    }
+
+    fn bwd(&self, x: &[&Tensor], _: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let x = x[0];
+        let grad_x = with_values(&x.detach(), |x_values| {
+            with_values(grad, |grad_values| {
+                norm_kernel::backward(
+                    x_values,
+                    grad_values,
+                    (&self.means, &self.inverse_stds),
+                    &self.scale_shift.affine(),
+                )
+            })
+        })??;
+        Ok(vec![Some(Tensor::from_vec(grad_x, x.shape(), x.device())?)])
+    }
 }
 
 /// `dx` from the gradient `grad` of `x̂` (`[rows, n]`) and `x̂` itself.
@@ -120,7 +210,7 @@ impl TiedBackward for NormBackward {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{D, Device, Tensor, Var};
+    use candle_core::{D, DType, Device, Tensor, Var};
 
     use crate::test_support::max_abs_diff;
 
@@ -201,5 +291,80 @@ mod tests {
         let composed_grad = loss(&composed).backward().unwrap();
         let diff = max_abs_diff(ours_grad.get(&x).unwrap(), composed_grad.get(&x).unwrap());
         assert!(diff < 1e-12, "dx differs by {diff}");
+    }
+
+    /// The f32 kernel against the f64 composed path: output and input gradient.
+    fn kernel_matches_f64(x_dims: &[usize], rows: usize, weight_dims: &[usize]) {
+        let device = Device::Cpu;
+        let count: usize = x_dims.iter().product();
+        let values = Tensor::arange(0f64, count as f64, &device)
+            .unwrap()
+            .affine(0.41, 0.3)
+            .unwrap()
+            .sin()
+            .unwrap()
+            .affine(3.0, 1.5)
+            .unwrap()
+            .reshape(x_dims)
+            .unwrap();
+        let channels: usize = weight_dims.iter().product();
+        let per_channel = |seed: f64| {
+            Tensor::arange(0f64, channels as f64, &device)
+                .unwrap()
+                .affine(0.7, seed)
+                .unwrap()
+                .cos()
+                .unwrap()
+                .reshape(weight_dims)
+                .unwrap()
+        };
+        let (weight, bias) = (per_channel(0.2), per_channel(0.9));
+        let probe = values.cos().unwrap();
+        let run = |dtype: DType| {
+            let x = Var::from_tensor(&values.to_dtype(dtype).unwrap()).unwrap();
+            let (w, b) = (
+                weight.to_dtype(dtype).unwrap(),
+                bias.to_dtype(dtype).unwrap(),
+            );
+            let y = normalize_affine(x.as_tensor(), rows, 1e-5, &w, &b).unwrap();
+            let grads = (&y * probe.to_dtype(dtype).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let grad = grads.get(&x).unwrap().to_dtype(DType::F64).unwrap();
+            (y.to_dtype(DType::F64).unwrap(), grad)
+        };
+        let (y64, grad64) = run(DType::F64);
+        let (y32, grad32) = run(DType::F32);
+        let (y_diff, grad_diff) = (max_abs_diff(&y32, &y64), max_abs_diff(&grad32, &grad64));
+        assert!(y_diff < 1e-5, "{x_dims:?}: output differs by {y_diff}");
+        assert!(
+            grad_diff < 1e-4,
+            "{x_dims:?}: gradient differs by {grad_diff}"
+        );
+    }
+
+    #[test]
+    fn the_f32_kernel_matches_f64_for_group_and_layer_norm() {
+        // Group norm: batch 2, 6 channels in 3 groups, 3x4 pixels (several runs per row, rows of both
+        // images); layer norm over 37 features (more than the kernel's lanes, not a multiple of them).
+        kernel_matches_f64(&[2, 6, 3, 4], 6, &[1, 6, 1, 1]);
+        kernel_matches_f64(&[2, 5, 37], 10, &[37]);
+        assert_eq!(
+            super::Channels::of(&[2, 6, 3, 4], &[1, 6, 1, 1], 24),
+            Some(super::Channels::PerRun { inner: 12 })
+        );
+        assert_eq!(
+            super::Channels::of(&[2, 5, 37], &[37], 37),
+            Some(super::Channels::PerElement)
+        );
+        // Per-token scales are runs too; a weight varying along two axes has no kernel layout.
+        assert_eq!(
+            super::Channels::of(&[2, 5, 37], &[5, 1], 37),
+            Some(super::Channels::PerRun { inner: 37 })
+        );
+        assert_eq!(super::Channels::of(&[2, 5, 37], &[5, 37], 37), None);
     }
 }

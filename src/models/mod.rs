@@ -18,6 +18,7 @@ pub mod image_processor;
 pub mod inspect;
 pub mod merge;
 pub mod nn;
+mod norm_kernel;
 pub mod ops;
 pub mod pipeline;
 mod resample;

@@ -12,7 +12,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use super::fast_math::{erf_f32, exp_f32};
+use super::fast_math::{erf_f32, exp_f32, has_avx2, vectorised};
 use crate::lora::{TiedBackward, tie};
 
 /// Exact (erf) GELU, `0.5·x·(1 + erf(x/√2))`, with an exact gradient.
@@ -118,9 +118,6 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
         let gate = detached.narrow(D::Minus1, inner, inner)?;
         (value * gate.gelu_erf()?)?
     };
-    if !projected.track_op() {
-        return Ok(output);
-    }
     tie(output, &[projected], GegluBackward)
 }
 
@@ -190,36 +187,6 @@ fn geglu_gradient_row(row: &[f32], grad: &[f32], out: &mut [f32]) {
         let (cdf, density) = gelu_parts(gate[i]);
         grad_value[i] = grad[i] * gate[i] * cdf;
         grad_gate[i] = grad[i] * value[i] * (cdf + density);
-    }
-}
-
-/// Runs `kernel` compiled for AVX2 and FMA when `avx2` says the CPU has them (from [`has_avx2`]), so
-/// that the loops it inlines vectorise eight lanes wide.
-#[inline(always)]
-fn vectorised<R>(avx2: bool, kernel: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    if avx2 {
-        // SAFETY: `avx2` is only true on CPUs with the features the function is compiled for.
-        return unsafe { with_avx2(kernel) };
-    }
-    let _ = avx2;
-    kernel()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn with_avx2<R>(kernel: impl FnOnce() -> R) -> R {
-    kernel()
-}
-
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
     }
 }
 
