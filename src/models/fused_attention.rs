@@ -3,13 +3,15 @@
 //! Composed from candle ops, attention over 4096 tokens keeps the `[heads, 4096, 4096]` scores, the
 //! probabilities and every intermediate of the softmax alive for the backward pass (gigabytes per block at
 //! 512 px) and differentiates the softmax through generic element-wise ops. Here the heads are split off,
-//! attended in chunks of query rows (candle's fused softmax) and merged back on detached tensors, so the
-//! graph keeps only `q`, `k`, `v` and the output, all in token layout; the backward pass recomputes each chunk's probabilities and applies the softmax gradient
-//! directly: with `P = softmax(q·kᵀ·s)` and `D = rowsum(dO ⊙ O)`,
+//! attended in chunks of query rows and merged back on detached tensors, so the graph keeps only `q`, `k`,
+//! `v` and the output, all in token layout; the backward pass recomputes each chunk's probabilities and
+//! applies the softmax gradient directly: with `P = softmax(q·kᵀ·s)` and `D = rowsum(dO ⊙ O)`,
 //! `dV = Pᵀ·dO`, `dS = P ⊙ (dO·vᵀ − D)`, `dQ = dS·k·s`, `dK = dSᵀ·q·s`. On the CPU both passes run in
-//! [`super::flash_attention`]'s cache-sized tiles; other devices use chunks of candle ops.
+//! [`super::flash_attention`]'s cache-sized tiles, the head layout read from and written back to the
+//! token layout in one parallel pass each; other devices use chunks of candle ops (candle's fused softmax).
 
-use candle_core::{D, DType, Result, Tensor, WithDType};
+use candle_core::{D, DType, Device, Result, Storage, Tensor, WithDType};
+use rayon::prelude::*;
 
 use super::flash_attention::{self, AttentionDims, Element};
 use crate::lora::{TiedBackward, tie};
@@ -33,7 +35,7 @@ pub fn fused_attention(
     } else {
         (CHUNK_ELEMENTS / (batch * heads * kv_len).max(1)).max(1)
     };
-    attention_in_chunks((q, k, v), heads, scale, rows)
+    attention_in_chunks((q, k, v), heads, scale, (rows, runs_on_cpu_kernel(q)))
 }
 
 /// `[batch, len, heads·d]` as a contiguous `[batch, heads, len, d]`, detached.
@@ -58,81 +60,145 @@ fn runs_on_cpu_kernel(q: &Tensor) -> bool {
     q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64)
 }
 
-/// The kernel's sizes for `q` `[batch, heads, q_len, d]` and `k` `[batch, heads, kv_len, d]`.
-fn kernel_dims(q: &Tensor, k: &Tensor, rows: usize) -> Result<AttentionDims> {
-    let (batch, heads, q_len, head_dim) = q.dims4()?;
+/// The kernel's sizes for token-layout `q` `[batch, q_len, heads·d]` and `k` `[batch, kv_len, heads·d]`.
+fn kernel_dims(q: &Tensor, k: &Tensor, heads: usize, rows: usize) -> Result<AttentionDims> {
+    let (batch, q_len, width) = q.dims3()?;
     Ok(AttentionDims {
         heads: batch * heads,
         q_len,
-        kv_len: k.dim(2)?,
-        head_dim,
+        kv_len: k.dim(1)?,
+        head_dim: width / heads,
         tile_rows: rows,
     })
 }
 
-fn values<T: WithDType>(t: &Tensor) -> Result<Vec<T>> {
-    t.flatten_all()?.to_vec1::<T>()
+/// The values of a token-layout `[batch, len, heads·d]` tensor (on the CPU) in head layout
+/// `[batch·heads, len, d]`, heads in parallel.
+fn head_values<T: WithDType>(t: &Tensor, heads: usize) -> Result<Vec<T>> {
+    let (_, len, width) = t.dims3()?;
+    let head_dim = width / heads;
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let (Storage::Cpu(storage), Some((start, end))) = (&*storage, layout.contiguous_offsets())
+    else {
+        candle_core::bail!("attention: the kernel reads contiguous tensors on the CPU");
+    };
+    let tokens = &T::cpu_storage_as_slice(storage)?[start..end];
+    let mut values = vec![T::zero(); tokens.len()];
+    if values.is_empty() || head_dim == 0 {
+        return Ok(values);
+    }
+    values
+        .par_chunks_mut(len * head_dim)
+        .enumerate()
+        .for_each(|(index, head)| {
+            let (image, h) = (index / heads, index % heads);
+            let image_tokens = &tokens[image * len * width..];
+            for (token, row) in head.chunks_mut(head_dim).enumerate() {
+                row.copy_from_slice(&image_tokens[token * width + h * head_dim..][..head_dim]);
+            }
+        });
+    Ok(values)
+}
+
+/// The `[batch, len, width]` token-layout tensor of head-layout values `[batch·heads, len, width/heads]`,
+/// tokens in parallel.
+fn token_tensor<T: WithDType>(
+    values: &[T],
+    (batch, len, width): (usize, usize, usize),
+    heads: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let head_dim = width / heads;
+    let mut tokens = vec![T::zero(); values.len()];
+    if !tokens.is_empty() && head_dim > 0 {
+        tokens
+            .par_chunks_mut(width)
+            .enumerate()
+            .for_each(|(index, row)| {
+                let (image, token) = (index / len, index % len);
+                for (h, part) in row.chunks_mut(head_dim).enumerate() {
+                    let head = &values[(image * heads + h) * len * head_dim..];
+                    part.copy_from_slice(&head[token * head_dim..][..head_dim]);
+                }
+            });
+    }
+    Tensor::from_vec(tokens, (batch, len, width), device)
 }
 
 fn scale_as<T: Element>(scale: f64) -> Result<T> {
     T::from(scale).ok_or_else(|| candle_core::Error::Msg(format!("attention scale {scale}")))
 }
 
-/// The kernel's output and the log-sum-exp of each query's scores (`[batch·heads, q_len]`).
+/// The kernel's output (token layout) and the log-sum-exp of each query's scores (`[batch·heads, q_len]`).
 fn kernel_forward<T: Element + WithDType>(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    rows: usize,
-) -> Result<(Tensor, Tensor)> {
-    let dims = kernel_dims(q, k, rows)?;
-    let (out, log_sum_exp) = flash_attention::forward(
-        &values::<T>(q)?,
-        &values::<T>(k)?,
-        &values::<T>(v)?,
-        dims,
-        scale_as(scale)?,
-    );
-    Ok((
-        Tensor::from_vec(out, q.shape(), q.device())?,
-        Tensor::from_vec(log_sum_exp, (dims.heads, dims.q_len), q.device())?,
-    ))
-}
-
-/// The gradients of `q`, `k` and `v` from the kernel.
-fn kernel_backward<T: Element + WithDType>(
-    (q, k, v): (&Tensor, &Tensor, &Tensor),
-    (output, log_sum_exp): (&Tensor, &Tensor),
-    grad: &Tensor,
-    scale: f64,
-    rows: usize,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let dims = kernel_dims(q, k, rows)?;
-    let (grad_q, grad_k, grad_v) = flash_attention::backward(
-        (&values::<T>(q)?, &values::<T>(k)?, &values::<T>(v)?),
-        (&values::<T>(output)?, &values::<T>(log_sum_exp)?),
-        &values::<T>(grad)?,
-        dims,
-        scale_as(scale)?,
-    );
-    Ok((
-        Tensor::from_vec(grad_q, q.shape(), q.device())?,
-        Tensor::from_vec(grad_k, k.shape(), k.device())?,
-        Tensor::from_vec(grad_v, v.shape(), v.device())?,
-    ))
-}
-
-/// [`fused_attention`] with `rows` query rows per chunk.
-fn attention_in_chunks(
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     heads: usize,
     scale: f64,
     rows: usize,
+) -> Result<(Tensor, Tensor)> {
+    let dims = kernel_dims(q, k, heads, rows)?;
+    let (out, log_sum_exp) = flash_attention::forward(
+        &head_values::<T>(q, heads)?,
+        &head_values::<T>(k, heads)?,
+        &head_values::<T>(v, heads)?,
+        dims,
+        scale_as(scale)?,
+    );
+    Ok((
+        token_tensor(&out, q.dims3()?, heads, q.device())?,
+        Tensor::from_vec(log_sum_exp, (dims.heads, dims.q_len), q.device())?,
+    ))
+}
+
+/// The gradients of `q`, `k` and `v` (token layout) from the kernel.
+fn kernel_backward<T: Element + WithDType>(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    (output, log_sum_exp): (&Tensor, &Tensor),
+    grad: &Tensor,
+    (heads, scale, rows): (usize, f64, usize),
+) -> Result<Vec<Option<Tensor>>> {
+    let dims = kernel_dims(q, k, heads, rows)?;
+    let (grad_q, grad_k, grad_v) = flash_attention::backward(
+        (
+            &head_values::<T>(q, heads)?,
+            &head_values::<T>(k, heads)?,
+            &head_values::<T>(v, heads)?,
+        ),
+        (
+            &head_values::<T>(output, heads)?,
+            &log_sum_exp.flatten_all()?.to_vec1::<T>()?,
+        ),
+        &head_values::<T>(grad, heads)?,
+        dims,
+        scale_as(scale)?,
+    );
+    Ok(vec![
+        Some(token_tensor(&grad_q, q.dims3()?, heads, q.device())?),
+        Some(token_tensor(&grad_k, k.dims3()?, heads, k.device())?),
+        Some(token_tensor(&grad_v, v.dims3()?, heads, v.device())?),
+    ])
+}
+
+/// [`fused_attention`] with `rows` query rows per chunk, by the CPU kernel or by chunks of candle ops.
+fn attention_in_chunks(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    heads: usize,
+    scale: f64,
+    (rows, kernel): (usize, bool),
 ) -> Result<Tensor> {
-    let [q_heads, k_heads, v_heads] = [q, k, v].map(|t| split_heads(t, heads));
-    let (output, log_sum_exp) = chunked_forward(&q_heads?, &k_heads?, &v_heads?, scale, rows)?;
-    let output = merge_heads(&output)?;
+    let with_statistics = |(output, log_sum_exp)| (output, Some(log_sum_exp));
+    let (output, log_sum_exp) = match (kernel, q.dtype()) {
+        (true, DType::F32) => {
+            kernel_forward::<f32>((q, k, v), heads, scale, rows).map(with_statistics)?
+        }
+        (true, _) => kernel_forward::<f64>((q, k, v), heads, scale, rows).map(with_statistics)?,
+        _ => {
+            let [q_heads, k_heads, v_heads] = [q, k, v].map(|t| split_heads(t, heads));
+            let output = chunked_forward(&q_heads?, &k_heads?, &v_heads?, scale, rows)?;
+            (merge_heads(&output)?, None)
+        }
+    };
     tie(
         output,
         &[q, k, v],
@@ -145,22 +211,8 @@ fn attention_in_chunks(
     )
 }
 
-/// The attention of head-layout tensors, and the CPU kernel's log-sum-exp of each query's scores.
-fn chunked_forward(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    rows: usize,
-) -> Result<(Tensor, Option<Tensor>)> {
-    let kernel = match (q.device().is_cpu(), q.dtype()) {
-        (true, DType::F32) => Some(kernel_forward::<f32>(q, k, v, scale, rows)?),
-        (true, DType::F64) => Some(kernel_forward::<f64>(q, k, v, scale, rows)?),
-        _ => None,
-    };
-    if let Some((output, log_sum_exp)) = kernel {
-        return Ok((output, Some(log_sum_exp)));
-    }
+/// The attention of head-layout tensors `[batch, heads, len, d]` in chunks of `rows` query rows.
+fn chunked_forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, rows: usize) -> Result<Tensor> {
     let q_len = q.dim(2)?;
     // Scaling the small `q` instead of every score matrix saves a pass over each chunk's scores.
     let q = (q * scale)?;
@@ -171,7 +223,7 @@ fn chunked_forward(
         let probs = candle_nn::ops::softmax_last_dim(&q_chunk.matmul(&k_t)?)?;
         chunks.push(probs.matmul(v)?);
     }
-    Ok((Tensor::cat(&chunks, 2)?, None))
+    Tensor::cat(&chunks, 2)
 }
 
 /// Ties the precomputed output to `q`, `k` and `v`; see the module docs.
@@ -195,6 +247,16 @@ impl TiedBackward for AttentionBackward {
         output: &Tensor,
         grad: &Tensor,
     ) -> Result<Vec<Option<Tensor>>> {
+        if let Some(log_sum_exp) = &self.log_sum_exp {
+            let operands = (inputs[0], inputs[1], inputs[2]);
+            let settings = (self.heads, self.scale, self.rows);
+            return match output.dtype() {
+                DType::F32 => {
+                    kernel_backward::<f32>(operands, (output, log_sum_exp), grad, settings)
+                }
+                _ => kernel_backward::<f64>(operands, (output, log_sum_exp), grad, settings),
+            };
+        }
         let [q, k, v] = [inputs[0], inputs[1], inputs[2]].map(|t| split_heads(t, self.heads));
         let (q, k, v) = (q?, k?, v?);
         let (output, grad) = (
@@ -211,7 +273,8 @@ impl TiedBackward for AttentionBackward {
 }
 
 impl AttentionBackward {
-    /// The gradients of `q`, `k` and `v`, all in head layout `[batch, heads, len, d]`.
+    /// The gradients of `q`, `k` and `v` by chunks of candle ops, all in head layout
+    /// `[batch, heads, len, d]`.
     fn head_gradients(
         &self,
         (q, k, v): (&Tensor, &Tensor, &Tensor),
@@ -219,15 +282,6 @@ impl AttentionBackward {
         grad: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let q_len = q.dim(2)?;
-        if let Some(log_sum_exp) = &self.log_sum_exp {
-            let statistics = (output, log_sum_exp);
-            return match q.dtype() {
-                DType::F32 => {
-                    kernel_backward::<f32>((q, k, v), statistics, grad, self.scale, self.rows)
-                }
-                _ => kernel_backward::<f64>((q, k, v), statistics, grad, self.scale, self.rows),
-            };
-        }
         // With `S = s·q·kᵀ`: `dQ = dS·(s·k)` and `dK = dSᵀ·(s·q)`, so scaling `q` and `k` once (small)
         // replaces scaling every chunk's scores and score gradients.
         let q = (q * self.scale)?;
@@ -325,15 +379,19 @@ mod tests {
         let weights = var(q_len, 2.1);
         let scale = 0.5;
         let operands = (q.as_tensor(), k.as_tensor(), v.as_tensor());
-        let ours = attention_in_chunks(operands, 3, scale, 8).unwrap();
         let reference = composed(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale);
-        assert!(max_abs_diff(&ours, &reference) < 1e-12);
         let loss = |out: &Tensor| (out * weights.as_tensor()).unwrap().sum_all().unwrap();
-        let ours_grads = loss(&ours).backward().unwrap();
         let reference_grads = loss(&reference).backward().unwrap();
-        for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
-            let diff = max_abs_diff(ours_grads.get(x).unwrap(), reference_grads.get(x).unwrap());
-            assert!(diff < 1e-10, "d{name} differs by {diff}");
+        // The CPU kernel, and the chunks of candle ops that other devices run.
+        for kernel in [true, false] {
+            let ours = attention_in_chunks(operands, 3, scale, (8, kernel)).unwrap();
+            assert!(max_abs_diff(&ours, &reference) < 1e-12, "kernel {kernel}");
+            let ours_grads = loss(&ours).backward().unwrap();
+            for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+                let diff =
+                    max_abs_diff(ours_grads.get(x).unwrap(), reference_grads.get(x).unwrap());
+                assert!(diff < 1e-10, "kernel {kernel}: d{name} differs by {diff}");
+            }
         }
     }
 }
