@@ -25,4 +25,4 @@ pub use layer::{
     AdaptableConv2d, AdaptableLinear, AdapterSlot, LayerBuilder, LayerRegistry, LayerShape,
 };
 pub use network::{LoraNetwork, NetworkKind, NetworkModule, NetworkSpec, TargetComponent};
-pub(crate) use tied::{TiedBackward, tie};
+pub(crate) use tied::{Ready, TiedBackward, tie};

@@ -2,13 +2,16 @@
 //! differentiates. Frozen layers, fused attention, normalisation, GEGLU, LoRA linears and checkpointed
 //! blocks are all built this way; here is the forward half they share.
 //!
-//! The tied op holds the result until its forward pass, which hands it over as the op's output (one copy)
-//! and lets it go. The graph therefore keeps the result once, as the op's output; passed as an operand
-//! instead, it would stay alive a second time until the backward pass ends.
+//! The tied op holds the result until its forward pass, which hands it over as the op's output and lets
+//! it go. The graph therefore keeps the result once, as the op's output; passed as an operand instead, it
+//! would stay alive a second time until the backward pass ends. A result given as a tensor is copied into
+//! the output (candle has no way to move a tensor's storage out); values computed on the CPU by the
+//! project's own kernels ([`Ready::Cpu`]) are moved.
 
 use std::sync::{Mutex, PoisonError};
 
 use candle_core::backend::BackendStorage;
+use candle_core::op::BackpropOp;
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, Layout, MetalStorage, Result, Shape,
     Storage, Tensor,
@@ -27,15 +30,41 @@ pub(crate) trait TiedBackward: Send + Sync + 'static {
     ) -> Result<Vec<Option<Tensor>>>;
 }
 
-/// `result` (contiguous, not a view into a larger tensor) tied to one, two or three `inputs` through
-/// `backward`; returned as it is when no input is part of a graph.
+/// A result computed before its tied op runs.
+pub(crate) enum Ready {
+    /// A tensor (contiguous, not a view into a larger one), copied into the op's output.
+    Tensor(Tensor),
+    /// Values on the CPU and their shape, moved into the op's output.
+    Cpu(CpuStorage, Shape),
+}
+
+impl From<Tensor> for Ready {
+    fn from(tensor: Tensor) -> Self {
+        Ready::Tensor(tensor)
+    }
+}
+
+impl Ready {
+    fn into_tensor(self) -> Tensor {
+        match self {
+            Ready::Tensor(tensor) => tensor,
+            Ready::Cpu(storage, shape) => {
+                Tensor::from_storage(Storage::Cpu(storage), shape, BackpropOp::none(), false)
+            }
+        }
+    }
+}
+
+/// `result` tied to one, two or three `inputs` through `backward`; returned as it is when no input is
+/// part of a graph.
 pub(crate) fn tie(
-    result: Tensor,
+    result: impl Into<Ready>,
     inputs: &[&Tensor],
     backward: impl TiedBackward,
 ) -> Result<Tensor> {
+    let result = result.into();
     if !inputs.iter().any(|input| input.track_op()) {
-        return Ok(result);
+        return Ok(result.into_tensor());
     }
     let name = backward.name();
     let op = Tied {
@@ -53,24 +82,53 @@ pub(crate) fn tie(
 struct Tied<B> {
     backward: B,
     /// The result until the forward pass hands it over.
-    result: Mutex<Option<Tensor>>,
+    result: Mutex<Option<Ready>>,
 }
 
 impl<B: TiedBackward> Tied<B> {
-    /// The result as the op's output storage, the device's own picked from it by `select`.
+    fn take(&self) -> Result<Ready> {
+        let result = self
+            .result
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        result.ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "{}: the result was handed over already",
+                self.backward.name()
+            ))
+        })
+    }
+
+    /// The result as the output storage of an op on the CPU: moved, or copied from a tensor.
+    fn hand_over_cpu(&self) -> Result<(CpuStorage, Shape)> {
+        match self.take()? {
+            Ready::Cpu(storage, shape) => Ok((storage, shape)),
+            Ready::Tensor(result) => self.copy_out(&result, cpu),
+        }
+    }
+
+    /// The result as the output storage of an op on another device, which `select` picks.
     fn hand_over<S: BackendStorage>(
         &self,
         select: impl FnOnce(&Storage) -> Option<&S>,
     ) -> Result<(S, Shape)> {
+        match self.take()? {
+            Ready::Tensor(result) => self.copy_out(&result, select),
+            Ready::Cpu(..) => candle_core::bail!(
+                "{}: the result is on the CPU, the inputs are not",
+                self.backward.name()
+            ),
+        }
+    }
+
+    /// A copy of `result`'s storage, the device's own picked by `select`.
+    fn copy_out<S: BackendStorage>(
+        &self,
+        result: &Tensor,
+        select: impl FnOnce(&Storage) -> Option<&S>,
+    ) -> Result<(S, Shape)> {
         let name = self.backward.name();
-        let Some(result) = self
-            .result
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        else {
-            candle_core::bail!("{name}: the result was handed over already");
-        };
         let (storage, layout) = result.storage_and_layout();
         let Some(storage) = select(&storage) else {
             candle_core::bail!("{name}: the result is on another device than the inputs");
@@ -125,7 +183,7 @@ impl<B: TiedBackward> CustomOp1 for Tied<B> {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.hand_over(cpu)
+        self.hand_over_cpu()
     }
 
     fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
@@ -154,7 +212,7 @@ impl<B: TiedBackward> CustomOp2 for Tied<B> {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.hand_over(cpu)
+        self.hand_over_cpu()
     }
 
     fn cuda_fwd(
@@ -203,7 +261,7 @@ impl<B: TiedBackward> CustomOp3 for Tied<B> {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.hand_over(cpu)
+        self.hand_over_cpu()
     }
 
     fn cuda_fwd(

@@ -14,7 +14,7 @@ use candle_core::{D, DType, Device, Result, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::flash_attention::{self, AttentionDims, Element};
-use crate::lora::{TiedBackward, tie};
+use crate::lora::{Ready, TiedBackward, tie};
 
 /// Elements of one chunk's score matrix at most (128 MB in f32).
 const CHUNK_ELEMENTS: usize = 32 << 20;
@@ -101,14 +101,13 @@ fn head_values<T: WithDType>(t: &Tensor, heads: usize) -> Result<Vec<T>> {
     Ok(values)
 }
 
-/// The `[batch, len, width]` token-layout tensor of head-layout values `[batch·heads, len, width/heads]`,
+/// The token layout `[batch, len, width]` of head-layout values `[batch·heads, len, width/heads]`,
 /// tokens in parallel.
-fn token_tensor<T: WithDType>(
+fn token_values<T: WithDType>(
     values: &[T],
-    (batch, len, width): (usize, usize, usize),
+    (_, len, width): (usize, usize, usize),
     heads: usize,
-    device: &Device,
-) -> Result<Tensor> {
+) -> Vec<T> {
     let head_dim = width / heads;
     let mut tokens = vec![T::zero(); values.len()];
     if !tokens.is_empty() && head_dim > 0 {
@@ -123,20 +122,31 @@ fn token_tensor<T: WithDType>(
                 }
             });
     }
-    Tensor::from_vec(tokens, (batch, len, width), device)
+    tokens
+}
+
+/// [`token_values`] as a tensor.
+fn token_tensor<T: WithDType>(
+    values: &[T],
+    dims: (usize, usize, usize),
+    heads: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    Tensor::from_vec(token_values(values, dims, heads), dims, device)
 }
 
 fn scale_as<T: Element>(scale: f64) -> Result<T> {
     T::from(scale).ok_or_else(|| candle_core::Error::Msg(format!("attention scale {scale}")))
 }
 
-/// The kernel's output (token layout) and the log-sum-exp of each query's scores (`[batch·heads, q_len]`).
+/// The kernel's output (token layout, CPU values) and the log-sum-exp of each query's scores
+/// (`[batch·heads, q_len]`).
 fn kernel_forward<T: Element + WithDType>(
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     heads: usize,
     scale: f64,
     rows: usize,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<(Ready, Tensor)> {
     let dims = kernel_dims(q, k, heads, rows)?;
     let (out, log_sum_exp) = flash_attention::forward(
         &head_values::<T>(q, heads)?,
@@ -145,8 +155,9 @@ fn kernel_forward<T: Element + WithDType>(
         dims,
         scale_as(scale)?,
     );
+    let output = T::to_cpu_storage_owned(token_values(&out, q.dims3()?, heads));
     Ok((
-        token_tensor(&out, q.dims3()?, heads, q.device())?,
+        Ready::Cpu(output, q.shape().clone()),
         Tensor::from_vec(log_sum_exp, (dims.heads, dims.q_len), q.device())?,
     ))
 }
@@ -196,7 +207,7 @@ fn attention_in_chunks(
         _ => {
             let [q_heads, k_heads, v_heads] = [q, k, v].map(|t| split_heads(t, heads));
             let output = chunked_forward(&q_heads?, &k_heads?, &v_heads?, scale, rows)?;
-            (merge_heads(&output)?, None)
+            (Ready::Tensor(merge_heads(&output)?), None)
         }
     };
     tie(

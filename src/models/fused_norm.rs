@@ -11,7 +11,7 @@
 use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
 
 use super::norm_kernel::{self, Affine, Channels};
-use crate::lora::{TiedBackward, tie};
+use crate::lora::{Ready, TiedBackward, tie};
 
 /// `(x − mean)/√(var + eps)` over each row of `x` (`[rows, n]`, f32 or f64), differentiable in `x`.
 pub(super) fn normalize_rows(x: &Tensor, eps: f64) -> Result<Tensor> {
@@ -92,9 +92,8 @@ fn kernel_normalize_affine(
     let (output, means, inverse_stds) = with_values(&x.detach(), |values| {
         norm_kernel::forward(values, rows, eps, &scale_shift.affine())
     })?;
-    let output = Tensor::from_vec(output, x.shape(), x.device())?;
     tie(
-        output,
+        Ready::Cpu(CpuStorage::F32(output), x.shape().clone()),
         &[x],
         KernelNormBackward {
             scale_shift,
