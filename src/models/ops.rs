@@ -428,6 +428,8 @@ impl CustomOp2 for ActivationGradient {
 mod tests {
     use candle_core::{CustomOp1, Device, Tensor, Var};
 
+    use crate::test_support::max_abs_diff;
+
     #[test]
     fn silu_gradient_matches_finite_differences() {
         let values: Vec<f64> = (0..41).map(|i| (i as f64 - 20.0) / 3.0).collect();
@@ -496,22 +498,12 @@ mod tests {
         let value = x.as_tensor().narrow(2, 0, 5).unwrap();
         let gate = x.as_tensor().narrow(2, 5, 5).unwrap();
         let composed = (value * super::gelu(&gate).unwrap()).unwrap();
-        let diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
-        assert!(diff(&ours, &composed) < 1e-14);
+        assert!(max_abs_diff(&ours, &composed) < 1e-14);
         let weights = ours.cos().unwrap();
         let loss = |y: &Tensor| (y * &weights).unwrap().sum_all().unwrap();
         let ours_grad = loss(&ours).backward().unwrap();
         let composed_grad = loss(&composed).backward().unwrap();
-        let gap = diff(ours_grad.get(&x).unwrap(), composed_grad.get(&x).unwrap());
+        let gap = max_abs_diff(ours_grad.get(&x).unwrap(), composed_grad.get(&x).unwrap());
         assert!(gap < 1e-13, "gradient differs by {gap}");
     }
 
@@ -553,18 +545,16 @@ mod tests {
         };
         let (y32, g32) = run(candle_core::DType::F32);
         let (y64, g64) = run(candle_core::DType::F64);
-        let gap = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
-        assert!(gap(&y32, &y64) < 1e-5, "{}", gap(&y32, &y64));
-        assert!(gap(&g32, &g64) < 1e-5, "{}", gap(&g32, &g64));
+        assert!(
+            max_abs_diff(&y32, &y64) < 1e-5,
+            "{}",
+            max_abs_diff(&y32, &y64)
+        );
+        assert!(
+            max_abs_diff(&g32, &g64) < 1e-5,
+            "{}",
+            max_abs_diff(&g32, &g64)
+        );
     }
 
     #[test]
