@@ -86,6 +86,14 @@ fn main() -> Result<()> {
     measure("conv 3x3 320->320 at 64x64", &[1, 320, 64, 64], |x| {
         frozen_conv2d(x, &conv, None, 1, 1)
     })?;
+    for (channels, size) in [(640, 32), (1280, 16)] {
+        let conv = weight(&[channels, channels, 3, 3])?;
+        measure(
+            &format!("conv 3x3 {channels}->{channels} at {size}x{size}"),
+            &[1, channels, size, size],
+            |x| frozen_conv2d(x, &conv, None, 1, 1),
+        )?;
+    }
     measure(
         "conv 3x3, candle's conv2d (all gradients)",
         &[1, 320, 64, 64],

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod device;
+mod fast_math;
 pub mod flops;
 pub mod hashing;
 pub mod label;

@@ -7,8 +7,9 @@
 //! with the kernel viewed as `[out, in·kh·kw]` gives the output. The input gradient is the same in reverse:
 //! the transposed kernel times the output gradient, summed back through the patch layout. 1x1 kernels with
 //! stride 1 and no padding need no patches: the `[out, in]` kernel times each image's `[in, h·w]` pixels
-//! (candle's own 1x1 path copies input and output element by element on one thread). Other devices use
-//! candle's convolution.
+//! (candle's own 1x1 path copies input and output element by element on one thread). 3x3 kernels with
+//! stride 1 and padding 1 on images of 32x32 and more go to [`super::winograd`], which needs a quarter of
+//! the products. Other devices use candle's convolution.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
@@ -26,6 +27,9 @@ pub fn conv2d(x: &Tensor, kernel: &Tensor, padding: usize, stride: usize) -> Res
             .reshape((out_channels, in_channels))?
             .broadcast_matmul(&pixels)?
             .reshape((batch, out_channels, height, width));
+    }
+    if super::winograd::applies(x, (k_h, k_w), padding, stride) {
+        return super::winograd::conv2d(x, kernel);
     }
     if !uses_patches(x, k_h, k_w) {
         return x.conv2d(kernel, padding, stride, 1, 1);
@@ -86,6 +90,11 @@ pub fn conv2d_input_grad(
                 .broadcast_matmul(&pixels)?
                 .reshape((batch, in_channels, height, width))?,
         ));
+    }
+    if super::winograd::applies(grad, (k_h, k_w), padding, stride)
+        && (out_h, out_w) == (height, width)
+    {
+        return super::winograd::conv2d_input_grad(grad, kernel).map(Some);
     }
     if !uses_patches(grad, k_h, k_w) {
         return Ok(None);

@@ -14,6 +14,7 @@ mod layer;
 mod network;
 pub mod svd;
 mod tied;
+mod winograd;
 
 pub use adapter::{AdapterKind, LoraAdapter, adapter_dims, row_norm};
 pub use export::{ExportedLora, ExportedModule, export_network, write_lora_file};

@@ -9,12 +9,12 @@
 //! product but one is read row by row in place, which the `gemm` crate multiplies at 90-105 GFLOP/s per
 //! core at head size 40, where the query-major layout's `Pᵀ·dO` and `dSᵀ·Q` reach 55. Normalisation by the
 //! softmax sums is applied to the `rows × d` output instead of the tile. Heads run in parallel; each tile
-//! product is one single-threaded `gemm` call. The f32 exponentials use [`super::fast_math`]'s
+//! product is one single-threaded `gemm` call. The f32 exponentials use [`crate::fast_math`]'s
 //! vectorisable `exp`.
 
 use rayon::prelude::*;
 
-use super::fast_math::exp_f32;
+use crate::fast_math::exp_f32;
 
 /// Score elements per tile (2 MiB in f32). Measured on a 2-core machine with 1 MiB of L2 per core, 4096
 /// tokens: 32 Ki elements per tile 1.05 s forward+backward, 128 Ki 0.78 s, 512 Ki 0.70 s; the taller tiles

@@ -10,7 +10,6 @@ pub mod checkpoint;
 pub mod checkpointing;
 pub mod clip;
 pub mod clip_embedder;
-mod fast_math;
 mod flash_attention;
 mod fused_attention;
 mod fused_norm;

@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::fast_math::{has_avx2, vectorised};
+use crate::fast_math::{has_avx2, vectorised};
 
 /// Which scale and shift each element of a row takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,7 +12,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use super::fast_math::{erf_f32, exp_f32, has_avx2, vectorised};
+use crate::fast_math::{erf_f32, exp_f32, has_avx2, vectorised};
 use crate::lora::{TiedBackward, tie};
 
 /// Exact (erf) GELU, `0.5·x·(1 + erf(x/√2))`, with an exact gradient.
