@@ -60,6 +60,13 @@ def main():
     torch.manual_seed(0)
     conv = weight(320, 320, 3, 3)
     measure("conv 3x3 320->320 at 64x64", [1, 320, 64, 64], lambda x: F.conv2d(x, conv, padding=1))
+    for channels, size in [(640, 32), (1280, 16)]:
+        kernel = weight(channels, channels, 3, 3)
+        measure(
+            f"conv 3x3 {channels}->{channels} at {size}x{size}",
+            [1, channels, size, size],
+            lambda x, kernel=kernel: F.conv2d(x, kernel, padding=1),
+        )
     projection = weight(320, 320)
     measure("linear 320->320 over 4096 tokens", [1, 4096, 320], lambda x: F.linear(x, projection))
     geglu = weight(2560, 320)

@@ -12,14 +12,14 @@ pub struct StepEstimate {
 }
 
 /// Measured on a 2-core CPU (f32): 3.4 GB of UNet weights plus the text encoder and VAE, activations of
-/// about 0.75 GB per 256x256 image (4.5 GB peak at 256 px, 6.5 GB at 512 px) and 3.15 s per 256 px step
-/// (12.4 s at 512 px: the time grows with the pixel count).
+/// about 0.75 GB per 256x256 image (4.5 GB peak at 256 px, 6.5 GB at 512 px) and 2.8 s per 256 px step
+/// (10.6-11.2 s at 512 px: the time grows with the pixel count).
 const CPU_WEIGHTS_GB: f64 = 4.3;
 const CPU_ACTIVATIONS_GB_256: f64 = 0.75;
-const CPU_SECONDS_256: f64 = 3.15;
-/// Gradient checkpointing measured at 256 and 512 px: half the activations, 1.4-1.5x the time.
+const CPU_SECONDS_256: f64 = 2.8;
+/// Gradient checkpointing measured at 256 and 512 px: half the activations, 1.5-1.6x the time.
 const CHECKPOINTING_MEMORY: f64 = 0.5;
-const CHECKPOINTING_TIME: f64 = 1.45;
+const CHECKPOINTING_TIME: f64 = 1.55;
 /// Assumed, not measured: a GPU step in bf16 is well over an order of magnitude faster, with half the
 /// memory per value.
 const GPU_SPEEDUP: f64 = 40.0;
@@ -62,7 +62,7 @@ mod tests {
             ..TrainConfig::default()
         };
         let at_512 = estimate(&config, false);
-        assert!((at_512.seconds - 12.6).abs() < 0.1, "{at_512:?}");
+        assert!((at_512.seconds - 11.2).abs() < 0.1, "{at_512:?}");
         assert!((at_512.memory_gb - 7.3).abs() < 0.1, "{at_512:?}");
         config.gradient_checkpointing = true;
         let checkpointed = estimate(&config, false);
