@@ -95,8 +95,13 @@ pub fn loss_chart_ui(ui: &mut egui::Ui, losses: &[LossPoint], steps_per_epoch: u
     let last_step = losses.last().map_or(0, |p| p.step);
     let link = egui::Id::unique("loss-lr-link");
     let epoch_colour = ui.visuals().weak_text_color().gamma_multiply(0.5);
+    let loss_height = (ui.available_height() - LR_PLOT_HEIGHT - 80.0).max(220.0);
+    if losses.is_empty() {
+        empty_chart_ui(ui, loss_height + LR_PLOT_HEIGHT);
+        return;
+    }
     Plot::new("loss")
-        .height((ui.available_height() - LR_PLOT_HEIGHT - 80.0).max(220.0))
+        .height(loss_height)
         .legend(Legend::default())
         .x_axis_label("step")
         .y_axis_label("loss")
@@ -122,6 +127,27 @@ pub fn loss_chart_ui(ui: &mut egui::Ui, losses: &[LossPoint], steps_per_epoch: u
             let lr = thinned_for_view(plot, &lr);
             plot.line(Line::new("learning rate", PlotPoints::from(lr)))
         });
+}
+
+/// Before the first step: a framed area of the charts' height that says what will appear there (empty
+/// plots would show meaningless axes from -0.5 to 0.5).
+fn empty_chart_ui(ui: &mut egui::Ui, height: f32) {
+    let size = egui::vec2(ui.available_width(), height);
+    let (rect, _) = ui.allocate_exact_size(size, egui::Sense::hover());
+    let visuals = ui.visuals();
+    ui.painter().rect_stroke(
+        rect,
+        4.0,
+        visuals.widgets.noninteractive.bg_stroke,
+        egui::StrokeKind::Inside,
+    );
+    ui.painter().text(
+        rect.center(),
+        egui::Align2::CENTER_CENTER,
+        "The loss of every step and the learning rate appear here once training starts.",
+        egui::FontId::proportional(15.0),
+        visuals.weak_text_color(),
+    );
 }
 
 #[cfg(test)]
