@@ -61,6 +61,13 @@ pub fn conv2d_input_grad(grad: &Tensor, kernel: &Tensor) -> Result<Tensor> {
 
 fn transformed_conv(x: &Tensor, kernel: &Tensor, transform: KernelTransform) -> Result<Tensor> {
     let (batch, channels, height, width) = x.dims4()?;
+    if x.elem_count() == 0 || kernel.elem_count() == 0 {
+        candle_core::bail!(
+            "winograd conv2d: the input {:?} or the kernel {:?} is empty",
+            x.dims(),
+            kernel.dims()
+        );
+    }
     let kernel_transform = kernel.contiguous()?.apply_op1_no_bwd(&transform)?;
     let (_, out_channels, in_channels) = kernel_transform.dims3()?;
     if in_channels != channels {
@@ -634,5 +641,16 @@ mod tests {
             1,
             1
         ));
+    }
+
+    #[test]
+    fn empty_channels_are_an_error_not_a_panic() {
+        let device = Device::Cpu;
+        let x = Tensor::zeros((1, 0, 32, 32), DType::F32, &device).unwrap();
+        let kernel = Tensor::zeros((4, 0, 3, 3), DType::F32, &device).unwrap();
+        assert!(super::conv2d(&x, &kernel).is_err());
+        let x = Tensor::zeros((1, 2, 32, 32), DType::F32, &device).unwrap();
+        let kernel = Tensor::zeros((0, 2, 3, 3), DType::F32, &device).unwrap();
+        assert!(super::conv2d(&x, &kernel).is_err());
     }
 }
