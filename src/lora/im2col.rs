@@ -61,8 +61,8 @@ fn uses_patches(x: &Tensor, k_h: usize, k_w: usize) -> bool {
 }
 
 /// The gradient of [`conv2d`]'s input `[b, in, height, width]` given the output gradient `grad`, on the CPU
-/// (else `None`): for a 1x1 kernel the transposed kernel times each image's output gradient; otherwise the
-/// product of the transposed kernel `[in·kh·kw, out]` (a
+/// (else `None`): for a 1x1 kernel the transposed kernel times each image's output gradient; for 3x3 ones
+/// on large maps [`super::winograd`]; otherwise the product of the transposed kernel `[in·kh·kw, out]` (a
 /// view, no copy) with the output gradient gives the gradient of the patch matrix, whose entries are then
 /// added back to the input positions they were taken from. No flipped kernel is built.
 pub fn conv2d_input_grad(

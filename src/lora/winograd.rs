@@ -377,6 +377,7 @@ impl Transform for InputTransform {
     fn apply<T: Float + Send + Sync>(&self, input: &[T], dims: &[usize]) -> Vec<T> {
         let channels = dims[1];
         let (count, lanes) = (self.0.count(), self.0.columns());
+        let (c, avx2) = (Constants::new(), has_avx2());
         // Scratch per task: an input row with a zero border, `[4·lanes + 2]`, and `d·B` of a row of tiles,
         // `[6 x-points, 6 patch rows, lanes]`.
         let scratch_len = TILE * lanes + 2 + POINTS * lanes;
@@ -386,11 +387,10 @@ impl Transform for InputTransform {
                 let plane = (image * channels + channel) * self.0.height * self.0.width;
                 let plane = &input[plane..][..self.0.height * self.0.width];
                 for tile_y in 0..self.0.rows() {
-                    self.row_of_tiles(plane, tile_y, padded, across);
+                    self.row_of_tiles(plane, tile_y, (padded, across), (&c, avx2));
                     let first_tile = (image * self.0.rows() + tile_y) * lanes;
-                    let c = Constants::new();
                     vectorised(
-                        has_avx2(),
+                        avx2,
                         #[inline(always)]
                         || {
                             for x in 0..PATCH {
@@ -420,12 +420,11 @@ impl InputTransform {
         &self,
         plane: &[T],
         tile_y: usize,
-        padded: &mut [T],
-        across: &mut [T],
+        (padded, across): (&mut [T], &mut [T]),
+        (c, avx2): (&Constants<T>, bool),
     ) {
         let (height, width) = (self.0.height, self.0.width);
         let lanes = self.0.columns();
-        let c = Constants::new();
         for i in 0..PATCH {
             let y = (tile_y * TILE + i).wrapping_sub(1);
             if y >= height {
@@ -436,12 +435,12 @@ impl InputTransform {
             }
             padded[1..=width].copy_from_slice(&plane[y * width..][..width]);
             vectorised(
-                has_avx2(),
+                avx2,
                 #[inline(always)]
                 || {
                     for t in 0..lanes {
                         let window = &padded[t * TILE..][..PATCH];
-                        let row = input_1d(std::array::from_fn(|j| window[j]), &c);
+                        let row = input_1d(std::array::from_fn(|j| window[j]), c);
                         for (x, value) in row.into_iter().enumerate() {
                             across[(x * PATCH + i) * lanes + t] = value;
                         }
@@ -481,6 +480,7 @@ impl Transform for OutputTransform {
             width,
         } = self.0;
         let (count, lanes) = (self.0.count(), self.0.columns());
+        let (c, avx2) = (Constants::new(), has_avx2());
         // Scratch per task: `Aᵀ·M` of a row of tiles, `[6 x-points, 4 rows, lanes]`, and one output row of
         // it, `[4·lanes]`.
         let scratch_len = (PATCH + 1) * TILE * lanes;
@@ -493,7 +493,6 @@ impl Transform for OutputTransform {
                     |scratch, (index, plane)| {
                         let (image, channel) = (index / channels, index % channels);
                         let (down, line) = scratch.split_at_mut(PATCH * TILE * lanes);
-                        let c = Constants::new();
                         for tile_y in 0..self.0.rows() {
                             let first_tile = (image * self.0.rows() + tile_y) * lanes;
                             // Point p of this row of tiles: products[p][channel][first_tile..].
@@ -501,7 +500,7 @@ impl Transform for OutputTransform {
                                 &products[(p * channels + channel) * count + first_tile..][..lanes]
                             };
                             vectorised(
-                                has_avx2(),
+                                avx2,
                                 #[inline(always)]
                                 || {
                                     for x in 0..PATCH {
@@ -517,7 +516,7 @@ impl Transform for OutputTransform {
                                     break;
                                 }
                                 vectorised(
-                                    has_avx2(),
+                                    avx2,
                                     #[inline(always)]
                                     || {
                                         for t in 0..lanes {
