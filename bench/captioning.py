@@ -2,12 +2,13 @@
 
 Builds BLIP-large (Salesforce/blip-image-captioning-large's architecture) and CLIP ViT-L/14
 (openai/clip-vit-large-patch14's) with random weights in a scratch folder, then times
-  * transformers: BlipForConditionalGeneration.generate (greedy, exactly --tokens new tokens) per image, and
+  * transformers: BlipForConditionalGeneration.generate (--beams beams, 3 as `label` by default, 1 for greedy;
+    exactly --tokens new tokens) per image, and
     CLIPModel.get_image_features per image (the per-image part of interrogation);
   * lora-studio: `lora-studio label --model FOLDER` over the same images (its "s per image" line).
 Random weights never emit [SEP] early when min = max tokens, so both decode the same number of tokens.
 
-Run: python bench/captioning.py [--images 6] [--tokens 20] [--binary target/release/lora-studio]
+Run: python bench/captioning.py [--images 6] [--tokens 20] [--beams 3] [--binary target/release/lora-studio]
 """
 
 import argparse
@@ -77,6 +78,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=6)
     parser.add_argument("--tokens", type=int, default=20)
+    parser.add_argument("--beams", type=int, default=3)
     parser.add_argument("--binary", default="target/release/lora-studio")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -91,11 +93,12 @@ def main():
         for picture in pictures:
             pixels = processor(picture, return_tensors="pt").pixel_values
             start = time.perf_counter()
-            blip.generate(pixel_values=pixels, num_beams=1, do_sample=False,
+            blip.generate(pixel_values=pixels, num_beams=args.beams, do_sample=False,
                           min_new_tokens=args.tokens, max_new_tokens=args.tokens)
             times.append(time.perf_counter() - start)
     torch_blip = statistics.median(times)
-    ours_blip = lora_studio(args.binary, data, blip_dir, ["--min-tokens", str(args.tokens), "--max-tokens", str(args.tokens)])
+    ours_blip = lora_studio(args.binary, data, blip_dir, ["--min-tokens", str(args.tokens), "--max-tokens", str(args.tokens),
+                                                          "--beams", str(args.beams)])
     clip_pixels = torch.randn(1, 3, 224, 224)
     times = []
     with torch.no_grad():
@@ -107,6 +110,7 @@ def main():
     ours_clip = lora_studio(args.binary, data, clip_dir, [])
     print(json.dumps({
         "torch_threads": torch.get_num_threads(),
+        "blip_beams": args.beams,
         "blip_large_s_per_image": {"transformers": round(torch_blip, 3), "lora_studio": ours_blip,
                                    "ratio": round(ours_blip / torch_blip, 2)},
         "clip_l_s_per_image": {"transformers": round(torch_clip, 3), "lora_studio": ours_clip,

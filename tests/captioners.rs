@@ -1,6 +1,6 @@
 //! The captioning models against transformers (fixtures from `tests/fixtures/captioners/generate.py`):
-//! image preprocessing, BLIP's image embeddings and greedy caption, CLIP's image and text embeddings, and
-//! CLIP interrogation over the shipped vocabularies.
+//! image preprocessing, BLIP's image embeddings and its captions (greedy, beam search, repetition penalty),
+//! CLIP's image and text embeddings, and CLIP interrogation over the shipped vocabularies.
 
 mod common;
 
@@ -8,9 +8,10 @@ use candle_core::{DType, Device, Tensor};
 use common::{assert_close, fixture};
 use lora_studio::label::interrogate::Vocabulary;
 use lora_studio::label::{CaptionSettings, Captioner};
-use lora_studio::models::blip::{BlipCaptioner, BlipConfig, CaptionLength};
+use lora_studio::models::blip::{BlipCaptioner, BlipConfig, DEFAULT_DECODING};
 use lora_studio::models::checkpoint::{build, transformers_weights};
 use lora_studio::models::clip_embedder::{ClipEmbedder, ClipEmbedderConfig};
+use lora_studio::models::decoding::Decoding;
 use lora_studio::models::image_processor::{SquareFit, pixel_values};
 use lora_studio::models::wordpiece::WordPieceDecoder;
 use lora_studio::tensor_file::TensorFile;
@@ -78,25 +79,85 @@ fn blip_image_embeddings_match_transformers() {
     );
 }
 
-#[test]
-fn blip_greedy_caption_matches_transformers() {
-    let json = expected_json();
-    let length = CaptionLength {
-        min_tokens: json["blip_min_new_tokens"].as_u64().unwrap() as usize,
-        max_tokens: json["blip_max_new_tokens"].as_u64().unwrap() as usize,
-    };
-    let ids = blip()
-        .caption_ids(&expected("blip_pixel_values"), length)
-        .unwrap();
-    let reference: Vec<u32> = json["blip_token_ids"]
+fn token_ids(value: &serde_json::Value) -> Vec<u32> {
+    value
         .as_array()
         .unwrap()
         .iter()
         .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
-    assert_eq!(ids, reference);
+        .collect()
+}
+
+/// The length limits the fixture's captions were decoded with, and the given beams and penalty.
+fn fixture_decoding(beams: usize, repetition_penalty: f32) -> Decoding {
+    let json = expected_json();
+    Decoding {
+        min_tokens: json["blip_min_new_tokens"].as_u64().unwrap() as usize,
+        max_tokens: json["blip_max_new_tokens"].as_u64().unwrap() as usize,
+        beams,
+        repetition_penalty,
+    }
+}
+
+#[test]
+fn blip_greedy_caption_matches_transformers() {
+    let json = expected_json();
+    let ids = blip()
+        .caption_ids(&expected("blip_pixel_values"), &fixture_decoding(1, 1.0))
+        .unwrap();
+    assert_eq!(ids, token_ids(&json["blip_token_ids"]));
     let decoder = WordPieceDecoder::from_folder(&fixture("captioners/blip")).unwrap();
     assert_eq!(decoder.decode(&ids), json["blip_caption"].as_str().unwrap());
+}
+
+/// The fixture BLIP with its language-model head's LayerNorm scaled by `head_scale` and `sep_bias` added
+/// to the `[SEP]` logit, as `generate.py` makes its variants.
+fn blip_variant(head_scale: f64, sep_bias: f64) -> BlipCaptioner {
+    let config = BlipConfig::from_json(&config("blip")).unwrap();
+    let path = fixture("captioners/blip/model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let head = "text_decoder.cls.predictions";
+    for part in ["weight", "bias"] {
+        let name = format!("{head}.transform.LayerNorm.{part}");
+        let scaled = tensors[&name].affine(head_scale, 0.0).unwrap();
+        tensors.insert(name, scaled);
+    }
+    let bias_name = [format!("{head}.bias"), format!("{head}.decoder.bias")]
+        .into_iter()
+        .find(|name| tensors.contains_key(name))
+        .unwrap();
+    let bias = &tensors[&bias_name];
+    let sep = config.text.sep_token_id as usize;
+    let mut raised = bias.to_vec1::<f32>().unwrap();
+    raised[sep] += sep_bias as f32;
+    let raised = Tensor::from_vec(raised, bias.dims(), &Device::Cpu).unwrap();
+    tensors.insert(bias_name, raised);
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    BlipCaptioner::new(vb, &config).unwrap()
+}
+
+#[test]
+fn blip_beam_search_and_repetition_penalty_match_transformers() {
+    let json = expected_json();
+    let pixels = expected("blip_pixel_values");
+    let cases = json["blip_decodings"].as_array().unwrap();
+    assert_eq!(cases.len(), 15);
+    let mut ended_early = 0;
+    for case in cases {
+        let model = blip_variant(
+            case["head_scale"].as_f64().unwrap(),
+            case["sep_bias_added"].as_f64().unwrap(),
+        );
+        let decoding = fixture_decoding(
+            case["beams"].as_u64().unwrap() as usize,
+            case["repetition_penalty"].as_f64().unwrap() as f32,
+        );
+        let ids = model.caption_ids(&pixels, &decoding).unwrap();
+        assert_eq!(ids, token_ids(&case["token_ids"]), "{case}");
+        ended_early += usize::from(ids.len() <= decoding.max_tokens);
+    }
+    // The variants exercise captions that end before the limit, where beam search ranks finished ones.
+    assert!(ended_early >= 5, "{ended_early}");
 }
 
 #[test]
@@ -137,9 +198,10 @@ fn clip_embeddings_match_transformers() {
 #[test]
 fn captioners_load_from_their_folders_and_describe_images() {
     let settings = CaptionSettings {
-        length: CaptionLength {
+        decoding: Decoding {
             min_tokens: 4,
             max_tokens: 12,
+            ..DEFAULT_DECODING
         },
         ..CaptionSettings::default()
     };

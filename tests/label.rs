@@ -246,6 +246,16 @@ fn bad_model_names_are_one_sentence() {
     assert!(log.contains("is not in the Hugging Face cache"), "{log}");
     let out = label(&["--input", "/no/such/folder"], &[]);
     assert!(stderr(&out).contains("the input folder /no/such/folder does not exist"));
+    let out = label(&["--input", &data_arg, "--repetition-penalty", "0"], &[]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--repetition-penalty must be a positive number"),
+        "{}",
+        stderr(&out)
+    );
+    let out = label(&["--input", &data_arg, "--beams", "0"], &[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--beams"), "{}", stderr(&out));
 }
 
 /// A stand-in for the Hub's file endpoint: `GET /{repo}/resolve/main/{file}` with byte ranges, the

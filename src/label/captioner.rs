@@ -9,17 +9,18 @@ use image::DynamicImage;
 use super::LabelError;
 use super::interrogate::{Interrogator, Vocabulary};
 use crate::models::ModelError;
-use crate::models::blip::{BlipCaptioner, BlipConfig, CaptionLength};
+use crate::models::blip::{BlipCaptioner, BlipConfig, DEFAULT_DECODING};
 use crate::models::checkpoint::{build, transformers_weights};
 use crate::models::clip_embedder::{ClipEmbedder, ClipEmbedderConfig};
+use crate::models::decoding::Decoding;
 use crate::models::image_processor::{SquareFit, pixel_values};
 use crate::models::wordpiece::WordPieceDecoder;
 
 /// How captions are made.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CaptionSettings {
-    /// BLIP's caption length in tokens.
-    pub length: CaptionLength,
+    /// BLIP: caption length, beams and repetition penalty.
+    pub decoding: Decoding,
     /// CLIP: the best phrases taken from each vocabulary.
     pub tags_per_vocabulary: usize,
     /// CLIP: the phrase lists to rank.
@@ -29,7 +30,7 @@ pub struct CaptionSettings {
 impl Default for CaptionSettings {
     fn default() -> Self {
         Self {
-            length: CaptionLength::default(),
+            decoding: DEFAULT_DECODING,
             tags_per_vocabulary: 1,
             vocabularies: Vocabulary::builtin(),
         }
@@ -43,7 +44,7 @@ pub enum Captioner {
     Blip {
         model: Box<BlipCaptioner>,
         decoder: WordPieceDecoder,
-        length: CaptionLength,
+        decoding: Decoding,
     },
     /// Phrases ranked by CLIP.
     Clip(Box<Interrogator>),
@@ -83,7 +84,7 @@ impl Captioner {
                 Ok(Self::Blip {
                     model: Box::new(model),
                     decoder,
-                    length: settings.length,
+                    decoding: settings.decoding,
                 })
             }
             "clip" => {
@@ -114,13 +115,13 @@ impl Captioner {
             Self::Blip {
                 model,
                 decoder,
-                length,
+                decoding,
             } => {
                 let compute = |e| LabelError::compute("captioning with BLIP", e);
                 let size = model.config().vision.image_size as u32;
                 let pixels =
                     pixel_values(image, size, SquareFit::Stretch, device).map_err(compute)?;
-                let ids = model.caption_ids(&pixels, *length).map_err(compute)?;
+                let ids = model.caption_ids(&pixels, decoding).map_err(compute)?;
                 let sentence = decoder.decode(&ids);
                 Ok(if sentence.is_empty() {
                     Vec::new()

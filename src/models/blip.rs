@@ -1,7 +1,8 @@
 //! BLIP image captioning (`BlipForConditionalGeneration`, e.g. Salesforce/blip-image-captioning-large) in
 //! the transformers layout: a ViT image encoder ([`super::vision`]) and a BERT-style text decoder
 //! (`text_decoder.bert.*`) whose layers attend causally to the caption so far and across to the image
-//! tokens; captions are decoded greedily from the `[DEC]` token until `[SEP]`.
+//! tokens; captions are decoded from the `[DEC]` token until `[SEP]` ([`super::decoding`]: beam search or
+//! greedy).
 
 use candle_core::{DType, IndexOp, Result, Tensor};
 use candle_nn::{Embedding, Linear, Module, VarBuilder};
@@ -9,6 +10,7 @@ use serde::Deserialize;
 
 use crate::models::ModelError;
 use crate::models::clip::causal_mask;
+use crate::models::decoding::{Decoding, decode};
 use crate::models::nn::{LayerNorm, attention};
 use crate::models::ops::gelu;
 use crate::models::vision::{VisionConfig, VisionFamily, VisionTransformer};
@@ -87,22 +89,14 @@ impl BlipConfig {
     }
 }
 
-/// How long a caption may be, in tokens after `[DEC]` (`[SEP]` included).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CaptionLength {
-    /// `[SEP]` is not chosen before this many tokens.
-    pub min_tokens: usize,
-    pub max_tokens: usize,
-}
-
-impl Default for CaptionLength {
-    fn default() -> Self {
-        Self {
-            min_tokens: 5,
-            max_tokens: 40,
-        }
-    }
-}
+/// How captions are decoded by default: BLIP's own captioning setting (3 beams, at least 5 tokens), with
+/// room for a long sentence.
+pub const DEFAULT_DECODING: Decoding = Decoding {
+    min_tokens: 5,
+    max_tokens: 40,
+    beams: 3,
+    repetition_penalty: 1.0,
+};
 
 /// Query/key/value projections and the output projection + residual layer norm of one BERT attention.
 #[derive(Debug, Clone)]
@@ -244,11 +238,12 @@ impl TextDecoder {
         })
     }
 
-    /// Logits of the token after the last of `ids` (`[tokens]`), given each layer's image keys/values.
-    fn next_logits(&self, ids: &[u32], image_kv: &[(Tensor, Tensor)]) -> Result<Tensor> {
+    /// Logits of the token after each of `sequences` (of equal length), `[sequences, vocabulary]`, given
+    /// each layer's image keys/values (with one row per sequence).
+    fn next_logits(&self, sequences: &[Vec<u32>], image_kv: &[(Tensor, Tensor)]) -> Result<Tensor> {
         let device = self.position_embeddings.device();
-        let tokens = ids.len();
-        let ids = Tensor::new(ids, device)?.unsqueeze(0)?;
+        let tokens = sequences.first().map_or(0, Vec::len);
+        let ids = Tensor::new(sequences.concat(), device)?.reshape((sequences.len(), tokens))?;
         let h = self
             .word_embeddings
             .forward(&ids)?
@@ -264,8 +259,7 @@ impl TextDecoder {
             .forward(&gelu(&self.transform.forward(&last)?)?)?
             .squeeze(1)?;
         last.matmul(&self.vocab_weight.t()?)?
-            .broadcast_add(&self.vocab_bias)?
-            .squeeze(0)
+            .broadcast_add(&self.vocab_bias)
     }
 }
 
@@ -296,49 +290,48 @@ impl BlipCaptioner {
         self.vision.sequence(pixels)
     }
 
-    /// Greedy caption of one image (`pixels`: `[1, 3, size, size]`): the token ids from `[DEC]` up to and
+    /// The caption of one image (`pixels`: `[1, 3, size, size]`): the token ids from `[DEC]` up to and
     /// including `[SEP]` (or the length limit).
-    pub fn caption_ids(&self, pixels: &Tensor, length: CaptionLength) -> Result<Vec<u32>> {
+    pub fn caption_ids(&self, pixels: &Tensor, decoding: &Decoding) -> Result<Vec<u32>> {
         let image = self.image_embeds(pixels)?;
+        let text = &self.config.text;
+        let decoding = Decoding {
+            max_tokens: decoding
+                .max_tokens
+                .min(text.max_position_embeddings.saturating_sub(1)),
+            ..*decoding
+        };
         let image_kv = self
             .decoder
             .layers
             .iter()
             .map(|layer| layer.cross_attention.keys_values(&image))
             .collect::<Result<Vec<_>>>()?;
-        let text = &self.config.text;
-        let max_tokens = length
-            .max_tokens
-            .min(text.max_position_embeddings.saturating_sub(1));
-        let mut ids = vec![text.bos_token_id];
-        for step in 0..max_tokens {
-            let mut logits = self
-                .decoder
-                .next_logits(&ids, &image_kv)?
-                .to_dtype(DType::F32)?
-                .to_vec1::<f32>()?;
-            if step < length.min_tokens {
-                logits[text.sep_token_id as usize] = f32::NEG_INFINITY;
-            }
-            let next = argmax(&logits);
-            ids.push(next);
-            if next == text.sep_token_id {
-                break;
-            }
-        }
-        Ok(ids)
+        // The same keys/values with a row for every sequence a step decodes.
+        let mut rows_kv = image_kv.clone();
+        decode(
+            &[text.bos_token_id],
+            text.sep_token_id,
+            &decoding,
+            |sequences| {
+                let rows = sequences.len();
+                if rows_kv
+                    .first()
+                    .is_some_and(|(k, _)| k.dim(0).ok() != Some(rows))
+                {
+                    let repeat = |t: &Tensor| t.repeat((rows, 1, 1));
+                    rows_kv = image_kv
+                        .iter()
+                        .map(|(k, v)| Ok((repeat(k)?, repeat(v)?)))
+                        .collect::<Result<_>>()?;
+                }
+                self.decoder
+                    .next_logits(sequences, &rows_kv)?
+                    .to_dtype(DType::F32)?
+                    .to_vec2::<f32>()
+            },
+        )
     }
-}
-
-/// The index of the largest value (the first on ties, as `torch.argmax`).
-fn argmax(values: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in values.iter().enumerate() {
-        if v > values[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod checkpointing;
 pub mod clip;
 pub mod clip_embedder;
+pub mod decoding;
 mod flash_attention;
 mod fused_attention;
 mod fused_norm;
