@@ -147,6 +147,47 @@ fn drop_edit_train_pause_preview_resume_export() {
 }
 
 #[test]
+fn starting_without_a_dataset_or_base_model_says_what_to_choose() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = make_dataset(&dir.path().join("data"), 2);
+    let settings = AppSettings {
+        train: TrainConfig {
+            train_data_dir: PathBuf::new(),
+            base_model: PathBuf::new(),
+            ..tiny_config(&data, &dir.path().join("out"))
+        },
+        tab: Tab::Train,
+        ..Default::default()
+    };
+    let mut harness = open_app(settings);
+    harness.run_steps(2);
+    harness.get_by_label("not chosen");
+    harness.get_by_label("Start training").click();
+    harness.run_steps(2);
+    let notices = harness.state().notices();
+    assert!(
+        notices
+            .last()
+            .is_some_and(|n| n.starts_with("Open a dataset folder first")),
+        "{notices:?}"
+    );
+    drop_path(&mut harness, data);
+    step_until(&mut harness, "the dataset", |app| app.dataset_len() == 2);
+    harness.state_mut().settings_mut().tab = Tab::Train;
+    harness.run_steps(2);
+    harness.get_by_label("Start training").click();
+    harness.run_steps(2);
+    let notices = harness.state().notices();
+    assert!(
+        notices
+            .last()
+            .is_some_and(|n| n.starts_with("Choose a base model first")),
+        "{notices:?}"
+    );
+    assert_eq!(format!("{:?}", harness.state().run_status()), "Idle");
+}
+
+#[test]
 fn a_dropped_config_brings_its_settings_and_dataset() {
     let dir = tempfile::tempdir().unwrap();
     let data = make_dataset(&dir.path().join("data"), 3);

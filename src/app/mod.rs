@@ -483,18 +483,29 @@ impl StudioApp {
     }
 
     fn notices_ui(&mut self, ui: &mut egui::Ui) {
-        egui::ScrollArea::vertical().stick_to_bottom(true).show(ui, |ui| {
-            if self.notices.is_empty() {
-                ui.weak(format!("lora-studio {LONG_VERSION}. Drop a folder of images on the window to begin."));
-            }
-            for notice in &self.notices {
-                let color = if notice.error { ui.visuals().error_fg_color } else { ui.visuals().text_color() };
-                ui.colored_label(color, &notice.text);
-                if let Some(hint) = &notice.hint {
-                    ui.label(format!("    fix: {hint}"));
+        egui::ScrollArea::vertical()
+            .stick_to_bottom(true)
+            .show(ui, |ui| {
+                if self.notices.is_empty() {
+                    let next_step = if self.dataset.view.is_some() {
+                        "Check the captions, then set up a run on the Train tab."
+                    } else {
+                        "Drop a folder of images on the window to begin."
+                    };
+                    ui.weak(format!("lora-studio {LONG_VERSION}. {next_step}"));
                 }
-            }
-        });
+                for notice in &self.notices {
+                    let color = if notice.error {
+                        ui.visuals().error_fg_color
+                    } else {
+                        ui.visuals().text_color()
+                    };
+                    ui.colored_label(color, &notice.text);
+                    if let Some(hint) = &notice.hint {
+                        ui.label(format!("    fix: {hint}"));
+                    }
+                }
+            });
     }
 }
 

@@ -102,7 +102,11 @@ impl StudioApp {
                             self.pick(&ctx, dialog, choice.result);
                         }
                     }
-                    ui.label(choice.path.display().to_string())
+                    if choice.path.as_os_str().is_empty() {
+                        ui.weak("not chosen")
+                    } else {
+                        ui.label(choice.path.display().to_string())
+                    }
                 });
             }
             row(
@@ -335,6 +339,20 @@ impl StudioApp {
 
     /// Validates the settings, saves pending caption edits, and starts (or resumes) a run.
     fn start_run(&mut self, resume: Option<std::path::PathBuf>) {
+        let t = &self.settings.train;
+        let missing = if t.train_data_dir.as_os_str().is_empty() {
+            Some("Open a dataset folder first (Dataset tab, or drop it on the window).")
+        } else if t.base_model.as_os_str().is_empty() {
+            Some(
+                "Choose a base model first: a Stable Diffusion file (File…) or diffusers folder (Folder…).",
+            )
+        } else {
+            None
+        };
+        if let Some(message) = missing {
+            self.notice(true, message.to_string(), None);
+            return;
+        }
         if let Err(e) = validate(&self.settings.train) {
             self.notice(true, e.to_string(), None);
             return;
