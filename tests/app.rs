@@ -162,28 +162,23 @@ fn starting_without_a_dataset_or_base_model_says_what_to_choose() {
     let mut harness = open_app(settings);
     harness.run_steps(2);
     harness.get_by_label("not chosen");
-    harness.get_by_label("Start training").click();
-    harness.run_steps(2);
-    let notices = harness.state().notices();
+    // Clicks Start on the Train view and returns the newest notice.
+    let start = |harness: &mut Harness<'_, StudioApp>| {
+        harness.state_mut().settings_mut().tab = Tab::Train;
+        harness.run_steps(2);
+        harness.get_by_label("Start training").click();
+        harness.run_steps(2);
+        harness.state().notices().pop().unwrap_or_default()
+    };
+    let notice = start(&mut harness);
     assert!(
-        notices
-            .last()
-            .is_some_and(|n| n.starts_with("Open a dataset folder first")),
-        "{notices:?}"
+        notice.starts_with("Open a dataset folder first"),
+        "{notice}"
     );
     drop_path(&mut harness, data);
     step_until(&mut harness, "the dataset", |app| app.dataset_len() == 2);
-    harness.state_mut().settings_mut().tab = Tab::Train;
-    harness.run_steps(2);
-    harness.get_by_label("Start training").click();
-    harness.run_steps(2);
-    let notices = harness.state().notices();
-    assert!(
-        notices
-            .last()
-            .is_some_and(|n| n.starts_with("Choose a base model first")),
-        "{notices:?}"
-    );
+    let notice = start(&mut harness);
+    assert!(notice.starts_with("Choose a base model first"), "{notice}");
     assert_eq!(format!("{:?}", harness.state().run_status()), "Idle");
 }
 
