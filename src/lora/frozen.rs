@@ -4,7 +4,8 @@
 //! `conv2d` against a base weight spends as much time on the weight's (discarded) gradient as on the input's.
 //! LoRA training never needs the base weight's gradient, so the base layers run through the custom ops here,
 //! whose backward returns the input gradient alone. Convolutions on the CPU run as one matrix product
-//! ([`super::im2col`]). This module must not hold adapters or know about models.
+//! ([`super::im2col`]); a product with only a few input rows reads the weight directly
+//! ([`super::few_rows`]). This module must not hold adapters or know about models.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -118,7 +119,10 @@ impl CustomOp1 for FrozenMatmul {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (weight, w_layout) = self.weight.storage_and_layout();
         match &*weight {
-            Storage::Cpu(w) => Self::forward(storage, layout, w, w_layout),
+            Storage::Cpu(w) => match super::few_rows::try_matmul(storage, layout, w, w_layout) {
+                Some(product) => Ok(product),
+                None => Self::forward(storage, layout, w, w_layout),
+            },
             _ => candle_core::bail!("frozen linear: the weight is not on the CPU"),
         }
     }

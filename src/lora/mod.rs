@@ -6,6 +6,7 @@
 
 mod adapter;
 mod export;
+mod few_rows;
 mod frozen;
 mod fused_lora;
 mod im2col;

@@ -8,6 +8,7 @@ use candle_core::{DType, IndexOp, Result, Tensor};
 use candle_nn::{Embedding, Linear, Module, VarBuilder};
 use serde::Deserialize;
 
+use crate::lora::frozen_linear;
 use crate::models::ModelError;
 use crate::models::clip::causal_mask;
 use crate::models::decoding::{Decoding, decode};
@@ -98,6 +99,16 @@ pub const DEFAULT_DECODING: Decoding = Decoding {
     repetition_penalty: 1.0,
 };
 
+/// `layer` over every row of `x` in one product; the few rows of a decoding step read the weight directly
+/// instead of repacking it.
+fn project(layer: &Linear, x: &Tensor) -> Result<Tensor> {
+    let y = frozen_linear(x, layer.weight())?;
+    match layer.bias() {
+        Some(bias) => y.broadcast_add(bias),
+        None => Ok(y),
+    }
+}
+
 /// Query/key/value projections and the output projection + residual layer norm of one BERT attention.
 #[derive(Debug, Clone)]
 struct BertAttention {
@@ -129,7 +140,7 @@ impl BertAttention {
     }
 
     fn keys_values(&self, source: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok((self.key.forward(source)?, self.value.forward(source)?))
+        Ok((project(&self.key, source)?, project(&self.value, source)?))
     }
 
     fn forward(
@@ -138,9 +149,9 @@ impl BertAttention {
         keys_values: &(Tensor, Tensor),
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let q = self.query.forward(x)?;
+        let q = project(&self.query, x)?;
         let context = attention(&q, &keys_values.0, &keys_values.1, self.heads, mask)?;
-        self.norm.forward(&(self.dense.forward(&context)? + x)?)
+        self.norm.forward(&(project(&self.dense, &context)? + x)?)
     }
 }
 
@@ -175,12 +186,53 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, image_kv: &(Tensor, Tensor), causal: &Tensor) -> Result<Tensor> {
-        let own_kv = self.self_attention.keys_values(x)?;
-        let x = self.self_attention.forward(x, &own_kv, Some(causal))?;
+    /// The layer's output for the tokens `x` and its self-attention keys/values over the whole sequence:
+    /// `past` holds those of the tokens before `x` (then `x` is one token and needs no mask), else `causal`
+    /// masks the future.
+    fn forward(
+        &self,
+        x: &Tensor,
+        image_kv: &(Tensor, Tensor),
+        past: Option<&(Tensor, Tensor)>,
+        causal: Option<&Tensor>,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        let (k, v) = self.self_attention.keys_values(x)?;
+        let own_kv = match past {
+            Some((past_k, past_v)) => (
+                Tensor::cat(&[past_k, &k], 1)?,
+                Tensor::cat(&[past_v, &v], 1)?,
+            ),
+            None => (k, v),
+        };
+        let x = self.self_attention.forward(x, &own_kv, causal)?;
         let x = self.cross_attention.forward(&x, image_kv, None)?;
-        let h = gelu(&self.intermediate.forward(&x)?)?;
-        self.output_norm.forward(&(self.output.forward(&h)? + x)?)
+        let h = gelu(&project(&self.intermediate, &x)?)?;
+        let out = self
+            .output_norm
+            .forward(&(project(&self.output, &h)? + x)?)?;
+        Ok((out, own_kv))
+    }
+}
+
+/// Each decoder layer's self-attention keys/values for the sequences of the last step, so that the next
+/// step, whose sequences each extend one of them by a token, computes only the new tokens.
+#[derive(Debug, Default)]
+struct SelfAttentionCache {
+    sequences: Vec<Vec<u32>>,
+    layers: Vec<(Tensor, Tensor)>,
+}
+
+impl SelfAttentionCache {
+    /// For each of `sequences`, the cached row it extends by one token; `None` when one extends none.
+    fn parents(&self, sequences: &[Vec<u32>]) -> Option<Vec<u32>> {
+        sequences
+            .iter()
+            .map(|sequence| {
+                let (_, prefix) = sequence.split_last()?;
+                let row = self.sequences.iter().position(|cached| cached == prefix)?;
+                Some(row as u32)
+            })
+            .collect()
     }
 }
 
@@ -239,27 +291,58 @@ impl TextDecoder {
     }
 
     /// Logits of the token after each of `sequences` (of equal length), `[sequences, vocabulary]`, given
-    /// each layer's image keys/values (with one row per sequence).
-    fn next_logits(&self, sequences: &[Vec<u32>], image_kv: &[(Tensor, Tensor)]) -> Result<Tensor> {
+    /// each layer's image keys/values (with one row per sequence). Sequences that extend those of the
+    /// last call by one token reuse `cache` and compute only that token.
+    fn next_logits(
+        &self,
+        sequences: &[Vec<u32>],
+        image_kv: &[(Tensor, Tensor)],
+        cache: &mut SelfAttentionCache,
+    ) -> Result<Tensor> {
         let device = self.position_embeddings.device();
         let tokens = sequences.first().map_or(0, Vec::len);
-        let ids = Tensor::new(sequences.concat(), device)?.reshape((sequences.len(), tokens))?;
+        let past: Option<Vec<(Tensor, Tensor)>> = match cache.parents(sequences) {
+            Some(parents) if tokens > 1 => {
+                let rows = Tensor::new(parents.as_slice(), device)?;
+                let select = |t: &Tensor| t.index_select(&rows, 0);
+                let past = cache
+                    .layers
+                    .iter()
+                    .map(|(k, v)| Ok((select(k)?, select(v)?)));
+                Some(past.collect::<Result<_>>()?)
+            }
+            _ => None,
+        };
+        let start = if past.is_some() { tokens - 1 } else { 0 };
+        let new_ids: Vec<u32> = sequences.iter().flat_map(|s| s[start..].to_vec()).collect();
+        let ids = Tensor::new(new_ids, device)?.reshape((sequences.len(), tokens - start))?;
         let h = self
             .word_embeddings
             .forward(&ids)?
-            .broadcast_add(&self.position_embeddings.i(0..tokens)?)?;
+            .broadcast_add(&self.position_embeddings.i(start..tokens)?)?;
         let mut h = self.embeddings_norm.forward(&h)?;
-        let causal = causal_mask(tokens, device)?;
-        for (layer, kv) in self.layers.iter().zip(image_kv) {
-            h = layer.forward(&h, kv, &causal)?;
+        let causal = match past {
+            Some(_) => None,
+            None => Some(causal_mask(tokens, device)?),
+        };
+        let mut layers_kv = Vec::with_capacity(self.layers.len());
+        for (i, (layer, kv)) in self.layers.iter().zip(image_kv).enumerate() {
+            let layer_past = past.as_ref().map(|p| &p[i]);
+            let (out, own_kv) = layer.forward(&h, kv, layer_past, causal.as_ref())?;
+            h = out;
+            layers_kv.push(own_kv);
         }
-        let last = h.i((.., tokens - 1..tokens, ..))?;
+        *cache = SelfAttentionCache {
+            sequences: sequences.to_vec(),
+            layers: layers_kv,
+        };
+        let new_tokens = tokens - start;
+        let last = h.i((.., new_tokens - 1..new_tokens, ..))?;
         let last = self
             .transform_norm
-            .forward(&gelu(&self.transform.forward(&last)?)?)?
+            .forward(&gelu(&project(&self.transform, &last)?)?)?
             .squeeze(1)?;
-        last.matmul(&self.vocab_weight.t()?)?
-            .broadcast_add(&self.vocab_bias)
+        frozen_linear(&last, &self.vocab_weight)?.broadcast_add(&self.vocab_bias)
     }
 }
 
@@ -309,6 +392,7 @@ impl BlipCaptioner {
             .collect::<Result<Vec<_>>>()?;
         // The same keys/values with a row for every sequence a step decodes.
         let mut rows_kv = image_kv.clone();
+        let mut cache = SelfAttentionCache::default();
         decode(
             &[text.bos_token_id],
             text.sep_token_id,
@@ -326,7 +410,7 @@ impl BlipCaptioner {
                         .collect::<Result<_>>()?;
                 }
                 self.decoder
-                    .next_logits(sequences, &rows_kv)?
+                    .next_logits(sequences, &rows_kv, &mut cache)?
                     .to_dtype(DType::F32)?
                     .to_vec2::<f32>()
             },
