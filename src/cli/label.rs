@@ -48,7 +48,7 @@ pub struct LabelArgs {
     /// BLIP: the fewest tokens in a caption.
     #[arg(long, default_value_t = 5)]
     pub min_tokens: usize,
-    /// BLIP: how many candidate captions beam search keeps (1 decodes greedily, a quarter faster).
+    /// BLIP: how many candidate captions beam search keeps (1 decodes greedily, about 15 % faster).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=16))]
     pub beams: u16,
     /// BLIP: above 1 discourages words the caption already has (1.2-1.5 against "a red red car").
