@@ -1,9 +1,13 @@
 //! Training configs: every preset loads, files in all three formats work, `--set` wins over the file, a
-//! saved config loads back unchanged, and mistakes are one sentence naming the key.
+//! saved config loads back unchanged, kohya sd-scripts / lora-scripts configs load with notes on what is
+//! set aside, and mistakes are one sentence naming the key.
 
 use std::path::{Path, PathBuf};
 
-use lora_studio::config::{ConfigError, LrScheduler, OptimizerKind, load_config, save_config};
+use lora_studio::config::{
+    ConfigError, LrScheduler, MixedPrecision, OptimizerKind, PredictionOverride, SavePrecision,
+    load_config, load_config_noting, save_config,
+};
 
 fn presets() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("presets");
@@ -153,4 +157,182 @@ fn mistakes_name_the_key() {
         message.contains("c.toml") && message.contains("is not valid TOML"),
         "{message}"
     );
+}
+
+/// lora-scripts' training config as it ships (sections, kohya names, settings for the Python stack).
+const LORA_SCRIPTS: &str = r#"
+[model_arguments]
+v2 = false
+v_parameterization = false
+pretrained_model_name_or_path = "./sd-models/model.safetensors"
+
+[dataset_arguments]
+train_data_dir = "./train/aki"
+reg_data_dir = ""
+prior_loss_weight = 1
+cache_latents = true
+shuffle_caption = true
+enable_bucket = true
+
+[additional_network_arguments]
+network_dim = 32
+network_alpha = 16
+network_train_unet_only = false
+network_train_text_encoder_only = false
+network_module = "networks.lora"
+network_args = []
+
+[optimizer_arguments]
+optimizer_type = "AdamW8bit"
+unet_lr = 1e-4
+text_encoder_lr = 1e-5
+lr_scheduler = "cosine_with_restarts"
+lr_warmup_steps = 0
+lr_restart_cycles = 1
+
+[training_arguments]
+train_batch_size = 1
+noise_offset = 0.0
+keep_tokens = 0
+min_bucket_reso = 256
+max_bucket_reso = 1024
+caption_extension = ".txt"
+max_token_length = 225
+seed = 1337
+xformers = true
+lowram = false
+max_train_epochs = 10
+resolution = "512,512"
+clip_skip = 2
+mixed_precision = "fp16"
+
+[sample_prompt_arguments]
+sample_every_n_epochs = 5
+sample_sampler = "euler_a"
+
+[saving_arguments]
+output_name = "aki"
+save_every_n_epochs = 2
+save_state = false
+save_model_as = "safetensors"
+output_dir = "./output"
+logging_dir = "./logs"
+log_prefix = ""
+save_precision = "fp16"
+
+[others]
+min_bucket_reso = 256
+seed = 1337
+"#;
+
+#[test]
+fn a_lora_scripts_config_loads_with_notes_on_what_is_set_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "lora-scripts.toml", LORA_SCRIPTS);
+    let loaded = load_config_noting(Some(&path), &[]).unwrap();
+    let c = &loaded.config;
+    assert_eq!(c.base_model, PathBuf::from("./sd-models/model.safetensors"));
+    assert_eq!(c.train_data_dir, PathBuf::from("./train/aki"));
+    assert_eq!((c.lora_rank, c.lora_alpha), (32, 16.0));
+    assert!(
+        c.train_text_encoder,
+        "network_train_unet_only = false trains it"
+    );
+    assert_eq!(c.optimizer, OptimizerKind::AdamW);
+    assert_eq!((c.unet_lr, c.text_encoder_lr), (Some(1e-4), Some(1e-5)));
+    assert_eq!(c.lr_scheduler, LrScheduler::CosineWithRestarts);
+    assert_eq!((c.lr_num_cycles, c.epochs, c.resolution), (1, 10, 512));
+    assert_eq!((c.seed, c.clip_skip, c.keep_tokens), (1337, 2, 0));
+    assert_eq!(c.mixed_precision, MixedPrecision::Fp16);
+    assert_eq!(c.save_precision, SavePrecision::Fp16);
+    assert_eq!((c.save_every_n_epochs, c.sample_every_n_epochs), (2, 0));
+    assert_eq!(c.output_name, "aki");
+    assert!(c.shuffle_caption && c.cache_latents && c.enable_bucket);
+    assert_eq!(c.prediction_type, None);
+    let notes = loaded.notes.join("\n");
+    for expected in [
+        "ignored (they tune the Python trainer): xformers, lowram, save_state",
+        "optimizer_type AdamW8bit runs as AdamW with full-precision state",
+        "sample_every_n_epochs = 5 renders nothing: sample_prompts is not set",
+        "max_token_length 225: captions are read up to CLIP's 75 tokens",
+        "logging_dir ./logs: TensorBoard logs go to OUTPUT_DIR/logs",
+    ] {
+        assert!(notes.contains(expected), "{expected}\nnot in:\n{notes}");
+    }
+}
+
+#[test]
+fn kohya_arguments_prompts_and_precisions_translate() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "prompts.txt",
+        "# previews\na neon street --n blurry --w 512 --h 512\n\nan old harbour at dusk\n",
+    );
+    let prompts = dir.path().join("prompts.txt").display().to_string();
+    let text = format!(
+        r#"{REQUIRED}network_module = "lycoris.kohya"
+network_args = ["conv_dim=4", "conv_alpha=1", "algo=locon"]
+optimizer_type = "Adafactor"
+optimizer_args = ["weight_decay=0.05", "betas=0.9,0.99", "relative_step=False"]
+v_parameterization = true
+save_precision = "float"
+sample_prompts = "{prompts}"
+sample_every_n_steps = 50
+min_snr_gamma = 0
+"#
+    );
+    let path = write(dir.path(), "k.toml", &text);
+    let loaded = load_config_noting(Some(&path), &[]).unwrap();
+    let c = &loaded.config;
+    assert!(c.conv_lora);
+    assert_eq!((c.conv_rank, c.conv_alpha), (4, 1.0));
+    assert_eq!(c.optimizer, OptimizerKind::Adafactor);
+    assert_eq!(
+        (c.weight_decay, c.adam_beta1, c.adam_beta2),
+        (0.05, 0.9, 0.99)
+    );
+    assert_eq!(c.prediction_type, Some(PredictionOverride::VPrediction));
+    assert_eq!(c.save_precision, SavePrecision::Fp32);
+    assert_eq!(
+        c.sample_prompts,
+        ["a neon street", "an old harbour at dusk"]
+    );
+    assert_eq!(c.min_snr_gamma, None);
+    assert_eq!(
+        loaded.notes,
+        ["ignored optimizer argument relative_step=False"]
+    );
+}
+
+#[test]
+fn kohya_settings_lora_studio_cannot_honour_are_one_sentence() {
+    for (setting, expected) in [
+        (
+            "optimizer_type = \"Prodigy\"",
+            "c.toml: setting `optimizer_type`: Prodigy is not available; lora-studio trains with AdamW or Adafactor",
+        ),
+        (
+            "reg_data_dir = \"reg\"",
+            "c.toml: setting `reg_data_dir`: regularisation images are not available; remove the setting",
+        ),
+        (
+            "resolution = \"768,512\"",
+            "c.toml: setting `resolution`: `768,512` is not square; lora-studio buckets images by the area of one square side, so give one number",
+        ),
+        (
+            "network_module = \"networks.oft\"",
+            "c.toml: setting `network_module`: networks.oft is not available; lora-studio trains LoRA, LoCon and DoRA",
+        ),
+        (
+            "[a]\nseed = 1\n[b]\nseed = 2",
+            "c.toml: setting `seed`: it is set twice, to 1 and to 2 (in [b])",
+        ),
+        (
+            "lr_warmup_steps = 0.1",
+            "c.toml: setting `lr_warmup_steps`: 0.1 is a fraction of the run; give a number of steps",
+        ),
+    ] {
+        assert_eq!(error(&format!("{REQUIRED}{setting}\n"), &[]), expected);
+    }
 }

@@ -276,6 +276,32 @@ fn resume_is_exact() {
 }
 
 #[test]
+fn checkpoints_follow_epochs_as_well_as_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = make_dataset(&dir.path().join("data"), 5);
+    let out = dir.path().join("out");
+    let config = TrainConfig {
+        max_train_steps: Some(12),
+        batch_size: 1,
+        save_every_n_epochs: 2,
+        save_steps: 3,
+        keep_last_checkpoints: 10,
+        ..tiny_config(&data, &out)
+    };
+    run(&config);
+    let mut steps: Vec<u64> = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            name.strip_prefix("checkpoint-")?.parse().ok()
+        })
+        .collect();
+    steps.sort();
+    // Five images, one a step: the second epoch ends at step 10; every third step; and the end.
+    assert_eq!(steps, [3, 6, 9, 10, 12]);
+}
+
+#[test]
 fn a_diverging_run_stops_and_keeps_a_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let data = make_dataset(&dir.path().join("data"), 3);

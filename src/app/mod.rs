@@ -26,7 +26,7 @@ pub use state::RunStatus;
 use state::{DatasetState, Notice, PreviewState, RunState};
 
 use crate::build_info::LONG_VERSION;
-use crate::config::{load_config, save_config};
+use crate::config::{LoadedConfig, load_config_noting, save_config};
 use crate::messages::{Event, Job};
 use crate::worker::WorkerHandle;
 
@@ -365,8 +365,8 @@ impl StudioApp {
             .unwrap_or("")
             .to_ascii_lowercase();
         if path.is_file() && CONFIG_EXTENSIONS.contains(&extension.as_str()) {
-            match load_config(Some(&path), &[]) {
-                Ok(config) => {
+            match load_config_noting(Some(&path), &[]) {
+                Ok(LoadedConfig { config, notes }) => {
                     let folder = config.train_data_dir.clone();
                     self.settings.train = config;
                     self.settings.tab = Tab::Train;
@@ -375,6 +375,9 @@ impl StudioApp {
                         format!("settings loaded from {}", path.display()),
                         None,
                     );
+                    for note in notes {
+                        self.notice(false, note, None);
+                    }
                     if folder.is_dir() {
                         self.open_dataset(folder);
                     }

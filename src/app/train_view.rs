@@ -233,6 +233,12 @@ impl StudioApp {
             );
             row(
                 ui,
+                "Save every N epochs",
+                "also a checkpoint at the end of every N epochs, to compare epochs afterwards (0: no)",
+                |ui| ui.add(egui::DragValue::new(&mut t.save_every_n_epochs).range(0..=1_000)),
+            );
+            row(
+                ui,
                 "Mixed precision",
                 "GPU compute precision; adapters always stay f32",
                 |ui| {

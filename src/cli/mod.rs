@@ -61,10 +61,24 @@ pub fn run() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", one_line(&error));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes as one line, leaving out a cause whose words the line already holds (most
+/// messages here quote their cause).
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = error.to_string();
+    for cause in error.chain().skip(1) {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 #[cfg(feature = "gui")]
@@ -117,4 +131,21 @@ pub(crate) fn parse_lora_spec(spec: &str) -> anyhow::Result<(PathBuf, f64)> {
         bail!("the LoRA file {} does not exist", path.display());
     }
     Ok((path, strength))
+}
+
+#[cfg(test)]
+mod tests {
+    use anyhow::Context;
+
+    use super::one_line;
+
+    #[test]
+    fn a_cause_the_message_already_quotes_is_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let quoted = anyhow::Error::new(io).context("cannot read a.safetensors: no such file");
+        assert_eq!(one_line(&quoted), "cannot read a.safetensors: no such file");
+        let unquoted: anyhow::Result<()> =
+            Err(anyhow::anyhow!("disk full")).context("saving step 3");
+        assert_eq!(one_line(&unquoted.unwrap_err()), "saving step 3: disk full");
+    }
 }

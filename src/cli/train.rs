@@ -8,7 +8,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::cancel_on_ctrl_c;
-use crate::config::load_config;
+use crate::config::{LoadedConfig, load_config_noting};
 use crate::train::{StepReport, TrainPlan, TrainReporter, TrainStop, latest_checkpoint, train};
 
 #[derive(Debug, Args)]
@@ -30,7 +30,11 @@ pub struct TrainArgs {
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    let config = load_config(args.config.as_deref(), &args.overrides)?;
+    let LoadedConfig { config, notes } =
+        load_config_noting(args.config.as_deref(), &args.overrides)?;
+    for note in notes {
+        eprintln!("note: {note}");
+    }
     let resume = match &args.resume {
         Some(path) if path == Path::new("latest") => {
             Some(latest_checkpoint(&config.output_dir).with_context(|| {

@@ -41,10 +41,11 @@ pub enum ConfigError {
     #[error("cannot write the config {}: {reason}", path.display())]
     Write { path: PathBuf, reason: String },
     /// A mistake in a setting that comes from the config file (not from `--set`).
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     InFile {
         path: PathBuf,
-        source: Box<ConfigError>,
+        // Not `source`: the message already holds it, and error chains would print it twice.
+        error: Box<ConfigError>,
     },
 }
 
@@ -73,12 +74,31 @@ const ALIASES: &[(&str, &str)] = &[
     ("checkpointing_steps", "save_steps"),
     ("save_total_limit", "keep_last_checkpoints"),
     ("lr_warmup", "lr_warmup_steps"),
+    ("lr_scheduler_num_cycles", "lr_num_cycles"),
+    ("lr_restart_cycles", "lr_num_cycles"),
+    ("epoch", "epochs"),
     ("instance_data_dir", "train_data_dir"),
     ("report_to", "log_with"),
 ];
 
+/// A config read from a file, with notes on the settings in it that were set aside.
+#[derive(Debug, Clone)]
+pub struct LoadedConfig {
+    pub config: TrainConfig,
+    /// One sentence per kohya setting that does not apply here (see [`super::kohya`]).
+    pub notes: Vec<String>,
+}
+
 /// Loads `path` (if any) and applies `overrides` (`key=value`), then validates the result.
 pub fn load_config(path: Option<&Path>, overrides: &[String]) -> Result<TrainConfig, ConfigError> {
+    load_config_noting(path, overrides).map(|loaded| loaded.config)
+}
+
+/// [`load_config`], keeping the notes on what was set aside.
+pub fn load_config_noting(
+    path: Option<&Path>,
+    overrides: &[String],
+) -> Result<LoadedConfig, ConfigError> {
     let Some(path) = path else {
         return config_from_table(Map::new(), overrides);
     };
@@ -96,7 +116,7 @@ pub fn load_config(path: Option<&Path>, overrides: &[String]) -> Result<TrainCon
         if error.key().is_some() && !overridden {
             ConfigError::InFile {
                 path: path.to_path_buf(),
-                source: Box::new(error),
+                error: Box::new(error),
             }
         } else {
             error
@@ -117,13 +137,14 @@ pub fn save_config(config: &TrainConfig, path: &Path) -> Result<(), ConfigError>
 
 /// Parses config text; `name` (a file name such as `cyberpunk.toml`) gives the format and appears in errors.
 pub fn config_from_text(text: &str, name: &Path) -> Result<TrainConfig, ConfigError> {
-    config_from_table(parse_table(text, name)?, &[])
+    config_from_table(parse_table(text, name)?, &[]).map(|loaded| loaded.config)
 }
 
 fn config_from_table(
     mut map: Map<String, Value>,
     overrides: &[String],
-) -> Result<TrainConfig, ConfigError> {
+) -> Result<LoadedConfig, ConfigError> {
+    let notes = super::kohya::translate(&mut map)?;
     canonicalise_aliases(&mut map)?;
     for text in overrides {
         let (key, value) = parse_override(text)?;
@@ -135,7 +156,7 @@ fn config_from_table(
     }
     let config = from_table(map)?;
     validate(&config)?;
-    Ok(config)
+    Ok(LoadedConfig { config, notes })
 }
 
 fn parse_table(text: &str, path: &Path) -> Result<Map<String, Value>, ConfigError> {
@@ -380,7 +401,7 @@ mod tests {
         let message = config_from_text(text, Path::new("ok.yaml"))
             .unwrap_err()
             .to_string();
-        assert!(message.contains("unknown setting `base`"), "{message}");
+        assert!(message.contains("unknown setting `x`"), "{message}");
     }
 
     #[test]

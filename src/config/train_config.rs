@@ -174,6 +174,8 @@ pub struct TrainConfig {
     pub output_name: String,
     /// Save a resumable checkpoint every this many steps (0: only at the end).
     pub save_steps: u64,
+    /// Also save one at the end of every this many epochs (0: no).
+    pub save_every_n_epochs: u32,
     /// How many checkpoints to keep.
     pub keep_last_checkpoints: u32,
     pub save_precision: SavePrecision,
@@ -184,6 +186,8 @@ pub struct TrainConfig {
     // ---- sample previews
     /// Render sample images every this many steps (0 disables).
     pub sample_every_n_steps: u64,
+    /// Also render them at the end of every this many epochs (0: no).
+    pub sample_every_n_epochs: u32,
     pub sample_prompts: Vec<String>,
     pub sample_negative_prompt: String,
     pub sample_seed: u64,
@@ -254,11 +258,13 @@ impl Default for TrainConfig {
             output_dir: PathBuf::from("output"),
             output_name: "lora".to_string(),
             save_steps: 0,
+            save_every_n_epochs: 0,
             keep_last_checkpoints: 3,
             save_precision: SavePrecision::Fp16,
             log_with: LogWith::Tensorboard,
             export_peft: false,
             sample_every_n_steps: 0,
+            sample_every_n_epochs: 0,
             sample_prompts: Vec::new(),
             sample_negative_prompt: String::new(),
             sample_seed: 1234,

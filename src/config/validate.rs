@@ -143,11 +143,11 @@ pub fn validate(config: &TrainConfig) -> Result<(), ConfigError> {
     if config.keep_last_checkpoints == 0 {
         return bad("keep_last_checkpoints", "must be at least 1");
     }
-    if config.sample_every_n_steps > 0 {
+    if config.sample_every_n_steps > 0 || config.sample_every_n_epochs > 0 {
         if config.sample_prompts.is_empty() {
             return bad(
                 "sample_prompts",
-                "must list at least one prompt when sample_every_n_steps is set",
+                "must list at least one prompt when sample_every_n_steps or sample_every_n_epochs is set",
             );
         }
         if config.sample_steps == 0 {

@@ -381,14 +381,17 @@ fn run_training(
             stop = TrainStop::NonFiniteLoss;
             break;
         }
-        if config.save_steps > 0
-            && state.step.is_multiple_of(config.save_steps)
-            && state.step < total_steps
-        {
+        let every = |steps: u64, epochs: u32| {
+            (steps > 0 && state.step.is_multiple_of(steps))
+                || (epochs > 0
+                    && state
+                        .step
+                        .is_multiple_of(u64::from(epochs) * steps_per_epoch))
+        };
+        if every(config.save_steps, config.save_every_n_epochs) && state.step < total_steps {
             last_checkpoint = Some(save(&run, &network, &optimizer, &state, reporter)?);
         }
-        if config.sample_every_n_steps > 0 && state.step.is_multiple_of(config.sample_every_n_steps)
-        {
+        if every(config.sample_every_n_steps, config.sample_every_n_epochs) {
             render_samples(
                 model,
                 &network,
