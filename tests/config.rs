@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use lora_studio::config::{
-    ConfigError, LrScheduler, MixedPrecision, OptimizerKind, PredictionOverride, SavePrecision,
-    load_config, load_config_noting, save_config,
+    AlphaMode, ConfigError, LrScheduler, MixedPrecision, OptimizerKind, PredictionOverride,
+    SavePrecision, load_config, load_config_noting, save_config,
 };
 
 fn presets() -> Vec<PathBuf> {
@@ -205,6 +205,8 @@ max_train_epochs = 10
 resolution = "512,512"
 clip_skip = 2
 mixed_precision = "fp16"
+enable_contrastive = false
+contrastive_weight = 0.05
 
 [sample_prompt_arguments]
 sample_every_n_epochs = 5
@@ -213,6 +215,8 @@ sample_sampler = "euler_a"
 [saving_arguments]
 output_name = "aki"
 save_every_n_epochs = 2
+save_n_epoch_ratio = 0
+save_last_n_epochs = 5
 save_state = false
 save_model_as = "safetensors"
 output_dir = "./output"
@@ -247,6 +251,7 @@ fn a_lora_scripts_config_loads_with_notes_on_what_is_set_aside() {
     assert_eq!(c.save_precision, SavePrecision::Fp16);
     assert_eq!((c.save_every_n_epochs, c.sample_every_n_epochs), (2, 0));
     assert_eq!(c.output_name, "aki");
+    assert_eq!(c.keep_last_checkpoints, 5);
     assert!(c.shuffle_caption && c.cache_latents && c.enable_bucket);
     assert_eq!(c.prediction_type, None);
     let notes = loaded.notes.join("\n");
@@ -277,6 +282,10 @@ optimizer_type = "Adafactor"
 optimizer_args = ["weight_decay=0.05", "betas=0.9,0.99", "relative_step=False"]
 v_parameterization = true
 save_precision = "float"
+alpha_mask = true
+loss_type = "l2"
+max_timestep = 1000.0
+resume = ""
 sample_prompts = "{prompts}"
 sample_every_n_steps = 50
 min_snr_gamma = 0
@@ -299,6 +308,7 @@ min_snr_gamma = 0
         ["a neon street", "an old harbour at dusk"]
     );
     assert_eq!(c.min_snr_gamma, None);
+    assert!(c.masked_loss && c.alpha_mode == AlphaMode::Mask);
     assert_eq!(
         loaded.notes,
         ["ignored optimizer argument relative_step=False"]
@@ -327,6 +337,14 @@ fn kohya_settings_lora_studio_cannot_honour_are_one_sentence() {
         (
             "[a]\nseed = 1\n[b]\nseed = 2",
             "c.toml: setting `seed`: it is set twice, to 1 and to 2 (in [b])",
+        ),
+        (
+            "min_timestep = 100",
+            "c.toml: setting `min_timestep`: 100 changes training in a way lora-studio does not offer; remove it",
+        ),
+        (
+            "loss_type = \"huber\"",
+            "c.toml: setting `loss_type`: \"huber\" changes training in a way lora-studio does not offer; remove it",
         ),
         (
             "lr_warmup_steps = 0.1",

@@ -45,6 +45,34 @@ const SILENT: &[&str] = &[
     "metadata_license",
     "metadata_tags",
     "prior_loss_weight",
+    "multires_noise_discount",
+    "huber_c",
+    "huber_schedule",
+    "token_warmup_min",
+];
+
+/// sd-scripts training options lora-studio does not have, with the value that leaves them off: dropped at
+/// that value, one sentence at any other.
+const UNLESS_OFF: &[(&str, &str)] = &[
+    ("min_timestep", "0"),
+    ("max_timestep", "1000"),
+    ("multires_noise_iterations", "0"),
+    ("ip_noise_gamma", "0"),
+    ("adaptive_noise_scale", "0"),
+    ("noise_offset_random_strength", "false"),
+    ("ip_noise_gamma_random_strength", "false"),
+    ("loss_type", "\"l2\""),
+    ("zero_terminal_snr", "false"),
+    ("debiased_estimation_loss", "false"),
+    ("scale_v_pred_loss_like_noise_pred", "false"),
+    ("v_pred_like_loss", "0"),
+    ("weighted_captions", "false"),
+    ("caption_tag_dropout_rate", "0"),
+    ("token_warmup_step", "0"),
+    ("stop_text_encoder_training", "0"),
+    ("scale_weight_norms", "0"),
+    ("rank_dropout", "0"),
+    ("module_dropout", "0"),
 ];
 
 /// Translates the kohya settings of `map` (a config file's table) in place; returns notes on what was set
@@ -67,6 +95,28 @@ pub(crate) fn translate(map: &mut Map<String, Value>) -> Result<Vec<String>, Con
     }
     for key in SILENT {
         map.remove(*key);
+    }
+    for (key, off) in UNLESS_OFF {
+        if let Some(value) = map.remove(*key)
+            && !is_off(&value, off)
+        {
+            return Err(bad(
+                key,
+                format!("{value} changes training in a way lora-studio does not offer; remove it"),
+            ));
+        }
+    }
+    if map.remove("resume").is_some() {
+        return Err(bad(
+            "resume",
+            "kohya's saved state is not read; resume a lora-studio checkpoint with \
+             --resume_from_checkpoint"
+                .into(),
+        ));
+    }
+    if map.remove("alpha_mask") == Some(Value::Bool(true)) {
+        map.insert("alpha_mode".into(), "mask".into());
+        map.insert("masked_loss".into(), true.into());
     }
     if let Some(value) = map.remove("optimizer_type") {
         optimizer(&text("optimizer_type", &value)?, map, &mut notes)?;
@@ -98,6 +148,7 @@ pub(crate) fn translate(map: &mut Map<String, Value>) -> Result<Vec<String>, Con
         map.insert("prediction_type".into(), "v_prediction".into());
     }
     network(map, &mut notes)?;
+    contrastive(map)?;
     saving(map, &mut notes)?;
     dataset(map, &mut notes)?;
     if map.get("min_snr_gamma").and_then(Value::as_f64) == Some(0.0) {
@@ -112,6 +163,16 @@ pub(crate) fn translate(map: &mut Map<String, Value>) -> Result<Vec<String>, Con
         ));
     }
     Ok(notes)
+}
+
+/// Whether `value` is unset or equal to `off` (a JSON text; numbers compare by value).
+fn is_off(value: &Value, off: &str) -> bool {
+    let off: Value = serde_json::from_str(off).unwrap_or(Value::Null);
+    value.is_null()
+        || *value == off
+        || value
+            .as_f64()
+            .is_some_and(|number| Some(number) == off.as_f64())
 }
 
 /// sd-scripts reads a table's sections (`[training_arguments]`, ...) as if their settings were at the top.
@@ -314,6 +375,22 @@ fn network(map: &mut Map<String, Value>, notes: &mut Vec<String>) -> Result<(), 
 
 /// Output settings: the file format, precision names, log folder and preview options.
 fn saving(map: &mut Map<String, Value>, notes: &mut Vec<String>) -> Result<(), ConfigError> {
+    // kohya keeps the last N epoch (or step) checkpoints; lora-studio the last N of either.
+    for key in ["save_last_n_epochs", "save_last_n_steps"] {
+        if let Some(value) = map.remove(key)
+            && !map.contains_key("keep_last_checkpoints")
+            && value.as_u64().is_some_and(|n| n > 0)
+        {
+            map.insert("keep_last_checkpoints".into(), value);
+        }
+    }
+    if let Some(value) = map.remove("save_n_epoch_ratio")
+        && value.as_f64() != Some(0.0)
+    {
+        notes.push(format!(
+            "ignored save_n_epoch_ratio = {value} (save_every_n_epochs sets the epochs)"
+        ));
+    }
     if let Some(value) = map.remove("save_model_as") {
         let format = text("save_model_as", &value)?;
         if format != "safetensors" {
@@ -366,6 +443,25 @@ fn saving(map: &mut Map<String, Value>, notes: &mut Vec<String>) -> Result<(), C
             .map(|line| Value::String(line.to_string()))
             .collect();
         map.insert("sample_prompts".into(), Value::Array(prompts));
+    }
+    Ok(())
+}
+
+/// lora-scripts' contrastive-loss extension: its settings only act when it is enabled.
+fn contrastive(map: &mut Map<String, Value>) -> Result<(), ConfigError> {
+    if map.remove("enable_contrastive") == Some(Value::Bool(true)) {
+        return Err(bad(
+            "enable_contrastive",
+            "lora-scripts' contrastive loss is not available; set it to false".into(),
+        ));
+    }
+    for key in [
+        "negative_sampling_method",
+        "noise_strength",
+        "contrastive_weight",
+        "contrastive_warmup_steps",
+    ] {
+        map.remove(key);
     }
     Ok(())
 }
