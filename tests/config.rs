@@ -257,7 +257,7 @@ fn a_lora_scripts_config_loads_with_notes_on_what_is_set_aside() {
     let notes = loaded.notes.join("\n");
     for expected in [
         "ignored (they tune the Python trainer): xformers, lowram, save_state",
-        "optimizer_type AdamW8bit runs as AdamW with full-precision state",
+        "optimizer AdamW8bit runs as AdamW with full-precision state",
         "sample_every_n_epochs = 5 renders nothing: sample_prompts is not set",
         "max_token_length 225: captions are read up to CLIP's 75 tokens",
         "logging_dir ./logs: TensorBoard logs go to OUTPUT_DIR/logs",
@@ -327,8 +327,8 @@ fn kohya_settings_lora_studio_cannot_honour_are_one_sentence() {
             "c.toml: setting `reg_data_dir`: regularisation images are not available; remove the setting",
         ),
         (
-            "resolution = \"768,512\"",
-            "c.toml: setting `resolution`: `768,512` is not square; lora-studio buckets images by the area of one square side, so give one number",
+            "resolution = \"768x512\"",
+            "c.toml: setting `resolution`: `768x512` is not a size such as 512 or \"512,512\"",
         ),
         (
             "network_module = \"networks.oft\"",
@@ -353,4 +353,68 @@ fn kohya_settings_lora_studio_cannot_honour_are_one_sentence() {
     ] {
         assert_eq!(error(&format!("{REQUIRED}{setting}\n"), &[]), expected);
     }
+}
+
+#[test]
+fn a_kohya_ss_json_with_numbers_as_text_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = r#"{
+        "LoRA_type": "Kohya LoCon", "conv_dim": 8, "conv_alpha": 4, "conv_dims": "",
+        "pretrained_model_name_or_path": "model.safetensors", "train_data_dir": "data",
+        "reg_data_dir": "", "output_dir": "out", "output_name": "style", "logging_dir": "",
+        "learning_rate": "0.0001", "unet_lr": "0.0001", "text_encoder_lr": "5e-05",
+        "lr_scheduler": "constant", "lr_scheduler_num_cycles": "", "lr_scheduler_power": "",
+        "lr_warmup": "0", "optimizer": "AdamW8bit", "optimizer_args": "",
+        "max_resolution": "512,650", "enable_bucket": true, "bucket_reso_steps": 64.0,
+        "bucket_no_upscale": true, "epoch": 4, "max_train_epochs": "", "max_train_steps": "",
+        "train_batch_size": 2, "gradient_accumulation_steps": 1.0, "seed": "1234",
+        "keep_tokens": "0", "noise_offset": "0.05", "min_snr_gamma": 0, "clip_skip": 2,
+        "max_token_length": "75", "mixed_precision": "bf16", "save_precision": "bf16",
+        "save_every_n_epochs": 1, "network_dim": 64, "network_alpha": 32,
+        "stop_text_encoder_training": 0, "caption_dropout_every_n_epochs": 0.0,
+        "xformers": "xformers", "mem_eff_attn": false, "full_fp16": false,
+        "max_data_loader_n_workers": "1", "num_cpu_threads_per_process": 2,
+        "v2": false, "v_parameterization": false, "sdxl": false, "block_dims": "",
+        "down_lr_weight": "", "training_comment": "", "model_list": "custom", "vae": ""
+    }"#;
+    let path = write(dir.path(), "kohya_ss.json", text);
+    let loaded = load_config_noting(Some(&path), &[]).unwrap();
+    let c = &loaded.config;
+    assert!(c.conv_lora);
+    assert_eq!((c.conv_rank, c.conv_alpha), (8, 4.0));
+    assert_eq!((c.lora_rank, c.lora_alpha), (64, 32.0));
+    assert_eq!(c.learning_rate, 1e-4);
+    assert_eq!((c.unet_lr, c.text_encoder_lr), (Some(1e-4), Some(5e-5)));
+    assert_eq!(c.optimizer, OptimizerKind::AdamW);
+    assert_eq!((c.resolution, c.bucket_reso_steps), (576, 64));
+    assert_eq!(
+        (c.epochs, c.batch_size, c.gradient_accumulation_steps),
+        (4, 2, 1)
+    );
+    assert_eq!((c.seed, c.keep_tokens, c.noise_offset), (1234, 0, 0.05));
+    assert_eq!(c.max_train_steps, None);
+    assert_eq!(c.mixed_precision, MixedPrecision::Bf16);
+    let notes = loaded.notes.join("\n");
+    assert!(
+        notes
+            .contains("max_resolution 512,650: trained on buckets of about the same area, 576x576"),
+        "{notes}"
+    );
+    assert!(
+        !notes.contains("max_token_length"),
+        "75 is CLIP's own: {notes}"
+    );
+    // What kohya_ss offers and lora-studio does not is named.
+    let lokr = write(
+        dir.path(),
+        "lokr.json",
+        &text.replace("Kohya LoCon", "LyCORIS/LoKr"),
+    );
+    let message = load_config(Some(&lokr), &[]).unwrap_err().to_string();
+    assert!(
+        message.ends_with(
+            "lokr.json: setting `LoRA_type`: LyCORIS/LoKr is not available; lora-studio trains LoRA (Standard) and LoCon"
+        ),
+        "{message}"
+    );
 }

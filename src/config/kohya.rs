@@ -1,11 +1,13 @@
-//! Configs written for kohya sd-scripts (`--config_file`) and the GUIs built on it (lora-scripts, kohya_ss):
-//! their sections are flattened as sd-scripts does, their names and values are translated to ours, the
-//! settings that only tune the Python trainer (xformers, data-loader workers, ...) are set aside with a note,
-//! and what lora-studio cannot do (another optimizer, regularisation images) is one sentence naming the key.
+//! Configs written for kohya sd-scripts (`--config_file`) and the GUIs built on it (lora-scripts' TOML,
+//! kohya_ss's saved JSON): their sections are flattened as sd-scripts does, their names and values are
+//! translated to ours (numbers written as text included), the settings that only tune the Python trainer
+//! (xformers, data-loader workers, ...) are set aside with a note, and what lora-studio cannot do (another
+//! optimizer, regularisation images) is one sentence naming the key.
 
 use serde_json::{Map, Value};
 
-use super::load::ConfigError;
+use super::load::{ALIASES, ConfigError};
+use super::train_config::TrainConfig;
 
 /// Settings that tune the Python stack or its logging and mean nothing here.
 const PYTHON_ONLY: &[&str] = &[
@@ -29,6 +31,11 @@ const PYTHON_ONLY: &[&str] = &[
     "console_log_level",
     "console_log_simple",
     "debug_dataset",
+    "num_cpu_threads_per_process",
+    "no_token_padding",
+    "sdxl_cache_text_encoder_outputs",
+    "sdxl_no_half_vae",
+    "save_last_n_steps_state",
 ];
 
 /// Settings dropped without a note: labels, or settings that only act together with something absent.
@@ -49,6 +56,10 @@ const SILENT: &[&str] = &[
     "huber_c",
     "huber_schedule",
     "token_warmup_min",
+    "model_list",
+    "use_wandb",
+    "dim_from_weights",
+    "train_on_input",
 ];
 
 /// sd-scripts training options lora-studio does not have, with the value that leaves them off: dropped at
@@ -73,6 +84,43 @@ const UNLESS_OFF: &[(&str, &str)] = &[
     ("scale_weight_norms", "0"),
     ("rank_dropout", "0"),
     ("module_dropout", "0"),
+    ("sdxl", "false"),
+    ("noise_offset_type", "\"Original\""),
+    ("lr_warmup", "0"),
+    // kohya_ss's per-block weights and extra command-line text (empty ones are dropped before).
+    ("block_dims", "\"\""),
+    ("block_alphas", "\"\""),
+    ("conv_block_dims", "\"\""),
+    ("conv_block_alphas", "\"\""),
+    ("down_lr_weight", "\"\""),
+    ("mid_lr_weight", "\"\""),
+    ("up_lr_weight", "\"\""),
+    ("block_lr_zero_threshold", "\"\""),
+    ("lr_scheduler_args", "\"\""),
+    ("additional_parameters", "\"\""),
+    ("vae", "\"\""),
+    ("lora_network_weights", "\"\""),
+];
+
+/// Optional number settings (their default is unset, so the default config does not say they are
+/// numbers), and kohya numbers read here before they are dropped.
+const NUMBER_KEYS: &[&str] = &[
+    "unet_lr",
+    "text_encoder_lr",
+    "min_snr_gamma",
+    "max_train_steps",
+    "sample_size",
+    "max_token_length",
+    "lr_scheduler_power",
+    "lr_warmup",
+    "stop_text_encoder_training",
+    "caption_dropout_every_n_epochs",
+    "save_last_n_epochs",
+    "save_last_n_steps",
+    "save_n_epoch_ratio",
+    "conv_dim",
+    "max_timestep",
+    "min_timestep",
 ];
 
 /// Translates the kohya settings of `map` (a config file's table) in place; returns notes on what was set
@@ -81,7 +129,15 @@ pub(crate) fn translate(map: &mut Map<String, Value>) -> Result<Vec<String>, Con
     flatten_sections(map)?;
     // The GUIs write "" for a setting left empty.
     map.retain(|_, value| value.as_str() != Some(""));
+    numbers_from_text(map);
     let mut notes = Vec::new();
+    lora_type(map)?;
+    for key in ["max_resolution", "resolution"] {
+        if let Some(Value::String(size)) = map.get(key).cloned() {
+            map.remove(key);
+            map.insert("resolution".into(), resolution(key, &size, &mut notes)?);
+        }
+    }
     let ignored: Vec<&str> = PYTHON_ONLY
         .iter()
         .copied()
@@ -121,6 +177,12 @@ pub(crate) fn translate(map: &mut Map<String, Value>) -> Result<Vec<String>, Con
     if let Some(value) = map.remove("optimizer_type") {
         optimizer(&text("optimizer_type", &value)?, map, &mut notes)?;
     }
+    // kohya_ss calls it `optimizer`, as lora-studio does, with kohya's names.
+    if let Some(Value::String(name)) = map.get("optimizer").cloned()
+        && !matches!(name.as_str(), "adamw" | "adafactor")
+    {
+        optimizer(&name, map, &mut notes)?;
+    }
     if map.remove("use_8bit_adam") == Some(Value::Bool(true)) {
         optimizer("AdamW8bit", map, &mut notes)?;
     }
@@ -136,11 +198,6 @@ pub(crate) fn translate(map: &mut Map<String, Value>) -> Result<Vec<String>, Con
         notes.push(format!(
             "ignored lr_scheduler_power = {value} (polynomial schedules run linear)"
         ));
-    }
-    if let Some(value) = map.get("resolution").cloned()
-        && let Value::String(text) = &value
-    {
-        map.insert("resolution".into(), resolution(text)?);
     }
     if let Some(value) = map.remove("v_parameterization")
         && value == Value::Bool(true)
@@ -163,6 +220,74 @@ pub(crate) fn translate(map: &mut Map<String, Value>) -> Result<Vec<String>, Con
         ));
     }
     Ok(notes)
+}
+
+/// kohya_ss writes numbers as text ("0.0001", "1234") and counts as decimals (64.0): turned into the
+/// numbers our settings take.
+fn numbers_from_text(map: &mut Map<String, Value>) {
+    let defaults = match serde_json::to_value(TrainConfig::default()) {
+        Ok(Value::Object(defaults)) => defaults,
+        _ => Map::new(),
+    };
+    let ours = |key: &str| {
+        ALIASES
+            .iter()
+            .find(|(alias, _)| *alias == key)
+            .map_or(key, |(_, canonical)| canonical)
+            .to_string()
+    };
+    for (key, value) in map.iter_mut() {
+        let default = defaults.get(&ours(key));
+        let numeric = default.is_some_and(Value::is_number) || NUMBER_KEYS.contains(&key.as_str());
+        if !numeric {
+            continue;
+        }
+        if let Value::String(text) = value {
+            let text = text.trim();
+            if let Ok(whole) = text.parse::<u64>() {
+                *value = whole.into();
+            } else if let Ok(number) = text.parse::<f64>()
+                && number.is_finite()
+            {
+                *value = number.into();
+            }
+        }
+        let integral = default.is_some_and(|d| d.is_u64() || d.is_i64());
+        if integral
+            && let Some(number) = value.as_f64()
+            && number.fract() == 0.0
+            && number >= 0.0
+        {
+            *value = (number as u64).into();
+        }
+    }
+}
+
+/// kohya_ss's `LoRA_type`: Standard is LoRA; the LoCon types add convolutions with `conv_dim`/`conv_alpha`.
+fn lora_type(map: &mut Map<String, Value>) -> Result<(), ConfigError> {
+    let Some(value) = map.remove("LoRA_type") else {
+        return Ok(());
+    };
+    let kind = text("LoRA_type", &value)?;
+    let conv_dim = map.remove("conv_dim");
+    match kind.as_str() {
+        "Standard" => {
+            map.remove("conv_alpha");
+        }
+        "Kohya LoCon" | "LyCORIS/LoCon" => {
+            map.insert("conv_lora".into(), true.into());
+            if let Some(dim) = conv_dim {
+                map.insert("conv_rank".into(), dim);
+            }
+        }
+        other => {
+            return Err(bad(
+                "LoRA_type",
+                format!("{other} is not available; lora-studio trains LoRA (Standard) and LoCon"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Whether `value` is unset or equal to `off` (a JSON text; numbers compare by value).
@@ -213,7 +338,7 @@ fn optimizer(
         "adamw" | "adamw32bit" | "pagedadamw" | "pagedadamw32bit" | "torch.optim.adamw" => "adamw",
         "adamw8bit" | "pagedadamw8bit" | "bnb.optim.adamw8bit" => {
             notes.push(format!(
-                "optimizer_type {name} runs as AdamW with full-precision state (8-bit state is not \
+                "optimizer {name} runs as AdamW with full-precision state (8-bit state is not \
                  implemented)"
             ));
             "adamw"
@@ -289,22 +414,23 @@ fn lr_scheduler(
     Ok(())
 }
 
-/// `"512,512"` or `"512"`: the side of the square training area.
-fn resolution(text: &str) -> Result<Value, ConfigError> {
+/// `"512,512"` or `"512"`: the side of the square training area. A width and height that differ give
+/// the side of a square of about their area (buckets keep each image's aspect either way).
+fn resolution(key: &str, text: &str, notes: &mut Vec<String>) -> Result<Value, ConfigError> {
     let sides: Vec<&str> = text.split(',').map(str::trim).collect();
     let parsed: Option<Vec<u64>> = sides.iter().map(|s| s.parse().ok()).collect();
     match parsed.as_deref() {
         Some([side]) => Ok((*side).into()),
         Some([width, height]) if width == height => Ok((*width).into()),
-        Some([_, _]) => Err(bad(
-            "resolution",
-            format!(
-                "`{text}` is not square; lora-studio buckets images by the area of one square \
-                 side, so give one number"
-            ),
-        )),
+        Some([width, height]) => {
+            let side = (((width * height) as f64).sqrt() / 64.0).round().max(1.0) as u64 * 64;
+            notes.push(format!(
+                "{key} {text}: trained on buckets of about the same area, {side}x{side}"
+            ));
+            Ok(side.into())
+        }
         _ => Err(bad(
-            "resolution",
+            key,
             format!("`{text}` is not a size such as 512 or \"512,512\""),
         )),
     }

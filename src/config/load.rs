@@ -62,7 +62,7 @@ impl ConfigError {
 }
 
 /// kohya sd-scripts and diffusers names accepted for our keys.
-const ALIASES: &[(&str, &str)] = &[
+pub(super) const ALIASES: &[(&str, &str)] = &[
     ("pretrained_model_name_or_path", "base_model"),
     ("network_dim", "lora_rank"),
     ("rank", "lora_rank"),
@@ -73,7 +73,6 @@ const ALIASES: &[(&str, &str)] = &[
     ("save_every_n_steps", "save_steps"),
     ("checkpointing_steps", "save_steps"),
     ("save_total_limit", "keep_last_checkpoints"),
-    ("lr_warmup", "lr_warmup_steps"),
     ("lr_scheduler_num_cycles", "lr_num_cycles"),
     ("lr_restart_cycles", "lr_num_cycles"),
     ("epoch", "epochs"),
