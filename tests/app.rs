@@ -183,6 +183,29 @@ fn starting_without_a_dataset_or_base_model_says_what_to_choose() {
 }
 
 #[test]
+fn a_dropped_kohya_config_shows_what_was_set_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = make_dataset(&dir.path().join("data"), 2);
+    let file = dir.path().join("kohya.toml");
+    let text = format!(
+        "[model_arguments]\npretrained_model_name_or_path = \"{}\"\n[dataset_arguments]\n\
+         train_data_dir = \"{}\"\n[training_arguments]\nxformers = true\nnetwork_dim = 8\n",
+        common::fixture("sd1").display(),
+        data.display()
+    );
+    std::fs::write(&file, text).unwrap();
+    let mut harness = open_app(AppSettings::default());
+    drop_path(&mut harness, file);
+    step_until(&mut harness, "the dataset", |app| app.dataset_len() == 2);
+    assert_eq!(harness.state().settings().train.lora_rank, 8);
+    let notices = harness.state().notices();
+    assert!(
+        notices.contains(&"ignored (they tune the Python trainer): xformers".to_string()),
+        "{notices:?}"
+    );
+}
+
+#[test]
 fn a_dropped_config_brings_its_settings_and_dataset() {
     let dir = tempfile::tempdir().unwrap();
     let data = make_dataset(&dir.path().join("data"), 3);
