@@ -423,7 +423,8 @@ fn resolution(key: &str, text: &str, notes: &mut Vec<String>) -> Result<Value, C
         Some([side]) => Ok((*side).into()),
         Some([width, height]) if width == height => Ok((*width).into()),
         Some([width, height]) => {
-            let side = (((width * height) as f64).sqrt() / 64.0).round().max(1.0) as u64 * 64;
+            let area = *width as f64 * *height as f64;
+            let side = (area.sqrt() / 64.0).round().max(1.0) as u64 * 64;
             notes.push(format!(
                 "{key} {text}: trained on buckets of about the same area, {side}x{side}"
             ));
