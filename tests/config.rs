@@ -418,3 +418,41 @@ fn a_kohya_ss_json_with_numbers_as_text_loads() {
         "{message}"
     );
 }
+
+#[test]
+fn a_kohya_dataset_config_with_one_folder_becomes_its_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let dataset = write(
+        dir.path(),
+        "dataset.toml",
+        "[general]\nshuffle_caption = true\ncaption_extension = '.caption'\nkeep_tokens = 2\n\n\
+         [[datasets]]\nresolution = [640, 640]\nbatch_size = 4\nkeep_tokens = 1\n\n  \
+         [[datasets.subsets]]\n  image_dir = 'images/style'\n  num_repeats = 10\n  \
+         class_tokens = 'sks style'\n",
+    );
+    let config = format!(
+        "pretrained_model_name_or_path = \"model.safetensors\"\ndataset_config = \"{}\"\n",
+        dataset.display()
+    );
+    let path = write(dir.path(), "train.toml", &config);
+    let c = load_config(Some(&path), &[]).unwrap();
+    assert_eq!(c.train_data_dir, PathBuf::from("images/style"));
+    assert_eq!((c.repeats, c.batch_size, c.resolution), (10, 4, 640));
+    assert_eq!(c.instance_prompt.as_deref(), Some("sks style"));
+    assert_eq!(c.caption_extension, ".caption");
+    assert_eq!(c.keep_tokens, 1, "the dataset's value wins over [general]");
+    assert!(c.shuffle_caption);
+
+    let two = format!(
+        "{}\n  [[datasets.subsets]]\n  image_dir = 'images/other'\n",
+        std::fs::read_to_string(&dataset).unwrap()
+    );
+    std::fs::write(&dataset, two).unwrap();
+    let message = load_config(Some(&path), &[]).unwrap_err().to_string();
+    assert!(
+        message.contains("setting `dataset_config`: ")
+            && message
+                .contains("dataset.toml describes 2 image folders; lora-studio trains on one"),
+        "{message}"
+    );
+}

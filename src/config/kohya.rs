@@ -127,12 +127,18 @@ const NUMBER_KEYS: &[&str] = &[
 /// aside.
 pub(crate) fn translate(map: &mut Map<String, Value>) -> Result<Vec<String>, ConfigError> {
     flatten_sections(map)?;
+    super::kohya_dataset::expand(map)?;
     // The GUIs write "" for a setting left empty.
     map.retain(|_, value| value.as_str() != Some(""));
     numbers_from_text(map);
     let mut notes = Vec::new();
     lora_type(map)?;
     for key in ["max_resolution", "resolution"] {
+        // A dataset config may give `[width, height]`.
+        if let Some(Value::Array(sides)) = map.get(key) {
+            let sides: Vec<String> = sides.iter().map(Value::to_string).collect();
+            map.insert(key.into(), sides.join(",").into());
+        }
         if let Some(Value::String(size)) = map.get(key).cloned() {
             map.remove(key);
             map.insert("resolution".into(), resolution(key, &size, &mut notes)?);
@@ -595,14 +601,6 @@ fn contrastive(map: &mut Map<String, Value>) -> Result<(), ConfigError> {
 
 /// Dataset settings kohya has and lora-studio reads differently or not at all.
 fn dataset(map: &mut Map<String, Value>, notes: &mut Vec<String>) -> Result<(), ConfigError> {
-    if map.remove("dataset_config").is_some() {
-        return Err(bad(
-            "dataset_config",
-            "a kohya dataset TOML is not read; set train_data_dir to the image folder (its \
-             `N_name` subfolders give repeats)"
-                .into(),
-        ));
-    }
     if map.remove("reg_data_dir").is_some() {
         return Err(bad(
             "reg_data_dir",

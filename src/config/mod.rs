@@ -3,6 +3,7 @@
 
 mod device_choice;
 mod kohya;
+mod kohya_dataset;
 mod load;
 mod train_config;
 mod validate;
