@@ -81,8 +81,14 @@ def main():
     parser.add_argument("--beams", type=int, default=3)
     parser.add_argument("--binary", default="target/release/lora-studio")
     args = parser.parse_args()
+    # The real-size models take 3.3 GB; the folder goes when the run ends.
+    with tempfile.TemporaryDirectory(prefix="captioning-bench-") as scratch:
+        print(json.dumps(measure(args, scratch)))
+
+
+def measure(args, scratch):
+    """Builds the models and images in `scratch` and times both sides."""
     torch.manual_seed(0)
-    scratch = tempfile.mkdtemp(prefix="captioning-bench-")
     blip_dir, clip_dir, data = (os.path.join(scratch, n) for n in ("blip", "clip", "data"))
     blip = blip_large(blip_dir)
     clip = clip_large(clip_dir)
@@ -108,14 +114,14 @@ def main():
             times.append(time.perf_counter() - start)
     torch_clip = statistics.median(times)
     ours_clip = lora_studio(args.binary, data, clip_dir, [])
-    print(json.dumps({
+    return {
         "torch_threads": torch.get_num_threads(),
         "blip_beams": args.beams,
         "blip_large_s_per_image": {"transformers": round(torch_blip, 3), "lora_studio": ours_blip,
                                    "ratio": round(ours_blip / torch_blip, 2)},
         "clip_l_s_per_image": {"transformers": round(torch_clip, 3), "lora_studio": ours_clip,
                                "ratio": round(ours_clip / torch_clip, 2)},
-    }))
+    }
 
 
 if __name__ == "__main__":
