@@ -6,8 +6,7 @@
 
 use serde_json::{Map, Value};
 
-use super::load::{ALIASES, ConfigError};
-use super::train_config::TrainConfig;
+use super::load::{ConfigError, canonical_key, default_table};
 
 /// Settings that tune the Python stack or its logging and mean nothing here.
 const PYTHON_ONLY: &[&str] = &[
@@ -196,7 +195,7 @@ pub(crate) fn translate(map: &mut Map<String, Value>) -> Result<Vec<String>, Con
         optimizer_args(&value, map, &mut notes)?;
     }
     if let Some(value) = map.get("lr_scheduler").cloned() {
-        lr_scheduler(&text("lr_scheduler", &value)?, map, &mut notes)?;
+        lr_scheduler(&text("lr_scheduler", &value)?, map, &mut notes);
     }
     if let Some(value) = map.remove("lr_scheduler_power")
         && value.as_f64() != Some(1.0)
@@ -231,32 +230,17 @@ pub(crate) fn translate(map: &mut Map<String, Value>) -> Result<Vec<String>, Con
 /// kohya_ss writes numbers as text ("0.0001", "1234") and counts as decimals (64.0): turned into the
 /// numbers our settings take.
 fn numbers_from_text(map: &mut Map<String, Value>) {
-    let defaults = match serde_json::to_value(TrainConfig::default()) {
-        Ok(Value::Object(defaults)) => defaults,
-        _ => Map::new(),
-    };
-    let ours = |key: &str| {
-        ALIASES
-            .iter()
-            .find(|(alias, _)| *alias == key)
-            .map_or(key, |(_, canonical)| canonical)
-            .to_string()
-    };
+    let defaults = default_table();
     for (key, value) in map.iter_mut() {
-        let default = defaults.get(&ours(key));
+        let default = defaults.get(canonical_key(key));
         let numeric = default.is_some_and(Value::is_number) || NUMBER_KEYS.contains(&key.as_str());
         if !numeric {
             continue;
         }
-        if let Value::String(text) = value {
-            let text = text.trim();
-            if let Ok(whole) = text.parse::<u64>() {
-                *value = whole.into();
-            } else if let Ok(number) = text.parse::<f64>()
-                && number.is_finite()
-            {
-                *value = number.into();
-            }
+        if let Value::String(text) = value
+            && let Some(number) = number_from_text(text)
+        {
+            *value = number;
         }
         let integral = default.is_some_and(|d| d.is_u64() || d.is_i64());
         if integral
@@ -400,11 +384,7 @@ fn optimizer_args(
     Ok(())
 }
 
-fn lr_scheduler(
-    name: &str,
-    map: &mut Map<String, Value>,
-    notes: &mut Vec<String>,
-) -> Result<(), ConfigError> {
+fn lr_scheduler(name: &str, map: &mut Map<String, Value>, notes: &mut Vec<String>) {
     let ours = match name {
         "polynomial" => {
             notes.push("lr_scheduler polynomial runs as linear (power 1)".to_string());
@@ -417,7 +397,6 @@ fn lr_scheduler(
         other => other,
     };
     map.insert("lr_scheduler".into(), ours.into());
-    Ok(())
 }
 
 /// `"512,512"` or `"512"`: the side of the square training area. A width and height that differ give
@@ -651,14 +630,19 @@ fn arguments(key: &str, value: &Value) -> Result<Vec<(String, String)>, ConfigEr
 }
 
 fn number_value(key: &str, text: &str) -> Result<Value, ConfigError> {
-    let number: f64 = text
-        .parse()
-        .map_err(|_| bad(key, format!("`{text}` is not a number")))?;
-    Ok(if number.fract() == 0.0 && number >= 0.0 {
-        (number as u64).into()
-    } else {
-        number.into()
-    })
+    number_from_text(text).ok_or_else(|| bad(key, format!("`{text}` is not a number")))
+}
+
+/// A number written as text: a whole one as an integer (what count settings take), else a decimal.
+fn number_from_text(text: &str) -> Option<Value> {
+    let number: f64 = text.trim().parse().ok().filter(|n: &f64| n.is_finite())?;
+    Some(
+        if number.fract() == 0.0 && (0.0..9.0e15).contains(&number) {
+            (number as u64).into()
+        } else {
+            number.into()
+        },
+    )
 }
 
 fn text(key: &str, value: &Value) -> Result<String, ConfigError> {

@@ -62,7 +62,7 @@ impl ConfigError {
 }
 
 /// kohya sd-scripts and diffusers names accepted for our keys.
-pub(super) const ALIASES: &[(&str, &str)] = &[
+const ALIASES: &[(&str, &str)] = &[
     ("pretrained_model_name_or_path", "base_model"),
     ("network_dim", "lora_rank"),
     ("rank", "lora_rank"),
@@ -147,11 +147,7 @@ fn config_from_table(
     canonicalise_aliases(&mut map)?;
     for text in overrides {
         let (key, value) = parse_override(text)?;
-        let key = ALIASES
-            .iter()
-            .find(|(alias, _)| *alias == key)
-            .map_or(key, |(_, canonical)| canonical.to_string());
-        map.insert(key, value);
+        map.insert(canonical_key(&key).to_string(), value);
     }
     let config = from_table(map)?;
     validate(&config)?;
@@ -303,12 +299,25 @@ fn parse_override(text: &str) -> Result<(String, Value), ConfigError> {
     Ok((key.to_string(), value))
 }
 
+/// Our name for `key`, which may be one of the [`ALIASES`].
+pub(super) fn canonical_key(key: &str) -> &str {
+    ALIASES
+        .iter()
+        .find(|(alias, _)| *alias == key)
+        .map_or(key, |(_, canonical)| canonical)
+}
+
+/// The default config as a table: its keys are the known keys, its values say each key's kind.
+pub(super) fn default_table() -> Map<String, Value> {
+    match serde_json::to_value(TrainConfig::default()) {
+        Ok(Value::Object(map)) => map,
+        _ => Map::new(),
+    }
+}
+
 /// The known keys: the fields of the default config.
 fn known_keys() -> Vec<String> {
-    match serde_json::to_value(TrainConfig::default()) {
-        Ok(Value::Object(map)) => map.keys().cloned().collect(),
-        _ => Vec::new(),
-    }
+    default_table().keys().cloned().collect()
 }
 
 fn from_table(map: Map<String, Value>) -> Result<TrainConfig, ConfigError> {
