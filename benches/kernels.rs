@@ -6,9 +6,8 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
-use lora_studio::lora::{frozen_conv2d, frozen_linear};
+use lora_studio::kernels::{frozen_conv2d, frozen_linear, silu};
 use lora_studio::models::nn::{GroupNorm, LayerNorm, attention};
-use lora_studio::models::ops::silu;
 
 const RUNS: usize = 3;
 

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use crate::config::{SavePrecision, TrainConfig};
+use crate::config::{PredictionOverride, SavePrecision, TrainConfig};
 
 /// Something for the workers to do.
 #[derive(Debug, Clone, PartialEq)]
@@ -140,6 +140,8 @@ pub struct PreviewRequest {
     pub id: u64,
     pub base_model: PathBuf,
     pub device: String,
+    /// The training settings' `prediction_type`, which the base model is loaded with.
+    pub prediction_type: Option<PredictionOverride>,
     pub source: PreviewSource,
     pub settings: PreviewSettings,
 }
@@ -157,8 +159,11 @@ pub enum ExportFormat {
 /// Writing a LoRA file from a checkpoint.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExportRequest {
+    /// The base model, needed only for checkpoints that keep no export of their own (written by older
+    /// releases).
     pub base_model: PathBuf,
     pub device: String,
+    pub prediction_type: Option<PredictionOverride>,
     pub checkpoint: PathBuf,
     /// The `.safetensors` file to write.
     pub output: PathBuf,

@@ -7,7 +7,9 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use common::{Reference, assert_close, fixture};
-use lora_studio::models::checkpoint::{CheckpointLayout, ModelFamily, ModelSource};
+use lora_studio::models::checkpoint::{
+    CheckpointLayout, ModelFamily, ModelSource, PredictionOrigin,
+};
 use lora_studio::models::pipeline::StableDiffusion;
 use lora_studio::models::schedulers::PredictionType;
 use lora_studio::tensor_file::TensorFile;
@@ -98,14 +100,15 @@ fn single_file_without_sidecars_infers_the_standard_rules() {
     // SD1's rule is 8 heads; the tiny model's sidecar says 4.
     assert_eq!(inferred.attention_heads, vec![8; 3]);
     assert_eq!(source.config().vae, with_sidecar.config().vae);
-    // An SD2 file without a config is taken as v-prediction with 64-dimensional heads.
+    // An SD2 file without a config has 64-dimensional heads, and its prediction type is left to a test
+    // prediction once it is loaded.
     let copy2 = dir.path().join("model2.safetensors");
     std::fs::copy(fixture("sd2_single.safetensors"), &copy2).unwrap();
     let sd2 = ModelSource::open(&copy2).unwrap();
     assert_eq!(sd2.config().family, ModelFamily::Sd2);
     assert_eq!(
-        sd2.config().scheduler.prediction_type,
-        PredictionType::VPrediction
+        sd2.config().prediction_origin,
+        PredictionOrigin::TestPrediction
     );
     assert!(sd2.config().unet.use_linear_projection);
     assert_eq!(
@@ -342,4 +345,92 @@ fn sharded_weights_and_legacy_vae_names_load() {
         &reference.f32("vae.decoded"),
         1e-4,
     );
+}
+
+/// The UNet output bias of an LDM single file, shifted by `shift`: the test prediction's mean moves by it.
+fn with_output_bias_shifted(source: &Path, dest: &Path, shift: f64) {
+    const BIAS: &str = "model.diffusion_model.out.2.bias";
+    let bias = TensorFile::open(source)
+        .unwrap()
+        .load(BIAS, &Device::Cpu)
+        .unwrap();
+    let shifted = (bias.to_dtype(DType::F32).unwrap() + shift).unwrap();
+    rewrite(source, dest, |k| k != BIAS, &[(BIAS, shifted)]);
+}
+
+#[test]
+fn sd2_files_without_a_config_are_told_apart_by_a_test_prediction() {
+    // The test prediction itself, on the tiny SD2 model with its config: as the reference computes it.
+    let reference = Reference::open("sd2");
+    let with_config = ModelSource::open(&fixture("sd2_single.safetensors")).unwrap();
+    assert_eq!(
+        with_config.config().prediction_origin,
+        PredictionOrigin::Config
+    );
+    let model = StableDiffusion::load(&with_config, &Device::Cpu, DType::F32).unwrap();
+    let expected = reference
+        .f32("probe.mean")
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()[0] as f64;
+    let ours = model.test_prediction().unwrap();
+    assert!(
+        (ours - expected).abs() < 1e-4,
+        "test prediction {ours} vs the reference's {expected}"
+    );
+    assert_eq!(
+        model.config().scheduler.prediction_type,
+        PredictionType::VPrediction,
+        "the config says v, whatever a test would say"
+    );
+
+    // Without the config: a model whose test prediction lands well below -1 predicts velocity, one near 0
+    // noise (SD 2.x 768 and SD 2.x-base), and the log says which and why.
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain.safetensors");
+    std::fs::copy(fixture("sd2_single.safetensors"), &plain).unwrap();
+    let load = |path: &Path| {
+        let source = ModelSource::open(path).unwrap();
+        StableDiffusion::load(&source, &Device::Cpu, DType::F32).unwrap()
+    };
+    let baseline = load(&plain).test_prediction().unwrap();
+    assert!(
+        baseline.abs() < 2.0,
+        "the tiny model's test value is {baseline}"
+    );
+    for (shift, expected) in [
+        (-3.0, PredictionType::VPrediction),
+        (3.0, PredictionType::Epsilon),
+    ] {
+        let path = dir.path().join(format!("shifted{shift}.safetensors"));
+        with_output_bias_shifted(&plain, &path, shift);
+        let model = load(&path);
+        assert_eq!(
+            model.config().scheduler.prediction_type,
+            expected,
+            "{shift}"
+        );
+        let mean = model.test_prediction().unwrap();
+        assert!(
+            (mean - (baseline + shift)).abs() < 1e-4,
+            "shift {shift}: {mean} vs {baseline}"
+        );
+        let note = model.prediction_note();
+        assert!(
+            note.contains(expected.as_str())
+                && note.contains("test prediction")
+                && note.contains(&format!("{mean:.3}")),
+            "{note}"
+        );
+        // The user's prediction_type wins.
+        let mut source = ModelSource::open(&path).unwrap();
+        source.set_prediction_type(PredictionType::Epsilon);
+        let overridden = StableDiffusion::load(&source, &Device::Cpu, DType::F32).unwrap();
+        assert_eq!(
+            overridden.config().scheduler.prediction_type,
+            PredictionType::Epsilon
+        );
+        assert!(overridden.prediction_note().contains("prediction_type"));
+    }
 }

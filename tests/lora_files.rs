@@ -44,16 +44,16 @@ fn attach_error(path: &Path) -> String {
 fn mis_shaped_module_is_named_and_nothing_is_attached() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("wrong.safetensors");
-    // to_q of the first transformer is 32 -> 32; this module claims 40 inputs.
+    // to_q of the first transformer is 64 -> 64; this module claims 40 inputs.
     let module = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
     let good = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k";
     save(
         &path,
         &[
-            (&format!("{good}.lora_down.weight"), zeros(&[4, 32])),
-            (&format!("{good}.lora_up.weight"), zeros(&[32, 4])),
+            (&format!("{good}.lora_down.weight"), zeros(&[4, 64])),
+            (&format!("{good}.lora_up.weight"), zeros(&[64, 4])),
             (&format!("{module}.lora_down.weight"), zeros(&[4, 40])),
-            (&format!("{module}.lora_up.weight"), zeros(&[32, 4])),
+            (&format!("{module}.lora_up.weight"), zeros(&[64, 4])),
             (
                 &format!("{module}.alpha"),
                 Tensor::new(2f32, &Device::Cpu).unwrap(),
@@ -140,8 +140,8 @@ fn two_dimensional_lora_on_a_1x1_conv_loads_like_a1111() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("flat.safetensors");
     let module = "lora_unet_down_blocks_0_attentions_0_proj_in";
-    let down = Tensor::ones((2, 32), DType::F32, &Device::Cpu).unwrap();
-    let up = Tensor::ones((32, 2), DType::F32, &Device::Cpu).unwrap();
+    let down = Tensor::ones((2, 64), DType::F32, &Device::Cpu).unwrap();
+    let up = Tensor::ones((64, 2), DType::F32, &Device::Cpu).unwrap();
     save(
         &path,
         &[
@@ -156,7 +156,7 @@ fn two_dimensional_lora_on_a_1x1_conv_loads_like_a1111() {
         .unwrap();
     assert_eq!(report.adapters.len(), 1);
     let adapter = &report.adapters[0];
-    assert_eq!(adapter.down().dims(), &[2, 32, 1, 1]);
+    assert_eq!(adapter.down().dims(), &[2, 64, 1, 1]);
     assert_eq!(adapter.scale(), 1.0, "no alpha means alpha = rank");
     assert_eq!(adapter.multiplier(), 0.5);
 }

@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{Reference, assert_close, fixture};
+use common::{Reference, assert_close, fixture, max_abs_diff};
 use lora_studio::lora::KohyaLora;
 use lora_studio::models::checkpoint::ModelSource;
 use lora_studio::models::pipeline::{GenerateRequest, StableDiffusion};
@@ -57,11 +57,26 @@ fn unet_out(model: &StableDiffusion, reference: &Reference) -> Tensor {
 }
 
 fn check_unet(model: &StableDiffusion, reference: &Reference) {
-    assert_close(
-        "UNet",
-        &unet_out(model, reference),
-        &reference.f32("unet.out"),
-        NET_TOLERANCE,
+    let out = unet_out(model, reference);
+    assert_close("UNet", &out, &reference.f32("unet.out"), NET_TOLERANCE);
+    // The reference pairs each sample with its own timestep (981 and 1): with the timesteps swapped the
+    // output must move far beyond the tolerance, or the comparison above never exercised the time embedding.
+    let swapped = reference
+        .f32("unet.timestep")
+        .flip(&[0])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out_swapped = model
+        .unet
+        .forward(
+            &reference.f32("unet.sample"),
+            &swapped,
+            &reference.f32("unet.encoder_hidden_states"),
+        )
+        .unwrap();
+    let moved = max_abs_diff(&out_swapped, &out);
+    assert!(
+        moved > common::NON_TRIVIAL_FACTOR * NET_TOLERANCE,
+        "the UNet output hardly depends on the timestep (it moves by {moved:.2e} when the timesteps are swapped)"
     );
 }
 
@@ -238,4 +253,23 @@ fn sd2_single_file_safetensors_and_ckpt_with_open_clip_match_reference() {
     for file in ["sd2_single.safetensors", "sd2_single.ckpt"] {
         check_networks(&load(file), &reference);
     }
+}
+
+#[test]
+fn kernels_follow_the_switch() {
+    common::assert_kernels_follow_the_switch();
+}
+
+/// On CUDA and Metal every op takes its candle-op path (chunked attention, composed norms, candle's
+/// convolutions), which the CPU kernels replace here: the same comparisons, through those paths.
+#[test]
+fn device_generic_paths_match_the_reference_too() {
+    common::rerun_with_generic_kernels(&[
+        "kernels_follow_the_switch",
+        "sd1_diffusers_folder_matches_reference",
+        "sd1_single_file_matches_reference",
+        "sd1_generations_match_reference",
+        "sd2_diffusers_fp16_variant_matches_reference",
+        "sd2_generations_match_reference",
+    ]);
 }

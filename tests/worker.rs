@@ -40,6 +40,7 @@ fn preview(id: u64, strength: f64) -> PreviewRequest {
         id,
         base_model: fixture("sd1"),
         device: "cpu".into(),
+        prediction_type: None,
         source: PreviewSource::Live,
         settings: PreviewSettings {
             prompt: "neon city".into(),
@@ -182,6 +183,7 @@ fn the_app_workflow_runs_on_the_workers() {
     worker.send(Job::Export(ExportRequest {
         base_model: fixture("sd1"),
         device: "cpu".into(),
+        prediction_type: None,
         checkpoint,
         output: dir.path().join("exports/my_style.safetensors"),
         precision: SavePrecision::Fp16,
@@ -302,4 +304,91 @@ fn auto_captioning_streams_captions_and_stops_when_cancelled() {
     });
     assert_eq!((again, kept, failed), (40 - captioned, captioned, 1));
     assert_eq!(progress, ((40 - captioned) as u64, (40 - captioned) as u64));
+}
+
+/// The events up to the next preview: its pixels, and whether the base model was loaded on the way.
+fn next_preview(events: &Receiver<Event>) -> (Vec<u8>, bool) {
+    let mut loaded = false;
+    let rgba = wait_for(events, "a preview", |e| match e {
+        Event::Stage { stage, .. } if stage == "loading the base model" => {
+            loaded = true;
+            None
+        }
+        Event::Preview { rgba, .. } => Some(rgba.clone()),
+        _ => None,
+    });
+    (rgba, loaded)
+}
+
+#[test]
+fn previews_and_exports_keep_the_prediction_type_override_and_need_no_base_or_dataset() {
+    use lora_studio::config::PredictionOverride;
+    let dir = tempfile::tempdir().unwrap();
+    let data = make_dataset(&dir.path().join("data"), 2);
+    let (worker, events) = WorkerHandle::spawn(Arc::new(|| {})).unwrap();
+    let config = TrainConfig {
+        max_train_steps: Some(2),
+        prediction_type: Some(PredictionOverride::VPrediction),
+        ..tiny_config(&data, &dir.path().join("out"))
+    };
+    worker.send(Job::Train {
+        config: Box::new(config.clone()),
+        resume: None,
+    });
+    let checkpoint = wait_for(&events, "the end of the run", |e| match e {
+        Event::RunEnded { checkpoint, .. } => Some(checkpoint.clone()),
+        _ => None,
+    })
+    .unwrap();
+
+    // The model the run trained (v-prediction, as the config says) renders the preview: no reload.
+    let request = |id, prediction_type| PreviewRequest {
+        prediction_type,
+        ..preview(id, 1.0)
+    };
+    worker.send(Job::Preview(request(
+        1,
+        Some(PredictionOverride::VPrediction),
+    )));
+    let (as_trained, reloaded) = next_preview(&events);
+    assert!(
+        !reloaded,
+        "the preview reloaded the base model the run used"
+    );
+    // Without the override the model predicts noise again, which renders differently.
+    worker.send(Job::Preview(request(2, None)));
+    let (as_epsilon, reloaded) = next_preview(&events);
+    assert!(reloaded);
+    assert_ne!(
+        as_trained, as_epsilon,
+        "the prediction type made no difference"
+    );
+
+    // The checkpoint exports with its dataset folder gone and no base model to load.
+    std::fs::remove_dir_all(&data).unwrap();
+    let output = dir.path().join("exports/kept.safetensors");
+    worker.send(Job::Export(ExportRequest {
+        base_model: dir.path().join("no such model"),
+        device: "cpu".into(),
+        prediction_type: None,
+        checkpoint,
+        output: output.clone(),
+        precision: SavePrecision::Bf16,
+        format: ExportFormat::KohyaAndPeft,
+        copy_to: None,
+    }));
+    let path = wait_for(&events, "the export", |e| match e {
+        Event::Exported { path, .. } => Some(path.clone()),
+        _ => None,
+    });
+    assert_eq!(path, output);
+    let file = lora_studio::tensor_file::TensorFile::open(&output).unwrap();
+    assert_eq!(file.metadata()["ss_output_name"], "kept");
+    assert_eq!(file.metadata()["ss_v_parameterization"], "True");
+    assert!(file.infos().values().all(|i| i.dtype.to_string() == "bf16"));
+    assert!(
+        dir.path()
+            .join("exports/kept_diffusers/pytorch_lora_weights.safetensors")
+            .is_file()
+    );
 }

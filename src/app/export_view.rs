@@ -64,6 +64,7 @@ impl StudioApp {
             self.worker.send(Job::Export(ExportRequest {
                 base_model: t.base_model.clone(),
                 device: t.device.clone(),
+                prediction_type: t.prediction_type,
                 checkpoint,
                 output: t.output_dir.join(format!("{}.safetensors", t.output_name)),
                 precision: e.precision,

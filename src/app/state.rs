@@ -423,6 +423,7 @@ impl PreviewState {
             id: self.next_id,
             base_model: settings.train.base_model.clone(),
             device: settings.train.device.clone(),
+            prediction_type: settings.train.prediction_type,
             source,
             settings: settings.preview.clone(),
         }

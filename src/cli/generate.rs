@@ -14,7 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::atomic_file::write_atomically;
 use crate::device::{DeviceChoice, describe, inference_dtype, open_device};
 use crate::lora::KohyaLora;
-use crate::models::checkpoint::ModelSource;
+use crate::models::checkpoint::{ModelSource, PredictionOrigin};
 use crate::models::pipeline::{GenerateRequest, StableDiffusion, to_rgb8};
 use crate::models::schedulers::{NoiseSource, PredictionType, SamplerKind, SeededNoise};
 use crate::tensor_file::TensorFile;
@@ -109,6 +109,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let model = StableDiffusion::load(&source, &device, dtype)?;
     drop(source);
     eprintln!("loaded in {:.1} s", started.elapsed().as_secs_f64());
+    if model.config().prediction_origin != PredictionOrigin::Config {
+        eprintln!("{}", model.prediction_note());
+    }
     for (path, strength) in &loras {
         let lora = KohyaLora::load(path, &device)?;
         let report = lora.attach(&model.adapter_components(), *strength, dtype)?;

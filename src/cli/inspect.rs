@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::models::checkpoint::ModelConfig;
+use crate::models::checkpoint::{ModelConfig, PredictionOrigin};
 use crate::models::inspect::{CheckpointReport, FileReport, LoraReport, inspect};
 
 #[derive(Debug, Args)]
@@ -78,7 +78,13 @@ fn print_checkpoint(report: &CheckpointReport) {
         "  text encoder: {} layers used, width {}, {} heads",
         text_encoder.num_hidden_layers, text_encoder.hidden_size, text_encoder.num_attention_heads
     );
-    println!("  prediction: {}", scheduler.prediction_type.as_str());
+    match report.config.prediction_origin {
+        PredictionOrigin::TestPrediction => println!(
+            "  prediction: decided when the model is loaded, by a test prediction (an SD2 file without a \
+             config may be SD 2.x-base, epsilon, or SD 2.x 768, v_prediction)"
+        ),
+        _ => println!("  prediction: {}", scheduler.prediction_type.as_str()),
+    }
     if report.has_ema {
         println!("  also stores EMA weights (model_ema.*), which are not used");
     }

@@ -42,7 +42,7 @@ pub struct FolderSummary {
 }
 
 /// A scanned dataset.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Dataset {
     pub root: PathBuf,
     /// The `metadata.csv` captions were read from, if any (edits to its captions go back there).

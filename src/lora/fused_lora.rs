@@ -8,8 +8,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::frozen::frozen_linear;
-use super::tied::{TiedBackward, tie};
+use crate::kernels::{TiedBackward, frozen_linear, tie};
 
 /// `x·Wᵀ + b + scale·(x·downᵀ)·upᵀ`, differentiable in `x`, `down` and `up` (`W` and `b` frozen).
 pub fn lora_linear(

@@ -1,7 +1,7 @@
 //! Adapter-capable Linear and Conv2d layers, and the registry that names them.
 //!
 //! Every Linear and Conv2d of every model is one of these: a frozen base weight (run through the
-//! input-gradient-only ops of [`super::frozen`]) plus a slot holding any number of adapters. Training,
+//! input-gradient-only ops of [`crate::kernels`]) plus a slot holding any number of adapters. Training,
 //! previews at any strength, loading LoRA files and merging all go through the same slots. A slot is named
 //! by its module path in the diffusers layout (`down_blocks.0.attentions.0.proj_in`), the name kohya LoRA keys
 //! are made of. This module must not know about any particular model.
@@ -13,8 +13,8 @@ use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::adapter::LoraAdapter;
-use super::frozen::{frozen_affine, frozen_conv2d, frozen_linear};
 use super::fused_lora::lora_linear;
+use crate::kernels::{frozen_affine, frozen_conv2d, frozen_linear};
 
 /// The geometry of a base layer, which decides how an adapter attaches to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,20 +6,14 @@
 
 mod adapter;
 mod export;
-mod few_rows;
-mod frozen;
 mod fused_lora;
-mod im2col;
 mod kohya;
 mod layer;
 mod network;
 pub mod svd;
-mod tied;
-mod winograd;
 
 pub use adapter::{AdapterKind, LoraAdapter, adapter_dims, row_norm};
 pub use export::{ExportedLora, ExportedModule, export_network, write_lora_file};
-pub use frozen::{frozen_affine, frozen_conv2d, frozen_linear};
 pub use kohya::{
     AttachReport, KohyaLora, KohyaModule, LoraError, TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name,
 };
@@ -27,4 +21,3 @@ pub use layer::{
     AdaptableConv2d, AdaptableLinear, AdapterSlot, LayerBuilder, LayerRegistry, LayerShape,
 };
 pub use network::{LoraNetwork, NetworkKind, NetworkModule, NetworkSpec, TargetComponent};
-pub(crate) use tied::{Ready, TiedBackward, tie};

@@ -8,12 +8,12 @@ use candle_core::{DType, IndexOp, Result, Tensor};
 use candle_nn::{Embedding, Linear, Module, VarBuilder};
 use serde::Deserialize;
 
-use crate::lora::frozen_linear;
+use crate::kernels::frozen_linear;
+use crate::kernels::gelu;
 use crate::models::ModelError;
 use crate::models::clip::causal_mask;
 use crate::models::decoding::{Decoding, decode};
 use crate::models::nn::{LayerNorm, attention};
-use crate::models::ops::gelu;
 use crate::models::vision::{VisionConfig, VisionFamily, VisionTransformer};
 
 /// Architecture of the text decoder; defaults are transformers' `BlipTextConfig` defaults.

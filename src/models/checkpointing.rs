@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::{Result, Tensor, TensorId, Var};
 
-use crate::lora::{TiedBackward, tie};
+use crate::kernels::{TiedBackward, tie};
 
 /// A sub-module's forward function: `(input, auxiliary input) -> output`.
 pub type BlockFn = Arc<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;

@@ -1,14 +1,14 @@
 //! Building blocks shared by the models, written only with ops whose candle backward is right.
 //!
 //! candle's fused `softmax_last_dim` and `layer_norm` kernels return no gradient at all, so unmasked
-//! attention runs through [`super::fused_attention`] (its own backward) and masked attention (CLIP's causal
-//! mask) uses `ops::softmax`; layer and group norm run through [`super::fused_norm`] (its own backward).
+//! attention runs through [`crate::kernels::fused_attention`] (its own backward) and masked attention (CLIP's causal
+//! mask) uses `ops::softmax`; layer and group norm run through [`crate::kernels::normalize_affine`] (its own backward).
 //! Finite-difference tests in `tests/` keep these honest.
 
 use candle_core::{D, DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::fused_norm::normalize_affine;
+use crate::kernels::{fused_attention, normalize_affine, normalize_rows, silu};
 
 /// Layer normalisation over the last dimension with a learned scale and shift.
 #[derive(Debug, Clone)]
@@ -81,7 +81,7 @@ impl GroupNorm {
 /// The rows of `rows` normalised, computed in f32 for reduced-precision activations.
 fn normalized(rows: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = rows.dtype();
-    super::fused_norm::normalize_rows(&rows.to_dtype(internal_dtype(dtype))?, eps)?.to_dtype(dtype)
+    normalize_rows(&rows.to_dtype(internal_dtype(dtype))?, eps)?.to_dtype(dtype)
 }
 
 /// Reduced-precision activations are normalised in f32.
@@ -113,8 +113,7 @@ pub fn attention(
     crate::flops::add_attention(2 * batch * heads * q_len * kv_len * head_dim);
     let Some(mask) = mask else {
         let [q, k, v] = [q, k, v].map(|t| t.to_dtype(internal_dtype(dtype)));
-        return super::fused_attention::fused_attention(&q?, &k?, &v?, heads, scale)?
-            .to_dtype(dtype);
+        return fused_attention(&q?, &k?, &v?, heads, scale)?.to_dtype(dtype);
     };
     let split = |t: &Tensor, len: usize| -> Result<Tensor> {
         t.reshape((batch, len, heads, head_dim))?
@@ -136,5 +135,5 @@ pub fn attention(
 /// an exact backward instead of candle's single-threaded sigmoid and a product.
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     const SLOPE: f64 = 1.702;
-    super::ops::silu(&x.affine(SLOPE, 0.0)?)?.affine(1.0 / SLOPE, 0.0)
+    silu(&x.affine(SLOPE, 0.0)?)?.affine(1.0 / SLOPE, 0.0)
 }

@@ -5,9 +5,9 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::lora::LayerRegistry;
 use crate::models::ModelError;
-use crate::models::checkpoint::{ModelConfig, ModelSource};
+use crate::models::checkpoint::{ModelConfig, ModelSource, PredictionOrigin};
 use crate::models::clip::ClipTextTransformer;
-use crate::models::schedulers::{NoiseSource, SamplerKind};
+use crate::models::schedulers::{NoiseSource, PredictionType, SamplerKind};
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::AutoencoderKL;
@@ -42,18 +42,38 @@ pub struct StableDiffusion {
     pub vae: AutoencoderKL,
     pub text_encoder: ClipTextTransformer,
     config: ModelConfig,
+    /// The prediction type's test value, when a test prediction decided it.
+    prediction_test: Option<f64>,
     device: Device,
     dtype: DType,
 }
 
+/// Below this mean of `UNet(x) − x` in the test prediction the model predicts velocity (AUTOMATIC1111's
+/// threshold).
+const V_PREDICTION_BELOW: f64 = -1.0;
+
 impl StableDiffusion {
-    /// Loads all three components of `source` onto `device` in `dtype`.
+    /// Loads all three components of `source` onto `device` in `dtype`. An SD2 file without a config has its
+    /// prediction type decided here, by a test prediction of its UNet.
     pub fn load(source: &ModelSource, device: &Device, dtype: DType) -> Result<Self, ModelError> {
+        let unet = source.load_unet(device, dtype)?;
+        let mut config = source.config().clone();
+        let mut prediction_test = None;
+        if config.prediction_origin == PredictionOrigin::TestPrediction {
+            let mean = test_prediction(&unet, &config, device, dtype)?;
+            config.scheduler.prediction_type = if mean < V_PREDICTION_BELOW {
+                PredictionType::VPrediction
+            } else {
+                PredictionType::Epsilon
+            };
+            prediction_test = Some(mean);
+        }
         Ok(Self {
-            unet: source.load_unet(device, dtype)?,
+            unet,
             vae: source.load_vae(device, dtype)?,
             text_encoder: source.load_text_encoder(device, dtype)?,
-            config: source.config().clone(),
+            config,
+            prediction_test,
             device: device.clone(),
             dtype,
         })
@@ -61,6 +81,35 @@ impl StableDiffusion {
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// The mean of `UNet(x) − x` in the test prediction that tells v-prediction from epsilon (see
+    /// [`PredictionOrigin::TestPrediction`]).
+    pub fn test_prediction(&self) -> Result<f64, ModelError> {
+        test_prediction(&self.unet, &self.config, &self.device, self.dtype)
+    }
+
+    /// What the model predicts and why, for the log: `v_prediction (by a test prediction: …)`.
+    pub fn prediction_note(&self) -> String {
+        let kind = self.config.scheduler.prediction_type.as_str();
+        let why = match (self.config.prediction_origin, self.prediction_test) {
+            (PredictionOrigin::TestPrediction, Some(mean)) => format!(
+                "an SD2 file without a config, so decided by a test prediction as AUTOMATIC1111 does: the \
+                 mean of UNet(x) - x at t = 999 is {mean:.3}, {} {V_PREDICTION_BELOW}; set prediction_type \
+                 to override",
+                if mean < V_PREDICTION_BELOW {
+                    "below"
+                } else {
+                    "not below"
+                }
+            ),
+            (PredictionOrigin::Config, _) => "as the model's config says".to_string(),
+            (PredictionOrigin::Override, _) => "as prediction_type says".to_string(),
+            (PredictionOrigin::Default, _) | (PredictionOrigin::TestPrediction, None) => {
+                "no config says otherwise".to_string()
+            }
+        };
+        format!("the model predicts {kind}: {why}")
     }
 
     pub fn device(&self) -> &Device {
@@ -240,4 +289,30 @@ pub fn to_rgb8(image: &Tensor) -> Result<image::RgbImage, ModelError> {
     .map_err(ModelError::compute("converting the image"))?;
     image::RgbImage::from_raw(width as u32, height as u32, pixels)
         .ok_or_else(|| ModelError::Config("the decoded image has an unexpected size".to_string()))
+}
+
+/// The mean of `UNet(x) − x` for `x` = 0.5 everywhere (`[1, C, 8, 8]`) at t = 999 with a 0.5 context of two
+/// tokens: about 0 for a model that predicts noise (at t = 999 the sample is nearly all noise), clearly
+/// negative for one that predicts velocity.
+fn test_prediction(
+    unet: &UNet2DConditionModel,
+    config: &ModelConfig,
+    device: &Device,
+    dtype: DType,
+) -> Result<f64, ModelError> {
+    let probe = || -> candle_core::Result<f64> {
+        let x =
+            Tensor::full(0.5f32, (1, config.unet.in_channels, 8, 8), device)?.to_dtype(dtype)?;
+        let context = Tensor::full(0.5f32, (1, 2, config.unet.cross_attention_dim), device)?
+            .to_dtype(dtype)?;
+        let t = Tensor::new(&[999f32], device)?;
+        let out = unet.forward(&x, &t, &context)?;
+        (out - x)?
+            .to_dtype(DType::F64)?
+            .mean_all()?
+            .to_scalar::<f64>()
+    };
+    probe().map_err(ModelError::compute(
+        "running the test prediction that tells v-prediction from epsilon",
+    ))
 }

@@ -2,9 +2,9 @@
 
 use candle_core::{Result, Tensor};
 
+use crate::kernels::silu;
 use crate::lora::{AdaptableConv2d, AdaptableLinear, LayerBuilder};
 use crate::models::nn::GroupNorm;
-use crate::models::ops::silu;
 
 /// GroupNorm → SiLU → 3x3 conv (+ projected time embedding) → GroupNorm → SiLU → 3x3 conv, plus a residual
 /// through a 1x1 `conv_shortcut` when the channel count changes.

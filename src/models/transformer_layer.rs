@@ -7,10 +7,10 @@
 
 use candle_core::{Result, Tensor};
 
+use crate::kernels::gelu;
 use crate::lora::{AdaptableLinear, LayerBuilder};
 use crate::models::clip::ClipActivation;
 use crate::models::nn::{LayerNorm, attention, quick_gelu};
-use crate::models::ops::gelu;
 
 /// The sizes of one encoder layer.
 #[derive(Debug, Clone, Copy, PartialEq)]

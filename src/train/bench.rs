@@ -13,8 +13,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
+use super::diffusion::variable_gradient;
 use super::inputs::gaussian;
-use super::run::variable_gradient;
 use super::{Optimizer, OptimizerSettings, TrainError};
 use crate::config::OptimizerKind;
 use crate::flops::FlopCount;

@@ -72,6 +72,9 @@ pub struct TrainState {
     pub config: TrainConfig,
 }
 
+/// Tensors with their names, as a checkpoint stores them.
+pub type NamedTensors = [(String, Tensor)];
+
 const STATE_FILE: &str = "state.json";
 const ADAPTERS_FILE: &str = "adapters.safetensors";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -98,12 +101,13 @@ pub fn prepare_output_folder(output_dir: &Path) -> Result<Vec<String>, TrainErro
     Ok(remove_abandoned(output_dir))
 }
 
-/// Writes `output_dir/checkpoint-STEP` atomically and prunes old checkpoints.
+/// Writes `output_dir/checkpoint-STEP` atomically and prunes old checkpoints; `write_extra` adds files to
+/// the folder before it gets its final name.
 pub fn save_checkpoint(
     output_dir: &Path,
     state: &TrainState,
-    adapters: &[(String, Tensor)],
-    optimizer: &[(String, Tensor)],
+    (adapters, optimizer): (&NamedTensors, &NamedTensors),
+    write_extra: &dyn Fn(&Path) -> Result<(), TrainError>,
     keep: usize,
 ) -> Result<PathBuf, TrainError> {
     let final_dir = output_dir.join(format!("checkpoint-{}", state.step));
@@ -115,6 +119,7 @@ pub fn save_checkpoint(
     let written = (|| -> Result<(), TrainError> {
         write_tensors(&temp_dir.join(ADAPTERS_FILE), adapters)?;
         write_tensors(&temp_dir.join(OPTIMIZER_FILE), optimizer)?;
+        write_extra(&temp_dir)?;
         let json = serde_json::to_string_pretty(state).map_err(|e| TrainError::Checkpoint {
             path: temp_dir.clone(),
             reason: e.to_string(),
@@ -202,20 +207,24 @@ fn prune(output_dir: &Path, keep: usize) -> Result<(), TrainError> {
     Ok(())
 }
 
+/// The checkpoint folder `path` names: itself, or given an output folder, its newest checkpoint.
+pub fn checkpoint_dir(path: &Path) -> Result<PathBuf, TrainError> {
+    if path.join(STATE_FILE).is_file() {
+        return Ok(path.to_path_buf());
+    }
+    list_checkpoints(path)
+        .pop()
+        .map(|(_, p)| p)
+        .ok_or_else(|| TrainError::Checkpoint {
+            path: path.to_path_buf(),
+            reason: "it is not a checkpoint folder and contains no checkpoint-N folders"
+                .to_string(),
+        })
+}
+
 /// Reads a checkpoint folder (or, given an output folder, its newest checkpoint).
 pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint, TrainError> {
-    let dir = if path.join(STATE_FILE).is_file() {
-        path.to_path_buf()
-    } else {
-        list_checkpoints(path)
-            .pop()
-            .map(|(_, p)| p)
-            .ok_or_else(|| TrainError::Checkpoint {
-                path: path.to_path_buf(),
-                reason: "it is not a checkpoint folder and contains no checkpoint-N folders"
-                    .to_string(),
-            })?
-    };
+    let dir = checkpoint_dir(path)?;
     let bad = |reason: String| TrainError::Checkpoint {
         path: dir.clone(),
         reason,

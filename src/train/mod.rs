@@ -1,18 +1,22 @@
-//! Training: the loop, optimizers, learning-rate schedules, noise and loss, resumable checkpoints,
-//! TensorBoard logs, sample previews and the LoRA export. It reports through [`TrainReporter`] so the terminal
-//! and the app's worker drive the same code. Must not use egui, messages or worker.
+//! Training: one model-agnostic loop ([`trainer`]: optimizer, learning-rate schedule, accumulation,
+//! precision, resumable checkpoints, TensorBoard logs) driving a task per kind of model ([`task`]; the
+//! diffusion task for Stable Diffusion), and the LoRA export. It reports through [`TrainReporter`] so the
+//! terminal and the app's worker drive the same code. Must not use egui, messages or worker.
 
 pub mod bench;
 mod checkpoint;
+mod diffusion;
+mod export;
 mod inputs;
 mod metadata;
 mod noise;
 mod optimizer;
 mod report;
-mod run;
 mod samples;
 mod schedule;
+mod task;
 pub mod tensorboard;
+mod trainer;
 
 use std::path::PathBuf;
 
@@ -23,10 +27,11 @@ pub use report::{
     CancelToken, Flow, LiveRun, SilentReporter, StepReport, TrainPlan, TrainReporter,
 };
 
-pub use run::{
-    LoadedBase, export_checkpoint, latest_checkpoint, load_base, network_from_checkpoint, train,
-    train_on,
+pub use diffusion::{
+    LoadedBase, export_checkpoint_on, latest_checkpoint, load_base, network_from_checkpoint,
+    prediction_type, train, train_on,
 };
+pub use export::{CHECKPOINT_EXPORT_FILE, export_kept};
 pub use schedule::lr_factor;
 
 /// How a run ended.

@@ -1,15 +1,17 @@
 //! The optimizers, with state that checkpoints save and restore exactly.
 //!
 //! * AdamW, as `torch.optim.AdamW` computes it (decoupled weight decay, bias-corrected moments).
-//! * Adafactor (Shazeer & Stern 2018) with a fixed learning rate and no first moment, as kohya recommends it
-//!   for LoRA (`relative_step=False, scale_parameter=False, warmup_init=False`). It is the memory-lean choice:
-//!   for an `[m, n]` adapter matrix it keeps `m + n` numbers instead of AdamW's `2·m·n`, and needs no
-//!   quantisation kernels (8-bit states would need custom CUDA code to be worth it). Tensors of higher rank
-//!   are factored as `[dim0, rest]`.
+//! * Adafactor (Shazeer & Stern 2018) with a fixed learning rate and no first moment, as transformers'
+//!   `Adafactor` computes it with the settings kohya recommends for LoRA (`relative_step=False,
+//!   scale_parameter=False, warmup_init=False`). It is the memory-lean choice: for an `[m, n]` adapter
+//!   matrix it keeps `m + n` numbers instead of AdamW's `2·m·n`, and needs no quantisation kernels (8-bit
+//!   states would need custom CUDA code to be worth it). Tensors of higher rank are factored over their last
+//!   two dimensions, as transformers does; checkpoints of format 1 factored them as `[dim0, rest]` and are
+//!   converted on load.
 
 use std::collections::HashMap;
 
-use candle_core::{D, DType, Result, Tensor, Var};
+use candle_core::{D, DType, Result, Shape, Tensor, Var};
 
 use crate::config::OptimizerKind;
 
@@ -56,10 +58,10 @@ impl Optimizer {
                         v: zeros(var.dims())?,
                     },
                     OptimizerKind::Adafactor if var.rank() >= 2 => {
-                        let rows = var.dims()[0];
+                        let (row, col) = factored_dims(var.dims());
                         Moments::Factored {
-                            row: zeros(&[rows])?,
-                            col: zeros(&[var.elem_count() / rows])?,
+                            row: zeros(&row)?,
+                            col: zeros(&col)?,
                         }
                     }
                     OptimizerKind::Adafactor => Moments::Unfactored {
@@ -99,23 +101,21 @@ impl Optimizer {
                     (decayed - (m.div(&denom)? * (lr / bias1))?)?
                 }
                 Moments::Factored { row, col } => {
+                    // Over the last two dimensions `[.., m, n]`: row `[.., m]`, col `[.., n]`.
                     let beta2 = 1.0 - t.powf(ADAFACTOR_DECAY);
-                    let rows = row.dim(0)?;
-                    let g = grad.reshape((rows, ()))?;
-                    let squared = (g.sqr()? + ADAFACTOR_EPS)?;
+                    let squared = (grad.sqr()? + ADAFACTOR_EPS)?;
                     *row = ((&*row * beta2)? + (squared.mean(D::Minus1)? * (1.0 - beta2))?)?;
-                    *col = ((&*col * beta2)? + (squared.mean(0)? * (1.0 - beta2))?)?;
-                    // v ≈ row·colᵀ / mean(row)
+                    *col = ((&*col * beta2)? + (squared.mean(D::Minus2)? * (1.0 - beta2))?)?;
+                    // v ≈ row·colᵀ / mean(row), per leading index
                     let row_factor = row
-                        .broadcast_div(&row.mean_all()?)?
+                        .broadcast_div(&row.mean_keepdim(D::Minus1)?)?
                         .sqrt()?
                         .recip()?
-                        .unsqueeze(1)?;
-                    let col_factor = col.sqrt()?.recip()?.unsqueeze(0)?;
-                    let update = g
+                        .unsqueeze(D::Minus1)?;
+                    let col_factor = col.sqrt()?.recip()?.unsqueeze(col.rank() - 1)?;
+                    let update = grad
                         .broadcast_mul(&row_factor)?
-                        .broadcast_mul(&col_factor)?
-                        .reshape(grad.dims())?;
+                        .broadcast_mul(&col_factor)?;
                     adafactor_finish(param, update, lr, s.weight_decay)?
                 }
                 Moments::Unfactored { v } => {
@@ -179,8 +179,21 @@ impl Optimizer {
                     *v = take(format!("{name}.exp_avg_sq"), v)?;
                 }
                 Moments::Factored { row, col } => {
-                    *row = take(format!("{name}.exp_avg_sq_row"), row)?;
-                    *col = take(format!("{name}.exp_avg_sq_col"), col)?;
+                    let (row_key, col_key) = (
+                        format!("{name}.exp_avg_sq_row"),
+                        format!("{name}.exp_avg_sq_col"),
+                    );
+                    let saved = (tensors.get(&row_key), tensors.get(&col_key));
+                    match saved {
+                        (Some(r), Some(c)) if r.rank() == 1 && row.rank() > 1 => {
+                            (*row, *col) = refactored(r, c, row.shape(), col.shape())
+                                .map_err(|e| format!("`{row_key}` cannot be converted ({e})"))?;
+                        }
+                        _ => {
+                            *row = take(row_key, row)?;
+                            *col = take(col_key, col)?;
+                        }
+                    }
                 }
                 Moments::Unfactored { v } => *v = take(format!("{name}.exp_avg_sq"), v)?,
             }
@@ -188,6 +201,35 @@ impl Optimizer {
         self.step = step;
         Ok(())
     }
+}
+
+/// The shapes of the row and column second moments of a tensor of shape `dims` (rank 2 or more):
+/// `[.., m, n]` keeps `[.., m]` and `[.., n]`.
+fn factored_dims(dims: &[usize]) -> (Vec<usize>, Vec<usize>) {
+    let last = dims.len() - 1;
+    let row = dims[..last].to_vec();
+    let mut col = dims[..last - 1].to_vec();
+    col.push(dims[last]);
+    (row, col)
+}
+
+/// The row and column moments (of shapes `row_shape`, `col_shape`) of the second-moment estimate that a
+/// format-1 checkpoint's `[dim0, rest]` factorisation `row₀ · col₀ᵀ / mean(row₀)` gives.
+fn refactored(
+    old_row: &Tensor,
+    old_col: &Tensor,
+    row_shape: &Shape,
+    col_shape: &Shape,
+) -> Result<(Tensor, Tensor)> {
+    let (old_row, old_col) = (old_row.to_dtype(DType::F32)?, old_col.to_dtype(DType::F32)?);
+    let estimate = old_row
+        .broadcast_div(&old_row.mean_all()?)?
+        .unsqueeze(1)?
+        .broadcast_mul(&old_col.unsqueeze(0)?)?;
+    let mut dims = row_shape.dims().to_vec();
+    dims.push(col_shape.dims()[col_shape.rank() - 1]);
+    let estimate = estimate.reshape(dims)?;
+    Ok((estimate.mean(D::Minus1)?, estimate.mean(D::Minus2)?))
 }
 
 /// Adafactor's update clipping (RMS at most 1), learning rate and decoupled weight decay.
@@ -200,7 +242,9 @@ fn adafactor_finish(param: Tensor, update: Tensor, lr: f64, weight_decay: f64) -
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{Device, Tensor, Var};
+    use std::collections::HashMap;
+
+    use candle_core::{DType, Device, Tensor, Var};
 
     use super::{Optimizer, OptimizerSettings};
     use crate::config::OptimizerKind;
@@ -256,28 +300,123 @@ mod tests {
         }
     }
 
+    /// One tensor of `tests/fixtures/optimizers/adafactor.json`.
+    #[derive(serde::Deserialize)]
+    struct Recorded {
+        shape: Vec<usize>,
+        initial: Vec<f32>,
+        grads: Vec<Vec<f32>>,
+        #[serde(rename = "final")]
+        after: Vec<f32>,
+        state: HashMap<String, serde_json::Value>,
+    }
+
     #[test]
-    fn adafactor_descends_and_keeps_little_state() {
-        let p = Var::from_tensor(
-            &Tensor::ones((8, 16), candle_core::DType::F32, &Device::Cpu).unwrap(),
-        )
-        .unwrap();
-        let mut opt =
-            Optimizer::new(settings(OptimizerKind::Adafactor), &[("p".into(), &p)]).unwrap();
-        for _ in 0..10 {
-            let grad = p.as_tensor().clone();
-            opt.apply(&[&p], &[Some(grad)], &[0.01]).unwrap();
+    fn adafactor_matches_transformers() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/optimizers/adafactor.json");
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let tensors: HashMap<String, Recorded> =
+            serde_json::from_value(json["tensors"].clone()).unwrap();
+        let (lr, weight_decay) = (
+            json["lr"].as_f64().unwrap(),
+            json["weight_decay"].as_f64().unwrap(),
+        );
+        let adafactor = OptimizerSettings {
+            weight_decay,
+            ..settings(OptimizerKind::Adafactor)
+        };
+        for (name, recorded) in &tensors {
+            let device = Device::Cpu;
+            let tensor =
+                |values: &[f32]| Tensor::from_slice(values, recorded.shape.as_slice(), &device);
+            let p = Var::from_tensor(&tensor(&recorded.initial).unwrap()).unwrap();
+            let mut opt = Optimizer::new(adafactor, &[(name.clone(), &p)]).unwrap();
+            for grad in &recorded.grads {
+                opt.apply(&[&p], &[Some(tensor(grad).unwrap())], &[lr])
+                    .unwrap();
+            }
+            let got = p
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let worst = got
+                .iter()
+                .zip(&recorded.after)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-6, "{name}: parameters differ by {worst}");
+            let moved = got
+                .iter()
+                .zip(&recorded.initial)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                moved > 100.0 * 1e-6,
+                "{name}: three steps moved it by {moved} only"
+            );
+            for (key, tensor) in opt.state() {
+                let key = key.strip_prefix(&format!("{name}.")).unwrap();
+                let expected: Vec<f32> =
+                    serde_json::from_value(recorded.state[key].clone()).unwrap();
+                let ours = tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert_eq!(ours.len(), expected.len(), "{name}.{key}");
+                for (a, b) in ours.iter().zip(&expected) {
+                    assert!(
+                        (a - b).abs() <= 1e-6 * b.abs().max(1e-6),
+                        "{name}.{key}: {a} vs {b}"
+                    );
+                }
+            }
         }
-        let norm = p
-            .as_tensor()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(norm < 128.0, "the loss |p|² must go down, got {norm}");
-        let state: usize = opt.state().iter().map(|(_, t)| t.elem_count()).sum();
-        assert_eq!(state, 8 + 16);
+        let matrix: usize = Optimizer::new(
+            adafactor,
+            &[(
+                "m".into(),
+                &Var::zeros((8, 16), DType::F32, &Device::Cpu).unwrap(),
+            )],
+        )
+        .unwrap()
+        .state()
+        .iter()
+        .map(|(_, t)| t.elem_count())
+        .sum();
+        assert_eq!(matrix, 8 + 16, "an [m, n] matrix keeps m + n numbers");
+    }
+
+    #[test]
+    fn format_1_adafactor_state_of_a_conv_kernel_is_converted() {
+        // Format 1 factored a [2, 3, 3, 3] kernel as [2] x [27]; the estimate it stands for is
+        // row·colᵀ/mean(row), whose per-slice means are the new row [2, 3, 3] and col [2, 3, 3].
+        let device = Device::Cpu;
+        let w = Var::zeros((2, 3, 3, 3), DType::F32, &device).unwrap();
+        let mut opt =
+            Optimizer::new(settings(OptimizerKind::Adafactor), &[("w".into(), &w)]).unwrap();
+        let old_row = Tensor::new(&[1f32, 3.0], &device).unwrap();
+        let old_col = Tensor::arange(1f32, 28.0, &device).unwrap();
+        let saved = HashMap::from([
+            ("w.exp_avg_sq_row".to_string(), old_row),
+            ("w.exp_avg_sq_col".to_string(), old_col),
+        ]);
+        opt.load_state(&saved, 7).unwrap();
+        let state: HashMap<String, Tensor> = opt.state().into_iter().collect();
+        let row = state["w.exp_avg_sq_row"].to_vec3::<f32>().unwrap();
+        let col = state["w.exp_avg_sq_col"].to_vec3::<f32>().unwrap();
+        // Estimate at (i, j, k, l) = row0[i] / 2 · (9j + 3k + l + 1).
+        let estimate = |i: usize, j: usize, k: usize, l: usize| {
+            [1.0f32, 3.0][i] / 2.0 * (9 * j + 3 * k + l + 1) as f32
+        };
+        for (i, j, k) in
+            (0..2).flat_map(|i| (0..3).flat_map(move |j| (0..3).map(move |k| (i, j, k))))
+        {
+            let mean_l = (0..3).map(|l| estimate(i, j, k, l)).sum::<f32>() / 3.0;
+            let mean_k = (0..3).map(|kk| estimate(i, j, kk, k)).sum::<f32>() / 3.0;
+            assert!((row[i][j][k] - mean_l).abs() < 1e-5, "row {i}{j}{k}");
+            assert!((col[i][j][k] - mean_k).abs() < 1e-5, "col {i}{j}{k}");
+        }
+        assert_eq!(opt.step, 7);
     }
 }

@@ -9,7 +9,7 @@ use crossbeam_channel::Receiver;
 
 use super::inbox::Inbox;
 use super::{Outbox, contain, internal_error};
-use crate::config::TrainConfig;
+use crate::config::{PredictionOverride, TrainConfig};
 use crate::lora::LoraNetwork;
 use crate::messages::{
     Event, ExportFormat, Job, LossPoint, PreviewRequest, PreviewSettings, PreviewSource, RunEnd,
@@ -19,7 +19,7 @@ use crate::models::pipeline::{GenerateRequest, StableDiffusion, to_rgb8};
 use crate::models::schedulers::{NoiseSource, SamplerKind, SeededNoise};
 use crate::train::{
     CancelToken, Flow, LiveRun, LoadedBase, StepReport, TrainError, TrainPlan, TrainReporter,
-    TrainStop, export_checkpoint, load_base, network_from_checkpoint, train_on,
+    TrainStop, export_checkpoint_on, export_kept, load_base, network_from_checkpoint, train_on,
 };
 
 /// The engine's state between jobs.
@@ -34,7 +34,9 @@ struct Engine {
 struct BaseKey {
     path: PathBuf,
     device: String,
-    config_dtype: String,
+    prediction: Option<PredictionOverride>,
+    /// The training precision asked for; previews and exports take a model in any precision.
+    precision: crate::config::MixedPrecision,
 }
 
 pub fn run(jobs: Receiver<Job>, outbox: Outbox) {
@@ -94,18 +96,28 @@ impl Engine {
                 }
             }
             Job::Export(request) => {
-                let result = self
-                    .base(&request.base_model, &request.device)
-                    .and_then(|base| {
-                        let peft = request.format == ExportFormat::KohyaAndPeft;
-                        export_checkpoint(
-                            base,
-                            &request.checkpoint,
-                            &request.output,
-                            request.precision,
-                            peft,
-                        )
-                    });
+                let peft = request.format == ExportFormat::KohyaAndPeft;
+                let result = export_kept(
+                    &request.checkpoint,
+                    &request.output,
+                    request.precision,
+                    peft,
+                )
+                .transpose()
+                .unwrap_or_else(|| {
+                    let base = self.base(
+                        &request.base_model,
+                        &request.device,
+                        request.prediction_type,
+                    )?;
+                    export_checkpoint_on(
+                        base,
+                        &request.checkpoint,
+                        &request.output,
+                        request.precision,
+                        peft,
+                    )
+                });
                 match result {
                     Ok(path) => {
                         let copied_to = request.copy_to.as_deref().map(|dir| copy_into(&path, dir));
@@ -124,23 +136,43 @@ impl Engine {
         }
     }
 
-    /// The base model for previews and exports, loaded once and kept.
-    fn base(&mut self, path: &Path, device: &str) -> Result<&mut LoadedBase, TrainError> {
+    /// The base model for previews and exports, loaded once and kept: the one training used when the path,
+    /// device and prediction type agree, whatever its precision.
+    fn base(
+        &mut self,
+        path: &Path,
+        device: &str,
+        prediction_type: Option<PredictionOverride>,
+    ) -> Result<&mut LoadedBase, TrainError> {
         let config = TrainConfig {
             base_model: path.to_path_buf(),
             device: device.to_string(),
+            prediction_type,
             ..Default::default()
         };
-        self.base_for(&config)
+        self.base_for(&config, true)
     }
 
-    fn base_for(&mut self, config: &TrainConfig) -> Result<&mut LoadedBase, TrainError> {
+    /// The base model `config` trains on (in its precision unless `any_precision`), loaded when the one
+    /// kept differs.
+    fn base_for(
+        &mut self,
+        config: &TrainConfig,
+        any_precision: bool,
+    ) -> Result<&mut LoadedBase, TrainError> {
         let key = BaseKey {
             path: config.base_model.clone(),
             device: config.device.clone(),
-            config_dtype: format!("{:?}/{:?}", config.mixed_precision, config.prediction_type),
+            prediction: config.prediction_type,
+            precision: config.mixed_precision,
         };
-        if self.base.as_ref().is_none_or(|(k, _)| *k != key) {
+        let usable = |kept: &BaseKey| {
+            kept.path == key.path
+                && kept.device == key.device
+                && kept.prediction == key.prediction
+                && (any_precision || kept.precision == key.precision)
+        };
+        if self.base.as_ref().is_none_or(|(k, _)| !usable(k)) {
             self.base = None; // free the old model before loading the next
             self.outbox.send(Event::Stage {
                 stage: "loading the base model".into(),
@@ -166,7 +198,11 @@ impl Engine {
     /// Renders a preview with the base model; a `cancellable` one is abandoned when a newer request
     /// arrives.
     fn preview(&mut self, request: &PreviewRequest, cancellable: bool) -> Result<(), TrainError> {
-        self.base(&request.base_model, &request.device)?;
+        self.base(
+            &request.base_model,
+            &request.device,
+            request.prediction_type,
+        )?;
         let (Some((_, base)), inbox) = (&self.base, &mut self.inbox) else {
             return Ok(());
         };
@@ -184,7 +220,7 @@ impl Engine {
         let mut inbox = std::mem::replace(&mut self.inbox, Inbox::new(crossbeam_channel::never()));
         let mut deferred = Vec::new();
         let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.base_for(config).and_then(|base| {
+            self.base_for(config, false).and_then(|base| {
                 let device = base.device.clone();
                 let mut reporter = EngineReporter {
                     outbox: outbox.clone(),

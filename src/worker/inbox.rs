@@ -64,6 +64,7 @@ mod tests {
             id,
             base_model: "m".into(),
             device: "cpu".into(),
+            prediction_type: None,
             source: PreviewSource::Live,
             settings: PreviewSettings::default(),
         })

@@ -72,8 +72,25 @@ pub fn max_abs(a: &Tensor) -> f64 {
         .unwrap()
 }
 
-/// Asserts `actual` matches `expected` to within `tolerance` (max abs), printing both scales on failure.
+/// How far above a comparison's tolerance a reference must reach to be worth comparing with: a reference
+/// near zero would let any result that is also near zero pass.
+pub const NON_TRIVIAL_FACTOR: f64 = 100.0;
+
+/// Asserts `expected` is non-trivial at `tolerance`: its largest value is [`NON_TRIVIAL_FACTOR`] times the
+/// tolerance or more.
+pub fn assert_non_trivial(what: &str, expected: &Tensor, tolerance: f64) {
+    let scale = max_abs(expected);
+    assert!(
+        scale >= NON_TRIVIAL_FACTOR * tolerance,
+        "{what}: the reference (max abs {scale:.3e}) is too close to zero to test anything at tolerance \
+         {tolerance:.1e}"
+    );
+}
+
+/// Asserts `actual` matches `expected` to within `tolerance` (max abs), printing both scales on failure,
+/// and that `expected` is non-trivial at that tolerance.
 pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, tolerance: f64) {
+    assert_non_trivial(what, expected, tolerance);
     let diff = max_abs_diff(actual, expected);
     eprintln!(
         "{what}: max abs diff {diff:.3e} (reference max abs {:.3e})",
@@ -84,6 +101,34 @@ pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, tolerance: f
         "{what}: max abs diff {diff:.3e} exceeds {tolerance:.1e} (reference max abs {:.3e})",
         max_abs(expected)
     );
+}
+
+/// Runs the tests named (exactly) in this test binary again, in a child process with the device-generic
+/// kernels forced on the CPU (`LORA_STUDIO_GENERIC_KERNELS=1`: the candle-op paths CUDA and Metal take), and
+/// asserts they pass there too. Inside that child it does nothing.
+pub fn rerun_with_generic_kernels(tests: &[&str]) {
+    use lora_studio::kernels::GENERIC_KERNELS_ENV;
+    if std::env::var_os(GENERIC_KERNELS_ENV).is_some() {
+        return;
+    }
+    let binary = std::env::current_exe().unwrap();
+    let status = std::process::Command::new(binary)
+        .args(tests)
+        .args(["--exact", "--nocapture"])
+        .env(GENERIC_KERNELS_ENV, "1")
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "with the device-generic kernels, some of {tests:?} failed (their output is above)"
+    );
+}
+
+/// Asserts the kernels follow the switch [`rerun_with_generic_kernels`] sets.
+pub fn assert_kernels_follow_the_switch() {
+    use lora_studio::kernels::{GENERIC_KERNELS_ENV, cpu_kernels};
+    let forced = std::env::var_os(GENERIC_KERNELS_ENV).is_some_and(|v| v != "0");
+    assert_eq!(cpu_kernels(&Device::Cpu), !forced);
 }
 
 /// Writes `count` small PNG images with a `metadata.csv` of captions into `dir` and returns it.

@@ -56,6 +56,23 @@ pub struct ModelConfig {
     pub scheduler: SchedulerConfig,
     /// The token id prompts are padded with (`<|endoftext|>` for SD1, `!` = 0 for SD2).
     pub pad_token: u32,
+    /// How `scheduler.prediction_type` was (or is to be) decided.
+    pub prediction_origin: PredictionOrigin,
+}
+
+/// How a model's prediction type (noise or velocity) is decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PredictionOrigin {
+    /// A config file says so (`scheduler/scheduler_config.json`, the `.yaml` beside a single file).
+    Config,
+    /// Nothing says so and the family leaves no doubt (SD1 predicts noise), or diffusers' default applies
+    /// (a folder without a scheduler config).
+    Default,
+    /// An SD2 single file without a config: SD 2.x-base predicts noise, SD 2.x (768) velocity, and their
+    /// tensors look alike, so a test prediction of the loaded UNet decides, as AUTOMATIC1111 does.
+    TestPrediction,
+    /// The user's `prediction_type` (or `--prediction`).
+    Override,
 }
 
 /// How the model's files are laid out.
@@ -149,6 +166,7 @@ impl ModelSource {
     /// Overrides what the model is taken to predict (for checkpoints without a config saying so).
     pub fn set_prediction_type(&mut self, prediction: PredictionType) {
         self.config.scheduler.prediction_type = prediction;
+        self.config.prediction_origin = PredictionOrigin::Override;
     }
 
     pub fn load_unet(
@@ -245,7 +263,13 @@ fn open_single_file(path: &Path) -> Result<ModelSource, ModelError> {
         TextEncoderLayout::OpenClip => ModelFamily::Sd2,
         TextEncoderLayout::Clip => ModelFamily::Sd1,
     };
-    // Without a config, SD2 checkpoints are taken as the 768-px v-prediction model, as diffusers does.
+    // Without a config, an SD2 checkpoint's prediction type is decided by a test prediction once its UNet
+    // is loaded (until then it counts as the 768-px v-prediction model, as diffusers takes it).
+    let prediction_origin = match (&sidecars.scheduler, family) {
+        (Some(_), _) => PredictionOrigin::Config,
+        (None, ModelFamily::Sd2) => PredictionOrigin::TestPrediction,
+        (None, ModelFamily::Sd1) => PredictionOrigin::Default,
+    };
     let scheduler = sidecars.scheduler.unwrap_or_else(|| SchedulerConfig {
         prediction_type: if family == ModelFamily::Sd2 {
             PredictionType::VPrediction
@@ -282,6 +306,7 @@ fn open_single_file(path: &Path) -> Result<ModelSource, ModelError> {
             text_encoder,
             scheduler,
             pad_token: default_pad_token(family),
+            prediction_origin,
         },
         config_files: sidecars.sources,
     })
@@ -342,10 +367,15 @@ fn open_diffusers(folder: &Path) -> Result<ModelSource, ModelError> {
     let vae = VaeConfig::from_diffusers_json(&read_config("vae", "config.json")?)?;
     let text_encoder =
         ClipTextConfig::from_transformers_json(&read_config("text_encoder", "config.json")?)?;
-    let scheduler = if folder.join("scheduler/scheduler_config.json").is_file() {
-        SchedulerConfig::from_diffusers_json(&read_config("scheduler", "scheduler_config.json")?)?
+    let (scheduler, prediction_origin) = if folder.join("scheduler/scheduler_config.json").is_file()
+    {
+        let text = read_config("scheduler", "scheduler_config.json")?;
+        (
+            SchedulerConfig::from_diffusers_json(&text)?,
+            PredictionOrigin::Config,
+        )
     } else {
-        SchedulerConfig::default()
+        (SchedulerConfig::default(), PredictionOrigin::Default)
     };
     let family =
         if text_encoder.hidden_act == ClipActivation::Gelu || unet.cross_attention_dim == 1024 {
@@ -376,6 +406,7 @@ fn open_diffusers(folder: &Path) -> Result<ModelSource, ModelError> {
             text_encoder,
             scheduler,
             pad_token,
+            prediction_origin,
         },
         config_files,
     })

@@ -9,10 +9,10 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use std::sync::Arc;
 
+use crate::kernels::silu;
 use crate::lora::{AdaptableConv2d, AdaptableLinear, AdapterSlot, LayerBuilder, LayerRegistry};
 use crate::models::checkpointing::{CheckpointGrads, trainable_anchor};
 use crate::models::nn::GroupNorm;
-use crate::models::ops::silu;
 use blocks::{BlockInputs, BlockShape, DownBlock, LevelAttention, MidBlock, UpBlock, UpChannels};
 pub use config::UNetConfig;
 

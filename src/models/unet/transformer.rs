@@ -3,9 +3,9 @@
 
 use candle_core::{Result, Tensor};
 
+use crate::kernels::geglu;
 use crate::lora::{AdaptableConv2d, AdaptableLinear, LayerBuilder};
 use crate::models::nn::{GroupNorm, LayerNorm, attention};
-use crate::models::ops::geglu;
 
 /// Multi-head attention with separate q/k/v projections and an output projection (`to_out.0`).
 #[derive(Debug, Clone)]

@@ -9,7 +9,8 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, Layout, MetalStorage, Result, Shape, Storage, Tensor,
+    CpuStorage, CudaStorage, CustomOp1, Device, Layout, MetalStorage, Result, Shape, Storage,
+    Tensor,
 };
 
 use super::tied::{TiedBackward, tie};
@@ -119,10 +120,15 @@ impl CustomOp1 for FrozenMatmul {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (weight, w_layout) = self.weight.storage_and_layout();
         match &*weight {
-            Storage::Cpu(w) => match super::few_rows::try_matmul(storage, layout, w, w_layout) {
-                Some(product) => Ok(product),
-                None => Self::forward(storage, layout, w, w_layout),
-            },
+            Storage::Cpu(w) => {
+                let few_rows = super::cpu_kernels(&Device::Cpu)
+                    .then(|| super::few_rows::try_matmul(storage, layout, w, w_layout))
+                    .flatten();
+                match few_rows {
+                    Some(product) => Ok(product),
+                    None => Self::forward(storage, layout, w, w_layout),
+                }
+            }
             _ => candle_core::bail!("frozen linear: the weight is not on the CPU"),
         }
     }
@@ -196,7 +202,7 @@ fn flipped_transposed(kernel: &Tensor) -> Result<Tensor> {
     if k_h == 1 && k_w == 1 {
         return kernel.transpose(0, 1)?.contiguous();
     }
-    if kernel.device().is_cpu() {
+    if super::cpu_kernels(kernel.device()) {
         return kernel.contiguous()?.apply_op1_no_bwd(&FlipTranspose);
     }
     let reversed =

@@ -14,7 +14,7 @@ use candle_core::{D, DType, Device, Result, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::flash_attention::{self, AttentionDims, Element};
-use crate::lora::{Ready, TiedBackward, tie};
+use super::tied::{Ready, TiedBackward, tie};
 
 /// Elements of one chunk's score matrix at most (128 MB in f32).
 const CHUNK_ELEMENTS: usize = 32 << 20;
@@ -57,7 +57,7 @@ fn merge_heads(t: &Tensor) -> Result<Tensor> {
 
 /// Whether the tiled CPU kernel ([`flash_attention`]) computes this attention.
 fn runs_on_cpu_kernel(q: &Tensor) -> bool {
-    q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64)
+    super::cpu_kernels(q.device()) && matches!(q.dtype(), DType::F32 | DType::F64)
 }
 
 /// The kernel's sizes for token-layout `q` `[batch, q_len, heads·d]` and `k` `[batch, kv_len, heads·d]`.

@@ -57,16 +57,34 @@ pub fn erf_f32(x: f32) -> f32 {
     if magnitude < 0.5 { series } else { tail }
 }
 
-/// Runs `kernel` compiled for AVX2 and FMA when `avx2` says the CPU has them (from [`has_avx2`]), so
-/// that the loops it inlines vectorise eight lanes wide.
+/// The vector instructions the CPU was found to have. Only [`Simd::detect`] makes one, so a [`Simd`] that
+/// says AVX2 is proof that feature detection saw AVX2 and FMA: [`vectorised`] relies on it for soundness.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Simd {
+    avx2_fma: bool,
+}
+
+impl Simd {
+    /// Asks the CPU (a cached check after the first call).
+    pub(crate) fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        let avx2_fma = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        #[cfg(not(target_arch = "x86_64"))]
+        let avx2_fma = false;
+        Self { avx2_fma }
+    }
+}
+
+/// Runs `kernel` compiled for AVX2 and FMA when the CPU has them, so that the loops it inlines vectorise
+/// eight lanes wide; elsewhere as plain code.
 #[inline(always)]
-pub(crate) fn vectorised<R>(avx2: bool, kernel: impl FnOnce() -> R) -> R {
+pub(crate) fn vectorised<R>(simd: Simd, kernel: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
-    if avx2 {
-        // SAFETY: `avx2` is only true on CPUs with the features the function is compiled for.
+    if simd.avx2_fma {
+        // SAFETY: a `Simd` with `avx2_fma` set comes only from `Simd::detect` on a CPU that has both.
         return unsafe { with_avx2(kernel) };
     }
-    let _ = avx2;
+    let _ = simd;
     kernel()
 }
 
@@ -74,18 +92,6 @@ pub(crate) fn vectorised<R>(avx2: bool, kernel: impl FnOnce() -> R) -> R {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn with_avx2<R>(kernel: impl FnOnce() -> R) -> R {
     kernel()
-}
-
-/// Whether the CPU has AVX2 and FMA.
-pub(crate) fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 #[cfg(test)]

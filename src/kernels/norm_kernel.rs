@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::fast_math::{has_avx2, vectorised};
+use super::fast_math::{Simd, vectorised};
 
 /// Which scale and shift each element of a row takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,7 +139,7 @@ pub(super) fn forward(
     if row_len == 0 {
         return (output, means, inverse_stds);
     }
-    let avx2 = has_avx2();
+    let simd = Simd::detect();
     output
         .par_chunks_mut(row_len)
         .zip(x.par_chunks(row_len))
@@ -147,7 +147,7 @@ pub(super) fn forward(
         .enumerate()
         .for_each(|(row, ((output, x), (mean, inverse_std)))| {
             vectorised(
-                avx2,
+                simd,
                 #[inline(always)]
                 || {
                     let (m, r) = statistics(x, eps);
@@ -190,7 +190,7 @@ pub(super) fn backward(
     if row_len == 0 {
         return grad_x;
     }
-    let avx2 = has_avx2();
+    let simd = Simd::detect();
     grad_x
         .par_chunks_mut(row_len)
         .zip(x.par_chunks(row_len).zip(grad.par_chunks(row_len)))
@@ -198,7 +198,7 @@ pub(super) fn backward(
         .enumerate()
         .for_each(|(row, ((grad_x, (x, grad)), (&m, &r)))| {
             vectorised(
-                avx2,
+                simd,
                 #[inline(always)]
                 || {
                     let (mut sum, mut projection) = (0f64, 0f64);

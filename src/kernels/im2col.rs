@@ -52,12 +52,14 @@ pub fn conv2d(x: &Tensor, kernel: &Tensor, padding: usize, stride: usize) -> Res
 
 /// Whether [`conv2d`] and [`conv2d_input_grad`] compute `x` with a `kh`x`kw` kernel as a plain product.
 fn is_pointwise(x: &Tensor, kernel: (usize, usize), padding: usize, stride: usize) -> bool {
-    x.device().is_cpu() && kernel == (1, 1) && padding == 0 && stride == 1
+    super::cpu_kernels(x.device()) && kernel == (1, 1) && padding == 0 && stride == 1
 }
 
 /// Whether [`conv2d`] and [`conv2d_input_grad`] use the patch matrix for `x` and a `kh`x`kw` kernel.
 fn uses_patches(x: &Tensor, k_h: usize, k_w: usize) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && (k_h, k_w) != (1, 1)
+    super::cpu_kernels(x.device())
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && (k_h, k_w) != (1, 1)
 }
 
 /// The gradient of [`conv2d`]'s input `[b, in, height, width]` given the output gradient `grad`, on the CPU

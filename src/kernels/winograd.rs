@@ -21,7 +21,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
-use crate::fast_math::{has_avx2, vectorised};
+use super::fast_math::{Simd, vectorised};
 
 /// Side of an output tile.
 const TILE: usize = 4;
@@ -39,7 +39,7 @@ pub fn applies(x: &Tensor, kernel: (usize, usize), padding: usize, stride: usize
     let Ok((batch, _, height, width)) = x.dims4() else {
         return false;
     };
-    x.device().is_cpu()
+    super::cpu_kernels(x.device())
         && matches!(x.dtype(), DType::F32 | DType::F64)
         && kernel == (3, 3)
         && padding == 1
@@ -237,23 +237,33 @@ fn rows<T, const N: usize>(buffer: &[T], len: usize, first: usize, step: usize) 
     std::array::from_fn(|k| &buffer[(first + k * step) * len..][..len])
 }
 
-/// `M` consecutive `len`-long rows of `buffer`, starting at row `first`.
+/// `M` consecutive `len`-long rows of `buffer`, starting at row `first`. A row past the buffer is an indexing
+/// bug in a caller, which must not go on to leave part of an output unwritten: it panics.
 fn rows_mut<T, const M: usize>(buffer: &mut [T], len: usize, first: usize) -> [&mut [T]; M] {
+    let available = buffer.len() / len.max(1);
     let mut rows = buffer[first * len..].chunks_exact_mut(len);
-    std::array::from_fn(|_| rows.next().unwrap_or_default())
+    std::array::from_fn(|_| {
+        rows.next().unwrap_or_else(|| {
+            panic!(
+                "rows {first}..{} of {len} are past a buffer of {available} rows",
+                first + M
+            )
+        })
+    })
 }
 
-/// The `M` segments `first, first + step, …` of `segments`, each narrowed to `range`.
+/// The `M` segments `first, first + step, …` of `segments`, each narrowed to `range`. A segment past the
+/// end is an indexing bug in a caller (its elements would stay uninitialised): it panics.
 fn segments_mut<'a, T, const M: usize>(
     segments: &'a mut [&mut [T]],
     (first, step): (usize, usize),
     range: std::ops::Range<usize>,
 ) -> [&'a mut [T]; M] {
-    let mut segments = segments.iter_mut().skip(first).step_by(step);
-    std::array::from_fn(|_| {
-        segments
-            .next()
-            .map_or(&mut [][..], |segment| &mut segment[range.clone()])
+    let count = segments.len();
+    let mut picked = segments.iter_mut().skip(first).step_by(step);
+    std::array::from_fn(|k| match picked.next() {
+        Some(segment) => &mut segment[range.clone()],
+        None => panic!("segment {} is past the {count} segments", first + k * step),
     })
 }
 
@@ -318,7 +328,7 @@ impl Transform for KernelTransform {
     fn apply<T: Float + Send + Sync>(&self, kernel: &[T], dims: &[usize]) -> Vec<T> {
         let (out, inp) = (dims[0], dims[1]);
         let c = Constants::new();
-        let avx2 = has_avx2();
+        let simd = Simd::detect();
         let (rows_count, columns) = if self.flipped { (inp, out) } else { (out, inp) };
         // Scratch per task: the taps `[3, 3, columns]`, then `G·g` down the kernel rows `[3, 6, columns]`.
         let scratch_len = (9 + 3 * PATCH) * columns;
@@ -334,7 +344,7 @@ impl Transform for KernelTransform {
                 }
             }
             vectorised(
-                avx2,
+                simd,
                 #[inline(always)]
                 || {
                     for x in 0..3 {
@@ -377,7 +387,7 @@ impl Transform for InputTransform {
     fn apply<T: Float + Send + Sync>(&self, input: &[T], dims: &[usize]) -> Vec<T> {
         let channels = dims[1];
         let (count, lanes) = (self.0.count(), self.0.columns());
-        let (c, avx2) = (Constants::new(), has_avx2());
+        let (c, simd) = (Constants::new(), Simd::detect());
         // Scratch per task: an input row with a zero border, `[4·lanes + 2]`, and `d·B` of a row of tiles,
         // `[6 x-points, 6 patch rows, lanes]`.
         let scratch_len = TILE * lanes + 2 + POINTS * lanes;
@@ -387,10 +397,10 @@ impl Transform for InputTransform {
                 let plane = (image * channels + channel) * self.0.height * self.0.width;
                 let plane = &input[plane..][..self.0.height * self.0.width];
                 for tile_y in 0..self.0.rows() {
-                    self.row_of_tiles(plane, tile_y, (padded, across), (&c, avx2));
+                    self.row_of_tiles(plane, tile_y, (padded, across), (&c, simd));
                     let first_tile = (image * self.0.rows() + tile_y) * lanes;
                     vectorised(
-                        avx2,
+                        simd,
                         #[inline(always)]
                         || {
                             for x in 0..PATCH {
@@ -421,7 +431,7 @@ impl InputTransform {
         plane: &[T],
         tile_y: usize,
         (padded, across): (&mut [T], &mut [T]),
-        (c, avx2): (&Constants<T>, bool),
+        (c, simd): (&Constants<T>, Simd),
     ) {
         let (height, width) = (self.0.height, self.0.width);
         let lanes = self.0.columns();
@@ -435,7 +445,7 @@ impl InputTransform {
             }
             padded[1..=width].copy_from_slice(&plane[y * width..][..width]);
             vectorised(
-                avx2,
+                simd,
                 #[inline(always)]
                 || {
                     for t in 0..lanes {
@@ -480,7 +490,7 @@ impl Transform for OutputTransform {
             width,
         } = self.0;
         let (count, lanes) = (self.0.count(), self.0.columns());
-        let (c, avx2) = (Constants::new(), has_avx2());
+        let (c, simd) = (Constants::new(), Simd::detect());
         // Scratch per task: `Aᵀ·M` of a row of tiles, `[6 x-points, 4 rows, lanes]`, and one output row of
         // it, `[4·lanes]`.
         let scratch_len = (PATCH + 1) * TILE * lanes;
@@ -500,7 +510,7 @@ impl Transform for OutputTransform {
                                 &products[(p * channels + channel) * count + first_tile..][..lanes]
                             };
                             vectorised(
-                                avx2,
+                                simd,
                                 #[inline(always)]
                                 || {
                                     for x in 0..PATCH {
@@ -516,7 +526,7 @@ impl Transform for OutputTransform {
                                     break;
                                 }
                                 vectorised(
-                                    avx2,
+                                    simd,
                                     #[inline(always)]
                                     || {
                                         for t in 0..lanes {
@@ -651,5 +661,31 @@ mod tests {
         let x = Tensor::zeros((1, 2, 32, 32), DType::F32, &device).unwrap();
         let kernel = Tensor::zeros((0, 2, 3, 3), DType::F32, &device).unwrap();
         assert!(super::conv2d(&x, &kernel).is_err());
+    }
+
+    #[test]
+    #[should_panic(expected = "past a buffer of 3 rows")]
+    fn a_row_past_the_buffer_panics_instead_of_going_unwritten() {
+        let mut buffer = [0f32; 12];
+        let _: [&mut [f32]; 2] = super::rows_mut(&mut buffer, 4, 2);
+    }
+
+    #[test]
+    #[should_panic(expected = "segment 4 is past the 4 segments")]
+    fn a_segment_past_the_end_panics_instead_of_going_unwritten() {
+        let mut data = [0f32; 8];
+        let mut segments: Vec<&mut [f32]> = data.chunks_mut(2).collect();
+        let _: [&mut [f32]; 3] = super::segments_mut(&mut segments, (0, 2), 0..2);
+    }
+
+    #[test]
+    fn rows_and_segments_in_range_are_the_ones_asked_for() {
+        let mut buffer: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let [a, b]: [&mut [f32]; 2] = super::rows_mut(&mut buffer, 4, 1);
+        assert_eq!((a[0], b[3]), (4.0, 11.0));
+        let mut data: Vec<f32> = (0..8).map(|v| v as f32).collect();
+        let mut segments: Vec<&mut [f32]> = data.chunks_mut(2).collect();
+        let [c, d]: [&mut [f32]; 2] = super::segments_mut(&mut segments, (1, 2), 1..2);
+        assert_eq!((c[0], d[0]), (3.0, 7.0));
     }
 }

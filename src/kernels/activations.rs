@@ -12,8 +12,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use crate::fast_math::{erf_f32, exp_f32, has_avx2, vectorised};
-use crate::lora::{TiedBackward, tie};
+use super::fast_math::{Simd, erf_f32, exp_f32, vectorised};
+use super::tied::{TiedBackward, tie};
 
 /// Exact (erf) GELU, `0.5·x·(1 + erf(x/√2))`, with an exact gradient.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
@@ -152,7 +152,7 @@ impl TiedBackward for GegluBackward {
 
 /// Whether the f32 CPU kernels of GEGLU apply.
 fn has_f32_cpu_kernel(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32
+    super::cpu_kernels(x.device()) && x.dtype() == DType::F32
 }
 
 /// The f32 slice of a contiguous CPU storage.
@@ -204,12 +204,12 @@ impl CustomOp1 for GegluRows {
         let width = dims.last().copied().unwrap_or(0);
         let inner = width / 2;
         let mut out = vec![0f32; input.len() / 2];
-        let avx2 = has_avx2();
+        let simd = Simd::detect();
         out.par_chunks_mut(inner.max(1))
             .zip(input.par_chunks(width.max(1)))
             .for_each(|(out, row)| {
                 vectorised(
-                    avx2,
+                    simd,
                     #[inline(always)]
                     || geglu_row(row, out),
                 )
@@ -246,13 +246,13 @@ impl CustomOp2 for GegluGradientRows {
             candle_core::bail!("GEGLU gradient: the gradient does not match the projection");
         }
         let mut out = vec![0f32; input.len()];
-        let avx2 = has_avx2();
+        let simd = Simd::detect();
         out.par_chunks_mut(width.max(1))
             .zip(input.par_chunks(width.max(1)))
             .zip(grad.par_chunks(inner.max(1)))
             .for_each(|((out, row), grad)| {
                 vectorised(
-                    avx2,
+                    simd,
                     #[inline(always)]
                     || geglu_gradient_row(row, grad, out),
                 )
@@ -330,12 +330,12 @@ fn silu_gradient_chunk(x: &[f32], grad: &[f32], out: &mut [f32]) {
 /// SiLU of f32 values, chunks in parallel (candle's kernel runs on one thread with a library `exp`).
 fn silu_f32(x: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
-    let avx2 = has_avx2();
+    let simd = Simd::detect();
     out.par_chunks_mut(SILU_CHUNK)
         .zip(x.par_chunks(SILU_CHUNK))
         .for_each(|(out, x)| {
             vectorised(
-                avx2,
+                simd,
                 #[inline(always)]
                 || silu_chunk(x, out),
             )
@@ -346,13 +346,13 @@ fn silu_f32(x: &[f32]) -> Vec<f32> {
 /// `grad · silu'(x)` of f32 values, chunks in parallel.
 fn silu_gradient_f32(x: &[f32], grad: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
-    let avx2 = has_avx2();
+    let simd = Simd::detect();
     out.par_chunks_mut(SILU_CHUNK)
         .zip(x.par_chunks(SILU_CHUNK))
         .zip(grad.par_chunks(SILU_CHUNK))
         .for_each(|((out, x), grad)| {
             vectorised(
-                avx2,
+                simd,
                 #[inline(always)]
                 || silu_gradient_chunk(x, grad, out),
             )
@@ -376,7 +376,7 @@ fn times_derivative<T: Copy + Send + Sync + std::ops::Mul<Output = T>>(
 
 /// Whether [`ActivationGradient`] can take `x`.
 fn has_cpu_gradient(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+    super::cpu_kernels(x.device()) && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
 impl CustomOp2 for ActivationGradient {

@@ -9,12 +9,12 @@
 //! product but one is read row by row in place, which the `gemm` crate multiplies at 90-105 GFLOP/s per
 //! core at head size 40, where the query-major layout's `Pᵀ·dO` and `dSᵀ·Q` reach 55. Normalisation by the
 //! softmax sums is applied to the `rows × d` output instead of the tile. Heads run in parallel; each tile
-//! product is one single-threaded `gemm` call. The f32 exponentials use [`crate::fast_math`]'s
+//! product is one single-threaded `gemm` call. The f32 exponentials use [`super::fast_math`]'s
 //! vectorisable `exp`.
 
 use rayon::prelude::*;
 
-use crate::fast_math::exp_f32;
+use super::fast_math::{Simd, exp_f32, vectorised};
 
 /// Score elements per tile (2 MiB in f32). Measured on a 2-core machine with 1 MiB of L2 per core, 4096
 /// tokens: 32 Ki elements per tile 1.05 s forward+backward, 128 Ki 0.78 s, 512 Ki 0.70 s; the taller tiles
@@ -53,19 +53,8 @@ impl Element for f64 {
 
 impl Element for f32 {
     fn exp_shifted(row: &mut [f32], shift: &[f32], sums: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { exp_shifted_f32_avx2(row, shift, sums) };
-        }
-        exp_shifted_f32(row, shift, sums)
+        vectorised(Simd::detect(), || exp_shifted_f32(row, shift, sums))
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn exp_shifted_f32_avx2(row: &mut [f32], shift: &[f32], sums: &mut [f32]) {
-    exp_shifted_f32(row, shift, sums)
 }
 
 #[inline(always)]

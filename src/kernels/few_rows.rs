@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, Layout, Shape};
 use rayon::prelude::*;
 
-use crate::fast_math::{has_avx2, vectorised};
+use super::fast_math::{Simd, vectorised};
 
 /// The most rows of `x` this path takes; from about this many on, repacking `W` pays for itself.
 pub(crate) const MAX_ROWS: usize = 8;
@@ -51,14 +51,14 @@ pub(crate) fn try_matmul(
 
 /// `x` `[rows, inner]` times the transpose of `w` `[out, inner]`, both row-major: `[rows, out]`.
 fn matmul_transposed(x: &[f32], w: &[f32], rows: usize, inner: usize, out: usize) -> Vec<f32> {
-    let avx2 = has_avx2();
+    let simd = Simd::detect();
     // Computed feature-major (each task writes whole `[rows]` runs), then turned row-major.
     let mut by_feature = vec![0.0f32; out * rows];
     by_feature
         .par_chunks_mut(FEATURES_PER_TASK * rows)
         .zip(w.par_chunks(FEATURES_PER_TASK * inner))
         .for_each(|(results, weights)| {
-            vectorised(avx2, || {
+            vectorised(simd, || {
                 for (result, weight) in results.chunks_mut(rows).zip(weights.chunks(inner)) {
                     for (value, x_row) in result.iter_mut().zip(x.chunks(inner)) {
                         *value = dot(x_row, weight);

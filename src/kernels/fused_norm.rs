@@ -11,10 +11,10 @@
 use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
 
 use super::norm_kernel::{self, Affine, Channels};
-use crate::lora::{Ready, TiedBackward, tie};
+use super::tied::{Ready, TiedBackward, tie};
 
 /// `(x − mean)/√(var + eps)` over each row of `x` (`[rows, n]`, f32 or f64), differentiable in `x`.
-pub(super) fn normalize_rows(x: &Tensor, eps: f64) -> Result<Tensor> {
+pub fn normalize_rows(x: &Tensor, eps: f64) -> Result<Tensor> {
     let detached = x.detach().contiguous()?;
     let mean = detached.mean_keepdim(1)?;
     let centred = detached.broadcast_sub(&mean)?;
@@ -27,7 +27,7 @@ pub(super) fn normalize_rows(x: &Tensor, eps: f64) -> Result<Tensor> {
 /// (both broadcast to `x`, frozen), as one autograd node that keeps only its output: the backward pass
 /// recomputes `x̂` from the input and the row statistics, and the incoming gradient of `x̂` is
 /// `g ⊙ weight`. `x` is f32 or f64.
-pub(super) fn normalize_affine(
+pub fn normalize_affine(
     x: &Tensor,
     rows: usize,
     eps: f64,
@@ -59,7 +59,7 @@ pub(super) fn normalize_affine(
 
 /// The [`norm_kernel`] layout of `weight` over `x`, when the kernel applies (f32 on the CPU).
 fn kernel_channels(x: &Tensor, rows: usize, weight: &Tensor, bias: &Tensor) -> Option<Channels> {
-    let f32_on_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    let f32_on_cpu = |t: &Tensor| super::cpu_kernels(t.device()) && t.dtype() == DType::F32;
     if !(f32_on_cpu(x) && f32_on_cpu(weight) && f32_on_cpu(bias)) || weight.dims() != bias.dims() {
         return None;
     }

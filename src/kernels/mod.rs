@@ -1,0 +1,53 @@
+//! Compute kernels with their own backward passes, shared by every model: frozen linear and convolution
+//! layers whose backward computes only the input gradient, memory-lean attention, normalisation and
+//! activations, and the CPU fast paths behind them (im2col and Winograd convolutions, tiled attention,
+//! vectorised norms, few-row products).
+//!
+//! Each op has a device-generic path built from candle ops (what CUDA and Metal run) and, for f32/f64 on
+//! the CPU, the project's own kernels. [`cpu_kernels`] decides between them in one place, so the generic
+//! paths can be forced on the CPU (`LORA_STUDIO_GENERIC_KERNELS=1`, or [`force_generic_paths`]) and tested
+//! there. Knows nothing about adapters, models or training: must not use lora, models, train or worker.
+
+mod activations;
+mod fast_math;
+mod few_rows;
+mod flash_attention;
+mod frozen;
+mod fused_attention;
+mod fused_norm;
+mod im2col;
+mod norm_kernel;
+mod tied;
+mod winograd;
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::Device;
+
+pub use activations::{geglu, gelu, silu};
+pub use frozen::{frozen_affine, frozen_conv2d, frozen_linear};
+pub use fused_attention::fused_attention;
+pub use fused_norm::{normalize_affine, normalize_rows};
+pub(crate) use tied::{TiedBackward, tie};
+
+/// The environment variable that, set to anything but `0`, makes the CPU take the device-generic paths.
+pub const GENERIC_KERNELS_ENV: &str = "LORA_STUDIO_GENERIC_KERNELS";
+
+/// Set by [`force_generic_paths`].
+static GENERIC_FORCED: AtomicBool = AtomicBool::new(false);
+
+/// Makes every op in this process take its device-generic path (candle ops), as on CUDA and Metal, also on
+/// the CPU. For tests of those paths; there is no way back.
+pub fn force_generic_paths() {
+    GENERIC_FORCED.store(true, Ordering::Relaxed);
+}
+
+/// Whether the project's CPU kernels compute on `device`: on the CPU, unless the generic paths are forced.
+pub fn cpu_kernels(device: &Device) -> bool {
+    static FROM_ENV: OnceLock<bool> = OnceLock::new();
+    let from_env = *FROM_ENV.get_or_init(|| {
+        std::env::var_os(GENERIC_KERNELS_ENV).is_some_and(|v| !v.is_empty() && v != "0")
+    });
+    device.is_cpu() && !(from_env || GENERIC_FORCED.load(Ordering::Relaxed))
+}

@@ -1,0 +1,70 @@
+//! What a kind of training brings to the model-agnostic loop ([`super::trainer`]): its adapters, the order
+//! of its batches, the loss of one batch, sample previews, and what its export holds. The loop owns
+//! everything else (optimizer, schedule, accumulation, precision, checkpoints, resume, logs, reporting), so a
+//! new model family adds a task, never a copy of the loop.
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+use rand_chacha::ChaCha8Rng;
+
+use super::TrainError;
+use super::export::ExportContents;
+use super::report::{LiveRun, TrainReporter};
+use super::tensorboard::EventWriter;
+use crate::lora::LoraNetwork;
+
+/// Where a run stands when its adapters are exported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExportPoint {
+    /// Optimizer steps completed.
+    pub steps: u64,
+    /// The (1-based) epoch those steps reach.
+    pub epoch: u64,
+    /// Unix seconds when the run (not a resume of it) started.
+    pub started_at: u64,
+}
+
+/// One kind of training (diffusion for Stable Diffusion; others to come) as the loop drives it.
+pub trait TrainingTask {
+    /// One micro-batch: whatever the task needs to find its examples.
+    type Batch;
+
+    /// The adapters being trained, attached to the model.
+    fn network(&self) -> &LoraNetwork;
+
+    /// Examples in the dataset, and examples per epoch (with repeats).
+    fn examples(&self) -> (usize, usize);
+
+    /// A hash of what the dataset holds, to tell on resume whether it changed.
+    fn fingerprint(&self) -> Result<String, TrainError>;
+
+    /// The micro-batches of epoch `epoch` (0-based) in training order; the same for the same epoch, so a
+    /// resumed run continues exactly.
+    fn epoch_batches(&self, epoch: u64) -> Vec<Self::Batch>;
+
+    /// The loss of one micro-batch (a scalar f32 tensor with its graph), drawing any randomness from `rng`.
+    fn loss(&mut self, batch: &Self::Batch, rng: &mut ChaCha8Rng) -> Result<Tensor, TrainError>;
+
+    /// The gradient of `var` after a backward pass, in f32 and detached (a task may add what recomputed
+    /// blocks collected outside `grads`).
+    fn gradient(&self, grads: &GradStore, var: &Var) -> candle_core::Result<Option<Tensor>> {
+        grads
+            .get(var)
+            .map(|g| g.detach().to_dtype(candle_core::DType::F32))
+            .transpose()
+    }
+
+    /// Renders the configured sample previews after `step` steps.
+    fn render_samples(
+        &mut self,
+        step: u64,
+        events: Option<&mut EventWriter>,
+        reporter: &mut dyn TrainReporter,
+    ) -> Result<(), TrainError>;
+
+    /// What the run offers a reporter between steps (previews with the adapters as they are).
+    fn live(&self, step: u64) -> LiveRun<'_>;
+
+    /// The adapters as plain LoRA modules with the file's metadata, as of `point`.
+    fn export_contents(&self, point: ExportPoint) -> Result<ExportContents, TrainError>;
+}
