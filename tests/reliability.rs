@@ -81,21 +81,41 @@ fn assert_whole(output: &Path) -> (Option<u64>, Vec<String>) {
     (newest, temporaries)
 }
 
-/// Runs `lora-studio train` until it exits or `after` passes, then sends `signal` (a `libc::SIG*`);
+/// Runs `lora-studio train` until it exits or `when` says so, then sends `signal` (a `libc::SIG*`);
 /// returns the exit status and whether the signal was sent.
-fn run_and_signal(command: &mut Command, after: Duration, signal: i32) -> (ExitStatus, bool) {
+fn run_and_signal_when(
+    command: &mut Command,
+    mut when: impl FnMut() -> bool,
+    signal: i32,
+) -> (ExitStatus, bool) {
     let mut child = command.spawn().unwrap();
-    let deadline = std::time::Instant::now() + after;
-    while std::time::Instant::now() < deadline {
+    loop {
         if let Some(status) = child.try_wait().unwrap() {
             return (status, false);
         }
-        std::thread::sleep(Duration::from_millis(10));
+        if when() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
     // SAFETY: `kill` only sends a signal to the child, which has not been waited for, so its pid is its own.
     let sent = unsafe { libc::kill(child.id() as libc::pid_t, signal) };
     assert_eq!(sent, 0, "the signal could not be sent");
     (child.wait().unwrap(), true)
+}
+
+/// [`run_and_signal_when`] `after` has passed.
+fn run_and_signal(command: &mut Command, after: Duration, signal: i32) -> (ExitStatus, bool) {
+    let deadline = std::time::Instant::now() + after;
+    run_and_signal_when(command, || std::time::Instant::now() >= deadline, signal)
+}
+
+/// Whether a checkpoint is being written in `output` (its hidden staging folder exists).
+fn saving(output: &Path) -> bool {
+    std::fs::read_dir(output).into_iter().flatten().flatten().any(|entry| {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        name.starts_with(".checkpoint-") && name.contains(".tmp-")
+    })
 }
 
 #[test]
@@ -106,6 +126,25 @@ fn killed_at_random_moments_training_resumes_from_a_whole_checkpoint_every_time(
     let log = dir.path().join("train.log");
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let (mut kills, mut during_saves, mut newest) = (0, 0, None);
+    // Kills aimed at a save in progress: the staging folder is seen, the process dies at once.
+    for _ in 0..10 {
+        let mut command = train_command(&config_path, &config.output_dir, &log);
+        let (_, killed) =
+            run_and_signal_when(&mut command, || saving(&config.output_dir), libc::SIGKILL);
+        assert!(killed, "the run ended before a save was seen");
+        kills += 1;
+        let (step, temporaries) = assert_whole(&config.output_dir);
+        newest = step;
+        if !temporaries.is_empty() {
+            during_saves += 1;
+            break;
+        }
+    }
+    assert!(
+        during_saves > 0,
+        "no kill landed while a checkpoint was half-written"
+    );
+    // And at random moments.
     for _ in 0..20 {
         let after = Duration::from_millis(rng.random_range(100..1500));
         let mut command = train_command(&config_path, &config.output_dir, &log);

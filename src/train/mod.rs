@@ -1,5 +1,5 @@
-//! Training: one model-agnostic loop ([`trainer`]: optimizer, learning-rate schedule, accumulation,
-//! precision, resumable checkpoints, TensorBoard logs) driving a task per kind of model ([`task`]; the
+//! Training: one model-agnostic loop (`trainer`: optimizer, learning-rate schedule, accumulation,
+//! precision, resumable checkpoints, TensorBoard logs) driving a task per kind of model (`task`; the
 //! diffusion task for Stable Diffusion), and the LoRA export. It reports through [`TrainReporter`] so the
 //! terminal and the app's worker drive the same code. Must not use egui, messages or worker.
 

@@ -57,7 +57,8 @@ pub struct WorkerHandle {
 }
 
 impl WorkerHandle {
-    /// Starts both threads. `wake` is called after every event (the app passes its repaint request).
+    /// Starts the engine, files and captioner threads. `wake` is called after every event (the app passes its
+    /// repaint request).
     pub fn spawn(wake: Arc<dyn Fn() + Send + Sync>) -> std::io::Result<(Self, Receiver<Event>)> {
         let (event_tx, event_rx) = crossbeam_channel::bounded(EVENT_CAPACITY);
         let outbox = Outbox::new(event_tx, wake);
