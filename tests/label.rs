@@ -176,6 +176,37 @@ fn label_writes_a_csv_the_dataset_loader_reads_and_keeps_existing_captions() {
 }
 
 #[test]
+fn label_fills_a_csv_whose_file_name_column_is_not_first_and_keeps_its_other_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let original = "\u{feff}text,score,file_name\r\n\"my own, words\",5,a.png\r\n";
+    std::fs::write(data.join("metadata.csv"), original).unwrap();
+    let data_arg = data.display().to_string();
+    let out = label(&["--input", &data_arg, "--model", &blip_dir()], &[]);
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("captioning 2 images (2 already have a caption)"),
+        "{log}"
+    );
+    let csv = std::fs::read_to_string(data.join("metadata.csv")).unwrap();
+    let added = csv
+        .strip_prefix(original)
+        .unwrap_or_else(|| panic!("{csv:?}"));
+    let rows: Vec<&str> = added.split_terminator("\r\n").collect();
+    assert_eq!(rows.len(), 2, "{csv:?}");
+    for (row, name) in rows.iter().zip(["b.png", "3_style/d.png"]) {
+        assert!(row.ends_with(&format!(",,{name}")), "{csv:?}");
+    }
+    let captions = scanned_captions(&data);
+    assert_eq!(captions["a.png"], "my own, words");
+    assert_eq!(captions["c.png"], "my own words");
+    for name in ["b.png", "3_style/d.png"] {
+        assert!(!captions[name].is_empty(), "{name}: {captions:?}");
+    }
+}
+
+#[test]
 fn label_writes_sidecars_and_resumes_where_it_stopped() {
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(dir.path());

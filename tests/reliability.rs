@@ -112,10 +112,14 @@ fn run_and_signal(command: &mut Command, after: Duration, signal: i32) -> (ExitS
 
 /// Whether a checkpoint is being written in `output` (its hidden staging folder exists).
 fn saving(output: &Path) -> bool {
-    std::fs::read_dir(output).into_iter().flatten().flatten().any(|entry| {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        name.starts_with(".checkpoint-") && name.contains(".tmp-")
-    })
+    std::fs::read_dir(output)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            name.starts_with(".checkpoint-") && name.contains(".tmp-")
+        })
 }
 
 #[test]

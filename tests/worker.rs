@@ -3,7 +3,9 @@
 
 mod common;
 
+use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{fixture, make_dataset, tiny_config};
@@ -391,4 +393,171 @@ fn previews_and_exports_keep_the_prediction_type_override_and_need_no_base_or_da
             .join("exports/kept_diffusers/pytorch_lora_weights.safetensors")
             .is_file()
     );
+}
+
+#[test]
+fn captions_typed_while_auto_captioning_into_the_same_csv_are_all_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let images = 200u32;
+    let names: Vec<String> = (0..images).map(|i| format!("img{i:03}.png")).collect();
+    for (i, name) in (0u32..).zip(&names) {
+        let image = image::RgbImage::from_fn(24, 20, |x, y| {
+            image::Rgb([(x * 9 + i) as u8, (y * 11) as u8, (i * 7) as u8])
+        });
+        image.save(data.join(name)).unwrap();
+    }
+    let csv = data.join("metadata.csv");
+    std::fs::write(&csv, "file_name,text\n").unwrap();
+    let (worker, events) = WorkerHandle::spawn(Arc::new(|| {})).unwrap();
+    worker.send(Job::AutoCaption(
+        lora_studio::messages::AutoCaptionRequest {
+            root: data.clone(),
+            models: vec![fixture("captioners/blip").display().to_string()],
+            prefix: None,
+            overwrite: false,
+            metadata_csv: Some(csv.clone()),
+            caption_extension: ".txt".into(),
+            device: "cpu".into(),
+        },
+    ));
+    // Once the run is under way, every other image is captioned by hand, last image first; the first 40
+    // images are typed only once the captioner has passed them. So some edits come before the captioner
+    // reaches their image and some after. Each caption is typed in steps, and the app saves every step.
+    let typed: Vec<(String, String)> = names
+        .iter()
+        .rev()
+        .step_by(2)
+        .map(|name| (name.clone(), format!("typed by hand for {name}")))
+        .collect();
+    let typed_late = typed
+        .iter()
+        .position(|(name, _)| *name < names[40])
+        .unwrap();
+    // How many images the captioner has passed: one more than the highest it captioned.
+    let passed = Arc::new(AtomicUsize::new(0));
+    let mut auto_captions = std::collections::HashMap::new();
+    let (mut saved, mut errors, mut ended) = (0, Vec::new(), None);
+    let (mut typist, mut saves_sent) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // A save that fails sends an error instead of `CaptionSaved`.
+    while ended.is_none() || saves_sent.is_none_or(|sent| saved + errors.len() < sent) {
+        assert!(
+            Instant::now() < deadline,
+            "the run or the saves did not end"
+        );
+        if typist
+            .as_ref()
+            .is_some_and(|t: &std::thread::JoinHandle<usize>| t.is_finished())
+        {
+            saves_sent = typist.take().map(|t| t.join().unwrap());
+        }
+        match events.recv_timeout(Duration::from_millis(100)) {
+            Ok(Event::AutoCaptioned {
+                relative, caption, ..
+            }) => {
+                let index = names.iter().position(|n| relative == Path::new(n)).unwrap();
+                passed.fetch_max(index + 1, Ordering::SeqCst);
+                auto_captions.insert(relative.display().to_string(), caption);
+                if typist.is_none() && saves_sent.is_none() {
+                    let (worker, typed, csv) = (worker.clone(), typed.clone(), csv.clone());
+                    let passed = passed.clone();
+                    typist = Some(std::thread::spawn(move || {
+                        let (early, late) = typed.split_at(typed_late);
+                        let saves = type_captions(&worker, early, &csv);
+                        let waited = Instant::now();
+                        while passed.load(Ordering::SeqCst) <= 40
+                            && waited.elapsed() < Duration::from_secs(60)
+                        {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        saves + type_captions(&worker, late, &csv)
+                    }));
+                }
+            }
+            Ok(Event::CaptionSaved { .. }) => saved += 1,
+            Ok(Event::Error { message, .. }) => errors.push(message),
+            Ok(Event::AutoCaptionEnded {
+                captioned, kept, ..
+            }) => {
+                passed.store(names.len(), Ordering::SeqCst);
+                ended = Some((captioned, kept));
+            }
+            _ => {}
+        }
+    }
+    let (captioned, kept) = ended.unwrap();
+    let typed_over = typed
+        .iter()
+        .filter(|(name, _)| auto_captions.contains_key(name))
+        .count();
+    eprintln!(
+        "{captioned} captioned, {kept} kept as typed before the captioner came; {typed_over} typed over an auto-caption; {saved} saves, {} errors",
+        errors.len()
+    );
+    let on_disk: std::collections::HashMap<String, String> =
+        lora_studio::data::captions::read_metadata_csv(&csv, &data)
+            .unwrap()
+            .into_iter()
+            .map(|(path, caption)| (path.display().to_string(), caption))
+            .collect();
+    let typed: std::collections::HashMap<String, String> = typed.into_iter().collect();
+    let wrong: Vec<String> = names
+        .iter()
+        .filter_map(|name| {
+            let expected = typed.get(name).or(auto_captions.get(name));
+            (expected.is_none() || on_disk.get(name) != expected)
+                .then(|| format!("{name}: {:?} instead of {expected:?}", on_disk.get(name)))
+        })
+        .collect();
+    assert!(
+        errors.is_empty() && wrong.is_empty(),
+        "{} errors, first {:?}; {} of {images} images without their caption, first {:?}",
+        errors.len(),
+        errors.first(),
+        wrong.len(),
+        wrong.first()
+    );
+    assert_eq!(captioned + kept, images as usize);
+    assert!(
+        kept > 0 && typed_over > 0,
+        "the edits did not interleave with the run, so the test checked nothing"
+    );
+    assert_eq!(auto_captions.len(), captioned);
+    let rows = std::fs::read_to_string(&csv).unwrap().lines().count();
+    assert_eq!(
+        rows,
+        1 + images as usize,
+        "one header and one row per image"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&data)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// Types `typed` (image, caption) into the app's caption editor word by word, saving every step as the app
+/// does, into `csv`; returns the number of saves sent.
+fn type_captions(worker: &WorkerHandle, typed: &[(String, String)], csv: &Path) -> usize {
+    let mut saves = 0;
+    for (name, caption) in typed {
+        let words: Vec<&str> = caption.split(' ').collect();
+        for typed_words in 1..=words.len() {
+            worker.send(Job::SaveCaption {
+                root: csv.parent().unwrap().to_path_buf(),
+                relative: name.into(),
+                caption: words[..typed_words].join(" "),
+                origin: CaptionOrigin::None,
+                metadata_csv: Some(csv.to_path_buf()),
+                caption_extension: ".txt".into(),
+            });
+            saves += 1;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    saves
 }

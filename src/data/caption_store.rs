@@ -1,11 +1,15 @@
-//! Saving edited captions back to where they came from, atomically: a caption from `metadata.csv` is
-//! rewritten there (every other row kept as it was), one from a sidecar in its sidecar, and a new caption
-//! goes to the dataset's `metadata.csv` if it has one, else to a `.txt` sidecar.
+//! Saving captions back to where they came from, atomically and one save at a time: a caption from
+//! `metadata.csv` is rewritten there (every other row kept byte for byte), one from a sidecar in its sidecar,
+//! and a new caption goes to the dataset's `metadata.csv` if it has one, else to a `.txt` sidecar. Every
+//! caption write of the program (edits in the app, auto-captioning in the app and in `lora-studio label`)
+//! goes through `save_caption`. Must not modify images.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use super::DataError;
 use super::captions::CaptionSource;
+use super::metadata_csv::MetadataCsv;
 use crate::atomic_file::write_atomically;
 
 /// Where one image's caption is saved.
@@ -44,113 +48,82 @@ pub fn caption_target(
     }
 }
 
-/// Writes `caption` for `relative` (a path relative to the dataset folder) to `target`.
+/// What a save does where the image already has a caption.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IfCaptioned {
+    /// Replace it (an edit typed by the user, a run asked to overwrite).
+    Replace,
+    /// Keep it and write nothing (an auto-caption for an image captioned since the run was planned).
+    Keep,
+}
+
+/// What a save did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Saved {
+    Written,
+    /// The image had a caption and `IfCaptioned::Keep` was asked.
+    KeptExisting,
+}
+
+/// Caption writes of this process, one at a time: a save reads, changes and rewrites a whole file, so two
+/// threads saving into the same `metadata.csv` (an edit in the app, the auto-captioner) would otherwise
+/// each write back what they read and lose the other's row. Saves take milliseconds, so one lock for all
+/// caption files costs nothing.
+static CAPTION_WRITES: Mutex<()> = Mutex::new(());
+
+/// Writes `caption` for `relative` (a path relative to the dataset folder) to `target`. Whether the image
+/// already has a caption there is decided in the same step as the write, so no other save can come between.
 pub fn save_caption(
     target: &CaptionTarget,
     relative: &Path,
     caption: &str,
-) -> Result<(), DataError> {
-    match target {
+    if_captioned: IfCaptioned,
+) -> Result<Saved, DataError> {
+    // A panic while holding the lock cannot leave a file half-written (writes are atomic), so carry on.
+    let _one_at_a_time = CAPTION_WRITES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let keep = if_captioned == IfCaptioned::Keep;
+    let (path, text) = match target {
         CaptionTarget::Sidecar(path) => {
-            write_atomically(path, |w| std::io::Write::write_all(w, caption.as_bytes())).map_err(
-                |source| DataError::Io {
-                    path: path.clone(),
-                    source,
-                },
-            )
+            // Read only when it matters: an edit replaces whatever the sidecar holds.
+            let kept = keep
+                && !String::from_utf8_lossy(&read_if_any(path)?)
+                    .trim()
+                    .is_empty();
+            if kept {
+                return Ok(Saved::KeptExisting);
+            }
+            (path, caption.to_string())
         }
-        CaptionTarget::Csv(path) => rewrite_csv(path, relative, caption),
-    }
+        CaptionTarget::Csv(path) => {
+            let csv = MetadataCsv::parse(path, read_if_any(path)?)?;
+            let captioned = csv
+                .caption_of(relative)
+                .is_some_and(|c| !c.trim().is_empty());
+            if keep && captioned {
+                return Ok(Saved::KeptExisting);
+            }
+            (path, csv.with_caption(relative, caption)?)
+        }
+    };
+    write_atomically(path, |w| std::io::Write::write_all(w, text.as_bytes())).map_err(
+        |source| DataError::Io {
+            path: path.clone(),
+            source,
+        },
+    )?;
+    Ok(Saved::Written)
 }
 
-/// Replaces (or appends) the row of `relative` in a `metadata.csv`, keeping the other rows and the header.
-fn rewrite_csv(path: &Path, relative: &Path, caption: &str) -> Result<(), DataError> {
-    let bad = |reason: String| DataError::Metadata {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let text = match std::fs::read(path) {
-        Ok(bytes) => {
-            String::from_utf8(bytes).map_err(|_| bad("it is not UTF-8 text".to_string()))?
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(source) => {
-            return Err(DataError::Io {
-                path: path.to_path_buf(),
-                source,
-            });
-        }
-    };
-    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
-    let mut rows: Vec<Vec<String>> = Vec::new();
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(false)
-        .flexible(true)
-        .from_reader(text.as_bytes());
-    for record in reader.records() {
-        let record = record.map_err(|e| bad(format!("it cannot be read ({e})")))?;
-        rows.push(record.iter().map(str::to_string).collect());
-    }
-    let mut has_header = rows.first().is_some_and(|r| {
-        r.first().is_some_and(|f| {
-            matches!(
-                f.trim().to_ascii_lowercase().as_str(),
-                "file_name" | "file" | "filename"
-            )
-        })
-    });
-    if rows.is_empty() {
-        rows.push(vec!["file_name".to_string(), "text".to_string()]);
-        has_header = true;
-    }
-    let (file_column, text_column) = if has_header {
-        let header: Vec<String> = rows[0]
-            .iter()
-            .map(|f| f.trim().to_ascii_lowercase())
-            .collect();
-        let file = header
-            .iter()
-            .position(|f| matches!(f.as_str(), "file_name" | "file" | "filename"))
-            .unwrap_or(0);
-        let text = header
-            .iter()
-            .position(|f| matches!(f.as_str(), "text" | "caption" | "prompt"))
-            .unwrap_or(if file == 0 { 1 } else { 0 });
-        (file, text)
-    } else {
-        (0, 1)
-    };
-    let name = relative.to_string_lossy().replace('\\', "/");
-    let first_data = usize::from(has_header);
-    let existing = rows
-        .iter()
-        .skip(first_data)
-        .position(|r| r.get(file_column).is_some_and(|f| f.trim() == name));
-    let width = file_column.max(text_column) + 1;
-    match existing {
-        Some(index) => {
-            let row = &mut rows[index + first_data];
-            row.resize(row.len().max(width), String::new());
-            row[text_column] = caption.to_string();
-        }
-        None => {
-            let mut row = vec![String::new(); width];
-            row[file_column] = name;
-            row[text_column] = caption.to_string();
-            rows.push(row);
-        }
-    }
-    let mut writer = csv::WriterBuilder::new()
-        .flexible(true)
-        .from_writer(Vec::new());
-    for row in &rows {
-        writer.write_record(row).map_err(|e| bad(e.to_string()))?;
-    }
-    let bytes = writer.into_inner().map_err(|e| bad(e.to_string()))?;
-    write_atomically(path, |w| std::io::Write::write_all(w, &bytes)).map_err(|source| {
-        DataError::Io {
+/// The bytes of `path`, or none when it does not exist yet.
+fn read_if_any(path: &Path) -> Result<Vec<u8>, DataError> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(source) => Err(DataError::Io {
             path: path.to_path_buf(),
             source,
-        }
-    })
+        }),
+    }
 }

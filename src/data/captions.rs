@@ -1,10 +1,11 @@
-//! Where captions come from: `metadata.csv` (header `file_name,text` or `file,caption`, or none), kohya
+//! Where captions come from: `metadata.csv` (its layout is `metadata_csv`'s to decide), kohya
 //! `.txt`/`.caption` sidecars, or one instance prompt; and keeping paths named in a CSV inside the dataset.
 
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 
 use super::DataError;
+use super::metadata_csv::{MetadataCsv, row_path};
 
 /// Where an image's caption was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,46 +30,16 @@ pub fn read_metadata_csv(
         path: csv_path.to_path_buf(),
         source,
     })?;
-    let text = String::from_utf8(bytes).map_err(|_| bad("it is not UTF-8 text".to_string()))?;
-    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(false)
-        .flexible(true)
-        .from_reader(text.as_bytes());
-    let records = reader.records();
-    let mut captions = HashMap::new();
-    let mut columns = (0, 1);
-    let mut line = 0;
+    let csv = MetadataCsv::parse(csv_path, bytes)?;
     let canonical_root = root.canonicalize().map_err(|source| DataError::Io {
         path: root.to_path_buf(),
         source,
     })?;
-    for (index, record) in records.enumerate() {
-        let record = record.map_err(|e| bad(format!("line {} cannot be read ({e})", line + 1)))?;
-        line = record.position().map_or(line + 1, |p| p.line());
-        if index == 0 {
-            let lower: Vec<String> = record
-                .iter()
-                .map(|f| f.trim().to_ascii_lowercase())
-                .collect();
-            let file_column = lower
-                .iter()
-                .position(|f| f == "file_name" || f == "file" || f == "filename");
-            if let Some(file_column) = file_column {
-                let text_column = lower
-                    .iter()
-                    .position(|f| f == "text" || f == "caption" || f == "prompt")
-                    .or_else(|| (0..lower.len()).find(|&i| i != file_column))
-                    .ok_or_else(|| bad("its header has no caption column".to_string()))?;
-                columns = (file_column, text_column);
-                continue;
-            }
-        }
-        if record.iter().all(|f| f.trim().is_empty()) {
-            continue;
-        }
-        let file = record.get(columns.0).unwrap_or("").trim();
-        let Some(caption) = record.get(columns.1) else {
+    let mut captions = HashMap::new();
+    for row in csv.rows() {
+        let line = row.line;
+        let file = csv.file(row);
+        let Some(caption) = csv.caption(row) else {
             return Err(bad(format!("line {line} has no caption column")));
         };
         if file.is_empty() {
@@ -107,10 +78,7 @@ fn safe_relative_path(file: &str, root: &Path, canonical_root: &Path) -> Result<
     {
         return Err("is a link that points outside the dataset folder".to_string());
     }
-    Ok(path
-        .components()
-        .filter(|c| *c != Component::CurDir)
-        .collect())
+    Ok(row_path(file))
 }
 
 /// Reads the kohya sidecar caption of an image (`img.txt` or `img.caption`, or the configured extension).

@@ -8,6 +8,7 @@ pub mod captions;
 pub mod checks;
 pub mod images;
 pub mod latent_cache;
+pub mod metadata_csv;
 pub mod scan;
 
 use std::path::PathBuf;

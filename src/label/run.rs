@@ -9,8 +9,7 @@ use candle_core::Device;
 use super::LabelError;
 use super::captioner::Captioner;
 use crate::config::TrainConfig;
-use crate::data::caption_store::{CaptionTarget, save_caption};
-use crate::data::captions::read_metadata_csv;
+use crate::data::caption_store::{CaptionTarget, IfCaptioned, Saved, save_caption};
 use crate::data::images::load_oriented;
 use crate::data::scan::scan_dataset;
 
@@ -190,11 +189,17 @@ pub fn label_folder(
                         path.with_extension(extension.trim_start_matches('.')),
                     ),
                 };
-                if !options.overwrite && captioned_meanwhile(&target, &options.input, &relative) {
+                // An image captioned since the plan was made (typed in the app meanwhile) keeps its caption.
+                let if_captioned = if options.overwrite {
+                    IfCaptioned::Replace
+                } else {
+                    IfCaptioned::Keep
+                };
+                if save_caption(&target, &relative, &caption, if_captioned)? == Saved::KeptExisting
+                {
                     report.kept += 1;
                     continue;
                 }
-                save_caption(&target, &relative, &caption)?;
                 let (CaptionTarget::Csv(written) | CaptionTarget::Sidecar(written)) = &target;
                 reporter.captioned(&relative, &caption, written);
                 report.captioned += 1;
@@ -206,20 +211,6 @@ pub fn label_folder(
         }
     }
     Ok(report)
-}
-
-/// Whether the image got a caption after the run was planned (typed in the app meanwhile); it is kept.
-fn captioned_meanwhile(target: &CaptionTarget, root: &Path, relative: &Path) -> bool {
-    match target {
-        CaptionTarget::Csv(csv) => {
-            csv.is_file()
-                && read_metadata_csv(csv, root)
-                    .is_ok_and(|rows| rows.get(relative).is_some_and(|c| !c.trim().is_empty()))
-        }
-        CaptionTarget::Sidecar(path) => {
-            std::fs::read_to_string(path).is_ok_and(|text| !text.trim().is_empty())
-        }
-    }
 }
 
 /// Every model's contribution for one image.

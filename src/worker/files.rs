@@ -6,7 +6,7 @@ use crossbeam_channel::Receiver;
 
 use super::{Outbox, contain};
 use crate::config::TrainConfig;
-use crate::data::caption_store::{CaptionTarget, caption_target, save_caption};
+use crate::data::caption_store::{CaptionTarget, IfCaptioned, caption_target, save_caption};
 use crate::data::captions::CaptionSource;
 use crate::data::checks::{DatasetIssue, check_dataset};
 use crate::data::images::load_oriented;
@@ -64,8 +64,8 @@ pub fn run(jobs: Receiver<Job>, outbox: Outbox) {
                     source,
                     &caption_extension,
                 );
-                match save_caption(&target, &relative, &caption) {
-                    Ok(()) => {
+                match save_caption(&target, &relative, &caption, IfCaptioned::Replace) {
+                    Ok(_) => {
                         let (CaptionTarget::Csv(target) | CaptionTarget::Sidecar(target)) = target;
                         outbox.send(Event::CaptionSaved { relative, target });
                     }
