@@ -18,7 +18,9 @@ mod tied;
 mod winograd;
 
 pub use adapter::{AdapterKind, LoraAdapter, adapter_dims, row_norm};
-pub use export::{ExportedLora, ExportedModule, export_network, write_lora_file};
+pub use export::{
+    ExportedLora, ExportedModule, NetworkDims, RankAlpha, export_network, write_lora_file,
+};
 pub use frozen::{frozen_affine, frozen_conv2d, frozen_linear};
 pub use kohya::{
     AttachReport, KohyaLora, KohyaModule, LoraError, TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name,

@@ -487,8 +487,8 @@ fn create_network(
     let spec = NetworkSpec {
         rank: config.lora_rank as usize,
         alpha: config.lora_alpha as f64,
-        conv_rank: config.conv_rank as usize,
-        conv_alpha: config.conv_alpha as f64,
+        conv_rank: config.conv_rank() as usize,
+        conv_alpha: config.conv_alpha() as f64,
         kind: if config.dora {
             NetworkKind::Dora
         } else if config.pissa {
@@ -520,13 +520,13 @@ fn check_resumable(saved: &TrainConfig, now: &TrainConfig, path: &Path) -> Resul
         ),
         (
             "conv_rank",
-            saved.conv_rank.to_string(),
-            now.conv_rank.to_string(),
+            saved.conv_rank().to_string(),
+            now.conv_rank().to_string(),
         ),
         (
             "conv_alpha",
-            saved.conv_alpha.to_string(),
-            now.conv_alpha.to_string(),
+            saved.conv_alpha().to_string(),
+            now.conv_alpha().to_string(),
         ),
         (
             "train_text_encoder",
@@ -869,11 +869,7 @@ fn export(
         epoch: epoch_of(run, state.step),
         started_at: state.training_started_at,
         finished_at: unix_seconds(),
-        exported_rank: exported.max_rank(),
-        exported_alpha: exported
-            .modules
-            .first()
-            .map_or(config.lora_alpha as f64, |m| m.alpha),
+        dims: exported.network_dims(),
         network_kind: network.spec().kind.label(),
         exactness: exported.exactness.clone(),
     };
