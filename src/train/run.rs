@@ -208,6 +208,9 @@ fn run_training(
     };
     if let Some(path) = resume {
         let checkpoint = load_checkpoint(path, &device)?;
+        if let Some(note) = &checkpoint.upgrade_note {
+            reporter.message(note);
+        }
         check_resumable(&checkpoint.state.config, config, &checkpoint.path)?;
         let bad = |reason: String| TrainError::Checkpoint {
             path: checkpoint.path.clone(),
