@@ -295,7 +295,7 @@ min_snr_gamma = 0
     let loaded = load_config_noting(Some(&path), &[]).unwrap();
     let c = &loaded.config;
     assert!(c.conv_lora);
-    assert_eq!((c.conv_rank, c.conv_alpha), (4, 1.0));
+    assert_eq!((c.conv_rank, c.conv_alpha), (Some(4), Some(1.0)));
     assert_eq!(c.optimizer, OptimizerKind::Adafactor);
     assert_eq!(
         (c.weight_decay, c.adam_beta1, c.adam_beta2),
@@ -381,7 +381,7 @@ fn a_kohya_ss_json_with_numbers_as_text_loads() {
     let loaded = load_config_noting(Some(&path), &[]).unwrap();
     let c = &loaded.config;
     assert!(c.conv_lora);
-    assert_eq!((c.conv_rank, c.conv_alpha), (8, 4.0));
+    assert_eq!((c.conv_rank, c.conv_alpha), (Some(8), Some(4.0)));
     assert_eq!((c.lora_rank, c.lora_alpha), (64, 32.0));
     assert_eq!(c.learning_rate, 1e-4);
     assert_eq!((c.unet_lr, c.text_encoder_lr), (Some(1e-4), Some(5e-5)));
@@ -455,4 +455,82 @@ fn a_kohya_dataset_config_with_one_folder_becomes_its_settings() {
                 .contains("dataset.toml describes 2 image folders; lora-studio trains on one"),
         "{message}"
     );
+}
+
+#[test]
+fn without_bucket_sides_the_buckets_follow_the_resolution() {
+    use lora_studio::data::buckets::BucketSettings;
+    let dir = tempfile::tempdir().unwrap();
+    for resolution in [64u32, 128, 256, 512, 768, 1024] {
+        let path = write(
+            dir.path(),
+            "c.toml",
+            &format!("{REQUIRED}resolution = {resolution}\n"),
+        );
+        let config = load_config(Some(&path), &[]).unwrap_or_else(|e| panic!("{resolution}: {e}"));
+        let buckets = BucketSettings::from_config(&config);
+        let (min, max) = (buckets.min_reso, buckets.max_reso);
+        assert!(
+            min <= resolution && resolution <= max && min % 64 == 0 && max % 64 == 0,
+            "{resolution}: {min}..{max}"
+        );
+        let predefined = buckets.predefined();
+        assert!(
+            predefined.contains(&(resolution, resolution)),
+            "{resolution}: {predefined:?}"
+        );
+        for (width, height) in [(96, 64), (64, 96), (4000, 3000), (300, 2000)] {
+            let (w, h) = buckets.bucket_for(width, height);
+            assert!(
+                w.max(h) <= max && w % 64 == 0 && h % 64 == 0,
+                "{resolution}: {width}x{height} went to {w}x{h}"
+            );
+            // Sides never go below one step, so only a very long image can exceed the area.
+            assert!(
+                w * h <= resolution * resolution || height > 4 * width,
+                "{resolution}: {width}x{height} went to {w}x{h}"
+            );
+        }
+        if resolution == 512 {
+            assert_eq!((min, max), (256, 1024), "kohya's defaults for 512 px");
+        }
+    }
+    // A range the user wrote is theirs: one that misses the resolution is an error, as before.
+    assert_eq!(
+        error(
+            &format!("{REQUIRED}resolution = 64\nmin_bucket_reso = 256\nmax_bucket_reso = 1024\n"),
+            &[]
+        ),
+        "c.toml: setting `min_bucket_reso`: buckets 256..1024 must include the resolution 64"
+    );
+    assert_eq!(
+        error(
+            &format!("{REQUIRED}resolution = 64\nmin_bucket_reso = 256\n"),
+            &[]
+        ),
+        "c.toml: setting `min_bucket_reso`: buckets 256..256 must include the resolution 64"
+    );
+    assert_eq!(
+        error(
+            &format!("{REQUIRED}resolution = 1024\nmax_bucket_reso = 768\n"),
+            &[]
+        ),
+        "c.toml: setting `max_bucket_reso`: buckets 512..768 must include the resolution 1024"
+    );
+}
+
+#[test]
+fn a_kohya_conv_dim_without_conv_alpha_takes_each_trainers_default() {
+    let dir = tempfile::tempdir().unwrap();
+    for (module, expected) in [("networks.lora", Some(1.0)), ("lycoris.kohya", None)] {
+        let text =
+            format!("{REQUIRED}network_module = \"{module}\"\nnetwork_args = [\"conv_dim=4\"]\n");
+        let c = load_config(Some(&write(dir.path(), "k.toml", &text)), &[]).unwrap();
+        assert!(c.conv_lora);
+        assert_eq!((c.conv_rank, c.conv_alpha), (Some(4), expected), "{module}");
+    }
+    // Without any conv setting, LoCon follows the linear rank and alpha.
+    let text = format!("{REQUIRED}conv_lora = true\nlora_rank = 12\nlora_alpha = 6\n");
+    let c = load_config(Some(&write(dir.path(), "c.toml", &text)), &[]).unwrap();
+    assert_eq!((c.conv_rank(), c.conv_alpha()), (12, 6.0));
 }

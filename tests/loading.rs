@@ -434,3 +434,89 @@ fn sd2_files_without_a_config_are_told_apart_by_a_test_prediction() {
         assert!(overridden.prediction_note().contains("prediction_type"));
     }
 }
+
+/// A copy of the sd1 folder in `dir`, with the path and contents of one of its config files (`vae/config.json`).
+fn sd1_copy_and_config(
+    dir: &Path,
+    config: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, serde_json::Value) {
+    let folder = dir.join("model");
+    copy_dir(&fixture("sd1"), &folder);
+    let config_path = folder.join(config);
+    let json = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    (folder, config_path, json)
+}
+
+#[test]
+fn a_degenerate_vae_config_is_one_sentence_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (folder, config_path, original) = sd1_copy_and_config(dir.path(), "vae/config.json");
+    let cases: [(&str, serde_json::Value, &str); 10] = [
+        ("block_out_channels", serde_json::json!([]), "no levels"),
+        (
+            "block_out_channels",
+            serde_json::json!([32, 0, 32, 32]),
+            "0 channels",
+        ),
+        (
+            "block_out_channels",
+            serde_json::json!([32, 48, 32, 32]),
+            "48 channels",
+        ),
+        (
+            "block_out_channels",
+            serde_json::json!(vec![32; 70]),
+            "70 levels",
+        ),
+        ("norm_num_groups", serde_json::json!(0), "groups"),
+        ("latent_channels", serde_json::json!(0), "latent channels"),
+        ("in_channels", serde_json::json!(0), "input channels"),
+        ("out_channels", serde_json::json!(0), "output channels"),
+        ("layers_per_block", serde_json::json!(0), "layers per block"),
+        ("scaling_factor", serde_json::json!(0.0), "scaling factor"),
+    ];
+    for (key, value, expected) in cases {
+        let mut config = original.clone();
+        config[key] = value.clone();
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        // Loading the whole model must not panic either (the error comes first).
+        let loaded = std::panic::catch_unwind(|| {
+            let source = ModelSource::open(&folder).map_err(|e| e.to_string())?;
+            StableDiffusion::load(&source, &Device::Cpu, DType::F32)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        });
+        let message = match loaded {
+            Ok(Ok(())) => panic!("{key} = {value} loaded"),
+            Ok(Err(message)) => message,
+            Err(_) => panic!("{key} = {value} panicked"),
+        };
+        assert!(
+            message.contains(&config_path.display().to_string())
+                && message.contains(expected)
+                && !message.contains('\n'),
+            "{key} = {value}: {message}"
+        );
+    }
+}
+
+#[test]
+fn a_unet_config_with_zero_norm_groups_is_a_sentence_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let (folder, config_path, mut config) = sd1_copy_and_config(dir.path(), "unet/config.json");
+    config["norm_num_groups"] = 0.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let opened = std::panic::catch_unwind(|| {
+        ModelSource::open(&folder)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    });
+    let message = match opened {
+        Ok(result) => result.unwrap_err(),
+        Err(_) => panic!("norm_num_groups = 0 panicked"),
+    };
+    assert!(
+        message.contains(&config_path.display().to_string()) && message.contains("0 groups"),
+        "{message}"
+    );
+}

@@ -65,8 +65,8 @@ fn export_matches_kohya_names_shapes_alpha_and_metadata() {
         max_train_steps: Some(2),
         lora_alpha: 2.0,
         conv_lora: true,
-        conv_rank: 2,
-        conv_alpha: 1.0,
+        conv_rank: Some(2),
+        conv_alpha: Some(1.0),
         train_text_encoder: true,
         trigger_word: Some("cyb3r".into()),
         ..tiny_config(&data, &dir.path().join("out"))
@@ -333,8 +333,8 @@ fn unet_with_checkpoint(
     let spec = NetworkSpec {
         rank: config.lora_rank as usize,
         alpha: config.lora_alpha as f64,
-        conv_rank: config.conv_rank as usize,
-        conv_alpha: config.conv_alpha as f64,
+        conv_rank: config.conv_rank() as usize,
+        conv_alpha: config.conv_alpha() as f64,
         kind,
     };
     let targets = [TargetComponent {
@@ -424,4 +424,100 @@ fn a_dataset_problem_is_reported_before_the_base_model_is_loaded() {
         .map(|e| e.to_string())
         .unwrap_or_default();
     assert!(error.contains("metadata.csv"), "{error}");
+}
+
+/// The kohya network metadata of a run with `config`: `ss_network_dim`, `ss_network_alpha`, `ss_network_args`,
+/// and the largest rank among the file's linear modules (1x1 convolutions included) and among its 3x3
+/// convolutions.
+fn network_metadata(config: &TrainConfig) -> (String, String, serde_json::Value, usize, usize) {
+    let outcome = run(config);
+    let file = TensorFile::open(&outcome.lora_path).unwrap();
+    let md = file.metadata();
+    let (mut linear, mut conv) = (0, 0);
+    for (key, info) in file.infos() {
+        if key.ends_with(".lora_down.weight") {
+            let is_conv = info.shape.len() == 4 && info.shape[2] * info.shape[3] > 1;
+            let rank = if is_conv { &mut conv } else { &mut linear };
+            *rank = (*rank).max(info.shape[0]);
+        }
+    }
+    (
+        md["ss_network_dim"].clone(),
+        md["ss_network_alpha"].clone(),
+        serde_json::from_str(&md["ss_network_args"]).unwrap(),
+        linear,
+        conv,
+    )
+}
+
+#[test]
+fn network_metadata_gives_the_linear_rank_and_alpha_and_the_convolutions_in_the_args() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = make_dataset(&dir.path().join("data"), 2);
+    let base = |name: &str| TrainConfig {
+        max_train_steps: Some(1),
+        lora_rank: 4,
+        lora_alpha: 2.0,
+        ..tiny_config(&data, &dir.path().join(name))
+    };
+    let conv_args =
+        |dim: &str, alpha: &str| serde_json::json!({ "conv_dim": dim, "conv_alpha": alpha });
+    let locon = |name: &str| TrainConfig {
+        conv_lora: true,
+        conv_rank: Some(8),
+        conv_alpha: Some(1.0),
+        ..base(name)
+    };
+    // (config, ss_network_dim, ss_network_alpha, ss_network_args, linear rank, conv rank in the file)
+    let cases = [
+        // Plain LoRA: no convolutions, no arguments.
+        (base("lora"), "4", "2", serde_json::json!({}), 4, 0),
+        // LoCon with its own rank and alpha: the linear ones stay in ss_network_dim/alpha.
+        (locon("locon"), "4", "2", conv_args("8", "1"), 4, 8),
+        // LoCon without a conv rank or alpha: the convolutions take the linear ones.
+        (
+            TrainConfig {
+                conv_lora: true,
+                ..base("locon-default")
+            },
+            "4",
+            "2",
+            conv_args("4", "2"),
+            4,
+            4,
+        ),
+        // PiSSA exports twice the rank (and so twice the alpha, for the same scale), convolutions too.
+        (
+            TrainConfig {
+                pissa: true,
+                ..locon("pissa")
+            },
+            "8",
+            "4",
+            conv_args("16", "2"),
+            8,
+            16,
+        ),
+    ];
+    for (config, dim, alpha, args, linear, conv) in cases {
+        let name = config.output_dir.display().to_string();
+        assert_eq!(
+            network_metadata(&config),
+            (dim.to_string(), alpha.to_string(), args, linear, conv),
+            "{name}"
+        );
+    }
+
+    // DoRA is folded at a rank of its own per layer with alpha = rank (scale 1): the metadata gives the
+    // largest linear rank in the file.
+    let (dim, alpha, args, linear, _) = network_metadata(&TrainConfig {
+        dora: true,
+        ..base("dora")
+    });
+    assert_eq!(
+        (dim.clone(), alpha),
+        (linear.to_string(), linear.to_string())
+    );
+    assert!(linear >= 8, "{dim}");
+    assert_eq!(args, serde_json::json!({}));
 }

@@ -21,7 +21,7 @@ use crossbeam_channel::{Receiver, Sender};
 use eframe::egui;
 
 use auto_caption_view::AutoCaptionState;
-pub use settings::{AppSettings, Tab};
+pub use settings::{AppSettings, RestoredSettings, STORAGE_KEY, Tab, restore_settings};
 pub use state::RunStatus;
 use state::{DatasetState, Notice, PreviewState, RunState};
 
@@ -46,15 +46,19 @@ pub fn run(path: Option<PathBuf>) -> anyhow::Result<()> {
         Box::new(|cc| {
             let ctx = cc.egui_ctx.clone();
             let (worker, events) = WorkerHandle::spawn(Arc::new(move || ctx.request_repaint()))?;
-            let mut settings: AppSettings = cc
+            let restored = cc
                 .storage
-                .and_then(|s| eframe::get_value(s, settings::STORAGE_KEY))
+                .map(settings::restore_settings)
                 .unwrap_or_default();
+            let mut settings = restored.settings;
             if path.as_ref().is_some_and(|p| p.exists()) {
                 // The named path replaces the remembered dataset; scanning that one too would be wasted.
                 settings.train.train_data_dir = PathBuf::new();
             }
             let mut app = StudioApp::new(settings, worker, events);
+            for note in restored.notes {
+                app.notice(false, note, None);
+            }
             if let Some(path) = path {
                 app.open_path(path);
             }

@@ -1,11 +1,12 @@
-//! The app state that survives a restart, saved with eframe's storage. Run data (losses, previews,
-//! thumbnails) is not saved.
+//! The app state that survives a restart, saved with eframe's storage. The training config is stored with
+//! its version, and settings an earlier (or later) release stored are read through the config's upgrade,
+//! with notes on what changed, rather than dropped. Run data (losses, previews, thumbnails) is not saved.
 
 use std::path::PathBuf;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::config::{SavePrecision, TrainConfig};
+use crate::config::{SavePrecision, TrainConfig, restore_config};
 use crate::messages::{ExportFormat, PreviewSettings};
 
 /// The views of the window.
@@ -66,6 +67,7 @@ impl AutoCaptionSettings {
 pub struct AppSettings {
     pub tab: Tab,
     /// The training settings, the dataset folder and base model included.
+    #[serde(with = "crate::config::stored")]
     pub train: TrainConfig,
     pub preset: String,
     pub preview: PreviewSettings,
@@ -76,3 +78,53 @@ pub struct AppSettings {
 
 /// The key under which eframe stores the settings.
 pub const STORAGE_KEY: &str = "lora-studio-settings";
+
+/// Settings read back, with what reading them changed.
+#[derive(Debug, Default)]
+pub struct RestoredSettings {
+    pub settings: AppSettings,
+    /// Sentences to show once; empty when nothing changed.
+    pub notes: Vec<String>,
+}
+
+/// The stored settings as JSON, whatever release stored them.
+struct StoredSettings(serde_json::Value);
+
+impl<'de> Deserialize<'de> for StoredSettings {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        crate::config::stored::any_value(deserializer).map(Self)
+    }
+}
+
+/// Reads the settings this or another release stored in `storage`.
+pub fn restore_settings(storage: &dyn eframe::Storage) -> RestoredSettings {
+    let Some(StoredSettings(mut value)) = eframe::get_value(storage, STORAGE_KEY) else {
+        let notes = storage
+            .get_string(STORAGE_KEY)
+            .map(|_| "the saved settings could not be read; they are back to their defaults".into())
+            .into_iter()
+            .collect();
+        return RestoredSettings {
+            settings: AppSettings::default(),
+            notes,
+        };
+    };
+    let train = value
+        .as_object_mut()
+        .and_then(|map| map.remove("train"))
+        .unwrap_or_default();
+    let restored = restore_config(train);
+    let mut notes: Vec<String> = restored
+        .summary("The training settings were saved by another lora-studio release")
+        .into_iter()
+        .collect();
+    let mut settings: AppSettings = serde_json::from_value(value).unwrap_or_else(|e| {
+        notes.push(format!(
+            "the saved view, preview and export settings could not be read ({e}); they are back to \
+             their defaults"
+        ));
+        AppSettings::default()
+    });
+    settings.train = restored.config;
+    RestoredSettings { settings, notes }
+}

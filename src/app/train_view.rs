@@ -412,10 +412,23 @@ fn advanced_ui(ui: &mut egui::Ui, t: &mut TrainConfig) {
         "steps over which the learning rate rises",
         |ui| ui.add(egui::DragValue::new(&mut t.lr_warmup_steps)),
     );
-    row(ui, "Conv rank / alpha", "LoCon's rank and alpha", |ui| {
-        ui.add(egui::DragValue::new(&mut t.conv_rank).range(1..=128))
-            | ui.add(egui::DragValue::new(&mut t.conv_alpha).range(0.1..=128.0))
-    });
+    row(
+        ui,
+        "Conv rank / alpha",
+        "LoCon's rank and alpha (the LoRA's until changed)",
+        |ui| {
+            let (mut rank, mut alpha) = (t.conv_rank(), t.conv_alpha());
+            let rank_response = ui.add(egui::DragValue::new(&mut rank).range(1..=128));
+            let alpha_response = ui.add(egui::DragValue::new(&mut alpha).range(0.1..=128.0));
+            if rank_response.changed() {
+                t.conv_rank = Some(rank);
+            }
+            if alpha_response.changed() {
+                t.conv_alpha = Some(alpha);
+            }
+            rank_response | alpha_response
+        },
+    );
     row(
         ui,
         "Text encoder LR",

@@ -101,14 +101,22 @@ const UNLESS_OFF: &[(&str, &str)] = &[
     ("lora_network_weights", "\"\""),
 ];
 
-/// Optional number settings (their default is unset, so the default config does not say they are
-/// numbers), and kohya numbers read here before they are dropped.
+/// Optional whole-number settings (their default is unset, so the default config does not say they are
+/// whole numbers).
+const OPTIONAL_COUNTS: &[&str] = &[
+    "max_train_steps",
+    "sample_size",
+    "min_bucket_reso",
+    "max_bucket_reso",
+    "conv_rank",
+];
+
+/// Other optional number settings, and kohya numbers read here before they are dropped.
 const NUMBER_KEYS: &[&str] = &[
     "unet_lr",
     "text_encoder_lr",
     "min_snr_gamma",
-    "max_train_steps",
-    "sample_size",
+    "conv_alpha",
     "max_token_length",
     "lr_scheduler_power",
     "lr_warmup",
@@ -233,7 +241,10 @@ fn numbers_from_text(map: &mut Map<String, Value>) {
     let defaults = default_table();
     for (key, value) in map.iter_mut() {
         let default = defaults.get(canonical_key(key));
-        let numeric = default.is_some_and(Value::is_number) || NUMBER_KEYS.contains(&key.as_str());
+        let optional_count = OPTIONAL_COUNTS.contains(&key.as_str());
+        let numeric = default.is_some_and(Value::is_number)
+            || optional_count
+            || NUMBER_KEYS.contains(&key.as_str());
         if !numeric {
             continue;
         }
@@ -242,7 +253,7 @@ fn numbers_from_text(map: &mut Map<String, Value>) {
         {
             *value = number;
         }
-        let integral = default.is_some_and(|d| d.is_u64() || d.is_i64());
+        let integral = optional_count || default.is_some_and(|d| d.is_u64() || d.is_i64());
         if integral
             && let Some(number) = value.as_f64()
             && number.fract() == 0.0
@@ -268,6 +279,9 @@ fn lora_type(map: &mut Map<String, Value>) -> Result<(), ConfigError> {
             map.insert("conv_lora".into(), true.into());
             if let Some(dim) = conv_dim {
                 map.insert("conv_rank".into(), dim);
+                if kind == "Kohya LoCon" {
+                    kohya_conv_alpha_default(map);
+                }
             }
         }
         other => {
@@ -422,8 +436,15 @@ fn resolution(key: &str, text: &str, notes: &mut Vec<String>) -> Result<Value, C
     }
 }
 
+/// kohya's `networks.lora` trains convolutions with alpha 1 when `conv_dim` comes without `conv_alpha`
+/// (LyCORIS, like lora-studio, takes the network alpha).
+fn kohya_conv_alpha_default(map: &mut Map<String, Value>) {
+    map.entry("conv_alpha").or_insert(1.into());
+}
+
 /// kohya's network settings: the module, its `network_args`, and which parts train.
 fn network(map: &mut Map<String, Value>, notes: &mut Vec<String>) -> Result<(), ConfigError> {
+    let mut lycoris = false;
     if let Some(value) = map.remove("network_module") {
         let module = text("network_module", &value)?;
         if !matches!(module.as_str(), "networks.lora" | "lycoris.kohya") {
@@ -432,6 +453,7 @@ fn network(map: &mut Map<String, Value>, notes: &mut Vec<String>) -> Result<(), 
                 format!("{module} is not available; lora-studio trains LoRA, LoCon and DoRA"),
             ));
         }
+        lycoris = module == "lycoris.kohya";
     }
     if let Some(value) = map.remove("network_args") {
         for (name, arg) in arguments("network_args", &value)? {
@@ -439,6 +461,9 @@ fn network(map: &mut Map<String, Value>, notes: &mut Vec<String>) -> Result<(), 
                 "conv_dim" | "conv_rank" => {
                     map.insert("conv_lora".into(), true.into());
                     map.insert("conv_rank".into(), number_value("network_args", &arg)?);
+                    if !lycoris {
+                        kohya_conv_alpha_default(map);
+                    }
                 }
                 "conv_alpha" => {
                     map.insert("conv_alpha".into(), number_value("network_args", &arg)?);

@@ -316,7 +316,7 @@ pub(super) fn default_table() -> Map<String, Value> {
 }
 
 /// The known keys: the fields of the default config.
-fn known_keys() -> Vec<String> {
+pub(super) fn known_keys() -> Vec<String> {
     default_table().keys().cloned().collect()
 }
 
@@ -335,11 +335,10 @@ fn from_table(map: Map<String, Value>) -> Result<TrainConfig, ConfigError> {
     serde_json::from_value(Value::Object(map.clone())).map_err(|whole| {
         // Find the key whose value is wrong, to name it.
         for (key, value) in &map {
-            let single = Map::from_iter([(key.clone(), value.clone())]);
-            if let Err(e) = serde_json::from_value::<TrainConfig>(Value::Object(single)) {
+            if let Some(reason) = value_error(key, value) {
                 return ConfigError::BadValue {
                     key: key.clone(),
-                    reason: describe_serde_error(&e),
+                    reason,
                 };
             }
         }
@@ -348,6 +347,14 @@ fn from_table(map: Map<String, Value>) -> Result<TrainConfig, ConfigError> {
             reason: describe_serde_error(&whole),
         }
     })
+}
+
+/// Why `value` cannot be the setting `key`, if it cannot.
+pub(super) fn value_error(key: &str, value: &Value) -> Option<String> {
+    let single = Map::from_iter([(key.to_string(), value.clone())]);
+    serde_json::from_value::<TrainConfig>(Value::Object(single))
+        .err()
+        .map(|e| describe_serde_error(&e))
 }
 
 fn describe_serde_error(e: &serde_json::Error) -> String {

@@ -1,10 +1,12 @@
 //! Training configuration: the `TrainConfig` type, reading JSON/TOML/YAML files with `--set` overrides,
-//! and validation. Plain data and serde only; must not use candle or egui.
+//! validation, and the versioned form in which the app and checkpoints store it. Plain data and serde only;
+//! must not use candle or egui.
 
 mod device_choice;
 mod kohya;
 mod kohya_dataset;
 mod load;
+pub mod stored;
 mod train_config;
 mod validate;
 
@@ -12,6 +14,7 @@ pub use device_choice::DeviceChoice;
 pub use load::{
     ConfigError, LoadedConfig, config_from_text, load_config, load_config_noting, save_config,
 };
+pub use stored::{CONFIG_VERSION, RestoredConfig, restore_config, stored_config};
 pub use train_config::{
     AlphaMode, LogWith, LrScheduler, MixedPrecision, OptimizerKind, PredictionOverride,
     SavePrecision, TrainConfig,

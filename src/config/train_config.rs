@@ -98,8 +98,10 @@ pub struct TrainConfig {
     /// Training resolution (square side in pixels; buckets keep the same area).
     pub resolution: u32,
     pub enable_bucket: bool,
-    pub min_bucket_reso: u32,
-    pub max_bucket_reso: u32,
+    /// Shortest bucket side (default: half the resolution, see [`TrainConfig::bucket_sides`]).
+    pub min_bucket_reso: Option<u32>,
+    /// Longest bucket side (default: twice the resolution).
+    pub max_bucket_reso: Option<u32>,
     pub bucket_reso_steps: u32,
     /// Never upscale a small image to a bucket (it gets its own smaller bucket).
     pub bucket_no_upscale: bool,
@@ -128,8 +130,10 @@ pub struct TrainConfig {
     pub lora_alpha: f32,
     /// LoCon: also train the resnets' 3x3 convolutions and the resamplers.
     pub conv_lora: bool,
-    pub conv_rank: u32,
-    pub conv_alpha: f32,
+    /// LoCon rank (default: `lora_rank`, as LyCORIS does).
+    pub conv_rank: Option<u32>,
+    /// LoCon alpha (default: `lora_alpha`).
+    pub conv_alpha: Option<f32>,
     pub train_text_encoder: bool,
     /// Weight-decomposed LoRA (magnitude and direction).
     pub dora: bool,
@@ -209,8 +213,8 @@ impl Default for TrainConfig {
             repeats: 1,
             resolution: 512,
             enable_bucket: true,
-            min_bucket_reso: 256,
-            max_bucket_reso: 1024,
+            min_bucket_reso: None,
+            max_bucket_reso: None,
             bucket_reso_steps: 64,
             bucket_no_upscale: true,
             random_crop: false,
@@ -227,8 +231,8 @@ impl Default for TrainConfig {
             lora_rank: 16,
             lora_alpha: 8.0,
             conv_lora: false,
-            conv_rank: 8,
-            conv_alpha: 1.0,
+            conv_rank: None,
+            conv_alpha: None,
             train_text_encoder: false,
             dora: false,
             pissa: false,
@@ -283,5 +287,30 @@ impl TrainConfig {
 
     pub fn text_encoder_lr(&self) -> f64 {
         self.text_encoder_lr.unwrap_or(self.learning_rate)
+    }
+
+    pub fn conv_rank(&self) -> u32 {
+        self.conv_rank.unwrap_or(self.lora_rank)
+    }
+
+    pub fn conv_alpha(&self) -> f32 {
+        self.conv_alpha.unwrap_or(self.lora_alpha)
+    }
+
+    /// The shortest and longest bucket sides: the ones set, else half and twice the resolution (kohya's
+    /// 256 and 1024 at 512 px) on the bucket step, never below one step, and never crossing a side that is
+    /// set.
+    pub fn bucket_sides(&self) -> (u32, u32) {
+        let step = self.bucket_reso_steps.max(1);
+        let derived_min = (self.resolution / 2 / step * step)
+            .max(step)
+            .min(self.resolution);
+        let derived_max = (self.resolution.saturating_mul(2) / step * step).max(self.resolution);
+        match (self.min_bucket_reso, self.max_bucket_reso) {
+            (Some(min), Some(max)) => (min, max),
+            (Some(min), None) => (min, derived_max.max(min)),
+            (None, Some(max)) => (derived_min.min(max), max),
+            (None, None) => (derived_min, derived_max),
+        }
     }
 }

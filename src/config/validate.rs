@@ -59,15 +59,18 @@ pub fn validate(config: &TrainConfig) -> Result<(), ConfigError> {
             format!("must be a multiple of 8, not {}", config.bucket_reso_steps),
         );
     }
-    if config.enable_bucket
-        && (config.min_bucket_reso > config.resolution
-            || config.max_bucket_reso < config.resolution)
-    {
+    // Only sides the user set can miss the resolution: derived ones follow it.
+    let (min_side, max_side) = config.bucket_sides();
+    if config.enable_bucket && (min_side > config.resolution || max_side < config.resolution) {
         return bad(
-            "min_bucket_reso",
+            if min_side > config.resolution {
+                "min_bucket_reso"
+            } else {
+                "max_bucket_reso"
+            },
             format!(
-                "buckets {}..{} must include the resolution {}",
-                config.min_bucket_reso, config.max_bucket_reso, config.resolution
+                "buckets {min_side}..{max_side} must include the resolution {}",
+                config.resolution
             ),
         );
     }
@@ -81,11 +84,11 @@ pub fn validate(config: &TrainConfig) -> Result<(), ConfigError> {
         return bad("lora_rank", "must be at least 1");
     }
     positive_finite("lora_alpha", config.lora_alpha as f64)?;
-    if config.conv_lora {
-        if config.conv_rank == 0 {
-            return bad("conv_rank", "must be at least 1");
-        }
-        positive_finite("conv_alpha", config.conv_alpha as f64)?;
+    if config.conv_rank == Some(0) {
+        return bad("conv_rank", "must be at least 1");
+    }
+    if let Some(alpha) = config.conv_alpha {
+        positive_finite("conv_alpha", alpha as f64)?;
     }
     if config.dora && config.pissa {
         return bad("pissa", "cannot be combined with dora; choose one");

@@ -1,7 +1,8 @@
 //! Aspect-ratio bucketing as kohya sd-scripts does it: buckets of about `resolution²` pixels whose sides are
-//! multiples of `bucket_reso_steps` within `[min_bucket_reso, max_bucket_reso]`; each image goes to the bucket
-//! with the nearest aspect ratio, is scaled to cover it and cropped. With `bucket_no_upscale` an image gets
-//! its own bucket (its size, scaled down to the area if larger, floored to the step) and is never enlarged.
+//! multiples of `bucket_reso_steps` within `[min_bucket_reso, max_bucket_reso]` (by default half and twice
+//! the resolution, see `TrainConfig::bucket_sides`); each image goes to the bucket with the nearest aspect
+//! ratio, is scaled to cover it and cropped. With `bucket_no_upscale` an image gets its own bucket (its
+//! size, scaled down to the area if larger, floored to the step) and is never enlarged.
 
 use crate::config::TrainConfig;
 
@@ -18,11 +19,12 @@ pub struct BucketSettings {
 
 impl BucketSettings {
     pub fn from_config(config: &TrainConfig) -> Self {
+        let (min_reso, max_reso) = config.bucket_sides();
         Self {
             enabled: config.enable_bucket,
             resolution: config.resolution,
-            min_reso: config.min_bucket_reso,
-            max_reso: config.max_bucket_reso,
+            min_reso,
+            max_reso,
             step: config.bucket_reso_steps,
             no_upscale: config.bucket_no_upscale,
         }

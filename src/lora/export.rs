@@ -26,6 +26,28 @@ pub struct ExportedModule {
     pub alpha: f64,
 }
 
+/// A rank and the alpha that goes with it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RankAlpha {
+    pub rank: usize,
+    pub alpha: f64,
+}
+
+/// What kohya's metadata says of a network: `network_dim`/`network_alpha` for the linear modules (1x1
+/// convolutions included) and `conv_dim`/`conv_alpha` for the larger convolutions (LoCon).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NetworkDims {
+    pub linear: Option<RankAlpha>,
+    pub conv: Option<RankAlpha>,
+}
+
+impl ExportedModule {
+    /// Whether it adapts a convolution with a kernel larger than 1x1 (kohya's conv rank and alpha apply).
+    fn is_spatial_conv(&self) -> bool {
+        matches!(self.down.dims(), [_, _, height, width] if height * width > 1)
+    }
+}
+
 /// A network turned into plain LoRA modules.
 #[derive(Debug, Clone)]
 pub struct ExportedLora {
@@ -35,13 +57,24 @@ pub struct ExportedLora {
 }
 
 impl ExportedLora {
-    /// The largest rank in the file.
-    pub fn max_rank(&self) -> usize {
-        self.modules
-            .iter()
-            .map(|m| m.down.dims()[0])
-            .max()
-            .unwrap_or(0)
+    /// The largest rank (with its alpha) among the linear modules and among the larger convolutions of the
+    /// file. Ranks differ between modules only where a folded DoRA layer needed more (its alpha is its
+    /// rank, scale 1, in every module).
+    pub fn network_dims(&self) -> NetworkDims {
+        let largest = |conv: bool| {
+            self.modules
+                .iter()
+                .filter(|m| m.is_spatial_conv() == conv)
+                .map(|m| RankAlpha {
+                    rank: m.down.dims()[0],
+                    alpha: m.alpha,
+                })
+                .max_by_key(|dims| dims.rank)
+        };
+        NetworkDims {
+            linear: largest(false),
+            conv: largest(true),
+        }
     }
 
     /// kohya tensors: `NAME.lora_down.weight`, `NAME.lora_up.weight`, `NAME.alpha` (0-dim), in `dtype`.

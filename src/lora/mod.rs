@@ -13,7 +13,9 @@ mod network;
 pub mod svd;
 
 pub use adapter::{AdapterKind, LoraAdapter, adapter_dims, row_norm};
-pub use export::{ExportedLora, ExportedModule, export_network, write_lora_file};
+pub use export::{
+    ExportedLora, ExportedModule, NetworkDims, RankAlpha, export_network, write_lora_file,
+};
 pub use kohya::{
     AttachReport, KohyaLora, KohyaModule, LoraError, TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name,
 };

@@ -59,8 +59,58 @@ impl VaeConfig {
     }
 
     pub fn from_diffusers_json(json: &str) -> std::result::Result<Self, ModelError> {
-        serde_json::from_str(json)
-            .map_err(|e| ModelError::Config(format!("the VAE config is not valid: {e}")))
+        let config: Self = serde_json::from_str(json)
+            .map_err(|e| ModelError::Config(format!("the VAE config is not valid: {e}")))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks that the VAE can be built from this config: every size the layers take is positive and the
+    /// channels split into the norm groups.
+    pub fn validate(&self) -> std::result::Result<(), ModelError> {
+        let bad = |what: String| {
+            Err(ModelError::Config(format!(
+                "the VAE config is inconsistent: {what}"
+            )))
+        };
+        let levels = self.block_out_channels.len();
+        if levels == 0 {
+            return bad("it has no levels (block_out_channels is empty)".to_string());
+        }
+        if levels > MAX_VAE_LEVELS {
+            return bad(format!(
+                "{levels} levels is more than the {MAX_VAE_LEVELS} a VAE can have"
+            ));
+        }
+        for (what, size) in [
+            ("input channels", self.in_channels),
+            ("output channels", self.out_channels),
+            ("latent channels", self.latent_channels),
+            ("layers per block", self.layers_per_block),
+            ("norm groups", self.norm_num_groups),
+        ] {
+            if size == 0 {
+                return bad(format!("it has 0 {what}"));
+            }
+        }
+        for (level, &channels) in self.block_out_channels.iter().enumerate() {
+            if channels == 0 {
+                return bad(format!("level {level} has 0 channels"));
+            }
+            if !channels.is_multiple_of(self.norm_num_groups) {
+                return bad(format!(
+                    "level {level} has {channels} channels, not divisible into {} groups",
+                    self.norm_num_groups
+                ));
+            }
+        }
+        if !(self.scaling_factor.is_finite() && self.scaling_factor > 0.0) {
+            return bad(format!(
+                "its scaling factor {} is not a positive number",
+                self.scaling_factor
+            ));
+        }
+        Ok(())
     }
 
     /// How many pixels one latent cell covers along each side.
@@ -70,6 +120,9 @@ impl VaeConfig {
 }
 
 const VAE_EPS: f64 = 1e-6;
+
+/// Each level halves the image; past this many the downscale factor would not fit in a `usize`.
+const MAX_VAE_LEVELS: usize = 16;
 
 /// The VAE's single-head self-attention over pixels (mid block).
 #[derive(Debug, Clone)]

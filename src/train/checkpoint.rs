@@ -1,7 +1,8 @@
 //! Resumable checkpoints: `output_dir/checkpoint-N/` with the adapters, the optimizer state, and
-//! `state.json` (counters, RNG position, config, dataset fingerprint). A checkpoint is written under a
-//! temporary name, synced, and renamed into place, so a crash or a full disk never leaves a half-written
-//! checkpoint under a final name; only the newest `keep` complete checkpoints are kept.
+//! `state.json` (counters, RNG position, the config in its versioned stored form, dataset fingerprint), read
+//! back whichever release wrote it. A checkpoint is written under a temporary name, synced, and renamed into
+//! place, so a crash or a full disk never leaves a half-written checkpoint under a final name; only the
+//! newest `keep` complete checkpoints are kept.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::TrainError;
 use crate::atomic_file::{remove_abandoned, temp_name};
-use crate::config::TrainConfig;
+use crate::config::{TrainConfig, restore_config};
 
 /// The RNG's exact position.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -69,6 +70,8 @@ pub struct TrainState {
     pub images: usize,
     /// Unix seconds when the run (not this resume) started.
     pub training_started_at: u64,
+    /// Stored with its version; read from any (see [`Checkpoint::upgrade_note`] for what changed).
+    #[serde(with = "crate::config::stored")]
     pub config: TrainConfig,
 }
 
@@ -85,6 +88,8 @@ pub struct Checkpoint {
     pub state: TrainState,
     pub adapters: HashMap<String, Tensor>,
     pub optimizer: HashMap<String, Tensor>,
+    /// What reading a config stored by another release changed, as a sentence to show; none when nothing did.
+    pub upgrade_note: Option<String>,
 }
 
 /// Makes sure training can write to `output_dir` before any time is spent (creating it if needed), and
@@ -234,8 +239,16 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint, Train
         path: state_path,
         source,
     })?;
-    let state: TrainState =
-        serde_json::from_str(&text).map_err(|e| bad(format!("its state.json is damaged ({e})")))?;
+    let damaged = |e: serde_json::Error| bad(format!("its state.json is damaged ({e})"));
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(damaged)?;
+    // The state's own reading upgrades the config the same way; this one keeps the notes.
+    let restored = restore_config(value.get("config").cloned().unwrap_or_default());
+    let state: TrainState = serde_json::from_value(value).map_err(damaged)?;
+    let upgrade_note = restored.summary(&format!(
+        "{} was written by lora-studio {}",
+        dir.display(),
+        state.lora_studio_version
+    ));
     let read = |name: &str| -> Result<HashMap<String, Tensor>, TrainError> {
         candle_core::safetensors::load(dir.join(name), device).map_err(|e| {
             bad(format!(
@@ -249,5 +262,6 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint, Train
         optimizer: read(OPTIMIZER_FILE)?,
         state,
         path: dir,
+        upgrade_note,
     })
 }

@@ -218,8 +218,8 @@ fn create_network(
     let spec = NetworkSpec {
         rank: config.lora_rank as usize,
         alpha: config.lora_alpha as f64,
-        conv_rank: config.conv_rank as usize,
-        conv_alpha: config.conv_alpha as f64,
+        conv_rank: config.conv_rank() as usize,
+        conv_alpha: config.conv_alpha() as f64,
         kind: if config.dora {
             NetworkKind::Dora
         } else if config.pissa {
@@ -512,11 +512,7 @@ fn export_contents(
         epoch: point.epoch,
         started_at: point.started_at,
         finished_at: unix_seconds(),
-        exported_rank: lora.max_rank(),
-        exported_alpha: lora
-            .modules
-            .first()
-            .map_or(config.lora_alpha as f64, |m| m.alpha),
+        dims: lora.network_dims(),
         network_kind: network.spec().kind.label(),
         exactness: lora.exactness.clone(),
     };

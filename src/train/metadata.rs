@@ -7,6 +7,7 @@ use serde_json::json;
 
 use crate::config::TrainConfig;
 use crate::data::Dataset;
+use crate::lora::{NetworkDims, RankAlpha};
 use crate::models::checkpoint::ModelFamily;
 use crate::models::schedulers::PredictionType;
 
@@ -19,9 +20,8 @@ pub struct RunFacts<'a> {
     pub epoch: u64,
     pub started_at: u64,
     pub finished_at: u64,
-    /// Largest rank in the exported file and the alpha of its linear modules.
-    pub exported_rank: usize,
-    pub exported_alpha: f64,
+    /// The ranks and alphas in the exported file (which PiSSA doubles and DoRA folds).
+    pub dims: NetworkDims,
     pub network_kind: &'static str,
     pub exactness: String,
 }
@@ -37,13 +37,17 @@ pub fn lora_metadata(config: &TrainConfig, facts: &RunFacts) -> BTreeMap<String,
     };
     let python_bool = |b: bool| if b { "True" } else { "False" }.to_string();
     let resolution = config.resolution;
+    // kohya's `networks.lora` layout: the linear rank and alpha in their own keys, the convolutions' in the
+    // arguments, as text (as sd-scripts passes `--network_args`). The file is a plain LoRA whatever was
+    // trained, so no `algo` (the training method is `lora_studio.network_kind`).
+    let linear = facts.dims.linear.unwrap_or(RankAlpha {
+        rank: config.lora_rank as usize,
+        alpha: config.lora_alpha as f64,
+    });
     let mut network_args = serde_json::Map::new();
-    if config.conv_lora {
-        network_args.insert("conv_dim".into(), json!(config.conv_rank.to_string()));
-        network_args.insert("conv_alpha".into(), json!(config.conv_alpha.to_string()));
-    }
-    if facts.network_kind != "lora" {
-        network_args.insert("algo".into(), json!(facts.network_kind));
+    if let Some(conv) = facts.dims.conv {
+        network_args.insert("conv_dim".into(), json!(conv.rank.to_string()));
+        network_args.insert("conv_alpha".into(), json!(alpha_text(conv.alpha)));
     }
     let base_name = config
         .base_model
@@ -55,8 +59,8 @@ pub fn lora_metadata(config: &TrainConfig, facts: &RunFacts) -> BTreeMap<String,
         m.insert(key.to_string(), value);
     };
     put("ss_network_module", "networks.lora".into());
-    put("ss_network_dim", facts.exported_rank.to_string());
-    put("ss_network_alpha", facts.exported_alpha.to_string());
+    put("ss_network_dim", linear.rank.to_string());
+    put("ss_network_alpha", alpha_text(linear.alpha));
     put(
         "ss_network_args",
         serde_json::Value::Object(network_args).to_string(),
@@ -127,8 +131,9 @@ pub fn lora_metadata(config: &TrainConfig, facts: &RunFacts) -> BTreeMap<String,
     put("ss_flip_aug", python_bool(config.flip_aug));
     put("ss_random_crop", python_bool(config.random_crop));
     put("ss_enable_bucket", python_bool(config.enable_bucket));
-    put("ss_min_bucket_reso", config.min_bucket_reso.to_string());
-    put("ss_max_bucket_reso", config.max_bucket_reso.to_string());
+    let (min_bucket_side, max_bucket_side) = config.bucket_sides();
+    put("ss_min_bucket_reso", min_bucket_side.to_string());
+    put("ss_max_bucket_reso", max_bucket_side.to_string());
     put(
         "ss_bucket_no_upscale",
         python_bool(config.bucket_no_upscale),
@@ -173,6 +178,11 @@ pub fn lora_metadata(config: &TrainConfig, facts: &RunFacts) -> BTreeMap<String,
         serde_json::to_string(config).unwrap_or_default(),
     );
     m
+}
+
+/// An alpha as the config wrote it: alphas are `f32` settings, so `0.1` and not its `f64` widening.
+fn alpha_text(alpha: f64) -> String {
+    (alpha as f32).to_string()
 }
 
 /// The serde name of a config enum (`cosine_with_restarts`).

@@ -279,6 +279,9 @@ fn resumed_state<T: TrainingTask>(
         .first()
         .map_or(candle_core::Device::Cpu, |m| m.down.device().clone());
     let checkpoint = load_checkpoint(path, &device)?;
+    if let Some(note) = &checkpoint.upgrade_note {
+        reporter.message(note);
+    }
     check_resumable(&checkpoint.state.config, config, &checkpoint.path)?;
     let bad = |reason: String| TrainError::Checkpoint {
         path: checkpoint.path.clone(),
@@ -348,13 +351,13 @@ fn check_resumable(saved: &TrainConfig, now: &TrainConfig, path: &Path) -> Resul
         ),
         (
             "conv_rank",
-            saved.conv_rank.to_string(),
-            now.conv_rank.to_string(),
+            saved.conv_rank().to_string(),
+            now.conv_rank().to_string(),
         ),
         (
             "conv_alpha",
-            saved.conv_alpha.to_string(),
-            now.conv_alpha.to_string(),
+            saved.conv_alpha().to_string(),
+            now.conv_alpha().to_string(),
         ),
         (
             "train_text_encoder",

@@ -163,8 +163,6 @@ pub fn tiny_config(
         output_dir: output.to_path_buf(),
         output_name: "tiny".to_string(),
         resolution: 64,
-        min_bucket_reso: 64,
-        max_bucket_reso: 128,
         lora_rank: 4,
         lora_alpha: 4.0,
         batch_size: 2,

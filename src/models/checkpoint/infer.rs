@@ -217,7 +217,7 @@ pub fn infer_vae(files: &dyn KeyShapes) -> Result<VaeConfig, ModelError> {
     let block_out_channels = (0..levels)
         .map(|i| s.dim(&key(&format!("encoder.down.{i}.block.0.conv2.weight")), 0))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(VaeConfig {
+    let config = VaeConfig {
         in_channels: s.dim(&key("encoder.conv_in.weight"), 1)?,
         out_channels: s.dim(&key("decoder.conv_out.weight"), 0)?,
         block_out_channels,
@@ -225,7 +225,9 @@ pub fn infer_vae(files: &dyn KeyShapes) -> Result<VaeConfig, ModelError> {
         latent_channels: s.dim(&key("post_quant_conv.weight"), 0)?,
         norm_num_groups: 32,
         scaling_factor: 0.18215,
-    })
+    };
+    config.validate()?;
+    Ok(config)
 }
 
 /// Finds which text encoder layout a single file uses.

@@ -353,27 +353,34 @@ fn open_diffusers(folder: &Path) -> Result<ModelSource, ModelError> {
             )));
         }
     }
-    let mut config_files = Vec::new();
-    let mut read_config = |part: &str, name: &str| -> Result<String, ModelError> {
-        let path = folder.join(part).join(name);
-        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        config_files.push(path);
-        Ok(text)
-    };
-    let unet = UNetConfig::from_diffusers_json(&read_config("unet", "config.json")?)?;
-    let vae = VaeConfig::from_diffusers_json(&read_config("vae", "config.json")?)?;
-    let text_encoder =
-        ClipTextConfig::from_transformers_json(&read_config("text_encoder", "config.json")?)?;
+    let mut files = Vec::new();
+    let unet = read_config(
+        folder,
+        "unet/config.json",
+        &mut files,
+        UNetConfig::from_diffusers_json,
+    )?;
+    let vae = read_config(
+        folder,
+        "vae/config.json",
+        &mut files,
+        VaeConfig::from_diffusers_json,
+    )?;
+    let text_encoder = read_config(
+        folder,
+        "text_encoder/config.json",
+        &mut files,
+        ClipTextConfig::from_transformers_json,
+    )?;
     let (scheduler, prediction_origin) = if folder.join("scheduler/scheduler_config.json").is_file()
     {
-        let text = read_config("scheduler", "scheduler_config.json")?;
-        (
-            SchedulerConfig::from_diffusers_json(&text)?,
-            PredictionOrigin::Config,
-        )
+        let scheduler = read_config(
+            folder,
+            "scheduler/scheduler_config.json",
+            &mut files,
+            SchedulerConfig::from_diffusers_json,
+        )?;
+        (scheduler, PredictionOrigin::Config)
     } else {
         (SchedulerConfig::default(), PredictionOrigin::Default)
     };
@@ -408,8 +415,29 @@ fn open_diffusers(folder: &Path) -> Result<ModelSource, ModelError> {
             pad_token,
             prediction_origin,
         },
-        config_files,
+        config_files: files,
     })
+}
+
+/// Reads and parses the config file at `relative` in `folder`, adding its path to `files`; a config that is
+/// wrong names its file.
+fn read_config<T>(
+    folder: &Path,
+    relative: &str,
+    files: &mut Vec<PathBuf>,
+    parse: impl Fn(&str) -> Result<T, ModelError>,
+) -> Result<T, ModelError> {
+    let path = folder.join(relative);
+    let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let parsed = parse(&text).map_err(|e| match e {
+        ModelError::Config(reason) => ModelError::Config(format!("{}: {reason}", path.display())),
+        other => other,
+    });
+    files.push(path);
+    parsed
 }
 
 /// The weights of a transformers model folder (`model.safetensors`, possibly sharded, or

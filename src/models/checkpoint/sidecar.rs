@@ -160,7 +160,7 @@ fn apply_ldm_yaml(config: &mut SidecarConfig, text: &str) -> Result<(), String> 
     if !first_stage.is_badvalue() {
         let dd = &first_stage["ddconfig"];
         let ch = usize_of(&dd["ch"], "ddconfig.ch")?;
-        config.vae = Some(VaeConfig {
+        let vae = VaeConfig {
             in_channels: usize_of(&dd["in_channels"], "ddconfig.in_channels")?,
             out_channels: usize_of(&dd["out_ch"], "ddconfig.out_ch")?,
             block_out_channels: usize_list(&dd["ch_mult"], "ddconfig.ch_mult")?
@@ -171,7 +171,9 @@ fn apply_ldm_yaml(config: &mut SidecarConfig, text: &str) -> Result<(), String> 
             latent_channels: usize_of(&dd["z_channels"], "ddconfig.z_channels")?,
             norm_num_groups: 32,
             scaling_factor: number(&params["scale_factor"]).unwrap_or(0.18215),
-        });
+        };
+        vae.validate().map_err(|e| e.to_string())?;
+        config.vae = Some(vae);
     }
     if let Some(target) = params["cond_stage_config"]["target"].as_str() {
         config.open_clip = Some(target.contains("OpenCLIP"));

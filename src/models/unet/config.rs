@@ -90,6 +90,9 @@ impl UNetConfig {
         if levels == 0 || self.layers_per_block == 0 {
             return bad("it has no levels or no layers per block".to_string());
         }
+        if self.norm_num_groups == 0 {
+            return bad("it has 0 groups for its norms".to_string());
+        }
         for (name, len) in [
             ("down block types", self.down_attention.len()),
             ("up block types", self.up_attention.len()),
