@@ -20,13 +20,16 @@ use lora_studio::worker::WorkerHandle;
 
 /// The app with `settings` and real workers, in a 1280x900 window.
 fn open_app(settings: AppSettings) -> Harness<'static, StudioApp> {
+    open_app_sized(settings, [1280.0, 900.0])
+}
+
+/// The app with `settings` and real workers, in a window of `size` points.
+fn open_app_sized(settings: AppSettings, size: [f32; 2]) -> Harness<'static, StudioApp> {
     let (worker, events) = WorkerHandle::spawn(Arc::new(|| {})).unwrap();
-    Harness::builder()
-        .with_size([1280.0, 900.0])
-        .build_ui_state(
-            |ui, app: &mut StudioApp| app.main_ui(ui),
-            StudioApp::new(settings, worker, events),
-        )
+    Harness::builder().with_size(size).build_ui_state(
+        |ui, app: &mut StudioApp| app.main_ui(ui),
+        StudioApp::new(settings, worker, events),
+    )
 }
 
 /// Drops `path` on the window.
@@ -310,3 +313,45 @@ fn auto_caption_fills_empty_captions_then_replaces_all_after_confirmation() {
     let on_disk = std::fs::read_to_string(data.join("metadata.csv")).unwrap();
     assert!(!on_disk.contains("neon city"), "{on_disk}");
 }
+
+#[test]
+fn the_dataset_grid_wraps_to_the_width_left_by_the_caption_panel() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = make_dataset(&dir.path().join("data"), 30);
+    let settings = AppSettings {
+        train: TrainConfig {
+            train_data_dir: PathBuf::new(),
+            ..tiny_config(&data, &dir.path().join("out"))
+        },
+        ..Default::default()
+    };
+    let mut harness = open_app_sized(settings, [1400.0, 900.0]);
+    drop_path(&mut harness, data);
+    step_until(&mut harness, "the dataset", |app| app.dataset_len() == 30);
+    // Window widths from 1000 to 2000 points, 1400 among them.
+    for width in (1000..=2000).step_by(25).map(|w| w as f32) {
+        harness.set_size(egui::vec2(width, 900.0));
+        harness.run_steps(3);
+        let panel_left = harness
+            .get_by_label("Click an image to edit its caption here.")
+            .rect()
+            .left();
+        let cards: Vec<egui::Rect> = harness
+            .get_all_by_role(Role::MultilineTextInput)
+            .map(|caption| caption.rect())
+            .collect();
+        assert!(cards.len() >= 8, "{} cards at {width} points", cards.len());
+        let rightmost = cards.iter().map(|r| r.right()).fold(f32::MIN, f32::max);
+        assert!(
+            rightmost < panel_left,
+            "at {width} points a card reaches {rightmost}, under the caption panel at {panel_left}"
+        );
+        // And the row is full: a card one step further would reach under the panel.
+        let card_step = cards[1].left() - cards[0].left();
+        assert!(
+            rightmost + card_step > panel_left - card_step / 4.0,
+            "at {width} points the row ends at {rightmost}, a card short of {panel_left}"
+        );
+    }
+}
+
