@@ -181,10 +181,21 @@ pub enum CaptionOrigin {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Badge {
     MissingCaption,
-    Small { width: u32, height: u32 },
-    Duplicate { of: PathBuf },
-    NearDuplicate { of: PathBuf },
-    LongCaption { tokens: usize },
+    /// Smaller than the training resolution; `bucket` is the size it is trained at.
+    Small {
+        width: u32,
+        height: u32,
+        bucket: (u32, u32),
+    },
+    Duplicate {
+        of: PathBuf,
+    },
+    NearDuplicate {
+        of: PathBuf,
+    },
+    LongCaption {
+        tokens: usize,
+    },
     TriggerMissing,
 }
 

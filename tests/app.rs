@@ -54,6 +54,16 @@ fn step_until(harness: &mut Harness<'_, StudioApp>, what: &str, done: impl Fn(&S
     }
 }
 
+/// Steps the app until a widget labelled `label` shows, failing after a minute.
+fn step_until_shown(harness: &mut Harness<'_, StudioApp>, label: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while harness.query_by_label(label).is_none() {
+        assert!(Instant::now() < deadline, "gave up waiting for {label:?}");
+        std::thread::sleep(Duration::from_millis(20));
+        harness.step();
+    }
+}
+
 #[test]
 fn drop_edit_train_pause_preview_resume_export() {
     let dir = tempfile::tempdir().unwrap();
@@ -352,6 +362,39 @@ fn the_dataset_grid_wraps_to_the_width_left_by_the_caption_panel() {
             rightmost + card_step > panel_left - card_step / 4.0,
             "at {width} points the row ends at {rightmost}, a card short of {panel_left}"
         );
+    }
+}
+
+#[test]
+fn a_small_image_says_whether_it_is_upscaled() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    image::RgbImage::from_pixel(320, 256, image::Rgb([200, 40, 40]))
+        .save(data.join("small.png"))
+        .unwrap();
+    std::fs::write(
+        data.join("metadata.csv"),
+        "file_name,text\nsmall.png,a red square\n",
+    )
+    .unwrap();
+    // At 512 px: with bucket_no_upscale (the default) the image keeps its size; without it, it is
+    // enlarged to cover the bucket of its aspect ratio (kohya's 576x448 for 5:4).
+    for (no_upscale, badge) in [
+        (true, "small 320x256: trained at 320x256, not upscaled"),
+        (false, "small 320x256: upscaled to fill 576x448"),
+    ] {
+        let settings = AppSettings {
+            train: TrainConfig {
+                bucket_no_upscale: no_upscale,
+                ..TrainConfig::default()
+            },
+            ..Default::default()
+        };
+        let mut harness = open_app(settings);
+        drop_path(&mut harness, data.clone());
+        step_until(&mut harness, "the dataset", |app| app.dataset_len() == 1);
+        step_until_shown(&mut harness, badge);
     }
 }
 

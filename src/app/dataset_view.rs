@@ -11,10 +11,27 @@ const CELL: f32 = 128.0;
 /// Side of the decoded thumbnails (also used by the larger editor).
 const THUMBNAIL_SIDE: u32 = 256;
 
+/// What the "small" badge means, on hover.
+const SMALL_IMAGE_HELP: &str = "Smaller than the training resolution. With bucket_no_upscale (the \
+default) an image gets a bucket of its own size, on the bucket step, and is cropped to it, never enlarged: \
+it trains at fewer pixels. Without it, an image is enlarged to cover its bucket, which softens it.";
+
 fn badge_text(badge: &Badge) -> String {
     match badge {
         Badge::MissingCaption => "no caption".to_string(),
-        Badge::Small { width, height } => format!("small {width}x{height} (will be upscaled)"),
+        Badge::Small {
+            width,
+            height,
+            bucket: (bucket_width, bucket_height),
+        } => {
+            if bucket_width > width || bucket_height > height {
+                format!("small {width}x{height}: upscaled to fill {bucket_width}x{bucket_height}")
+            } else {
+                format!(
+                    "small {width}x{height}: trained at {bucket_width}x{bucket_height}, not upscaled"
+                )
+            }
+        }
         Badge::Duplicate { of } => format!("duplicate of {}", of.display()),
         Badge::NearDuplicate { of } => format!("looks like {}", of.display()),
         Badge::LongCaption { tokens } => format!("{tokens} tokens (over 75 are cut)"),
@@ -31,7 +48,10 @@ fn badges_ui(ui: &mut egui::Ui, badges: &[Badge]) {
                 }
                 _ => egui::Color32::from_rgb(220, 170, 40),
             };
-            ui.label(egui::RichText::new(badge_text(badge)).small().color(color));
+            let label = ui.label(egui::RichText::new(badge_text(badge)).small().color(color));
+            if matches!(badge, Badge::Small { .. }) {
+                label.on_hover_text(SMALL_IMAGE_HELP);
+            }
         }
     });
 }
