@@ -398,3 +398,48 @@ fn a_small_image_says_whether_it_is_upscaled() {
     }
 }
 
+#[test]
+fn the_preview_renders_at_the_training_size_until_the_user_chooses_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = make_dataset(&dir.path().join("data"), 2);
+    let settings = AppSettings {
+        train: TrainConfig {
+            train_data_dir: PathBuf::new(),
+            resolution: 128,
+            ..tiny_config(&data, &dir.path().join("out"))
+        },
+        tab: Tab::Preview,
+        ..Default::default()
+    };
+    let mut harness = open_app(settings);
+    harness.run_steps(2);
+    let size = |harness: &Harness<'_, StudioApp>| {
+        let preview = &harness.state().settings().preview;
+        (preview.width, preview.height)
+    };
+    assert_eq!(size(&harness), (128, 128));
+    // A resolution between buckets renders at its square bucket.
+    harness.state_mut().settings_mut().train.resolution = 200;
+    harness.run_steps(2);
+    assert_eq!(size(&harness), (192, 192));
+
+    // The user's width stays, whatever the training resolution becomes, also after a restart.
+    harness
+        .get_by_role_and_label(Role::SpinButton, "Width")
+        .set_value_accesskit(96.0);
+    harness.run_steps(2);
+    assert_eq!(size(&harness), (96, 192));
+    harness.state_mut().settings_mut().train.resolution = 64;
+    harness.run_steps(2);
+    assert_eq!(size(&harness), (96, 192));
+    let remembered = harness.state().settings().clone();
+    let mut harness = open_app(remembered);
+    harness.run_steps(2);
+    assert_eq!(size(&harness), (96, 192));
+
+    // "Training size" follows the training resolution again.
+    harness.get_by_label("Training size").click();
+    harness.run_steps(2);
+    assert_eq!(size(&harness), (64, 64));
+}
+

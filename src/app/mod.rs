@@ -452,6 +452,7 @@ impl StudioApp {
         {
             self.worker.send(job);
         }
+        self.follow_training_size();
         self.preview.send_if_due(&self.settings, &self.worker);
         if self.dataset.unsaved_count() > 0 || self.preview.waiting() {
             ctx.request_repaint_after(std::time::Duration::from_millis(100));
