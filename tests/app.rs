@@ -443,3 +443,45 @@ fn the_preview_renders_at_the_training_size_until_the_user_chooses_one() {
     assert_eq!(size(&harness), (64, 64));
 }
 
+#[test]
+fn a_long_base_model_path_leaves_the_chart_its_width() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = make_dataset(&dir.path().join("data"), 2);
+    let deep: PathBuf = (0..12)
+        .map(|i| format!("a-rather-long-folder-name-{i}"))
+        .collect();
+    let base_model = dir
+        .path()
+        .join(deep)
+        .join("v1-5-pruned-emaonly.safetensors");
+    let settings = AppSettings {
+        train: TrainConfig {
+            train_data_dir: PathBuf::new(),
+            base_model: base_model.clone(),
+            ..tiny_config(&data, &dir.path().join("out"))
+        },
+        tab: Tab::Train,
+        ..Default::default()
+    };
+    let mut harness = open_app_sized(settings, [1400.0, 900.0]);
+    harness.run_steps(3);
+    // The settings panel keeps about its default width of 380 points.
+    let chart_left = harness.get_by_label("Start training").rect().left();
+    assert!(
+        chart_left < 450.0,
+        "the chart starts at {chart_left} of 1400 points"
+    );
+    // The path shows its start and its end with the whole file name, and in full on hover.
+    let shown_path = |node: &egui_kittest::kittest::AccessKitNode<'_>| {
+        node.role() == Role::Label && node.value().is_some_and(|v| v.ends_with(".safetensors"))
+    };
+    let shown = harness.get_by(shown_path).value().unwrap_or_default();
+    let full = base_model.display().to_string();
+    let (start, end) = shown.split_once('…').unwrap_or_else(|| panic!("{shown}"));
+    assert!(
+        full.starts_with(start) && full.ends_with(end) && end.contains("/v1-5-pruned-emaonly"),
+        "{shown}"
+    );
+    harness.get_by(shown_path).hover();
+    step_until_shown(&mut harness, &full);
+}
