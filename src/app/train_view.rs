@@ -316,9 +316,9 @@ impl StudioApp {
         let est = estimate(&self.settings.train, on_gpu);
         ui.separator();
         ui.label(format!(
-            "Rough estimate for an SD 1.5 model on this {}: {:.1} GB of memory, {:.1} s per step",
+            "Rough estimate for an SD 1.5 model on this {}: {:.1} GiB of memory, {:.1} s per step",
             if on_gpu { "GPU" } else { "CPU" },
-            est.memory_gb,
+            est.memory_gib,
             est.seconds
         ));
     }
