@@ -114,6 +114,8 @@ pub struct PreviewSettings {
     pub steps: u32,
     pub width: u32,
     pub height: u32,
+    /// The user set the width or height; until then both follow the training resolution.
+    pub size_chosen: bool,
     pub cfg: f64,
     pub strength: f64,
 }
@@ -127,6 +129,7 @@ impl Default for PreviewSettings {
             steps: 20,
             width: 512,
             height: 512,
+            size_chosen: false,
             cfg: 7.5,
             strength: 0.8,
         }
@@ -186,10 +189,21 @@ pub enum CaptionOrigin {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Badge {
     MissingCaption,
-    Small { width: u32, height: u32 },
-    Duplicate { of: PathBuf },
-    NearDuplicate { of: PathBuf },
-    LongCaption { tokens: usize },
+    /// Smaller than the training resolution; `bucket` is the size it is trained at.
+    Small {
+        width: u32,
+        height: u32,
+        bucket: (u32, u32),
+    },
+    Duplicate {
+        of: PathBuf,
+    },
+    NearDuplicate {
+        of: PathBuf,
+    },
+    LongCaption {
+        tokens: usize,
+    },
     TriggerMissing,
 }
 

@@ -20,13 +20,16 @@ use lora_studio::worker::WorkerHandle;
 
 /// The app with `settings` and real workers, in a 1280x900 window.
 fn open_app(settings: AppSettings) -> Harness<'static, StudioApp> {
+    open_app_sized(settings, [1280.0, 900.0])
+}
+
+/// The app with `settings` and real workers, in a window of `size` points.
+fn open_app_sized(settings: AppSettings, size: [f32; 2]) -> Harness<'static, StudioApp> {
     let (worker, events) = WorkerHandle::spawn(Arc::new(|| {})).unwrap();
-    Harness::builder()
-        .with_size([1280.0, 900.0])
-        .build_ui_state(
-            |ui, app: &mut StudioApp| app.main_ui(ui),
-            StudioApp::new(settings, worker, events),
-        )
+    Harness::builder().with_size(size).build_ui_state(
+        |ui, app: &mut StudioApp| app.main_ui(ui),
+        StudioApp::new(settings, worker, events),
+    )
 }
 
 /// Drops `path` on the window.
@@ -46,6 +49,16 @@ fn step_until(harness: &mut Harness<'_, StudioApp>, what: &str, done: impl Fn(&S
             "gave up waiting for {what}; notices: {:?}",
             harness.state().notices()
         );
+        std::thread::sleep(Duration::from_millis(20));
+        harness.step();
+    }
+}
+
+/// Steps the app until a widget labelled `label` shows, failing after a minute.
+fn step_until_shown(harness: &mut Harness<'_, StudioApp>, label: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while harness.query_by_label(label).is_none() {
+        assert!(Instant::now() < deadline, "gave up waiting for {label:?}");
         std::thread::sleep(Duration::from_millis(20));
         harness.step();
     }
@@ -309,4 +322,166 @@ fn auto_caption_fills_empty_captions_then_replaces_all_after_confirmation() {
     );
     let on_disk = std::fs::read_to_string(data.join("metadata.csv")).unwrap();
     assert!(!on_disk.contains("neon city"), "{on_disk}");
+}
+
+#[test]
+fn the_dataset_grid_wraps_to_the_width_left_by_the_caption_panel() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = make_dataset(&dir.path().join("data"), 30);
+    let settings = AppSettings {
+        train: TrainConfig {
+            train_data_dir: PathBuf::new(),
+            ..tiny_config(&data, &dir.path().join("out"))
+        },
+        ..Default::default()
+    };
+    let mut harness = open_app_sized(settings, [1400.0, 900.0]);
+    drop_path(&mut harness, data);
+    step_until(&mut harness, "the dataset", |app| app.dataset_len() == 30);
+    // Window widths from 1000 to 2000 points, 1400 among them.
+    for width in (1000..=2000).step_by(25).map(|w| w as f32) {
+        harness.set_size(egui::vec2(width, 900.0));
+        harness.run_steps(3);
+        let panel_left = harness
+            .get_by_label("Click an image to edit its caption here.")
+            .rect()
+            .left();
+        let cards: Vec<egui::Rect> = harness
+            .get_all_by_role(Role::MultilineTextInput)
+            .map(|caption| caption.rect())
+            .collect();
+        assert!(cards.len() >= 8, "{} cards at {width} points", cards.len());
+        let rightmost = cards.iter().map(|r| r.right()).fold(f32::MIN, f32::max);
+        assert!(
+            rightmost < panel_left,
+            "at {width} points a card reaches {rightmost}, under the caption panel at {panel_left}"
+        );
+        // And the row is full: a card one step further would reach under the panel.
+        let card_step = cards[1].left() - cards[0].left();
+        assert!(
+            rightmost + card_step > panel_left - card_step / 4.0,
+            "at {width} points the row ends at {rightmost}, a card short of {panel_left}"
+        );
+    }
+}
+
+#[test]
+fn a_small_image_says_whether_it_is_upscaled() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    image::RgbImage::from_pixel(320, 256, image::Rgb([200, 40, 40]))
+        .save(data.join("small.png"))
+        .unwrap();
+    std::fs::write(
+        data.join("metadata.csv"),
+        "file_name,text\nsmall.png,a red square\n",
+    )
+    .unwrap();
+    // At 512 px: with bucket_no_upscale (the default) the image keeps its size; without it, it is
+    // enlarged to cover the bucket of its aspect ratio (kohya's 576x448 for 5:4).
+    for (no_upscale, badge) in [
+        (true, "small 320x256: trained at 320x256, not upscaled"),
+        (false, "small 320x256: upscaled to fill 576x448"),
+    ] {
+        let settings = AppSettings {
+            train: TrainConfig {
+                bucket_no_upscale: no_upscale,
+                ..TrainConfig::default()
+            },
+            ..Default::default()
+        };
+        let mut harness = open_app(settings);
+        drop_path(&mut harness, data.clone());
+        step_until(&mut harness, "the dataset", |app| app.dataset_len() == 1);
+        step_until_shown(&mut harness, badge);
+    }
+}
+
+#[test]
+fn the_preview_renders_at_the_training_size_until_the_user_chooses_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = make_dataset(&dir.path().join("data"), 2);
+    let settings = AppSettings {
+        train: TrainConfig {
+            train_data_dir: PathBuf::new(),
+            resolution: 128,
+            ..tiny_config(&data, &dir.path().join("out"))
+        },
+        tab: Tab::Preview,
+        ..Default::default()
+    };
+    let mut harness = open_app(settings);
+    harness.run_steps(2);
+    let size = |harness: &Harness<'_, StudioApp>| {
+        let preview = &harness.state().settings().preview;
+        (preview.width, preview.height)
+    };
+    assert_eq!(size(&harness), (128, 128));
+    // A resolution between buckets renders at its square bucket.
+    harness.state_mut().settings_mut().train.resolution = 200;
+    harness.run_steps(2);
+    assert_eq!(size(&harness), (192, 192));
+
+    // The user's width stays, whatever the training resolution becomes, also after a restart.
+    harness
+        .get_by_role_and_label(Role::SpinButton, "Width")
+        .set_value_accesskit(96.0);
+    harness.run_steps(2);
+    assert_eq!(size(&harness), (96, 192));
+    harness.state_mut().settings_mut().train.resolution = 64;
+    harness.run_steps(2);
+    assert_eq!(size(&harness), (96, 192));
+    let remembered = harness.state().settings().clone();
+    let mut harness = open_app(remembered);
+    harness.run_steps(2);
+    assert_eq!(size(&harness), (96, 192));
+
+    // "Training size" follows the training resolution again.
+    harness.get_by_label("Training size").click();
+    harness.run_steps(2);
+    assert_eq!(size(&harness), (64, 64));
+}
+
+#[test]
+fn a_long_base_model_path_leaves_the_chart_its_width() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = make_dataset(&dir.path().join("data"), 2);
+    let deep: PathBuf = (0..12)
+        .map(|i| format!("a-rather-long-folder-name-{i}"))
+        .collect();
+    let base_model = dir
+        .path()
+        .join(deep)
+        .join("v1-5-pruned-emaonly.safetensors");
+    let settings = AppSettings {
+        train: TrainConfig {
+            train_data_dir: PathBuf::new(),
+            base_model: base_model.clone(),
+            ..tiny_config(&data, &dir.path().join("out"))
+        },
+        tab: Tab::Train,
+        ..Default::default()
+    };
+    let mut harness = open_app_sized(settings, [1400.0, 900.0]);
+    harness.run_steps(3);
+    // The settings panel keeps about its default width of 380 points.
+    let chart_left = harness.get_by_label("Start training").rect().left();
+    assert!(
+        chart_left < 450.0,
+        "the chart starts at {chart_left} of 1400 points"
+    );
+    // The path shows its start and its end with the whole file name, and in full on hover.
+    let shown_path = |node: &egui_kittest::kittest::AccessKitNode<'_>| {
+        node.role() == Role::Label && node.value().is_some_and(|v| v.ends_with(".safetensors"))
+    };
+    let shown = harness.get_by(shown_path).value().unwrap_or_default();
+    let full = base_model.display().to_string();
+    let (start, end) = shown.split_once('…').unwrap_or_else(|| panic!("{shown}"));
+    assert!(
+        full.starts_with(start) && full.ends_with(end) && end.contains("/v1-5-pruned-emaonly"),
+        "{shown}"
+    );
+    harness.get_by(shown_path).hover();
+    step_until_shown(&mut harness, &full);
 }

@@ -51,6 +51,7 @@ fn preview(id: u64, strength: f64) -> PreviewRequest {
             steps: 2,
             width: 64,
             height: 64,
+            size_chosen: true,
             cfg: 5.0,
             strength,
         },

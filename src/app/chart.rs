@@ -3,7 +3,7 @@
 //! column's minimum and maximum) so 100k steps still draw smoothly; zoomed in, only the visible steps are
 //! thinned, so detail appears as you zoom.
 
-use egui_plot::{Legend, Line, Plot, PlotPoints, Points, VLine};
+use egui_plot::{HoverPosition, Legend, Line, Plot, PlotPoints, Points, VLine};
 
 use crate::messages::LossPoint;
 
@@ -68,6 +68,9 @@ fn epoch_marks(steps_per_epoch: u64, last_step: u64) -> Vec<u64> {
         .collect()
 }
 
+/// Width of both plots' y axes, wide enough for `1.0e-3`, so that their steps line up.
+const Y_AXIS_WIDTH: f32 = 64.0;
+
 /// Height of the learning-rate plot under the loss plot.
 const LR_PLOT_HEIGHT: f32 = 90.0;
 
@@ -102,6 +105,7 @@ pub fn loss_chart_ui(ui: &mut egui::Ui, losses: &[LossPoint], steps_per_epoch: u
     }
     Plot::new("loss")
         .height(loss_height)
+        .y_axis_min_width(Y_AXIS_WIDTH)
         .legend(Legend::default())
         .x_axis_label("step")
         .y_axis_label("loss")
@@ -117,16 +121,87 @@ pub fn loss_chart_ui(ui: &mut egui::Ui, losses: &[LossPoint], steps_per_epoch: u
                 plot.vline(VLine::new("epoch start", step as f64).color(epoch_colour));
             }
         });
-    let lr: Vec<[f64; 2]> = losses.iter().map(|p| [p.step as f64, p.lr]).collect();
+    learning_rate_chart_ui(ui, losses, link);
+}
+
+/// The learning-rate plot, x-linked to the loss plot, with the current rate written above it.
+fn learning_rate_chart_ui(ui: &mut egui::Ui, losses: &[LossPoint], link: egui::Id) {
+    let lr: Vec<[f64; 2]> = losses
+        .iter()
+        .filter(|p| p.lr.is_finite())
+        .map(|p| [p.step as f64, p.lr])
+        .collect();
+    let Some(&[_, current]) = lr.last() else {
+        return;
+    };
+    ui.label(format!("learning rate {}", format_lr(current)));
+    let (low, high) = lr_axis_range(lr.iter().map(|p| p[1]));
     Plot::new("learning-rate")
+        .id(egui::Id::unique(LR_PLOT_ID))
         .height(LR_PLOT_HEIGHT)
         .x_axis_label("step")
         .y_axis_label("lr")
+        .include_y(low)
+        .include_y(high)
+        .y_axis_formatter(|mark, _| format_lr_tick(mark.value, mark.step_size))
+        .y_axis_min_width(Y_AXIS_WIDTH)
+        .label_formatter(|hover| {
+            let (HoverPosition::NearDataPoint { position, .. }
+            | HoverPosition::Elsewhere { position }) = hover;
+            Some(format!(
+                "step {:.0}\nlr {}",
+                position.x,
+                format_lr(position.y)
+            ))
+        })
         .link_axis(link, [true, false])
         .show(ui, |plot| {
             let lr = thinned_for_view(plot, &lr);
             plot.line(Line::new("learning rate", PlotPoints::from(lr)))
         });
+}
+
+/// The learning-rate plot's id (fixed, so its bounds can be read back).
+const LR_PLOT_ID: &str = "learning-rate-plot";
+
+/// Share of the spread added above and below a changing learning rate.
+const LR_MARGIN: f64 = 0.1;
+
+/// The y range of the learning-rate plot: the rates' range with a margin, or for a (nearly) constant rate a
+/// band of half its value on each side. egui_plot's own fit collapses on a flat line (zero height) to a
+/// default range around 0 in which a rate like 1e-3 is an invisible line on the axis.
+fn lr_axis_range(rates: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (low, high) = rates.fold((f64::INFINITY, f64::NEG_INFINITY), |(low, high), r| {
+        (low.min(r), high.max(r))
+    });
+    if !low.is_finite() || !high.is_finite() {
+        return (0.0, 1.0);
+    }
+    let magnitude = low.abs().max(high.abs());
+    let spread = high - low;
+    let pad = if spread > magnitude * 1e-3 {
+        spread * LR_MARGIN
+    } else if magnitude > 0.0 {
+        magnitude / 2.0
+    } else {
+        1.0
+    };
+    (low - pad, high + pad)
+}
+
+/// A learning rate as people write it: `1.0e-3`, `2.5e-4`, `0`.
+fn format_lr(rate: f64) -> String {
+    format_lr_tick(rate, rate.abs() / 10.0)
+}
+
+/// A tick of the learning-rate axis with as many digits as the ticks' spacing `step` needs to tell
+/// neighbours apart (`1.05e-3` next to `1.10e-3`), and at least one.
+fn format_lr_tick(rate: f64, step: f64) -> String {
+    if rate == 0.0 || !rate.is_finite() {
+        return format!("{rate}");
+    }
+    let decimals = (rate.abs().log10().floor() - step.abs().log10().floor()).clamp(1.0, 6.0);
+    format!("{rate:.*e}", decimals as usize)
 }
 
 /// Before the first step: a framed area of the charts' height that says what will appear there (empty
@@ -152,7 +227,86 @@ fn empty_chart_ui(ui: &mut egui::Ui, height: f32) {
 
 #[cfg(test)]
 mod tests {
-    use super::{epoch_marks, in_range, thin};
+    use egui_kittest::Harness;
+    use egui_kittest::kittest::Queryable as _;
+
+    use super::{
+        LR_PLOT_ID, epoch_marks, format_lr, format_lr_tick, in_range, loss_chart_ui, lr_axis_range,
+        thin,
+    };
+    use crate::messages::LossPoint;
+
+    /// 20 steps whose learning rate is `lr(step)`.
+    fn run_with(lr: impl Fn(u64) -> f64) -> Vec<LossPoint> {
+        (1..=20)
+            .map(|step| LossPoint {
+                step,
+                epoch: 0,
+                loss: 0.2 - step as f64 * 0.001,
+                lr: lr(step),
+                seconds: 0.5,
+            })
+            .collect()
+    }
+
+    /// The y range the learning-rate plot shows after drawing `losses` as they arrive, step by step.
+    fn shown_lr_range(losses: &[LossPoint]) -> (f64, f64) {
+        let mut harness = Harness::builder().with_size([900.0, 700.0]).build_ui_state(
+            |ui, shown: &mut Vec<LossPoint>| loss_chart_ui(ui, shown, 10),
+            Vec::new(),
+        );
+        for point in losses {
+            harness.state_mut().push(*point);
+            harness.run();
+        }
+        let memory = egui_plot::PlotMemory::load(&harness.ctx, egui::Id::unique(LR_PLOT_ID))
+            .expect("the learning-rate plot was drawn");
+        let bounds = memory.bounds();
+        (bounds.min()[1], bounds.max()[1])
+    }
+
+    #[test]
+    fn a_constant_learning_rate_shows_in_a_band_around_its_value() {
+        let losses = run_with(|_| 1e-3);
+        let (low, high) = shown_lr_range(&losses);
+        // The line lies well inside, and the band is of the rate's own size (not -1..1 or -100..100).
+        assert!(low > 0.0 && low < 0.9e-3, "{low}..{high}");
+        assert!(high > 1.1e-3 && high < 2e-3, "{low}..{high}");
+        let mut harness = Harness::builder()
+            .with_size([900.0, 700.0])
+            .build_ui(|ui| loss_chart_ui(ui, &losses, 10));
+        harness.run();
+        harness.get_by_label("learning rate 1.0e-3");
+    }
+
+    #[test]
+    fn a_changing_learning_rate_fits_its_range() {
+        // Linear warmup to 2e-4 over the run: the range follows the rates as they arrive.
+        let (low, high) = shown_lr_range(&run_with(|step| 1e-5 * step as f64));
+        assert!(low <= 1e-5 && low > -1e-4, "{low}..{high}");
+        assert!((2e-4..3e-4).contains(&high), "{low}..{high}");
+        // Warmup to 1e-3 in 5 steps, then constant.
+        let (low, high) = shown_lr_range(&run_with(|step| 2e-4 * step.min(5) as f64));
+        assert!(low <= 2e-4 && low > -3e-4, "{low}..{high}");
+        assert!((1e-3..1.3e-3).contains(&high), "{low}..{high}");
+    }
+
+    #[test]
+    fn axis_ranges_and_labels_of_learning_rates() {
+        assert_eq!(lr_axis_range([0.0, 0.0].into_iter()), (-1.0, 1.0));
+        let (low, high) = lr_axis_range([2e-4, 2e-4 * (1.0 + 1e-6)].into_iter());
+        assert!(
+            low > 0.0 && high < 4e-4 && high - low > 1e-4,
+            "{low}..{high}"
+        );
+        assert_eq!(format_lr(1e-3), "1.0e-3");
+        assert_eq!(format_lr(2.5e-4), "2.5e-4");
+        assert_eq!(format_lr(0.0), "0");
+        // Ticks 5e-5 apart keep a third digit, so neighbours differ.
+        assert_eq!(format_lr_tick(1.05e-3, 5e-5), "1.05e-3");
+        assert_eq!(format_lr_tick(1.1e-3, 5e-5), "1.10e-3");
+        assert_eq!(format_lr_tick(5e-4, 1e-4), "5.0e-4");
+    }
 
     #[test]
     fn thinning_keeps_extremes_and_bounds_the_count() {

@@ -11,10 +11,27 @@ const CELL: f32 = 128.0;
 /// Side of the decoded thumbnails (also used by the larger editor).
 const THUMBNAIL_SIDE: u32 = 256;
 
+/// What the "small" badge means, on hover.
+const SMALL_IMAGE_HELP: &str = "Smaller than the training resolution. With bucket_no_upscale (the \
+default) an image gets a bucket of its own size, on the bucket step, and is cropped to it, never enlarged: \
+it trains at fewer pixels. Without it, an image is enlarged to cover its bucket, which softens it.";
+
 fn badge_text(badge: &Badge) -> String {
     match badge {
         Badge::MissingCaption => "no caption".to_string(),
-        Badge::Small { width, height } => format!("small {width}x{height} (will be upscaled)"),
+        Badge::Small {
+            width,
+            height,
+            bucket: (bucket_width, bucket_height),
+        } => {
+            if bucket_width > width || bucket_height > height {
+                format!("small {width}x{height}: upscaled to fill {bucket_width}x{bucket_height}")
+            } else {
+                format!(
+                    "small {width}x{height}: trained at {bucket_width}x{bucket_height}, not upscaled"
+                )
+            }
+        }
         Badge::Duplicate { of } => format!("duplicate of {}", of.display()),
         Badge::NearDuplicate { of } => format!("looks like {}", of.display()),
         Badge::LongCaption { tokens } => format!("{tokens} tokens (over 75 are cut)"),
@@ -31,7 +48,10 @@ fn badges_ui(ui: &mut egui::Ui, badges: &[Badge]) {
                 }
                 _ => egui::Color32::from_rgb(220, 170, 40),
             };
-            ui.label(egui::RichText::new(badge_text(badge)).small().color(color));
+            let label = ui.label(egui::RichText::new(badge_text(badge)).small().color(color));
+            if matches!(badge, Badge::Small { .. }) {
+                label.on_hover_text(SMALL_IMAGE_HELP);
+            }
         }
     });
 }
@@ -245,7 +265,9 @@ impl StudioApp {
 
     fn grid_ui(&mut self, ui: &mut egui::Ui) {
         let visible = self.dataset.visible();
-        let columns = ((ui.available_width() / (CELL + 16.0)).floor() as usize).max(1);
+        let card_width = CELL + card_frame(ui).total_margin().sum().x;
+        let width = ui.available_width() - ui.spacing().scroll.allocated_width();
+        let columns = columns_that_fit(width, card_width, ui.spacing().item_spacing.x);
         let rows = visible.len().div_ceil(columns);
         let row_height = CELL + 90.0;
         egui::ScrollArea::vertical().auto_shrink(false).show_rows(
@@ -281,57 +303,73 @@ impl StudioApp {
         } else {
             ui.visuals().widgets.noninteractive.bg_stroke
         };
-        egui::Frame::group(ui.style())
-            .stroke(stroke)
-            .show(ui, |ui| {
-                ui.set_width(CELL);
-                ui.vertical(|ui| {
-                    let image = match self.dataset.thumbnail(&entry.path) {
-                        Some(texture) => ui.add(
-                            egui::Image::new(texture)
-                                .fit_to_exact_size(egui::vec2(CELL, CELL))
-                                .sense(egui::Sense::click()),
-                        ),
-                        None => match self.dataset.thumbnail_failures.get(&entry.path) {
-                            Some(reason) => ui
-                                .add_sized(
-                                    [CELL, CELL],
-                                    egui::Label::new("unreadable").sense(egui::Sense::click()),
-                                )
-                                .on_hover_text(reason),
-                            None => ui.add_sized(
+        card_frame(ui).stroke(stroke).show(ui, |ui| {
+            ui.set_width(CELL);
+            ui.vertical(|ui| {
+                let image = match self.dataset.thumbnail(&entry.path) {
+                    Some(texture) => ui.add(
+                        egui::Image::new(texture)
+                            .fit_to_exact_size(egui::vec2(CELL, CELL))
+                            .sense(egui::Sense::click()),
+                    ),
+                    None => match self.dataset.thumbnail_failures.get(&entry.path) {
+                        Some(reason) => ui
+                            .add_sized(
                                 [CELL, CELL],
-                                egui::Label::new("…").sense(egui::Sense::click()),
-                            ),
-                        },
-                    };
-                    if image.clicked() {
-                        self.dataset.selected = Some(index);
-                    }
-                    let name = entry
-                        .relative
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default();
-                    let label = ui.label(egui::RichText::new(&name).small().weak());
-                    let response = ui.add(
-                        egui::TextEdit::multiline(&mut self.dataset.captions[index])
-                            .desired_rows(2)
-                            .desired_width(CELL),
-                    );
-                    let response = response.labelled_by(label.id);
-                    self.track_edit(index, &response);
-                    if let Some(badges) = self.dataset.badges.get(index) {
-                        badges_ui(ui, badges);
-                    }
-                });
+                                egui::Label::new("unreadable").sense(egui::Sense::click()),
+                            )
+                            .on_hover_text(reason),
+                        None => ui.add_sized(
+                            [CELL, CELL],
+                            egui::Label::new("…").sense(egui::Sense::click()),
+                        ),
+                    },
+                };
+                if image.clicked() {
+                    self.dataset.selected = Some(index);
+                }
+                let name = entry
+                    .relative
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let label = ui.label(egui::RichText::new(&name).small().weak());
+                let response = ui.add(
+                    egui::TextEdit::multiline(&mut self.dataset.captions[index])
+                        .desired_rows(2)
+                        .desired_width(CELL),
+                );
+                let response = response.labelled_by(label.id);
+                self.track_edit(index, &response);
+                if let Some(badges) = self.dataset.badges.get(index) {
+                    badges_ui(ui, badges);
+                }
             });
+        });
     }
+}
+
+/// The frame around a grid card (its margins make a card wider than its thumbnail).
+fn card_frame(ui: &egui::Ui) -> egui::Frame {
+    egui::Frame::group(ui.style())
+}
+
+/// How many cards `card_width` wide, `spacing` apart, fit side by side in `width` (at least one).
+fn columns_that_fit(width: f32, card_width: f32, spacing: f32) -> usize {
+    (((width + spacing) / (card_width + spacing)).floor() as usize).max(1)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{add_trigger, remove_trigger};
+    use super::{add_trigger, columns_that_fit, remove_trigger};
+
+    #[test]
+    fn columns_fit_the_width_with_their_spacing() {
+        // Three 142-point cards with two 8-point gaps need 442 points.
+        assert_eq!(columns_that_fit(442.0, 142.0, 8.0), 3);
+        assert_eq!(columns_that_fit(441.0, 142.0, 8.0), 2);
+        assert_eq!(columns_that_fit(10.0, 142.0, 8.0), 1);
+    }
 
     #[test]
     fn trigger_tools() {

@@ -408,29 +408,38 @@ impl StudioApp {
     }
 
     /// Starts a native dialog on its own thread; its answer comes back through `dialogs`.
-    fn pick(&self, ctx: &egui::Context, kind: Dialog, wrap: fn(PathBuf) -> DialogResult) {
+    fn pick(&mut self, ctx: &egui::Context, kind: Dialog, wrap: fn(PathBuf) -> DialogResult) {
         let tx = self.dialogs.0.clone();
         let ctx = ctx.clone();
-        std::thread::spawn(move || {
-            let dialog = rfd::FileDialog::new();
-            let picked = match kind {
-                Dialog::Folder => dialog.pick_folder(),
-                Dialog::ModelFile => dialog
-                    .add_filter("Stable Diffusion model", &["safetensors", "ckpt"])
-                    .pick_file(),
-                Dialog::OpenConfig => dialog
-                    .add_filter("Training settings", &CONFIG_EXTENSIONS)
-                    .pick_file(),
-                Dialog::SaveConfig => dialog
-                    .add_filter("Training settings", &["toml"])
-                    .set_file_name("lora-studio.toml")
-                    .save_file(),
-            };
-            if let Some(path) = picked {
-                let _ = tx.send(wrap(path));
-                ctx.request_repaint();
-            }
-        });
+        let spawned = std::thread::Builder::new()
+            .name("lora-studio-dialog".into())
+            .spawn(move || {
+                let dialog = rfd::FileDialog::new();
+                let picked = match kind {
+                    Dialog::Folder => dialog.pick_folder(),
+                    Dialog::ModelFile => dialog
+                        .add_filter("Stable Diffusion model", &["safetensors", "ckpt"])
+                        .pick_file(),
+                    Dialog::OpenConfig => dialog
+                        .add_filter("Training settings", &CONFIG_EXTENSIONS)
+                        .pick_file(),
+                    Dialog::SaveConfig => dialog
+                        .add_filter("Training settings", &["toml"])
+                        .set_file_name("lora-studio.toml")
+                        .save_file(),
+                };
+                if let Some(path) = picked {
+                    let _ = tx.send(wrap(path));
+                    ctx.request_repaint();
+                }
+            });
+        if let Err(e) = spawned {
+            self.notice(
+                true,
+                format!("the file dialog could not be opened: {e}"),
+                None,
+            );
+        }
     }
 
     /// Saves every caption edit still waiting for its debounce.
@@ -456,6 +465,7 @@ impl StudioApp {
         {
             self.worker.send(job);
         }
+        self.follow_training_size();
         self.preview.send_if_due(&self.settings, &self.worker);
         if self.dataset.unsaved_count() > 0 || self.preview.waiting() {
             ctx.request_repaint_after(std::time::Duration::from_millis(100));

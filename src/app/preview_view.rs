@@ -6,9 +6,29 @@ use eframe::egui;
 
 use super::StudioApp;
 use super::state::GRID_STRENGTHS;
+use crate::config::TrainConfig;
 use crate::messages::{Job, PreviewSource};
 
+/// The side of the square bucket training at `train.resolution` uses: the size previews render at until
+/// the user chooses one (within the size fields' range).
+fn training_preview_side(train: &TrainConfig) -> u32 {
+    let step = train.bucket_reso_steps.max(8);
+    ((train.resolution / step).max(1) * step).clamp(*PREVIEW_SIDES.start(), *PREVIEW_SIDES.end())
+}
+
+/// The preview sizes the fields offer.
+const PREVIEW_SIDES: std::ops::RangeInclusive<u32> = 64..=1536;
+
 impl StudioApp {
+    /// Until the user sets a preview size, previews render at the training resolution.
+    pub(super) fn follow_training_size(&mut self) {
+        let preview = &mut self.settings.preview;
+        if !preview.size_chosen {
+            let side = training_preview_side(&self.settings.train);
+            (preview.width, preview.height) = (side, side);
+        }
+    }
+
     pub(super) fn preview_tab_ui(&mut self, ui: &mut egui::Ui) {
         let mut changed = false;
         // A caption from the dataset is the natural first prompt to try.
@@ -49,9 +69,11 @@ impl StudioApp {
                 "Steps",
                 egui::DragValue::new(&mut p.steps).range(1..=150),
             );
-            let size = |value| egui::DragValue::new(value).range(64..=1536).speed(8);
+            let size = |value| egui::DragValue::new(value).range(PREVIEW_SIDES).speed(8);
+            let size_before = (p.width, p.height);
             labelled(ui, "Width", size(&mut p.width));
             labelled(ui, "Height", size(&mut p.height));
+            p.size_chosen |= (p.width, p.height) != size_before;
             labelled(
                 ui,
                 "CFG",
@@ -61,6 +83,15 @@ impl StudioApp {
             );
             p.width -= p.width % 8;
             p.height -= p.height % 8;
+            if p.size_chosen
+                && ui
+                    .button("Training size")
+                    .on_hover_text("render at the training resolution again")
+                    .clicked()
+            {
+                p.size_chosen = false;
+                changed = true;
+            }
         });
         ui.horizontal(|ui| {
             changed |= ui

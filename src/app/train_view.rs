@@ -2,7 +2,7 @@
 //! help on hover), everything else under "Advanced", an estimate of a step's memory and time, the run
 //! controls, the progress bar and the live loss chart.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use eframe::egui;
 
@@ -29,6 +29,50 @@ struct PathChoice {
     path: PathBuf,
     buttons: &'static [(&'static str, Dialog)],
     result: fn(PathBuf) -> DialogResult,
+}
+
+/// A path in the width left: shortened in the middle when it does not fit (its start and its file name
+/// stay), the full path on hover. A full long path would widen the settings panel.
+fn path_label_ui(ui: &mut egui::Ui, path: &Path) -> egui::Response {
+    let full = path.display().to_string();
+    let font = egui::TextStyle::Body.resolve(ui.style());
+    let width_of = |text: &str| {
+        ui.painter()
+            .layout_no_wrap(text.to_string(), font.clone(), egui::Color32::PLACEHOLDER)
+            .size()
+            .x
+    };
+    let shown = elide_middle(&full, ui.available_width(), width_of);
+    ui.add(egui::Label::new(shown).wrap_mode(egui::TextWrapMode::Extend))
+        .on_hover_text(full)
+}
+
+/// `text` with characters from its middle replaced by "…" until `width_of` it is at most `max_width`
+/// (keeping three times as much of the end, where the file name is, as of the start; just "…" when
+/// nothing else fits).
+fn elide_middle(text: &str, max_width: f32, width_of: impl Fn(&str) -> f32) -> String {
+    if width_of(text) <= max_width {
+        return text.to_string();
+    }
+    let chars: Vec<char> = text.chars().collect();
+    let keeping = |kept: usize| {
+        let head = kept / 4;
+        let tail = kept - head;
+        let start: String = chars[..head].iter().collect();
+        let end: String = chars[chars.len() - tail..].iter().collect();
+        format!("{start}…{end}")
+    };
+    // The most characters kept that still fit: fewer kept is never wider.
+    let (mut fits, mut too_many) = (0, chars.len());
+    while too_many - fits > 1 {
+        let middle = (fits + too_many) / 2;
+        if width_of(&keeping(middle)) <= max_width {
+            fits = middle;
+        } else {
+            too_many = middle;
+        }
+    }
+    keeping(fits)
 }
 
 /// A labelled row with hover help; the label names the widget `add` returns (for screen readers).
@@ -96,18 +140,24 @@ impl StudioApp {
                 },
             ];
             for choice in choices {
-                row(ui, choice.label, choice.help, |ui| {
-                    for &(text, dialog) in choice.buttons {
-                        if ui.button(text).clicked() {
-                            self.pick(&ctx, dialog, choice.result);
+                // The path goes on its own line, where it has the panel's whole width.
+                let label = ui
+                    .horizontal(|ui| {
+                        let label = ui.label(choice.label).on_hover_text(choice.help);
+                        for &(text, dialog) in choice.buttons {
+                            if ui.button(text).clicked() {
+                                self.pick(&ctx, dialog, choice.result);
+                            }
                         }
-                    }
-                    if choice.path.as_os_str().is_empty() {
-                        ui.weak("not chosen")
-                    } else {
-                        ui.label(choice.path.display().to_string())
-                    }
-                });
+                        label
+                    })
+                    .inner;
+                let path = if choice.path.as_os_str().is_empty() {
+                    ui.weak("not chosen")
+                } else {
+                    path_label_ui(ui, &choice.path)
+                };
+                path.labelled_by(label.id);
             }
             row(
                 ui,
@@ -266,9 +316,9 @@ impl StudioApp {
         let est = estimate(&self.settings.train, on_gpu);
         ui.separator();
         ui.label(format!(
-            "Rough estimate for an SD 1.5 model on this {}: {:.1} GB of memory, {:.1} s per step",
+            "Rough estimate for an SD 1.5 model on this {}: {:.1} GiB of memory, {:.1} s per step",
             if on_gpu { "GPU" } else { "CPU" },
-            est.memory_gb,
+            est.memory_gib,
             est.seconds
         ));
     }
@@ -532,4 +582,28 @@ fn advanced_ui(ui: &mut egui::Ui, t: &mut TrainConfig) {
     row(ui, "Device", "cpu, cuda, cuda:N, metal or auto", |ui| {
         ui.text_edit_singleline(&mut t.device)
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::elide_middle;
+
+    /// Width in a font where every character is 7 points wide.
+    fn width_of(text: &str) -> f32 {
+        text.chars().count() as f32 * 7.0
+    }
+
+    #[test]
+    fn long_paths_lose_their_middle_and_keep_both_ends() {
+        let path = "/home/me/models/stable-diffusion/checkpoints/v1-5-pruned-emaonly.safetensors";
+        assert_eq!(elide_middle(path, 1000.0, width_of), path);
+        let shown = elide_middle(path, 35.0 * 7.0, width_of);
+        assert_eq!(shown.chars().count(), 35, "{shown}");
+        assert!(
+            shown.starts_with("/home/me") && shown.ends_with("pruned-emaonly.safetensors"),
+            "{shown}"
+        );
+        assert!(shown.contains('…'), "{shown}");
+        assert_eq!(elide_middle(path, 3.0, width_of), "…");
+    }
 }

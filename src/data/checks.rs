@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use super::buckets::BucketSettings;
 use super::images::load_oriented;
 use super::scan::Dataset;
 
@@ -12,10 +13,12 @@ use super::scan::Dataset;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DatasetIssue {
     MissingCaption,
-    /// Smaller than the training resolution on its shorter side (it will be upscaled or get a small bucket).
+    /// Smaller than the training resolution on its shorter side: it is upscaled to cover `bucket`, or with
+    /// `bucket_no_upscale` trained at a bucket of its own size (`bucket`, no larger than the image).
     Small {
         width: u32,
         height: u32,
+        bucket: (u32, u32),
     },
     /// Byte-identical to another image.
     Duplicate {
@@ -35,10 +38,11 @@ pub enum DatasetIssue {
 /// Bits two difference hashes may differ by and still count as the same picture.
 const NEAR_DUPLICATE_BITS: u32 = 4;
 
-/// The issues of every item of `dataset` (same order). `count_tokens` counts a caption's CLIP tokens.
+/// The issues of every item of `dataset` (same order), for training with `buckets`. `count_tokens`
+/// counts a caption's CLIP tokens.
 pub fn check_dataset(
     dataset: &Dataset,
-    resolution: u32,
+    buckets: &BucketSettings,
     trigger: Option<&str>,
     count_tokens: &dyn Fn(&str) -> usize,
 ) -> Vec<Vec<DatasetIssue>> {
@@ -60,10 +64,11 @@ pub fn check_dataset(
                 }
             }
         }
-        if item.width.min(item.height) < resolution {
+        if item.width.min(item.height) < buckets.resolution {
             found.push(DatasetIssue::Small {
                 width: item.width,
                 height: item.height,
+                bucket: buckets.bucket_for(item.width, item.height),
             });
         }
         if let Ok(bytes) = std::fs::read(&item.path) {

@@ -6,6 +6,7 @@ use crossbeam_channel::Receiver;
 
 use super::{Outbox, contain};
 use crate::config::TrainConfig;
+use crate::data::buckets::BucketSettings;
 use crate::data::caption_store::{CaptionTarget, IfCaptioned, caption_target, save_caption};
 use crate::data::captions::CaptionSource;
 use crate::data::checks::{DatasetIssue, check_dataset};
@@ -171,7 +172,7 @@ fn check(dataset: &Dataset, config: &TrainConfig, outbox: &Outbox) {
     let count = |text: &str| tokenizer.map_or(0, |t| t.count(text));
     let issues = check_dataset(
         dataset,
-        config.resolution,
+        &BucketSettings::from_config(config),
         config.trigger_word.as_deref(),
         &count,
     );
@@ -182,7 +183,15 @@ fn check(dataset: &Dataset, config: &TrainConfig, outbox: &Outbox) {
                 .into_iter()
                 .map(|issue| match issue {
                     DatasetIssue::MissingCaption => Badge::MissingCaption,
-                    DatasetIssue::Small { width, height } => Badge::Small { width, height },
+                    DatasetIssue::Small {
+                        width,
+                        height,
+                        bucket,
+                    } => Badge::Small {
+                        width,
+                        height,
+                        bucket,
+                    },
                     DatasetIssue::Duplicate { of } => Badge::Duplicate { of },
                     DatasetIssue::NearDuplicate { of } => Badge::NearDuplicate { of },
                     DatasetIssue::LongCaption { tokens } => Badge::LongCaption { tokens },
