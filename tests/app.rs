@@ -485,3 +485,55 @@ fn a_long_base_model_path_leaves_the_chart_its_width() {
     harness.get_by(shown_path).hover();
     step_until_shown(&mut harness, &full);
 }
+
+#[test]
+fn a_caption_stays_one_line_enter_ends_the_edit_and_pasted_line_breaks_become_spaces() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = make_dataset(&dir.path().join("data"), 2);
+    let mut harness = open_app(AppSettings::default());
+    drop_path(&mut harness, data.clone());
+    step_until(&mut harness, "the dataset", |app| app.dataset_len() == 2);
+    harness.run_steps(3);
+    let caption = || "neon city 1, magenta squares";
+    harness
+        .get_by_role_and_label(Role::MultilineTextInput, "img1.png")
+        .focus();
+    harness.run_steps(2);
+    // Enter ends the edit: what is typed next goes nowhere.
+    harness.key_press(egui::Key::Enter);
+    harness.run_steps(2);
+    harness
+        .get_by_role_and_label(Role::MultilineTextInput, "img1.png")
+        .type_text("x");
+    harness.run_steps(2);
+    assert_eq!(
+        harness
+            .get_by_role_and_label(Role::MultilineTextInput, "img1.png")
+            .value()
+            .as_deref(),
+        Some(caption())
+    );
+    // A pasted list of lines joins the caption as one line, and is saved as one.
+    harness
+        .get_by_role_and_label(Role::MultilineTextInput, "img1.png")
+        .focus();
+    harness.run_steps(2);
+    harness
+        .input_mut()
+        .events
+        .push(egui::Event::Paste(", wet streets\nrain\r\n".into()));
+    harness.run_steps(2);
+    step_until(&mut harness, "the caption save", |app| {
+        app.unsaved_captions() == 0
+    });
+    let csv = std::fs::read_to_string(data.join("metadata.csv")).unwrap();
+    assert!(
+        csv.contains("img1.png,\"neon city 1, magenta squares, wet streets rain\""),
+        "{csv}"
+    );
+    assert!(
+        harness.state().notices().is_empty(),
+        "{:?}",
+        harness.state().notices()
+    );
+}

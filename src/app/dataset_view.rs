@@ -238,6 +238,7 @@ impl StudioApp {
         let label = ui.label("Caption");
         let response = ui.add(
             egui::TextEdit::multiline(&mut self.dataset.captions[index])
+                .return_key(None)
                 .desired_rows(6)
                 .desired_width(f32::INFINITY),
         );
@@ -248,14 +249,23 @@ impl StudioApp {
         }
     }
 
-    /// Edits are saved as they happen; an edit session (focus in to focus out) is one undo step.
+    /// Edits are saved as they happen; an edit session (focus in to focus out) is one undo step. A caption
+    /// is one line (a `metadata.csv` row, a sidecar's text; the editors only wrap it): Enter ends the edit,
+    /// and line breaks pasted in become spaces.
     fn track_edit(&mut self, index: usize, response: &egui::Response) {
         if response.gained_focus() {
             self.dataset
                 .edit_anchor
                 .insert(index, self.dataset.captions[index].clone());
         }
+        if response.has_focus() && response.ctx.input(|i| i.key_pressed(egui::Key::Enter)) {
+            response.surrender_focus();
+        }
         if response.changed() {
+            let caption = &mut self.dataset.captions[index];
+            if caption.contains(['\n', '\r']) {
+                *caption = one_line(caption);
+            }
             self.dataset.edited(index);
         }
         if response.lost_focus() {
@@ -336,6 +346,7 @@ impl StudioApp {
                 let label = ui.label(egui::RichText::new(&name).small().weak());
                 let response = ui.add(
                     egui::TextEdit::multiline(&mut self.dataset.captions[index])
+                        .return_key(None)
                         .desired_rows(2)
                         .desired_width(CELL),
                 );
@@ -359,6 +370,15 @@ fn columns_that_fit(width: f32, card_width: f32, spacing: f32) -> usize {
     (((width + spacing) / (card_width + spacing)).floor() as usize).max(1)
 }
 
+/// `text` with its line breaks (and the spaces around them) turned into single spaces.
+fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::{add_trigger, columns_that_fit, remove_trigger};
@@ -378,5 +398,14 @@ mod tests {
         assert_eq!(add_trigger("", "cyb3r"), "cyb3r");
         assert_eq!(remove_trigger("cyb3r, neon, rain", "cyb3r"), "neon, rain");
         assert_eq!(remove_trigger("neon, cyb3r", "cyb3r"), "neon");
+    }
+
+    #[test]
+    fn captions_stay_on_one_line() {
+        assert_eq!(
+            super::one_line("neon city,\n  wet streets\r\n\nnight"),
+            "neon city, wet streets night"
+        );
+        assert_eq!(super::one_line("one line"), "one line");
     }
 }
