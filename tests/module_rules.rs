@@ -103,6 +103,34 @@ const RULES: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "hub",
+        &[
+            "egui",
+            "eframe",
+            "candle",
+            "crate::models",
+            "crate::lora",
+            "crate::kernels",
+            "crate::data",
+            "crate::label",
+            "crate::train",
+            "crate::worker",
+            "crate::app",
+        ],
+    ),
+    (
+        "discovery",
+        &[
+            "egui",
+            "eframe",
+            "crate::train",
+            "crate::worker",
+            "crate::messages",
+            "crate::cli",
+            "crate::app",
+        ],
+    ),
+    (
         "tensor_file",
         &[
             "egui",
@@ -124,6 +152,8 @@ const RULES: &[(&str, &[&str])] = &[
             "crate::data",
             "crate::label",
             "crate::tensor_file",
+            "crate::hub",
+            "crate::discovery",
         ],
     ),
 ];

@@ -21,7 +21,8 @@ use crate::tensor_file::TensorFile;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Base model: a single-file checkpoint (.safetensors/.ckpt) or a diffusers folder.
+    /// Base model: a single-file checkpoint (.safetensors/.ckpt), a diffusers folder, or the name of a model
+    /// found on this computer (`lora-studio models` lists them).
     #[arg(long, value_name = "MODEL")]
     pub base: PathBuf,
     /// What to draw.
@@ -92,7 +93,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let device = open_device(args.device).map_err(anyhow::Error::msg)?;
     let dtype = inference_dtype(&device);
 
-    let mut source = ModelSource::open(&args.base)?;
+    let base = super::base_model_path(&args.base)?;
+    let mut source = ModelSource::open(&base)?;
     if let Some(prediction) = args.prediction {
         source.set_prediction_type(match prediction {
             PredictionArg::Epsilon => PredictionType::Epsilon,
@@ -101,7 +103,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     }
     eprintln!(
         "loading {} ({}) on {}",
-        args.base.display(),
+        base.display(),
         source.config().family.label(),
         describe(&device)
     );

@@ -12,9 +12,10 @@ use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 
 use super::cancel_on_ctrl_c;
 use crate::device::{DeviceChoice, describe, open_device};
-use crate::label::hub::{DownloadReporter, HubSettings, model_folder};
+use crate::hub::{DownloadReporter, HubSettings};
 use crate::label::interrogate::Vocabulary;
 use crate::label::run::plan;
+use crate::label::sources::model_folder;
 use crate::label::{
     CaptionOutput, CaptionSettings, Captioner, LabelOptions, LabelReporter, label_folder,
 };

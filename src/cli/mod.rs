@@ -7,6 +7,7 @@ mod generate;
 mod inspect;
 mod label;
 mod merge;
+mod models;
 mod train;
 
 use std::process::ExitCode;
@@ -44,6 +45,10 @@ enum Command {
     Merge(merge::MergeArgs),
     /// Measure training speed and memory with a real-size model of random weights.
     Bench(bench::BenchArgs),
+    /// List the base models and LoRA folders found on this computer.
+    Models(models::ModelsArgs),
+    /// Download a recommended base model (`sd15`, `sdxl`) or a file of a Hub repository.
+    Download(models::DownloadArgs),
 }
 
 /// Parses the command line and runs it.
@@ -56,6 +61,8 @@ pub fn run() -> ExitCode {
         Some(Command::Label(args)) => label::run(args),
         Some(Command::Merge(args)) => merge::run(args),
         Some(Command::Bench(args)) => bench::run(args),
+        Some(Command::Models(args)) => models::run(args),
+        Some(Command::Download(args)) => models::run_download(args),
         None => open_app(cli.path),
     };
     match result {
@@ -93,7 +100,16 @@ fn open_app(_path: Option<PathBuf>) -> anyhow::Result<()> {
     )
 }
 
-/// `FILE` or `FILE:STRENGTH`; a suffix that is not a number is part of the path (e.g. `C:\…`).
+/// The base model a command names: a path, or the name of a model found on this computer (see
+/// `lora-studio models`).
+pub(crate) fn base_model_path(argument: &std::path::Path) -> anyhow::Result<PathBuf> {
+    use crate::discovery::{DiscoveryOptions, data_dir, discover, resolve};
+    resolve(argument, || {
+        discover(&DiscoveryOptions::from_env(&data_dir()))
+    })
+    .map_err(anyhow::Error::msg)
+}
+
 /// A cancel token that the first Ctrl-C sets, after printing `stopping`; a second Ctrl-C quits at once.
 pub(crate) fn cancel_on_ctrl_c(stopping: &'static str) -> CancelToken {
     let cancel = CancelToken::default();
@@ -108,6 +124,7 @@ pub(crate) fn cancel_on_ctrl_c(stopping: &'static str) -> CancelToken {
     cancel
 }
 
+/// `FILE` or `FILE:STRENGTH`; a suffix that is not a number is part of the path (e.g. `C:\…`).
 pub(crate) fn parse_lora_spec(spec: &str) -> anyhow::Result<(PathBuf, f64)> {
     let (path, strength) = match spec.rsplit_once(':') {
         Some((path, strength)) if !path.is_empty() => match strength.parse::<f64>() {

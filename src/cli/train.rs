@@ -30,8 +30,9 @@ pub struct TrainArgs {
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    let LoadedConfig { config, notes } =
+    let LoadedConfig { mut config, notes } =
         load_config_noting(args.config.as_deref(), &args.overrides)?;
+    config.base_model = super::base_model_path(&config.base_model)?;
     for note in notes {
         eprintln!("note: {note}");
     }

@@ -189,9 +189,8 @@ pub fn prepare(
 
 /// SHA-256 of a file's bytes, hex.
 pub fn file_hash(path: &Path) -> Result<String, DataError> {
-    let bytes = std::fs::read(path).map_err(|source| DataError::Io {
+    crate::hashing::sha256_file(path).map_err(|source| DataError::Io {
         path: path.to_path_buf(),
         source,
-    })?;
-    Ok(crate::hashing::sha256_hex(&bytes))
+    })
 }

@@ -5,9 +5,9 @@
 //! where it was. Images are only read. Must not use egui, train or worker.
 
 pub mod captioner;
-pub mod hub;
 pub mod interrogate;
 pub mod run;
+pub mod sources;
 
 use std::path::PathBuf;
 
@@ -37,13 +37,8 @@ pub enum LabelError {
         context: String,
         source: candle_core::Error,
     },
-    #[error("could not download `{file}` of {repo} from {endpoint}: {reason}")]
-    Download {
-        repo: String,
-        file: String,
-        endpoint: String,
-        reason: String,
-    },
+    #[error(transparent)]
+    Hub(#[from] crate::hub::HubError),
 }
 
 impl From<ModelError> for LabelError {

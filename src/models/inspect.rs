@@ -111,7 +111,8 @@ pub fn inspect(path: &Path) -> Result<FileReport, ModelError> {
     })
 }
 
-fn dtype_counts(file: &TensorFile) -> BTreeMap<String, usize> {
+/// The stored element types of a file's tensors, with how many tensors have each.
+pub fn dtype_counts(file: &TensorFile) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
     for info in file.infos().values() {
         *counts.entry(info.dtype.to_string()).or_insert(0) += 1;

@@ -13,7 +13,8 @@ use crossbeam_channel::Receiver;
 use super::{Outbox, contain};
 use crate::config::DeviceChoice;
 use crate::device::open_device;
-use crate::label::hub::{DownloadReporter, HubSettings, model_folder};
+use crate::hub::{DownloadReporter, HubSettings};
+use crate::label::sources::model_folder;
 use crate::label::{
     CaptionOutput, CaptionSettings, Captioner, LabelOptions, LabelReporter, label_folder,
 };

@@ -2,6 +2,8 @@
 //! generated datasets, and files dropped on the app's window.
 #![allow(dead_code)]
 
+pub mod fake_hub;
+
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
