@@ -127,6 +127,7 @@ fn bad_input_is_one_sentence_without_backtrace() {
         generate(&["--base", &bogus_base]),
         generate(&["--base", &sd1, "--lora", &checkpoint_as_lora]),
         generate(&["--base", &sd1, "--width", "70"]),
+        generate(&["--base", &sd1, "--scheduler", "euler", "--karras"]),
     ];
     for args in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -144,26 +145,31 @@ fn bad_input_is_one_sentence_without_backtrace() {
     assert!(!out.exists());
 }
 
-#[test]
-fn generate_with_reference_init_noise_reproduces_the_reference_image() {
+/// Runs `generate` on the tiny SD1 folder from the reference's initial noise `{key}.init_noise` with the
+/// reference run's settings plus `sampler_args`, checks the image against `expected_png` (2/255 per pixel) and
+/// returns the PNG's parameters text.
+fn reproduce_reference(
+    reference: &common::Reference,
+    key: &str,
+    sampler_args: &[&str],
+    expected_png: &str,
+) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let reference = common::Reference::open("sd1");
     let noise_path = dir.path().join("noise.safetensors");
-    let noise = reference.f32("ddim.init_noise");
+    let noise = reference.f32(&format!("{key}.init_noise"));
     candle_core::safetensors::save(
         &std::collections::HashMap::from([("latents".to_string(), noise)]),
         &noise_path,
     )
     .unwrap();
-    let out = dir.path().join("ddim.png");
-    let (ok, _, stderr) = lora_studio(&[
+    let out = dir.path().join("out.png");
+    let prompt = reference.metadata("pipeline.prompt");
+    let mut args = vec![
         "generate",
         "--base",
         fixture("sd1").to_str().unwrap(),
         "--prompt",
-        &reference.metadata("pipeline.prompt"),
-        "--scheduler",
-        "ddim",
+        &prompt,
         "--steps",
         "10",
         "--cfg",
@@ -176,10 +182,16 @@ fn generate_with_reference_init_noise_reproduces_the_reference_image() {
         noise_path.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
-    ]);
+    ]
+    .into_iter()
+    .map(str::to_string)
+    .collect::<Vec<_>>();
+    args.extend(sampler_args.iter().map(|a| a.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, _, stderr) = lora_studio(&args);
     assert!(ok, "{stderr}");
     let ours = image::open(&out).unwrap().to_rgb8();
-    let expected = image::open(fixture("sd1_ddim.png")).unwrap().to_rgb8();
+    let expected = image::open(fixture(expected_png)).unwrap().to_rgb8();
     assert_eq!(ours.dimensions(), expected.dimensions());
     let worst = ours
         .as_raw()
@@ -188,5 +200,47 @@ fn generate_with_reference_init_noise_reproduces_the_reference_image() {
         .map(|(a, b)| a.abs_diff(*b))
         .max()
         .unwrap();
-    assert!(worst <= 2, "pixels differ by up to {worst}/255");
+    assert!(worst <= 2, "{key}: pixels differ by up to {worst}/255");
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&out).unwrap()));
+    let reader = decoder.read_info().unwrap();
+    reader
+        .info()
+        .uncompressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == "parameters")
+        .unwrap()
+        .text
+        .clone()
+}
+
+#[test]
+fn generate_with_reference_init_noise_reproduces_the_reference_image() {
+    let parameters = reproduce_reference(
+        &common::Reference::open("sd1"),
+        "ddim",
+        &["--scheduler", "ddim"],
+        "sd1_ddim.png",
+    );
+    assert!(parameters.contains("Sampler: DDIM,"), "{parameters}");
+}
+
+#[test]
+fn generate_runs_euler_and_dpm_solver_as_diffusers_and_names_them_as_webui_does() {
+    let reference = common::Reference::open("schedulers/sd1");
+    for (key, sampler_args, name) in [
+        ("euler", &["--scheduler", "euler"][..], "Euler"),
+        ("dpmpp_2m", &["--scheduler", "dpmpp_2m"][..], "DPM++ 2M"),
+        (
+            "dpmpp_2m_karras",
+            &["--scheduler", "dpmpp_2m", "--karras"][..],
+            "DPM++ 2M Karras",
+        ),
+    ] {
+        let png = format!("schedulers/sd1_{key}.png");
+        let parameters = reproduce_reference(&reference, key, sampler_args, &png);
+        assert!(
+            parameters.contains(&format!("Sampler: {name},")),
+            "{parameters}"
+        );
+    }
 }

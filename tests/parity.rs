@@ -1,6 +1,7 @@
 //! The models against the reference implementation (diffusers + transformers, float64), on tiny random-weight
 //! SD1 and SD2 models made by `tests/fixtures/generate.py`: text encoder, UNet, VAE, whole generations, and
-//! kohya LoRA files applied at two strengths.
+//! kohya LoRA files applied at two strengths. The Euler and DPM++ 2M references are
+//! `tests/fixtures/schedulers/generate.py`'s, on the same models.
 
 mod common;
 
@@ -9,7 +10,9 @@ use common::{Reference, assert_close, fixture, max_abs_diff};
 use lora_studio::lora::KohyaLora;
 use lora_studio::models::checkpoint::ModelSource;
 use lora_studio::models::pipeline::{GenerateRequest, StableDiffusion};
-use lora_studio::models::schedulers::{NoiseSource, SamplerKind};
+use lora_studio::models::schedulers::{
+    DpmSolverMultistepSampler, EulerSampler, NoiseSource, SamplerKind, SchedulerConfig,
+};
 
 /// Network outputs must match to this (max abs).
 const NET_TOLERANCE: f64 = 1e-4;
@@ -133,12 +136,14 @@ fn check_generation(
         clip_skip: 1,
     };
     let mut noise = match sampler {
-        SamplerKind::Ddim => ReplayNoise { steps: Vec::new() },
         SamplerKind::EulerAncestral => {
             let all = reference.f32("euler_a.step_noise");
             ReplayNoise {
                 steps: (0..10).map(|i| all.get(i).unwrap()).collect(),
             }
+        }
+        SamplerKind::Ddim | SamplerKind::Euler | SamplerKind::DpmSolverMultistep { .. } => {
+            ReplayNoise { steps: Vec::new() }
         }
     };
     let init = reference.f32(&format!("{key}.init_noise"));
@@ -209,11 +214,94 @@ fn check_networks(model: &StableDiffusion, reference: &Reference) {
     check_vae(model, reference);
 }
 
+/// The samplers `tests/fixtures/schedulers/generate.py` recorded, by their key there.
+const SCHEDULER_REFERENCES: [(SamplerKind, &str); 3] = [
+    (SamplerKind::Euler, "euler"),
+    (
+        SamplerKind::DpmSolverMultistep { karras: false },
+        "dpmpp_2m",
+    ),
+    (
+        SamplerKind::DpmSolverMultistep { karras: true },
+        "dpmpp_2m_karras",
+    ),
+];
+
 fn check_generations(kind: &str) {
     let model = load(kind);
     let reference = Reference::open(kind);
     check_generation(&model, &reference, SamplerKind::Ddim, "ddim");
     check_generation(&model, &reference, SamplerKind::EulerAncestral, "euler_a");
+    let schedulers = Reference::open(&format!("schedulers/{kind}"));
+    for (sampler, key) in SCHEDULER_REFERENCES {
+        check_generation(&model, &schedulers, sampler, key);
+    }
+}
+
+/// Timesteps, sigmas and initial noise scale of each sampler for the model's scheduler config, against
+/// diffusers' for the same config: timesteps exactly, noise levels to two f32 roundings (torch's vectorised
+/// `linspace` rounds a few betas differently from its scalar formula, which lora-studio follows).
+fn check_schedules(kind: &str) {
+    const RELATIVE_TOLERANCE: f64 = 2.5e-7;
+    let source = ModelSource::open(&fixture(kind)).unwrap_or_else(|e| panic!("{e}"));
+    let config = &source.config().scheduler;
+    let reference = Reference::open(&format!("schedulers/{kind}"));
+    let list = |key: &str| -> Vec<f64> { serde_json::from_str(&reference.metadata(key)).unwrap() };
+    let relative = |ours: f64, expected: f64| (ours - expected).abs() / expected.abs().max(1.0);
+    for (sampler, key) in SCHEDULER_REFERENCES {
+        let steps = 10;
+        let built = sampler.build(config, steps);
+        assert_eq!(
+            built.timesteps(),
+            list(&format!("{key}.timesteps")),
+            "{kind} {key} timesteps"
+        );
+        let init: f64 = reference
+            .metadata(&format!("{key}.init_noise_sigma"))
+            .parse()
+            .unwrap();
+        let init_diff = relative(built.init_noise_sigma(), init);
+        let ours = sigmas(sampler, config, steps);
+        let expected = list(&format!("{key}.sigmas"));
+        assert_eq!(ours.len(), expected.len(), "{kind} {key} sigmas");
+        let worst = ours
+            .iter()
+            .zip(&expected)
+            .map(|(&a, &b)| relative(a as f64, b))
+            .fold(0.0, f64::max);
+        eprintln!(
+            "{kind} {key}: sigmas differ by up to {worst:.2e}, init_noise_sigma by {init_diff:.2e} (relative)"
+        );
+        assert!(
+            worst <= RELATIVE_TOLERANCE,
+            "{kind} {key}: sigmas {ours:?} vs {expected:?}"
+        );
+        assert!(
+            init_diff <= RELATIVE_TOLERANCE,
+            "{kind} {key}: init_noise_sigma {} vs {init}",
+            built.init_noise_sigma()
+        );
+    }
+}
+
+fn sigmas(sampler: SamplerKind, config: &SchedulerConfig, steps: usize) -> Vec<f32> {
+    match sampler {
+        SamplerKind::Euler => EulerSampler::new(config, steps).sigmas().to_vec(),
+        SamplerKind::DpmSolverMultistep { karras } => {
+            DpmSolverMultistepSampler::new(config, steps, karras)
+                .sigmas()
+                .to_vec()
+        }
+        SamplerKind::Ddim | SamplerKind::EulerAncestral => {
+            panic!("{sampler:?} has no scheduler reference")
+        }
+    }
+}
+
+#[test]
+fn sampler_schedules_match_reference() {
+    check_schedules("sd1");
+    check_schedules("sd2");
 }
 
 #[test]

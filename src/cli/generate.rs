@@ -49,8 +49,13 @@ pub struct GenerateArgs {
     /// Image height in pixels (default: the model's native size).
     #[arg(long)]
     pub height: Option<usize>,
+    /// The sampler, each as diffusers' scheduler of that name: ddim, euler_a (Euler ancestral), euler (Euler
+    /// discrete, diffusers' default for SDXL), dpmpp_2m (DPM-Solver++ 2M).
     #[arg(long, value_enum, default_value_t = SchedulerArg::EulerA)]
     pub scheduler: SchedulerArg,
+    /// Karras sigmas for dpmpp_2m ("DPM++ 2M Karras").
+    #[arg(long)]
+    pub karras: bool,
     /// A safetensors file with one f32 tensor `latents` [1,4,H/8,W/8] used as the initial noise.
     #[arg(long, value_name = "FILE")]
     pub init_noise: Option<PathBuf>,
@@ -73,6 +78,22 @@ pub enum SchedulerArg {
     Ddim,
     #[value(name = "euler_a")]
     EulerA,
+    Euler,
+    #[value(name = "dpmpp_2m")]
+    DpmPp2m,
+}
+
+impl SchedulerArg {
+    /// The sampler these flags choose; `--karras` belongs to dpmpp_2m only.
+    fn sampler(self, karras: bool) -> anyhow::Result<SamplerKind> {
+        Ok(match (self, karras) {
+            (SchedulerArg::DpmPp2m, karras) => SamplerKind::DpmSolverMultistep { karras },
+            (_, true) => bail!("--karras works only with --scheduler dpmpp_2m"),
+            (SchedulerArg::Ddim, false) => SamplerKind::Ddim,
+            (SchedulerArg::EulerA, false) => SamplerKind::EulerAncestral,
+            (SchedulerArg::Euler, false) => SamplerKind::Euler,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -85,6 +106,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if args.steps == 0 {
         bail!("--steps must be at least 1");
     }
+    let sampler = args.scheduler.sampler(args.karras)?;
     let loras = args
         .loras
         .iter()
@@ -140,10 +162,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         height: args.height.unwrap_or(native),
         steps: args.steps,
         guidance_scale: args.cfg,
-        sampler: match args.scheduler {
-            SchedulerArg::Ddim => SamplerKind::Ddim,
-            SchedulerArg::EulerA => SamplerKind::EulerAncestral,
-        },
+        sampler,
         clip_skip: args.clip_skip,
     };
     let seed = args.seed.unwrap_or_else(rand::random);
@@ -214,6 +233,9 @@ fn infotext(
     let sampler = match request.sampler {
         SamplerKind::Ddim => "DDIM",
         SamplerKind::EulerAncestral => "Euler a",
+        SamplerKind::Euler => "Euler",
+        SamplerKind::DpmSolverMultistep { karras: true } => "DPM++ 2M Karras",
+        SamplerKind::DpmSolverMultistep { karras: false } => "DPM++ 2M",
     };
     let model = args
         .base

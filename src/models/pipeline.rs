@@ -208,7 +208,7 @@ impl StableDiffusion {
             self.encode_prompts(&[&request.prompt], request.clip_skip)?
         }
         .detach();
-        let sampler = request.sampler.build(&self.config.scheduler, request.steps);
+        let mut sampler = request.sampler.build(&self.config.scheduler, request.steps);
         let mut latents = init_noise
             .to_device(&self.device)
             .and_then(|t| t.to_dtype(DType::F32))
@@ -216,8 +216,10 @@ impl StableDiffusion {
         latents = latents
             .affine(sampler.init_noise_sigma(), 0.0)
             .map_err(run)?;
-        let total = sampler.timesteps().len();
-        for (index, &t) in sampler.timesteps().iter().enumerate() {
+        // Copied out: stepping a multistep sampler changes it.
+        let sampler_timesteps = sampler.timesteps().to_vec();
+        let total = sampler_timesteps.len();
+        for (index, &t) in sampler_timesteps.iter().enumerate() {
             let output = (|| -> candle_core::Result<Tensor> {
                 let batch = if guided {
                     Tensor::cat(&[&latents, &latents], 0)?

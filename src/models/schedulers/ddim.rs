@@ -54,7 +54,7 @@ impl Sampler for DdimSampler {
     }
 
     fn step(
-        &self,
+        &mut self,
         model_output: &Tensor,
         index: usize,
         sample: &Tensor,

@@ -1,11 +1,15 @@
 //! The diffusion noise schedule and the samplers that walk it backwards.
 //!
-//! The schedule is computed in f32 with the reference implementation's operation order (torch's `linspace`
-//! halves, sequential `cumprod`), so timesteps near 1000 get bit-identical coefficients. Samplers draw noise
-//! from a [`NoiseSource`], which is how a run is reproduced with another tool's noise.
+//! The schedule is computed with the reference implementation's precision and operation order (torch's f32
+//! `linspace` halves, a `cumprod` that accumulates in f64 and stores f32), so coefficients match diffusers' to
+//! the last bit or two (torch's vectorised `linspace` rounds a few betas differently from its scalar
+//! formula). Samplers draw noise from a [`NoiseSource`], which is how a run is reproduced with another tool's
+//! noise.
 
 mod ddim;
-mod euler_ancestral;
+mod dpm_solver;
+mod euler;
+mod sigmas;
 
 use candle_core::{Device, Result, Tensor};
 use rand::SeedableRng;
@@ -14,7 +18,8 @@ use serde::Deserialize;
 
 use crate::models::ModelError;
 pub use ddim::DdimSampler;
-pub use euler_ancestral::EulerAncestralSampler;
+pub use dpm_solver::DpmSolverMultistepSampler;
+pub use euler::EulerSampler;
 
 /// What the UNet is trained to predict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -76,7 +81,8 @@ impl SchedulerConfig {
             .map_err(|e| ModelError::Config(format!("the scheduler config is not valid: {e}")))
     }
 
-    /// `ᾱ_t` for every training timestep, as torch computes it in f32.
+    /// `ᾱ_t` for every training timestep, as torch computes it on the CPU: f32 betas, the running product in f64,
+    /// each value stored in f32.
     pub fn alphas_cumprod(&self) -> Vec<f32> {
         let n = self.num_train_timesteps;
         let betas: Vec<f32> = match self.beta_schedule {
@@ -92,12 +98,13 @@ impl SchedulerConfig {
                 torch_linspace_f32(self.beta_start as f32, self.beta_end as f32, n)
             }
         };
-        let mut product = 1.0f32;
+        // torch's CPU `cumprod` keeps its running product in f64 and rounds each output to f32.
+        let mut product = 1.0f64;
         betas
             .into_iter()
             .map(|beta| {
-                product *= 1.0 - beta;
-                product
+                product *= (1.0 - beta) as f64;
+                product as f32
             })
             .collect()
     }
@@ -161,7 +168,8 @@ impl NoiseSource for SeededNoise {
     }
 }
 
-/// A sampler: the timesteps to visit and how to step from one to the next.
+/// A sampler: the timesteps to visit and how to step from one to the next. Multistep samplers remember
+/// earlier steps, so one sampler serves one generation, stepped through its indices in order.
 pub trait Sampler {
     /// The timesteps fed to the UNet, in order.
     fn timesteps(&self) -> &[f64];
@@ -174,7 +182,7 @@ pub trait Sampler {
 
     /// Moves `sample` from step `index` to the next, given the (guided) model output.
     fn step(
-        &self,
+        &mut self,
         model_output: &Tensor,
         index: usize,
         sample: &Tensor,
@@ -182,18 +190,27 @@ pub trait Sampler {
     ) -> Result<Tensor>;
 }
 
-/// The available samplers.
+/// The available samplers, each diffusers' scheduler of the same name with leading spacing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SamplerKind {
     Ddim,
     EulerAncestral,
+    Euler,
+    /// DPM-Solver++ 2M, with Karras sigmas or diffusers' leading spacing.
+    DpmSolverMultistep {
+        karras: bool,
+    },
 }
 
 impl SamplerKind {
     pub fn build(self, config: &SchedulerConfig, steps: usize) -> Box<dyn Sampler> {
         match self {
             SamplerKind::Ddim => Box::new(DdimSampler::new(config, steps)),
-            SamplerKind::EulerAncestral => Box::new(EulerAncestralSampler::new(config, steps)),
+            SamplerKind::EulerAncestral => Box::new(EulerSampler::ancestral(config, steps)),
+            SamplerKind::Euler => Box::new(EulerSampler::new(config, steps)),
+            SamplerKind::DpmSolverMultistep { karras } => {
+                Box::new(DpmSolverMultistepSampler::new(config, steps, karras))
+            }
         }
     }
 }
