@@ -56,6 +56,13 @@ pub enum Job {
     FindCheckpoints {
         output_dir: PathBuf,
     },
+    /// Find the base models and LoRA folders on this computer.
+    FindModels,
+    /// Download a recommended base model into the Hugging Face cache, then find the models again.
+    DownloadModel {
+        /// Its short name (`sd15`).
+        name: String,
+    },
 }
 
 impl Job {
@@ -75,6 +82,8 @@ impl Job {
             Job::FindCheckpoints { .. } => "listing checkpoints",
             Job::AutoCaption(_) => "auto-captioning",
             Job::CancelAutoCaption => "cancelling auto-captioning",
+            Job::FindModels => "finding models",
+            Job::DownloadModel { .. } => "downloading a model",
         }
     }
 }
@@ -316,6 +325,20 @@ pub enum Event {
         path: PathBuf,
         copied_to: Option<PathBuf>,
     },
+    /// The base models and LoRA folders found on this computer, and the bases offered for download.
+    ModelsFound(ModelsFound),
+    /// A download advanced.
+    DownloadProgress {
+        name: String,
+        done_bytes: u64,
+        total_bytes: u64,
+        bytes_per_second: f64,
+    },
+    /// A download finished; the models are found again next.
+    Downloaded {
+        name: String,
+        path: PathBuf,
+    },
     /// Auto-captioning advanced: what it is doing (downloading, loading, captioning) and how far along.
     AutoCaptionProgress {
         activity: String,
@@ -344,4 +367,37 @@ pub enum Event {
     },
     /// Something worth telling the user.
     Info(String),
+}
+
+/// What a search for models found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelsFound {
+    /// Base models, sorted by family group, then name.
+    pub models: Vec<ModelChoice>,
+    /// UIs' LoRA folders: (the UI, the folder).
+    pub lora_folders: Vec<(String, PathBuf)>,
+    pub downloads: Vec<DownloadChoice>,
+}
+
+/// A base model found on this computer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelChoice {
+    pub path: PathBuf,
+    pub name: String,
+    /// `SD 1.x`, `SD 2.x (v-prediction)`, ...
+    pub family: String,
+    /// The group it is listed under (`Stable Diffusion 1.x`).
+    pub group: String,
+    pub size_bytes: u64,
+    pub precision: String,
+    /// Where it was found (`ComfyUI`, `Hugging Face cache`).
+    pub source: String,
+}
+
+/// A base model offered for download.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DownloadChoice {
+    pub name: String,
+    pub title: String,
+    pub approximate_bytes: u64,
 }

@@ -23,9 +23,24 @@ fn open_app(settings: AppSettings) -> Harness<'static, StudioApp> {
     open_app_sized(settings, [1280.0, 900.0])
 }
 
-/// The app with `settings` and real workers, in a window of `size` points.
+/// The app with `settings` and real workers, in a window of `size` points. The workers look for models
+/// nowhere (a search finds none at once), so a test never depends on what the machine has installed.
 fn open_app_sized(settings: AppSettings, size: [f32; 2]) -> Harness<'static, StudioApp> {
-    let (worker, events) = WorkerHandle::spawn(Arc::new(|| {})).unwrap();
+    let places = lora_studio::worker::ModelPlaces {
+        discovery: lora_studio::discovery::DiscoveryOptions {
+            home: None,
+            hub_cache: None,
+            extra_roots: Vec::new(),
+            cache_file: None,
+            time_limit: Duration::from_secs(1),
+        },
+        hub: lora_studio::hub::HubSettings {
+            endpoint: "http://127.0.0.1:9".to_string(),
+            cache_dir: std::env::temp_dir().join("lora-studio-tests-no-hub"),
+            offline: true,
+        },
+    };
+    let (worker, events) = WorkerHandle::spawn_with(Arc::new(|| {}), places).unwrap();
     Harness::builder().with_size(size).build_ui_state(
         |ui, app: &mut StudioApp| app.main_ui(ui),
         StudioApp::new(settings, worker, events),
@@ -173,8 +188,11 @@ fn starting_without_a_dataset_or_base_model_says_what_to_choose() {
         ..Default::default()
     };
     let mut harness = open_app(settings);
+    step_until(&mut harness, "the search for models", |app| {
+        app.models_found() == Some(0)
+    });
     harness.run_steps(2);
-    harness.get_by_label("not chosen");
+    harness.get_by_label("No base model was found on this computer.");
     // Clicks Start on the Train view and returns the newest notice.
     let start = |harness: &mut Harness<'_, StudioApp>| {
         harness.state_mut().settings_mut().tab = Tab::Train;
@@ -533,6 +551,147 @@ fn a_caption_stays_one_line_enter_ends_the_edit_and_pasted_line_breaks_become_sp
     );
     assert!(
         harness.state().notices().is_empty(),
+        "{:?}",
+        harness.state().notices()
+    );
+}
+
+/// The app with real workers that look for models on the fake computer under `root` and download from
+/// `endpoint` into `root/hub-cache`.
+fn open_app_on(
+    root: &std::path::Path,
+    home: &std::path::Path,
+    endpoint: &str,
+    settings: AppSettings,
+) -> Harness<'static, StudioApp> {
+    let places = lora_studio::worker::ModelPlaces {
+        discovery: lora_studio::discovery::DiscoveryOptions {
+            home: Some(home.to_path_buf()),
+            hub_cache: Some(root.join("hub-cache")),
+            extra_roots: Vec::new(),
+            cache_file: Some(root.join("data/models-cache.json")),
+            time_limit: Duration::from_secs(60),
+        },
+        hub: lora_studio::hub::HubSettings {
+            endpoint: endpoint.to_string(),
+            cache_dir: root.join("hub-cache"),
+            offline: false,
+        },
+    };
+    let (worker, events) = WorkerHandle::spawn_with(Arc::new(|| {}), places).unwrap();
+    Harness::builder()
+        .with_size([1280.0, 900.0])
+        .build_ui_state(
+            |ui, app: &mut StudioApp| app.main_ui(ui),
+            StudioApp::new(settings, worker, events),
+        )
+}
+
+#[test]
+fn a_model_found_on_this_computer_is_picked_from_the_list_and_trained_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = make_dataset(&dir.path().join("data"), 2);
+    let home = dir.path().join("home");
+    let checkpoints = home.join("ComfyUI/models/checkpoints");
+    std::fs::create_dir_all(home.join("ComfyUI/comfy")).unwrap();
+    std::fs::write(home.join("ComfyUI/main.py"), b"").unwrap();
+    for name in [
+        "sd1_single.safetensors",
+        "sd1_single.yaml",
+        "sd1_single.json",
+    ] {
+        std::fs::create_dir_all(&checkpoints).unwrap();
+        std::fs::copy(common::fixture(name), checkpoints.join(name)).unwrap();
+    }
+    let settings = AppSettings {
+        train: TrainConfig {
+            train_data_dir: PathBuf::new(),
+            base_model: PathBuf::new(),
+            max_train_steps: Some(3),
+            ..tiny_config(&data, &dir.path().join("out"))
+        },
+        ..Default::default()
+    };
+    let mut harness = open_app_on(dir.path(), &home, "http://127.0.0.1:9", settings);
+    drop_path(&mut harness, data.clone());
+    step_until(&mut harness, "the search for models", |app| {
+        app.models_found() == Some(1)
+    });
+    harness.state_mut().settings_mut().tab = Tab::Train;
+    harness.run_steps(2);
+    harness
+        .get_by_role_and_label(Role::ComboBox, "Base model")
+        .click();
+    harness.run_steps(2);
+    harness
+        .get_by_label_contains("sd1_single  —  SD 1.x")
+        .click();
+    harness.run_steps(2);
+    assert_eq!(
+        harness.state().settings().train.base_model,
+        checkpoints.join("sd1_single.safetensors")
+    );
+    assert_eq!(
+        harness.state().settings().export.ui_lora_folder,
+        None,
+        "this ComfyUI has no loras folder"
+    );
+    harness.get_by_label("Start training").click();
+    step_until(&mut harness, "the run to end", |app| {
+        app.notices()
+            .iter()
+            .any(|n| n.starts_with("run ended after 3 steps"))
+    });
+    assert_eq!(harness.state().losses().len(), 3);
+}
+
+#[test]
+fn a_first_start_without_models_offers_a_download_that_becomes_the_base_model() {
+    use common::fake_hub::{COMMIT, FakeHub};
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("empty-home");
+    std::fs::create_dir_all(&home).unwrap();
+    // The stand-in Hub serves the tiny SD1 file under the recommended base's repository and file name.
+    let served = dir.path().join("served");
+    std::fs::create_dir_all(&served).unwrap();
+    std::fs::copy(
+        common::fixture("sd1_single.safetensors"),
+        served.join("v1-5-pruned-emaonly-fp16.safetensors"),
+    )
+    .unwrap();
+    let hub = FakeHub::start("Comfy-Org/stable-diffusion-v1-5-archive", &served, "", 0);
+    let mut harness = open_app_on(dir.path(), &home, &hub.address, AppSettings::default());
+    harness.state_mut().settings_mut().tab = Tab::Train;
+    step_until(&mut harness, "the search for models", |app| {
+        app.models_found() == Some(0)
+    });
+    harness.run_steps(2);
+    assert!(
+        harness
+            .query_by_label("No base model was found on this computer.")
+            .is_some()
+    );
+    harness
+        .get_by_label_contains("Download Stable Diffusion 1.5")
+        .click();
+    step_until(&mut harness, "the download", |app| {
+        !app.settings().train.base_model.as_os_str().is_empty()
+    });
+    let expected = dir
+        .path()
+        .join("hub-cache/models--Comfy-Org--stable-diffusion-v1-5-archive/snapshots")
+        .join(COMMIT)
+        .join("v1-5-pruned-emaonly-fp16.safetensors");
+    assert_eq!(harness.state().settings().train.base_model, expected);
+    step_until(&mut harness, "the new search", |app| {
+        app.models_found() == Some(1)
+    });
+    assert!(
+        harness
+            .state()
+            .notices()
+            .iter()
+            .any(|n| n.starts_with("downloaded sd15")),
         "{:?}",
         harness.state().notices()
     );

@@ -8,6 +8,7 @@ mod chart;
 mod dataset_view;
 mod estimate;
 mod export_view;
+mod models_view;
 mod presets;
 mod preview_view;
 mod settings;
@@ -21,6 +22,7 @@ use crossbeam_channel::{Receiver, Sender};
 use eframe::egui;
 
 use auto_caption_view::AutoCaptionState;
+use models_view::ModelsState;
 pub use settings::{AppSettings, RestoredSettings, STORAGE_KEY, Tab, restore_settings};
 pub use state::RunStatus;
 use state::{DatasetState, Notice, PreviewState, RunState};
@@ -100,6 +102,7 @@ pub struct StudioApp {
     run: RunState,
     preview: PreviewState,
     auto_caption: AutoCaptionState,
+    models: ModelsState,
     notices: Vec<Notice>,
 }
 
@@ -118,8 +121,10 @@ impl StudioApp {
             run: RunState::default(),
             preview: PreviewState::default(),
             auto_caption: AutoCaptionState::default(),
+            models: ModelsState::default(),
             notices: Vec::new(),
         };
+        app.worker.send(Job::FindModels);
         let folder = app.settings.train.train_data_dir.clone();
         if folder.is_dir() {
             app.open_dataset(folder);
@@ -150,6 +155,11 @@ impl StudioApp {
     /// Captions that are not yet confirmed saved.
     pub fn unsaved_captions(&self) -> usize {
         self.dataset.unsaved_count() + self.dataset.saves_in_flight
+    }
+
+    /// How many base models the last search found (`None` while the first one runs).
+    pub fn models_found(&self) -> Option<usize> {
+        self.models.found.as_ref().map(|f| f.models.len())
     }
 
     pub fn settings(&self) -> &AppSettings {
@@ -281,6 +291,30 @@ impl StudioApp {
                 } => self
                     .preview
                     .received(ctx, id, strength, checkpoint, width, height, &rgba, seconds),
+                Event::ModelsFound(found) => {
+                    if self.settings.export.ui_lora_folder.is_none() {
+                        self.settings.export.ui_lora_folder =
+                            found.lora_folders.first().map(|(_, path)| path.clone());
+                    }
+                    self.models.found = Some(found);
+                }
+                Event::DownloadProgress {
+                    name,
+                    done_bytes,
+                    total_bytes,
+                    bytes_per_second,
+                } => self.models.download = Some((name, done_bytes, total_bytes, bytes_per_second)),
+                Event::Downloaded { name, path } => {
+                    self.models.download = None;
+                    if self.settings.train.base_model.as_os_str().is_empty() {
+                        self.settings.train.base_model = path.clone();
+                    }
+                    self.notice(
+                        false,
+                        format!("downloaded {name} to {}", path.display()),
+                        None,
+                    );
+                }
                 Event::Exported { path, copied_to } => {
                     let copied = copied_to
                         .as_ref()

@@ -33,7 +33,7 @@ struct PathChoice {
 
 /// A path in the width left: shortened in the middle when it does not fit (its start and its file name
 /// stay), the full path on hover. A full long path would widen the settings panel.
-fn path_label_ui(ui: &mut egui::Ui, path: &Path) -> egui::Response {
+pub(super) fn path_label_ui(ui: &mut egui::Ui, path: &Path) -> egui::Response {
     let full = path.display().to_string();
     let font = egui::TextStyle::Body.resolve(ui.style());
     let width_of = |text: &str| {
@@ -123,22 +123,14 @@ impl StudioApp {
                 }
             });
             ui.heading("Model and output");
-            let choices = [
-                PathChoice {
-                    label: "Base model",
-                    help: "a Stable Diffusion 1.x/2.x .safetensors/.ckpt file or diffusers folder",
-                    path: self.settings.train.base_model.clone(),
-                    buttons: &[("File…", Dialog::ModelFile), ("Folder…", Dialog::Folder)],
-                    result: DialogResult::BaseModel,
-                },
-                PathChoice {
+            self.base_model_ui(ui);
+            let choices = [PathChoice {
                     label: "Output folder",
                     help: "checkpoints, logs, samples and the LoRA file go here",
                     path: self.settings.train.output_dir.clone(),
                     buttons: &[("Choose…", Dialog::Folder)],
                     result: DialogResult::OutputFolder,
-                },
-            ];
+            }];
             for choice in choices {
                 // The path goes on its own line, where it has the panel's whole width.
                 let label = ui

@@ -1,12 +1,13 @@
 //! The worker threads behind the app: `engine` owns the model (training, previews, exports), `files`
-//! does the dataset work (scanning, checks, thumbnails, caption saves) and `captioner` auto-captions, so a
-//! long training step never holds up a caption edit. Jobs arrive over channels; events go back over a bounded channel, each followed by
+//! does the dataset work (scanning, checks, thumbnails, caption saves), `captioner` auto-captions and
+//! `models` finds and downloads base models, so a long training step never holds up a caption edit. Jobs arrive over channels; events go back over a bounded channel, each followed by
 //! the wake-up closure (the app's repaint request). Must not use egui or eframe.
 
 mod captioner;
 mod engine;
 mod files;
 mod inbox;
+mod models;
 mod outbox;
 
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::messages::{Event, Job};
+pub use models::ModelPlaces;
 pub use outbox::Outbox;
 
 /// The text of a panic's payload.
@@ -54,19 +56,30 @@ pub struct WorkerHandle {
     engine: Sender<Job>,
     files: Sender<Job>,
     captioner: Sender<Job>,
+    models: Sender<Job>,
 }
 
 impl WorkerHandle {
-    /// Starts the engine, files and captioner threads. `wake` is called after every event (the app passes its
-    /// repaint request).
+    /// Starts the engine, files, captioner and models threads. `wake` is called after every event (the app
+    /// passes its repaint request). Models are looked for in the usual places.
     pub fn spawn(wake: Arc<dyn Fn() + Send + Sync>) -> std::io::Result<(Self, Receiver<Event>)> {
+        Self::spawn_with(wake, ModelPlaces::from_env())
+    }
+
+    /// [`WorkerHandle::spawn`], looking for and downloading models where `places` says.
+    pub fn spawn_with(
+        wake: Arc<dyn Fn() + Send + Sync>,
+        places: ModelPlaces,
+    ) -> std::io::Result<(Self, Receiver<Event>)> {
         let (event_tx, event_rx) = crossbeam_channel::bounded(EVENT_CAPACITY);
         let outbox = Outbox::new(event_tx, wake);
         let (engine_tx, engine_rx) = crossbeam_channel::unbounded();
         let (files_tx, files_rx) = crossbeam_channel::unbounded();
         let (captioner_tx, captioner_rx) = crossbeam_channel::unbounded();
+        let (models_tx, models_rx) = crossbeam_channel::unbounded();
         let engine_outbox = outbox.clone();
         let captioner_outbox = outbox.clone();
+        let models_outbox = outbox.clone();
         std::thread::Builder::new()
             .name("lora-studio-engine".into())
             .spawn(move || engine::run(engine_rx, engine_outbox))?;
@@ -76,11 +89,15 @@ impl WorkerHandle {
         std::thread::Builder::new()
             .name("lora-studio-captioner".into())
             .spawn(move || captioner::run(captioner_rx, captioner_outbox))?;
+        std::thread::Builder::new()
+            .name("lora-studio-models".into())
+            .spawn(move || models::run(models_rx, models_outbox, places))?;
         Ok((
             Self {
                 engine: engine_tx,
                 files: files_tx,
                 captioner: captioner_tx,
+                models: models_tx,
             },
             event_rx,
         ))
@@ -94,6 +111,7 @@ impl WorkerHandle {
             | Job::SaveCaption { .. }
             | Job::FindCheckpoints { .. } => &self.files,
             Job::AutoCaption(_) | Job::CancelAutoCaption => &self.captioner,
+            Job::FindModels | Job::DownloadModel { .. } => &self.models,
             _ => &self.engine,
         };
         // A closed channel means the thread died; its last event already said why.

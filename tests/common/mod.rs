@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fake_hub;
+pub mod fake_installs;
 
 use std::path::PathBuf;
 
