@@ -1,4 +1,6 @@
-//! DDIM (eta = 0), deterministic: diffusers `DDIMScheduler` with SD1.5's settings.
+//! DDIM (eta = 0), deterministic: diffusers `DDIMScheduler` with SD1.5's settings, and with "trailing"
+//! spacing for a zero-terminal-SNR schedule (which has to start at its last timestep, where the image is pure
+//! noise, as AUTOMATIC1111 and ComfyUI do for such models and diffusers' documentation recommends).
 
 use candle_core::{Result, Tensor};
 
@@ -22,7 +24,11 @@ impl DdimSampler {
             alphas_cumprod[0]
         };
         let stride = config.num_train_timesteps / steps.max(1);
-        let timesteps = config.leading_timesteps(steps);
+        let timesteps = if config.rescale_betas_zero_snr {
+            config.trailing_timesteps(steps)
+        } else {
+            config.leading_timesteps(steps)
+        };
         let alphas = timesteps
             .iter()
             .map(|&t| {

@@ -16,7 +16,13 @@ pub struct EulerAncestralSampler {
 
 impl EulerAncestralSampler {
     pub fn new(config: &SchedulerConfig, steps: usize) -> Self {
-        let alphas_cumprod = config.alphas_cumprod();
+        let mut alphas_cumprod = config.alphas_cumprod();
+        if config.rescale_betas_zero_snr
+            && let Some(last) = alphas_cumprod.last_mut()
+        {
+            // diffusers' guard against an infinite sigma at the last timestep
+            *last = 2f32.powi(-24);
+        }
         let timesteps = config.leading_timesteps(steps);
         let mut sigmas: Vec<f32> = timesteps
             .iter()
