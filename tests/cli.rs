@@ -56,6 +56,58 @@ fn inspect_describes_checkpoints_and_loras() {
 }
 
 #[test]
+fn inspect_names_sdxl_base_models_v_prediction_fine_tunes_and_refiners() {
+    let inspect = |path: &std::path::Path| {
+        let (ok, stdout, stderr) = lora_studio(&["inspect", path.to_str().unwrap()]);
+        assert!(ok, "{stderr}");
+        stdout
+    };
+    let stdout = inspect(&fixture("sdxl_single.safetensors"));
+    assert!(
+        stdout.contains("Stable Diffusion XL base model")
+            && stdout.contains("text encoders:")
+            && stdout.contains("pooled projection 10")
+            && stdout.contains("prediction: epsilon"),
+        "{stdout}"
+    );
+    let stdout = inspect(&fixture("sdxl"));
+    assert!(
+        stdout.contains("Stable Diffusion XL base model"),
+        "{stdout}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let stdout = inspect(&common::sdxl_v_prediction_file(dir.path()));
+    assert!(
+        stdout.contains("Stable Diffusion XL v-prediction fine-tune")
+            && stdout
+                .contains("v_prediction (`v_pred` marker), zero terminal SNR (`ztsnr` marker)"),
+        "{stdout}"
+    );
+
+    let refiner = dir.path().join("refiner.safetensors");
+    common::rewrite(
+        &fixture("sdxl_single.safetensors"),
+        &refiner,
+        |k| !k.starts_with("conditioner."),
+        &[(
+            "conditioner.embedders.0.model.ln_final.weight",
+            candle_core::Tensor::zeros(4, candle_core::DType::F32, &candle_core::Device::Cpu)
+                .unwrap(),
+        )],
+    );
+    let stdout = inspect(&refiner);
+    assert!(stdout.contains("refiner.safetensors: an SDXL refiner"), "{stdout}");
+
+    let stdout = inspect(&fixture("lora_sdxl.safetensors"));
+    assert!(
+        stdout.contains("kohya LoRA for SDXL")
+            && stdout.contains("ss_base_model_version: sdxl_base_v1-0"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn generate_writes_a_png_with_parameters() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.png");
@@ -144,49 +196,83 @@ fn bad_input_is_one_sentence_without_backtrace() {
     assert!(!out.exists());
 }
 
+/// `generate` with the reference run's initial noise gives the reference pipeline's DDIM image (SD1 from its
+/// diffusers folder, SDXL, at 64x48, from its single file).
 #[test]
 fn generate_with_reference_init_noise_reproduces_the_reference_image() {
     let dir = tempfile::tempdir().unwrap();
-    let reference = common::Reference::open("sd1");
-    let noise_path = dir.path().join("noise.safetensors");
-    let noise = reference.f32("ddim.init_noise");
-    candle_core::safetensors::save(
-        &std::collections::HashMap::from([("latents".to_string(), noise)]),
-        &noise_path,
-    )
-    .unwrap();
-    let out = dir.path().join("ddim.png");
+    for (kind, base) in [("sd1", "sd1"), ("sdxl", "sdxl_single.safetensors")] {
+        let reference = common::Reference::open(kind);
+        let noise_path = dir.path().join("noise.safetensors");
+        let noise = reference.f32("ddim.init_noise");
+        candle_core::safetensors::save(
+            &std::collections::HashMap::from([("latents".to_string(), noise)]),
+            &noise_path,
+        )
+        .unwrap();
+        let out = dir.path().join("ddim.png");
+        let setting = |name: &str| reference.metadata(&format!("pipeline.{name}"));
+        let (ok, _, stderr) = lora_studio(&[
+            "generate",
+            "--base",
+            fixture(base).to_str().unwrap(),
+            "--prompt",
+            &setting("prompt"),
+            "--scheduler",
+            "ddim",
+            "--steps",
+            &setting("steps"),
+            "--cfg",
+            &setting("guidance_scale"),
+            "--width",
+            &setting("width"),
+            "--height",
+            &setting("height"),
+            "--init-noise",
+            noise_path.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{kind}: {stderr}");
+        let ours = image::open(&out).unwrap().to_rgb8();
+        let expected = image::open(fixture(&format!("{kind}_ddim.png")))
+            .unwrap()
+            .to_rgb8();
+        assert_eq!(ours.dimensions(), expected.dimensions(), "{kind}");
+        let worst = ours
+            .as_raw()
+            .iter()
+            .zip(expected.as_raw())
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        assert!(worst <= 2, "{kind}: pixels differ by up to {worst}/255");
+    }
+}
+
+/// Without a size, an SDXL model draws at its native size (the UNet's sample size times 8: 1024 px for SDXL
+/// 1.0, 64 px for the tiny one), with the same flags as SD1/SD2.
+#[test]
+fn generate_draws_sdxl_at_its_native_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("sdxl.png");
     let (ok, _, stderr) = lora_studio(&[
         "generate",
         "--base",
-        fixture("sd1").to_str().unwrap(),
+        fixture("sdxl").to_str().unwrap(),
         "--prompt",
-        &reference.metadata("pipeline.prompt"),
-        "--scheduler",
-        "ddim",
+        "a lighthouse",
+        "--lora",
+        &format!("{}:0.8", fixture("lora_sdxl.safetensors").display()),
         "--steps",
-        "10",
-        "--cfg",
-        "7.5",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--init-noise",
-        noise_path.to_str().unwrap(),
+        "2",
+        "--seed",
+        "3",
         "--out",
         out.to_str().unwrap(),
     ]);
     assert!(ok, "{stderr}");
-    let ours = image::open(&out).unwrap().to_rgb8();
-    let expected = image::open(fixture("sd1_ddim.png")).unwrap().to_rgb8();
-    assert_eq!(ours.dimensions(), expected.dimensions());
-    let worst = ours
-        .as_raw()
-        .iter()
-        .zip(expected.as_raw())
-        .map(|(a, b)| a.abs_diff(*b))
-        .max()
-        .unwrap();
-    assert!(worst <= 2, "pixels differ by up to {worst}/255");
+    assert!(stderr.contains("Stable Diffusion XL"), "{stderr}");
+    assert!(stderr.contains("299 modules"), "{stderr}");
+    assert_eq!(image::open(&out).unwrap().to_rgb8().dimensions(), (64, 64));
 }
