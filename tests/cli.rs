@@ -97,7 +97,10 @@ fn inspect_names_sdxl_base_models_v_prediction_fine_tunes_and_refiners() {
         )],
     );
     let stdout = inspect(&refiner);
-    assert!(stdout.contains("refiner.safetensors: an SDXL refiner"), "{stdout}");
+    assert!(
+        stdout.contains("refiner.safetensors: an SDXL refiner"),
+        "{stdout}"
+    );
 
     let stdout = inspect(&fixture("lora_sdxl.safetensors"));
     assert!(

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use common::{Reference, assert_close, check_generation, fixture, max_abs_diff};
-use lora_studio::lora::KohyaLora;
+use lora_studio::lora::{KohyaLora, kohya_name};
 use lora_studio::models::checkpoint::{ModelFamily, ModelSource, PredictionOrigin};
 use lora_studio::models::pipeline::StableDiffusion;
 use lora_studio::models::schedulers::{PredictionType, SamplerKind};
@@ -270,6 +270,59 @@ fn sdxl_v_prediction_markers_give_the_reference_zero_terminal_snr_generation() {
         SamplerKind::Ddim,
         "vpred_ddim",
         "vpred_ddim",
+    );
+}
+
+/// Some tools name SDXL LoRA modules by the diffusers UNet paths and write `lora_te_` for the first text
+/// encoder; such a file attaches to the same layers and gives the same outputs.
+#[test]
+fn sdxl_lora_with_diffusers_paths_and_lora_te_attaches_the_same() {
+    let model = load("sdxl");
+    let reference = reference();
+    let lora = KohyaLora::load(&fixture("lora_sdxl.safetensors"), &Device::Cpu).unwrap();
+    let mut renamed = std::collections::HashMap::new();
+    let mut diffusers_named = 0;
+    for (prefix, registry) in model.adapter_components() {
+        for slot in registry.slots() {
+            let Some(module) = lora.modules().get(&kohya_name(prefix, slot.kohya_path())) else {
+                continue;
+            };
+            let prefix = if prefix == "lora_te1" {
+                "lora_te"
+            } else {
+                prefix
+            };
+            let name = kohya_name(prefix, slot.name());
+            diffusers_named += usize::from(name.contains("down_blocks"));
+            renamed.insert(format!("{name}.lora_down.weight"), module.down.clone());
+            renamed.insert(format!("{name}.lora_up.weight"), module.up.clone());
+            let alpha = Tensor::new(module.alpha.unwrap() as f32, &Device::Cpu).unwrap();
+            renamed.insert(format!("{name}.alpha"), alpha);
+        }
+    }
+    assert!(diffusers_named > 0 && renamed.len() == 3 * lora.modules().len());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("diffusers_named.safetensors");
+    candle_core::safetensors::save(&renamed, &path).unwrap();
+    let strengths: Vec<f64> = serde_json::from_str(&reference.metadata("lora.strengths")).unwrap();
+    let report = KohyaLora::load(&path, &Device::Cpu)
+        .unwrap()
+        .attach(&model.adapter_components(), strengths[0], DType::F32)
+        .unwrap();
+    assert!(report.unmatched.is_empty(), "{:?}", report.unmatched);
+    assert_close(
+        "UNet + diffusers-named LoRA",
+        &unet_out(&model, &reference),
+        &reference.f32(&format!("lora.unet_out_{}", strengths[0])),
+        NET_TOLERANCE,
+    );
+    let prompts: Vec<String> = serde_json::from_str(&reference.metadata("te.prompts")).unwrap();
+    let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    assert_close(
+        "context + LoRA with lora_te_",
+        &model.encode_prompts(&refs, 1).unwrap().context,
+        &reference.f32(&format!("lora.te_context_{}", strengths[0])),
+        NET_TOLERANCE,
     );
 }
 
