@@ -279,3 +279,34 @@ fn generate_draws_sdxl_at_its_native_size() {
     assert!(stderr.contains("299 modules"), "{stderr}");
     assert_eq!(image::open(&out).unwrap().to_rgb8().dimensions(), (64, 64));
 }
+
+/// A v-prediction SDXL file says what it predicts and why (its markers), and that Euler a does not start
+/// from pure noise on its zero-terminal-SNR schedule as DDIM does.
+#[test]
+fn generate_on_a_v_prediction_sdxl_file_says_what_it_follows() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = common::sdxl_v_prediction_file(dir.path());
+    let out = dir.path().join("vpred.png");
+    let (ok, _, stderr) = lora_studio(&[
+        "generate",
+        "--base",
+        base.to_str().unwrap(),
+        "--prompt",
+        "a lighthouse",
+        "--steps",
+        "1",
+        "--scheduler",
+        "euler_a",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("v_prediction") && stderr.contains("`v_pred` marker"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("zero terminal SNR") && stderr.contains("--scheduler ddim"),
+        "{stderr}"
+    );
+}

@@ -115,6 +115,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if let Some(note) = model.vae_precision_note() {
         eprintln!("{note}");
     }
+    if model.config().scheduler.rescale_betas_zero_snr && args.scheduler != SchedulerArg::Ddim {
+        eprintln!(
+            "this model was trained with zero terminal SNR: DDIM starts sampling at its last timestep (pure \
+             noise), Euler a does not yet; --scheduler ddim follows the model more closely"
+        );
+    }
     if model.config().family == ModelFamily::Sdxl && args.clip_skip > 1 {
         eprintln!(
             "--clip-skip does not apply to SDXL, which conditions on both text encoders' penultimate layers"

@@ -204,7 +204,7 @@ impl LayerRegistry {
     }
 
     /// Gives the layers the module paths kohya names them by, where `path_of` (given a layer's diffusers
-    /// path) returns one; for models kohya trains in another layout than diffusers'. Paths set once stay.
+    /// path) returns one; for models kohya trains in another layout than diffusers'.
     pub fn set_kohya_paths(&self, path_of: impl Fn(&str) -> Option<String>) {
         for slot in self.slots() {
             if let Some(path) = path_of(slot.name()) {
