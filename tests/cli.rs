@@ -56,6 +56,61 @@ fn inspect_describes_checkpoints_and_loras() {
 }
 
 #[test]
+fn inspect_names_sdxl_base_models_v_prediction_fine_tunes_and_refiners() {
+    let inspect = |path: &std::path::Path| {
+        let (ok, stdout, stderr) = lora_studio(&["inspect", path.to_str().unwrap()]);
+        assert!(ok, "{stderr}");
+        stdout
+    };
+    let stdout = inspect(&fixture("sdxl_single.safetensors"));
+    assert!(
+        stdout.contains("Stable Diffusion XL base model")
+            && stdout.contains("text encoders:")
+            && stdout.contains("pooled projection 10")
+            && stdout.contains("prediction: epsilon"),
+        "{stdout}"
+    );
+    let stdout = inspect(&fixture("sdxl"));
+    assert!(
+        stdout.contains("Stable Diffusion XL base model"),
+        "{stdout}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let stdout = inspect(&common::sdxl_v_prediction_file(dir.path()));
+    assert!(
+        stdout.contains("Stable Diffusion XL v-prediction fine-tune")
+            && stdout
+                .contains("v_prediction (`v_pred` marker), zero terminal SNR (`ztsnr` marker)"),
+        "{stdout}"
+    );
+
+    let refiner = dir.path().join("refiner.safetensors");
+    common::rewrite(
+        &fixture("sdxl_single.safetensors"),
+        &refiner,
+        |k| !k.starts_with("conditioner."),
+        &[(
+            "conditioner.embedders.0.model.ln_final.weight",
+            candle_core::Tensor::zeros(4, candle_core::DType::F32, &candle_core::Device::Cpu)
+                .unwrap(),
+        )],
+    );
+    let stdout = inspect(&refiner);
+    assert!(
+        stdout.contains("refiner.safetensors: an SDXL refiner"),
+        "{stdout}"
+    );
+
+    let stdout = inspect(&fixture("lora_sdxl.safetensors"));
+    assert!(
+        stdout.contains("kohya LoRA for SDXL")
+            && stdout.contains("ss_base_model_version: sdxl_base_v1-0"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn generate_writes_a_png_with_parameters() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.png");
@@ -145,11 +200,11 @@ fn bad_input_is_one_sentence_without_backtrace() {
     assert!(!out.exists());
 }
 
-/// Runs `generate` on the tiny SD1 folder from the reference's initial noise `{key}.init_noise` with the
-/// reference run's settings plus `sampler_args`, checks the image against `expected_png` (2/255 per pixel) and
-/// returns the PNG's parameters text.
+/// Runs `generate` on the fixture model `base` from the reference's initial noise `{key}.init_noise` with the
+/// reference run's settings (10 steps, guidance 7.5, `size`) plus `sampler_args`, checks the image against
+/// `expected_png` (2/255 per pixel) and returns the PNG's parameters text.
 fn reproduce_reference(
-    reference: &common::Reference,
+    (reference, base, size): (&common::Reference, &str, (&str, &str)),
     key: &str,
     sampler_args: &[&str],
     expected_png: &str,
@@ -167,7 +222,7 @@ fn reproduce_reference(
     let mut args = vec![
         "generate",
         "--base",
-        fixture("sd1").to_str().unwrap(),
+        fixture(base).to_str().unwrap(),
         "--prompt",
         &prompt,
         "--steps",
@@ -175,9 +230,9 @@ fn reproduce_reference(
         "--cfg",
         "7.5",
         "--width",
-        "64",
+        size.0,
         "--height",
-        "64",
+        size.1,
         "--init-noise",
         noise_path.to_str().unwrap(),
         "--out",
@@ -216,12 +271,23 @@ fn reproduce_reference(
 #[test]
 fn generate_with_reference_init_noise_reproduces_the_reference_image() {
     let parameters = reproduce_reference(
-        &common::Reference::open("sd1"),
+        (&common::Reference::open("sd1"), "sd1", ("64", "64")),
         "ddim",
         &["--scheduler", "ddim"],
         "sd1_ddim.png",
     );
     assert!(parameters.contains("Sampler: DDIM,"), "{parameters}");
+    // SDXL, at 64x48, from its single file.
+    reproduce_reference(
+        (
+            &common::Reference::open("sdxl"),
+            "sdxl_single.safetensors",
+            ("64", "48"),
+        ),
+        "ddim",
+        &["--scheduler", "ddim"],
+        "sdxl_ddim.png",
+    );
 }
 
 #[test]
@@ -237,10 +303,69 @@ fn generate_runs_euler_and_dpm_solver_as_diffusers_and_names_them_as_webui_does(
         ),
     ] {
         let png = format!("schedulers/sd1_{key}.png");
-        let parameters = reproduce_reference(&reference, key, sampler_args, &png);
+        let parameters =
+            reproduce_reference((&reference, "sd1", ("64", "64")), key, sampler_args, &png);
         assert!(
             parameters.contains(&format!("Sampler: {name},")),
             "{parameters}"
         );
     }
+}
+
+/// Without a size, an SDXL model draws at its native size (the UNet's sample size times 8: 1024 px for SDXL
+/// 1.0, 64 px for the tiny one), with the same flags as SD1/SD2.
+#[test]
+fn generate_draws_sdxl_at_its_native_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("sdxl.png");
+    let (ok, _, stderr) = lora_studio(&[
+        "generate",
+        "--base",
+        fixture("sdxl").to_str().unwrap(),
+        "--prompt",
+        "a lighthouse",
+        "--lora",
+        &format!("{}:0.8", fixture("lora_sdxl.safetensors").display()),
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("Stable Diffusion XL"), "{stderr}");
+    assert!(stderr.contains("299 modules"), "{stderr}");
+    assert_eq!(image::open(&out).unwrap().to_rgb8().dimensions(), (64, 64));
+}
+
+/// A v-prediction SDXL file says what it predicts and why (its markers), and that Euler a does not start
+/// from pure noise on its zero-terminal-SNR schedule as DDIM does.
+#[test]
+fn generate_on_a_v_prediction_sdxl_file_says_what_it_follows() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = common::sdxl_v_prediction_file(dir.path());
+    let out = dir.path().join("vpred.png");
+    let (ok, _, stderr) = lora_studio(&[
+        "generate",
+        "--base",
+        base.to_str().unwrap(),
+        "--prompt",
+        "a lighthouse",
+        "--steps",
+        "1",
+        "--scheduler",
+        "euler_a",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("v_prediction") && stderr.contains("`v_pred` marker"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("zero terminal SNR") && stderr.contains("--scheduler ddim"),
+        "{stderr}"
+    );
 }

@@ -182,3 +182,94 @@ fn checkpoints_export_in_every_precision_without_dataset_or_base_model() {
         }
     }
 }
+
+/// A network on SDXL is named as kohya names SDXL modules (the original UNet paths, `lora_te1`/`lora_te2`:
+/// exactly the modules of the fixture LoRA the reference script made with kohya's rules); its PEFT copy uses
+/// diffusers paths under `unet.`, `text_encoder.` and `text_encoder_2.`; the kohya file loads back onto every
+/// layer it came from.
+#[test]
+fn sdxl_networks_export_kohya_and_peft_names() {
+    use lora_studio::lora::{
+        KohyaLora, LoraNetwork, NetworkKind, NetworkSpec, TEXT_ENCODER_1_PREFIX,
+        TEXT_ENCODER_2_PREFIX, TargetComponent, UNET_PREFIX, export_network, write_lora_file,
+    };
+    use lora_studio::models::checkpoint::ModelSource;
+    use lora_studio::models::pipeline::StableDiffusion;
+
+    let source = ModelSource::open(&common::fixture("sdxl")).unwrap();
+    let model = StableDiffusion::load(&source, &Device::Cpu, DType::F32).unwrap();
+    let second = model.text_encoder_2.as_ref().unwrap();
+    let targets = [
+        TargetComponent {
+            prefix: UNET_PREFIX,
+            slots: model.unet.lora_targets(true),
+        },
+        TargetComponent {
+            prefix: TEXT_ENCODER_1_PREFIX,
+            slots: model.text_encoder.lora_targets(),
+        },
+        TargetComponent {
+            prefix: TEXT_ENCODER_2_PREFIX,
+            slots: second.lora_targets(),
+        },
+    ];
+    let spec = NetworkSpec {
+        rank: 4,
+        alpha: 2.0,
+        conv_rank: 2,
+        conv_alpha: 1.0,
+        kind: NetworkKind::Lora,
+    };
+    let network = LoraNetwork::create(&targets, spec, 7, &Device::Cpu).unwrap();
+    let exported = export_network(&network).unwrap();
+    drop(network);
+
+    let ours: std::collections::BTreeSet<&str> = exported
+        .modules
+        .iter()
+        .map(|m| m.kohya_name.as_str())
+        .collect();
+    let fixture_lora =
+        KohyaLora::load(&common::fixture("lora_sdxl.safetensors"), &Device::Cpu).unwrap();
+    let kohya: std::collections::BTreeSet<&str> =
+        fixture_lora.modules().keys().map(String::as_str).collect();
+    assert_eq!(ours, kohya, "kohya's SDXL module names");
+
+    let peft: Vec<String> = exported
+        .peft_tensors(DType::F32)
+        .unwrap()
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    for expected in [
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight",
+        "unet.up_blocks.0.upsamplers.0.conv.lora_B.weight",
+        "text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_A.weight",
+        "text_encoder_2.text_model.encoder.layers.3.self_attn.q_proj.lora_A.weight",
+    ] {
+        assert!(peft.iter().any(|n| n == expected), "no `{expected}`");
+    }
+    assert!(
+        peft.iter()
+            .all(|n| ["unet.", "text_encoder.", "text_encoder_2."]
+                .iter()
+                .any(|prefix| n.starts_with(prefix))
+                && !n.contains("input_blocks")),
+        "PEFT names use diffusers paths"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sdxl.safetensors");
+    write_lora_file(
+        &path,
+        &exported.kohya_tensors(DType::F32).unwrap(),
+        &Default::default(),
+    )
+    .unwrap();
+    let report = KohyaLora::load(&path, &Device::Cpu)
+        .unwrap()
+        .attach(&model.adapter_components(), 1.0, DType::F32)
+        .unwrap();
+    assert!(report.unmatched.is_empty(), "{:?}", report.unmatched);
+    assert_eq!(report.adapters.len(), exported.modules.len());
+}

@@ -1,6 +1,8 @@
 //! LoRA gradients through the real models: compared with the reference implementation's (PyTorch autograd,
 //! float64) for the same weights and inputs, and checked by finite differences in float64 through every
-//! adapter of the tiny UNet (down, mid and up blocks, resnets' LoCon convs included) and text encoder.
+//! adapter of the tiny UNet (down, mid and up blocks, resnets' LoCon convs included) and text encoder, for
+//! SD1, SD2 and SDXL (whose UNet is also conditioned on the pooled embedding and size values, and whose two
+//! text encoders feed the context and the pooled embedding).
 
 mod common;
 
@@ -12,6 +14,7 @@ use common::{Reference, fixture, max_abs, max_abs_diff};
 use lora_studio::lora::{KohyaLora, LoraAdapter, kohya_name};
 use lora_studio::models::checkpoint::ModelSource;
 use lora_studio::models::pipeline::StableDiffusion;
+use lora_studio::models::unet::AddedConditions;
 
 /// The `down`/`up` variables of every attached adapter, by kohya module name.
 type AdapterVars = BTreeMap<String, (Var, Var)>;
@@ -28,7 +31,7 @@ fn model_with_trainable_lora(
     let mut vars = AdapterVars::new();
     for (prefix, registry) in model.adapter_components() {
         for slot in registry.slots() {
-            let name = kohya_name(prefix, slot.name());
+            let name = kohya_name(prefix, slot.kohya_path());
             let Some(module) = lora.modules().get(&name) else {
                 continue;
             };
@@ -55,26 +58,48 @@ fn model_with_trainable_lora(
 
 fn unet_loss(model: &StableDiffusion, reference: &Reference, dtype: DType) -> Tensor {
     let input = |name: &str| reference.tensor(name).to_dtype(dtype).unwrap();
+    let added = model.text_encoder_2.is_some().then(|| AddedConditions {
+        text_embeds: input("unet.text_embeds"),
+        time_ids: reference.f32("unet.time_ids"),
+    });
     let out = model
         .unet
-        .forward(
+        .forward_with(
             &input("unet.sample"),
             &input("unet.timestep"),
             &input("unet.encoder_hidden_states"),
+            added.as_ref(),
         )
         .unwrap();
     (out * input("grad.unet.R")).unwrap().sum_all().unwrap()
 }
 
-fn te_loss(model: &StableDiffusion, reference: &Reference, dtype: DType) -> Tensor {
-    let hidden = model
+/// `sum(x · R)`.
+fn weighted_sum(x: Tensor, reference: &Reference, r: &str) -> Tensor {
+    let r = reference.tensor(r).to_dtype(x.dtype()).unwrap();
+    (x * r).unwrap().sum_all().unwrap()
+}
+
+fn te_loss(model: &StableDiffusion, reference: &Reference, _dtype: DType) -> Tensor {
+    let Some(second) = &model.text_encoder_2 else {
+        let hidden = model
+            .text_encoder
+            .forward(&reference.tensor("te.input_ids"), 1)
+            .unwrap();
+        return weighted_sum(hidden, reference, "grad.te.R");
+    };
+    // SDXL: the context (both penultimate layers side by side) and the pooled projection.
+    let (first, _) = model
         .text_encoder
-        .forward(&reference.tensor("te.input_ids"), 1)
+        .penultimate_and_pooled(&reference.tensor("te.input_ids_1"))
         .unwrap();
-    (hidden * reference.tensor("grad.te.R").to_dtype(dtype).unwrap())
-        .unwrap()
-        .sum_all()
-        .unwrap()
+    let (second, pooled) = second
+        .penultimate_and_pooled(&reference.tensor("te.input_ids_2"))
+        .unwrap();
+    let context = Tensor::cat(&[&first, &second], 2).unwrap();
+    (weighted_sum(context, reference, "grad.te.R_context")
+        + weighted_sum(pooled.unwrap(), reference, "grad.te.R_pooled"))
+    .unwrap()
 }
 
 /// Compares every adapter gradient with the reference's, relative to the gradient's own scale.
@@ -86,11 +111,11 @@ fn compare_with_reference(kind: &str, lora: &str) {
         ("te", te_loss(&model, &reference, DType::F32)),
     ] {
         let grads = loss.backward().unwrap();
-        let prefix = format!("grad.{component}.");
+        // `grad.te.…` (SD1/SD2), `grad.te1.…` and `grad.te2.…` (SDXL): `grad.COMPONENT.MODULE.lora_….weight`.
         let expected_names: Vec<String> = reference
-            .names_with_prefix(&prefix)
+            .names_with_prefix(&format!("grad.{component}"))
             .into_iter()
-            .filter(|n| !n.ends_with(".R"))
+            .filter(|n| n.contains(".lora_"))
             .collect();
         assert!(!expected_names.is_empty());
         // Gradients are compared relative to their own scale. Each must be non-trivial: at least a thousandth
@@ -102,7 +127,7 @@ fn compare_with_reference(kind: &str, lora: &str) {
             .fold(0f64, f64::max);
         let mut worst = (0f64, String::new());
         for name in &expected_names {
-            let key = name.strip_prefix(&prefix).unwrap();
+            let (_, key) = name.strip_prefix("grad.").unwrap().split_once('.').unwrap();
             let (module, tensor) = key.split_once('.').unwrap();
             let (down, up) = &vars[module];
             let var = if tensor.starts_with("lora_down") {
@@ -150,6 +175,11 @@ fn sd2_adapter_gradients_match_reference() {
     compare_with_reference("sd2", "lora_sd2.safetensors");
 }
 
+#[test]
+fn sdxl_adapter_gradients_match_reference() {
+    compare_with_reference("sdxl", "lora_sdxl.safetensors");
+}
+
 /// A deterministic pseudo-random direction with the shape of `t`.
 fn direction(t: &Tensor, seed: u64) -> Tensor {
     let mut state = seed
@@ -188,12 +218,14 @@ fn finite_difference_check(kind: &str, lora: &str, component: &str) {
         te_loss(&model, &reference, DType::F64)
     };
     let grads = analytic.backward().unwrap();
+    // `lora_te_` (SD1/SD2), `lora_te1_` and `lora_te2_` (SDXL)
     let prefix = if component == "unet" {
         "lora_unet_"
     } else {
-        "lora_te_"
+        "lora_te"
     };
     let mut checked = 0;
+    let mut unreached = 0;
     let mut worst = 0f64;
     let mut smallest = f64::INFINITY;
     for (index, (name, (down, up))) in vars
@@ -203,28 +235,39 @@ fn finite_difference_check(kind: &str, lora: &str, component: &str) {
     {
         for (which, var) in [("down", down), ("up", up)] {
             let d = direction(var.as_tensor(), index as u64 * 2 + (which == "up") as u64);
-            let grad = grads
-                .get(var)
-                .unwrap_or_else(|| panic!("{name}.{which}: no gradient"));
+            let original = var.as_tensor().copy().unwrap();
+            // Small enough that truncation (third derivatives, eps²) stays below 1e-6 relative, large enough that
+            // the float64 rounding of the loss, divided by 2·eps, does too (at 1e-6 it reaches 4e-5 of the
+            // smallest derivatives here).
+            let eps = 1e-4;
+            let central_difference = || {
+                var.set(&(&original + (&d * eps).unwrap()).unwrap())
+                    .unwrap();
+                let plus = loss(&model);
+                var.set(&(&original - (&d * eps).unwrap()).unwrap())
+                    .unwrap();
+                let minus = loss(&model);
+                var.set(&original).unwrap();
+                (plus - minus) / (2.0 * eps)
+            };
+            let Some(grad) = grads.get(var) else {
+                // Only an adapter the loss does not reach has no gradient (SDXL conditions on the penultimate
+                // layer of text encoder 1, so its last layer is never run): the loss must not move either.
+                assert_eq!(
+                    central_difference(),
+                    0.0,
+                    "{kind} {name}.{which}: no gradient, but the loss depends on it"
+                );
+                unreached += 1;
+                continue;
+            };
             let predicted = (grad * &d)
                 .unwrap()
                 .sum_all()
                 .unwrap()
                 .to_scalar::<f64>()
                 .unwrap();
-            let original = var.as_tensor().copy().unwrap();
-            // Small enough that truncation (third derivatives, eps²) stays below 1e-6 relative, large enough that
-            // the float64 rounding of the loss, divided by 2·eps, does too (at 1e-6 it reaches 4e-5 of the
-            // smallest derivatives here).
-            let eps = 1e-4;
-            var.set(&(&original + (&d * eps).unwrap()).unwrap())
-                .unwrap();
-            let plus = loss(&model);
-            var.set(&(&original - (&d * eps).unwrap()).unwrap())
-                .unwrap();
-            let minus = loss(&model);
-            var.set(&original).unwrap();
-            let numeric = (plus - minus) / (2.0 * eps);
+            let numeric = central_difference();
             // Relative to the derivative's own size, which must be well above the float64 noise of the
             // difference quotient (a derivative that is zero by construction would compare noise with noise).
             assert!(
@@ -244,7 +287,7 @@ fn finite_difference_check(kind: &str, lora: &str, component: &str) {
     assert!(checked > 0);
     eprintln!(
         "{kind} {component}: {checked} adapter tensors pass the finite-difference check (worst {worst:.1e}, \
-         smallest directional derivative {smallest:.2e})"
+         smallest directional derivative {smallest:.2e}); {unreached} unreached by the loss"
     );
 }
 
@@ -261,6 +304,16 @@ fn sd1_text_encoder_adapter_gradients_pass_finite_differences() {
 #[test]
 fn sd2_unet_adapter_gradients_pass_finite_differences() {
     finite_difference_check("sd2", "lora_sd2.safetensors", "unet");
+}
+
+#[test]
+fn sdxl_unet_adapter_gradients_pass_finite_differences() {
+    finite_difference_check("sdxl", "lora_sdxl.safetensors", "unet");
+}
+
+#[test]
+fn sdxl_text_encoder_adapter_gradients_pass_finite_differences() {
+    finite_difference_check("sdxl", "lora_sdxl.safetensors", "te");
 }
 
 #[test]
@@ -317,6 +370,7 @@ fn device_generic_paths_give_the_reference_gradients_too() {
         "kernels_follow_the_switch",
         "sd1_adapter_gradients_match_reference",
         "sd2_adapter_gradients_match_reference",
+        "sdxl_adapter_gradients_match_reference",
         "gradient_checkpointing_gives_the_same_gradients",
     ]);
 }

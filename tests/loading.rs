@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use common::{Reference, assert_close, fixture};
+use common::{Reference, assert_close, fixture, rewrite};
 use lora_studio::models::checkpoint::{
     CheckpointLayout, ModelFamily, ModelSource, PredictionOrigin,
 };
@@ -19,21 +19,6 @@ fn open_error(path: &Path) -> String {
         Ok(_) => panic!("{} opened as a model", path.display()),
         Err(e) => e.to_string(),
     }
-}
-
-/// Copies the tensors of `source` into `dest`, dropping keys for which `keep` is false and adding `extra`.
-fn rewrite(source: &Path, dest: &Path, keep: impl Fn(&str) -> bool, extra: &[(&str, Tensor)]) {
-    let file = TensorFile::open(source).unwrap();
-    let mut tensors: HashMap<String, Tensor> = file
-        .infos()
-        .keys()
-        .filter(|k| keep(k))
-        .map(|k| (k.clone(), file.load(k, &Device::Cpu).unwrap()))
-        .collect();
-    for (name, tensor) in extra {
-        tensors.insert(name.to_string(), tensor.clone());
-    }
-    candle_core::safetensors::save(&tensors, dest).unwrap();
 }
 
 #[test]
@@ -69,6 +54,18 @@ fn single_files_and_folders_are_recognised() {
             ModelFamily::Sd2,
             PredictionType::VPrediction,
         ),
+        (
+            "sdxl_single.safetensors",
+            CheckpointLayout::SingleFileSafetensors,
+            ModelFamily::Sdxl,
+            PredictionType::Epsilon,
+        ),
+        (
+            "sdxl",
+            CheckpointLayout::DiffusersFolder,
+            ModelFamily::Sdxl,
+            PredictionType::Epsilon,
+        ),
     ];
     for (path, layout, family, prediction) in cases {
         let source = ModelSource::open(&fixture(path)).unwrap();
@@ -79,8 +76,17 @@ fn single_files_and_folders_are_recognised() {
             prediction,
             "{path}"
         );
-        let pad = if family == ModelFamily::Sd1 { 49407 } else { 0 };
+        let pad = if family == ModelFamily::Sd2 { 0 } else { 49407 };
         assert_eq!(source.config().pad_token, pad, "{path}");
+        let config = source.config();
+        if family == ModelFamily::Sdxl {
+            assert_eq!(config.pad_token_2, 0, "{path}: tokenizer 2 pads with `!`");
+            assert_eq!(config.vae.scaling_factor, 0.13025, "{path}");
+            assert_eq!(config.unet.sample_size * 8, 64, "{path}: native size");
+            assert!(config.text_encoder_2.is_some(), "{path}");
+        } else {
+            assert!(config.text_encoder_2.is_none(), "{path}");
+        }
     }
 }
 
@@ -240,22 +246,115 @@ fn missing_tensor_is_named() {
     );
 }
 
+/// The SDXL refiner (OpenCLIP ViT-bigG as its only text encoder, conditioned on an aesthetic score) is
+/// refused in one sentence, as a single file and as a diffusers folder.
 #[test]
-fn sdxl_is_refused_clearly() {
+fn sdxl_refiner_is_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("sdxl.safetensors");
-    let extra = Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap();
+    let path = dir.path().join("refiner.safetensors");
+    let extra = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
     rewrite(
-        &fixture("sd1_single.safetensors"),
+        &fixture("sdxl_single.safetensors"),
         &path,
-        |k| k.starts_with("model.diffusion_model."),
-        &[(
-            "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias",
-            extra,
-        )],
+        |k| !k.starts_with("conditioner."),
+        &[("conditioner.embedders.0.model.ln_final.weight", extra)],
     );
     let message = open_error(&path);
-    assert!(message.contains("SDXL is not supported yet"), "{message}");
+    assert!(
+        message.starts_with(&format!("{} is an SDXL refiner", path.display())),
+        "{message}"
+    );
+
+    let folder = dir.path().join("refiner");
+    copy_dir(&fixture("sdxl"), &folder);
+    std::fs::remove_dir_all(folder.join("text_encoder")).unwrap();
+    let message = open_error(&folder);
+    assert!(message.contains("is an SDXL refiner"), "{message}");
+}
+
+/// An SDXL model missing its second text encoder, or not run by this program (EDM, fp8), is one sentence.
+#[test]
+fn incomplete_and_unsupported_sdxl_files_are_one_sentence() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("no_te2.safetensors");
+    rewrite(
+        &fixture("sdxl_single.safetensors"),
+        &path,
+        |k| !k.starts_with("conditioner.embedders.1."),
+        &[],
+    );
+    // The tiny UNet's config (its heads and norm groups are not in the shapes); the text encoders are
+    // inferred.
+    let sidecar: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("sdxl_single.json")).unwrap())
+            .unwrap();
+    std::fs::write(
+        path.with_extension("json"),
+        serde_json::json!({ "unet": sidecar["unet"] }).to_string(),
+    )
+    .unwrap();
+    let message = open_error(&path);
+    assert!(
+        message.contains("no_te2.safetensors")
+            && message.contains("conditioner.embedders.1.model.token_embedding.weight")
+            && message.contains("text encoder 2"),
+        "{message}"
+    );
+
+    let folder = dir.path().join("no_te2");
+    copy_dir(&fixture("sdxl"), &folder);
+    std::fs::remove_dir_all(folder.join("text_encoder_2")).unwrap();
+    let message = open_error(&folder);
+    assert!(
+        message.contains("no `text_encoder_2/` subfolder"),
+        "{message}"
+    );
+
+    let marker = Tensor::zeros(0, DType::F32, &Device::Cpu).unwrap();
+    for (key, what) in [
+        ("edm_vpred.sigma_max", "CosXL"),
+        ("edm_mean", "Playground"),
+        ("scaled_fp8", "fp8"),
+    ] {
+        let path = dir.path().join("edm.safetensors");
+        rewrite(
+            &fixture("sdxl_single.safetensors"),
+            &path,
+            |_| true,
+            &[(key, marker.clone())],
+        );
+        let message = open_error(&path);
+        assert!(message.contains(what), "{key}: {message}");
+    }
+
+    let bytes = std::fs::read(fixture("sdxl_single.safetensors")).unwrap();
+    let cut = dir.path().join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let message = open_error(&cut);
+    assert!(message.contains("truncated"), "{message}");
+}
+
+/// SDXL's VAE overflows in f16: a model loaded in f16 runs it in f32 and says so once.
+#[test]
+fn sdxl_vae_runs_in_f32_under_f16() {
+    let source = ModelSource::open(&fixture("sdxl")).unwrap();
+    let model = StableDiffusion::load(&source, &Device::Cpu, DType::F16).unwrap();
+    assert_eq!(model.vae_dtype(), DType::F32);
+    let note = model.vae_precision_note().expect("a log line");
+    assert!(note.contains("f32") && note.contains("f16"), "{note}");
+    let decoded = model
+        .decode(&Tensor::zeros((1, 4, 8, 8), DType::F32, &Device::Cpu).unwrap())
+        .unwrap();
+    assert_eq!(decoded.dims(), &[1, 3, 64, 64]);
+    // SD1's VAE stays in the model's dtype.
+    let sd1 = StableDiffusion::load(
+        &ModelSource::open(&fixture("sd1")).unwrap(),
+        &Device::Cpu,
+        DType::F16,
+    )
+    .unwrap();
+    assert_eq!(sd1.vae_dtype(), DType::F16);
+    assert!(sd1.vae_precision_note().is_none());
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -100,6 +100,38 @@ fn other_families_and_formats_are_refused_clearly() {
     );
     let message = attach_error(&sdxl);
     assert!(
+        message.contains("sdxl_style.safetensors is a LoRA for SDXL and this is an SD1/SD2 model"),
+        "{message}"
+    );
+
+    // An SD1 LoRA on an SDXL model: its diffusers-path UNet names would partly match SDXL's layers.
+    let sdxl_model = StableDiffusion::load(
+        &ModelSource::open(&fixture("sdxl")).unwrap(),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let message = KohyaLora::load(&fixture("lora_sd1.safetensors"), &Device::Cpu)
+        .unwrap()
+        .attach(&sdxl_model.adapter_components(), 1.0, DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("lora_sd1.safetensors is a LoRA for SD1/SD2 and this is an SDXL model"),
+        "{message}"
+    );
+
+    // Without metadata or names that tell, a LoRA matching nothing says so.
+    let unknown = dir.path().join("unknown.safetensors");
+    save(
+        &unknown,
+        &[
+            ("lora_unet_foo_bar.lora_down.weight", zeros(&[4, 8])),
+            ("lora_unet_foo_bar.lora_up.weight", zeros(&[8, 4])),
+        ],
+    );
+    let message = attach_error(&unknown);
+    assert!(
         message.contains("none of the 1 modules") && message.contains("another model family"),
         "{message}"
     );

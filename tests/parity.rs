@@ -9,9 +9,9 @@ use candle_core::{DType, Device, Tensor};
 use common::{Reference, assert_close, fixture, max_abs_diff};
 use lora_studio::lora::KohyaLora;
 use lora_studio::models::checkpoint::ModelSource;
-use lora_studio::models::pipeline::{GenerateRequest, StableDiffusion};
+use lora_studio::models::pipeline::StableDiffusion;
 use lora_studio::models::schedulers::{
-    DpmSolverMultistepSampler, EulerSampler, NoiseSource, SamplerKind, SchedulerConfig,
+    DpmSolverMultistepSampler, EulerSampler, SamplerKind, SchedulerConfig,
 };
 
 /// Network outputs must match to this (max abs).
@@ -84,85 +84,7 @@ fn check_unet(model: &StableDiffusion, reference: &Reference) {
 }
 
 fn check_vae(model: &StableDiffusion, reference: &Reference) {
-    let posterior = model.vae.encode(&reference.f32("vae.image")).unwrap();
-    assert_close(
-        "VAE encode mean",
-        &posterior.mean,
-        &reference.f32("vae.latent_mean"),
-        NET_TOLERANCE,
-    );
-    assert_close(
-        "VAE encode logvar",
-        &posterior.logvar,
-        &reference.f32("vae.latent_logvar"),
-        NET_TOLERANCE,
-    );
-    let decoded = model.vae.decode(&reference.f32("vae.latents")).unwrap();
-    assert_close(
-        "VAE decode",
-        &decoded,
-        &reference.f32("vae.decoded"),
-        NET_TOLERANCE,
-    );
-}
-
-/// Replays the reference run's per-step noise.
-struct ReplayNoise {
-    steps: Vec<Tensor>,
-}
-
-impl NoiseSource for ReplayNoise {
-    fn next(&mut self, dims: &[usize], _device: &Device) -> candle_core::Result<Tensor> {
-        let next = self.steps.remove(0);
-        assert_eq!(next.dims(), dims);
-        Ok(next)
-    }
-}
-
-fn check_generation(
-    model: &StableDiffusion,
-    reference: &Reference,
-    sampler: SamplerKind,
-    key: &str,
-) {
-    let request = GenerateRequest {
-        prompt: reference.metadata("pipeline.prompt"),
-        negative_prompt: String::new(),
-        width: 64,
-        height: 64,
-        steps: 10,
-        guidance_scale: 7.5,
-        sampler,
-        clip_skip: 1,
-    };
-    let mut noise = match sampler {
-        SamplerKind::EulerAncestral => {
-            let all = reference.f32("euler_a.step_noise");
-            ReplayNoise {
-                steps: (0..10).map(|i| all.get(i).unwrap()).collect(),
-            }
-        }
-        SamplerKind::Ddim | SamplerKind::Euler | SamplerKind::DpmSolverMultistep { .. } => {
-            ReplayNoise { steps: Vec::new() }
-        }
-    };
-    let init = reference.f32(&format!("{key}.init_noise"));
-    let generated = model
-        .generate(&request, &init, &mut noise, &mut |_, _| true)
-        .unwrap();
-    assert_close(
-        &format!("{key} latents"),
-        &generated.latents,
-        &reference.f32(&format!("{key}.latents")),
-        1e-3,
-    );
-    // Pixels: under 2/255 everywhere.
-    assert_close(
-        &format!("{key} image"),
-        &generated.image,
-        &reference.f32(&format!("{key}.image")),
-        2.0 / 255.0,
-    );
+    common::check_vae(model, reference, NET_TOLERANCE);
 }
 
 fn check_lora(model: &StableDiffusion, reference: &Reference, lora_file: &str) {
@@ -229,12 +151,10 @@ const SCHEDULER_REFERENCES: [(SamplerKind, &str); 3] = [
 
 fn check_generations(kind: &str) {
     let model = load(kind);
-    let reference = Reference::open(kind);
-    check_generation(&model, &reference, SamplerKind::Ddim, "ddim");
-    check_generation(&model, &reference, SamplerKind::EulerAncestral, "euler_a");
+    common::check_ddim_and_euler_a(&model, &Reference::open(kind));
     let schedulers = Reference::open(&format!("schedulers/{kind}"));
     for (sampler, key) in SCHEDULER_REFERENCES {
-        check_generation(&model, &schedulers, sampler, key);
+        common::check_generation(&model, &schedulers, sampler, key, key);
     }
 }
 

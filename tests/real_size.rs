@@ -1,4 +1,4 @@
-//! The models at the real SD1.5 and SD2.1 sizes, checked against key/shape listings the reference
+//! The models at the real SD1.5, SD2.1 and SDXL 1.0 sizes, checked against key/shape listings the reference
 //! implementation produced (`tests/fixtures/manifests/`): every tensor the models ask for, its single-file
 //! key, the architecture inferred from a single file's shapes, and the kohya LoRA target names.
 //! Weights are zero-stride stand-ins, so no memory is used.
@@ -13,10 +13,15 @@ use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
 use lora_studio::lora::{LayerRegistry, LayerShape, kohya_name};
 use lora_studio::models::checkpoint::infer::{
-    TextEncoderLayout, infer_text_encoder, infer_unet, infer_vae, text_encoder_layout,
+    TextEncoderLayout, infer_sdxl_text_encoders, infer_text_encoder, infer_unet, infer_vae,
+    text_encoder_layout,
 };
-use lora_studio::models::checkpoint::names::{self, LDM_CLIP, LDM_OPEN_CLIP, LDM_UNET, LDM_VAE};
-use lora_studio::models::clip::{ClipTextConfig, ClipTextTransformer};
+use lora_studio::models::checkpoint::{
+    ComponentKind, ModelConfig, ModelFamily, NameMap, PredictionOrigin, single_file_names,
+};
+use lora_studio::models::clip::{ClipTextConfig, ClipTextTransformer, TextEncoder2Config};
+use lora_studio::models::pipeline::adapter_components;
+use lora_studio::models::schedulers::SchedulerConfig;
 use lora_studio::models::unet::{UNet2DConditionModel, UNetConfig};
 use lora_studio::models::vae::{AutoencoderKL, VaeConfig};
 use serde::Deserialize;
@@ -102,6 +107,59 @@ fn unet_param_count(shapes: &Shapes) -> usize {
     shapes.values().map(|s| s.iter().product::<usize>()).sum()
 }
 
+/// A model config of `family` with these architectures.
+fn model_config(
+    family: ModelFamily,
+    unet: UNetConfig,
+    text_encoder: ClipTextConfig,
+    text_encoder_2: Option<TextEncoder2Config>,
+) -> ModelConfig {
+    ModelConfig {
+        family,
+        unet,
+        vae: VaeConfig::sd(),
+        text_encoder,
+        text_encoder_2,
+        scheduler: SchedulerConfig::default(),
+        pad_token: 0,
+        pad_token_2: 0,
+        prediction_origin: PredictionOrigin::Default,
+    }
+}
+
+/// Every tensor a component asks for has the shape of its single-file key (up to unit dimensions, the rows
+/// of a packed tensor, a stored transpose); returns the keys used.
+fn check_single_file_keys(
+    what: &str,
+    shapes: &Shapes,
+    names: &NameMap,
+    ldm: &Shapes,
+) -> Vec<String> {
+    let mut used = Vec::new();
+    for (param, shape) in shapes {
+        let stored = names
+            .primary(param)
+            .unwrap_or_else(|| panic!("{what}: `{param}` has no single-file key"));
+        let mut stored_shape = ldm
+            .get(&stored.key)
+            .unwrap_or_else(|| panic!("{what}: {param} -> `{}` is not in the file", stored.key))
+            .clone();
+        if let Some((_, rows)) = stored.rows {
+            stored_shape[0] = rows;
+        }
+        if stored.transposed {
+            stored_shape.reverse();
+        }
+        assert!(
+            same_up_to_unit_dims(&stored_shape, shape),
+            "{what}: {param} -> {}: {stored_shape:?} vs {shape:?}",
+            stored.key
+        );
+        used.push(stored.key);
+    }
+    used
+}
+
 fn check_family(
     name: &str,
     unet_config: UNetConfig,
@@ -109,6 +167,11 @@ fn check_family(
     te_layout: TextEncoderLayout,
 ) {
     let manifest = manifest(name);
+    let family = match te_layout {
+        TextEncoderLayout::Clip => ModelFamily::Sd1,
+        TextEncoderLayout::OpenClip => ModelFamily::Sd2,
+    };
+    let config = model_config(family, unet_config.clone(), te_config.clone(), None);
     let (unet, unet_shapes) = record(|vb| UNet2DConditionModel::new(vb, &unet_config));
     assert_same_tensors(
         &format!("{name} UNet"),
@@ -129,44 +192,18 @@ fn check_family(
     );
 
     // Every tensor maps to the single-file key holding it.
-    for (param, shape) in &unet_shapes {
-        let key = names::unet_to_ldm(
-            param,
-            unet_config.layers_per_block,
-            &unet_config.up_attention,
-        )
-        .unwrap();
-        let stored = &manifest.ldm[&format!("{LDM_UNET}{key}")];
-        assert!(
-            same_up_to_unit_dims(stored, shape),
-            "{param} -> {key}: {stored:?} vs {shape:?}"
+    for (kind, shapes) in [
+        (ComponentKind::Unet, &unet_shapes),
+        (ComponentKind::Vae, &vae_shapes),
+        (ComponentKind::TextEncoder, &te_shapes),
+    ] {
+        let names = single_file_names(&config, kind);
+        check_single_file_keys(
+            &format!("{name} {}", kind.label()),
+            shapes,
+            &names,
+            &manifest.ldm,
         );
-    }
-    for (param, shape) in &vae_shapes {
-        let key = names::vae_to_ldm(param, 4).unwrap();
-        let stored = &manifest.ldm[&format!("{LDM_VAE}{key}")];
-        assert!(
-            same_up_to_unit_dims(stored, shape),
-            "{param} -> {key}: {stored:?} vs {shape:?}"
-        );
-    }
-    for (param, shape) in &te_shapes {
-        match te_layout {
-            TextEncoderLayout::Clip => assert_eq!(
-                &manifest.ldm[&format!("{LDM_CLIP}{param}")],
-                shape,
-                "{param}"
-            ),
-            TextEncoderLayout::OpenClip => {
-                let stored = names::clip_to_open_clip(param, te_config.hidden_size).unwrap();
-                let mut stored_shape =
-                    manifest.ldm[&format!("{LDM_OPEN_CLIP}{}", stored.key)].clone();
-                if let Some((_, rows)) = stored.rows {
-                    stored_shape[0] = rows;
-                }
-                assert_eq!(&stored_shape, shape, "{param} -> {}", stored.key);
-            }
-        }
     }
 
     // The architecture comes back from the single file's shapes alone.
@@ -186,10 +223,7 @@ fn check_family(
     );
 
     // kohya's default and LoCon targets are all adapter-capable layers of ours, with matching shapes.
-    check_kohya_targets(
-        &manifest,
-        &[("lora_unet", unet.layers()), ("lora_te", te.layers())],
-    );
+    check_kohya_targets(&manifest, &adapter_components(&unet, &te, None));
 }
 
 fn check_kohya_targets(manifest: &Manifest, components: &[(&str, &LayerRegistry)]) {
@@ -199,7 +233,7 @@ fn check_kohya_targets(manifest: &Manifest, components: &[(&str, &LayerRegistry)
             registry
                 .slots()
                 .into_iter()
-                .map(move |s| (kohya_name(prefix, s.name()), *s.shape()))
+                .map(move |s| (kohya_name(prefix, s.kohya_path()), *s.shape()))
         })
         .collect();
     for targets in manifest.kohya_targets.values() {
@@ -244,4 +278,102 @@ fn sd21_real_size_layout() {
         ClipTextConfig::sd2(),
         TextEncoderLayout::OpenClip,
     );
+}
+
+#[test]
+fn sdxl_real_size_layout() {
+    let manifest = manifest("sdxl");
+    let config = model_config(
+        ModelFamily::Sdxl,
+        UNetConfig::sdxl(),
+        ClipTextConfig::sd1(),
+        Some(TextEncoder2Config::sdxl()),
+    );
+    let (unet, unet_shapes) = record(|vb| UNet2DConditionModel::new(vb, &config.unet));
+    assert_eq!(
+        unet_param_count(&unet_shapes),
+        2_567_463_684,
+        "SDXL UNet parameters"
+    );
+    let (_, vae_shapes) = record(|vb| AutoencoderKL::new(vb, &config.vae));
+    let (te, te_shapes) = record(|vb| ClipTextTransformer::new(vb, &config.text_encoder));
+    let te2_config = TextEncoder2Config::sdxl();
+    let (te2, te2_shapes) = record(|vb| ClipTextTransformer::with_projection(vb, &te2_config));
+    let mut used = Vec::new();
+    for (kind, shapes, listed) in [
+        (ComponentKind::Unet, &unet_shapes, "unet"),
+        (ComponentKind::Vae, &vae_shapes, "vae"),
+        (ComponentKind::TextEncoder, &te_shapes, "text_encoder"),
+        (ComponentKind::TextEncoder2, &te2_shapes, "text_encoder_2"),
+    ] {
+        let what = format!("sdxl {}", kind.label());
+        assert_same_tensors(&what, shapes, &manifest.diffusers[listed]);
+        used.extend(check_single_file_keys(
+            &what,
+            shapes,
+            &single_file_names(&config, kind),
+            &manifest.ldm,
+        ));
+    }
+    // Every tensor of the single file is one the model reads, but the position ids and OpenCLIP's
+    // logit_scale (and the packed in_proj is read once per q, k and v).
+    let unread: Vec<&String> = manifest
+        .ldm
+        .keys()
+        .filter(|k| {
+            !used.contains(k) && !k.ends_with("position_ids") && !k.ends_with("logit_scale")
+        })
+        .collect();
+    assert!(
+        unread.is_empty(),
+        "single-file tensors never read: {unread:?}"
+    );
+
+    // The architecture comes back from the single file's shapes alone.
+    assert_eq!(
+        infer_unet(&manifest.ldm).unwrap(),
+        config.unet,
+        "inferred UNet"
+    );
+    assert_eq!(
+        infer_sdxl_text_encoders(&manifest.ldm).unwrap(),
+        (ClipTextConfig::sd1(), te2_config),
+        "inferred text encoders"
+    );
+    let vae = infer_vae(&manifest.ldm).unwrap();
+    assert_eq!(vae.block_out_channels, config.vae.block_out_channels);
+
+    // kohya's names: the original UNet paths and lora_te1/lora_te2, exactly the layers we target.
+    let components = adapter_components(&unet, &te, Some(&te2));
+    check_kohya_targets(&manifest, &components);
+    let kohya_names = |prefix: &str, slots: Vec<std::sync::Arc<lora_studio::lora::AdapterSlot>>| {
+        slots
+            .iter()
+            .map(|s| kohya_name(prefix, s.kohya_path()))
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let listed = |category: &str, prefix: &str| {
+        manifest.kohya_targets[category]
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let default_unet = kohya_names("lora_unet", unet.lora_targets(false));
+    assert_eq!(default_unet.len(), 722);
+    assert_eq!(default_unet, listed("default", "lora_unet_"));
+    let with_conv = kohya_names("lora_unet", unet.lora_targets(true));
+    assert_eq!(with_conv.len(), 722 + 66);
+    assert_eq!(
+        with_conv
+            .difference(&default_unet)
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>(),
+        listed("conv", "lora_unet_")
+    );
+    for (prefix, encoder, count) in [("lora_te1", &te, 72), ("lora_te2", &te2, 192)] {
+        let ours = kohya_names(prefix, encoder.lora_targets());
+        assert_eq!(ours.len(), count, "{prefix}");
+        assert_eq!(ours, listed("default", &format!("{prefix}_")), "{prefix}");
+    }
 }

@@ -521,3 +521,23 @@ fn network_metadata_gives_the_linear_rank_and_alpha_and_the_convolutions_in_the_
     assert!(linear >= 8, "{dim}");
     assert_eq!(args, serde_json::json!({}));
 }
+
+/// Training LoRAs on SDXL comes later: until then an SDXL base model is refused in one sentence, before any
+/// step (generate, merge and inspect already run it).
+#[test]
+fn training_on_sdxl_is_refused_in_one_sentence_for_now() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = make_dataset(&dir.path().join("data"), 2);
+    let config = TrainConfig {
+        base_model: fixture("sdxl"),
+        ..tiny_config(&data, &dir.path().join("out"))
+    };
+    let Err(error) = train(&config, None, &mut SilentReporter, &CancelToken::default()) else {
+        panic!("training on SDXL must be refused");
+    };
+    let message = error.to_string();
+    assert!(
+        message.contains("is an SDXL model") && message.contains("not available yet"),
+        "{message}"
+    );
+}

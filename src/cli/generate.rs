@@ -14,7 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::atomic_file::write_atomically;
 use crate::device::{DeviceChoice, describe, inference_dtype, open_device};
 use crate::lora::KohyaLora;
-use crate::models::checkpoint::{ModelSource, PredictionOrigin};
+use crate::models::checkpoint::{ModelFamily, ModelSource, PredictionOrigin};
 use crate::models::pipeline::{GenerateRequest, StableDiffusion, to_rgb8};
 use crate::models::schedulers::{NoiseSource, PredictionType, SamplerKind, SeededNoise};
 use crate::tensor_file::TensorFile;
@@ -59,7 +59,7 @@ pub struct GenerateArgs {
     /// A safetensors file with one f32 tensor `latents` [1,4,H/8,W/8] used as the initial noise.
     #[arg(long, value_name = "FILE")]
     pub init_noise: Option<PathBuf>,
-    /// Use the text encoder's n-th layer from the end (2 = A1111's "clip skip 2").
+    /// Use the text encoder's n-th layer from the end (2 = A1111's "clip skip 2"; not for SDXL).
     #[arg(long, default_value_t = 1)]
     pub clip_skip: usize,
     /// Override what the model predicts, for checkpoints without a config that says so.
@@ -135,6 +135,20 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     eprintln!("loaded in {:.1} s", started.elapsed().as_secs_f64());
     if model.config().prediction_origin != PredictionOrigin::Config {
         eprintln!("{}", model.prediction_note());
+    }
+    if let Some(note) = model.vae_precision_note() {
+        eprintln!("{note}");
+    }
+    if model.config().scheduler.rescale_betas_zero_snr && args.scheduler != SchedulerArg::Ddim {
+        eprintln!(
+            "this model was trained with zero terminal SNR: DDIM starts sampling at its last timestep (pure \
+             noise), Euler a does not yet; --scheduler ddim follows the model more closely"
+        );
+    }
+    if model.config().family == ModelFamily::Sdxl && args.clip_skip > 1 {
+        eprintln!(
+            "--clip-skip does not apply to SDXL, which conditions on both text encoders' penultimate layers"
+        );
     }
     for (path, strength) in &loras {
         let lora = KohyaLora::load(path, &device)?;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::models::checkpoint::{ModelConfig, PredictionOrigin};
+use crate::models::checkpoint::{ModelConfig, ModelFamily, PredictionOrigin};
 use crate::models::inspect::{CheckpointReport, FileReport, LoraReport, inspect};
 
 #[derive(Debug, Args)]
@@ -41,11 +41,17 @@ fn print_checkpoint(report: &CheckpointReport) {
         unet,
         vae,
         text_encoder,
+        text_encoder_2,
         scheduler,
+        prediction_origin,
         ..
     } = &report.config;
+    let kind = match (family, prediction_origin) {
+        (ModelFamily::Sdxl, PredictionOrigin::Marker) => "v-prediction fine-tune",
+        _ => "base model",
+    };
     println!(
-        "{}: {} base model, {}",
+        "{}: {} {kind}, {}",
         report.path.display(),
         family.label(),
         report.layout
@@ -74,14 +80,38 @@ fn print_checkpoint(report: &CheckpointReport) {
         "  VAE: channels {:?}, {} latent channels, scaling factor {}",
         vae.block_out_channels, vae.latent_channels, vae.scaling_factor
     );
-    println!(
-        "  text encoder: {} layers used, width {}, {} heads",
-        text_encoder.num_hidden_layers, text_encoder.hidden_size, text_encoder.num_attention_heads
-    );
-    match report.config.prediction_origin {
+    match text_encoder_2 {
+        None => println!(
+            "  text encoder: {} layers used, width {}, {} heads",
+            text_encoder.num_hidden_layers,
+            text_encoder.hidden_size,
+            text_encoder.num_attention_heads
+        ),
+        Some(second) => println!(
+            "  text encoders: {} layers, width {}, {} heads (penultimate layer used); {} layers, width {}, {} \
+             heads, pooled projection {} (penultimate layer and pooled output used)",
+            text_encoder.num_hidden_layers,
+            text_encoder.hidden_size,
+            text_encoder.num_attention_heads,
+            second.text.num_hidden_layers,
+            second.text.hidden_size,
+            second.text.num_attention_heads,
+            second.projection_dim
+        ),
+    }
+    match prediction_origin {
         PredictionOrigin::TestPrediction => println!(
             "  prediction: decided when the model is loaded, by a test prediction (an SD2 file without a \
              config may be SD 2.x-base, epsilon, or SD 2.x 768, v_prediction)"
+        ),
+        PredictionOrigin::Marker => println!(
+            "  prediction: {} (`v_pred` marker){}",
+            scheduler.prediction_type.as_str(),
+            if scheduler.rescale_betas_zero_snr {
+                ", zero terminal SNR (`ztsnr` marker)"
+            } else {
+                ""
+            }
         ),
         _ => println!("  prediction: {}", scheduler.prediction_type.as_str()),
     }

@@ -33,6 +33,10 @@ pub fn describe(path: &Path) -> Result<Option<(Family, String, u64)>, String> {
                         (_, PredictionType::Epsilon) => Family::Sd2Epsilon,
                     }
                 }
+                ModelFamily::Sdxl => match config.scheduler.prediction_type {
+                    PredictionType::VPrediction => Family::SdxlVPred,
+                    PredictionType::Epsilon => Family::Sdxl,
+                },
             };
             let dtypes = if report.dtypes.is_empty() {
                 unet_dtypes(path)
@@ -40,15 +44,6 @@ pub fn describe(path: &Path) -> Result<Option<(Family, String, u64)>, String> {
                 report.dtypes.clone()
             };
             (family, dtypes)
-        }
-        FileReport::UnsupportedCheckpoint { what, .. } if what.contains("SDXL") => {
-            let file = TensorFile::open(path).map_err(|e| e.to_string())?;
-            let family = if file.infos().contains_key("v_pred") {
-                Family::SdxlVPred
-            } else {
-                Family::Sdxl
-            };
-            (family, dtype_counts(&file))
         }
         _ => return Ok(None),
     };

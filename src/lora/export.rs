@@ -19,7 +19,7 @@ pub struct ExportedModule {
     pub kohya_name: String,
     /// The diffusers module path (`down_blocks.0.attentions.0.proj_in`).
     pub module_path: String,
-    /// The kohya prefix of its component (`lora_unet`, `lora_te`).
+    /// The kohya prefix of its component (`lora_unet`, `lora_te`, `lora_te1`, `lora_te2`).
     pub prefix: String,
     pub down: Tensor,
     pub up: Tensor,
@@ -98,15 +98,16 @@ impl ExportedLora {
         Ok(tensors)
     }
 
-    /// The diffusers/PEFT layout: `unet.PATH.lora_A.weight` / `lora_B.weight` with the scale folded into B
-    /// (PEFT assumes alpha = rank when no alpha is stored).
+    /// The diffusers/PEFT layout: `unet.PATH.lora_A.weight` / `lora_B.weight` (`text_encoder.`,
+    /// `text_encoder_2.` for the text encoders; diffusers module paths) with the scale folded into B (PEFT
+    /// assumes alpha = rank when no alpha is stored).
     pub fn peft_tensors(&self, dtype: DType) -> candle_core::Result<Vec<(String, Tensor)>> {
         let mut tensors = Vec::new();
         for m in &self.modules {
-            let component = if m.prefix == super::kohya::UNET_PREFIX {
-                "unet"
-            } else {
-                "text_encoder"
+            let component = match m.prefix.as_str() {
+                super::kohya::UNET_PREFIX => "unet",
+                super::kohya::TEXT_ENCODER_2_PREFIX => "text_encoder_2",
+                _ => "text_encoder",
             };
             let rank = m.down.dims()[0] as f64;
             let base = format!("{component}.{}", m.module_path);
@@ -129,10 +130,6 @@ pub fn export_network(network: &LoraNetwork) -> candle_core::Result<ExportedLora
         let adapter = &module.adapter;
         let shape = *module.slot.shape();
         let device = module.down.device();
-        let prefix = module
-            .name
-            .strip_suffix(&format!("_{}", module.slot.name().replace('.', "_")))
-            .unwrap_or("");
         let (down, up, alpha) = match adapter.kind() {
             AdapterKind::Lora => (
                 module.down.as_tensor().copy()?,
@@ -159,7 +156,7 @@ pub fn export_network(network: &LoraNetwork) -> candle_core::Result<ExportedLora
         modules.push(ExportedModule {
             kohya_name: module.name.clone(),
             module_path: module.slot.name().to_string(),
-            prefix: prefix.to_string(),
+            prefix: module.prefix.to_string(),
             down,
             up,
             alpha,

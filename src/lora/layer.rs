@@ -4,10 +4,11 @@
 //! input-gradient-only ops of [`crate::kernels`]) plus a slot holding any number of adapters. Training,
 //! previews at any strength, loading LoRA files and merging all go through the same slots. A slot is named
 //! by its module path in the diffusers layout (`down_blocks.0.attentions.0.proj_in`), the name kohya LoRA keys
-//! are made of. This module must not know about any particular model.
+//! are made of, unless the model gives it another path for kohya (SDXL's original layout). This module must
+//! not know about any particular model.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
@@ -60,6 +61,8 @@ impl LayerShape {
 #[derive(Debug)]
 pub struct AdapterSlot {
     name: String,
+    /// The module path kohya names this layer by, when it is not `name`.
+    kohya_path: OnceLock<String>,
     shape: LayerShape,
     /// The frozen base weight (shared with the layer, not copied).
     weight: Tensor,
@@ -70,6 +73,12 @@ impl AdapterSlot {
     /// The module path in the diffusers layout.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The module path kohya's files name this layer by: the diffusers path, or the one the model set with
+    /// [`LayerRegistry::set_kohya_paths`].
+    pub fn kohya_path(&self) -> &str {
+        self.kohya_path.get().map_or(&self.name, String::as_str)
     }
 
     pub fn shape(&self) -> &LayerShape {
@@ -158,6 +167,7 @@ impl LayerRegistry {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let slot = Arc::new(AdapterSlot {
             name: name.clone(),
+            kohya_path: OnceLock::new(),
             shape,
             weight,
             adapters: RwLock::new(Vec::new()),
@@ -191,6 +201,17 @@ impl LayerRegistry {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Gives the layers the module paths kohya names them by, where `path_of` (given a layer's diffusers
+    /// path) returns one; for models kohya trains in another layout than diffusers'.
+    pub fn set_kohya_paths(&self, path_of: impl Fn(&str) -> Option<String>) {
+        for slot in self.slots() {
+            if let Some(path) = path_of(slot.name()) {
+                // A second call cannot rename a layer: the first paths are the ones files were named by.
+                let _ = slot.kohya_path.set(path);
+            }
+        }
     }
 
     /// Removes every adapter from every layer.

@@ -17,7 +17,8 @@ pub use export::{
     ExportedLora, ExportedModule, NetworkDims, RankAlpha, export_network, write_lora_file,
 };
 pub use kohya::{
-    AttachReport, KohyaLora, KohyaModule, LoraError, TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name,
+    AttachReport, KohyaLora, KohyaModule, LoraError, TEXT_ENCODER_1_PREFIX, TEXT_ENCODER_2_PREFIX,
+    TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name,
 };
 pub use layer::{
     AdaptableConv2d, AdaptableLinear, AdapterSlot, LayerBuilder, LayerRegistry, LayerShape,

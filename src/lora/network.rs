@@ -59,7 +59,7 @@ impl NetworkSpec {
 
 /// The layers of one model component to put adapters on.
 pub struct TargetComponent {
-    /// The kohya prefix (`lora_unet`, `lora_te`).
+    /// The kohya prefix (`lora_unet`, `lora_te`, `lora_te1`, `lora_te2`).
     pub prefix: &'static str,
     pub slots: Vec<Arc<AdapterSlot>>,
 }
@@ -68,6 +68,8 @@ pub struct TargetComponent {
 pub struct NetworkModule {
     /// The kohya module name.
     pub name: String,
+    /// The kohya prefix of its component.
+    pub prefix: &'static str,
     /// Index of the component (and so of the learning-rate group).
     pub component: usize,
     pub slot: Arc<AdapterSlot>,
@@ -121,7 +123,7 @@ impl LoraNetwork {
 
     fn create_module(
         component: usize,
-        prefix: &str,
+        prefix: &'static str,
         slot: &Arc<AdapterSlot>,
         spec: &NetworkSpec,
         rng: &mut ChaCha8Rng,
@@ -138,7 +140,7 @@ impl LoraNetwork {
             rank
         };
         let (down_dims, up_dims) = adapter_dims(&shape, rank);
-        let name = kohya_name(prefix, slot.name());
+        let name = kohya_name(prefix, slot.kohya_path());
         let (down, up, kind, magnitude) = match spec.kind {
             NetworkKind::Pissa => {
                 // scale · up₀·down₀ = the top-`rank` SVD part of W.
@@ -193,6 +195,7 @@ impl LoraNetwork {
         .map_err(|reason| candle_core::Error::Msg(format!("{name}: {reason}")))?;
         Ok(NetworkModule {
             name,
+            prefix,
             component,
             slot: slot.clone(),
             adapter: Arc::new(adapter),

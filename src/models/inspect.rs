@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 
 use crate::models::ModelError;
-use crate::models::checkpoint::{ModelConfig, ModelSource, names};
+use crate::models::checkpoint::{ModelConfig, ModelSource, names, unsupported_checkpoint};
 use crate::tensor_file::{StoredDType, TensorFile};
 
 /// What a file turned out to be.
@@ -77,10 +77,10 @@ pub fn inspect(path: &Path) -> Result<FileReport, ModelError> {
     let file = TensorFile::open(path)?;
     let keys: Vec<&String> = file.infos().keys().collect();
     let any = |prefix: &str| keys.iter().any(|k| k.starts_with(prefix));
-    if any("conditioner.embedders.") || any(&format!("{}label_emb.", names::LDM_UNET)) {
+    if let Some(what) = unsupported_checkpoint(any) {
         return Ok(FileReport::UnsupportedCheckpoint {
             path: path.to_path_buf(),
-            what: "an SDXL checkpoint (SDXL is not supported yet)".to_string(),
+            what: what.to_string(),
         });
     }
     if any(names::LDM_UNET) {

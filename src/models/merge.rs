@@ -1,4 +1,4 @@
-//! Merging kohya LoRA files into a base model and writing one single-file checkpoint in the original (LDM)
+//! Merging kohya LoRA files into a base model and writing one single-file checkpoint in the original (LDM/sgm)
 //! layout that every UI loads. The models are built as shape-only skeletons (no weights in memory) just to
 //! match LoRA modules to layers; the output is then streamed one tensor at a time, each read from the source
 //! file and changed by the LoRA deltas that target it.
@@ -13,11 +13,14 @@ use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
 
 use super::ModelError;
-use super::checkpoint::names::{self, LDM_CLIP, LDM_OPEN_CLIP, LDM_UNET, LDM_VAE};
-use super::checkpoint::{CheckpointLayout, ComponentKind, ModelFamily, ModelSource, TensorFiles};
+use super::checkpoint::names::StoredName;
+use super::checkpoint::{
+    CheckpointLayout, ComponentKind, ModelFamily, ModelSource, TensorFiles, single_file_names,
+};
 use super::clip::ClipTextTransformer;
+use super::pipeline::adapter_components;
 use super::unet::UNet2DConditionModel;
-use crate::lora::{KohyaLora, LayerRegistry, TEXT_ENCODER_PREFIX, UNET_PREFIX};
+use crate::lora::{KohyaLora, LayerRegistry};
 
 /// What a merge did.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,11 +55,13 @@ impl SimpleBackend for ShapeOnly {
     }
 }
 
-/// One tensor of the output file: the source pieces it is made of (stacked along dimension 0) and its shape.
+/// One tensor of the output file: the source pieces it is made of (stacked along dimension 0), whether that
+/// stack is stored transposed, and its shape.
 struct Planned {
     key: String,
     shape: Vec<usize>,
     parts: Vec<(Arc<TensorFiles>, String)>,
+    transposed: bool,
 }
 
 /// Merges `loras` (file, strength) into `source` and writes the result to `out` in `dtype`.
@@ -72,10 +77,13 @@ pub fn merge_to_single_file(
     let unet = UNet2DConditionModel::new(vb(), &config.unet).map_err(|_| skeleton("UNet"))?;
     let text_encoder = ClipTextTransformer::new(vb(), &config.text_encoder)
         .map_err(|_| skeleton("text encoder"))?;
-    let components = [
-        (UNET_PREFIX, unet.layers()),
-        (TEXT_ENCODER_PREFIX, text_encoder.layers()),
-    ];
+    let text_encoder_2 = config
+        .text_encoder_2
+        .as_ref()
+        .map(|te| ClipTextTransformer::with_projection(vb(), te))
+        .transpose()
+        .map_err(|_| skeleton("text encoder 2"))?;
+    let components = adapter_components(&unet, &text_encoder, text_encoder_2.as_ref());
     let mut unmatched = Vec::new();
     for (path, strength) in loras {
         let lora =
@@ -89,13 +97,14 @@ pub fn merge_to_single_file(
     }
 
     let plan = plan_outputs(source)?;
-    let deltas = locate_deltas(
-        source,
-        &[
-            (ComponentKind::Unet, unet.layers()),
-            (ComponentKind::TextEncoder, text_encoder.layers()),
-        ],
-    )?;
+    let mut registries = vec![
+        (ComponentKind::Unet, unet.layers()),
+        (ComponentKind::TextEncoder, text_encoder.layers()),
+    ];
+    if let Some(second) = &text_encoder_2 {
+        registries.push((ComponentKind::TextEncoder2, second.layers()));
+    }
+    let deltas = locate_deltas(source, &registries)?;
     let mut metadata = BTreeMap::new();
     metadata.insert(
         "lora_studio.version".to_string(),
@@ -119,71 +128,101 @@ pub fn merge_to_single_file(
 
 /// Every tensor of the output, in the original layout.
 fn plan_outputs(source: &ModelSource) -> Result<Vec<Planned>, ModelError> {
-    let mut plan = Vec::new();
     let single = |files: &Arc<TensorFiles>, key: &str| -> Planned {
         Planned {
             key: key.to_string(),
             shape: files.shape(key).map(<[usize]>::to_vec).unwrap_or_default(),
             parts: vec![(files.clone(), key.to_string())],
+            transposed: false,
         }
     };
     if source.layout() != CheckpointLayout::DiffusersFolder {
         // A single file keeps its own layout; EMA copies are left out.
-        let files = &source.component(ComponentKind::Unet).files;
-        let mut keys: Vec<&String> = files
+        let Some(unet) = source.component(ComponentKind::Unet) else {
+            return Ok(Vec::new());
+        };
+        let mut keys: Vec<&String> = unet
+            .files
             .keys()
             .filter(|k| !k.starts_with("model_ema."))
             .collect();
         keys.sort();
-        plan.extend(keys.into_iter().map(|k| single(files, k)));
-        return Ok(plan);
+        return Ok(keys.into_iter().map(|k| single(&unet.files, k)).collect());
     }
     let config = source.config();
-    let unet = &source.component(ComponentKind::Unet).files;
-    for key in unet.keys() {
-        let ldm = names::unet_to_ldm(key, config.unet.layers_per_block, &config.unet.up_attention)
-            .ok_or_else(|| unmapped("UNet", key))?;
-        plan.push(Planned {
-            key: format!("{LDM_UNET}{ldm}"),
-            ..single(unet, key)
-        });
-    }
-    let vae = &source.component(ComponentKind::Vae).files;
-    for key in vae.keys() {
-        let ldm = names::vae_to_ldm(key, config.vae.block_out_channels.len())
-            .ok_or_else(|| unmapped("VAE", key))?;
-        let mut planned = Planned {
-            key: format!("{LDM_VAE}{ldm}"),
-            ..single(vae, key)
+    let mut plan = Vec::new();
+    for kind in ComponentKind::ALL {
+        let Some(component) = source.component(kind) else {
+            continue;
         };
-        // The original VAE stores its attention projections as 1x1 convolutions.
-        if ldm.contains(".attn_1.") && ldm.ends_with(".weight") && planned.shape.len() == 2 {
-            planned.shape.extend([1, 1]);
+        let names = single_file_names(config, kind);
+        // Stored tensors made of several diffusers ones (OpenCLIP's packed q/k/v), by key.
+        let mut grouped: BTreeMap<String, (Vec<(usize, String)>, bool)> = BTreeMap::new();
+        for key in component
+            .files
+            .keys()
+            .filter(|k| !k.ends_with("position_ids"))
+        {
+            let name = match kind {
+                ComponentKind::TextEncoder | ComponentKind::TextEncoder2 => with_text_model(key),
+                _ => key.clone(),
+            };
+            let stored = names
+                .primary(&name)
+                .ok_or_else(|| unmapped(kind.label(), key))?;
+            let row = stored.rows.map_or(0, |(start, _)| start);
+            let entry = grouped.entry(stored.key).or_default();
+            entry.0.push((row, key.clone()));
+            entry.1 = stored.transposed;
         }
-        plan.push(planned);
-    }
-    let te = &source.component(ComponentKind::TextEncoder).files;
-    if config.family == ModelFamily::Sd2 {
-        let te_config = &config.text_encoder;
-        plan.extend(open_clip_plan(
-            te,
-            te_config.hidden_size,
-            te_config.num_hidden_layers,
-        )?);
-    } else {
-        for key in te.keys().filter(|k| !k.ends_with("position_ids")) {
+        for (key, (mut parts, transposed)) in grouped {
+            parts.sort();
+            let files = &component.files;
+            let rows: usize = parts
+                .iter()
+                .map(|(_, k)| files.shape(k).map_or(0, |s| s[0]))
+                .sum();
+            let mut shape = files
+                .shape(&parts[0].1)
+                .map(<[usize]>::to_vec)
+                .unwrap_or_default();
+            if let Some(first) = shape.first_mut() {
+                *first = rows;
+            }
+            if transposed {
+                shape.reverse();
+            }
+            // The original VAE stores its attention projections as 1x1 convolutions.
+            if kind == ComponentKind::Vae
+                && key.contains(".attn_1.")
+                && key.ends_with(".weight")
+                && shape.len() == 2
+            {
+                shape.extend([1, 1]);
+            }
+            let parts: Vec<(Arc<TensorFiles>, String)> =
+                parts.into_iter().map(|(_, k)| (files.clone(), k)).collect();
             plan.push(Planned {
-                key: format!("{LDM_CLIP}{}", with_text_model(key)),
-                ..single(te, key)
+                key,
+                shape,
+                parts,
+                transposed,
             });
         }
+    }
+    if config.family == ModelFamily::Sd2 {
+        plan.extend(sd2_unused_last_layer(
+            &plan,
+            config.text_encoder.num_hidden_layers,
+        ));
     }
     Ok(plan)
 }
 
-/// transformers >= 5.6 saves CLIP without the `text_model.` level; the original layout always has it.
+/// transformers >= 5.6 saves CLIP without the `text_model.` level; the original layout always has it (the
+/// projection of SDXL's second encoder sits beside it).
 fn with_text_model(key: &str) -> String {
-    if key.starts_with("text_model.") {
+    if key.starts_with("text_model.") || key.starts_with("text_projection.") {
         key.to_string()
     } else {
         format!("text_model.{key}")
@@ -196,55 +235,27 @@ fn unmapped(component: &str, key: &str) -> ModelError {
     ))
 }
 
-/// SD2's text encoder in the OpenCLIP layout: q/k/v packed into `in_proj`, and the unused last resblock that
-/// diffusers drops written back as a copy of the one before (SD2 conditions on the penultimate block).
-fn open_clip_plan(
-    files: &Arc<TensorFiles>,
-    hidden: usize,
-    layers: usize,
-) -> Result<Vec<Planned>, ModelError> {
-    let mut grouped: BTreeMap<String, Vec<(usize, String)>> = BTreeMap::new();
-    for key in files.keys().filter(|k| !k.ends_with("position_ids")) {
-        let stored = names::clip_to_open_clip(&with_text_model(key), hidden)
-            .ok_or_else(|| unmapped("text encoder", key))?;
-        let row = stored.rows.map_or(0, |(start, _)| start);
-        grouped
-            .entry(stored.key)
-            .or_default()
-            .push((row, key.clone()));
-    }
-    let mut plan = Vec::new();
-    let last = format!("transformer.resblocks.{}.", layers.saturating_sub(1));
-    let extra = format!("transformer.resblocks.{layers}.");
-    for (key, mut parts) in grouped {
-        parts.sort();
-        let rows: usize = parts
-            .iter()
-            .map(|(_, k)| files.shape(k).map_or(0, |s| s[0]))
-            .sum();
-        let mut shape = files
-            .shape(&parts[0].1)
-            .map(<[usize]>::to_vec)
-            .unwrap_or_default();
-        if let Some(first) = shape.first_mut() {
-            *first = rows;
-        }
-        let parts: Vec<(Arc<TensorFiles>, String)> =
-            parts.into_iter().map(|(_, k)| (files.clone(), k)).collect();
-        if let Some(rest) = key.strip_prefix(&last) {
-            plan.push(Planned {
-                key: format!("{LDM_OPEN_CLIP}{extra}{rest}"),
-                shape: shape.clone(),
-                parts: parts.clone(),
-            });
-        }
-        plan.push(Planned {
-            key: format!("{LDM_OPEN_CLIP}{key}"),
-            shape,
-            parts,
-        });
-    }
-    Ok(plan)
+/// SD2's OpenCLIP text tower has one more resblock than diffusers keeps (SD2 conditions on the penultimate
+/// one): it is written back as a copy of the last one kept, so the file has the original layout.
+fn sd2_unused_last_layer(plan: &[Planned], layers: usize) -> Vec<Planned> {
+    let prefix = |layer: usize| {
+        format!(
+            "{}transformer.resblocks.{layer}.",
+            super::checkpoint::names::LDM_OPEN_CLIP
+        )
+    };
+    let (last, extra) = (prefix(layers.saturating_sub(1)), prefix(layers));
+    plan.iter()
+        .filter_map(|p| {
+            let rest = p.key.strip_prefix(&last)?;
+            Some(Planned {
+                key: format!("{extra}{rest}"),
+                shape: p.shape.clone(),
+                parts: p.parts.clone(),
+                transposed: p.transposed,
+            })
+        })
+        .collect()
 }
 
 /// The weight change of every layer with adapters, by output key, with the row it starts at.
@@ -252,10 +263,11 @@ fn locate_deltas(
     source: &ModelSource,
     registries: &[(ComponentKind, &LayerRegistry)],
 ) -> Result<HashMap<String, Vec<(usize, Tensor)>>, ModelError> {
-    let config = source.config();
     let mut deltas: HashMap<String, Vec<(usize, Tensor)>> = HashMap::new();
     for (kind, registry) in registries {
-        let component = source.component(*kind);
+        let Some(component) = source.component(*kind) else {
+            continue;
+        };
         for slot in registry.slots() {
             let adapters = slot.adapters();
             if adapters.is_empty() {
@@ -273,37 +285,19 @@ fn locate_deltas(
             }
             let Some(delta) = delta else { continue };
             let name = format!("{}.weight", slot.name());
-            let (key, row) = match source.layout() {
-                layout if layout != CheckpointLayout::DiffusersFolder => {
-                    let stored = component
-                        .names
-                        .resolve(&name, &component.files)
-                        .ok_or_else(|| unmapped("model", &name))?;
-                    (stored.key, stored.rows.map_or(0, |(start, _)| start))
-                }
-                _ => match kind {
-                    ComponentKind::Unet => {
-                        let ldm = names::unet_to_ldm(
-                            &name,
-                            config.unet.layers_per_block,
-                            &config.unet.up_attention,
-                        )
-                        .ok_or_else(|| unmapped("UNet", &name))?;
-                        (format!("{LDM_UNET}{ldm}"), 0)
-                    }
-                    _ if config.family == ModelFamily::Sd2 => {
-                        let stored =
-                            names::clip_to_open_clip(&name, config.text_encoder.hidden_size)
-                                .ok_or_else(|| unmapped("text encoder", &name))?;
-                        (
-                            format!("{LDM_OPEN_CLIP}{}", stored.key),
-                            stored.rows.map_or(0, |(start, _)| start),
-                        )
-                    }
-                    _ => (format!("{LDM_CLIP}{name}"), 0),
-                },
+            let stored: Option<StoredName> = if source.layout() == CheckpointLayout::DiffusersFolder
+            {
+                single_file_names(source.config(), *kind).primary(&name)
+            } else {
+                component.names.resolve(&name, &component.files)
             };
-            deltas.entry(key).or_default().push((row, delta));
+            let stored = stored
+                .filter(|s| !s.transposed)
+                .ok_or_else(|| unmapped(kind.label(), &name))?;
+            deltas
+                .entry(stored.key)
+                .or_default()
+                .push((stored.rows.map_or(0, |(start, _)| start), delta));
         }
     }
     Ok(deltas)
@@ -392,9 +386,11 @@ fn assemble(
             .ok_or_else(|| format!("`{key}` disappeared from the source"))?;
         pieces.push(file.load(key, &Device::Cpu).map_err(|e| e.to_string())?);
     }
-    let mut tensor = Tensor::cat(&pieces, 0)
-        .and_then(|t| t.reshape(p.shape.clone()))
-        .map_err(compute)?;
+    let mut stacked = Tensor::cat(&pieces, 0).map_err(compute)?;
+    if p.transposed {
+        stacked = stacked.t().and_then(|t| t.contiguous()).map_err(compute)?;
+    }
+    let mut tensor = stacked.reshape(p.shape.clone()).map_err(compute)?;
     if let Some(deltas) = deltas {
         let rows = p.shape[0];
         let mut flat = tensor

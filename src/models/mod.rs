@@ -1,5 +1,5 @@
-//! Stable Diffusion 1.x/2.x in candle: UNet, VAE, CLIP text encoder, tokenizer, noise schedules and samplers,
-//! checkpoint loading from the files users have, and the text-to-image pipeline.
+//! Stable Diffusion 1.x/2.x and SDXL in candle: UNet, VAE, CLIP text encoders, tokenizer, noise schedules and
+//! samplers, checkpoint loading from the files users have, and the text-to-image pipeline.
 //!
 //! Models are plain structs (`new(vb, &config)` + `forward`) in the diffusers module layout, built from
 //! adapter-capable layers so LoRA training, previews and merging share one code path. Must not use egui,

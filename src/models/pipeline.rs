@@ -1,15 +1,18 @@
 //! Text-to-image with a loaded model: prompt encoding, classifier-free guidance, a sampler loop, and VAE
-//! decoding, with the same arithmetic as diffusers' `StableDiffusionPipeline`.
+//! decoding, with the same arithmetic as diffusers' `StableDiffusionPipeline` and, for SDXL,
+//! `StableDiffusionXLPipeline` (two text encoders, pooled-text and size conditioning, an f32 VAE under f16).
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::lora::LayerRegistry;
+use crate::lora::{
+    LayerRegistry, TEXT_ENCODER_1_PREFIX, TEXT_ENCODER_2_PREFIX, TEXT_ENCODER_PREFIX, UNET_PREFIX,
+};
 use crate::models::ModelError;
-use crate::models::checkpoint::{ModelConfig, ModelSource, PredictionOrigin};
+use crate::models::checkpoint::{ModelConfig, ModelFamily, ModelSource, PredictionOrigin};
 use crate::models::clip::ClipTextTransformer;
 use crate::models::schedulers::{NoiseSource, PredictionType, SamplerKind};
 use crate::models::tokenizer::ClipTokenizer;
-use crate::models::unet::UNet2DConditionModel;
+use crate::models::unet::{AddedConditions, SizeConditioning, UNet2DConditionModel};
 use crate::models::vae::AutoencoderKL;
 
 /// What to generate.
@@ -23,8 +26,29 @@ pub struct GenerateRequest {
     /// Classifier-free guidance scale; at 1 or below the negative prompt is not used.
     pub guidance_scale: f64,
     pub sampler: SamplerKind,
-    /// 1 = last CLIP layer, 2 = penultimate (A1111's "clip skip").
+    /// 1 = last CLIP layer, 2 = penultimate (A1111's "clip skip"). SDXL ignores it: it always conditions on
+    /// both encoders' penultimate layers.
     pub clip_skip: usize,
+}
+
+/// What the text encoders make of prompts: the context the UNet attends to, and for SDXL the pooled
+/// embedding of text encoder 2.
+#[derive(Debug, Clone)]
+pub struct PromptEmbeddings {
+    /// `[prompts, 77, context width]` (SDXL: both encoders' hidden states side by side, 2048 wide).
+    pub context: Tensor,
+    /// `[prompts, pooled width]` for SDXL, `None` for SD1/SD2.
+    pub pooled: Option<Tensor>,
+}
+
+impl PromptEmbeddings {
+    /// The same embeddings cut from the backward graph.
+    pub fn detach(&self) -> Self {
+        Self {
+            context: self.context.detach(),
+            pooled: self.pooled.as_ref().map(Tensor::detach),
+        }
+    }
 }
 
 /// The result of a generation.
@@ -41,11 +65,15 @@ pub struct StableDiffusion {
     pub unet: UNet2DConditionModel,
     pub vae: AutoencoderKL,
     pub text_encoder: ClipTextTransformer,
+    /// SDXL's second text encoder (OpenCLIP ViT-bigG with its projection).
+    pub text_encoder_2: Option<ClipTextTransformer>,
     config: ModelConfig,
     /// The prediction type's test value, when a test prediction decided it.
     prediction_test: Option<f64>,
     device: Device,
     dtype: DType,
+    /// The VAE's dtype: `dtype`, except f32 for SDXL's VAE when `dtype` is f16 (it overflows there).
+    vae_dtype: DType,
 }
 
 /// Below this mean of `UNet(x) − x` in the test prediction the model predicts velocity (AUTOMATIC1111's
@@ -53,8 +81,9 @@ pub struct StableDiffusion {
 const V_PREDICTION_BELOW: f64 = -1.0;
 
 impl StableDiffusion {
-    /// Loads all three components of `source` onto `device` in `dtype`. An SD2 file without a config has its
-    /// prediction type decided here, by a test prediction of its UNet.
+    /// Loads every component of `source` onto `device` in `dtype` (SDXL's VAE in f32 when `dtype` is f16, as
+    /// diffusers' `force_upcast` does). An SD2 file without a config has its prediction type decided here, by
+    /// a test prediction of its UNet.
     pub fn load(source: &ModelSource, device: &Device, dtype: DType) -> Result<Self, ModelError> {
         let unet = source.load_unet(device, dtype)?;
         let mut config = source.config().clone();
@@ -68,14 +97,40 @@ impl StableDiffusion {
             };
             prediction_test = Some(mean);
         }
+        let vae_dtype =
+            if config.family == ModelFamily::Sdxl && config.vae.force_upcast && dtype == DType::F16
+            {
+                DType::F32
+            } else {
+                dtype
+            };
         Ok(Self {
             unet,
-            vae: source.load_vae(device, dtype)?,
+            vae: source.load_vae(device, vae_dtype)?,
             text_encoder: source.load_text_encoder(device, dtype)?,
+            text_encoder_2: source.load_text_encoder_2(device, dtype)?,
             config,
             prediction_test,
             device: device.clone(),
             dtype,
+            vae_dtype,
+        })
+    }
+
+    /// The dtype the VAE runs in (see [`load`](Self::load)).
+    pub fn vae_dtype(&self) -> DType {
+        self.vae_dtype
+    }
+
+    /// A line for the log when the VAE runs in another dtype than the rest of the model.
+    pub fn vae_precision_note(&self) -> Option<String> {
+        (self.vae_dtype != self.dtype).then(|| {
+            format!(
+                "the SDXL VAE runs in {} (it overflows in {}), the rest of the model in {}",
+                self.vae_dtype.as_str(),
+                self.dtype.as_str(),
+                self.dtype.as_str()
+            )
         })
     }
 
@@ -105,6 +160,16 @@ impl StableDiffusion {
             ),
             (PredictionOrigin::Config, _) => "as the model's config says".to_string(),
             (PredictionOrigin::Override, _) => "as prediction_type says".to_string(),
+            (PredictionOrigin::Marker, _) => {
+                if self.config.scheduler.rescale_betas_zero_snr {
+                    "as the file's `v_pred` marker says, with the noise schedule rescaled to zero terminal SNR \
+                     as its `ztsnr` marker says; set prediction_type to override"
+                        .to_string()
+                } else {
+                    "as the file's `v_pred` marker says; set prediction_type to override"
+                        .to_string()
+                }
+            }
             (PredictionOrigin::Default, _) | (PredictionOrigin::TestPrediction, None) => {
                 "no config says otherwise".to_string()
             }
@@ -116,20 +181,28 @@ impl StableDiffusion {
         &self.device
     }
 
-    /// The adapter-capable layers of the UNet and the text encoder, with their kohya prefixes.
-    pub fn adapter_components(&self) -> [(&'static str, &LayerRegistry); 2] {
-        [
-            (crate::lora::UNET_PREFIX, self.unet.layers()),
-            (crate::lora::TEXT_ENCODER_PREFIX, self.text_encoder.layers()),
-        ]
+    /// The adapter-capable layers of the UNet and the text encoders, with their kohya prefixes.
+    pub fn adapter_components(&self) -> Vec<(&'static str, &LayerRegistry)> {
+        adapter_components(&self.unet, &self.text_encoder, self.text_encoder_2.as_ref())
     }
 
-    /// Token ids `[prompts, 77]` of the prompts, padded with the model's pad token.
+    /// Token ids `[prompts, 77]` of the prompts for the (first) text encoder, padded with its pad token.
+    /// Prompts are cut to 75 tokens.
     pub fn tokenize(&self, prompts: &[&str]) -> Result<Tensor, ModelError> {
+        self.token_ids(prompts, self.config.pad_token)
+    }
+
+    /// Token ids for SDXL's second text encoder, padded with its pad token (`!` = 0, which also turns every
+    /// `!` of a prompt into 0, as transformers' tokenizer does).
+    pub fn tokenize_2(&self, prompts: &[&str]) -> Result<Tensor, ModelError> {
+        self.token_ids(prompts, self.config.pad_token_2)
+    }
+
+    fn token_ids(&self, prompts: &[&str], pad: u32) -> Result<Tensor, ModelError> {
         let tokenizer = ClipTokenizer::shared().map_err(ModelError::Config)?;
         let ids: Vec<u32> = prompts
             .iter()
-            .flat_map(|p| tokenizer.encode_padded(p, self.config.pad_token))
+            .flat_map(|p| tokenizer.encode_padded(p, pad))
             .collect();
         Tensor::from_vec(
             ids,
@@ -139,12 +212,48 @@ impl StableDiffusion {
         .map_err(ModelError::compute("tokenizing the prompt"))
     }
 
-    /// Text-encoder hidden states `[prompts, 77, dim]` for the prompts.
-    pub fn encode_prompts(&self, prompts: &[&str], clip_skip: usize) -> Result<Tensor, ModelError> {
+    /// The text encoders' embeddings of the prompts. SD1/SD2: the hidden states `[prompts, 77, dim]` at
+    /// `clip_skip`. SDXL: both encoders' penultimate hidden states side by side (no final layer norm) and
+    /// text encoder 2's pooled projection; `clip_skip` does not apply.
+    pub fn encode_prompts(
+        &self,
+        prompts: &[&str],
+        clip_skip: usize,
+    ) -> Result<PromptEmbeddings, ModelError> {
+        let run = ModelError::compute("encoding the prompt");
         let ids = self.tokenize(prompts)?;
-        self.text_encoder
-            .forward(&ids, clip_skip)
-            .map_err(ModelError::compute("encoding the prompt"))
+        let Some(second) = &self.text_encoder_2 else {
+            let context = self.text_encoder.forward(&ids, clip_skip).map_err(run)?;
+            return Ok(PromptEmbeddings {
+                context,
+                pooled: None,
+            });
+        };
+        let ids_2 = self.tokenize_2(prompts)?;
+        (|| {
+            let (first, _) = self.text_encoder.penultimate_and_pooled(&ids)?;
+            let (second, pooled) = second.penultimate_and_pooled(&ids_2)?;
+            Ok(PromptEmbeddings {
+                context: Tensor::cat(&[&first, &second], 2)?,
+                pooled,
+            })
+        })()
+        .map_err(run)
+    }
+
+    /// The UNet's added conditions for embeddings whose rows are generated or trained at `sizes` (one per
+    /// row); `None` for SD1/SD2.
+    pub fn added_conditions(
+        &self,
+        embeddings: &PromptEmbeddings,
+        sizes: &[SizeConditioning],
+    ) -> Result<Option<AddedConditions>, ModelError> {
+        embeddings
+            .pooled
+            .as_ref()
+            .map(|pooled| AddedConditions::new(pooled.clone(), sizes, &self.device))
+            .transpose()
+            .map_err(ModelError::compute("preparing the size conditioning"))
     }
 
     /// The latent shape for an image size: `[1, latent_channels, height / f, width / f]`.
@@ -199,7 +308,7 @@ impl StableDiffusion {
         };
         let guided = request.guidance_scale > 1.0;
         // Generation never back-propagates: detaching keeps trainable adapters from building graphs.
-        let context = if guided {
+        let embeddings = if guided {
             self.encode_prompts(
                 &[&request.negative_prompt, &request.prompt],
                 request.clip_skip,
@@ -208,6 +317,13 @@ impl StableDiffusion {
             self.encode_prompts(&[&request.prompt], request.clip_skip)?
         }
         .detach();
+        // SDXL: both halves of the guidance are conditioned on the requested size, uncropped.
+        let size = SizeConditioning::uncropped(request.height, request.width);
+        let added = self.added_conditions(
+            &embeddings,
+            &vec![size; embeddings.context.dim(0).map_err(run)?],
+        )?;
+        let context = embeddings.context;
         let mut sampler = request.sampler.build(&self.config.scheduler, request.steps);
         let mut latents = init_noise
             .to_device(&self.device)
@@ -232,7 +348,7 @@ impl StableDiffusion {
                 let timesteps = Tensor::full(t as f32, batch.dim(0)?, &self.device)?;
                 let prediction = self
                     .unet
-                    .forward(&input, &timesteps, &context)?
+                    .forward_with(&input, &timesteps, &context, added.as_ref())?
                     .detach()
                     .to_dtype(DType::F32)?;
                 if guided {
@@ -258,11 +374,31 @@ impl StableDiffusion {
         (|| -> candle_core::Result<Tensor> {
             let unscaled = latents
                 .affine(1.0 / self.config.vae.scaling_factor, 0.0)?
-                .to_dtype(self.dtype)?;
+                .to_dtype(self.vae_dtype)?;
             let decoded = self.vae.decode(&unscaled)?.detach().to_dtype(DType::F32)?;
             decoded.affine(0.5, 0.5)?.clamp(0f32, 1f32)
         })()
         .map_err(ModelError::compute("decoding the latents"))
+    }
+}
+
+/// The adapter-capable layers of a model's UNet and text encoders with their kohya prefixes: `lora_unet` and
+/// `lora_te` for SD1/SD2, `lora_unet`, `lora_te1` and `lora_te2` for SDXL (with a second text encoder).
+pub fn adapter_components<'a>(
+    unet: &'a UNet2DConditionModel,
+    text_encoder: &'a ClipTextTransformer,
+    text_encoder_2: Option<&'a ClipTextTransformer>,
+) -> Vec<(&'static str, &'a LayerRegistry)> {
+    match text_encoder_2 {
+        None => vec![
+            (UNET_PREFIX, unet.layers()),
+            (TEXT_ENCODER_PREFIX, text_encoder.layers()),
+        ],
+        Some(second) => vec![
+            (UNET_PREFIX, unet.layers()),
+            (TEXT_ENCODER_1_PREFIX, text_encoder.layers()),
+            (TEXT_ENCODER_2_PREFIX, second.layers()),
+        ],
     }
 }
 

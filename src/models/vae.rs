@@ -23,9 +23,13 @@ pub struct VaeConfig {
     pub latent_channels: usize,
     #[serde(default = "default_32")]
     pub norm_num_groups: usize,
-    /// Latents are `scaling_factor · sample` (0.18215 for SD1/SD2).
+    /// Latents are `scaling_factor · sample` (0.18215 for SD1/SD2, 0.13025 for SDXL).
     #[serde(default = "default_scaling_factor")]
     pub scaling_factor: f64,
+    /// diffusers' `force_upcast` (default true): the SDXL pipeline runs a VAE with this set in f32 when the
+    /// model is in f16, since SDXL's VAE overflows f16.
+    #[serde(default = "default_true")]
+    pub force_upcast: bool,
 }
 
 fn default_2() -> usize {
@@ -43,6 +47,12 @@ fn default_32() -> usize {
 fn default_scaling_factor() -> f64 {
     0.18215
 }
+fn default_true() -> bool {
+    true
+}
+
+/// The latent scaling of SDXL's VAE.
+pub const SDXL_SCALING_FACTOR: f64 = 0.13025;
 
 impl VaeConfig {
     /// The SD1/SD2 VAE (128/256/512/512 channels, 8x downsampling).
@@ -55,6 +65,7 @@ impl VaeConfig {
             latent_channels: 4,
             norm_num_groups: 32,
             scaling_factor: 0.18215,
+            force_upcast: true,
         }
     }
 

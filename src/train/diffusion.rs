@@ -121,6 +121,14 @@ fn train_scanned(
     reporter: &mut dyn TrainReporter,
     cancel: &CancelToken,
 ) -> Result<TrainOutcome, TrainError> {
+    if base.family == ModelFamily::Sdxl {
+        return Err(crate::models::ModelError::Unsupported(format!(
+            "{} is an SDXL model, and training LoRAs on SDXL is not available yet (generate, merge and \
+             inspect work with it)",
+            base.path.display()
+        ))
+        .into());
+    }
     report_dataset(dataset, reporter);
     if base.model.config().prediction_origin != PredictionOrigin::Config {
         reporter.message(&base.model.prediction_note());
@@ -212,7 +220,7 @@ fn create_network(
     if config.train_text_encoder {
         targets.push(TargetComponent {
             prefix: crate::lora::TEXT_ENCODER_PREFIX,
-            slots: model.text_encoder.layers().slots(),
+            slots: model.text_encoder.lora_targets(),
         });
     }
     let spec = NetworkSpec {
@@ -345,14 +353,17 @@ impl<'a> DiffusionTask<'a> {
             && config.caption_dropout_rate == 0.0;
         if !cacheable {
             let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
-            return Ok(self.model.encode_prompts(&refs, clip_skip)?);
+            return Ok(self.model.encode_prompts(&refs, clip_skip)?.context);
         }
         let mut rows = Vec::with_capacity(captions.len());
         for caption in captions {
             let context = match self.contexts.get(caption) {
                 Some(c) => c.clone(),
                 None => {
-                    let c = self.model.encode_prompts(&[caption.as_str()], clip_skip)?;
+                    let c = self
+                        .model
+                        .encode_prompts(&[caption.as_str()], clip_skip)?
+                        .context;
                     self.contexts.insert(caption.clone(), c.clone());
                     c
                 }

@@ -17,7 +17,7 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// The reference outputs of one tiny model (`sd1` or `sd2`).
+/// The reference outputs of one tiny model (`sd1`, `sd2` or `sdxl`).
 pub struct Reference {
     file: TensorFile,
 }
@@ -55,6 +55,164 @@ impl Reference {
             .cloned()
             .unwrap_or_else(|| panic!("no metadata {key}"))
     }
+}
+
+/// Replays a reference run's per-step noise (`euler_a.step_noise`, one slice per step).
+pub struct ReplayNoise {
+    steps: Vec<Tensor>,
+}
+
+impl ReplayNoise {
+    /// The noise `sampler` draws in the reference runs: none for DDIM, `euler_a.step_noise` for Euler a.
+    pub fn for_sampler(
+        reference: &Reference,
+        sampler: lora_studio::models::schedulers::SamplerKind,
+    ) -> Self {
+        use lora_studio::models::schedulers::SamplerKind;
+        let steps = match sampler {
+            SamplerKind::Ddim | SamplerKind::Euler | SamplerKind::DpmSolverMultistep { .. } => {
+                Vec::new()
+            }
+            SamplerKind::EulerAncestral => {
+                let all = reference.f32("euler_a.step_noise");
+                (0..all.dim(0).unwrap())
+                    .map(|i| all.get(i).unwrap())
+                    .collect()
+            }
+        };
+        Self { steps }
+    }
+}
+
+impl lora_studio::models::schedulers::NoiseSource for ReplayNoise {
+    fn next(&mut self, dims: &[usize], _device: &Device) -> candle_core::Result<Tensor> {
+        let next = self.steps.remove(0);
+        assert_eq!(next.dims(), dims);
+        Ok(next)
+    }
+}
+
+/// The VAE's encoder (mean, log-variance) and decoder against the reference (`vae.*`).
+pub fn check_vae(
+    model: &lora_studio::models::pipeline::StableDiffusion,
+    reference: &Reference,
+    tolerance: f64,
+) {
+    let posterior = model.vae.encode(&reference.f32("vae.image")).unwrap();
+    assert_close(
+        "VAE encode mean",
+        &posterior.mean,
+        &reference.f32("vae.latent_mean"),
+        tolerance,
+    );
+    assert_close(
+        "VAE encode logvar",
+        &posterior.logvar,
+        &reference.f32("vae.latent_logvar"),
+        tolerance,
+    );
+    let decoded = model.vae.decode(&reference.f32("vae.latents")).unwrap();
+    assert_close(
+        "VAE decode",
+        &decoded,
+        &reference.f32("vae.decoded"),
+        tolerance,
+    );
+}
+
+/// A generation of the reference pipeline (`key.init_noise` → `key.latents`, `key.image`).
+pub fn check_generation(
+    model: &lora_studio::models::pipeline::StableDiffusion,
+    reference: &Reference,
+    sampler: lora_studio::models::schedulers::SamplerKind,
+    init: &str,
+    key: &str,
+) {
+    let size = |name: &str| reference.metadata(name).parse::<usize>().unwrap();
+    let request = lora_studio::models::pipeline::GenerateRequest {
+        prompt: reference.metadata("pipeline.prompt"),
+        negative_prompt: reference.metadata("pipeline.negative_prompt"),
+        width: size("pipeline.width"),
+        height: size("pipeline.height"),
+        steps: size("pipeline.steps"),
+        guidance_scale: reference
+            .metadata("pipeline.guidance_scale")
+            .parse()
+            .unwrap(),
+        sampler,
+        clip_skip: 1,
+    };
+    let mut noise = ReplayNoise::for_sampler(reference, sampler);
+    let generated = model
+        .generate(
+            &request,
+            &reference.f32(&format!("{init}.init_noise")),
+            &mut noise,
+            &mut |_, _| true,
+        )
+        .unwrap();
+    assert_close(
+        &format!("{key} latents"),
+        &generated.latents,
+        &reference.f32(&format!("{key}.latents")),
+        1e-3,
+    );
+    // Pixels: under 2/255 everywhere.
+    assert_close(
+        &format!("{key} image"),
+        &generated.image,
+        &reference.f32(&format!("{key}.image")),
+        2.0 / 255.0,
+    );
+}
+
+/// The reference's DDIM and Euler a generations (`ddim.*`, `euler_a.*`).
+pub fn check_ddim_and_euler_a(
+    model: &lora_studio::models::pipeline::StableDiffusion,
+    reference: &Reference,
+) {
+    use lora_studio::models::schedulers::SamplerKind;
+    for (sampler, key) in [
+        (SamplerKind::Ddim, "ddim"),
+        (SamplerKind::EulerAncestral, "euler_a"),
+    ] {
+        check_generation(model, reference, sampler, key, key);
+    }
+}
+
+/// Copies the tensors of `source` into `dest`, dropping keys for which `keep` is false and adding `extra`.
+pub fn rewrite(
+    source: &std::path::Path,
+    dest: &std::path::Path,
+    keep: impl Fn(&str) -> bool,
+    extra: &[(&str, Tensor)],
+) {
+    let file = TensorFile::open(source).unwrap();
+    let mut tensors: std::collections::HashMap<String, Tensor> = file
+        .infos()
+        .keys()
+        .filter(|k| keep(k))
+        .map(|k| (k.clone(), file.load(k, &Device::Cpu).unwrap()))
+        .collect();
+    for (name, tensor) in extra {
+        tensors.insert(name.to_string(), tensor.clone());
+    }
+    candle_core::safetensors::save(&tensors, dest).unwrap();
+}
+
+/// The tiny SDXL single file with the `v_pred` and `ztsnr` marker keys (empty f32 tensors, as AUTOMATIC1111's
+/// and ComfyUI's v-prediction SDXL files have them), and its sidecar, written into `dir`.
+pub fn sdxl_v_prediction_file(dir: &std::path::Path) -> PathBuf {
+    let marker = Tensor::zeros(0, DType::F32, &Device::Cpu).unwrap();
+    let path = dir.join("sdxl_vpred.safetensors");
+    rewrite(
+        &fixture("sdxl_single.safetensors"),
+        &path,
+        |_| true,
+        &[("v_pred", marker.clone()), ("ztsnr", marker)],
+    );
+    std::fs::copy(fixture("sdxl_single.json"), path.with_extension("json")).unwrap();
+    path
 }
 
 /// Largest absolute elementwise difference.

@@ -1,9 +1,10 @@
 //! A `VarBuilder` backend that serves a model component's tensors from the files users have, under the
 //! diffusers names the model code asks for.
 //!
-//! It renames (single-file layouts), unpacks (OpenCLIP's packed q/k/v), reshapes 1x1-conv weights stored
-//! for linear layers, converts the dtype, and turns a missing or mis-shaped tensor into one sentence that
-//! names the file, the stored key and the component that needed it.
+//! It renames (single-file layouts), unpacks (OpenCLIP's packed q/k/v), transposes (OpenCLIP's
+//! `text_projection`), reshapes 1x1-conv weights stored for linear layers, converts the dtype, and turns a
+//! missing or mis-shaped tensor into one sentence that names the file, the stored key and the component that
+//! needed it.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -70,16 +71,33 @@ pub enum NameMap {
     },
     /// Single-file VAE.
     LdmVae { levels: usize },
-    /// Single-file SD1 CLIP (transformers names under `cond_stage_model.transformer.`).
-    LdmClip,
-    /// Single-file SD2 OpenCLIP.
-    OpenClip { hidden: usize },
+    /// Single-file CLIP in transformers names under `prefix` (SD1's `cond_stage_model.transformer.`, SDXL's
+    /// `conditioner.embedders.0.transformer.`).
+    LdmClip { prefix: &'static str },
+    /// Single-file OpenCLIP under `prefix` (SD2's `cond_stage_model.model.`, SDXL's
+    /// `conditioner.embedders.1.model.`).
+    OpenClip { prefix: &'static str, hidden: usize },
 }
 
 impl NameMap {
     /// The stored key (and row block) for a diffusers name, trying the known variants in order.
     pub fn resolve(&self, name: &str, files: &TensorFiles) -> Option<StoredName> {
-        let candidates: Vec<StoredName> = match self {
+        let candidates = self.candidates(name);
+        let first = candidates.first().cloned();
+        candidates
+            .into_iter()
+            .find(|c| files.contains(&c.key))
+            .or(first)
+    }
+
+    /// The key a file in this layout stores a diffusers name under (the first of the known variants), for
+    /// writing one.
+    pub fn primary(&self, name: &str) -> Option<StoredName> {
+        self.candidates(name).into_iter().next()
+    }
+
+    fn candidates(&self, name: &str) -> Vec<StoredName> {
+        match self {
             NameMap::Diffusers { prefix } => {
                 let mut keys = vec![format!("{prefix}{name}")];
                 if let Some(legacy) = names::vae_legacy_attention_name(name) {
@@ -88,49 +106,34 @@ impl NameMap {
                 if let Some(flat) = name.strip_prefix("text_model.") {
                     keys.push(format!("{prefix}{flat}"));
                 }
-                keys.into_iter()
-                    .map(|key| StoredName { key, rows: None })
-                    .collect()
+                keys.into_iter().map(StoredName::whole).collect()
             }
             NameMap::LdmUnet {
                 layers_per_block,
                 up_attention,
-            } => {
-                let key = names::unet_to_ldm(name, *layers_per_block, up_attention)?;
-                vec![StoredName {
-                    key: format!("{}{key}", names::LDM_UNET),
-                    rows: None,
-                }]
-            }
-            NameMap::LdmVae { levels } => {
-                let key = names::vae_to_ldm(name, *levels)?;
-                vec![StoredName {
-                    key: format!("{}{key}", names::LDM_VAE),
-                    rows: None,
-                }]
-            }
-            NameMap::LdmClip => {
-                let mut keys = vec![format!("{}{name}", names::LDM_CLIP)];
+            } => names::unet_to_ldm(name, *layers_per_block, up_attention)
+                .map(|key| StoredName::whole(format!("{}{key}", names::LDM_UNET)))
+                .into_iter()
+                .collect(),
+            NameMap::LdmVae { levels } => names::vae_to_ldm(name, *levels)
+                .map(|key| StoredName::whole(format!("{}{key}", names::LDM_VAE)))
+                .into_iter()
+                .collect(),
+            NameMap::LdmClip { prefix } => {
+                let mut keys = vec![format!("{prefix}{name}")];
                 if let Some(flat) = name.strip_prefix("text_model.") {
-                    keys.push(format!("{}{flat}", names::LDM_CLIP));
+                    keys.push(format!("{prefix}{flat}"));
                 }
-                keys.into_iter()
-                    .map(|key| StoredName { key, rows: None })
-                    .collect()
+                keys.into_iter().map(StoredName::whole).collect()
             }
-            NameMap::OpenClip { hidden } => {
-                let stored = names::clip_to_open_clip(name, *hidden)?;
-                vec![StoredName {
-                    key: format!("{}{}", names::LDM_OPEN_CLIP, stored.key),
-                    rows: stored.rows,
-                }]
-            }
-        };
-        let first = candidates.first().cloned();
-        candidates
-            .into_iter()
-            .find(|c| files.contains(&c.key))
-            .or(first)
+            NameMap::OpenClip { prefix, hidden } => names::clip_to_open_clip(name, *hidden)
+                .map(|stored| StoredName {
+                    key: format!("{prefix}{}", stored.key),
+                    ..stored
+                })
+                .into_iter()
+                .collect(),
+        }
     }
 }
 
@@ -203,6 +206,9 @@ impl ComponentBackend {
                     expected: expected.map(|s| s.dims().to_vec()).unwrap_or_default(),
                 })
             })?;
+        }
+        if stored.transposed {
+            tensor = tensor.t()?.contiguous()?;
         }
         if let Some(expected) = expected
             && tensor.dims() != expected.dims()

@@ -1,17 +1,18 @@
 //! Architecture inference for single-file checkpoints, from their tensor names and shapes alone.
 //!
-//! Everything but the attention head count is in the shapes. Heads follow the standard rules: SD1-style
-//! UNets (1x1-conv projections) use 8 heads, SD2-style (linear projections) 64-dimensional heads; CLIP text
-//! encoders use 64-dimensional heads. A sidecar config beside the file overrides all of this.
+//! Everything but the attention head count (and, for SDXL, the width of the size embeddings, read from what
+//! is left of the added embedding's input) is in the shapes. Heads follow the standard rules: SD1-style
+//! UNets (1x1-conv projections) use 8 heads, SD2-style and SDXL (linear projections) 64-dimensional heads;
+//! CLIP text encoders use 64-dimensional heads. A sidecar config beside the file overrides all of this.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use super::backend::TensorFiles;
-use super::names::{LDM_CLIP, LDM_OPEN_CLIP, LDM_UNET, LDM_VAE};
+use super::names::{LDM_CLIP, LDM_OPEN_CLIP, LDM_UNET, LDM_VAE, SDXL_CLIP_L, SDXL_OPEN_CLIP};
 use crate::models::ModelError;
-use crate::models::clip::{ClipActivation, ClipTextConfig};
-use crate::models::unet::UNetConfig;
+use crate::models::clip::{ClipActivation, ClipTextConfig, TextEncoder2Config};
+use crate::models::unet::{TextTimeEmbedding, UNetConfig};
 use crate::models::vae::VaeConfig;
 
 /// The text encoder layout found in a single file.
@@ -184,6 +185,21 @@ pub fn infer_unet(files: &dyn KeyShapes) -> Result<UNetConfig, ModelError> {
             }
         })
         .collect();
+    // SDXL: the pooled text embedding (text encoder 2's projection width) then six size embeddings.
+    let label_emb = key("label_emb.0.0.weight");
+    let addition = if s.has(&label_emb) {
+        let input_dim = s.dim(&label_emb, 1)?;
+        let pooled = files
+            .shape_of(&format!("{SDXL_OPEN_CLIP}text_projection"))
+            .and_then(|shape| shape.get(1).copied())
+            .unwrap_or(TextEncoder2Config::sdxl().projection_dim);
+        Some(TextTimeEmbedding {
+            time_embed_dim: input_dim.saturating_sub(pooled) / TextTimeEmbedding::TIME_IDS,
+            input_dim,
+        })
+    } else {
+        None
+    };
     let config = UNetConfig {
         in_channels,
         out_channels,
@@ -197,13 +213,19 @@ pub fn infer_unet(files: &dyn KeyShapes) -> Result<UNetConfig, ModelError> {
         use_linear_projection,
         norm_num_groups: 32,
         norm_eps: 1e-5,
-        sample_size: if use_linear_projection { 96 } else { 64 },
+        sample_size: match (addition, use_linear_projection) {
+            (Some(_), _) => 128,
+            (None, true) => 96,
+            (None, false) => 64,
+        },
+        addition,
     };
     config.validate()?;
     Ok(config)
 }
 
-/// Infers the VAE architecture of a single-file checkpoint.
+/// Infers the VAE architecture of a single-file checkpoint (with SD1/SD2's scaling factor; the shapes do not
+/// tell SDXL's apart).
 pub fn infer_vae(files: &dyn KeyShapes) -> Result<VaeConfig, ModelError> {
     let s = Shapes {
         files,
@@ -225,6 +247,7 @@ pub fn infer_vae(files: &dyn KeyShapes) -> Result<VaeConfig, ModelError> {
         latent_channels: s.dim(&key("post_quant_conv.weight"), 0)?,
         norm_num_groups: 32,
         scaling_factor: 0.18215,
+        force_upcast: true,
     };
     config.validate()?;
     Ok(config)
@@ -241,7 +264,8 @@ pub fn text_encoder_layout(files: &dyn KeyShapes) -> Option<TextEncoderLayout> {
     }
 }
 
-/// Infers the text encoder of a single file; OpenCLIP encoders are used up to their penultimate layer.
+/// Infers the text encoder of an SD1/SD2 single file; OpenCLIP encoders are used up to their penultimate
+/// layer.
 pub fn infer_text_encoder(
     files: &dyn KeyShapes,
     layout: TextEncoderLayout,
@@ -250,51 +274,83 @@ pub fn infer_text_encoder(
         files,
         component: "text encoder",
     };
-    let config = match layout {
-        TextEncoderLayout::Clip => {
-            let prefix = if s.has(&format!(
-                "{LDM_CLIP}text_model.embeddings.token_embedding.weight"
-            )) {
-                format!("{LDM_CLIP}text_model.")
-            } else {
-                LDM_CLIP.to_string()
-            };
-            let token = s.get(&format!("{prefix}embeddings.token_embedding.weight"))?;
-            let (vocab_size, hidden_size) = (token[0], token.get(1).copied().unwrap_or(0));
-            ClipTextConfig {
-                vocab_size,
-                hidden_size,
-                intermediate_size: s.dim(&format!("{prefix}encoder.layers.0.mlp.fc1.weight"), 0)?,
-                num_hidden_layers: s.count(&format!("{prefix}encoder.layers."), ".mlp.fc1.weight"),
-                num_attention_heads: (hidden_size / 64).max(1),
-                max_position_embeddings: s
-                    .dim(&format!("{prefix}embeddings.position_embedding.weight"), 0)?,
-                hidden_act: ClipActivation::QuickGelu,
-                layer_norm_eps: 1e-5,
-            }
-        }
+    match layout {
+        TextEncoderLayout::Clip => infer_clip(&s, LDM_CLIP),
         TextEncoderLayout::OpenClip => {
-            let token = s.get(&format!("{LDM_OPEN_CLIP}token_embedding.weight"))?;
-            let (vocab_size, hidden_size) = (token[0], token.get(1).copied().unwrap_or(0));
-            let resblocks = s.count(
-                &format!("{LDM_OPEN_CLIP}transformer.resblocks."),
-                ".mlp.c_fc.weight",
-            );
-            ClipTextConfig {
-                vocab_size,
-                hidden_size,
-                intermediate_size: s.dim(
-                    &format!("{LDM_OPEN_CLIP}transformer.resblocks.0.mlp.c_fc.weight"),
-                    0,
-                )?,
-                num_hidden_layers: resblocks.saturating_sub(1).max(1),
-                num_attention_heads: (hidden_size / 64).max(1),
-                max_position_embeddings: s
-                    .dim(&format!("{LDM_OPEN_CLIP}positional_embedding"), 0)?,
-                hidden_act: ClipActivation::Gelu,
-                layer_norm_eps: 1e-5,
-            }
+            let mut config = infer_open_clip(&s, LDM_OPEN_CLIP)?;
+            config.num_hidden_layers = config.num_hidden_layers.saturating_sub(1).max(1);
+            Ok(config)
         }
+    }
+}
+
+/// Infers SDXL's two text encoders: CLIP ViT-L under `conditioner.embedders.0.transformer.` and OpenCLIP
+/// ViT-bigG under `conditioner.embedders.1.model.` (all its layers, and its projection).
+pub fn infer_sdxl_text_encoders(
+    files: &dyn KeyShapes,
+) -> Result<(ClipTextConfig, TextEncoder2Config), ModelError> {
+    let first = infer_clip(
+        &Shapes {
+            files,
+            component: "text encoder",
+        },
+        SDXL_CLIP_L,
+    )?;
+    let s = Shapes {
+        files,
+        component: "text encoder 2",
     };
-    Ok(config)
+    let second = TextEncoder2Config {
+        text: infer_open_clip(&s, SDXL_OPEN_CLIP)?,
+        projection_dim: s.dim(&format!("{SDXL_OPEN_CLIP}text_projection"), 1)?,
+    };
+    Ok((first, second))
+}
+
+/// A CLIP text encoder in transformers names under `prefix` (with or without the `text_model.` level).
+fn infer_clip(s: &Shapes, prefix: &str) -> Result<ClipTextConfig, ModelError> {
+    let prefix = if s.has(&format!(
+        "{prefix}text_model.embeddings.token_embedding.weight"
+    )) {
+        format!("{prefix}text_model.")
+    } else {
+        prefix.to_string()
+    };
+    let token = s.get(&format!("{prefix}embeddings.token_embedding.weight"))?;
+    let (vocab_size, hidden_size) = (token[0], token.get(1).copied().unwrap_or(0));
+    Ok(ClipTextConfig {
+        vocab_size,
+        hidden_size,
+        intermediate_size: s.dim(&format!("{prefix}encoder.layers.0.mlp.fc1.weight"), 0)?,
+        num_hidden_layers: s.count(&format!("{prefix}encoder.layers."), ".mlp.fc1.weight"),
+        num_attention_heads: (hidden_size / 64).max(1),
+        max_position_embeddings: s
+            .dim(&format!("{prefix}embeddings.position_embedding.weight"), 0)?,
+        hidden_act: ClipActivation::QuickGelu,
+        layer_norm_eps: 1e-5,
+    })
+}
+
+/// An OpenCLIP text tower under `prefix`, with all its layers.
+fn infer_open_clip(s: &Shapes, prefix: &str) -> Result<ClipTextConfig, ModelError> {
+    let token = s.get(&format!("{prefix}token_embedding.weight"))?;
+    let (vocab_size, hidden_size) = (token[0], token.get(1).copied().unwrap_or(0));
+    Ok(ClipTextConfig {
+        vocab_size,
+        hidden_size,
+        intermediate_size: s.dim(
+            &format!("{prefix}transformer.resblocks.0.mlp.c_fc.weight"),
+            0,
+        )?,
+        num_hidden_layers: s
+            .count(
+                &format!("{prefix}transformer.resblocks."),
+                ".mlp.c_fc.weight",
+            )
+            .max(1),
+        num_attention_heads: (hidden_size / 64).max(1),
+        max_position_embeddings: s.dim(&format!("{prefix}positional_embedding"), 0)?,
+        hidden_act: ClipActivation::Gelu,
+        layer_norm_eps: 1e-5,
+    })
 }

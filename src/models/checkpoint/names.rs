@@ -1,5 +1,6 @@
-//! Tensor-name maps between the diffusers layout (what the models ask for) and the original LDM single-file
-//! layout (`model.diffusion_model.*`, `first_stage_model.*`, OpenCLIP's `cond_stage_model.model.*`).
+//! Tensor-name maps between the diffusers layout (what the models ask for) and the original LDM/sgm
+//! single-file layout (`model.diffusion_model.*`, `first_stage_model.*`, OpenCLIP's `cond_stage_model.model.*`,
+//! SDXL's `conditioner.embedders.{0,1}.*`).
 //!
 //! Each function takes a diffusers parameter name and returns the stored key, or `None` when the name has no
 //! counterpart in that layout.
@@ -12,6 +13,10 @@ pub const LDM_VAE: &str = "first_stage_model.";
 pub const LDM_CLIP: &str = "cond_stage_model.transformer.";
 /// Prefix of SD2's OpenCLIP text encoder in single-file checkpoints.
 pub const LDM_OPEN_CLIP: &str = "cond_stage_model.model.";
+/// Prefix of SDXL's first text encoder (CLIP ViT-L, transformers names) in single-file checkpoints.
+pub const SDXL_CLIP_L: &str = "conditioner.embedders.0.transformer.";
+/// Prefix of SDXL's second text encoder (OpenCLIP ViT-bigG) in single-file checkpoints.
+pub const SDXL_OPEN_CLIP: &str = "conditioner.embedders.1.model.";
 
 /// A stored key, plus the rows of it that hold the requested tensor when several are packed together.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,11 +24,18 @@ pub struct StoredName {
     pub key: String,
     /// `(start, len)` along dimension 0.
     pub rows: Option<(usize, usize)>,
+    /// The stored matrix is the transpose of the requested one (OpenCLIP's `text_projection`, kept for
+    /// `x @ W`, is a Linear weight's transpose).
+    pub transposed: bool,
 }
 
 impl StoredName {
-    fn whole(key: String) -> Self {
-        Self { key, rows: None }
+    pub fn whole(key: String) -> Self {
+        Self {
+            key,
+            rows: None,
+            transposed: false,
+        }
     }
 }
 
@@ -64,6 +76,8 @@ pub fn unet_to_ldm(name: &str, layers_per_block: usize, up_attention: &[bool]) -
         ["conv_in", rest @ ..] => join("input_blocks.0.0".to_string(), rest),
         ["time_embedding", "linear_1", rest @ ..] => join("time_embed.0".to_string(), rest),
         ["time_embedding", "linear_2", rest @ ..] => join("time_embed.2".to_string(), rest),
+        ["add_embedding", "linear_1", rest @ ..] => join("label_emb.0.0".to_string(), rest),
+        ["add_embedding", "linear_2", rest @ ..] => join("label_emb.0.2".to_string(), rest),
         ["conv_norm_out", rest @ ..] => join("out.0".to_string(), rest),
         ["conv_out", rest @ ..] => join("out.2".to_string(), rest),
         ["down_blocks", level, "resnets", j, rest @ ..] => {
@@ -184,7 +198,8 @@ pub fn vae_to_ldm(name: &str, levels: usize) -> Option<String> {
 }
 
 /// Maps a transformers-layout CLIP text parameter (`text_model.encoder.layers.0.self_attn.q_proj.weight`) to
-/// the OpenCLIP key (without `cond_stage_model.model.`); q/k/v are row blocks of the packed `in_proj`.
+/// the OpenCLIP key (without its prefix); q/k/v are row blocks of the packed `in_proj`, and the projection of
+/// `CLIPTextModelWithProjection` (`text_projection.weight`) is the transpose of OpenCLIP's `text_projection`.
 pub fn clip_to_open_clip(name: &str, hidden: usize) -> Option<StoredName> {
     let parts: Vec<&str> = name.split('.').collect();
     let whole = |key: String| Some(StoredName::whole(key));
@@ -196,6 +211,10 @@ pub fn clip_to_open_clip(name: &str, hidden: usize) -> Option<StoredName> {
             whole("positional_embedding".into())
         }
         ["text_model", "final_layer_norm", param] => whole(format!("ln_final.{param}")),
+        ["text_projection", "weight"] => Some(StoredName {
+            transposed: true,
+            ..StoredName::whole("text_projection".into())
+        }),
         ["text_model", "encoder", "layers", layer, rest @ ..] => {
             let base = format!("transformer.resblocks.{layer}");
             match rest {
@@ -212,8 +231,8 @@ pub fn clip_to_open_clip(name: &str, hidden: usize) -> Option<StoredName> {
                         _ => return None,
                     };
                     Some(StoredName {
-                        key: format!("{base}.attn.in_proj_{param}"),
                         rows: Some((block * hidden, hidden)),
+                        ..StoredName::whole(format!("{base}.attn.in_proj_{param}"))
                     })
                 }
                 _ => None,

@@ -3,8 +3,11 @@
 //! * `<name>.yaml` — the original (LDM) inference config, as AUTOMATIC1111 reads it (`v1-inference.yaml`,
 //!   `v2-inference-v.yaml`): UNet and VAE architecture, noise schedule, `parameterization: "v"`, and which
 //!   text encoder (OpenCLIP for SD2).
+//!   A sgm config (SDXL's `sd_xl_base.yaml`, `sd_xl_v.yaml`) gives the prediction type (its denoiser's
+//!   scaling) and the VAE's scale factor.
 //! * `<name>.json` — diffusers-style configs in sections: `{"unet": {...}, "vae": {...}, "text_encoder": {...},
-//!   "scheduler": {...}}`, each the content of the matching diffusers/transformers `config.json`.
+//!   "text_encoder_2": {...}, "scheduler": {...}}`, each the content of the matching diffusers/transformers
+//!   `config.json`.
 
 use std::path::{Path, PathBuf};
 
@@ -12,7 +15,7 @@ use serde::Deserialize;
 use yaml_rust2::{Yaml, YamlLoader};
 
 use crate::models::ModelError;
-use crate::models::clip::ClipTextConfig;
+use crate::models::clip::{ClipTextConfig, TextEncoder2Config};
 use crate::models::schedulers::{PredictionType, SchedulerConfig};
 use crate::models::unet::UNetConfig;
 use crate::models::vae::VaeConfig;
@@ -23,9 +26,12 @@ pub struct SidecarConfig {
     pub unet: Option<UNetConfig>,
     pub vae: Option<VaeConfig>,
     pub text_encoder: Option<ClipTextConfig>,
+    pub text_encoder_2: Option<TextEncoder2Config>,
     pub scheduler: Option<SchedulerConfig>,
     /// The YAML names OpenCLIP as the text encoder (an SD2 model).
     pub open_clip: Option<bool>,
+    /// A sgm YAML's latent scale factor, for the VAE inferred from the shapes.
+    pub vae_scaling_factor: Option<f64>,
     /// The files that were read.
     pub sources: Vec<PathBuf>,
 }
@@ -71,6 +77,7 @@ struct JsonSidecar {
     unet: Option<serde_json::Value>,
     vae: Option<serde_json::Value>,
     text_encoder: Option<serde_json::Value>,
+    text_encoder_2: Option<serde_json::Value>,
     scheduler: Option<serde_json::Value>,
 }
 
@@ -87,6 +94,12 @@ fn apply_json(config: &mut SidecarConfig, text: &str) -> Result<(), String> {
     if let Some(text_encoder) = sidecar.text_encoder {
         config.text_encoder = Some(
             ClipTextConfig::from_transformers_json(&text_encoder.to_string())
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    if let Some(text_encoder) = sidecar.text_encoder_2 {
+        config.text_encoder_2 = Some(
+            TextEncoder2Config::from_transformers_json(&text_encoder.to_string())
                 .map_err(|e| e.to_string())?,
         );
     }
@@ -130,6 +143,10 @@ fn apply_ldm_yaml(config: &mut SidecarConfig, text: &str) -> Result<(), String> 
         return Err("it has no `model.params` section".to_string());
     }
 
+    if !params["denoiser_config"].is_badvalue() {
+        apply_sgm_yaml(config, params);
+        return Ok(());
+    }
     let mut scheduler = SchedulerConfig::default();
     if let Some(start) = number(&params["linear_start"]) {
         scheduler.beta_start = start;
@@ -171,6 +188,7 @@ fn apply_ldm_yaml(config: &mut SidecarConfig, text: &str) -> Result<(), String> 
             latent_channels: usize_of(&dd["z_channels"], "ddconfig.z_channels")?,
             norm_num_groups: 32,
             scaling_factor: number(&params["scale_factor"]).unwrap_or(0.18215),
+            force_upcast: true,
         };
         vae.validate().map_err(|e| e.to_string())?;
         config.vae = Some(vae);
@@ -179,6 +197,25 @@ fn apply_ldm_yaml(config: &mut SidecarConfig, text: &str) -> Result<(), String> 
         config.open_clip = Some(target.contains("OpenCLIP"));
     }
     Ok(())
+}
+
+/// A sgm (SDXL) config: the prediction type from the denoiser's scaling (`VScaling` is v-prediction) and the
+/// VAE's scale factor, applied by the caller to the VAE inferred from the shapes. The architecture comes from
+/// the shapes, as SDXL's is fixed.
+fn apply_sgm_yaml(config: &mut SidecarConfig, params: &Yaml) {
+    let scaling = params["denoiser_config"]["params"]["scaling_config"]["target"]
+        .as_str()
+        .unwrap_or("");
+    config.scheduler = Some(SchedulerConfig {
+        prediction_type: if scaling.ends_with("VScaling") {
+            PredictionType::VPrediction
+        } else {
+            PredictionType::Epsilon
+        },
+        ..SchedulerConfig::default()
+    });
+    config.vae_scaling_factor = number(&params["first_stage_config"]["params"]["scale_factor"])
+        .or_else(|| number(&params["scale_factor"]));
 }
 
 /// Builds the UNet config from an LDM `UNetModel`'s params.
@@ -223,6 +260,7 @@ fn unet_from_ldm(p: &Yaml) -> Result<UNetConfig, String> {
         norm_eps: 1e-5,
         // LDM's `image_size` is not the latent size; the caller sets it from the parameterization.
         sample_size: 64,
+        addition: None,
     };
     config.validate().map_err(|e| e.to_string())?;
     Ok(config)

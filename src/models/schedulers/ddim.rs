@@ -1,4 +1,6 @@
-//! DDIM (eta = 0), deterministic: diffusers `DDIMScheduler` with SD1.5's settings.
+//! DDIM (eta = 0), deterministic: diffusers `DDIMScheduler` with SD1.5's settings, and with "trailing"
+//! spacing for a zero-terminal-SNR schedule (which has to start at its last timestep, where the image is pure
+//! noise, as AUTOMATIC1111 and ComfyUI do for such models and diffusers' documentation recommends).
 
 use candle_core::{Result, Tensor};
 
@@ -15,14 +17,26 @@ pub struct DdimSampler {
 
 impl DdimSampler {
     pub fn new(config: &SchedulerConfig, steps: usize) -> Self {
-        let alphas_cumprod = config.alphas_cumprod();
+        let mut alphas_cumprod = config.alphas_cumprod();
+        if config.prediction_type == PredictionType::Epsilon
+            && let Some(last) = alphas_cumprod.last_mut()
+            && *last == 0.0
+        {
+            // A noise prediction says nothing of the image where there is no signal left (x₀ = x/√ᾱ − …):
+            // diffusers' other samplers' guard, instead of an infinite x₀ (v-prediction needs none).
+            *last = 2f32.powi(-24);
+        }
         let final_alpha = if config.set_alpha_to_one {
             1.0
         } else {
             alphas_cumprod[0]
         };
         let stride = config.num_train_timesteps / steps.max(1);
-        let timesteps = config.leading_timesteps(steps);
+        let timesteps = if config.rescale_betas_zero_snr {
+            config.trailing_timesteps(steps)
+        } else {
+            config.leading_timesteps(steps)
+        };
         let alphas = timesteps
             .iter()
             .map(|&t| {
@@ -79,5 +93,43 @@ impl Sampler for DdimSampler {
             &pred_epsilon,
             (1.0 - alpha_prev).sqrt(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    struct NoNoise;
+
+    impl NoiseSource for NoNoise {
+        fn next(&mut self, _: &[usize], _: &Device) -> Result<Tensor> {
+            candle_core::bail!("DDIM draws no noise")
+        }
+    }
+
+    /// A zero-terminal-SNR schedule starts at t = 999, where ᾱ = 0: v-prediction steps from there exactly, a
+    /// noise prediction (`--prediction epsilon` on such a model) stays finite.
+    #[test]
+    fn the_first_step_of_a_zero_terminal_snr_schedule_is_finite() {
+        let device = Device::Cpu;
+        let sample = Tensor::new(&[[0.5f32, -1.0], [2.0, 0.25]], &device).unwrap();
+        let output = Tensor::new(&[[0.1f32, 0.2], [-0.3, 0.4]], &device).unwrap();
+        for prediction in [PredictionType::VPrediction, PredictionType::Epsilon] {
+            let config = SchedulerConfig {
+                prediction_type: prediction,
+                rescale_betas_zero_snr: true,
+                ..SchedulerConfig::default()
+            };
+            let mut sampler = DdimSampler::new(&config, 10);
+            assert_eq!(sampler.timesteps()[0], 999.0);
+            let next = sampler.step(&output, 0, &sample, &mut NoNoise).unwrap();
+            let values: Vec<f32> = next.flatten_all().unwrap().to_vec1().unwrap();
+            assert!(
+                values.iter().all(|v| v.is_finite()),
+                "{prediction:?}: {values:?}"
+            );
+        }
     }
 }

@@ -59,6 +59,9 @@ pub struct SchedulerConfig {
     pub prediction_type: PredictionType,
     pub steps_offset: usize,
     pub set_alpha_to_one: bool,
+    /// Betas rescaled so the last timestep is pure noise (zero terminal SNR, arXiv 2305.08891), as v-prediction
+    /// fine-tunes with the `ztsnr` marker (NoobAI-XL V-Pred) are trained.
+    pub rescale_betas_zero_snr: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -71,6 +74,7 @@ impl Default for SchedulerConfig {
             prediction_type: PredictionType::Epsilon,
             steps_offset: 1,
             set_alpha_to_one: false,
+            rescale_betas_zero_snr: false,
         }
     }
 }
@@ -82,7 +86,7 @@ impl SchedulerConfig {
     }
 
     /// `ᾱ_t` for every training timestep, as torch computes it on the CPU: f32 betas, the running product in f64,
-    /// each value stored in f32.
+    /// each value stored in f32 (with a zero-terminal-SNR schedule, `ᾱ` of the last timestep is 0).
     pub fn alphas_cumprod(&self) -> Vec<f32> {
         let n = self.num_train_timesteps;
         let betas: Vec<f32> = match self.beta_schedule {
@@ -98,6 +102,11 @@ impl SchedulerConfig {
                 torch_linspace_f32(self.beta_start as f32, self.beta_end as f32, n)
             }
         };
+        let betas = if self.rescale_betas_zero_snr {
+            rescale_zero_terminal_snr(&betas)
+        } else {
+            betas
+        };
         // torch's CPU `cumprod` keeps its running product in f64 and rounds each output to f32.
         let mut product = 1.0f64;
         betas
@@ -109,6 +118,16 @@ impl SchedulerConfig {
             .collect()
     }
 
+    /// Inference timesteps with "trailing" spacing, highest first: numpy's `round(arange(T, 0, -T/steps)) - 1`, so the
+    /// first is the last training timestep (999), where a zero-terminal-SNR schedule starts.
+    pub fn trailing_timesteps(&self, steps: usize) -> Vec<usize> {
+        let n = self.num_train_timesteps;
+        let ratio = n as f64 / steps.max(1) as f64;
+        (0..steps.max(1))
+            .map(|i| ((n as f64 - i as f64 * ratio).round_ties_even() as usize).saturating_sub(1))
+            .collect()
+    }
+
     /// Inference timesteps with "leading" spacing plus `steps_offset`, highest first (SD1.5's default).
     pub fn leading_timesteps(&self, steps: usize) -> Vec<usize> {
         let ratio = self.num_train_timesteps / steps.max(1);
@@ -117,6 +136,32 @@ impl SchedulerConfig {
             .map(|i| (i * ratio + self.steps_offset).min(self.num_train_timesteps - 1))
             .collect()
     }
+}
+
+/// diffusers' `rescale_zero_terminal_snr` in f32 and torch's order: `√ᾱ` shifted so its last value is 0 and
+/// scaled so its first is unchanged, then turned back into betas.
+fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
+    // torch's CPU `cumprod`: the running product in f64, each value stored in f32.
+    let mut product = 1.0f64;
+    let mut sqrt_alpha_bar: Vec<f32> = betas
+        .iter()
+        .map(|beta| {
+            product *= f64::from(1.0 - beta);
+            (product as f32).sqrt()
+        })
+        .collect();
+    let (Some(&first), Some(&last)) = (sqrt_alpha_bar.first(), sqrt_alpha_bar.last()) else {
+        return Vec::new();
+    };
+    let scale = first / (first - last);
+    for s in &mut sqrt_alpha_bar {
+        *s = (*s - last) * scale;
+    }
+    let alpha_bar: Vec<f32> = sqrt_alpha_bar.iter().map(|s| s * s).collect();
+    std::iter::once(alpha_bar[0])
+        .chain(alpha_bar.windows(2).map(|w| w[1] / w[0]))
+        .map(|alpha| 1.0 - alpha)
+        .collect()
 }
 
 /// `torch.linspace(start, end, n, dtype=float32)`: the first half counts up from `start`, the second half
@@ -218,4 +263,41 @@ impl SamplerKind {
 /// `a·x + b·y` for f32 scalars, the shape of every sampler update.
 fn weighted_sum(x: &Tensor, a: f32, y: &Tensor, b: f32) -> Result<Tensor> {
     x.affine(a as f64, 0.0)? + y.affine(b as f64, 0.0)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trailing_spacing_starts_at_the_last_timestep_and_rounds_like_numpy() {
+        let config = SchedulerConfig::default();
+        let ten: Vec<usize> = (0..10).map(|i| 999 - 100 * i).collect();
+        assert_eq!(config.trailing_timesteps(10), ten);
+        // 1000 / 16 = 62.5 apart: numpy rounds the halves to even (937.5 -> 938, 812.5 -> 812), then - 1.
+        assert_eq!(
+            config.trailing_timesteps(16),
+            [
+                999, 937, 874, 811, 749, 687, 624, 561, 499, 437, 374, 311, 249, 187, 124, 61
+            ]
+        );
+    }
+
+    #[test]
+    fn zero_terminal_snr_ends_in_pure_noise_and_keeps_the_first_step() {
+        let plain = SchedulerConfig::default().alphas_cumprod();
+        let rescaled = SchedulerConfig {
+            rescale_betas_zero_snr: true,
+            ..SchedulerConfig::default()
+        }
+        .alphas_cumprod();
+        assert_eq!(rescaled[999], 0.0);
+        assert!((rescaled[0] - plain[0]).abs() < 1e-6);
+        // diffusers' DDIMScheduler(rescale_betas_zero_snr=True).alphas_cumprod[500]
+        assert!(
+            (rescaled[500] - 0.241_018_55).abs() < 1e-6,
+            "{}",
+            rescaled[500]
+        );
+    }
 }

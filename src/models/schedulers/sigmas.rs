@@ -84,10 +84,16 @@ impl SigmaSchedule {
     }
 }
 
-/// `σ_t = √((1 − ᾱ_t)/ᾱ_t)` for every training timestep, in f32.
+/// `σ_t = √((1 − ᾱ_t)/ᾱ_t)` for every training timestep, in f32. A zero-terminal-SNR schedule's last `ᾱ` (0)
+/// is taken as 2⁻²⁴ first, as diffusers' sigma-based schedulers do, so its σ stays finite.
 pub fn training_sigmas(config: &SchedulerConfig) -> Vec<f32> {
-    config
-        .alphas_cumprod()
+    let mut alphas_cumprod = config.alphas_cumprod();
+    if config.rescale_betas_zero_snr
+        && let Some(last) = alphas_cumprod.last_mut()
+    {
+        *last = 2f32.powi(-24);
+    }
+    alphas_cumprod
         .into_iter()
         .map(|a| ((1.0 - a) / a).sqrt())
         .collect()

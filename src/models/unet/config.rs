@@ -1,13 +1,36 @@
 //! The UNet's architecture description, read from a diffusers `config.json` or built by presets.
 //!
-//! diffusers' `attention_head_dim` historically means the *number of heads* for SD1/SD2 UNets (its
+//! diffusers' `attention_head_dim` historically means the *number of heads* for SD1/SD2/SDXL UNets (its
 //! `num_attention_heads` falls back to it); this type stores the head count per level unambiguously.
 
 use serde::Deserialize;
 
 use crate::models::ModelError;
 
-/// Architecture of a `UNet2DConditionModel` (SD1.x / SD2.x family).
+/// SDXL's added conditioning (diffusers `addition_embed_type = "text_time"`): a pooled text embedding and
+/// six size values ("time ids": original height and width, crop top and left, target height and width), each
+/// embedded like a timestep, go through `add_embedding` and are added to the time embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TextTimeEmbedding {
+    /// Width of each time id's sinusoidal embedding (`addition_time_embed_dim`; 256 in SDXL).
+    pub time_embed_dim: usize,
+    /// Width of `add_embedding`'s input (`projection_class_embeddings_input_dim`): the pooled text embedding
+    /// plus six time-id embeddings (2816 = 1280 + 6 x 256 in SDXL).
+    pub input_dim: usize,
+}
+
+impl TextTimeEmbedding {
+    /// How many size values condition the model.
+    pub const TIME_IDS: usize = 6;
+
+    /// Width of the pooled text embedding the model takes.
+    pub fn pooled_dim(&self) -> usize {
+        self.input_dim
+            .saturating_sub(Self::TIME_IDS * self.time_embed_dim)
+    }
+}
+
+/// Architecture of a `UNet2DConditionModel` (SD1.x / SD2.x / SDXL).
 #[derive(Debug, Clone, PartialEq)]
 pub struct UNetConfig {
     pub in_channels: usize,
@@ -28,8 +51,10 @@ pub struct UNetConfig {
     pub use_linear_projection: bool,
     pub norm_num_groups: usize,
     pub norm_eps: f64,
-    /// The native latent size (64 for 512 px models, 96 for 768 px).
+    /// The native latent size (64 for 512 px models, 96 for 768 px, 128 for SDXL's 1024 px).
     pub sample_size: usize,
+    /// SDXL's pooled-text and size conditioning; `None` for SD1/SD2.
+    pub addition: Option<TextTimeEmbedding>,
 }
 
 impl UNetConfig {
@@ -49,6 +74,7 @@ impl UNetConfig {
             norm_num_groups: 32,
             norm_eps: 1e-5,
             sample_size: 64,
+            addition: None,
         }
     }
 
@@ -59,6 +85,26 @@ impl UNetConfig {
             cross_attention_dim: 1024,
             use_linear_projection: true,
             sample_size: 96,
+            ..Self::sd15()
+        }
+    }
+
+    /// SDXL 1.0 base (2,567,463,684 parameters): three levels, no attention at the first, 10 transformer
+    /// blocks at the last, 64-dimensional heads, a 2048-wide context and the pooled-text and size conditioning.
+    pub fn sdxl() -> Self {
+        Self {
+            block_out_channels: vec![320, 640, 1280],
+            down_attention: vec![false, true, true],
+            up_attention: vec![true, true, false],
+            transformer_layers_per_block: vec![1, 2, 10],
+            attention_heads: vec![5, 10, 20],
+            cross_attention_dim: 2048,
+            use_linear_projection: true,
+            sample_size: 128,
+            addition: Some(TextTimeEmbedding {
+                time_embed_dim: 256,
+                input_dim: 2816,
+            }),
             ..Self::sd15()
         }
     }
@@ -124,7 +170,56 @@ impl UNetConfig {
                 ));
             }
         }
+        // The up blocks' resnets normalise the concatenation of their input with a skip connection.
+        for width in self.up_concat_widths() {
+            if width % self.norm_num_groups != 0 {
+                return bad(format!(
+                    "an up block concatenates {width} channels, not divisible into {} groups",
+                    self.norm_num_groups
+                ));
+            }
+        }
+        if let Some(addition) = &self.addition {
+            let times = TextTimeEmbedding::TIME_IDS * addition.time_embed_dim;
+            if addition.time_embed_dim == 0
+                || !addition.time_embed_dim.is_multiple_of(2)
+                || addition.input_dim <= times
+            {
+                return bad(format!(
+                    "its added embedding takes {} values, which is not a pooled text embedding plus {} \
+                     time ids of width {}",
+                    addition.input_dim,
+                    TextTimeEmbedding::TIME_IDS,
+                    addition.time_embed_dim
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The input widths of every up-block resnet (previous output plus skip connection).
+    fn up_concat_widths(&self) -> Vec<usize> {
+        let channels = &self.block_out_channels;
+        let last = self.levels() - 1;
+        let mut widths = Vec::new();
+        for i in 0..self.levels() {
+            let level = last - i;
+            let previous = if i == 0 {
+                channels[last]
+            } else {
+                channels[level + 1]
+            };
+            for j in 0..=self.layers_per_block {
+                let skip = if j == self.layers_per_block {
+                    channels[level.saturating_sub(1)]
+                } else {
+                    channels[level]
+                };
+                let input = if j == 0 { previous } else { channels[level] };
+                widths.push(input + skip);
+            }
+        }
+        widths
     }
 }
 
@@ -157,6 +252,10 @@ struct DiffusersUNetConfig {
     sample_size: usize,
     #[serde(default)]
     addition_embed_type: Option<String>,
+    #[serde(default)]
+    addition_time_embed_dim: Option<usize>,
+    #[serde(default)]
+    projection_class_embeddings_input_dim: Option<usize>,
     #[serde(default)]
     class_embed_type: Option<String>,
     #[serde(default)]
@@ -202,15 +301,30 @@ fn default_norm_eps() -> f64 {
 
 impl DiffusersUNetConfig {
     fn into_config(self) -> Result<UNetConfig, ModelError> {
-        if self.addition_embed_type.as_deref() == Some("text_time") {
-            return Err(ModelError::Unsupported(
-                "SDXL is not supported yet".to_string(),
-            ));
-        }
         let unsupported = |what: String| {
             Err(ModelError::Unsupported(format!(
                 "this UNet uses {what}, which is not supported"
             )))
+        };
+        let addition = match self.addition_embed_type.as_deref() {
+            None => None,
+            Some("text_time") => match (
+                self.addition_time_embed_dim,
+                self.projection_class_embeddings_input_dim,
+            ) {
+                (Some(time_embed_dim), Some(input_dim)) => Some(TextTimeEmbedding {
+                    time_embed_dim,
+                    input_dim,
+                }),
+                _ => {
+                    return Err(ModelError::Config(
+                        "the UNet config has addition_embed_type \"text_time\" without \
+                         addition_time_embed_dim and projection_class_embeddings_input_dim"
+                            .to_string(),
+                    ));
+                }
+            },
+            Some(other) => return unsupported(format!("the added embedding \"{other}\"")),
         };
         if let Some(kind) = &self.class_embed_type {
             return unsupported(format!("a class embedding ({kind})"));
@@ -282,6 +396,7 @@ impl DiffusersUNetConfig {
             norm_num_groups: self.norm_num_groups,
             norm_eps: self.norm_eps,
             sample_size: self.sample_size,
+            addition,
         };
         config.validate()?;
         Ok(config)

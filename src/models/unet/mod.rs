@@ -1,6 +1,8 @@
-//! `UNet2DConditionModel` of Stable Diffusion 1.x/2.x in the diffusers module layout, so each layer's path
-//! is the name kohya LoRA keys are made of.
+//! `UNet2DConditionModel` of Stable Diffusion 1.x/2.x and SDXL in the diffusers module layout. Each layer's
+//! path is the name kohya LoRA keys are made of for SD1/SD2; for SDXL, which kohya trains on a UNet in the
+//! original (sgm) layout, the registry also knows every layer's original path.
 
+mod added;
 mod blocks;
 mod config;
 mod transformer;
@@ -11,10 +13,13 @@ use std::sync::Arc;
 
 use crate::kernels::silu;
 use crate::lora::{AdaptableConv2d, AdaptableLinear, AdapterSlot, LayerBuilder, LayerRegistry};
+use crate::models::checkpoint::names::unet_to_ldm;
 use crate::models::checkpointing::{CheckpointGrads, trainable_anchor};
 use crate::models::nn::GroupNorm;
+use added::AddEmbedding;
+pub use added::{AddedConditions, SizeConditioning};
 use blocks::{BlockInputs, BlockShape, DownBlock, LevelAttention, MidBlock, UpBlock, UpChannels};
-pub use config::UNetConfig;
+pub use config::{TextTimeEmbedding, UNetConfig};
 
 /// The denoising network: predicts noise (or velocity) from a noisy latent, a timestep and text context.
 #[derive(Debug, Clone)]
@@ -22,6 +27,7 @@ pub struct UNet2DConditionModel {
     conv_in: AdaptableConv2d,
     time_linear_1: AdaptableLinear,
     time_linear_2: AdaptableLinear,
+    add_embedding: Option<AddEmbedding>,
     down_blocks: Vec<DownBlock>,
     mid_block: MidBlock,
     up_blocks: Vec<UpBlock>,
@@ -67,6 +73,10 @@ impl UNet2DConditionModel {
             .pp("time_embedding")
             .pp("linear_2")
             .linear(temb, temb, true)?;
+        let add_embedding = config
+            .addition
+            .map(|shape| AddEmbedding::new(lb.pp("add_embedding"), shape, temb))
+            .transpose()?;
 
         let mut down_blocks = Vec::with_capacity(levels);
         for level in 0..levels {
@@ -125,10 +135,18 @@ impl UNet2DConditionModel {
         let conv_out = lb
             .pp("conv_out")
             .conv2d(channels[0], config.out_channels, 3, 1, 1)?;
+        if config.addition.is_some() {
+            // kohya trains SDXL on its own UNet in the original layout, so its files name these layers by
+            // their original paths (`input_blocks.4.1.transformer_blocks.0.attn1.to_q`).
+            layers.set_kohya_paths(|name| {
+                unet_to_ldm(name, config.layers_per_block, &config.up_attention)
+            });
+        }
         Ok(Self {
             conv_in,
             time_linear_1,
             time_linear_2,
+            add_embedding,
             down_blocks,
             mid_block,
             up_blocks,
@@ -144,7 +162,8 @@ impl UNet2DConditionModel {
         &self.config
     }
 
-    /// Every adapter-capable layer of the UNet, named by its diffusers module path.
+    /// Every adapter-capable layer of the UNet, named by its diffusers module path (and, for SDXL, by its
+    /// original path for kohya).
     pub fn layers(&self) -> &LayerRegistry {
         &self.layers
     }
@@ -174,8 +193,20 @@ impl UNet2DConditionModel {
     }
 
     /// `sample`: `[batch, in_channels, h, w]`; `timesteps`: `[batch]` (any float dtype, values 0..1000);
-    /// `context`: `[batch, tokens, cross_attention_dim]`.
+    /// `context`: `[batch, tokens, cross_attention_dim]`. For a UNet without added conditioning (SD1/SD2).
     pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor) -> Result<Tensor> {
+        self.forward_with(sample, timesteps, context, None)
+    }
+
+    /// [`forward`](Self::forward) with SDXL's added conditions (pooled text embedding and size values),
+    /// which a UNet with [`UNetConfig::addition`] requires and any other refuses.
+    pub fn forward_with(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        added: Option<&AddedConditions>,
+    ) -> Result<Tensor> {
         let dtype = sample.dtype();
         let emb = timestep_embedding(
             timesteps,
@@ -183,9 +214,25 @@ impl UNet2DConditionModel {
             sample.device(),
         )?
         .to_dtype(dtype)?;
-        let temb = self
+        let mut temb = self
             .time_linear_2
             .forward(&silu(&self.time_linear_1.forward(&emb)?)?)?;
+        match (&self.add_embedding, added) {
+            (Some(embedding), Some(added)) => {
+                let added = AddedConditions {
+                    text_embeds: added.text_embeds.to_dtype(dtype)?,
+                    time_ids: added.time_ids.clone(),
+                };
+                temb = (temb + embedding.forward(&added)?)?;
+            }
+            (None, None) => {}
+            (Some(_), None) => candle_core::bail!(
+                "this UNet (SDXL) needs a pooled text embedding and size values besides the text context"
+            ),
+            (None, Some(_)) => candle_core::bail!(
+                "this UNet takes no pooled text embedding or size values (only SDXL UNets do)"
+            ),
+        }
 
         let anchor = match &self.checkpointing {
             Some(_) => {
