@@ -158,12 +158,15 @@ impl StudioApp {
         let busy = self.models.download.is_some();
         let text = format!(
             "Download {} (about {})",
-            choice.title,
+            choice.label,
             size_text(choice.approximate_bytes)
         );
         if ui
             .add_enabled(!busy, egui::Button::new(text))
-            .on_hover_text("into the Hugging Face cache, where other tools find it too")
+            .on_hover_text(format!(
+                "{}, into the Hugging Face cache, where other tools find it too",
+                choice.title
+            ))
             .clicked()
         {
             self.models.download = Some((choice.name.clone(), 0, choice.approximate_bytes, 0.0));

@@ -8,6 +8,9 @@ use super::Family;
 pub struct Recommended {
     /// The short name `lora-studio download` takes.
     pub name: &'static str,
+    /// What it is, in a few words (`Stable Diffusion 1.5`).
+    pub label: &'static str,
+    /// What it is, exactly.
     pub title: &'static str,
     pub family: Family,
     /// The Hub repository.
@@ -22,6 +25,7 @@ pub struct Recommended {
 pub const RECOMMENDED: [Recommended; 2] = [
     Recommended {
         name: "sd15",
+        label: "Stable Diffusion 1.5",
         title: "Stable Diffusion 1.5 (pruned, EMA weights, fp16)",
         family: Family::Sd1,
         repo: "Comfy-Org/stable-diffusion-v1-5-archive",
@@ -30,6 +34,7 @@ pub const RECOMMENDED: [Recommended; 2] = [
     },
     Recommended {
         name: "sdxl",
+        label: "SDXL base 1.0",
         title: "Stable Diffusion XL base 1.0 (fp16)",
         family: Family::Sdxl,
         repo: "stabilityai/stable-diffusion-xl-base-1.0",

@@ -104,6 +104,7 @@ fn as_message(found: &Discovery) -> ModelsFound {
             .filter(|r| r.file.is_some())
             .map(|r| DownloadChoice {
                 name: r.name.to_string(),
+                label: r.label.to_string(),
                 title: r.title.to_string(),
                 approximate_bytes: r.approximate_bytes,
             })
