@@ -168,7 +168,7 @@ impl FiniteDifferences {
             .to_scalar::<f64>()
             .unwrap();
         let original = var.as_tensor().copy().unwrap();
-        let mut value_at = |step: f64| {
+        let value_at = |step: f64| {
             var.set(&(&original + (&d * step).unwrap()).unwrap())
                 .unwrap();
             loss()
