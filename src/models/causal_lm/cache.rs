@@ -26,15 +26,6 @@ impl KvCache {
         }
     }
 
-    /// Tokens cached per row.
-    pub fn len(&self) -> usize {
-        self.segments.first().map_or(0, Vec::len)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// The batch of the next tokens: positions continue each segment's count over the cached tokens.
     pub fn next_batch(&self, ids: Vec<Vec<u32>>, segments: Vec<Vec<u32>>) -> Result<TokenBatch> {
         let positions = positions_within_segments(&self.segments, &segments);

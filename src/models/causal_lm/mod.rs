@@ -23,4 +23,3 @@ pub use config::{Architecture, CausalLmConfig, RopeScaling};
 pub use generate::{GenerationSettings, Sampling, generate, sample};
 pub use loss::{IGNORE_INDEX, next_token_loss};
 pub use model::CausalLm;
-pub use rope::RotaryFrequencies;

@@ -42,10 +42,6 @@ impl RotaryFrequencies {
         Self { inverse }
     }
 
-    pub fn inverse(&self) -> &[f32] {
-        &self.inverse
-    }
-
     /// `(cos, sin)` of `position · frequency`, each `[rows, positions.len() / rows, head_dim / 2]` in
     /// `dtype` on `device`.
     pub fn tables(
