@@ -1,9 +1,12 @@
-"""Runs `lora-studio bench` and the PyTorch reference (bench/reference_pytorch.py) alternately on this
-machine and prints a Markdown table of the medians and their ratios (lora-studio / reference; under 1
-is faster or smaller). Both get the same architecture, resolution, batch, rank and step count.
+"""Runs `lora-studio bench` and the PyTorch reference alternately on this machine and prints a Markdown
+table of the medians and their ratios (lora-studio / reference; under 1 is faster or smaller). Both get
+the same architecture, size, batch, rank and step count. `--arch sd15` (default) compares with
+bench/reference_pytorch.py (diffusers + peft), `--arch qwen2-0.5b` with bench/reference_lm_pytorch.py
+(transformers + peft).
 
     cargo build --release
     python bench/compare.py --resolution 256 --rounds 2 [--gradient-checkpointing]
+    python bench/compare.py --arch qwen2-0.5b --seq-len 512 --steps 2 --rounds 2
 """
 
 import argparse
@@ -23,7 +26,9 @@ def run(command):
 
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--arch", choices=["sd15", "qwen2-0.5b"], default="sd15")
     parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
@@ -32,11 +37,14 @@ def main():
     parser.add_argument("--binary", default=str(ROOT / "target" / "release" / "lora-studio"))
     args = parser.parse_args()
 
-    common = ["--resolution", str(args.resolution), "--steps", str(args.steps), "--rank", str(args.rank)]
+    language_model = args.arch == "qwen2-0.5b"
+    size = ["--seq-len", str(args.seq_len)] if language_model else ["--resolution", str(args.resolution)]
+    common = [*size, "--steps", str(args.steps), "--rank", str(args.rank)]
     if args.gradient_checkpointing:
         common.append("--gradient-checkpointing")
-    ours_command = [args.binary, "bench", "--arch", "sd15", "--device", args.device, "--json", *common]
-    reference_command = [sys.executable, str(ROOT / "bench" / "reference_pytorch.py"), "--device", args.device, *common]
+    script = "reference_lm_pytorch.py" if language_model else "reference_pytorch.py"
+    ours_command = [args.binary, "bench", "--arch", args.arch, "--device", args.device, "--json", *common]
+    reference_command = [sys.executable, str(ROOT / "bench" / script), "--device", args.device, *common]
 
     ours, reference = [], []
     for round_index in range(args.rounds):
@@ -52,9 +60,13 @@ def main():
         ("forward pass (s)", "forward_seconds"),
         ("peak resident memory (GiB)", "peak_rss_gib"),
     ]
+    if language_model:
+        rows.insert(1, ("tokens per second", "tokens_per_second"))
+        model = f"Qwen2.5-0.5B, {args.seq_len} tokens, batch 1, rank {args.rank} on q/k/v/o/gate/up/down"
+    else:
+        model = f"SD 1.5 UNet, {args.resolution} px, batch 1, rank {args.rank} on to_q/to_k/to_v/to_out.0"
     setting = (
-        f"SD 1.5 UNet, {args.resolution} px, batch 1, rank {args.rank} on to_q/to_k/to_v/to_out.0, AdamW, f32, "
-        f"{args.device}{', gradient checkpointing' if args.gradient_checkpointing else ''}; "
+        f"{model}, AdamW, f32, {args.device}{', gradient checkpointing' if args.gradient_checkpointing else ''}; "
         f"medians of {args.rounds} alternating runs of {args.steps} steps"
     )
     print(f"{setting}\n")

@@ -1,26 +1,31 @@
-//! `lora-studio bench [--arch sd15|tiny] [--resolution 256|512] [--steps N] [--rank R] [--device D]
-//! [--gradient-checkpointing] [--json]`: training speed and memory on this machine, with a UNet of real
-//! size and random weights (nothing is downloaded).
+//! `lora-studio bench [--arch sd15|tiny|qwen2-0.5b] [--resolution 256|512] [--seq-len N] [--steps N]
+//! [--rank R] [--device D] [--gradient-checkpointing] [--json]`: training speed and memory on this machine,
+//! with a UNet or a language model of real size and random weights (nothing is downloaded).
 
 use clap::{Args, ValueEnum};
 
 use crate::device::{DeviceChoice, open_device};
 use crate::train::bench::{BenchArch, BenchReport, BenchSettings, run_bench};
+use crate::train::lm_bench::{LmBenchReport, LmBenchSettings, run_lm_bench};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// The UNet to build.
+    /// The model to build.
     #[arg(long, value_enum, default_value_t = Arch::Sd15)]
     pub arch: Arch,
-    /// Image side in pixels (a multiple of 64).
+    /// Image side in pixels (a multiple of 64), for the UNets.
     #[arg(long, default_value_t = 256)]
     pub resolution: usize,
+    /// Tokens per sequence, for the language model.
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
     /// Timed training steps (after one warm-up step).
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
     #[arg(long, default_value_t = 1)]
     pub batch_size: usize,
-    /// LoRA rank on to_q, to_k, to_v and to_out.0.
+    /// LoRA rank (UNets: on to_q, to_k, to_v and to_out.0; the language model: on every linear layer of
+    /// attention and MLP).
     #[arg(long, default_value_t = 16)]
     pub rank: usize,
     /// `cpu`, `cuda`, `cuda:N`, `metal` or `auto`.
@@ -40,15 +45,13 @@ pub enum Arch {
     Sd15,
     /// A small UNet of the same layout.
     Tiny,
+    /// Qwen2.5-0.5B (494 M parameters: 24 layers, hidden 896, 14 heads, 2 key/value heads, tied
+    /// embeddings over a vocabulary of 151,936).
+    #[value(name = "qwen2-0.5b")]
+    Qwen2_0_5b,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    if args.resolution == 0 || !args.resolution.is_multiple_of(64) {
-        anyhow::bail!(
-            "--resolution {} is not a positive multiple of 64",
-            args.resolution
-        );
-    }
     if args.steps == 0 || args.batch_size == 0 || args.rank == 0 {
         anyhow::bail!("--steps, --batch-size and --rank must be at least 1");
     }
@@ -57,11 +60,22 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .parse()
         .map_err(|e| anyhow::anyhow!("--device {}: {e}", args.device))?;
     let device = open_device(choice).map_err(anyhow::Error::msg)?;
+    match args.arch {
+        Arch::Sd15 => run_unet(&args, device, BenchArch::Sd15),
+        Arch::Tiny => run_unet(&args, device, BenchArch::Tiny),
+        Arch::Qwen2_0_5b => run_language_model(&args, device),
+    }
+}
+
+fn run_unet(args: &BenchArgs, device: candle_core::Device, arch: BenchArch) -> anyhow::Result<()> {
+    if args.resolution == 0 || !args.resolution.is_multiple_of(64) {
+        anyhow::bail!(
+            "--resolution {} is not a positive multiple of 64",
+            args.resolution
+        );
+    }
     let settings = BenchSettings {
-        arch: match args.arch {
-            Arch::Sd15 => BenchArch::Sd15,
-            Arch::Tiny => BenchArch::Tiny,
-        },
+        arch,
         resolution: args.resolution,
         batch_size: args.batch_size,
         rank: args.rank,
@@ -76,6 +90,54 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         print_table(&report);
     }
     Ok(())
+}
+
+fn run_language_model(args: &BenchArgs, device: candle_core::Device) -> anyhow::Result<()> {
+    if args.seq_len < 2 {
+        anyhow::bail!(
+            "--seq-len {} is too short: a sequence needs at least 2 tokens",
+            args.seq_len
+        );
+    }
+    if args.gradient_checkpointing {
+        anyhow::bail!(
+            "--gradient-checkpointing is measured on the UNets only (--arch sd15 or tiny)"
+        );
+    }
+    let settings = LmBenchSettings {
+        seq_len: args.seq_len,
+        batch_size: args.batch_size,
+        rank: args.rank,
+        steps: args.steps,
+        device,
+    };
+    let report = run_lm_bench(&settings, &mut |stage| eprintln!("{stage}"))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_lm_table(&report);
+    }
+    Ok(())
+}
+
+fn print_lm_table(r: &LmBenchReport) {
+    println!(
+        "Qwen2.5-0.5B, {} tokens, batch {}, rank {} ({} adapters, {} parameters), {}",
+        r.seq_len, r.batch_size, r.rank, r.adapters, r.trainable_parameters, r.device
+    );
+    println!(
+        "training step  {:>8.2} s  ({:.1} tokens/s)",
+        r.seconds_per_step, r.tokens_per_second
+    );
+    println!("forward pass   {:>8.2} s", r.forward_seconds);
+    print_peak(r.peak_rss_gib);
+}
+
+fn print_peak(peak_rss_gib: Option<f64>) {
+    match peak_rss_gib {
+        Some(gib) => println!("peak memory    {gib:>8.2} GiB resident"),
+        None => println!("peak memory    not reported by this system"),
+    }
 }
 
 fn print_table(r: &BenchReport) {
@@ -105,8 +167,5 @@ fn print_table(r: &BenchReport) {
         "forward pass   {:>8.2} s  ({:.0} GFLOP, {:.1} GFLOP/s)",
         r.forward_seconds, r.forward_gflop, r.forward_gflops_per_second
     );
-    match r.peak_rss_gib {
-        Some(gib) => println!("peak memory    {gib:>8.2} GiB resident"),
-        None => println!("peak memory    not reported by this system"),
-    }
+    print_peak(r.peak_rss_gib);
 }

@@ -5,6 +5,7 @@
 //! forward pass alone and whole training steps, counts the arithmetic (see [`crate::flops`]) and reads
 //! the peak resident memory.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -18,7 +19,9 @@ use super::inputs::gaussian;
 use super::{Optimizer, OptimizerSettings, TrainError};
 use crate::config::OptimizerKind;
 use crate::flops::FlopCount;
-use crate::lora::{LoraNetwork, NetworkKind, NetworkSpec, TargetComponent, UNET_PREFIX};
+use crate::lora::{
+    AdapterSlot, LoraNetwork, NetworkKind, NetworkSpec, TargetComponent, UNET_PREFIX,
+};
 use crate::models::checkpointing::CheckpointGrads;
 use crate::models::unet::{UNet2DConditionModel, UNetConfig};
 
@@ -99,47 +102,14 @@ pub fn run_bench(
     progress("building the UNet with random weights");
     let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, device.clone());
     let mut unet = UNet2DConditionModel::new(vb, &config)?;
-    let slots = unet
-        .lora_targets(false)
-        .into_iter()
-        .filter(|slot| {
-            ["to_q", "to_k", "to_v", "to_out.0"]
-                .iter()
-                .any(|target| slot.name().ends_with(&format!(".{target}")))
-        })
-        .collect();
-    let spec = NetworkSpec {
-        rank: settings.rank,
-        alpha: settings.rank as f64,
-        conv_rank: settings.rank,
-        conv_alpha: settings.rank as f64,
-        kind: NetworkKind::Lora,
-    };
-    let network = LoraNetwork::create(
-        &[TargetComponent {
-            prefix: UNET_PREFIX,
-            slots,
-        }],
-        spec,
-        0,
+    let network = bench_network(
+        unet.lora_targets(false),
+        &["to_q", "to_k", "to_v", "to_out.0"],
+        UNET_PREFIX,
+        settings.rank,
         device,
     )?;
-    let named: Vec<(String, &Var)> = network
-        .named_vars()
-        .into_iter()
-        .map(|(name, _, var)| (name, var))
-        .collect();
-    let vars: Vec<&Var> = named.iter().map(|(_, var)| *var).collect();
-    let mut optimizer = Optimizer::new(
-        OptimizerSettings {
-            kind: OptimizerKind::AdamW,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-        },
-        &named,
-    )?;
+    let (vars, mut optimizer) = adamw(&network)?;
     let store = settings
         .gradient_checkpointing
         .then(CheckpointGrads::default);
@@ -164,28 +134,12 @@ pub fn run_bench(
         forward_seconds.push(seconds);
         forward_flops = flops;
     }
-    let mut step_seconds = Vec::new();
-    for index in 0..=settings.steps {
-        progress(&format!(
-            "training step {index}/{}{}",
-            settings.steps,
-            if index == 0 { " (warm-up)" } else { "" }
-        ));
-        let (seconds, _) = timed(device, || {
-            let prediction = unet.forward(&latents, &timesteps, &context)?;
-            let loss = (prediction - &target)?.sqr()?.mean_all()?;
-            let grads = loss.backward()?;
-            let collected = vars
-                .iter()
-                .map(|var| variable_gradient(&grads, store.as_ref(), var))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            optimizer.apply(&vars, &collected, &vec![1e-4; vars.len()])?;
-            Ok(loss)
-        })?;
-        if index > 0 {
-            step_seconds.push(seconds);
-        }
-    }
+    let step_seconds = timed_steps(device, settings.steps, progress, || {
+        let prediction = unet.forward(&latents, &timesteps, &context)?;
+        let loss = (prediction - &target)?.sqr()?.mean_all()?;
+        adapter_step(&loss, &vars, &mut optimizer, store.as_ref())?;
+        Ok(loss)
+    })?;
     unet.set_gradient_checkpointing(None);
 
     let forward_gflop = forward_flops.total() as f64 / 1e9;
@@ -212,8 +166,96 @@ pub fn run_bench(
     })
 }
 
+/// A LoRA of rank `rank` (alpha = rank) on the layers of `slots` whose names end in one of `targets`.
+pub(super) fn bench_network(
+    slots: Vec<Arc<AdapterSlot>>,
+    targets: &[&str],
+    prefix: &'static str,
+    rank: usize,
+    device: &Device,
+) -> Result<LoraNetwork, TrainError> {
+    let slots = slots
+        .into_iter()
+        .filter(|slot| {
+            targets
+                .iter()
+                .any(|target| slot.name().ends_with(&format!(".{target}")))
+        })
+        .collect();
+    let spec = NetworkSpec {
+        rank,
+        alpha: rank as f64,
+        conv_rank: rank,
+        conv_alpha: rank as f64,
+        kind: NetworkKind::Lora,
+    };
+    Ok(LoraNetwork::create(
+        &[TargetComponent { prefix, slots }],
+        spec,
+        0,
+        device,
+    )?)
+}
+
+/// The benchmarks' optimizer over every variable of `network`: AdamW as the reference scripts configure it
+/// (betas 0.9/0.999, epsilon 1e-8, weight decay 0.01).
+pub(super) fn adamw(network: &LoraNetwork) -> Result<(Vec<&Var>, Optimizer), TrainError> {
+    let named: Vec<(String, &Var)> = network
+        .named_vars()
+        .into_iter()
+        .map(|(name, _, var)| (name, var))
+        .collect();
+    let optimizer = Optimizer::new(
+        OptimizerSettings {
+            kind: OptimizerKind::AdamW,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        },
+        &named,
+    )?;
+    Ok((named.into_iter().map(|(_, var)| var).collect(), optimizer))
+}
+
+/// The backward pass of `loss` and one optimizer step at learning rate 1e-4.
+pub(super) fn adapter_step(
+    loss: &Tensor,
+    vars: &[&Var],
+    optimizer: &mut Optimizer,
+    store: Option<&CheckpointGrads>,
+) -> candle_core::Result<()> {
+    let grads = loss.backward()?;
+    let collected = vars
+        .iter()
+        .map(|var| variable_gradient(&grads, store, var))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    optimizer.apply(vars, &collected, &vec![1e-4; vars.len()])
+}
+
+/// The seconds of `steps` training steps, after one warm-up step that is not counted.
+pub(super) fn timed_steps(
+    device: &Device,
+    steps: usize,
+    progress: &mut dyn FnMut(&str),
+    mut step: impl FnMut() -> candle_core::Result<Tensor>,
+) -> Result<Vec<f64>, TrainError> {
+    let mut seconds = Vec::new();
+    for index in 0..=steps {
+        progress(&format!(
+            "training step {index}/{steps}{}",
+            if index == 0 { " (warm-up)" } else { "" }
+        ));
+        let (elapsed, _) = timed(device, &mut step)?;
+        if index > 0 {
+            seconds.push(elapsed);
+        }
+    }
+    Ok(seconds)
+}
+
 /// Runs `work`, waits for the device to finish, and returns the seconds and the arithmetic counted.
-fn timed(
+pub(super) fn timed(
     device: &Device,
     work: impl FnOnce() -> candle_core::Result<Tensor>,
 ) -> Result<(f64, FlopCount), TrainError> {
@@ -233,7 +275,7 @@ fn timed(
     ))
 }
 
-fn median(values: &[f64]) -> f64 {
+pub(super) fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     match sorted.len() {
@@ -244,7 +286,7 @@ fn median(values: &[f64]) -> f64 {
 }
 
 /// The peak resident set size (`VmHWM`), where the system reports it.
-fn peak_rss_gib() -> Option<f64> {
+pub(super) fn peak_rss_gib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -254,7 +296,7 @@ fn peak_rss_gib() -> Option<f64> {
 /// Weights drawn at random with the scale a trained model has: matrices and kernels with standard
 /// deviation 1/√fan-in (activations keep their size through the layers, so no denormals slow the CPU),
 /// norm scales 1, biases 0.
-struct RandomWeights;
+pub(super) struct RandomWeights;
 
 impl SimpleBackend for RandomWeights {
     fn get(

@@ -8,6 +8,7 @@ mod checkpoint;
 mod diffusion;
 mod export;
 mod inputs;
+pub mod lm_bench;
 mod metadata;
 mod noise;
 mod optimizer;
