@@ -423,7 +423,7 @@ fn the_preview_renders_at_the_training_size_until_the_user_chooses_one() {
     let settings = AppSettings {
         train: TrainConfig {
             train_data_dir: PathBuf::new(),
-            resolution: 128,
+            resolution: Some(128),
             ..tiny_config(&data, &dir.path().join("out"))
         },
         tab: Tab::Preview,
@@ -437,7 +437,7 @@ fn the_preview_renders_at_the_training_size_until_the_user_chooses_one() {
     };
     assert_eq!(size(&harness), (128, 128));
     // A resolution between buckets renders at its square bucket.
-    harness.state_mut().settings_mut().train.resolution = 200;
+    harness.state_mut().settings_mut().train.resolution = Some(200);
     harness.run_steps(2);
     assert_eq!(size(&harness), (192, 192));
 
@@ -447,7 +447,7 @@ fn the_preview_renders_at_the_training_size_until_the_user_chooses_one() {
         .set_value_accesskit(96.0);
     harness.run_steps(2);
     assert_eq!(size(&harness), (96, 192));
-    harness.state_mut().settings_mut().train.resolution = 64;
+    harness.state_mut().settings_mut().train.resolution = Some(64);
     harness.run_steps(2);
     assert_eq!(size(&harness), (96, 192));
     let remembered = harness.state().settings().clone();

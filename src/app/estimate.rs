@@ -59,7 +59,7 @@ const GIB: f64 = (1u64 << 30) as f64;
 
 /// The estimate for `config` on a CPU (`on_gpu` false) or a GPU.
 pub fn estimate(config: &TrainConfig, on_gpu: bool) -> StepEstimate {
-    let pixels = (config.resolution as f64 / 256.0).powi(2) * config.batch_size as f64;
+    let pixels = (config.training_resolution() as f64 / 256.0).powi(2) * config.batch_size as f64;
     let (memory_factor, time_factor) = if config.gradient_checkpointing {
         (CHECKPOINTING_MEMORY, CHECKPOINTING_TIME)
     } else {
@@ -88,7 +88,7 @@ mod tests {
 
     fn base() -> TrainConfig {
         TrainConfig {
-            resolution: 256,
+            resolution: Some(256),
             batch_size: 1,
             lora_rank: 16,
             gradient_accumulation_steps: 1,
@@ -148,9 +148,9 @@ mod tests {
     #[test]
     fn activations_grow_with_the_pixel_count_and_the_batch() {
         let at_256 = cpu(|_| {});
-        let at_512 = cpu(|c| c.resolution = 512);
+        let at_512 = cpu(|c| c.resolution = Some(512));
         let batch_2 = cpu(|c| c.batch_size = 2);
-        let batch_4_at_512 = cpu(|c| (c.batch_size, c.resolution) = (4, 512));
+        let batch_4_at_512 = cpu(|c| (c.batch_size, c.resolution) = (4, Some(512)));
         // What one more 256x256 image adds is the same however it is added; 512 px is four of them.
         let one_image = batch_2.memory_gib - at_256.memory_gib;
         assert!(
@@ -214,7 +214,7 @@ mod tests {
             (estimated - measured).abs() <= share * measured
         };
         for (resolution, seconds, unet_gib) in [(256, 2.84, 4.15), (512, 10.56, 6.15)] {
-            let step = cpu(|c| c.resolution = resolution);
+            let step = cpu(|c| c.resolution = Some(resolution));
             assert!(
                 within(step.seconds, seconds, 0.15),
                 "{resolution} px: {step:?}"
@@ -228,12 +228,12 @@ mod tests {
 
     #[test]
     fn checkpointing_and_a_gpu_trade_as_described() {
-        let plain = cpu(|c| c.resolution = 512);
-        let checkpointed = cpu(|c| (c.resolution, c.gradient_checkpointing) = (512, true));
+        let plain = cpu(|c| c.resolution = Some(512));
+        let checkpointed = cpu(|c| (c.resolution, c.gradient_checkpointing) = (Some(512), true));
         assert!(checkpointed.memory_gib < plain.memory_gib && checkpointed.seconds > plain.seconds);
         let gpu = estimate(
             &TrainConfig {
-                resolution: 512,
+                resolution: Some(512),
                 ..base()
             },
             true,

@@ -13,7 +13,8 @@ use crate::messages::{Job, PreviewSource};
 /// the user chooses one (within the size fields' range).
 fn training_preview_side(train: &TrainConfig) -> u32 {
     let step = train.bucket_reso_steps.max(8);
-    ((train.resolution / step).max(1) * step).clamp(*PREVIEW_SIDES.start(), *PREVIEW_SIDES.end())
+    ((train.training_resolution() / step).max(1) * step)
+        .clamp(*PREVIEW_SIDES.start(), *PREVIEW_SIDES.end())
 }
 
 /// The preview sizes the fields offer.

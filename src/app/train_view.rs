@@ -259,7 +259,14 @@ impl StudioApp {
                 ui,
                 "Resolution",
                 "training size in pixels; buckets keep the same area for other aspect ratios",
-                |ui| ui.add(setting_slider(&mut t.resolution, 256..=1024).step_by(64.0)),
+                |ui| {
+                    let mut resolution = t.training_resolution();
+                    let response = ui.add(setting_slider(&mut resolution, 256..=1024).step_by(64.0));
+                    if response.changed() {
+                        t.resolution = Some(resolution);
+                    }
+                    response
+                },
             );
             row(
                 ui,

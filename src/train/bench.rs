@@ -119,6 +119,7 @@ pub fn run_bench(
         &[TargetComponent {
             prefix: UNET_PREFIX,
             slots,
+            group: super::trainer::UNET_LR_GROUP,
         }],
         spec,
         0,
