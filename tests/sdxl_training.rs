@@ -1,7 +1,7 @@
 //! Training LoRAs on the tiny SDXL model, through the same loop and diffusion task as SD1/SD2: the loss goes
 //! down, resume is exact, the export has kohya's SDXL names, shapes, alphas and metadata (also when exported
-//! later from a checkpoint), an unset resolution is SDXL's 1024, v-prediction fine-tunes train on their
-//! zero-terminal-SNR schedule, an fp16 run keeps the VAE in f32, cached text-encoder outputs (context and
+//! later from a checkpoint), an unset resolution is SDXL's 1024, v-prediction fine-tunes train (and render
+//! their sample previews) on their zero-terminal-SNR schedule, an fp16 run keeps the VAE in f32, cached text-encoder outputs (context and
 //! pooled) train exactly like fresh ones, and SDXL's bucket step is checked as kohya checks it.
 
 mod common;
@@ -251,10 +251,21 @@ fn sdxl_v_prediction_fine_tunes_train_on_their_zero_terminal_snr_schedule() {
         max_train_steps: Some(6),
         // With zero terminal SNR the last timestep has SNR 0; its min-SNR weight must not be 0/0.
         min_snr_gamma: Some(5.0),
+        sample_every_n_steps: 3,
+        sample_prompts: vec!["neon city".into()],
+        sample_steps: 2,
         ..sdxl_config(&data, &dir.path().join("out"))
     };
     let (outcome, recorded) = run(&config);
     assert_eq!(outcome.stop, TrainStop::Finished);
+    // Sample previews render during the run, with the v-prediction model and its schedule.
+    for step in [3, 6] {
+        let sample = dir
+            .path()
+            .join(format!("out/samples/step{step:06}-prompt0-strength1.png"));
+        let image = image::open(&sample).unwrap_or_else(|e| panic!("{}: {e}", sample.display()));
+        assert_eq!((image.width(), image.height()), (64, 64));
+    }
     assert!(
         recorded.losses.iter().all(|l| l.is_finite()),
         "{:?}",
