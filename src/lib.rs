@@ -8,6 +8,7 @@
 pub mod app;
 pub mod atomic_file;
 pub mod build_info;
+pub mod chat;
 pub mod cli;
 pub mod config;
 pub mod data;

@@ -420,6 +420,9 @@ pub struct ModelChoice {
 #[derive(Debug, Clone, PartialEq)]
 pub struct DownloadChoice {
     pub name: String,
+    /// A few words (`Stable Diffusion 1.5`).
+    pub label: String,
+    /// The whole description.
     pub title: String,
     pub approximate_bytes: u64,
 }

@@ -348,6 +348,82 @@ fn downloads_resume_refuse_a_corrupted_file_and_respect_offline_mode() {
     );
 }
 
+#[test]
+fn the_recommended_chat_model_downloads_as_a_model_folder_the_models_list_shows() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/causal_lm/qwen2");
+    let hub = FakeHub::start(
+        "Qwen/Qwen2.5-0.5B-Instruct",
+        &served,
+        "model.safetensors",
+        1,
+    );
+    let cache = dir.path().join("hub");
+    let cache_arg = cache.display().to_string();
+    let data = dir.path().join("data");
+    let env = [("LORA_STUDIO_DATA_DIR", data.as_path())];
+    let out = run(
+        &[
+            "download",
+            "qwen2.5-0.5b",
+            "--hub-endpoint",
+            &hub.address,
+            "--cache-dir",
+            &cache_arg,
+        ],
+        &env,
+    );
+    assert!(out.status.success(), "{}\n{:?}", text(&out), hub.requests());
+    let folder = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert_eq!(
+        folder,
+        cache
+            .join("models--Qwen--Qwen2.5-0.5B-Instruct/snapshots")
+            .join(COMMIT)
+    );
+    for file in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+    ] {
+        assert_eq!(
+            std::fs::read(folder.join(file)).unwrap(),
+            std::fs::read(served.join(file)).unwrap(),
+            "{file}"
+        );
+    }
+    assert!(!folder.join("reference.safetensors").exists());
+    assert_eq!(
+        resumed_offsets(&hub.requests(), "model.safetensors").len(),
+        1,
+        "the cut weights file resumed once"
+    );
+    assert!(
+        text(&out).contains("base_model=Qwen2.5-0.5B-Instruct"),
+        "{}",
+        text(&out)
+    );
+
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let listed = run(
+        &["models", "--json"],
+        &[
+            ("HOME", home.as_path()),
+            ("HF_HUB_CACHE", cache.as_path()),
+            ("LORA_STUDIO_DATA_DIR", data.as_path()),
+        ],
+    );
+    assert!(listed.status.success(), "{}", text(&listed));
+    let json: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let models = json["models"].as_array().unwrap();
+    assert_eq!(models.len(), 1, "{json}");
+    assert_eq!(models[0]["name"], "Qwen2.5-0.5B-Instruct");
+    assert_eq!(models[0]["family"], "chat model");
+}
+
 fn walk_files(dir: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{Reference, fixture, max_abs, max_abs_diff};
+use common::{FiniteDifferences, Reference, fixture, max_abs, max_abs_diff};
 use lora_studio::lora::{KohyaLora, LoraAdapter, kohya_name};
 use lora_studio::models::checkpoint::ModelSource;
 use lora_studio::models::pipeline::StableDiffusion;
@@ -180,22 +180,6 @@ fn sdxl_adapter_gradients_match_reference() {
     compare_with_reference("sdxl", "lora_sdxl.safetensors");
 }
 
-/// A deterministic pseudo-random direction with the shape of `t`.
-fn direction(t: &Tensor, seed: u64) -> Tensor {
-    let mut state = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let values: Vec<f64> = (0..t.elem_count())
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-        })
-        .collect();
-    Tensor::from_vec(values, t.dims(), t.device()).unwrap()
-}
-
 /// The smallest directional derivative worth checking: the central difference's float64 rounding (about
 /// 1e-13 of a loss that sums thousands of terms, over 2e-4) stays below a hundred-thousandth of it.
 const FD_NON_TRIVIAL: f64 = 1e-4;
@@ -224,70 +208,31 @@ fn finite_difference_check(kind: &str, lora: &str, component: &str) {
     } else {
         "lora_te"
     };
-    let mut checked = 0;
-    let mut unreached = 0;
-    let mut worst = 0f64;
-    let mut smallest = f64::INFINITY;
+    // Small enough that truncation (third derivatives, eps²) stays below 1e-6 relative, large enough that the
+    // float64 rounding of the loss, divided by 2·eps, does too (at 1e-6 it reaches 4e-5 of the smallest
+    // derivatives here).
+    let mut check = FiniteDifferences::new(1e-4, FD_NON_TRIVIAL);
     for (index, (name, (down, up))) in vars
         .iter()
         .filter(|(n, _)| n.starts_with(prefix))
         .enumerate()
     {
         for (which, var) in [("down", down), ("up", up)] {
-            let d = direction(var.as_tensor(), index as u64 * 2 + (which == "up") as u64);
-            let original = var.as_tensor().copy().unwrap();
-            // Small enough that truncation (third derivatives, eps²) stays below 1e-6 relative, large enough that
-            // the float64 rounding of the loss, divided by 2·eps, does too (at 1e-6 it reaches 4e-5 of the
-            // smallest derivatives here).
-            let eps = 1e-4;
-            let central_difference = || {
-                var.set(&(&original + (&d * eps).unwrap()).unwrap())
-                    .unwrap();
-                let plus = loss(&model);
-                var.set(&(&original - (&d * eps).unwrap()).unwrap())
-                    .unwrap();
-                let minus = loss(&model);
-                var.set(&original).unwrap();
-                (plus - minus) / (2.0 * eps)
-            };
-            let Some(grad) = grads.get(var) else {
+            let seed = index as u64 * 2 + (which == "up") as u64;
+            let what = format!("{kind} {name}.{which}");
+            match grads.get(var) {
+                Some(grad) => check.check(&what, var, grad, seed, || loss(&model)),
                 // Only an adapter the loss does not reach has no gradient (SDXL conditions on the penultimate
                 // layer of text encoder 1, so its last layer is never run): the loss must not move either.
-                assert_eq!(
-                    central_difference(),
-                    0.0,
-                    "{kind} {name}.{which}: no gradient, but the loss depends on it"
-                );
-                unreached += 1;
-                continue;
-            };
-            let predicted = (grad * &d)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
-            let numeric = central_difference();
-            // Relative to the derivative's own size, which must be well above the float64 noise of the
-            // difference quotient (a derivative that is zero by construction would compare noise with noise).
-            assert!(
-                numeric.abs() > FD_NON_TRIVIAL,
-                "{kind} {name}.{which}: the directional derivative {numeric:.3e} is too small to check"
-            );
-            smallest = smallest.min(numeric.abs());
-            let error = (predicted - numeric).abs() / predicted.abs().max(numeric.abs());
-            assert!(
-                error < 1e-5,
-                "{kind} {name}.{which}: analytic {predicted:.6e} vs finite difference {numeric:.6e} (rel {error:.1e})"
-            );
-            worst = worst.max(error);
-            checked += 1;
+                None => check.check_unreached(&what, var, seed, || loss(&model)),
+            }
         }
     }
-    assert!(checked > 0);
+    assert!(check.checked > 0);
     eprintln!(
-        "{kind} {component}: {checked} adapter tensors pass the finite-difference check (worst {worst:.1e}, \
-         smallest directional derivative {smallest:.2e}); {unreached} unreached by the loss"
+        "{kind} {component}: {} adapter tensors pass the finite-difference check (worst {:.1e}, smallest \
+         directional derivative {:.2e}); {} unreached by the loss",
+        check.checked, check.worst, check.smallest, check.unreached
     );
 }
 

@@ -667,3 +667,61 @@ fn type_captions(worker: &WorkerHandle, typed: &[(String, String)], csv: &Path) 
     }
     saves
 }
+
+#[test]
+fn a_run_may_name_its_base_model_as_the_model_list_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = make_dataset(&dir.path().join("data"), 2);
+    let (home, hub) = common::fake_installs::fake_computer(&dir.path().join("computer"));
+    let places = lora_studio::worker::ModelPlaces {
+        discovery: lora_studio::discovery::DiscoveryOptions {
+            home: Some(home),
+            hub_cache: Some(hub.clone()),
+            extra_roots: Vec::new(),
+            cache_file: None,
+            time_limit: Duration::from_secs(60),
+        },
+        hub: lora_studio::hub::HubSettings {
+            endpoint: "http://127.0.0.1:9".into(),
+            cache_dir: hub,
+            offline: true,
+        },
+    };
+    let (worker, events) = WorkerHandle::spawn_with(Arc::new(|| {}), places).unwrap();
+    let config = TrainConfig {
+        max_train_steps: Some(1),
+        base_model: "sd1_single".into(),
+        ..tiny_config(&data, &dir.path().join("out"))
+    };
+    worker.send(Job::Train {
+        config: Box::new(config.clone()),
+        resume: None,
+    });
+    let end = wait_for(&events, "the end of the run", |e| match e {
+        Event::RunEnded { end, .. } => Some(*end),
+        _ => None,
+    });
+    assert_eq!(end, RunEnd::Finished);
+    worker.send(Job::Train {
+        config: Box::new(TrainConfig {
+            base_model: "no-such-model".into(),
+            ..config
+        }),
+        resume: None,
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let message = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no error for an unknown model name"
+        );
+        if let Ok(Event::Error { message, .. }) = events.recv_timeout(Duration::from_millis(100)) {
+            break message;
+        }
+    };
+    assert!(
+        message.contains("no-such-model is neither a file nor a folder nor the name of a model")
+            && message.contains("sd1_single"),
+        "{message}"
+    );
+}

@@ -32,9 +32,14 @@ pub struct ModelsState {
 }
 
 impl ModelsState {
-    /// The found model at `path`.
+    /// The found model at `path`, or named `path` as the list names it (as a config may name its base).
     fn at(&self, path: &Path) -> Option<&ModelChoice> {
-        self.found.as_ref()?.models.iter().find(|m| m.path == path)
+        let models = &self.found.as_ref()?.models;
+        models.iter().find(|m| m.path == path).or_else(|| {
+            let name = path.to_str().filter(|_| !path.exists())?;
+            let mut named = models.iter().filter(|m| m.name.eq_ignore_ascii_case(name));
+            named.next().filter(|_| named.next().is_none())
+        })
     }
 
     /// What is known of the family of the base model at `path`: `None` while unknown, `Some(None)` when
@@ -273,12 +278,15 @@ impl StudioApp {
         let busy = self.models.download.is_some();
         let text = format!(
             "Download {} (about {})",
-            choice.title,
+            choice.label,
             size_text(choice.approximate_bytes)
         );
         if ui
             .add_enabled(!busy, egui::Button::new(text))
-            .on_hover_text("into the Hugging Face cache, where other tools find it too")
+            .on_hover_text(format!(
+                "{}, into the Hugging Face cache, where other tools find it too",
+                choice.title
+            ))
             .clicked()
         {
             self.models.download = Some((choice.name.clone(), 0, choice.approximate_bytes, 0.0));
@@ -306,5 +314,59 @@ impl StudioApp {
                 size_text(*speed as u64)
             )),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::ModelsState;
+    use crate::messages::{BaseFamily, ModelChoice, ModelsFound};
+
+    fn found(name: &str, path: &str, base_family: BaseFamily) -> ModelChoice {
+        ModelChoice {
+            path: path.into(),
+            name: name.to_string(),
+            family: String::new(),
+            base_family,
+            group: String::new(),
+            size_bytes: 0,
+            precision: String::new(),
+            source: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_base_named_as_the_list_names_it_has_that_models_family() {
+        let mut state = ModelsState {
+            found: Some(ModelsFound {
+                models: vec![
+                    found(
+                        "sd_xl_base_1.0",
+                        "/m/sd_xl_base_1.0.safetensors",
+                        BaseFamily::Sdxl,
+                    ),
+                    found("twin", "/a/twin.safetensors", BaseFamily::Sd),
+                    found("twin", "/b/twin.safetensors", BaseFamily::Sdxl),
+                ],
+                lora_folders: Vec::new(),
+                downloads: Vec::new(),
+            }),
+            ..Default::default()
+        };
+        let family = |state: &ModelsState, path: &str| state.family_of(Path::new(path));
+        assert_eq!(
+            family(&state, "SD_XL_BASE_1.0"),
+            Some(Some(BaseFamily::Sdxl))
+        );
+        assert_eq!(
+            family(&state, "/a/twin.safetensors"),
+            Some(Some(BaseFamily::Sd))
+        );
+        // A name two models share says nothing; an unknown one waits for the files thread.
+        assert_eq!(family(&state, "twin"), None);
+        state.described("mine.safetensors".into(), None);
+        assert_eq!(family(&state, "mine.safetensors"), Some(None));
     }
 }

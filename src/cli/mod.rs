@@ -47,7 +47,7 @@ enum Command {
     Bench(bench::BenchArgs),
     /// List the base models and LoRA folders found on this computer.
     Models(models::ModelsArgs),
-    /// Download a recommended base model (`sd15`, `sdxl`) or a file of a Hub repository.
+    /// Download a recommended base model (`sd15`, `sdxl`, `qwen2.5-0.5b`) or a file of a Hub repository.
     Download(models::DownloadArgs),
 }
 

@@ -3,7 +3,7 @@
 //! `lora-studio download NAME | REPO FILE`: a recommended base model, or any file of a Hub repository, into
 //! the Hugging Face cache.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -12,7 +12,9 @@ use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use crate::discovery::recommended::{RECOMMENDED, find};
-use crate::discovery::{Discovery, DiscoveryOptions, add_folder, data_dir, discover};
+use crate::discovery::{
+    Discovery, DiscoveryOptions, InstallKind, add_folder, data_dir, discover, short_name,
+};
 use crate::hub::{DownloadReporter, HubSettings, fetch_file, human_bytes};
 
 #[derive(Debug, Args)]
@@ -111,7 +113,7 @@ fn print_table(found: &Discovery) {
 
 #[derive(Debug, Args)]
 pub struct DownloadArgs {
-    /// A recommended base (`sd15`, `sdxl`) or a Hub repository (`owner/name`, then FILE).
+    /// A recommended base (`sd15`, `sdxl`, `qwen2.5-0.5b`) or a Hub repository (`owner/name`, then FILE).
     pub name: String,
     /// The file of the repository to fetch.
     pub file: Option<String>,
@@ -125,17 +127,9 @@ pub struct DownloadArgs {
 }
 
 pub fn run_download(args: DownloadArgs) -> anyhow::Result<()> {
-    let (repo, file) = match (find(&args.name), &args.file) {
-        (Some(recommended), None) => match recommended.file {
-            Some(file) => (recommended.repo.to_string(), file.to_string()),
-            None => bail!(
-                "{} is a model folder; download its files one by one",
-                args.name
-            ),
-        },
-        (_, Some(file)) if crate::label::sources::is_repository_id(&args.name) => {
-            (args.name.clone(), file.clone())
-        }
+    let recommended = match (find(&args.name), &args.file) {
+        (Some(recommended), None) => Some(recommended),
+        (_, Some(_)) if crate::label::sources::is_repository_id(&args.name) => None,
         _ => {
             let names: Vec<String> = RECOMMENDED
                 .iter()
@@ -157,22 +151,23 @@ pub fn run_download(args: DownloadArgs) -> anyhow::Result<()> {
         settings.cache_dir = cache;
     }
     let mut progress = TerminalDownload::default();
-    let path = fetch_file(&repo, &file, &settings, &mut progress)?;
+    let path = match recommended {
+        Some(recommended) => recommended.fetch(&settings, &mut progress)?,
+        None => fetch_file(
+            &args.name,
+            args.file.as_deref().unwrap_or_default(),
+            &settings,
+            &mut progress,
+        )?,
+    };
     progress.finish();
     println!("{}", path.display());
     eprintln!(
         "{} is in the Hugging Face cache; use it with --set base_model={}",
-        file,
-        short_name(&path)
+        path.file_name().unwrap_or_default().to_string_lossy(),
+        short_name(InstallKind::HuggingFaceCache, &path)
     );
     Ok(())
-}
-
-/// The name `train` and `generate` know a downloaded file by.
-fn short_name(path: &Path) -> String {
-    path.file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default()
 }
 
 /// A terminal progress bar with bytes, speed and time left.

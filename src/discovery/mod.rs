@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 pub use cache::DescriptionCache;
-pub use installs::InstallKind;
+pub use installs::{InstallKind, short_name};
 
 /// The model families lora-studio tells apart from a file's header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -60,6 +60,11 @@ impl Family {
             Family::Sdxl | Family::SdxlVPred => "Stable Diffusion XL",
             Family::ChatModel => "Language models",
         }
+    }
+
+    /// Whether it makes images (the app's image mode trains it).
+    pub fn is_image_model(&self) -> bool {
+        *self != Family::ChatModel
     }
 }
 

@@ -146,20 +146,52 @@ pub fn fetch_file(
     settings: &HubSettings,
     reporter: &mut dyn DownloadReporter,
 ) -> Result<PathBuf, HubError> {
+    let mut paths = fetch_files(repo, &[file], settings, reporter)?;
+    Ok(paths.remove(0))
+}
+
+/// The local paths of `files` of the model repository `repo` (one snapshot folder), downloading those the
+/// cache lacks; every missing file is planned (with its size) before the first byte is fetched.
+pub fn fetch_files(
+    repo: &str,
+    files: &[&str],
+    settings: &HubSettings,
+    reporter: &mut dyn DownloadReporter,
+) -> Result<Vec<PathBuf>, HubError> {
     let hub = HubRepo::open(repo, settings)?;
-    if let Some(path) = hub.cached(file) {
-        return Ok(path);
+    let missing: Vec<&str> = files
+        .iter()
+        .copied()
+        .filter(|file| hub.cached(file).is_none())
+        .collect();
+    if !missing.is_empty() {
+        if hub.api.is_none() {
+            return Err(HubError::Unavailable(format!(
+                "`{}` of {repo} is not in the Hugging Face cache {} and downloads are off (offline mode or \
+                 HF_HUB_OFFLINE=1)",
+                missing.join("`, `"),
+                settings.cache_dir.display()
+            )));
+        }
+        let planned = missing
+            .iter()
+            .map(|file| hub.first_available(&[file]))
+            .collect::<Result<Vec<_>, _>>()?;
+        reporter.planned(repo, &planned);
+        for file in &missing {
+            hub.download(file, reporter)?;
+        }
     }
-    if hub.api.is_none() {
-        return Err(HubError::Unavailable(format!(
-            "`{file}` of {repo} is not in the Hugging Face cache {} and downloads are off (offline mode or \
-             HF_HUB_OFFLINE=1)",
-            settings.cache_dir.display()
-        )));
-    }
-    let planned = hub.first_available(&[file])?;
-    reporter.planned(repo, std::slice::from_ref(&planned));
-    hub.download(file, reporter)
+    files
+        .iter()
+        .map(|file| {
+            hub.cached(file).ok_or_else(|| {
+                HubError::Unavailable(format!(
+                    "`{file}` of {repo} is not in the cache after its download"
+                ))
+            })
+        })
+        .collect()
 }
 
 /// One model repository of the Hub: its cache, and (when online) its API.

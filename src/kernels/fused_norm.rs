@@ -67,7 +67,7 @@ fn kernel_channels(x: &Tensor, rows: usize, weight: &Tensor, bias: &Tensor) -> O
 }
 
 /// Calls `f` with the values of `t` (f32 on the CPU), without a copy when `t` is contiguous.
-fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+pub(super) fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     match (&*storage, layout.contiguous_offsets()) {
@@ -133,19 +133,29 @@ impl TiedBackward for KernelNormBackward {
     }
 
     fn bwd(&self, x: &[&Tensor], _: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        let x = x[0];
-        let grad_x = with_values(&x.detach(), |x_values| {
-            with_values(grad, |grad_values| {
-                norm_kernel::backward(
-                    x_values,
-                    grad_values,
-                    (&self.means, &self.inverse_stds),
-                    &self.scale_shift.affine(),
-                )
-            })
-        })??;
-        Ok(vec![Some(Tensor::from_vec(grad_x, x.shape(), x.device())?)])
+        let grad_x = kernel_input_gradient(x[0], grad, |x_values, grad_values| {
+            norm_kernel::backward(
+                x_values,
+                grad_values,
+                (&self.means, &self.inverse_stds),
+                &self.scale_shift.affine(),
+            )
+        })?;
+        Ok(vec![Some(grad_x)])
     }
+}
+
+/// The input gradient a CPU kernel computes from the values of `x` and of the output gradient `grad` (f32
+/// on the CPU), shaped like `x`.
+pub(super) fn kernel_input_gradient(
+    x: &Tensor,
+    grad: &Tensor,
+    kernel: impl FnOnce(&[f32], &[f32]) -> Vec<f32>,
+) -> Result<Tensor> {
+    let grad_x = with_values(&x.detach(), |x_values| {
+        with_values(grad, |grad_values| kernel(x_values, grad_values))
+    })??;
+    Tensor::from_vec(grad_x, x.shape(), x.device())
 }
 
 /// `dx` from the gradient `grad` of `x̂` (`[rows, n]`) and `x̂` itself.

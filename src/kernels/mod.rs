@@ -1,7 +1,7 @@
 //! Compute kernels with their own backward passes, shared by every model: frozen linear and convolution
-//! layers whose backward computes only the input gradient, memory-lean attention, normalisation and
-//! activations, and the CPU fast paths behind them (im2col and Winograd convolutions, tiled attention,
-//! vectorised norms, few-row products).
+//! layers whose backward computes only the input gradient, memory-lean attention, normalisation (layer,
+//! group and RMS), rotary position embeddings and activations, and the CPU fast paths behind them (im2col
+//! and Winograd convolutions, tiled attention, vectorised norms, few-row products).
 //!
 //! Each op has a device-generic path built from candle ops (what CUDA and Metal run) and, for f32/f64 on
 //! the CPU, the project's own kernels. [`cpu_kernels`] decides between them in one place, so the generic
@@ -17,6 +17,8 @@ mod fused_attention;
 mod fused_norm;
 mod im2col;
 mod norm_kernel;
+mod rms_norm;
+mod rotary;
 mod tied;
 mod winograd;
 
@@ -29,6 +31,8 @@ pub use activations::{geglu, gelu, silu};
 pub use frozen::{frozen_affine, frozen_conv2d, frozen_linear};
 pub use fused_attention::fused_attention;
 pub use fused_norm::{normalize_affine, normalize_rows};
+pub use rms_norm::rms_norm;
+pub use rotary::rotary_embedding;
 pub(crate) use tied::{TiedBackward, tie};
 
 /// The environment variable that, set to anything but `0`, makes the CPU take the device-generic paths.

@@ -1,7 +1,9 @@
 //! f32 CPU kernels of [`super::fused_norm::normalize_affine`] for the layouts of layer norm and group norm:
 //! each row's mean and `1/√(var + eps)` (two passes, summed in f64), the affine output, and the input
 //! gradient in two more passes, rows in parallel and loops compiled for AVX2 where the CPU has it. Composed
-//! from candle ops, the same work is ten passes over memory, the reductions on one thread.
+//! from candle ops, the same work is ten passes over memory, the reductions on one thread. The RMS
+//! normalisation of [`super::rms_norm`] (no centring, a scale per element) is here too, in one pass each way
+//! after the row's sum of squares.
 
 use std::ops::Range;
 
@@ -237,6 +239,71 @@ pub(super) fn backward(
                             }
                         }
                     });
+                },
+            )
+        });
+    grad_x
+}
+
+/// `x·r·weight` over the rows of `x` (each as long as `weight`), with each row's `r = 1/√(mean(x²) + eps)`
+/// (the sum of squares in f64); returns the output and every row's `r`.
+pub(super) fn rms_forward(x: &[f32], weight: &[f32], eps: f64) -> (Vec<f32>, Vec<f32>) {
+    let row_len = weight.len();
+    let mut output = vec![0f32; x.len()];
+    if row_len == 0 {
+        return (output, Vec::new());
+    }
+    let mut inverse_rms = vec![0f32; x.len() / row_len];
+    let simd = Simd::detect();
+    output
+        .par_chunks_mut(row_len)
+        .zip(x.par_chunks(row_len))
+        .zip(inverse_rms.par_iter_mut())
+        .for_each(|((output, x), inverse)| {
+            vectorised(
+                simd,
+                #[inline(always)]
+                || {
+                    let (squares, _) = lane_sums((x, x, x), |x, _, _| (x * x, 0.0));
+                    let r = (1.0 / (squares / row_len as f64 + eps).sqrt()) as f32;
+                    *inverse = r;
+                    for ((y, &x), &w) in output.iter_mut().zip(x).zip(weight) {
+                        *y = x * r * w;
+                    }
+                },
+            )
+        });
+    (output, inverse_rms)
+}
+
+/// The input gradient of [`rms_forward`] for the output gradient `grad`: per row, with `g = grad·weight`
+/// and `x̂ = x·r`, `dx = r·(g − x̂·mean(g·x̂)) = r·g − x·r³·mean(g·x)`.
+pub(super) fn rms_backward(
+    x: &[f32],
+    grad: &[f32],
+    inverse_rms: &[f32],
+    weight: &[f32],
+) -> Vec<f32> {
+    let row_len = weight.len();
+    let mut grad_x = vec![0f32; x.len()];
+    if row_len == 0 {
+        return grad_x;
+    }
+    let simd = Simd::detect();
+    grad_x
+        .par_chunks_mut(row_len)
+        .zip(x.par_chunks(row_len).zip(grad.par_chunks(row_len)))
+        .zip(inverse_rms.par_iter())
+        .for_each(|((grad_x, (x, grad)), &r)| {
+            vectorised(
+                simd,
+                #[inline(always)]
+                || {
+                    let (projection, _) = lane_sums((x, grad, weight), |x, g, w| (g * w * x, 0.0));
+                    let slope = (projection / row_len as f64) as f32 * r * r * r;
+                    for (((dx, &x), &g), &w) in grad_x.iter_mut().zip(x).zip(grad).zip(weight) {
+                        *dx = r * g * w - x * slope;
+                    }
                 },
             )
         });

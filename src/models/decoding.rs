@@ -232,7 +232,7 @@ fn log_softmax(values: &mut [f32]) {
 }
 
 /// The index of the largest value (the first on ties, as `torch.argmax`).
-fn argmax(values: &[f32]) -> u32 {
+pub(crate) fn argmax(values: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &v) in values.iter().enumerate() {
         if v.partial_cmp(&values[best]) == Some(Ordering::Greater) {

@@ -1,11 +1,13 @@
 //! Stable Diffusion 1.x/2.x and SDXL in candle: UNet, VAE, CLIP text encoders, tokenizer, noise schedules and
-//! samplers, checkpoint loading from the files users have, and the text-to-image pipeline.
+//! samplers, checkpoint loading from the files users have, and the text-to-image pipeline; the captioning
+//! models; and causal language models (Qwen2, Qwen3, Llama) for chat LoRAs.
 //!
 //! Models are plain structs (`new(vb, &config)` + `forward`) in the diffusers module layout, built from
 //! adapter-capable layers so LoRA training, previews and merging share one code path. Must not use egui,
 //! messages, train or worker.
 
 pub mod blip;
+pub mod causal_lm;
 pub mod checkpoint;
 pub mod checkpointing;
 pub mod clip;

@@ -1,14 +1,16 @@
 //! Building blocks shared by the models, written only with ops whose candle backward is right.
 //!
-//! candle's fused `softmax_last_dim` and `layer_norm` kernels return no gradient at all, so unmasked
-//! attention runs through [`crate::kernels::fused_attention`] (its own backward) and masked attention (CLIP's causal
-//! mask) uses `ops::softmax`; layer and group norm run through [`crate::kernels::normalize_affine`] (its own backward).
-//! Finite-difference tests in `tests/` keep these honest.
+//! candle's fused `softmax_last_dim`, `layer_norm` and `rms_norm` kernels return no gradient at all, so
+//! unmasked attention runs through [`crate::kernels::fused_attention`] (its own backward) and masked
+//! attention (CLIP's causal mask; language models' causal, padding and packing masks) uses `ops::softmax`;
+//! layer and group norm run through [`crate::kernels::normalize_affine`] and RMS norm through
+//! [`crate::kernels::rms_norm`] (each with its own backward). Finite-difference tests in `tests/` keep these
+//! honest.
 
 use candle_core::{D, DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::kernels::{fused_attention, normalize_affine, normalize_rows, silu};
+use crate::kernels::{fused_attention, normalize_affine, normalize_rows, rms_norm, silu};
 
 /// Layer normalisation over the last dimension with a learned scale and shift.
 #[derive(Debug, Clone)]
@@ -37,6 +39,27 @@ impl LayerNorm {
             .reshape(x.shape())?
             .broadcast_mul(&self.weight)?
             .broadcast_add(&self.bias)
+    }
+}
+
+/// RMS normalisation over the last dimension with a learned scale (Llama, Qwen): `x / √(mean(x²) + eps) ·
+/// weight`, in f32 for f16/bf16 activations.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(size, "weight")?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        rms_norm(x, &self.weight, self.eps)
     }
 }
 

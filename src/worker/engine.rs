@@ -10,6 +10,7 @@ use crossbeam_channel::Receiver;
 use super::inbox::Inbox;
 use super::{Outbox, contain, internal_error};
 use crate::config::{PredictionOverride, TrainConfig};
+use crate::discovery::{DiscoveryOptions, discover, resolve};
 use crate::lora::LoraNetwork;
 use crate::messages::{
     Event, ExportFormat, Job, LossPoint, PreviewRequest, PreviewSettings, PreviewSource, RunEnd,
@@ -27,6 +28,8 @@ struct Engine {
     inbox: Inbox,
     outbox: Outbox,
     base: Option<(BaseKey, LoadedBase)>,
+    /// Where models named by their short name are looked for.
+    models: DiscoveryOptions,
 }
 
 /// What a loaded base model was loaded as.
@@ -39,11 +42,12 @@ struct BaseKey {
     precision: crate::config::MixedPrecision,
 }
 
-pub fn run(jobs: Receiver<Job>, outbox: Outbox) {
+pub fn run(jobs: Receiver<Job>, outbox: Outbox, models: DiscoveryOptions) {
     let mut engine = Engine {
         inbox: Inbox::new(jobs),
         outbox,
         base: None,
+        models,
     };
     while let Some(job) = engine.inbox.next(true) {
         let what = job.name();
@@ -78,7 +82,24 @@ fn grid_requests(
 impl Engine {
     fn handle(&mut self, job: Job) {
         match job {
-            Job::Train { config, resume } => self.train(&config, resume.as_deref()),
+            Job::Train { mut config, resume } => {
+                // A config may name its base model the way `lora-studio models` lists it.
+                match resolve(&config.base_model, || discover(&self.models)) {
+                    Ok(path) => {
+                        config.base_model = path;
+                        self.train(&config, resume.as_deref())
+                    }
+                    Err(message) => {
+                        self.outbox.error(message);
+                        self.outbox.send(Event::RunEnded {
+                            end: RunEnd::Stopped,
+                            lora: None,
+                            checkpoint: None,
+                            steps: 0,
+                        });
+                    }
+                }
+            }
             Job::Preview(request) => {
                 if let Err(e) = self.preview(&request, true) {
                     self.outbox.error(e.to_string());

@@ -80,9 +80,10 @@ impl WorkerHandle {
         let engine_outbox = outbox.clone();
         let captioner_outbox = outbox.clone();
         let models_outbox = outbox.clone();
+        let engine_models = places.discovery.clone();
         std::thread::Builder::new()
             .name("lora-studio-engine".into())
-            .spawn(move || engine::run(engine_rx, engine_outbox))?;
+            .spawn(move || engine::run(engine_rx, engine_outbox, engine_models))?;
         std::thread::Builder::new()
             .name("lora-studio-files".into())
             .spawn(move || files::run(files_rx, outbox))?;

@@ -10,7 +10,7 @@ use crossbeam_channel::Receiver;
 use super::{Outbox, contain};
 use crate::discovery::recommended::{RECOMMENDED, find};
 use crate::discovery::{Discovery, DiscoveryOptions, Family, discover};
-use crate::hub::{DownloadReporter, HubSettings, fetch_file};
+use crate::hub::{DownloadReporter, HubSettings};
 use crate::messages::{BaseFamily, DownloadChoice, Event, Job, ModelChoice, ModelsFound};
 
 /// Where the models thread looks, and where it downloads to.
@@ -64,9 +64,6 @@ pub fn run(jobs: Receiver<Job>, outbox: Outbox, places: ModelPlaces) {
 fn download(name: &str, places: &ModelPlaces, outbox: &Outbox) -> Result<PathBuf, String> {
     let recommended =
         find(name).ok_or_else(|| format!("`{name}` is not one of the recommended base models"))?;
-    let file = recommended
-        .file
-        .ok_or_else(|| format!("{name} is a model folder, which the app cannot download yet"))?;
     let mut progress = ProgressEvents {
         name,
         outbox,
@@ -75,7 +72,9 @@ fn download(name: &str, places: &ModelPlaces, outbox: &Outbox) -> Result<PathBuf
         started: Instant::now(),
         last_sent: None,
     };
-    fetch_file(recommended.repo, file, &places.hub, &mut progress).map_err(|e| e.to_string())
+    recommended
+        .fetch(&places.hub, &mut progress)
+        .map_err(|e| e.to_string())
 }
 
 /// What the app lists.
@@ -102,9 +101,10 @@ fn as_message(found: &Discovery) -> ModelsFound {
             .collect(),
         downloads: RECOMMENDED
             .iter()
-            .filter(|r| r.file.is_some())
+            .filter(|r| r.family.is_image_model())
             .map(|r| DownloadChoice {
                 name: r.name.to_string(),
+                label: r.label.to_string(),
                 title: r.title.to_string(),
                 approximate_bytes: r.approximate_bytes,
             })

@@ -17,15 +17,21 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// The reference outputs of one tiny model (`sd1`, `sd2` or `sdxl`).
+/// The reference outputs of one tiny model (`sd1`, `sd2`, `sdxl`, or a language model's
+/// `reference.safetensors`).
 pub struct Reference {
     file: TensorFile,
 }
 
 impl Reference {
     pub fn open(kind: &str) -> Self {
+        Self::at(&fixture(&format!("{kind}_reference.safetensors")))
+    }
+
+    /// The reference file at `path`.
+    pub fn at(path: &std::path::Path) -> Self {
         Self {
-            file: TensorFile::open(&fixture(&format!("{kind}_reference.safetensors"))).unwrap(),
+            file: TensorFile::open(path).unwrap_or_else(|e| panic!("{e}")),
         }
     }
 
@@ -262,6 +268,120 @@ pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, tolerance: f
         "{what}: max abs diff {diff:.3e} exceeds {tolerance:.1e} (reference max abs {:.3e})",
         max_abs(expected)
     );
+}
+
+/// A deterministic pseudo-random direction (values in [-1, 1)) with the shape of `t`, for finite-difference
+/// checks.
+pub fn direction(t: &Tensor, seed: u64) -> Tensor {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let values: Vec<f64> = (0..t.elem_count())
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(values, t.dims(), t.device()).unwrap()
+}
+
+/// Finite-difference checks of gradients in float64: each compares the analytic directional derivative along a
+/// pseudo-random direction with a central difference of the loss, relative to the derivative's own size.
+#[derive(Debug)]
+pub struct FiniteDifferences {
+    /// Smallest |derivative| worth checking: the float64 noise of the difference quotient must stay far
+    /// below it (a derivative that is zero by construction would compare noise with noise).
+    pub non_trivial: f64,
+    /// The step along the direction.
+    pub eps: f64,
+    pub checked: usize,
+    /// Adapters the loss does not reach (no gradient, and the loss does not move).
+    pub unreached: usize,
+    pub worst: f64,
+    pub smallest: f64,
+}
+
+impl FiniteDifferences {
+    pub fn new(eps: f64, non_trivial: f64) -> Self {
+        Self {
+            non_trivial,
+            eps,
+            checked: 0,
+            unreached: 0,
+            worst: 0.0,
+            smallest: f64::INFINITY,
+        }
+    }
+
+    /// Checks `grad`, the gradient of `loss` at `var`, along `direction(var, seed)`; `loss` is evaluated
+    /// with `var` moved either way, which is restored after.
+    pub fn check(
+        &mut self,
+        what: &str,
+        var: &candle_core::Var,
+        grad: &Tensor,
+        seed: u64,
+        loss: impl Fn() -> f64,
+    ) {
+        let d = direction(var.as_tensor(), seed);
+        let predicted = (grad * &d)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        let numeric = self.central_difference(var, &d, loss);
+        assert!(
+            numeric.abs() > self.non_trivial,
+            "{what}: the directional derivative {numeric:.3e} is too small to check"
+        );
+        let error = (predicted - numeric).abs() / predicted.abs().max(numeric.abs());
+        assert!(
+            error < 1e-5,
+            "{what}: analytic {predicted:.6e} vs finite difference {numeric:.6e} (rel {error:.1e})"
+        );
+        self.smallest = self.smallest.min(numeric.abs());
+        self.worst = self.worst.max(error);
+        self.checked += 1;
+    }
+
+    /// Checks that `loss` does not depend on `var`, which got no gradient (an adapter on a layer the loss
+    /// never runs, such as the last layer of SDXL's first text encoder).
+    pub fn check_unreached(
+        &mut self,
+        what: &str,
+        var: &candle_core::Var,
+        seed: u64,
+        loss: impl Fn() -> f64,
+    ) {
+        let d = direction(var.as_tensor(), seed);
+        let numeric = self.central_difference(var, &d, loss);
+        assert_eq!(
+            numeric, 0.0,
+            "{what}: no gradient, but the loss depends on it"
+        );
+        self.unreached += 1;
+    }
+
+    /// The derivative of `loss` at `var` along `d` by a central difference; `var` is restored after.
+    fn central_difference(
+        &self,
+        var: &candle_core::Var,
+        d: &Tensor,
+        loss: impl Fn() -> f64,
+    ) -> f64 {
+        let original = var.as_tensor().copy().unwrap();
+        let value_at = |step: f64| {
+            var.set(&(&original + (d * step).unwrap()).unwrap())
+                .unwrap();
+            loss()
+        };
+        let numeric = (value_at(self.eps) - value_at(-self.eps)) / (2.0 * self.eps);
+        var.set(&original).unwrap();
+        numeric
+    }
 }
 
 /// Runs the tests named (exactly) in this test binary again, in a child process with the device-generic

@@ -219,11 +219,15 @@ pub trait Sampler {
     /// The timesteps fed to the UNet, in order.
     fn timesteps(&self) -> &[f64];
 
-    /// The factor initial noise is scaled by.
-    fn init_noise_sigma(&self) -> f64;
+    /// The factor initial noise is scaled by (1 for samplers that work on unscaled samples).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
 
-    /// Scales the latents before the UNet sees them at step `index`.
-    fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor>;
+    /// Scales the latents before the UNet sees them at step `index` (unchanged by default).
+    fn scale_model_input(&self, sample: &Tensor, _index: usize) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
 
     /// Moves `sample` from step `index` to the next, given the (guided) model output.
     fn step(

@@ -1,0 +1,25 @@
+//! Causal language models (Qwen2/Qwen2.5, Qwen3, Llama 3.x) for LoRA training and chat: their
+//! configuration, weights from a Hugging Face folder, the forward pass with causal, padding and packing
+//! masks, the key/value cache, the next-token loss and generation.
+//!
+//! Built like the image models, from adapter-capable layers and the kernels with their own backward passes
+//! (RMS norm, rotary embedding, attention with `ops::softmax` under a mask), so LoRA gradients flow through
+//! every projection. Tokenizers and chat templates are the `chat` room's; this module knows token ids only.
+//! Must not use train, worker, cli or app.
+
+mod attention;
+mod batch;
+mod cache;
+mod config;
+mod generate;
+mod layer;
+mod loss;
+mod model;
+mod rope;
+
+pub use batch::{PADDING_SEGMENT, PaddingSide, TEXT_SEGMENT, TokenBatch};
+pub use cache::KvCache;
+pub use config::{Architecture, CausalLmConfig, RopeScaling};
+pub use generate::{GenerationSettings, Sampling, generate, sample};
+pub use loss::{IGNORE_INDEX, next_token_loss};
+pub use model::CausalLm;
