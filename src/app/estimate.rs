@@ -50,7 +50,8 @@ const SD15: ModelSizes = ModelSizes {
 /// f32. Per pixel at 1024 px its UNet's forward pass does 2.35x the operations of SD1.5's at 256 px (6,761
 /// against 180 GFLOP for 16x the pixels) and keeps 1.81x the activations for the backward pass (adapters on
 /// every linear layer, attention probabilities left out as the project's attention keeps none), counted
-/// with PyTorch's `FlopCounterMode` and saved-tensor hooks on diffusers' UNets of both configurations.
+/// with PyTorch's `FlopCounterMode` and saved-tensor hooks on diffusers' UNets of both configurations
+/// (`python bench/model_sizes.py`).
 const SDXL: ModelSizes = ModelSizes {
     weights_gib: (2_567_463_684.0 + 123_060_480.0 + 694_659_840.0 + 83_653_863.0) * 4.0 / GIB,
     activations_gib_256: SD15.activations_gib_256 * 1.81,
