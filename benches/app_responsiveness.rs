@@ -127,7 +127,7 @@ fn while_training(dir: &Path) {
             base_model: fixture("sd1"),
             output_dir: dir.join("out"),
             output_name: "bench".into(),
-            resolution: 128,
+            resolution: Some(128),
             min_bucket_reso: Some(128),
             max_bucket_reso: Some(256),
             lora_rank: 8,

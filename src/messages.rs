@@ -63,6 +63,10 @@ pub enum Job {
         /// Its short name (`sd15`).
         name: String,
     },
+    /// Tell the family of a base model file or folder from its headers (nothing is loaded).
+    DescribeModel {
+        path: PathBuf,
+    },
 }
 
 impl Job {
@@ -84,6 +88,7 @@ impl Job {
             Job::CancelAutoCaption => "cancelling auto-captioning",
             Job::FindModels => "finding models",
             Job::DownloadModel { .. } => "downloading a model",
+            Job::DescribeModel { .. } => "describing a model",
         }
     }
 }
@@ -339,6 +344,11 @@ pub enum Event {
         name: String,
         path: PathBuf,
     },
+    /// The family of a base model (`None`: not a base model lora-studio reads).
+    ModelDescribed {
+        path: PathBuf,
+        family: Option<BaseFamily>,
+    },
     /// Auto-captioning advanced: what it is doing (downloading, loading, captioning) and how far along.
     AutoCaptionProgress {
         activity: String,
@@ -379,6 +389,17 @@ pub struct ModelsFound {
     pub downloads: Vec<DownloadChoice>,
 }
 
+/// The families of base models whose training defaults differ (resolution, presets, the estimate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaseFamily {
+    /// Stable Diffusion 1.x and 2.x.
+    Sd,
+    /// Stable Diffusion XL and its fine-tunes.
+    Sdxl,
+    /// Something else the app lists (a chat model).
+    Other,
+}
+
 /// A base model found on this computer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelChoice {
@@ -386,6 +407,7 @@ pub struct ModelChoice {
     pub name: String,
     /// `SD 1.x`, `SD 2.x (v-prediction)`, ...
     pub family: String,
+    pub base_family: BaseFamily,
     /// The group it is listed under (`Stable Diffusion 1.x`).
     pub group: String,
     pub size_bytes: u64,

@@ -423,7 +423,7 @@ fn the_preview_renders_at_the_training_size_until_the_user_chooses_one() {
     let settings = AppSettings {
         train: TrainConfig {
             train_data_dir: PathBuf::new(),
-            resolution: 128,
+            resolution: Some(128),
             ..tiny_config(&data, &dir.path().join("out"))
         },
         tab: Tab::Preview,
@@ -437,7 +437,7 @@ fn the_preview_renders_at_the_training_size_until_the_user_chooses_one() {
     };
     assert_eq!(size(&harness), (128, 128));
     // A resolution between buckets renders at its square bucket.
-    harness.state_mut().settings_mut().train.resolution = 200;
+    harness.state_mut().settings_mut().train.resolution = Some(200);
     harness.run_steps(2);
     assert_eq!(size(&harness), (192, 192));
 
@@ -447,7 +447,7 @@ fn the_preview_renders_at_the_training_size_until_the_user_chooses_one() {
         .set_value_accesskit(96.0);
     harness.run_steps(2);
     assert_eq!(size(&harness), (96, 192));
-    harness.state_mut().settings_mut().train.resolution = 64;
+    harness.state_mut().settings_mut().train.resolution = Some(64);
     harness.run_steps(2);
     assert_eq!(size(&harness), (96, 192));
     let remembered = harness.state().settings().clone();
@@ -587,22 +587,30 @@ fn open_app_on(
         )
 }
 
+/// A ComfyUI install under `home` whose checkpoints folder holds the fixture checkpoints called `names`
+/// (with their sidecar configs); its checkpoints folder.
+fn fake_comfyui(home: &std::path::Path, names: &[&str]) -> PathBuf {
+    let checkpoints = home.join("ComfyUI/models/checkpoints");
+    std::fs::create_dir_all(home.join("ComfyUI/comfy")).unwrap();
+    std::fs::create_dir_all(&checkpoints).unwrap();
+    std::fs::write(home.join("ComfyUI/main.py"), b"").unwrap();
+    for name in names {
+        for extension in ["safetensors", "yaml", "json"] {
+            let file = format!("{name}.{extension}");
+            if common::fixture(&file).exists() {
+                std::fs::copy(common::fixture(&file), checkpoints.join(&file)).unwrap();
+            }
+        }
+    }
+    checkpoints
+}
+
 #[test]
 fn a_model_found_on_this_computer_is_picked_from_the_list_and_trained_on() {
     let dir = tempfile::tempdir().unwrap();
     let data = make_dataset(&dir.path().join("data"), 2);
     let home = dir.path().join("home");
-    let checkpoints = home.join("ComfyUI/models/checkpoints");
-    std::fs::create_dir_all(home.join("ComfyUI/comfy")).unwrap();
-    std::fs::write(home.join("ComfyUI/main.py"), b"").unwrap();
-    for name in [
-        "sd1_single.safetensors",
-        "sd1_single.yaml",
-        "sd1_single.json",
-    ] {
-        std::fs::create_dir_all(&checkpoints).unwrap();
-        std::fs::copy(common::fixture(name), checkpoints.join(name)).unwrap();
-    }
+    let checkpoints = fake_comfyui(&home, &["sd1_single"]);
     let settings = AppSettings {
         train: TrainConfig {
             train_data_dir: PathBuf::new(),
@@ -695,4 +703,124 @@ fn a_first_start_without_models_offers_a_download_that_becomes_the_base_model() 
         "{:?}",
         harness.state().notices()
     );
+}
+
+/// The label of the estimate line.
+fn estimate_line(harness: &Harness<'_, StudioApp>) -> String {
+    harness
+        .get_by_label_contains("Rough estimate for")
+        .value()
+        .unwrap_or_default()
+}
+
+/// Opens the preset list and says whether it offers `name`, then closes it.
+fn presets_offer(harness: &mut Harness<'_, StudioApp>, name: &str) -> bool {
+    harness
+        .get_by_role_and_label(Role::ComboBox, "Preset")
+        .click();
+    harness.run_steps(2);
+    let offered = harness.query_by_label(name).is_some();
+    harness
+        .get_by_role_and_label(Role::ComboBox, "Preset")
+        .click();
+    harness.run_steps(2);
+    offered
+}
+
+#[test]
+fn picking_an_sdxl_base_offers_and_applies_the_sdxl_presets_and_an_sd1_base_brings_them_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = make_dataset(&dir.path().join("data"), 2);
+    let home = dir.path().join("home");
+    let checkpoints = fake_comfyui(&home, &["sd1_single", "sdxl_single"]);
+    let settings = AppSettings {
+        train: TrainConfig {
+            base_model: PathBuf::new(),
+            ..tiny_config(&data, &dir.path().join("out"))
+        },
+        preset: "16 GB GPU".to_string(),
+        tab: Tab::Train,
+        ..Default::default()
+    };
+    let mut harness = open_app_on(dir.path(), &home, "http://127.0.0.1:9", settings);
+    step_until(&mut harness, "the search for models", |app| {
+        app.models_found() == Some(2)
+    });
+    harness.run_steps(2);
+    assert!(presets_offer(&mut harness, "Cyberpunk example"));
+    assert!(!presets_offer(&mut harness, "SDXL, 12 GB GPU"));
+    let pick = |harness: &mut Harness<'_, StudioApp>, label: &str| {
+        harness
+            .get_by_role_and_label(Role::ComboBox, "Base model")
+            .click();
+        harness.run_steps(2);
+        harness.get_by_label_contains(label).click();
+        harness.run_steps(3);
+    };
+
+    // An SDXL base: the SDXL preset for the same GPU takes over, and the estimate is SDXL's.
+    pick(&mut harness, "sdxl_single  —  SDXL");
+    let train = &harness.state().settings().train;
+    assert_eq!(
+        train.base_model,
+        checkpoints.join("sdxl_single.safetensors")
+    );
+    assert_eq!(harness.state().settings().preset, "SDXL, 16 GB GPU");
+    assert_eq!(train.resolution, Some(1024));
+    assert!(train.gradient_checkpointing);
+    assert_eq!(train.output_dir, dir.path().join("out"), "the paths stay");
+    assert!(presets_offer(&mut harness, "SDXL, 12 GB GPU"));
+    assert!(!presets_offer(&mut harness, "Cyberpunk example"));
+    let sdxl_estimate = estimate_line(&harness);
+    assert!(sdxl_estimate.contains("an SDXL model"), "{sdxl_estimate}");
+
+    // Back to an SD 1.x base: the SD preset for that GPU.
+    pick(&mut harness, "sd1_single  —  SD 1.x");
+    assert_eq!(harness.state().settings().preset, "16 GB GPU");
+    assert_eq!(harness.state().settings().train.resolution, Some(512));
+    assert!(presets_offer(&mut harness, "Cyberpunk example"));
+    let sd_estimate = estimate_line(&harness);
+    assert!(sd_estimate.contains("an SD 1.5 model"), "{sd_estimate}");
+}
+
+#[test]
+fn a_remembered_sdxl_file_is_described_and_its_settings_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = make_dataset(&dir.path().join("data"), 2);
+    let sdxl = common::fixture("sdxl_single.safetensors");
+    let settings = AppSettings {
+        train: TrainConfig {
+            base_model: sdxl.clone(),
+            resolution: Some(768),
+            ..tiny_config(&data, &dir.path().join("out"))
+        },
+        tab: Tab::Train,
+        ..Default::default()
+    };
+    let mut harness = open_app_sized(settings, [1280.0, 900.0]);
+    // The list finds nothing (it looks nowhere): the files thread tells the family from the file's headers.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let shown = |harness: &Harness<'_, StudioApp>| {
+        harness
+            .get_by_role_and_label(Role::ComboBox, "Base model")
+            .value()
+    };
+    while shown(&harness).as_deref() != Some("sdxl_single.safetensors (SDXL)") {
+        assert!(
+            Instant::now() < deadline,
+            "the base model shows {:?}",
+            shown(&harness)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        harness.step();
+    }
+    assert!(estimate_line(&harness).contains("an SDXL model"));
+    assert!(presets_offer(&mut harness, "SDXL, 8 GB GPU"));
+    // Nothing was picked: the remembered settings stay as they were.
+    let settings = harness.state().settings();
+    assert_eq!(
+        (settings.preset.as_str(), settings.train.resolution),
+        ("", Some(768))
+    );
+    assert_eq!(settings.train.base_model, sdxl);
 }

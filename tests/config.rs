@@ -245,7 +245,10 @@ fn a_lora_scripts_config_loads_with_notes_on_what_is_set_aside() {
     assert_eq!(c.optimizer, OptimizerKind::AdamW);
     assert_eq!((c.unet_lr, c.text_encoder_lr), (Some(1e-4), Some(1e-5)));
     assert_eq!(c.lr_scheduler, LrScheduler::CosineWithRestarts);
-    assert_eq!((c.lr_num_cycles, c.epochs, c.resolution), (1, 10, 512));
+    assert_eq!(
+        (c.lr_num_cycles, c.epochs, c.resolution),
+        (1, 10, Some(512))
+    );
     assert_eq!((c.seed, c.clip_skip, c.keep_tokens), (1337, 2, 0));
     assert_eq!(c.mixed_precision, MixedPrecision::Fp16);
     assert_eq!(c.save_precision, SavePrecision::Fp16);
@@ -386,7 +389,7 @@ fn a_kohya_ss_json_with_numbers_as_text_loads() {
     assert_eq!(c.learning_rate, 1e-4);
     assert_eq!((c.unet_lr, c.text_encoder_lr), (Some(1e-4), Some(5e-5)));
     assert_eq!(c.optimizer, OptimizerKind::AdamW);
-    assert_eq!((c.resolution, c.bucket_reso_steps), (576, 64));
+    assert_eq!((c.resolution, c.bucket_reso_steps), (Some(576), 64));
     assert_eq!(
         (c.epochs, c.batch_size, c.gradient_accumulation_steps),
         (4, 2, 1)
@@ -437,7 +440,7 @@ fn a_kohya_dataset_config_with_one_folder_becomes_its_settings() {
     let path = write(dir.path(), "train.toml", &config);
     let c = load_config(Some(&path), &[]).unwrap();
     assert_eq!(c.train_data_dir, PathBuf::from("images/style"));
-    assert_eq!((c.repeats, c.batch_size, c.resolution), (10, 4, 640));
+    assert_eq!((c.repeats, c.batch_size, c.resolution), (10, 4, Some(640)));
     assert_eq!(c.instance_prompt.as_deref(), Some("sks style"));
     assert_eq!(c.caption_extension, ".caption");
     assert_eq!(c.keep_tokens, 1, "the dataset's value wins over [general]");
@@ -533,4 +536,26 @@ fn a_kohya_conv_dim_without_conv_alpha_takes_each_trainers_default() {
     let text = format!("{REQUIRED}conv_lora = true\nlora_rank = 12\nlora_alpha = 6\n");
     let c = load_config(Some(&write(dir.path(), "c.toml", &text)), &[]).unwrap();
     assert_eq!((c.conv_rank(), c.conv_alpha()), (12, 6.0));
+}
+
+/// A config without a resolution leaves it to the base model (SD1/SD2 512, SDXL 1024, set when the run knows
+/// its model); until then it counts as 512, and the bucket sides that are not set follow whichever it is.
+#[test]
+fn an_unset_resolution_is_the_base_models() {
+    use lora_studio::config::{SD_RESOLUTION, SDXL_RESOLUTION};
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "c.toml", REQUIRED);
+    let config = load_config(Some(&path), &[]).unwrap();
+    assert_eq!(config.resolution, None);
+    assert_eq!(config.training_resolution(), SD_RESOLUTION);
+    assert_eq!(config.bucket_sides(), (256, 1024));
+    let sdxl = config.with_resolution_default(SDXL_RESOLUTION);
+    assert_eq!(sdxl.resolution, Some(1024));
+    assert_eq!(sdxl.bucket_sides(), (512, 2048));
+    // A resolution that is set stays.
+    let set = load_config(Some(&path), &["resolution=768".to_string()]).unwrap();
+    assert_eq!(
+        set.with_resolution_default(SDXL_RESOLUTION).resolution,
+        Some(768)
+    );
 }

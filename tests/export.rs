@@ -10,7 +10,6 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use common::{make_dataset, max_abs_diff, tiny_config};
 use lora_studio::config::{SavePrecision, TrainConfig};
-use lora_studio::tensor_file::TensorFile;
 use lora_studio::train::{CancelToken, SilentReporter, TrainOutcome, export_kept, train};
 
 fn run(config: &TrainConfig) -> TrainOutcome {
@@ -18,21 +17,7 @@ fn run(config: &TrainConfig) -> TrainOutcome {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Every tensor of a safetensors file, and its metadata.
-fn read(path: &Path) -> (HashMap<String, Tensor>, HashMap<String, String>) {
-    let file = TensorFile::open(path).unwrap_or_else(|e| panic!("{e}"));
-    let tensors = file
-        .infos()
-        .keys()
-        .map(|k| (k.clone(), file.load(k, &Device::Cpu).unwrap()))
-        .collect();
-    let metadata = file
-        .metadata()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    (tensors, metadata)
-}
+use common::read_tensors as read;
 
 fn scalar(t: &Tensor) -> f64 {
     t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
@@ -203,14 +188,17 @@ fn sdxl_networks_export_kohya_and_peft_names() {
         TargetComponent {
             prefix: UNET_PREFIX,
             slots: model.unet.lora_targets(true),
+            group: 0,
         },
         TargetComponent {
             prefix: TEXT_ENCODER_1_PREFIX,
             slots: model.text_encoder.lora_targets(),
+            group: 1,
         },
         TargetComponent {
             prefix: TEXT_ENCODER_2_PREFIX,
             slots: second.lora_targets(),
+            group: 1,
         },
     ];
     let spec = NetworkSpec {

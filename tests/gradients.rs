@@ -302,6 +302,88 @@ fn gradient_checkpointing_gives_the_same_gradients() {
     assert_eq!(compared, 392);
 }
 
+/// SDXL with gradient checkpointing and every adapter training: the loss runs from token ids through both
+/// text encoders (the context, and the pooled embedding that enters every resnet through the time embedding)
+/// and the UNet with its size conditioning, so the recomputed blocks must pass gradients back through their
+/// auxiliary inputs as well as collect their own adapters'.
+#[test]
+fn sdxl_gradient_checkpointing_gives_the_same_gradients_through_both_text_encoders() {
+    let reference = Reference::open("sdxl");
+    let (mut model, vars) = model_with_trainable_lora("sdxl", "lora_sdxl.safetensors", DType::F32);
+    let loss = |model: &StableDiffusion| {
+        let (first, _) = model
+            .text_encoder
+            .penultimate_and_pooled(&reference.tensor("te.input_ids_1"))
+            .unwrap();
+        let second = model.text_encoder_2.as_ref().unwrap();
+        let (second, pooled) = second
+            .penultimate_and_pooled(&reference.tensor("te.input_ids_2"))
+            .unwrap();
+        // The reference's two prompts condition its two samples, each with its own sizes.
+        let context = Tensor::cat(&[&first, &second], 2).unwrap();
+        let added = AddedConditions {
+            text_embeds: pooled.unwrap(),
+            time_ids: reference.f32("unet.time_ids"),
+        };
+        let out = model
+            .unet
+            .forward_with(
+                &reference.f32("unet.sample"),
+                &reference.f32("unet.timestep"),
+                &context,
+                Some(&added),
+            )
+            .unwrap();
+        (out * reference.f32("grad.unet.R"))
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    };
+    let plain = loss(&model).backward().unwrap();
+    let store = lora_studio::models::checkpointing::CheckpointGrads::default();
+    model.unet.set_gradient_checkpointing(Some(store.clone()));
+    let checkpointed = loss(&model).backward().unwrap();
+    let mut compared = BTreeMap::new();
+    for (name, (down, up)) in &vars {
+        for var in [down, up] {
+            let recomputed = store.take(var);
+            let direct = checkpointed.get(var).cloned();
+            let got = match (recomputed, direct) {
+                (Some(a), Some(b)) => (a + b).unwrap(),
+                (Some(a), None) | (None, Some(a)) => a,
+                (None, None) => {
+                    // Text encoder 1's last layer: SDXL conditions on its penultimate one.
+                    assert!(
+                        plain.get(var).is_none(),
+                        "{name}: no gradient with checkpointing"
+                    );
+                    continue;
+                }
+            };
+            let expected = plain
+                .get(var)
+                .unwrap_or_else(|| panic!("{name}: no plain gradient"));
+            let scale = max_abs(expected);
+            assert!(
+                scale > 1e-6,
+                "{name}: the gradient (max abs {scale:.2e}) is too small to compare"
+            );
+            let diff = max_abs_diff(&got, expected) / scale;
+            assert!(
+                diff < 1e-4,
+                "{name}: checkpointed gradient differs by {diff:.2e}"
+            );
+            let component = name.split('_').take(2).collect::<Vec<_>>().join("_");
+            *compared.entry(component).or_insert(0) += 1;
+        }
+    }
+    eprintln!("gradients compared with checkpointing: {compared:?}");
+    assert_eq!(
+        compared.keys().cloned().collect::<Vec<_>>(),
+        ["lora_te1", "lora_te2", "lora_unet"]
+    );
+}
+
 #[test]
 fn kernels_follow_the_switch() {
     common::assert_kernels_follow_the_switch();
@@ -317,5 +399,6 @@ fn device_generic_paths_give_the_reference_gradients_too() {
         "sd2_adapter_gradients_match_reference",
         "sdxl_adapter_gradients_match_reference",
         "gradient_checkpointing_gives_the_same_gradients",
+        "sdxl_gradient_checkpointing_gives_the_same_gradients_through_both_text_encoders",
     ]);
 }

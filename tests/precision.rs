@@ -8,13 +8,10 @@ mod common;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use common::{fixture, make_dataset, tiny_config};
+use common::{make_dataset, tiny_config};
 use lora_studio::config::TrainConfig;
-use lora_studio::models::checkpoint::ModelSource;
-use lora_studio::models::pipeline::StableDiffusion;
 use lora_studio::train::{
-    CancelToken, LoadedBase, StepReport, TrainOutcome, TrainReporter, TrainStop, load_checkpoint,
-    train_on,
+    CancelToken, StepReport, TrainOutcome, TrainReporter, TrainStop, load_checkpoint, train_on,
 };
 
 /// The reported steps.
@@ -27,19 +24,6 @@ impl TrainReporter for Steps {
     }
 }
 
-/// The tiny SD1 model loaded in `dtype` on the CPU.
-fn base(dtype: DType) -> LoadedBase {
-    let path = fixture("sd1");
-    let source = ModelSource::open(&path).unwrap();
-    LoadedBase {
-        model: StableDiffusion::load(&source, &Device::Cpu, dtype).unwrap(),
-        family: source.config().family,
-        path,
-        device: Device::Cpu,
-        dtype,
-    }
-}
-
 fn train_in(
     dtype: DType,
     config: &TrainConfig,
@@ -47,7 +31,7 @@ fn train_in(
 ) -> (TrainOutcome, Vec<StepReport>) {
     let mut steps = Steps::default();
     let outcome = train_on(
-        &mut base(dtype),
+        &mut common::loaded_base("sd1", dtype),
         config,
         resume,
         &mut steps,

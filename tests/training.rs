@@ -254,25 +254,11 @@ fn resume_is_exact() {
     )
     .unwrap();
 
-    let a = load_checkpoint(&dir.path().join("straight/checkpoint-20"), &Device::Cpu).unwrap();
-    let b = load_checkpoint(&dir.path().join("resumed/checkpoint-20"), &Device::Cpu).unwrap();
-    assert_eq!(a.state.step, 20);
-    assert_eq!(b.state.step, 20);
-    assert_eq!(
-        a.state.rng, b.state.rng,
-        "the RNG continues where it stopped"
+    common::assert_same_run(
+        &dir.path().join("straight/checkpoint-20"),
+        &dir.path().join("resumed/checkpoint-20"),
+        20,
     );
-    assert_eq!(a.adapters.len(), b.adapters.len());
-    for (name, tensor) in &a.adapters {
-        let diff = max_abs_diff(tensor, &b.adapters[name]);
-        assert!(diff < 1e-6, "{name} differs by {diff} after resuming");
-    }
-    for (name, tensor) in &a.optimizer {
-        assert!(
-            max_abs_diff(tensor, &b.optimizer[name]) < 1e-6,
-            "optimizer state {name}"
-        );
-    }
 }
 
 #[test]
@@ -340,6 +326,7 @@ fn unet_with_checkpoint(
     let targets = [TargetComponent {
         prefix: "lora_unet",
         slots: model.unet.lora_targets(false),
+        group: 0,
     }];
     let network = LoraNetwork::create(&targets, spec, config.seed, &Device::Cpu).unwrap();
     let saved = load_checkpoint(checkpoint, &Device::Cpu).unwrap();
@@ -520,24 +507,4 @@ fn network_metadata_gives_the_linear_rank_and_alpha_and_the_convolutions_in_the_
     );
     assert!(linear >= 8, "{dim}");
     assert_eq!(args, serde_json::json!({}));
-}
-
-/// Training LoRAs on SDXL comes later: until then an SDXL base model is refused in one sentence, before any
-/// step (generate, merge and inspect already run it).
-#[test]
-fn training_on_sdxl_is_refused_in_one_sentence_for_now() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = make_dataset(&dir.path().join("data"), 2);
-    let config = TrainConfig {
-        base_model: fixture("sdxl"),
-        ..tiny_config(&data, &dir.path().join("out"))
-    };
-    let Err(error) = train(&config, None, &mut SilentReporter, &CancelToken::default()) else {
-        panic!("training on SDXL must be refused");
-    };
-    let message = error.to_string();
-    assert!(
-        message.contains("is an SDXL model") && message.contains("not available yet"),
-        "{message}"
-    );
 }

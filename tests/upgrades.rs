@@ -42,7 +42,7 @@ fn its_run(output_dir: &Path) -> TrainConfig {
         base_model: fixture("sd1"),
         output_dir: output_dir.to_path_buf(),
         output_name: "v1".to_string(),
-        resolution: 64,
+        resolution: Some(64),
         lora_rank: 1,
         lora_alpha: 1.0,
         conv_lora: true,
@@ -197,7 +197,7 @@ mod app_settings {
             output_dir: PathBuf::from("/home/user/lora/neon"),
             output_name: "neon_style".to_string(),
             trigger_word: Some("neon style".to_string()),
-            resolution: 768,
+            resolution: Some(768),
             // 0.1.0's 256..1024 at 768 px is not what 768 px derives now: it stays as it trained.
             min_bucket_reso: Some(256),
             max_bucket_reso: Some(1024),

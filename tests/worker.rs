@@ -396,6 +396,111 @@ fn previews_and_exports_keep_the_prediction_type_override_and_need_no_base_or_da
     );
 }
 
+/// An SDXL run on the workers: a preview of the live adapters while paused (64x48, so the size conditioning
+/// and the latent shape cannot swap height and width unnoticed), the run resumed to its end, previews of its
+/// checkpoint at two strengths (strength 0 is the base model, 1 is not), and the checkpoint exported with
+/// kohya's SDXL names.
+#[test]
+fn sdxl_trains_with_previews_on_the_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = make_dataset(&dir.path().join("data"), 3);
+    let (worker, events) = WorkerHandle::spawn(Arc::new(|| {})).unwrap();
+    let config = TrainConfig {
+        base_model: fixture("sdxl"),
+        max_train_steps: Some(6),
+        learning_rate: 1e-2,
+        conv_lora: true,
+        train_text_encoder: true,
+        ..tiny_config(&data, &dir.path().join("out"))
+    };
+    let sdxl_preview = |id, strength, source| PreviewRequest {
+        base_model: fixture("sdxl"),
+        source,
+        settings: PreviewSettings {
+            width: 64,
+            height: 48,
+            ..preview(id, strength).settings
+        },
+        ..preview(id, strength)
+    };
+    worker.send(Job::Train {
+        config: Box::new(config),
+        resume: None,
+    });
+    wait_for(&events, "a loss point", |e| {
+        matches!(e, Event::Loss(_)).then_some(())
+    });
+    worker.send(Job::Pause);
+    worker.send(Job::Preview(sdxl_preview(1, 1.0, PreviewSource::Live)));
+    wait_for(&events, "the pause", |e| {
+        matches!(e, Event::Paused).then_some(())
+    });
+    let (width, height, bytes) = wait_for(&events, "the live preview", |e| match e {
+        Event::Preview {
+            id: 1,
+            width,
+            height,
+            rgba,
+            ..
+        } => Some((*width, *height, rgba.len())),
+        _ => None,
+    });
+    assert_eq!((width, height, bytes), (64, 48, 64 * 48 * 4));
+    worker.send(Job::Resume);
+    let checkpoint = wait_for(&events, "the end of the run", |e| match e {
+        Event::RunEnded {
+            end: RunEnd::Finished,
+            checkpoint,
+            ..
+        } => Some(checkpoint.clone()),
+        Event::RunEnded { end, .. } => panic!("the run ended with {end:?}"),
+        _ => None,
+    })
+    .unwrap();
+
+    let mut rendered = Vec::new();
+    for (id, strength) in [(2, 0.0), (3, 1.0)] {
+        let source = PreviewSource::Checkpoint(checkpoint.clone());
+        worker.send(Job::Preview(sdxl_preview(id, strength, source)));
+        rendered.push(wait_for(&events, "a checkpoint preview", |e| match e {
+            Event::Preview { id: got, rgba, .. } if *got == id => Some(rgba.clone()),
+            _ => None,
+        }));
+    }
+    worker.send(Job::Preview(sdxl_preview(4, 1.0, PreviewSource::Live)));
+    let base = wait_for(&events, "a preview of the base model", |e| match e {
+        Event::Preview { id: 4, rgba, .. } => Some(rgba.clone()),
+        _ => None,
+    });
+    assert_eq!(rendered[0], base, "strength 0 renders the base model");
+    assert_ne!(rendered[1], base, "the trained LoRA changes the image");
+
+    let output = dir.path().join("exports/sdxl.safetensors");
+    worker.send(Job::Export(ExportRequest {
+        base_model: fixture("sdxl"),
+        device: "cpu".into(),
+        prediction_type: None,
+        checkpoint,
+        output: output.clone(),
+        precision: SavePrecision::Fp16,
+        format: ExportFormat::Kohya,
+        copy_to: None,
+    }));
+    wait_for(&events, "the export", |e| {
+        matches!(e, Event::Exported { .. }).then_some(())
+    });
+    let file = lora_studio::tensor_file::TensorFile::open(&output).unwrap();
+    assert_eq!(file.metadata()["ss_base_model_version"], "sdxl_base_v1-0");
+    for name in [
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.alpha",
+        "lora_unet_output_blocks_2_2_conv.alpha",
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha",
+        "lora_te2_text_model_encoder_layers_3_self_attn_v_proj.alpha",
+    ] {
+        assert!(file.infos().contains_key(name), "no {name}");
+    }
+}
+
 #[test]
 fn captions_typed_while_auto_captioning_into_the_same_csv_are_all_on_disk() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,9 +1,11 @@
 //! A rough memory and time estimate for a training step, shown before a run starts. It scales numbers
 //! measured for SD1.5 (UNet with a rank-16 LoRA, batch 1, 256 and 512 px, `lora-studio bench`) with the
-//! pixel count and batch size, and adds the adapters' own memory, which grows with the rank. It knows
-//! nothing about the model actually chosen.
+//! pixel count and batch size, and adds the adapters' own memory, which grows with the rank. SDXL's numbers
+//! are SD1.5's scaled by what its UNet computes and keeps for the backward pass per pixel (counted, not
+//! timed); its weights are its parameter count. It knows the family of the base model, nothing else about it.
 
-use crate::config::{OptimizerKind, TrainConfig};
+use crate::config::{OptimizerKind, SD_RESOLUTION, SDXL_RESOLUTION, TrainConfig};
+use crate::messages::BaseFamily;
 
 /// What a step is expected to need.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -12,27 +14,74 @@ pub struct StepEstimate {
     pub seconds: f64,
 }
 
+/// What a family of models needs, on a 2-core CPU in f32, batch 1.
+struct ModelSizes {
+    /// The frozen weights: UNet, text encoders and VAE.
+    weights_gib: f64,
+    /// Activations kept for the backward pass per 256x256 pixels.
+    activations_gib_256: f64,
+    /// Time per 256x256 pixels.
+    seconds_256: f64,
+    /// Adapter parameters per unit of rank with kohya's targets: the UNet's attention, feed-forward and
+    /// projection layers; the text encoders' attention and MLP; LoCon's convolutions (3x3, resamplers,
+    /// time embeddings and shortcuts), summed over the layer shapes of the real model.
+    unet_params_per_rank: f64,
+    text_encoder_params_per_rank: f64,
+    conv_params_per_rank: f64,
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
 /// Measured on a 2-core CPU (f32): 3.4 GiB of UNet weights plus the text encoder and VAE, activations of
 /// about 0.75 GiB per 256x256 image (4.5 GiB peak at 256 px, 6.5 GiB at 512 px) and 2.8 s per 256 px step
-/// (10.6-11.2 s at 512 px: the time grows with the pixel count). The weights include the rank-16 adapters
-/// the measurement trained; [`adapter_gib`] adds those of the chosen rank instead.
-const CPU_WEIGHTS_WITH_RANK_16_GIB: f64 = 4.3;
-const MEASURED_RANK: u32 = 16;
-const CPU_ACTIVATIONS_GIB_256: f64 = 0.75;
-const CPU_SECONDS_256: f64 = 2.8;
+/// (10.6-11.2 s at 512 px: the time grows with the pixel count). The weights measured include the rank-16
+/// adapters the measurement trained (AdamW, 16 bytes a parameter); [`adapter_gib`] adds those of the chosen
+/// rank instead.
+const SD15: ModelSizes = ModelSizes {
+    weights_gib: 4.3 - 423_936.0 * 16.0 * 16.0 / GIB,
+    activations_gib_256: 0.75,
+    seconds_256: 2.8,
+    unet_params_per_rank: 423_936.0,
+    text_encoder_params_per_rank: 165_888.0,
+    conv_params_per_rank: 626_880.0,
+};
+
+/// SDXL 1.0: 2,567,463,684 UNet, 123,060,480 + 694,659,840 text-encoder and 83,653,863 VAE parameters in
+/// f32. Per pixel at 1024 px its UNet's forward pass does 2.35x the operations of SD1.5's at 256 px (6,761
+/// against 180 GFLOP for 16x the pixels) and keeps 1.81x the activations for the backward pass (adapters on
+/// every linear layer, attention probabilities left out as the project's attention keeps none), counted
+/// with PyTorch's `FlopCounterMode` and saved-tensor hooks on diffusers' UNets of both configurations
+/// (`python bench/model_sizes.py`).
+const SDXL: ModelSizes = ModelSizes {
+    weights_gib: (2_567_463_684.0 + 123_060_480.0 + 694_659_840.0 + 83_653_863.0) * 4.0 / GIB,
+    activations_gib_256: SD15.activations_gib_256 * 1.81,
+    seconds_256: SD15.seconds_256 * 2.35,
+    unet_params_per_rank: 2_659_840.0,
+    text_encoder_params_per_rank: 903_168.0,
+    conv_params_per_rank: 414_400.0,
+};
+
+fn sizes(family: BaseFamily) -> &'static ModelSizes {
+    match family {
+        BaseFamily::Sdxl => &SDXL,
+        BaseFamily::Sd | BaseFamily::Other => &SD15,
+    }
+}
+
+/// The resolution a run trains at when none is set, for a base of `family`.
+pub fn native_resolution(family: BaseFamily) -> u32 {
+    match family {
+        BaseFamily::Sdxl => SDXL_RESOLUTION,
+        BaseFamily::Sd | BaseFamily::Other => SD_RESOLUTION,
+    }
+}
+
 /// Gradient checkpointing measured at 256 and 512 px: half the activations, 1.5-1.6x the time.
 const CHECKPOINTING_MEMORY: f64 = 0.5;
 const CHECKPOINTING_TIME: f64 = 1.55;
 /// Assumed, not measured: a GPU step in bf16 is well over an order of magnitude faster, with half the
 /// memory per value (the adapters stay f32).
 const GPU_SPEEDUP: f64 = 40.0;
-
-/// Adapter parameters per unit of rank on SD1.5 with kohya's targets: the UNet's attention, feed-forward and
-/// projection layers; the text encoder's attention and MLP; LoCon's 3x3 convolutions, resamplers,
-/// time embeddings and shortcuts (summed over the layer shapes of the real model).
-const UNET_PARAMS_PER_RANK: f64 = 423_936.0;
-const TEXT_ENCODER_PARAMS_PER_RANK: f64 = 165_888.0;
-const CONV_PARAMS_PER_RANK: f64 = 626_880.0;
 
 /// Bytes an f32 adapter parameter holds during training: its value and gradient, plus AdamW's two moments
 /// (Adafactor's factored moments are a few numbers per row and column: left out).
@@ -43,40 +92,38 @@ fn bytes_per_adapter_param(optimizer: OptimizerKind) -> f64 {
     }
 }
 
-/// The memory the adapters of `config` take while training, at rank `rank` for the linear layers.
-fn adapter_gib(config: &TrainConfig, rank: u32) -> f64 {
-    let mut params = UNET_PARAMS_PER_RANK * rank as f64;
+/// The memory the adapters of `config` take while training on a model of `sizes`.
+fn adapter_gib(config: &TrainConfig, sizes: &ModelSizes) -> f64 {
+    let mut params = sizes.unet_params_per_rank * config.lora_rank as f64;
     if config.train_text_encoder {
-        params += TEXT_ENCODER_PARAMS_PER_RANK * rank as f64;
+        params += sizes.text_encoder_params_per_rank * config.lora_rank as f64;
     }
     if config.conv_lora {
-        params += CONV_PARAMS_PER_RANK * config.conv_rank() as f64;
+        params += sizes.conv_params_per_rank * config.conv_rank() as f64;
     }
     params * bytes_per_adapter_param(config.optimizer) / GIB
 }
 
-const GIB: f64 = (1u64 << 30) as f64;
-
-/// The estimate for `config` on a CPU (`on_gpu` false) or a GPU.
-pub fn estimate(config: &TrainConfig, on_gpu: bool) -> StepEstimate {
-    let pixels = (config.resolution as f64 / 256.0).powi(2) * config.batch_size as f64;
+/// The estimate for `config` on a base of `family`, on a CPU (`on_gpu` false) or a GPU. An unset
+/// resolution is the family's native one, as in a run.
+pub fn estimate(config: &TrainConfig, on_gpu: bool, family: BaseFamily) -> StepEstimate {
+    let sizes = sizes(family);
+    let resolution = config.resolution.unwrap_or(native_resolution(family));
+    let pixels = (resolution as f64 / 256.0).powi(2) * config.batch_size as f64;
     let (memory_factor, time_factor) = if config.gradient_checkpointing {
         (CHECKPOINTING_MEMORY, CHECKPOINTING_TIME)
     } else {
         (1.0, 1.0)
     };
-    let measured_adapters =
-        UNET_PARAMS_PER_RANK * MEASURED_RANK as f64 * bytes_per_adapter_param(OptimizerKind::AdamW)
-            / GIB;
-    let weights = CPU_WEIGHTS_WITH_RANK_16_GIB - measured_adapters;
     let (precision_factor, seconds) = if on_gpu {
-        (0.5, CPU_SECONDS_256 / GPU_SPEEDUP)
+        (0.5, sizes.seconds_256 / GPU_SPEEDUP)
     } else {
-        (1.0, CPU_SECONDS_256)
+        (1.0, sizes.seconds_256)
     };
     StepEstimate {
-        memory_gib: (weights + CPU_ACTIVATIONS_GIB_256 * pixels * memory_factor) * precision_factor
-            + adapter_gib(config, config.lora_rank),
+        memory_gib: (sizes.weights_gib + sizes.activations_gib_256 * pixels * memory_factor)
+            * precision_factor
+            + adapter_gib(config, sizes),
         seconds: seconds * pixels * time_factor * config.gradient_accumulation_steps as f64,
     }
 }
@@ -85,10 +132,11 @@ pub fn estimate(config: &TrainConfig, on_gpu: bool) -> StepEstimate {
 mod tests {
     use super::{StepEstimate, estimate};
     use crate::config::{OptimizerKind, TrainConfig};
+    use crate::messages::BaseFamily;
 
     fn base() -> TrainConfig {
         TrainConfig {
-            resolution: 256,
+            resolution: Some(256),
             batch_size: 1,
             lora_rank: 16,
             gradient_accumulation_steps: 1,
@@ -101,21 +149,25 @@ mod tests {
     }
 
     fn cpu(change: impl FnOnce(&mut TrainConfig)) -> StepEstimate {
+        on(BaseFamily::Sd, change)
+    }
+
+    fn on(family: BaseFamily, change: impl FnOnce(&mut TrainConfig)) -> StepEstimate {
         let mut config = base();
         change(&mut config);
-        estimate(&config, false)
+        estimate(&config, false, family)
     }
 
     fn close(a: f64, b: f64) -> bool {
         (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
     }
 
-    /// Adapter parameters per rank, counted from the reference implementation's listing of SD1.5's kohya
-    /// targets (independent of the estimate's constants): `(unet, text_encoder, conv)`.
-    fn params_per_rank_from_manifest() -> (f64, f64, f64) {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/manifests/sd15.json"
+    /// Adapter parameters per rank, counted from the reference implementation's listing of a model's kohya
+    /// targets (`sd15`, `sdxl`; independent of the estimate's constants): `(unet, text_encoders, conv)`.
+    fn params_per_rank_from_manifest(model: &str) -> (f64, f64, f64) {
+        let path = format!(
+            "{}/tests/fixtures/manifests/{model}.json",
+            env!("CARGO_MANIFEST_DIR")
         );
         let manifest: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
@@ -148,9 +200,9 @@ mod tests {
     #[test]
     fn activations_grow_with_the_pixel_count_and_the_batch() {
         let at_256 = cpu(|_| {});
-        let at_512 = cpu(|c| c.resolution = 512);
+        let at_512 = cpu(|c| c.resolution = Some(512));
         let batch_2 = cpu(|c| c.batch_size = 2);
-        let batch_4_at_512 = cpu(|c| (c.batch_size, c.resolution) = (4, 512));
+        let batch_4_at_512 = cpu(|c| (c.batch_size, c.resolution) = (4, Some(512)));
         // What one more 256x256 image adds is the same however it is added; 512 px is four of them.
         let one_image = batch_2.memory_gib - at_256.memory_gib;
         assert!(
@@ -175,7 +227,7 @@ mod tests {
 
     #[test]
     fn the_adapters_memory_follows_sd15s_layer_shapes() {
-        let (unet, text_encoder, conv) = params_per_rank_from_manifest();
+        let (unet, text_encoder, conv) = params_per_rank_from_manifest("sd15");
         let gib = (1u64 << 30) as f64;
         // AdamW holds value, gradient and two moments: 16 bytes per f32 parameter.
         let rank_16 = cpu(|_| {});
@@ -214,7 +266,7 @@ mod tests {
             (estimated - measured).abs() <= share * measured
         };
         for (resolution, seconds, unet_gib) in [(256, 2.84, 4.15), (512, 10.56, 6.15)] {
-            let step = cpu(|c| c.resolution = resolution);
+            let step = cpu(|c| c.resolution = Some(resolution));
             assert!(
                 within(step.seconds, seconds, 0.15),
                 "{resolution} px: {step:?}"
@@ -228,16 +280,59 @@ mod tests {
 
     #[test]
     fn checkpointing_and_a_gpu_trade_as_described() {
-        let plain = cpu(|c| c.resolution = 512);
-        let checkpointed = cpu(|c| (c.resolution, c.gradient_checkpointing) = (512, true));
+        let plain = cpu(|c| c.resolution = Some(512));
+        let checkpointed = cpu(|c| (c.resolution, c.gradient_checkpointing) = (Some(512), true));
         assert!(checkpointed.memory_gib < plain.memory_gib && checkpointed.seconds > plain.seconds);
         let gpu = estimate(
             &TrainConfig {
-                resolution: 512,
+                resolution: Some(512),
                 ..base()
             },
             true,
+            BaseFamily::Sd,
         );
         assert!(gpu.memory_gib < plain.memory_gib && gpu.seconds < plain.seconds / 10.0);
+    }
+
+    #[test]
+    fn sdxl_is_estimated_with_its_own_sizes() {
+        let (unet, text_encoders, conv) = params_per_rank_from_manifest("sdxl");
+        let gib = (1u64 << 30) as f64;
+        let sdxl = |change: fn(&mut TrainConfig)| on(BaseFamily::Sdxl, change);
+        // Both text encoders' adapters count when they train; LoCon's convolutions are SDXL's.
+        let rank_16 = sdxl(|_| {});
+        let rank_48 = sdxl(|c| c.lora_rank = 48);
+        assert!(close(
+            rank_48.memory_gib - rank_16.memory_gib,
+            32.0 * unet * 16.0 / gib
+        ));
+        let with_text_encoders = sdxl(|c| c.train_text_encoder = true);
+        assert!(close(
+            with_text_encoders.memory_gib - rank_16.memory_gib,
+            16.0 * text_encoders * 16.0 / gib
+        ));
+        let locon = sdxl(|c| (c.conv_lora, c.conv_rank) = (true, Some(8)));
+        assert!(close(
+            locon.memory_gib - rank_16.memory_gib,
+            8.0 * conv * 16.0 / gib
+        ));
+        // The same settings need more of everything than on SD1.5: three times the UNet's weights plus
+        // the second text encoder, more activations and more time per pixel.
+        let sd = cpu(|_| {});
+        assert!(
+            rank_16.memory_gib > sd.memory_gib + 8.0,
+            "{rank_16:?} {sd:?}"
+        );
+        let sd_image = cpu(|c| c.batch_size = 2).memory_gib - sd.memory_gib;
+        let sdxl_image = sdxl(|c| c.batch_size = 2).memory_gib - rank_16.memory_gib;
+        assert!(sdxl_image > 1.5 * sd_image && rank_16.seconds > 2.0 * sd.seconds);
+    }
+
+    #[test]
+    fn an_unset_resolution_is_the_familys_own() {
+        let unset = |family| on(family, |c| c.resolution = None);
+        let at = |family, px| on(family, move |c| c.resolution = Some(px));
+        assert_eq!(unset(BaseFamily::Sd), at(BaseFamily::Sd, 512));
+        assert_eq!(unset(BaseFamily::Sdxl), at(BaseFamily::Sdxl, 1024));
     }
 }

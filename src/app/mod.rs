@@ -298,6 +298,7 @@ impl StudioApp {
                     }
                     self.models.found = Some(found);
                 }
+                Event::ModelDescribed { path, family } => self.models.described(path, family),
                 Event::DownloadProgress {
                     name,
                     done_bytes,
@@ -307,7 +308,7 @@ impl StudioApp {
                 Event::Downloaded { name, path } => {
                     self.models.download = None;
                     if self.settings.train.base_model.as_os_str().is_empty() {
-                        self.settings.train.base_model = path.clone();
+                        self.pick_base_model(path.clone());
                     }
                     self.notice(
                         false,
@@ -373,7 +374,7 @@ impl StudioApp {
         for result in self.dialogs.1.try_iter().collect::<Vec<_>>() {
             match result {
                 DialogResult::DatasetFolder(folder) => self.open_dataset(folder),
-                DialogResult::BaseModel(path) => self.settings.train.base_model = path,
+                DialogResult::BaseModel(path) => self.pick_base_model(path),
                 DialogResult::OutputFolder(path) => self.settings.train.output_dir = path,
                 DialogResult::UiLoraFolder(path) => {
                     self.settings.export.ui_lora_folder = Some(path)
@@ -488,6 +489,7 @@ impl StudioApp {
     pub fn main_ui(&mut self, ui: &mut egui::Ui) {
         let ctx = ui.ctx().clone();
         self.process_events(&ctx);
+        self.follow_base_model();
         self.handle_drops(&ctx);
         for job in self.dataset.take_unsaved(&self.settings.train) {
             self.worker.send(job);

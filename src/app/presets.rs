@@ -1,66 +1,143 @@
-//! The presets shipped in `presets/`, built into the binary so the app offers them wherever it runs.
+//! The presets shipped in `presets/`, built into the binary so the app offers them wherever it runs: those
+//! for SD1/SD2 bases and those for SDXL ones, each made for an amount of GPU memory or for the CPU. When the
+//! user picks a base of the other family, the same hardware's preset of that family takes over.
 
 use std::path::Path;
 
 use crate::config::{TrainConfig, config_from_text};
+use crate::messages::BaseFamily;
 
-/// `(name, file name, text)` of every preset.
-const PRESETS: [(&str, &str, &str); 6] = [
-    (
-        "24 GB GPU",
-        "gpu-24gb.toml",
-        include_str!("../../presets/gpu-24gb.toml"),
+/// What a preset is made for: the CPU or a GPU with this many GiB of memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Hardware {
+    Cpu,
+    GpuGib(u32),
+}
+
+/// One preset: its name in the app, its file and text, the family of base models and the hardware it is
+/// made for (`None`: an example or the defaults, made for no particular hardware).
+struct Preset {
+    name: &'static str,
+    file: &'static str,
+    text: &'static str,
+    family: BaseFamily,
+    hardware: Option<Hardware>,
+}
+
+macro_rules! preset {
+    ($name:expr, $file:expr, $family:ident, $hardware:expr) => {
+        Preset {
+            name: $name,
+            file: $file,
+            text: include_str!(concat!("../../presets/", $file)),
+            family: BaseFamily::$family,
+            hardware: $hardware,
+        }
+    };
+}
+
+const PRESETS: [Preset; 11] = [
+    preset!("24 GB GPU", "gpu-24gb.toml", Sd, Some(Hardware::GpuGib(24))),
+    preset!("16 GB GPU", "gpu-16gb.toml", Sd, Some(Hardware::GpuGib(16))),
+    preset!("8 GB GPU", "gpu-8gb.toml", Sd, Some(Hardware::GpuGib(8))),
+    preset!("CPU", "cpu.toml", Sd, Some(Hardware::Cpu)),
+    preset!("Cyberpunk example", "cyberpunk.toml", Sd, None),
+    preset!("Default", "default.toml", Sd, None),
+    preset!(
+        "SDXL, 24 GB GPU",
+        "sdxl-gpu-24gb.toml",
+        Sdxl,
+        Some(Hardware::GpuGib(24))
     ),
-    (
-        "16 GB GPU",
-        "gpu-16gb.toml",
-        include_str!("../../presets/gpu-16gb.toml"),
+    preset!(
+        "SDXL, 16 GB GPU",
+        "sdxl-gpu-16gb.toml",
+        Sdxl,
+        Some(Hardware::GpuGib(16))
     ),
-    (
-        "8 GB GPU",
-        "gpu-8gb.toml",
-        include_str!("../../presets/gpu-8gb.toml"),
+    preset!(
+        "SDXL, 12 GB GPU",
+        "sdxl-gpu-12gb.toml",
+        Sdxl,
+        Some(Hardware::GpuGib(12))
     ),
-    ("CPU", "cpu.toml", include_str!("../../presets/cpu.toml")),
-    (
-        "Cyberpunk example",
-        "cyberpunk.toml",
-        include_str!("../../presets/cyberpunk.toml"),
+    preset!(
+        "SDXL, 8 GB GPU",
+        "sdxl-gpu-8gb.toml",
+        Sdxl,
+        Some(Hardware::GpuGib(8))
     ),
-    (
-        "Default",
-        "default.toml",
-        include_str!("../../presets/default.toml"),
-    ),
+    preset!("SDXL, CPU", "sdxl-cpu.toml", Sdxl, Some(Hardware::Cpu)),
 ];
 
-/// The names of the presets.
-pub fn preset_names() -> impl Iterator<Item = &'static str> {
-    PRESETS.iter().map(|(name, _, _)| *name)
+/// The family whose presets a base of `family` is offered (a chat model: the Stable Diffusion ones).
+fn presets_family(family: BaseFamily) -> BaseFamily {
+    match family {
+        BaseFamily::Sdxl => BaseFamily::Sdxl,
+        BaseFamily::Sd | BaseFamily::Other => BaseFamily::Sd,
+    }
+}
+
+/// The names of the presets for bases of `family`.
+pub fn preset_names(family: BaseFamily) -> impl Iterator<Item = &'static str> {
+    PRESETS
+        .iter()
+        .filter(move |p| p.family == presets_family(family))
+        .map(|p| p.name)
+}
+
+/// The family of the preset called `name`, and the hardware it is made for.
+pub fn preset_kind(name: &str) -> Option<(BaseFamily, Option<Hardware>)> {
+    PRESETS
+        .iter()
+        .find(|p| p.name == name)
+        .map(|p| (p.family, p.hardware))
+}
+
+/// The preset to apply when the base model changes to one of `family`, after `current` (the preset chosen
+/// so far, maybe none): the one of `family` for the same hardware, or for the most memory at or below it;
+/// with no hardware known, `fallback`'s. `None` when there is no such preset.
+pub fn counterpart(current: &str, family: BaseFamily, fallback: Hardware) -> Option<&'static str> {
+    let hardware = preset_kind(current)
+        .and_then(|(_, hardware)| hardware)
+        .unwrap_or(fallback);
+    PRESETS
+        .iter()
+        .filter(|p| p.family == presets_family(family))
+        .filter_map(|p| Some((p.hardware?, p.name)))
+        .filter(|(h, _)| *h <= hardware)
+        .max_by_key(|(h, _)| *h)
+        .map(|(_, name)| name)
 }
 
 /// The settings of a preset, keeping the user's dataset, base model and output from `current`.
 pub fn apply_preset(name: &str, current: &TrainConfig) -> Result<TrainConfig, String> {
-    let (_, file, text) = PRESETS
+    let preset = PRESETS
         .iter()
-        .find(|(n, _, _)| *n == name)
+        .find(|p| p.name == name)
         .ok_or_else(|| format!("there is no preset `{name}`"))?;
-    let preset = config_from_text(text, Path::new(file)).map_err(|e| e.to_string())?;
+    let settings =
+        config_from_text(preset.text, Path::new(preset.file)).map_err(|e| e.to_string())?;
     Ok(TrainConfig {
         train_data_dir: current.train_data_dir.clone(),
         metadata_path: current.metadata_path.clone(),
-        trigger_word: current.trigger_word.clone().or(preset.trigger_word.clone()),
+        trigger_word: current
+            .trigger_word
+            .clone()
+            .or(settings.trigger_word.clone()),
         base_model: current.base_model.clone(),
         output_dir: current.output_dir.clone(),
         output_name: current.output_name.clone(),
-        ..preset
+        ..settings
     })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{apply_preset, preset_names};
+    use super::{Hardware, PRESETS, apply_preset, counterpart, preset_kind, preset_names};
+    use crate::app::estimate::estimate;
     use crate::config::TrainConfig;
+    use crate::messages::BaseFamily;
 
     #[test]
     fn every_preset_applies_and_keeps_the_paths() {
@@ -68,10 +145,67 @@ mod tests {
             base_model: "mine.safetensors".into(),
             ..Default::default()
         };
-        for name in preset_names() {
-            let applied = apply_preset(name, &current).unwrap();
-            assert_eq!(applied.base_model, current.base_model, "{name}");
+        for preset in &PRESETS {
+            let applied = apply_preset(preset.name, &current).unwrap();
+            assert_eq!(applied.base_model, current.base_model, "{}", preset.name);
         }
         assert_eq!(apply_preset("8 GB GPU", &current).unwrap().batch_size, 1);
+    }
+
+    #[test]
+    fn each_family_is_offered_its_own_presets() {
+        let sd: Vec<_> = preset_names(BaseFamily::Sd).collect();
+        let sdxl: Vec<_> = preset_names(BaseFamily::Sdxl).collect();
+        assert_eq!(preset_names(BaseFamily::Other).collect::<Vec<_>>(), sd);
+        assert!(sd.contains(&"Default") && sdxl.contains(&"SDXL, 12 GB GPU"));
+        assert!(sd.iter().all(|name| !sdxl.contains(name)));
+        for name in sdxl {
+            let settings = apply_preset(name, &TrainConfig::default()).unwrap();
+            // SDXL is trained near its native 1024 px, from 512 where memory is short, on the 32-px step.
+            let resolution = settings.training_resolution();
+            assert!(
+                (512..=1024).contains(&resolution) && resolution.is_multiple_of(32),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_family_change_keeps_the_hardware() {
+        let gpu_8 = Hardware::GpuGib(8);
+        let sdxl = BaseFamily::Sdxl;
+        let sd = BaseFamily::Sd;
+        assert_eq!(
+            counterpart("16 GB GPU", sdxl, gpu_8),
+            Some("SDXL, 16 GB GPU")
+        );
+        assert_eq!(counterpart("SDXL, 24 GB GPU", sd, gpu_8), Some("24 GB GPU"));
+        assert_eq!(counterpart("CPU", sdxl, gpu_8), Some("SDXL, CPU"));
+        // SD has no 12 GB preset: the 8 GB one fits that card.
+        assert_eq!(counterpart("SDXL, 12 GB GPU", sd, gpu_8), Some("8 GB GPU"));
+        // No preset, or one made for no hardware: the fallback's.
+        assert_eq!(counterpart("", sdxl, gpu_8), Some("SDXL, 8 GB GPU"));
+        assert_eq!(
+            counterpart("Default", sdxl, Hardware::Cpu),
+            Some("SDXL, CPU")
+        );
+        assert_eq!(preset_kind("SDXL, CPU"), Some((sdxl, Some(Hardware::Cpu))));
+    }
+
+    #[test]
+    fn every_gpu_preset_is_estimated_to_fit_its_memory() {
+        for preset in &PRESETS {
+            let Some(Hardware::GpuGib(gib)) = preset.hardware else {
+                continue;
+            };
+            let settings = apply_preset(preset.name, &TrainConfig::default()).unwrap();
+            let step = estimate(&settings, true, preset.family);
+            assert!(
+                step.memory_gib <= gib as f64,
+                "{}: {:.1} GiB",
+                preset.name,
+                step.memory_gib
+            );
+        }
     }
 }

@@ -5,15 +5,17 @@
 use eframe::egui;
 
 use super::StudioApp;
+use super::estimate::native_resolution;
 use super::state::GRID_STRENGTHS;
 use crate::config::TrainConfig;
-use crate::messages::{Job, PreviewSource};
+use crate::messages::{BaseFamily, Job, PreviewSource};
 
-/// The side of the square bucket training at `train.resolution` uses: the size previews render at until
-/// the user chooses one (within the size fields' range).
-fn training_preview_side(train: &TrainConfig) -> u32 {
+/// The side of the square bucket training at `train.resolution` (unset: the native size of a base of
+/// `family`) uses: the size previews render at until the user chooses one (within the size fields' range).
+fn training_preview_side(train: &TrainConfig, family: BaseFamily) -> u32 {
     let step = train.bucket_reso_steps.max(8);
-    ((train.resolution / step).max(1) * step).clamp(*PREVIEW_SIDES.start(), *PREVIEW_SIDES.end())
+    let resolution = train.resolution.unwrap_or(native_resolution(family));
+    ((resolution / step).max(1) * step).clamp(*PREVIEW_SIDES.start(), *PREVIEW_SIDES.end())
 }
 
 /// The preview sizes the fields offer.
@@ -22,9 +24,10 @@ const PREVIEW_SIDES: std::ops::RangeInclusive<u32> = 64..=1536;
 impl StudioApp {
     /// Until the user sets a preview size, previews render at the training resolution.
     pub(super) fn follow_training_size(&mut self) {
+        let family = self.offered_family();
         let preview = &mut self.settings.preview;
         if !preview.size_chosen {
-            let side = training_preview_side(&self.settings.train);
+            let side = training_preview_side(&self.settings.train, family);
             (preview.width, preview.height) = (side, side);
         }
     }

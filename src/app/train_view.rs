@@ -7,12 +7,12 @@ use std::path::{Path, PathBuf};
 use eframe::egui;
 
 use super::chart::loss_chart_ui;
-use super::estimate::estimate;
+use super::estimate::{estimate, native_resolution};
 use super::presets::{apply_preset, preset_names};
 use super::state::RunStatus;
 use super::{Dialog, DialogResult, StudioApp};
 use crate::config::{LrScheduler, MixedPrecision, OptimizerKind, TrainConfig, validate};
-use crate::messages::Job;
+use crate::messages::{BaseFamily, Job};
 
 /// A slider that never changes a value loaded from a config file, even one outside its range.
 fn setting_slider<'a, N: egui::emath::Numeric>(
@@ -90,6 +90,11 @@ fn row(
 }
 
 impl StudioApp {
+    /// Whether a run would train on a GPU: a GPU build with no CPU device asked for.
+    pub(super) fn on_gpu(&self) -> bool {
+        crate::build_info::BACKENDS != "cpu" && self.settings.train.device != "cpu"
+    }
+
     pub(super) fn train_tab_ui(&mut self, ui: &mut egui::Ui) {
         egui::Panel::left("train-settings")
             .resizable(true)
@@ -159,6 +164,7 @@ impl StudioApp {
             );
             ui.separator();
             let before = self.settings.preset.clone();
+            let family = self.offered_family();
             row(
                 ui,
                 "Preset",
@@ -171,7 +177,7 @@ impl StudioApp {
                             before.as_str()
                         })
                         .show_ui(ui, |ui| {
-                            for name in preset_names() {
+                            for name in preset_names(family) {
                                 ui.selectable_value(
                                     &mut self.settings.preset,
                                     name.to_string(),
@@ -259,7 +265,14 @@ impl StudioApp {
                 ui,
                 "Resolution",
                 "training size in pixels; buckets keep the same area for other aspect ratios",
-                |ui| ui.add(setting_slider(&mut t.resolution, 256..=1024).step_by(64.0)),
+                |ui| {
+                    let mut resolution = t.resolution.unwrap_or(native_resolution(family));
+                    let response = ui.add(setting_slider(&mut resolution, 256..=1024).step_by(64.0));
+                    if response.changed() {
+                        t.resolution = Some(resolution);
+                    }
+                    response
+                },
             );
             row(
                 ui,
@@ -304,11 +317,16 @@ impl StudioApp {
             });
             egui::CollapsingHeader::new("Advanced").show(ui, |ui| advanced_ui(ui, t));
         });
-        let on_gpu = crate::build_info::BACKENDS != "cpu" && self.settings.train.device != "cpu";
-        let est = estimate(&self.settings.train, on_gpu);
+        let on_gpu = self.on_gpu();
+        let family = self.offered_family();
+        let est = estimate(&self.settings.train, on_gpu, family);
         ui.separator();
         ui.label(format!(
-            "Rough estimate for an SD 1.5 model on this {}: {:.1} GiB of memory, {:.1} s per step",
+            "Rough estimate for {} model on this {}: {:.1} GiB of memory, {:.1} s per step",
+            match family {
+                BaseFamily::Sdxl => "an SDXL",
+                BaseFamily::Sd | BaseFamily::Other => "an SD 1.5",
+            },
             if on_gpu { "GPU" } else { "CPU" },
             est.memory_gib,
             est.seconds

@@ -17,6 +17,6 @@ pub use load::{
 pub use stored::{CONFIG_VERSION, RestoredConfig, restore_config, stored_config};
 pub use train_config::{
     AlphaMode, LogWith, LrScheduler, MixedPrecision, OptimizerKind, PredictionOverride,
-    SavePrecision, TrainConfig,
+    SD_RESOLUTION, SDXL_RESOLUTION, SavePrecision, TrainConfig,
 };
-pub use validate::validate;
+pub use validate::{validate, validate_resolution};

@@ -201,9 +201,10 @@ fn unset_what_version_1_always_stored(map: &mut Map<String, Value>, changes: &mu
                 .and_then(|n| u32::try_from(n).ok())
                 .unwrap_or(default)
         };
-        let resolution = u32_of("resolution", defaults.resolution);
+        // Version 1 always stored a resolution (512 by default).
+        let resolution = u32_of("resolution", super::SD_RESOLUTION);
         let derived = TrainConfig {
-            resolution,
+            resolution: Some(resolution),
             bucket_reso_steps: u32_of("bucket_reso_steps", defaults.bucket_reso_steps),
             ..defaults
         }

@@ -78,6 +78,13 @@ pub enum PredictionOverride {
     VPrediction,
 }
 
+/// The training resolution of SD1/SD2 models when `resolution` is not set (kohya's default).
+pub const SD_RESOLUTION: u32 = 512;
+
+/// The training resolution of SDXL models when `resolution` is not set (SDXL's native size, kohya's
+/// `--resolution` for SDXL).
+pub const SDXL_RESOLUTION: u32 = 1024;
+
 /// A whole training run. Missing keys take the defaults below; unknown keys are errors.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -95,8 +102,9 @@ pub struct TrainConfig {
     pub trigger_word: Option<String>,
     /// How often each image is seen per epoch (multiplied with a folder's `N_` prefix).
     pub repeats: u32,
-    /// Training resolution (square side in pixels; buckets keep the same area).
-    pub resolution: u32,
+    /// Training resolution (square side in pixels; buckets keep the same area). Unset: the base model's
+    /// native size, [`SD_RESOLUTION`] or [`SDXL_RESOLUTION`] (see [`TrainConfig::with_resolution_default`]).
+    pub resolution: Option<u32>,
     pub enable_bucket: bool,
     /// Shortest bucket side (default: half the resolution, see [`TrainConfig::bucket_sides`]).
     pub min_bucket_reso: Option<u32>,
@@ -211,7 +219,7 @@ impl Default for TrainConfig {
             instance_prompt: None,
             trigger_word: None,
             repeats: 1,
-            resolution: 512,
+            resolution: None,
             enable_bucket: true,
             min_bucket_reso: None,
             max_bucket_reso: None,
@@ -297,15 +305,29 @@ impl TrainConfig {
         self.conv_alpha.unwrap_or(self.lora_alpha)
     }
 
+    /// The resolution trained at: `resolution`, or [`SD_RESOLUTION`] when it is not set. A run resolves an
+    /// unset resolution for its base model first ([`with_resolution_default`](Self::with_resolution_default)).
+    pub fn training_resolution(&self) -> u32 {
+        self.resolution.unwrap_or(SD_RESOLUTION)
+    }
+
+    /// The config with `resolution` set: as it was, or `native` (the base model's native size) when unset.
+    /// The bucket sides that are not set follow it.
+    pub fn with_resolution_default(&self, native: u32) -> Self {
+        Self {
+            resolution: Some(self.resolution.unwrap_or(native)),
+            ..self.clone()
+        }
+    }
+
     /// The shortest and longest bucket sides: the ones set, else half and twice the resolution (kohya's
     /// 256 and 1024 at 512 px) on the bucket step, never below one step, and never crossing a side that is
     /// set.
     pub fn bucket_sides(&self) -> (u32, u32) {
         let step = self.bucket_reso_steps.max(1);
-        let derived_min = (self.resolution / 2 / step * step)
-            .max(step)
-            .min(self.resolution);
-        let derived_max = (self.resolution.saturating_mul(2) / step * step).max(self.resolution);
+        let resolution = self.training_resolution();
+        let derived_min = (resolution / 2 / step * step).max(step).min(resolution);
+        let derived_max = (resolution.saturating_mul(2) / step * step).max(resolution);
         match (self.min_bucket_reso, self.max_bucket_reso) {
             (Some(min), Some(max)) => (min, max),
             (Some(min), None) => (min, derived_max.max(min)),

@@ -44,36 +44,7 @@ pub fn validate(config: &TrainConfig) -> Result<(), ConfigError> {
             ),
         );
     }
-    if config.resolution < 64 || !config.resolution.is_multiple_of(64) {
-        return bad(
-            "resolution",
-            format!(
-                "must be a multiple of 64 of at least 64, not {}",
-                config.resolution
-            ),
-        );
-    }
-    if config.bucket_reso_steps < 8 || !config.bucket_reso_steps.is_multiple_of(8) {
-        return bad(
-            "bucket_reso_steps",
-            format!("must be a multiple of 8, not {}", config.bucket_reso_steps),
-        );
-    }
-    // Only sides the user set can miss the resolution: derived ones follow it.
-    let (min_side, max_side) = config.bucket_sides();
-    if config.enable_bucket && (min_side > config.resolution || max_side < config.resolution) {
-        return bad(
-            if min_side > config.resolution {
-                "min_bucket_reso"
-            } else {
-                "max_bucket_reso"
-            },
-            format!(
-                "buckets {min_side}..{max_side} must include the resolution {}",
-                config.resolution
-            ),
-        );
-    }
+    validate_resolution(config)?;
     if config.repeats == 0 {
         return bad("repeats", "must be at least 1");
     }
@@ -172,6 +143,42 @@ pub fn validate(config: &TrainConfig) -> Result<(), ConfigError> {
                 "`{}` is not cpu, cuda, cuda:N, metal or auto",
                 config.device
             ),
+        );
+    }
+    Ok(())
+}
+
+/// Validates the resolution, the bucket step and the bucket sides (the part of [`validate`] a run repeats once
+/// it has given an unset resolution its base model's).
+pub fn validate_resolution(config: &TrainConfig) -> Result<(), ConfigError> {
+    if let Some(resolution) = config.resolution
+        && (resolution < 64 || !resolution.is_multiple_of(64))
+    {
+        return bad(
+            "resolution",
+            format!("must be a multiple of 64 of at least 64, not {resolution}"),
+        );
+    }
+    if config.bucket_reso_steps < 8 || !config.bucket_reso_steps.is_multiple_of(8) {
+        return bad(
+            "bucket_reso_steps",
+            format!("must be a multiple of 8, not {}", config.bucket_reso_steps),
+        );
+    }
+    // Only sides the user set can miss the resolution: derived ones follow it. An unset resolution is the
+    // base model's, checked when the run knows it.
+    let (min_side, max_side) = config.bucket_sides();
+    if let Some(resolution) = config.resolution
+        && config.enable_bucket
+        && (min_side > resolution || max_side < resolution)
+    {
+        return bad(
+            if min_side > resolution {
+                "min_bucket_reso"
+            } else {
+                "max_bucket_reso"
+            },
+            format!("buckets {min_side}..{max_side} must include the resolution {resolution}"),
         );
     }
     Ok(())

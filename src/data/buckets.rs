@@ -22,7 +22,7 @@ impl BucketSettings {
         let (min_reso, max_reso) = config.bucket_sides();
         Self {
             enabled: config.enable_bucket,
-            resolution: config.resolution,
+            resolution: config.training_resolution(),
             min_reso,
             max_reso,
             step: config.bucket_reso_steps,

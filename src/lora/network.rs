@@ -62,6 +62,9 @@ pub struct TargetComponent {
     /// The kohya prefix (`lora_unet`, `lora_te`, `lora_te1`, `lora_te2`).
     pub prefix: &'static str,
     pub slots: Vec<Arc<AdapterSlot>>,
+    /// The learning-rate group of its adapters, which the trainer maps to a learning rate (several
+    /// components may share one: SDXL's two text encoders train at one rate, as kohya's do).
+    pub group: usize,
 }
 
 /// One trained adapter.
@@ -70,8 +73,8 @@ pub struct NetworkModule {
     pub name: String,
     /// The kohya prefix of its component.
     pub prefix: &'static str,
-    /// Index of the component (and so of the learning-rate group).
-    pub component: usize,
+    /// The learning-rate group of its component (see [`TargetComponent::group`]).
+    pub group: usize,
     pub slot: Arc<AdapterSlot>,
     pub adapter: Arc<LoraAdapter>,
     pub down: Var,
@@ -110,10 +113,16 @@ impl LoraNetwork {
     ) -> Result<Self> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut modules = Vec::new();
-        for (component, target) in components.iter().enumerate() {
+        for target in components {
             for slot in &target.slots {
-                let module =
-                    Self::create_module(component, target.prefix, slot, &spec, &mut rng, device)?;
+                let module = Self::create_module(
+                    target.group,
+                    target.prefix,
+                    slot,
+                    &spec,
+                    &mut rng,
+                    device,
+                )?;
                 slot.attach(module.adapter.clone());
                 modules.push(module);
             }
@@ -122,7 +131,7 @@ impl LoraNetwork {
     }
 
     fn create_module(
-        component: usize,
+        group: usize,
         prefix: &'static str,
         slot: &Arc<AdapterSlot>,
         spec: &NetworkSpec,
@@ -196,7 +205,7 @@ impl LoraNetwork {
         Ok(NetworkModule {
             name,
             prefix,
-            component,
+            group,
             slot: slot.clone(),
             adapter: Arc::new(adapter),
             down,
@@ -213,14 +222,14 @@ impl LoraNetwork {
         &self.modules
     }
 
-    /// Every trainable variable with its name and component.
+    /// Every trainable variable with its name and learning-rate group.
     pub fn named_vars(&self) -> Vec<(String, usize, &Var)> {
         self.modules
             .iter()
             .flat_map(|m| {
                 m.named_vars()
                     .into_iter()
-                    .map(move |(name, var)| (name, m.component, var))
+                    .map(move |(name, var)| (name, m.group, var))
             })
             .collect()
     }

@@ -186,6 +186,11 @@ impl StableDiffusion {
         adapter_components(&self.unet, &self.text_encoder, self.text_encoder_2.as_ref())
     }
 
+    /// The text encoders with their kohya prefixes (`lora_te`; SDXL: `lora_te1`, `lora_te2`).
+    pub fn text_encoders(&self) -> Vec<(&'static str, &ClipTextTransformer)> {
+        text_encoders(&self.text_encoder, self.text_encoder_2.as_ref())
+    }
+
     /// Token ids `[prompts, 77]` of the prompts for the (first) text encoder, padded with its pad token.
     /// Prompts are cut to 75 tokens.
     pub fn tokenize(&self, prompts: &[&str]) -> Result<Tensor, ModelError> {
@@ -389,15 +394,26 @@ pub fn adapter_components<'a>(
     text_encoder: &'a ClipTextTransformer,
     text_encoder_2: Option<&'a ClipTextTransformer>,
 ) -> Vec<(&'static str, &'a LayerRegistry)> {
+    std::iter::once((UNET_PREFIX, unet.layers()))
+        .chain(
+            text_encoders(text_encoder, text_encoder_2)
+                .into_iter()
+                .map(|(prefix, encoder)| (prefix, encoder.layers())),
+        )
+        .collect()
+}
+
+/// A model's text encoders with their kohya prefixes: `lora_te` for SD1/SD2, `lora_te1` and `lora_te2` for
+/// SDXL (with a second text encoder).
+fn text_encoders<'a>(
+    text_encoder: &'a ClipTextTransformer,
+    text_encoder_2: Option<&'a ClipTextTransformer>,
+) -> Vec<(&'static str, &'a ClipTextTransformer)> {
     match text_encoder_2 {
-        None => vec![
-            (UNET_PREFIX, unet.layers()),
-            (TEXT_ENCODER_PREFIX, text_encoder.layers()),
-        ],
+        None => vec![(TEXT_ENCODER_PREFIX, text_encoder)],
         Some(second) => vec![
-            (UNET_PREFIX, unet.layers()),
-            (TEXT_ENCODER_1_PREFIX, text_encoder.layers()),
-            (TEXT_ENCODER_2_PREFIX, second.layers()),
+            (TEXT_ENCODER_1_PREFIX, text_encoder),
+            (TEXT_ENCODER_2_PREFIX, second),
         ],
     }
 }

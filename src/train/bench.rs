@@ -190,7 +190,11 @@ pub(super) fn bench_network(
         kind: NetworkKind::Lora,
     };
     Ok(LoraNetwork::create(
-        &[TargetComponent { prefix, slots }],
+        &[TargetComponent {
+            prefix,
+            slots,
+            group: super::trainer::UNET_LR_GROUP,
+        }],
         spec,
         0,
         device,

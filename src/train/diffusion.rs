@@ -1,6 +1,7 @@
-//! Training Stable Diffusion LoRAs: the diffusion task the loop ([`super::trainer`]) drives (latents from the
-//! VAE or the cache, noise at random timesteps, the UNet's noise or velocity loss, sample images) and the
-//! entry points that load the base model and scan the dataset.
+//! Training Stable Diffusion LoRAs (SD1, SD2 and SDXL): the diffusion task the loop ([`super::trainer`])
+//! drives (latents from the VAE or the cache, noise at random timesteps, the UNet's noise or velocity loss,
+//! for SDXL with the pooled text embedding and each image's size conditioning, sample images) and the entry
+//! points that load the base model and scan the dataset.
 
 use std::path::{Path, PathBuf};
 
@@ -11,16 +12,23 @@ use rand_chacha::ChaCha8Rng;
 
 use super::checkpoint::{Checkpoint, list_checkpoints, load_checkpoint};
 use super::export::{ExportContents, create_parent, renamed, write_export};
-use super::inputs::{ContextCache, LatentSource, gaussian, process_caption};
+use super::inputs::{
+    ContextCache, LatentSource, gaussian, kohya_size_conditioning, process_caption,
+};
 use super::metadata::{RunFacts, lora_metadata};
 use super::noise::{add_noise, min_snr_weights, target};
 use super::report::{CancelToken, LiveRun, TrainReporter};
 use super::samples::render_samples;
 use super::task::{ExportPoint, TrainingTask};
 use super::tensorboard::EventWriter;
-use super::trainer::{run_loop, steps_per_epoch, unix_seconds};
+use super::trainer::{
+    TEXT_ENCODER_LR_GROUP, UNET_LR_GROUP, run_loop, steps_per_epoch, unix_seconds,
+};
 use super::{TrainError, TrainOutcome};
-use crate::config::{DeviceChoice, MixedPrecision, PredictionOverride, SavePrecision, TrainConfig};
+use crate::config::{
+    ConfigError, DeviceChoice, MixedPrecision, PredictionOverride, SD_RESOLUTION, SDXL_RESOLUTION,
+    SavePrecision, TrainConfig,
+};
 use crate::data::batches::{Batch, epoch_batches};
 use crate::data::buckets::BucketSettings;
 use crate::data::images::{CropPlan, file_hash};
@@ -29,8 +37,8 @@ use crate::data::{Dataset, scan_dataset};
 use crate::lora::{LoraNetwork, NetworkKind, NetworkSpec, TargetComponent, export_network};
 use crate::models::checkpoint::{ModelFamily, ModelSource, PredictionOrigin};
 use crate::models::checkpointing::CheckpointGrads;
-use crate::models::pipeline::StableDiffusion;
-use crate::models::schedulers::PredictionType;
+use crate::models::pipeline::{PromptEmbeddings, StableDiffusion};
+use crate::models::schedulers::{PredictionType, SchedulerConfig};
 
 /// A base model loaded for training, reusable across runs and previews.
 pub struct LoadedBase {
@@ -121,17 +129,19 @@ fn train_scanned(
     reporter: &mut dyn TrainReporter,
     cancel: &CancelToken,
 ) -> Result<TrainOutcome, TrainError> {
-    if base.family == ModelFamily::Sdxl {
-        return Err(crate::models::ModelError::Unsupported(format!(
-            "{} is an SDXL model, and training LoRAs on SDXL is not available yet (generate, merge and \
-             inspect work with it)",
-            base.path.display()
-        ))
-        .into());
-    }
+    let config = &for_family(config, base.family)?;
     report_dataset(dataset, reporter);
     if base.model.config().prediction_origin != PredictionOrigin::Config {
         reporter.message(&base.model.prediction_note());
+    }
+    if let Some(note) = base.model.vae_precision_note() {
+        reporter.message(&note);
+    }
+    if base.family == ModelFamily::Sdxl && config.clip_skip != 1 {
+        reporter.message(&format!(
+            "clip_skip {} is not used: SDXL always conditions on both text encoders' penultimate layers",
+            config.clip_skip
+        ));
     }
     let checkpoint_grads = config.gradient_checkpointing.then(CheckpointGrads::default);
     base.model
@@ -144,6 +154,34 @@ fn train_scanned(
     })();
     base.model.unet.set_gradient_checkpointing(None);
     result
+}
+
+/// The resolution a run on `family` trains at when the config sets none: SDXL's native 1024, else 512 (as
+/// kohya sd-scripts defaults for each).
+fn native_resolution(family: ModelFamily) -> u32 {
+    match family {
+        ModelFamily::Sdxl => SDXL_RESOLUTION,
+        ModelFamily::Sd1 | ModelFamily::Sd2 => SD_RESOLUTION,
+    }
+}
+
+/// `config` for a base model of `family`: its resolution set (the family's native one when unset, the bucket
+/// sides that are not set following it) and checked with the buckets again, and SDXL's bucket step checked as
+/// kohya checks it (a multiple of 32).
+fn for_family(config: &TrainConfig, family: ModelFamily) -> Result<TrainConfig, TrainError> {
+    let resolved = config.with_resolution_default(native_resolution(family));
+    crate::config::validate_resolution(&resolved)?;
+    if family == ModelFamily::Sdxl && !resolved.bucket_reso_steps.is_multiple_of(32) {
+        return Err(ConfigError::BadValue {
+            key: "bucket_reso_steps".to_string(),
+            reason: format!(
+                "must be a multiple of 32 for SDXL (as kohya sd-scripts requires), not {}",
+                resolved.bucket_reso_steps
+            ),
+        }
+        .into());
+    }
+    Ok(resolved)
 }
 
 /// Checks that the output folder can be written and clears what an interrupted run left half-written.
@@ -216,12 +254,17 @@ fn create_network(
     let mut targets = vec![TargetComponent {
         prefix: crate::lora::UNET_PREFIX,
         slots: model.unet.lora_targets(config.conv_lora),
+        group: UNET_LR_GROUP,
     }];
     if config.train_text_encoder {
-        targets.push(TargetComponent {
-            prefix: crate::lora::TEXT_ENCODER_PREFIX,
-            slots: model.text_encoder.lora_targets(),
-        });
+        // SDXL: both text encoders, at one learning rate (kohya's `networks.lora` has one for both).
+        targets.extend(model.text_encoders().into_iter().map(|(prefix, encoder)| {
+            TargetComponent {
+                prefix,
+                slots: encoder.lora_targets(),
+                group: TEXT_ENCODER_LR_GROUP,
+            }
+        }));
     }
     let spec = NetworkSpec {
         rank: config.lora_rank as usize,
@@ -302,7 +345,7 @@ impl<'a> DiffusionTask<'a> {
                 cache,
                 file_hashes,
                 device: base.device.clone(),
-                dtype: base.dtype,
+                dtype: model.vae_dtype(),
             },
             contexts: ContextCache::default(),
         })
@@ -344,8 +387,9 @@ impl<'a> DiffusionTask<'a> {
         Ok(())
     }
 
-    /// Text-encoder outputs for the captions (cached when the encoder is frozen and captions are fixed).
-    fn encode_captions(&mut self, captions: &[String]) -> Result<Tensor, TrainError> {
+    /// Text-encoder outputs for the captions: the context and, for SDXL, the pooled embedding (both cached
+    /// when the encoders are frozen and captions are fixed).
+    fn encode_captions(&mut self, captions: &[String]) -> Result<PromptEmbeddings, TrainError> {
         let config = self.config;
         let clip_skip = config.clip_skip as usize;
         let cacheable = !config.train_text_encoder
@@ -353,24 +397,34 @@ impl<'a> DiffusionTask<'a> {
             && config.caption_dropout_rate == 0.0;
         if !cacheable {
             let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
-            return Ok(self.model.encode_prompts(&refs, clip_skip)?.context);
+            return Ok(self.model.encode_prompts(&refs, clip_skip)?);
         }
         let mut rows = Vec::with_capacity(captions.len());
         for caption in captions {
-            let context = match self.contexts.get(caption) {
-                Some(c) => c.clone(),
+            let embeddings = match self.contexts.get(caption) {
+                Some(e) => e.clone(),
                 None => {
-                    let c = self
+                    let e = self
                         .model
                         .encode_prompts(&[caption.as_str()], clip_skip)?
-                        .context;
-                    self.contexts.insert(caption.clone(), c.clone());
-                    c
+                        .detach();
+                    self.contexts.insert(caption.clone(), e.clone());
+                    e
                 }
             };
-            rows.push(context);
+            rows.push(embeddings);
         }
-        Ok(Tensor::cat(&rows, 0)?)
+        let contexts: Vec<&Tensor> = rows.iter().map(|e| &e.context).collect();
+        let pooled = rows
+            .iter()
+            .map(|e| e.pooled.as_ref())
+            .collect::<Option<Vec<&Tensor>>>()
+            .map(|pooled| Tensor::cat(&pooled, 0))
+            .transpose()?;
+        Ok(PromptEmbeddings {
+            context: Tensor::cat(&contexts, 0)?,
+            pooled,
+        })
     }
 }
 
@@ -410,9 +464,15 @@ impl TrainingTask for DiffusionTask<'_> {
         let mut samples = Vec::with_capacity(batch.items.len());
         let mut masks = Vec::with_capacity(batch.items.len());
         let mut captions = Vec::with_capacity(batch.items.len());
+        let mut sizes = Vec::with_capacity(batch.items.len());
         for &index in &batch.items {
             let item = &self.dataset.items[index];
             let plan = self.latents.plan(item, batch.bucket, rng);
+            sizes.push(kohya_size_conditioning(
+                (item.width, item.height),
+                plan.bucket,
+                plan.flip,
+            ));
             let latent = self.latents.latent(index, item, &plan)?;
             let eps = gaussian(rng, latent.mean.dims(), &self.device)?;
             let sample = (latent.mean.clone() + (latent.logvar.affine(0.5, 0.0)?.exp()? * eps)?)?
@@ -434,7 +494,9 @@ impl TrainingTask for DiffusionTask<'_> {
         let alphas: Vec<f32> = timesteps.iter().map(|&t| self.alphas_cumprod[t]).collect();
         let noisy = add_noise(&x0, &noise, &alphas)?;
         let wanted = target(&x0, &noise, &alphas, self.prediction)?;
-        let context = self.encode_captions(&captions)?;
+        let embeddings = self.encode_captions(&captions)?;
+        // SDXL: the pooled embedding and each image's size conditioning (`None` for SD1/SD2).
+        let added = self.model.added_conditions(&embeddings, &sizes)?;
         let t = Tensor::from_vec(
             timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(),
             dims[0],
@@ -443,7 +505,12 @@ impl TrainingTask for DiffusionTask<'_> {
         let prediction = self
             .model
             .unet
-            .forward(&noisy.to_dtype(self.dtype)?, &t, &context)?
+            .forward_with(
+                &noisy.to_dtype(self.dtype)?,
+                &t,
+                &embeddings.context,
+                added.as_ref(),
+            )?
             .to_dtype(DType::F32)?;
         let error = (prediction - wanted)?.sqr()?;
         let per_sample = if config.masked_loss && masks.iter().all(Option::is_some) {
@@ -499,25 +566,26 @@ impl TrainingTask for DiffusionTask<'_> {
         export_contents(
             &self.network,
             self.config,
-            (self.family, self.prediction),
+            (self.family, &self.model.config().scheduler),
             self.dataset,
             point,
         )
     }
 }
 
-/// The LoRA file `network` gives, with the metadata of its run.
+/// The LoRA file `network` gives, with the metadata of its run on a `family` model with `schedule`.
 fn export_contents(
     network: &LoraNetwork,
     config: &TrainConfig,
-    (family, prediction): (ModelFamily, PredictionType),
+    (family, schedule): (ModelFamily, &SchedulerConfig),
     dataset: &Dataset,
     point: ExportPoint,
 ) -> Result<ExportContents, TrainError> {
     let lora = export_network(network)?;
     let facts = RunFacts {
         family,
-        prediction,
+        prediction: schedule.prediction_type,
+        zero_terminal_snr: schedule.rescale_betas_zero_snr,
         dataset,
         steps: point.steps,
         epoch: point.epoch,
@@ -585,7 +653,7 @@ pub fn export_checkpoint_on(
     let contents = export_contents(
         &network,
         config,
-        (base.family, base.model.config().scheduler.prediction_type),
+        (base.family, &base.model.config().scheduler),
         &dataset,
         point,
     )?;

@@ -1,5 +1,6 @@
 //! The header metadata of an exported LoRA: kohya's `ss_*` keys (A1111 shows them on the Lora card, with the
-//! tag frequencies), the Stability `modelspec.*` keys, and the full config so a file can be retrained from.
+//! tag frequencies, and tells SDXL LoRAs by `ss_base_model_version`), the Stability `modelspec.*` keys with
+//! kohya's values for each family, and the full config so a file can be retrained from.
 
 use std::collections::BTreeMap;
 
@@ -15,6 +16,8 @@ use crate::models::schedulers::PredictionType;
 pub struct RunFacts<'a> {
     pub family: ModelFamily,
     pub prediction: PredictionType,
+    /// The noise schedule was rescaled to zero terminal SNR.
+    pub zero_terminal_snr: bool,
     pub dataset: &'a Dataset,
     pub steps: u64,
     pub epoch: u64,
@@ -30,13 +33,21 @@ pub struct RunFacts<'a> {
 pub fn lora_metadata(config: &TrainConfig, facts: &RunFacts) -> BTreeMap<String, String> {
     let v2 = facts.family == ModelFamily::Sd2;
     let v_pred = facts.prediction == PredictionType::VPrediction;
-    let base_version = match (v2, v_pred) {
-        (false, _) => "sd_v1",
-        (true, false) => "sd_v2",
-        (true, true) => "sd_v2_v",
+    // kohya's names (`library/sai_model_spec.py`, `train_util.py`): an SDXL v-prediction fine-tune keeps
+    // SDXL's base version and architecture, only `modelspec.prediction_type` says "v"; SDXL LoRAs name the
+    // generative-models implementation, SD1/SD2 LoRAs diffusers.
+    let (base_version, architecture, implementation) = match (facts.family, v_pred) {
+        (ModelFamily::Sd1, _) => ("sd_v1", "stable-diffusion-v1/lora", "diffusers"),
+        (ModelFamily::Sd2, false) => ("sd_v2", "stable-diffusion-v2-512/lora", "diffusers"),
+        (ModelFamily::Sd2, true) => ("sd_v2_v", "stable-diffusion-v2-768-v/lora", "diffusers"),
+        (ModelFamily::Sdxl, _) => (
+            "sdxl_base_v1-0",
+            "stable-diffusion-xl-v1-base/lora",
+            "https://github.com/Stability-AI/generative-models",
+        ),
     };
     let python_bool = |b: bool| if b { "True" } else { "False" }.to_string();
-    let resolution = config.resolution;
+    let resolution = config.training_resolution();
     // kohya's `networks.lora` layout: the linear rank and alpha in their own keys, the convolutions' in the
     // arguments, as text (as sd-scripts passes `--network_args`). The file is a plain LoRA whatever was
     // trained, so no `algo` (the training method is `lora_studio.network_kind`).
@@ -68,6 +79,7 @@ pub fn lora_metadata(config: &TrainConfig, facts: &RunFacts) -> BTreeMap<String,
     put("ss_base_model_version", base_version.into());
     put("ss_v2", python_bool(v2));
     put("ss_v_parameterization", python_bool(v_pred));
+    put("ss_zero_terminal_snr", python_bool(facts.zero_terminal_snr));
     put("ss_output_name", config.output_name.clone());
     put("ss_sd_model_name", base_name);
     put("ss_resolution", format!("({resolution}, {resolution})"));
@@ -147,16 +159,8 @@ pub fn lora_metadata(config: &TrainConfig, facts: &RunFacts) -> BTreeMap<String,
     put("ss_tag_frequency", tag_frequency(facts.dataset).to_string());
     put("ss_dataset_dirs", dataset_dirs(facts.dataset).to_string());
     put("modelspec.sai_model_spec", "1.0.1".into());
-    put(
-        "modelspec.architecture",
-        match (v2, v_pred) {
-            (false, _) => "stable-diffusion-v1/lora",
-            (true, false) => "stable-diffusion-v2-512/lora",
-            (true, true) => "stable-diffusion-v2-768-v/lora",
-        }
-        .into(),
-    );
-    put("modelspec.implementation", "diffusers".into());
+    put("modelspec.architecture", architecture.into());
+    put("modelspec.implementation", implementation.into());
     put("modelspec.title", config.output_name.clone());
     put("modelspec.resolution", format!("{resolution}x{resolution}"));
     put("modelspec.date", iso_date(facts.finished_at));

@@ -37,17 +37,22 @@ pub fn target(
     }
 }
 
-/// Min-SNR-γ loss weights (Hang et al. 2023): `min(SNR, γ) / SNR` for noise prediction,
-/// `min(SNR, γ) / (SNR + 1)` for velocity prediction.
+/// Min-SNR-γ loss weights (Hang et al. 2023, as kohya sd-scripts applies them): `min(SNR, γ) / SNR` for noise
+/// prediction, `min(SNR, γ) / (SNR + 1)` for velocity prediction.
+///
+/// A zero-terminal-SNR schedule's last timestep has SNR 0, where the noise weight would be 0/0 (kohya's
+/// formula gives NaN there): it takes its limit, 1, written as `1` for every SNR up to γ (where min(SNR, γ) =
+/// SNR) and `γ / SNR` above. The velocity weight is 0 there, as kohya's: the last timestep's target is the
+/// negated sample, which min-SNR leaves out.
 pub fn min_snr_weights(alphas: &[f32], gamma: f64, prediction: PredictionType) -> Vec<f64> {
     alphas
         .iter()
         .map(|&a| {
             let snr = a as f64 / (1.0 - a as f64);
-            let clipped = snr.min(gamma);
             match prediction {
-                PredictionType::Epsilon => clipped / snr,
-                PredictionType::VPrediction => clipped / (snr + 1.0),
+                PredictionType::Epsilon if snr <= gamma => 1.0,
+                PredictionType::Epsilon => gamma / snr,
+                PredictionType::VPrediction => snr.min(gamma) / (snr + 1.0),
             }
         })
         .collect()
@@ -81,5 +86,27 @@ mod tests {
         assert!((rebuilt[0] - 0.5).abs() < 1e-6 && (rebuilt[1] + 1.0).abs() < 1e-6);
         let w = min_snr_weights(&[0.9, 0.1], 5.0, PredictionType::Epsilon);
         assert!((w[0] - 5.0 / 9.0).abs() < 1e-6 && (w[1] - 1.0).abs() < 1e-6);
+    }
+
+    /// A zero-terminal-SNR schedule's last timestep has ᾱ = 0, so SNR 0: the noise weight is its limit 1
+    /// (min(SNR, γ)/SNR = 1 for every SNR up to γ), the velocity weight kohya's min(0, γ)/(0 + 1) = 0; neither is
+    /// 0/0.
+    #[test]
+    fn min_snr_weights_are_finite_at_zero_terminal_snr() {
+        let schedule = crate::models::schedulers::SchedulerConfig {
+            rescale_betas_zero_snr: true,
+            ..Default::default()
+        };
+        let alphas = schedule.alphas_cumprod();
+        assert_eq!(alphas[999], 0.0);
+        let last = [alphas[998], alphas[999]];
+        let eps = min_snr_weights(&last, 5.0, PredictionType::Epsilon);
+        let v = min_snr_weights(&last, 5.0, PredictionType::VPrediction);
+        assert_eq!((eps[1], v[1]), (1.0, 0.0));
+        // Next to it the weights follow the formula (SNR there is far below γ).
+        let snr = last[0] as f64 / (1.0 - last[0] as f64);
+        assert!(snr > 0.0 && snr < 5.0);
+        assert_eq!(eps[0], 1.0);
+        assert!((v[0] - snr / (snr + 1.0)).abs() < 1e-12);
     }
 }

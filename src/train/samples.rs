@@ -25,7 +25,7 @@ pub fn render_samples(
         path: dir.clone(),
         source,
     })?;
-    let size = config.sample_size.unwrap_or(config.resolution) as usize;
+    let size = config.sample_size.unwrap_or(config.training_resolution()) as usize;
     for (index, prompt) in config.sample_prompts.iter().enumerate() {
         for &strength in &config.sample_strengths {
             let _rendering = network.rendering_at(strength);

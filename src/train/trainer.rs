@@ -19,6 +19,12 @@ use super::tensorboard::EventWriter;
 use super::{TrainError, TrainOutcome, TrainStop};
 use crate::config::{LogWith, TrainConfig};
 
+/// The learning-rate group (see [`crate::lora::TargetComponent::group`]) of adapters trained at `unet_lr`.
+pub(super) const UNET_LR_GROUP: usize = 0;
+
+/// The learning-rate group of adapters trained at `text_encoder_lr`.
+pub(super) const TEXT_ENCODER_LR_GROUP: usize = 1;
+
 /// Consecutive steps whose loss (or, without loss scaling, gradient) is not finite, after which training
 /// stops.
 const MAX_NONFINITE_STREAK: u32 = 5;
@@ -42,10 +48,12 @@ pub fn run_loop<T: TrainingTask>(
     let network = task.network();
     let named = network.named_vars();
     let vars: Vec<Var> = named.iter().map(|(_, _, v)| (*v).clone()).collect();
-    let group_lrs = [config.unet_lr(), config.text_encoder_lr()];
+    let mut group_lrs = [0.0; 2];
+    group_lrs[UNET_LR_GROUP] = config.unet_lr();
+    group_lrs[TEXT_ENCODER_LR_GROUP] = config.text_encoder_lr();
     let base_lrs: Vec<f64> = named
         .iter()
-        .map(|(_, component, _)| group_lrs[*component])
+        .map(|(_, group, _)| group_lrs[*group])
         .collect();
     let optimizer_vars: Vec<(String, &Var)> =
         named.iter().map(|(n, _, v)| (n.clone(), *v)).collect();

@@ -1,4 +1,5 @@
-//! The files thread (dataset scans, thumbnails, caption saves, checkpoint listings) and the checks thread it feeds.
+//! The files thread (dataset scans, thumbnails, caption saves, checkpoint listings, telling a picked base
+//! model's family from its headers) and the checks thread it feeds.
 
 use std::path::PathBuf;
 
@@ -12,7 +13,9 @@ use crate::data::captions::CaptionSource;
 use crate::data::checks::{DatasetIssue, check_dataset};
 use crate::data::images::load_oriented;
 use crate::data::{Dataset, scan_dataset};
-use crate::messages::{Badge, CaptionOrigin, DatasetEntry, DatasetView, Event, Job};
+use crate::messages::{Badge, BaseFamily, CaptionOrigin, DatasetEntry, DatasetView, Event, Job};
+use crate::models::checkpoint::ModelFamily;
+use crate::models::inspect::{FileReport, inspect};
 use crate::models::tokenizer::ClipTokenizer;
 use crate::train::list_checkpoints;
 
@@ -73,6 +76,10 @@ pub fn run(jobs: Receiver<Job>, outbox: Outbox) {
                     Err(e) => outbox.error(e.to_string()),
                 }
             }
+            Some(Job::DescribeModel { path }) => {
+                let family = contain(&outbox, "describing a model", || describe(&path)).flatten();
+                outbox.send(Event::ModelDescribed { path, family });
+            }
             Some(Job::FindCheckpoints { output_dir }) => {
                 let checkpoints = list_checkpoints(&output_dir);
                 outbox.send(Event::CheckpointsFound {
@@ -92,6 +99,18 @@ pub fn run(jobs: Receiver<Job>, outbox: Outbox) {
                 }
             }
         }
+    }
+}
+
+/// The family of the base model at `path`, from its headers and configs only (`models::inspect`); `None`
+/// when it is no base model lora-studio reads (the run says why when it starts).
+fn describe(path: &std::path::Path) -> Option<BaseFamily> {
+    match inspect(path).ok()? {
+        FileReport::Checkpoint(report) => Some(match report.config.family {
+            ModelFamily::Sd1 | ModelFamily::Sd2 => BaseFamily::Sd,
+            ModelFamily::Sdxl => BaseFamily::Sdxl,
+        }),
+        _ => None,
     }
 }
 

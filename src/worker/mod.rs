@@ -110,7 +110,8 @@ impl WorkerHandle {
             Job::ScanDataset { .. }
             | Job::Thumbnail { .. }
             | Job::SaveCaption { .. }
-            | Job::FindCheckpoints { .. } => &self.files,
+            | Job::FindCheckpoints { .. }
+            | Job::DescribeModel { .. } => &self.files,
             Job::AutoCaption(_) | Job::CancelAutoCaption => &self.captioner,
             Job::FindModels | Job::DownloadModel { .. } => &self.models,
             _ => &self.engine,

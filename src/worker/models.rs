@@ -9,9 +9,9 @@ use crossbeam_channel::Receiver;
 
 use super::{Outbox, contain};
 use crate::discovery::recommended::{RECOMMENDED, find};
-use crate::discovery::{Discovery, DiscoveryOptions, discover};
+use crate::discovery::{Discovery, DiscoveryOptions, Family, discover};
 use crate::hub::{DownloadReporter, HubSettings};
-use crate::messages::{DownloadChoice, Event, Job, ModelChoice, ModelsFound};
+use crate::messages::{BaseFamily, DownloadChoice, Event, Job, ModelChoice, ModelsFound};
 
 /// Where the models thread looks, and where it downloads to.
 #[derive(Debug, Clone)]
@@ -87,6 +87,7 @@ fn as_message(found: &Discovery) -> ModelsFound {
                 path: m.path.clone(),
                 name: m.name.clone(),
                 family: m.family.label().to_string(),
+                base_family: base_family(m.family),
                 group: m.family.group().to_string(),
                 size_bytes: m.size_bytes,
                 precision: m.precision.clone(),
@@ -108,6 +109,15 @@ fn as_message(found: &Discovery) -> ModelsFound {
                 approximate_bytes: r.approximate_bytes,
             })
             .collect(),
+    }
+}
+
+/// The family whose training defaults a found model takes.
+fn base_family(family: Family) -> BaseFamily {
+    match family {
+        Family::Sd1 | Family::Sd2Epsilon | Family::Sd2V | Family::Sd2 => BaseFamily::Sd,
+        Family::Sdxl | Family::SdxlVPred => BaseFamily::Sdxl,
+        Family::ChatModel => BaseFamily::Other,
     }
 }
 

@@ -433,6 +433,65 @@ pub fn make_dataset(dir: &std::path::Path, count: usize) -> PathBuf {
     dir.to_path_buf()
 }
 
+/// Every tensor of a safetensors file, and its metadata.
+pub fn read_tensors(
+    path: &std::path::Path,
+) -> (
+    std::collections::HashMap<String, Tensor>,
+    std::collections::HashMap<String, String>,
+) {
+    let file = TensorFile::open(path).unwrap_or_else(|e| panic!("{e}"));
+    let tensors = file
+        .infos()
+        .keys()
+        .map(|k| (k.clone(), file.load(k, &Device::Cpu).unwrap()))
+        .collect();
+    let metadata = file
+        .metadata()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    (tensors, metadata)
+}
+
+/// The tiny model `kind` (`sd1`, `sdxl`) loaded in `dtype` on the CPU, as a run's base.
+pub fn loaded_base(kind: &str, dtype: DType) -> lora_studio::train::LoadedBase {
+    use lora_studio::models::checkpoint::ModelSource;
+    use lora_studio::models::pipeline::StableDiffusion;
+    let path = fixture(kind);
+    let source = ModelSource::open(&path).unwrap();
+    lora_studio::train::LoadedBase {
+        model: StableDiffusion::load(&source, &Device::Cpu, dtype).unwrap(),
+        family: source.config().family,
+        path,
+        device: Device::Cpu,
+        dtype,
+    }
+}
+
+/// Asserts that two checkpoints of `steps` steps hold the same run: step, RNG, adapters and optimizer state
+/// (to 1e-6).
+pub fn assert_same_run(a: &std::path::Path, b: &std::path::Path, steps: u64) {
+    use lora_studio::train::load_checkpoint;
+    let a = load_checkpoint(a, &Device::Cpu).unwrap();
+    let b = load_checkpoint(b, &Device::Cpu).unwrap();
+    assert_eq!((a.state.step, b.state.step), (steps, steps));
+    assert_eq!(
+        a.state.rng, b.state.rng,
+        "the RNG continues where it stopped"
+    );
+    assert_eq!(a.adapters.len(), b.adapters.len());
+    for (name, tensor) in &a.adapters {
+        let diff = max_abs_diff(tensor, &b.adapters[name]);
+        assert!(diff < 1e-6, "{name} differs by {diff} after resuming");
+    }
+    assert_eq!(a.optimizer.len(), b.optimizer.len());
+    for (name, tensor) in &a.optimizer {
+        let diff = max_abs_diff(tensor, &b.optimizer[name]);
+        assert!(diff < 1e-6, "optimizer state {name} differs by {diff}");
+    }
+}
+
 /// A training config on the tiny SD1 model over `data`, writing to `output`.
 pub fn tiny_config(
     data: &std::path::Path,
@@ -443,7 +502,7 @@ pub fn tiny_config(
         base_model: fixture("sd1"),
         output_dir: output.to_path_buf(),
         output_name: "tiny".to_string(),
-        resolution: 64,
+        resolution: Some(64),
         lora_rank: 4,
         lora_alpha: 4.0,
         batch_size: 2,
