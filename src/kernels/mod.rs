@@ -9,6 +9,7 @@
 //! there. Knows nothing about adapters, models or training: must not use lora, models, train or worker.
 
 mod activations;
+mod cross_entropy;
 mod fast_math;
 mod few_rows;
 mod flash_attention;
@@ -28,6 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::Device;
 
 pub use activations::{geglu, gelu, silu};
+pub use cross_entropy::cross_entropy_sum;
 pub use frozen::{frozen_affine, frozen_conv2d, frozen_linear};
 pub use fused_attention::fused_attention;
 pub use fused_norm::{normalize_affine, normalize_rows};

@@ -1,9 +1,11 @@
 //! The next-token cross-entropy of a causal language model, as transformers computes it: the logits at
 //! position `t` predict the label at `t + 1`, labels equal to [`IGNORE_INDEX`] (prompts, padding) are
-//! skipped, and the log-softmax runs in f32 (f64 for an f64 model). Returns the sum and the count of the
+//! skipped, and the log-softmax runs in f32 (f64 for an f64 model; see [`cross_entropy_sum`]). Returns the sum and the count of the
 //! tokens it covers, so a caller can normalise over an accumulated batch.
 
-use candle_core::{D, DType, Result, Tensor};
+use candle_core::{Result, Tensor};
+
+use crate::kernels::cross_entropy_sum;
 
 /// The label of a token that takes no part in the loss.
 pub const IGNORE_INDEX: i64 = -100;
@@ -16,38 +18,21 @@ pub fn next_token_loss(logits: &Tensor, labels: &[i64]) -> Result<(Tensor, usize
     if labels.len() != rows * tokens {
         candle_core::bail!("{} labels for {rows} rows of {tokens} tokens", labels.len());
     }
-    let mut picked_rows = Vec::new();
-    let mut targets = Vec::new();
+    let mut targets = vec![None; rows * tokens];
     for row in 0..rows {
         for t in 0..tokens.saturating_sub(1) {
             let label = labels[row * tokens + t + 1];
             if label == IGNORE_INDEX {
                 continue;
             }
-            if label < 0 || label as usize >= vocab {
-                candle_core::bail!("label {label} is outside the vocabulary of {vocab} tokens");
+            if label < 0 {
+                candle_core::bail!("label {label} is not a token id");
             }
-            picked_rows.push((row * tokens + t) as u32);
-            targets.push(label as u32);
+            targets[row * tokens + t] = Some(label as u32);
         }
     }
-    let dtype = if logits.dtype() == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
-    let count = targets.len();
-    if count == 0 {
-        return Ok((Tensor::zeros((), dtype, logits.device())?, 0));
-    }
-    let device = logits.device();
-    let picked = logits
-        .reshape((rows * tokens, vocab))?
-        .index_select(&Tensor::from_vec(picked_rows, count, device)?, 0)?
-        .to_dtype(dtype)?;
-    let log_probs = candle_nn::ops::log_softmax(&picked, D::Minus1)?;
-    let target = Tensor::from_vec(targets, (count, 1), device)?;
-    let total = log_probs.gather(&target, 1)?.sum_all()?.neg()?;
+    let count = targets.iter().flatten().count();
+    let total = cross_entropy_sum(&logits.reshape((rows * tokens, vocab))?, &targets)?;
     Ok((total, count))
 }
 
