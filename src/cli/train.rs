@@ -109,14 +109,19 @@ impl TrainReporter for TerminalReporter {
     }
 
     fn plan(&mut self, plan: &TrainPlan) {
+        let examples = match plan.tokens_per_epoch {
+            Some(tokens) => format!(
+                "{} {} ({tokens} tokens per epoch)",
+                plan.images, plan.example_noun
+            ),
+            None => format!(
+                "{} {} ({} per epoch with repeats)",
+                plan.images, plan.example_noun, plan.samples_per_epoch
+            ),
+        };
         eprintln!(
-            "{} images ({} per epoch with repeats), {} steps per epoch, {} steps, {} adapters ({} parameters)",
-            plan.images,
-            plan.samples_per_epoch,
-            plan.steps_per_epoch,
-            plan.total_steps,
-            plan.adapters,
-            plan.trainable_parameters
+            "{examples}, {} steps per epoch, {} steps, {} adapters ({} parameters)",
+            plan.steps_per_epoch, plan.total_steps, plan.adapters, plan.trainable_parameters
         );
         let bar = ProgressBar::new(plan.total_steps).with_style(
             ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} {per_sec} eta {eta}")
@@ -142,8 +147,14 @@ impl TrainReporter for TerminalReporter {
         } else {
             ""
         };
+        let speed = match report.tokens {
+            Some(tokens) if report.seconds > 0.0 => {
+                format!(" {:.0} tok/s", tokens as f64 / report.seconds)
+            }
+            _ => String::new(),
+        };
         let message = format!(
-            "epoch {} loss {loss} lr {:.2e}{skipped}",
+            "epoch {} loss {loss} lr {:.2e}{speed}{skipped}",
             report.epoch, report.lr
         );
         if let Some(bar) = &self.bar {

@@ -489,7 +489,7 @@ impl TrainingTask for DiffusionTask<'_> {
 
     fn live(&self, step: u64) -> LiveRun<'_> {
         LiveRun {
-            model: self.model,
+            model: Some(self.model),
             network: &self.network,
             step,
         }
