@@ -69,7 +69,7 @@ pub fn prediction_type(prediction: PredictionOverride) -> PredictionType {
 }
 
 /// f32 on the CPU; on GPUs bf16 where supported (or as asked), else fp16.
-fn compute_dtype(device: &Device, precision: MixedPrecision) -> DType {
+pub(super) fn compute_dtype(device: &Device, precision: MixedPrecision) -> DType {
     if device.is_cpu() {
         return DType::F32;
     }
@@ -82,12 +82,16 @@ fn compute_dtype(device: &Device, precision: MixedPrecision) -> DType {
 }
 
 /// Trains a LoRA as `config` says, optionally resuming from a checkpoint folder (or an output folder's newest).
+/// A language model folder as the base model trains a language model ([`super::causal_lm`]).
 pub fn train(
     config: &TrainConfig,
     resume: Option<&Path>,
     reporter: &mut dyn TrainReporter,
     cancel: &CancelToken,
 ) -> Result<TrainOutcome, TrainError> {
+    if super::causal_lm::is_language_model_folder(&config.base_model) {
+        return super::causal_lm::train_causal_lm(config, resume, reporter, cancel);
+    }
     // The output folder and the dataset are checked before the model is loaded, so that their problems
     // are reported at once.
     prepare_output(config, reporter)?;
@@ -147,7 +151,7 @@ fn train_scanned(
 }
 
 /// Checks that the output folder can be written and clears what an interrupted run left half-written.
-fn prepare_output(
+pub(super) fn prepare_output(
     config: &TrainConfig,
     reporter: &mut dyn TrainReporter,
 ) -> Result<(), TrainError> {
@@ -503,6 +507,25 @@ impl TrainingTask for DiffusionTask<'_> {
             self.dataset,
             point,
         )
+    }
+
+    /// The kohya LoRA file `output_dir/OUTPUT_NAME.safetensors` (and its diffusers copy if asked).
+    fn write_final_export(
+        &self,
+        point: ExportPoint,
+        _last_checkpoint: Option<&Path>,
+    ) -> Result<PathBuf, TrainError> {
+        let config = self.config;
+        let path = config
+            .output_dir
+            .join(format!("{}.safetensors", config.output_name));
+        write_export(
+            &self.export_contents(point)?,
+            &path,
+            config.save_precision,
+            config.export_peft,
+        )?;
+        Ok(path)
     }
 }
 

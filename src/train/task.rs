@@ -98,4 +98,12 @@ pub trait TrainingTask {
 
     /// The adapters as plain LoRA modules with the file's metadata, as of `point`.
     fn export_contents(&self, point: ExportPoint) -> Result<ExportContents, TrainError>;
+
+    /// Writes the run's final export (the adapters at strength 1, as of `point`; `last_checkpoint` is the
+    /// checkpoint just saved) and returns the path of its main file.
+    fn write_final_export(
+        &self,
+        point: ExportPoint,
+        last_checkpoint: Option<&std::path::Path>,
+    ) -> Result<std::path::PathBuf, TrainError>;
 }

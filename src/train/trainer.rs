@@ -10,7 +10,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::checkpoint::{RngState, TrainState, list_checkpoints, load_checkpoint, save_checkpoint};
-use super::export::{write_checkpoint_export, write_export};
+use super::export::write_checkpoint_export;
 use super::optimizer::{Optimizer, OptimizerSettings};
 use super::report::{CancelToken, Flow, StepReport, TrainPlan, TrainReporter};
 use super::schedule::lr_factor;
@@ -30,7 +30,7 @@ const INITIAL_LOSS_SCALE: f64 = 65536.0;
 const LOSS_SCALE_GROWTH_STEPS: u64 = 2000;
 
 /// Trains `task`'s adapters as `config` says, in `dtype` (which decides loss scaling: fp16 only), optionally
-/// resuming from a checkpoint, and exports the result to `output_dir/OUTPUT_NAME.safetensors`.
+/// resuming from a checkpoint, and writes the task's final export.
 pub fn run_loop<T: TrainingTask>(
     task: &mut T,
     config: &TrainConfig,
@@ -246,16 +246,9 @@ pub fn run_loop<T: TrainingTask>(
     {
         last_checkpoint = Some(save(task, &optimizer, &state, point, config, reporter)?);
     }
-    let lora_path = config
-        .output_dir
-        .join(format!("{}.safetensors", config.output_name));
     task.network().set_multiplier(1.0);
-    write_export(
-        &task.export_contents(point)?,
-        &lora_path,
-        config.save_precision,
-        config.export_peft,
-    )?;
+    let lora_path =
+        task.write_final_export(point, last_checkpoint.as_ref().map(|(_, p)| p.as_path()))?;
     if stop == TrainStop::NonFiniteLoss {
         reporter.message(&format!(
             "training stopped after {MAX_NONFINITE_STREAK} steps in a row with a non-finite loss; the last good \
@@ -345,7 +338,7 @@ fn export_point(state: &TrainState, steps_per_epoch: u64) -> ExportPoint {
 
 /// The settings a checkpoint's network and optimizer depend on must not change on resume.
 fn check_resumable(saved: &TrainConfig, now: &TrainConfig, path: &Path) -> Result<(), TrainError> {
-    let fixed: [(&str, String, String); 9] = [
+    let fixed: [(&str, String, String); 11] = [
         (
             "lora_rank",
             saved.lora_rank.to_string(),
@@ -377,6 +370,16 @@ fn check_resumable(saved: &TrainConfig, now: &TrainConfig, path: &Path) -> Resul
             now.train_text_encoder.to_string(),
         ),
         ("dora", saved.dora.to_string(), now.dora.to_string()),
+        (
+            "use_rslora",
+            saved.use_rslora.to_string(),
+            now.use_rslora.to_string(),
+        ),
+        (
+            "lora_target_modules",
+            format!("{:?}", saved.language_model_targets()),
+            format!("{:?}", now.language_model_targets()),
+        ),
         ("pissa", saved.pissa.to_string(), now.pissa.to_string()),
         (
             "optimizer",
