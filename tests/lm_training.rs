@@ -348,15 +348,20 @@ fn chat_dataset(dir: &Path) -> PathBuf {
         ("How many legs has a cat?", "Four legs."),
         ("Say hello.", "Hello! How are you?"),
     ];
-    let text: Vec<String> = rows
+    write(&dir.join("data/chats.jsonl"), &chat_lines(&rows));
+    dir.join("data")
+}
+
+/// OpenAI rows of one question and its answer each.
+fn chat_lines(rows: &[(&str, &str)]) -> String {
+    let lines: Vec<String> = rows
         .iter()
         .map(|(q, a)| {
             serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
                 .to_string()
         })
         .collect();
-    write(&dir.join("data/chats.jsonl"), &text.join("\n"));
-    dir.join("data")
+    lines.join("\n")
 }
 
 fn tiny_config(data: &Path, out: &Path) -> TrainConfig {
@@ -566,4 +571,49 @@ fn rows_the_template_cannot_place_or_cut_before_any_reply_are_left_out_with_thei
             .iter()
             .any(|&l| l != IGNORE_INDEX)
     );
+}
+
+#[test]
+fn accumulated_micro_batches_weigh_by_their_trained_tokens() {
+    // Samples with replies of very different lengths: a step over two micro-batches of one sample must
+    // equal a step over one batch of both (the mean over every trained token, not of the two means).
+    let dir = tempfile::tempdir().unwrap();
+    let rows = [
+        ("Hi", "Ok."),
+        (
+            "Tell me a story.",
+            "Once upon a time a small cat lived by the sea and watched the boats.",
+        ),
+        ("Yes?", "No."),
+        (
+            "Count to ten.",
+            "One, two, three, four, five, six, seven, eight, nine, ten.",
+        ),
+    ];
+    let data = write(&dir.path().join("data/chats.jsonl"), &chat_lines(&rows));
+    let run = |name: &str, batch_size: u32, accumulation: u32| {
+        let config = TrainConfig {
+            batch_size,
+            gradient_accumulation_steps: accumulation,
+            max_train_steps: Some(3),
+            ..tiny_config(&data, &dir.path().join(name))
+        };
+        let mut recorder = Recorder::default();
+        train(&config, None, &mut recorder, &CancelToken::default()).unwrap();
+        let checkpoint =
+            load_checkpoint(&dir.path().join(name).join("checkpoint-3"), &Device::Cpu).unwrap();
+        (recorder.losses, checkpoint.adapters)
+    };
+    let (one_losses, one) = run("one_batch", 2, 1);
+    let (accumulated_losses, accumulated) = run("accumulated", 1, 2);
+    for (a, b) in one_losses.iter().zip(&accumulated_losses) {
+        assert!(
+            (a - b).abs() < 1e-5,
+            "step losses {one_losses:?} vs {accumulated_losses:?}"
+        );
+    }
+    for (name, tensor) in &one {
+        let diff = max_abs_diff(tensor, &accumulated[name]);
+        assert!(diff < 1e-5, "{name} differs by {diff}");
+    }
 }

@@ -9,7 +9,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::cancel_on_ctrl_c;
 use crate::config::{LoadedConfig, load_config_noting};
-use crate::train::{StepReport, TrainPlan, TrainReporter, TrainStop, latest_checkpoint, train};
+use crate::train::{
+    StepReport, TrainPlan, TrainReporter, TrainStop, is_language_model_folder, latest_checkpoint,
+    train,
+};
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
@@ -64,6 +67,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             "checkpoint: {} (resume with --resume_from_checkpoint)",
             checkpoint.display()
         );
+    }
+    if is_language_model_folder(&config.base_model) {
+        eprintln!("adapters: {}", outcome.lora_path.display());
+        return Ok(());
     }
     let name = outcome
         .lora_path
