@@ -415,6 +415,7 @@ fn resume_is_exact() {
     let data = chat_dataset(dir.path());
     let base = TrainConfig {
         packing: true,
+        lora_dropout: 0.1,
         max_seq_length: 160,
         gradient_accumulation_steps: 2,
         batch_size: 1,
@@ -615,5 +616,48 @@ fn accumulated_micro_batches_weigh_by_their_trained_tokens() {
     for (name, tensor) in &one {
         let diff = max_abs_diff(tensor, &accumulated[name]);
         assert!(diff < 1e-5, "{name} differs by {diff}");
+    }
+}
+
+/// A change to a run's settings.
+type ConfigChange = dyn Fn(&mut TrainConfig);
+
+#[test]
+fn dora_pissa_rslora_and_dropout_train_and_change_the_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = chat_dataset(dir.path());
+    let run = |name: &str, change: &ConfigChange| {
+        let mut config = TrainConfig {
+            batch_size: 4,
+            max_train_steps: Some(8),
+            ..tiny_config(&data, &dir.path().join(name))
+        };
+        change(&mut config);
+        let mut recorder = Recorder::default();
+        train(&config, None, &mut recorder, &CancelToken::default()).unwrap();
+        let checkpoint =
+            load_checkpoint(&dir.path().join(name).join("checkpoint-8"), &Device::Cpu).unwrap();
+        (recorder.losses, checkpoint.adapters)
+    };
+    let (_, plain) = run("plain", &|_| {});
+    let variants: [(&str, &ConfigChange); 4] = [
+        ("dora", &|c| c.dora = true),
+        ("pissa", &|c| c.pissa = true),
+        ("rslora", &|c| c.use_rslora = true),
+        ("dropout", &|c| c.lora_dropout = 0.3),
+    ];
+    for (name, change) in variants {
+        let (losses, adapters) = run(name, change);
+        let (first, last) = (losses[0], *losses.last().unwrap());
+        assert!(last < first, "{name}: loss {losses:?}");
+        let moved = plain
+            .iter()
+            .filter(|(key, _)| key.contains("lora_up"))
+            .map(|(key, tensor)| max_abs_diff(tensor, &adapters[key]))
+            .fold(0.0, f64::max);
+        assert!(
+            moved > 1e-4,
+            "{name} trained the same adapters as plain LoRA"
+        );
     }
 }

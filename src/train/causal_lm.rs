@@ -17,7 +17,7 @@ use super::export::ExportContents;
 use super::lm_batches::{LaidOutBatch, TextBatch, lay_out, text_epoch_batches};
 use super::lm_samples::{TokenizedDataset, TokenizedSample, tokenize_dataset};
 use super::report::{CancelToken, LiveRun, TrainReporter};
-use super::task::{BatchShare, ExportPoint, TrainingTask};
+use super::task::{BatchShare, ExportPoint, TrainingTask, draw_dropout};
 use super::tensorboard::EventWriter;
 use super::trainer::run_loop;
 use super::{TrainError, TrainOutcome};
@@ -72,11 +72,6 @@ pub fn train_causal_lm(
              max_seq_length and batch_size)",
         );
     }
-    if config.lora_dropout > 0.0 {
-        reporter.message(
-            "lora_dropout is not applied to language-model adapters yet; training runs without it",
-        );
-    }
     let pad_id = pad_id(&files);
     let mut task = CausalLmTask::new(
         &model,
@@ -85,9 +80,7 @@ pub fn train_causal_lm(
         pad_id,
         config,
     )?;
-    let result = run_loop(&mut task, config, dtype, resume, reporter, cancel);
-    model.layers().detach_all();
-    result
+    run_loop(&mut task, config, dtype, resume, reporter, cancel)
 }
 
 /// The padding id: the tokenizer's pad token, else its end of text, else 0 (padding is never attended to
@@ -300,7 +293,8 @@ impl TrainingTask for CausalLmTask<'_> {
         )
     }
 
-    fn loss(&mut self, batch: &TextBatch, _rng: &mut ChaCha8Rng) -> Result<Tensor, TrainError> {
+    fn loss(&mut self, batch: &TextBatch, rng: &mut ChaCha8Rng) -> Result<Tensor, TrainError> {
+        draw_dropout(&self.network, self.config.lora_dropout, rng);
         let laid = lay_out(batch, &self.samples, self.pad_id);
         Ok(causal_lm_batch_loss(self.model, &laid)?.0)
     }

@@ -16,7 +16,7 @@ use super::metadata::{RunFacts, lora_metadata};
 use super::noise::{add_noise, min_snr_weights, target};
 use super::report::{CancelToken, LiveRun, TrainReporter};
 use super::samples::render_samples;
-use super::task::{ExportPoint, TrainingTask};
+use super::task::{ExportPoint, TrainingTask, draw_dropout};
 use super::tensorboard::EventWriter;
 use super::trainer::{run_loop, steps_per_epoch, unix_seconds};
 use super::{TrainError, TrainOutcome};
@@ -410,6 +410,7 @@ impl TrainingTask for DiffusionTask<'_> {
 
     fn loss(&mut self, batch: &Batch, rng: &mut ChaCha8Rng) -> Result<Tensor, TrainError> {
         let config = self.config;
+        draw_dropout(&self.network, config.lora_dropout, rng);
         let scaling = self.model.config().vae.scaling_factor;
         let mut samples = Vec::with_capacity(batch.items.len());
         let mut masks = Vec::with_capacity(batch.items.len());

@@ -107,3 +107,11 @@ pub trait TrainingTask {
         last_checkpoint: Option<&std::path::Path>,
     ) -> Result<std::path::PathBuf, TrainError>;
 }
+
+/// Sets the adapters' input dropout (`lora_dropout`) for the next micro-batch, its masks seeded from the run's
+/// RNG so a resumed run draws the same ones; nothing is drawn without dropout.
+pub(super) fn draw_dropout(network: &LoraNetwork, probability: f32, rng: &mut ChaCha8Rng) {
+    if probability > 0.0 {
+        network.set_dropout(f64::from(probability), rand::Rng::random(rng));
+    }
+}
