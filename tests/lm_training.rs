@@ -6,9 +6,10 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use common::{fixture, max_abs_diff};
 use lora_studio::chat::ChatFiles;
 use lora_studio::config::{LrScheduler, MixedPrecision, TrainConfig, load_config_noting};
@@ -383,6 +384,31 @@ fn tiny_config(data: &Path, out: &Path) -> TrainConfig {
     }
 }
 
+/// The step losses of a run of `config` and the adapters of its last checkpoint.
+fn losses_and_adapters(config: &TrainConfig) -> (Vec<f64>, HashMap<String, Tensor>) {
+    let mut recorder = Recorder::default();
+    let outcome = train(config, None, &mut recorder, &CancelToken::default()).unwrap();
+    let checkpoint = load_checkpoint(&outcome.checkpoint.unwrap(), &Device::Cpu).unwrap();
+    (recorder.losses, checkpoint.adapters)
+}
+
+/// Two runs gave the same step losses and adapters (1e-5).
+fn assert_same_training(
+    (losses_a, adapters_a): &(Vec<f64>, HashMap<String, Tensor>),
+    (losses_b, adapters_b): &(Vec<f64>, HashMap<String, Tensor>),
+) {
+    for (a, b) in losses_a.iter().zip(losses_b) {
+        assert!(
+            (a - b).abs() < 1e-5,
+            "step losses {losses_a:?} vs {losses_b:?}"
+        );
+    }
+    for (name, tensor) in adapters_a {
+        let diff = max_abs_diff(tensor, &adapters_b[name]);
+        assert!(diff < 1e-5, "{name} differs by {diff}");
+    }
+}
+
 #[test]
 fn a_short_run_lowers_the_loss_and_reports_tokens() {
     let dir = tempfile::tempdir().unwrap();
@@ -593,30 +619,14 @@ fn accumulated_micro_batches_weigh_by_their_trained_tokens() {
     ];
     let data = write(&dir.path().join("data/chats.jsonl"), &chat_lines(&rows));
     let run = |name: &str, batch_size: u32, accumulation: u32| {
-        let config = TrainConfig {
+        losses_and_adapters(&TrainConfig {
             batch_size,
             gradient_accumulation_steps: accumulation,
             max_train_steps: Some(3),
             ..tiny_config(&data, &dir.path().join(name))
-        };
-        let mut recorder = Recorder::default();
-        train(&config, None, &mut recorder, &CancelToken::default()).unwrap();
-        let checkpoint =
-            load_checkpoint(&dir.path().join(name).join("checkpoint-3"), &Device::Cpu).unwrap();
-        (recorder.losses, checkpoint.adapters)
+        })
     };
-    let (one_losses, one) = run("one_batch", 2, 1);
-    let (accumulated_losses, accumulated) = run("accumulated", 1, 2);
-    for (a, b) in one_losses.iter().zip(&accumulated_losses) {
-        assert!(
-            (a - b).abs() < 1e-5,
-            "step losses {one_losses:?} vs {accumulated_losses:?}"
-        );
-    }
-    for (name, tensor) in &one {
-        let diff = max_abs_diff(tensor, &accumulated[name]);
-        assert!(diff < 1e-5, "{name} differs by {diff}");
-    }
+    assert_same_training(&run("one_batch", 2, 1), &run("accumulated", 1, 2));
 }
 
 /// A change to a run's settings.
@@ -633,11 +643,7 @@ fn dora_pissa_rslora_and_dropout_train_and_change_the_result() {
             ..tiny_config(&data, &dir.path().join(name))
         };
         change(&mut config);
-        let mut recorder = Recorder::default();
-        train(&config, None, &mut recorder, &CancelToken::default()).unwrap();
-        let checkpoint =
-            load_checkpoint(&dir.path().join(name).join("checkpoint-8"), &Device::Cpu).unwrap();
-        (recorder.losses, checkpoint.adapters)
+        losses_and_adapters(&config)
     };
     let (_, plain) = run("plain", &|_| {});
     let variants: [(&str, &ConfigChange); 4] = [
@@ -660,4 +666,20 @@ fn dora_pissa_rslora_and_dropout_train_and_change_the_result() {
             "{name} trained the same adapters as plain LoRA"
         );
     }
+}
+
+#[test]
+fn gradient_checkpointing_trains_the_same_adapters() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = chat_dataset(dir.path());
+    let run = |name: &str, checkpointing: bool| {
+        losses_and_adapters(&TrainConfig {
+            batch_size: 2,
+            max_train_steps: Some(4),
+            lora_dropout: 0.2,
+            gradient_checkpointing: checkpointing,
+            ..tiny_config(&data, &dir.path().join(name))
+        })
+    };
+    assert_same_training(&run("kept", false), &run("recomputed", true));
 }

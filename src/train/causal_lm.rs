@@ -10,9 +10,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
 use rand_chacha::ChaCha8Rng;
 
+use super::diffusion::variable_gradient;
 use super::export::ExportContents;
 use super::lm_batches::{LaidOutBatch, TextBatch, lay_out, text_epoch_batches};
 use super::lm_samples::{TokenizedDataset, TokenizedSample, tokenize_dataset};
@@ -26,6 +28,7 @@ use crate::config::{DeviceChoice, TrainConfig};
 use crate::data::text::{TextDataset, scan_text_dataset};
 use crate::lora::{LoraNetwork, NetworkKind, NetworkSpec, TargetComponent, export_network};
 use crate::models::causal_lm::{CausalLm, TokenBatch, next_token_loss};
+use crate::models::checkpointing::CheckpointGrads;
 
 /// The prefix of a language model's adapter names in checkpoints (`lora_lm_model_layers_0_self_attn_q_proj`).
 pub const LANGUAGE_MODEL_PREFIX: &str = "lora_lm";
@@ -55,7 +58,9 @@ pub fn train_causal_lm(
     let choice: DeviceChoice = config.device.parse().map_err(TrainError::Device)?;
     let device = crate::device::open_device(choice).map_err(TrainError::Device)?;
     let dtype = super::diffusion::compute_dtype(&device, config.mixed_precision);
-    let model = CausalLm::load(&config.base_model, &device, dtype)?;
+    let mut model = CausalLm::load(&config.base_model, &device, dtype)?;
+    let checkpoint_grads = config.gradient_checkpointing.then(CheckpointGrads::default);
+    model.set_gradient_checkpointing(checkpoint_grads.clone());
     reporter.stage("loading the base model", 1, 1);
     let tokenized = tokenize_dataset(&files, &dataset, config)?;
     report_tokenized(&tokenized, config, reporter);
@@ -66,12 +71,6 @@ pub fn train_causal_lm(
         }
         .into());
     }
-    if config.gradient_checkpointing {
-        reporter.message(
-            "gradient_checkpointing: language models keep every activation for now (memory grows with \
-             max_seq_length and batch_size)",
-        );
-    }
     let pad_id = pad_id(&files);
     let mut task = CausalLmTask::new(
         &model,
@@ -79,7 +78,8 @@ pub fn train_causal_lm(
         dataset.fingerprint.clone(),
         pad_id,
         config,
-    )?;
+    )?
+    .with_checkpoint_grads(checkpoint_grads);
     run_loop(&mut task, config, dtype, resume, reporter, cancel)
 }
 
@@ -218,6 +218,8 @@ pub struct CausalLmTask<'a> {
     fingerprint: String,
     pad_id: u32,
     network: LoraNetwork,
+    /// The adapters' gradients from recomputed layers, with gradient checkpointing.
+    checkpoint_grads: Option<CheckpointGrads>,
 }
 
 impl<'a> CausalLmTask<'a> {
@@ -242,7 +244,15 @@ impl<'a> CausalLmTask<'a> {
             fingerprint,
             pad_id,
             network,
+            checkpoint_grads: None,
         })
+    }
+
+    /// Collects the gradients that layers recomputed under gradient checkpointing leave in `store` (the
+    /// store the model was given).
+    pub fn with_checkpoint_grads(mut self, store: Option<CheckpointGrads>) -> Self {
+        self.checkpoint_grads = store;
+        self
     }
 
     /// Where the final export goes (the checkpoint's `lora.safetensors` until the PEFT and GGUF export
@@ -297,6 +307,10 @@ impl TrainingTask for CausalLmTask<'_> {
         draw_dropout(&self.network, self.config.lora_dropout, rng);
         let laid = lay_out(batch, &self.samples, self.pad_id);
         Ok(causal_lm_batch_loss(self.model, &laid)?.0)
+    }
+
+    fn gradient(&self, grads: &GradStore, var: &Var) -> candle_core::Result<Option<Tensor>> {
+        variable_gradient(grads, self.checkpoint_grads.as_ref(), var)
     }
 
     fn render_samples(
