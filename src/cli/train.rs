@@ -9,7 +9,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::cancel_on_ctrl_c;
 use crate::config::{LoadedConfig, load_config_noting};
-use crate::train::{StepReport, TrainPlan, TrainReporter, TrainStop, latest_checkpoint, train};
+use crate::train::{
+    StepReport, TrainPlan, TrainReporter, TrainStop, is_language_model_folder, latest_checkpoint,
+    train,
+};
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
@@ -65,6 +68,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             checkpoint.display()
         );
     }
+    if is_language_model_folder(&config.base_model) {
+        eprintln!("adapters: {}", outcome.lora_path.display());
+        return Ok(());
+    }
     let name = outcome
         .lora_path
         .file_stem()
@@ -109,14 +116,19 @@ impl TrainReporter for TerminalReporter {
     }
 
     fn plan(&mut self, plan: &TrainPlan) {
+        let examples = match plan.tokens_per_epoch {
+            Some(tokens) => format!(
+                "{} {} ({tokens} tokens per epoch)",
+                plan.images, plan.example_noun
+            ),
+            None => format!(
+                "{} {} ({} per epoch with repeats)",
+                plan.images, plan.example_noun, plan.samples_per_epoch
+            ),
+        };
         eprintln!(
-            "{} images ({} per epoch with repeats), {} steps per epoch, {} steps, {} adapters ({} parameters)",
-            plan.images,
-            plan.samples_per_epoch,
-            plan.steps_per_epoch,
-            plan.total_steps,
-            plan.adapters,
-            plan.trainable_parameters
+            "{examples}, {} steps per epoch, {} steps, {} adapters ({} parameters)",
+            plan.steps_per_epoch, plan.total_steps, plan.adapters, plan.trainable_parameters
         );
         let bar = ProgressBar::new(plan.total_steps).with_style(
             ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} {per_sec} eta {eta}")
@@ -142,8 +154,14 @@ impl TrainReporter for TerminalReporter {
         } else {
             ""
         };
+        let speed = match report.tokens {
+            Some(tokens) if report.seconds > 0.0 => {
+                format!(" {:.0} tok/s", tokens as f64 / report.seconds)
+            }
+            _ => String::new(),
+        };
         let message = format!(
-            "epoch {} loss {loss} lr {:.2e}{skipped}",
+            "epoch {} loss {loss} lr {:.2e}{speed}{skipped}",
             report.epoch, report.lr
         );
         if let Some(bar) = &self.bar {

@@ -295,7 +295,7 @@ fn lora_type(map: &mut Map<String, Value>) -> Result<(), ConfigError> {
 }
 
 /// Whether `value` is unset or equal to `off` (a JSON text; numbers compare by value).
-fn is_off(value: &Value, off: &str) -> bool {
+pub(super) fn is_off(value: &Value, off: &str) -> bool {
     let off: Value = serde_json::from_str(off).unwrap_or(Value::Null);
     value.is_null()
         || *value == off
@@ -670,14 +670,14 @@ fn number_from_text(text: &str) -> Option<Value> {
     )
 }
 
-fn text(key: &str, value: &Value) -> Result<String, ConfigError> {
+pub(super) fn text(key: &str, value: &Value) -> Result<String, ConfigError> {
     value
         .as_str()
         .map(str::to_string)
         .ok_or_else(|| bad(key, format!("{value} is not a text")))
 }
 
-fn bad(key: &str, reason: String) -> ConfigError {
+pub(super) fn bad(key: &str, reason: String) -> ConfigError {
     ConfigError::BadValue {
         key: key.to_string(),
         reason,

@@ -143,7 +143,8 @@ fn config_from_table(
     mut map: Map<String, Value>,
     overrides: &[String],
 ) -> Result<LoadedConfig, ConfigError> {
-    let notes = super::kohya::translate(&mut map)?;
+    let mut notes = super::llama_factory::translate(&mut map)?;
+    notes.extend(super::kohya::translate(&mut map)?);
     canonicalise_aliases(&mut map)?;
     for text in overrides {
         let (key, value) = parse_override(text)?;

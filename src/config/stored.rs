@@ -21,6 +21,11 @@ use super::train_config::TrainConfig;
 /// 1. lora-studio 0.1.0, without a `config_version` key: every setting has a value, `min_bucket_reso`,
 ///    `max_bucket_reso`, `conv_rank` and `conv_alpha` included.
 /// 2. Those four may be unset: the bucket sides then follow the resolution, LoCon the LoRA rank and alpha.
+///
+/// A setting added with a default that leaves earlier runs as they were needs no new version: a config
+/// stored without it reads as that default, and an older release drops it with a note. So came
+/// `lora_dropout`, `use_rslora`, `lr_warmup_ratio` and the language-model settings (`lora_target_modules`, `max_seq_length`,
+/// `train_on_prompt`, `packing`, `system_prompt`) within version 2.
 pub const CONFIG_VERSION: u32 = 2;
 
 const VERSION_KEY: &str = "config_version";

@@ -147,6 +147,10 @@ pub struct TrainConfig {
     pub dora: bool,
     /// Initialise adapters from the principal singular vectors of the frozen weights.
     pub pissa: bool,
+    /// Dropout on each adapter's input while training (0 = none).
+    pub lora_dropout: f32,
+    /// Rank-stabilised LoRA: adapters scaled by alpha / sqrt(rank) instead of alpha / rank.
+    pub use_rslora: bool,
 
     // ---- optimisation
     pub learning_rate: f64,
@@ -161,6 +165,9 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     pub lr_scheduler: LrScheduler,
     pub lr_warmup_steps: u64,
+    /// The warm-up as a fraction of the run's steps, when `lr_warmup_steps` is 0 (transformers'
+    /// `warmup_ratio`).
+    pub lr_warmup_ratio: f64,
     /// Restarts of `cosine_with_restarts`.
     pub lr_num_cycles: u32,
     pub batch_size: u32,
@@ -194,6 +201,19 @@ pub struct TrainConfig {
     pub log_with: LogWith,
     /// Also write the adapters in the diffusers/PEFT layout.
     pub export_peft: bool,
+
+    // ---- language models
+    /// The layers of a language model that get adapters: PEFT names (`q_proj`, `gate_proj`, ...), short
+    /// names (`q`, `gate`, ...) or `all`.
+    pub lora_target_modules: Vec<String>,
+    /// Tokens per training sample; longer conversations are cut, longer texts split.
+    pub max_seq_length: u32,
+    /// Train on the prompt (system and user turns) as well as the assistant's replies.
+    pub train_on_prompt: bool,
+    /// Pack several samples into each row of max_seq_length tokens (no attention between them).
+    pub packing: bool,
+    /// The system message given to conversations that have none.
+    pub system_prompt: Option<String>,
 
     // ---- sample previews
     /// Render sample images every this many steps (0 disables).
@@ -244,6 +264,8 @@ impl Default for TrainConfig {
             train_text_encoder: false,
             dora: false,
             pissa: false,
+            lora_dropout: 0.0,
+            use_rslora: false,
             learning_rate: 1e-4,
             unet_lr: None,
             text_encoder_lr: None,
@@ -254,6 +276,7 @@ impl Default for TrainConfig {
             weight_decay: 0.01,
             lr_scheduler: LrScheduler::Constant,
             lr_warmup_steps: 0,
+            lr_warmup_ratio: 0.0,
             lr_num_cycles: 1,
             batch_size: 1,
             epochs: 10,
@@ -275,6 +298,11 @@ impl Default for TrainConfig {
             save_precision: SavePrecision::Fp16,
             log_with: LogWith::Tensorboard,
             export_peft: false,
+            lora_target_modules: vec!["all".to_string()],
+            max_seq_length: 1024,
+            train_on_prompt: false,
+            packing: false,
+            system_prompt: None,
             sample_every_n_steps: 0,
             sample_every_n_epochs: 0,
             sample_prompts: Vec::new(),
@@ -288,7 +316,54 @@ impl Default for TrainConfig {
     }
 }
 
+/// The linear layers of a language model's decoder layers that can take adapters: short name and PEFT
+/// (transformers) name, in the order the models build them.
+pub const LANGUAGE_MODEL_TARGETS: [(&str, &str); 7] = [
+    ("q", "q_proj"),
+    ("k", "k_proj"),
+    ("v", "v_proj"),
+    ("o", "o_proj"),
+    ("gate", "gate_proj"),
+    ("up", "up_proj"),
+    ("down", "down_proj"),
+];
+
 impl TrainConfig {
+    /// The PEFT names of the layers `lora_target_modules` names (`all`: every one), in the models' order;
+    /// the first name that is none of them is the error.
+    pub fn language_model_targets(&self) -> Result<Vec<&'static str>, String> {
+        let mut wanted = Vec::new();
+        for name in &self.lora_target_modules {
+            let name = name.trim();
+            if name == "all" {
+                wanted.extend(LANGUAGE_MODEL_TARGETS.map(|(_, peft)| peft));
+                continue;
+            }
+            let found = LANGUAGE_MODEL_TARGETS
+                .iter()
+                .find(|(short, peft)| name == *short || name == *peft);
+            match found {
+                Some((_, peft)) => wanted.push(*peft),
+                None => return Err(name.to_string()),
+            }
+        }
+        Ok(LANGUAGE_MODEL_TARGETS
+            .iter()
+            .map(|(_, peft)| *peft)
+            .filter(|peft| wanted.contains(peft))
+            .collect())
+    }
+
+    /// The warm-up steps of a run of `total_steps`: `lr_warmup_steps`, or else `lr_warmup_ratio` of the
+    /// steps rounded up (as transformers rounds it).
+    pub fn warmup_steps(&self, total_steps: u64) -> u64 {
+        if self.lr_warmup_steps > 0 {
+            self.lr_warmup_steps
+        } else {
+            (self.lr_warmup_ratio * total_steps as f64).ceil() as u64
+        }
+    }
+
     pub fn unet_lr(&self) -> f64 {
         self.unet_lr.unwrap_or(self.learning_rate)
     }

@@ -23,13 +23,15 @@ pub fn validate(config: &TrainConfig) -> Result<(), ConfigError> {
     if config.train_data_dir.as_os_str().is_empty() {
         return bad(
             "train_data_dir",
-            "is required: the folder with your training images",
+            "is required: the folder with your training images (or, for a language model, the \
+             folder or file of conversations and texts)",
         );
     }
     if config.base_model.as_os_str().is_empty() {
         return bad(
             "base_model",
-            "is required: a Stable Diffusion checkpoint file or diffusers folder",
+            "is required: a Stable Diffusion checkpoint file or diffusers folder, or a language model \
+             folder",
         );
     }
     if config.output_name.is_empty()
@@ -61,6 +63,40 @@ pub fn validate(config: &TrainConfig) -> Result<(), ConfigError> {
     if let Some(alpha) = config.conv_alpha {
         positive_finite("conv_alpha", alpha as f64)?;
     }
+    if !(0.0..1.0).contains(&config.lora_dropout) {
+        return bad(
+            "lora_dropout",
+            format!(
+                "must be at least 0 and below 1, not {}",
+                config.lora_dropout
+            ),
+        );
+    }
+    if config.lora_target_modules.is_empty() {
+        return bad(
+            "lora_target_modules",
+            "must name at least one layer (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, \
+             down_proj) or all",
+        );
+    }
+    if let Err(name) = config.language_model_targets() {
+        return bad(
+            "lora_target_modules",
+            format!(
+                "`{name}` is not a layer that takes adapters (q_proj, k_proj, v_proj, o_proj, \
+                 gate_proj, up_proj, down_proj, their short names q, k, v, o, gate, up, down, or all)"
+            ),
+        );
+    }
+    if config.max_seq_length < 2 {
+        return bad(
+            "max_seq_length",
+            format!(
+                "must be at least 2 tokens (a token and the one it predicts), not {}",
+                config.max_seq_length
+            ),
+        );
+    }
     if config.dora && config.pissa {
         return bad("pissa", "cannot be combined with dora; choose one");
     }
@@ -82,6 +118,15 @@ pub fn validate(config: &TrainConfig) -> Result<(), ConfigError> {
     positive_finite("adam_epsilon", config.adam_epsilon)?;
     if !(config.weight_decay >= 0.0 && config.weight_decay.is_finite()) {
         return bad("weight_decay", "must be zero or positive");
+    }
+    if !(0.0..1.0).contains(&config.lr_warmup_ratio) {
+        return bad(
+            "lr_warmup_ratio",
+            format!(
+                "must be at least 0 and below 1 (a fraction of the steps), not {}",
+                config.lr_warmup_ratio
+            ),
+        );
     }
     if config.batch_size == 0 {
         return bad("batch_size", "must be at least 1");

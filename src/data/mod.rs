@@ -1,5 +1,5 @@
 //! The training data: finding images and captions, decoding and bucketing them, the order they are trained
-//! in, and the latent cache. Images are never modified. Must not use egui, train or worker.
+//! in, and the latent cache; a language model's conversations and texts (`text`). Images are never modified. Must not use egui, train or worker.
 
 pub mod batches;
 pub mod buckets;
@@ -10,6 +10,7 @@ pub mod images;
 pub mod latent_cache;
 pub mod metadata_csv;
 pub mod scan;
+pub mod text;
 
 use std::path::PathBuf;
 
@@ -35,4 +36,10 @@ pub enum DataError {
     Image { path: PathBuf, reason: String },
     #[error("{0}")]
     Tensor(String),
+    #[error("{} is not a .jsonl, .json or .txt file", path.display())]
+    NotText { path: PathBuf },
+    #[error("{} contains no .jsonl, .json or .txt files", path.display())]
+    NoTextFiles { path: PathBuf },
+    #[error("the dataset {} has nothing to train on: {reason}", path.display())]
+    NothingToTrain { path: PathBuf, reason: String },
 }

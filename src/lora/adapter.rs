@@ -7,6 +7,10 @@
 //!   `W' = mag / ‖W + s·up·down‖ · (W + s·up·down)` (norm detached, as in the paper); `m` interpolates
 //!   between `W` and `W'`.
 //!
+//! While training, an adapter may drop out elements of its input (`lora_dropout`, as peft does: the low-rank
+//! update sees `dropout(x)`, the frozen layer `x`); the mask comes from a seed set before each step, so a
+//! recomputed forward pass and a resumed run draw the same masks.
+//!
 //! The tensors are plain tensors for a loaded file and `Var`s while training; the multiplier can change
 //! between forward passes without touching them. A forward pass through `Var`s records the graph for
 //! the backward pass and keeps every intermediate alive until its output is dropped; renders that use
@@ -16,6 +20,8 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use candle_core::{D, DType, Result, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 use super::layer::LayerShape;
 
@@ -46,6 +52,10 @@ pub struct LoraAdapter {
     multiplier_bits: AtomicU64,
     /// Whether forward passes record the graph through the trained tensors.
     gradients: AtomicBool,
+    /// The probability (f64 bits) that an input element is dropped from the update while training.
+    dropout_bits: AtomicU64,
+    /// The seed of the dropout masks of the current step.
+    dropout_seed: AtomicU64,
 }
 
 impl LoraAdapter {
@@ -103,6 +113,8 @@ impl LoraAdapter {
             kind,
             multiplier_bits: AtomicU64::new(1.0f64.to_bits()),
             gradients: AtomicBool::new(true),
+            dropout_bits: AtomicU64::new(0.0f64.to_bits()),
+            dropout_seed: AtomicU64::new(0),
         })
     }
 
@@ -146,6 +158,40 @@ impl LoraAdapter {
         self.gradients.store(enabled, Ordering::Relaxed);
     }
 
+    /// Drops each element of the update's input with `probability` while training (gradients on), with
+    /// masks drawn from `seed`; 0 turns dropout off.
+    pub fn set_dropout(&self, probability: f64, seed: u64) {
+        self.dropout_bits
+            .store(probability.to_bits(), Ordering::Relaxed);
+        self.dropout_seed.store(seed, Ordering::Relaxed);
+    }
+
+    /// The dropout probability in effect: none unless training.
+    fn active_dropout(&self) -> Option<f64> {
+        let probability = f64::from_bits(self.dropout_bits.load(Ordering::Relaxed));
+        (probability > 0.0 && self.gradients.load(Ordering::Relaxed)).then_some(probability)
+    }
+
+    /// `x` with elements dropped (and the rest scaled by 1/(1−p)) when dropout is active.
+    fn dropped(&self, x: &Tensor) -> Result<Tensor> {
+        let Some(probability) = self.active_dropout() else {
+            return Ok(x.clone());
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(self.dropout_seed.load(Ordering::Relaxed));
+        let keep = 1.0 / (1.0 - probability);
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| {
+                if rng.random::<f64>() < probability {
+                    0.0
+                } else {
+                    keep as f32
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x.mul(&mask)
+    }
+
     /// `tensor`, cut from the graph when gradients are off (the storage is shared, nothing is copied).
     fn trained(&self, tensor: &Tensor) -> Tensor {
         if self.gradients.load(Ordering::Relaxed) {
@@ -159,7 +205,7 @@ impl LoraAdapter {
     /// (multiplier × alpha/rank); `None` for DoRA and PiSSA.
     pub(crate) fn plain_parts(&self) -> Option<(Tensor, Tensor, f64)> {
         match self.kind {
-            AdapterKind::Lora => Some((
+            AdapterKind::Lora if self.active_dropout().is_none() => Some((
                 self.trained(&self.down),
                 self.trained(&self.up),
                 self.multiplier() * self.scale(),
@@ -193,7 +239,7 @@ impl LoraAdapter {
         let multiplier = self.multiplier();
         let scale = self.scale();
         let (down, up) = (self.trained(&self.down), self.trained(&self.up));
-        let update = Self::low_rank(x, &down, &up, layer)?;
+        let update = Self::low_rank(&self.dropped(x)?, &down, &up, layer)?;
         match &self.kind {
             AdapterKind::Lora => update.affine(multiplier * scale, 0.0),
             AdapterKind::Pissa { down0, up0 } => {
@@ -357,5 +403,41 @@ mod tests {
             .max_all()
             .unwrap();
         assert_eq!(difference.to_scalar::<f32>().unwrap(), 0.0);
+    }
+
+    #[test]
+    fn dropout_zeroes_input_elements_from_its_seed_while_training_only() {
+        let n = 64;
+        let layer = LayerShape::Linear {
+            in_features: n,
+            out_features: n,
+        };
+        let identity = Tensor::eye(n, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let adapter = LoraAdapter::new(identity.clone(), identity.clone(), None, &layer).unwrap();
+        let x = Tensor::ones((8, n), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let base = x.zeros_like().unwrap();
+        let update = |adapter: &LoraAdapter| -> Vec<f32> {
+            adapter
+                .forward(&x, &base, &identity, &layer)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        adapter.set_dropout(0.25, 11);
+        let first = update(&adapter);
+        assert_eq!(first, update(&adapter), "the same seed draws the same mask");
+        let dropped = first.iter().filter(|&&v| v == 0.0).count() as f64 / first.len() as f64;
+        assert!((dropped - 0.25).abs() < 0.05, "dropped {dropped}");
+        let kept = 1.0 / 0.75;
+        assert!(first.iter().all(|&v| v == 0.0 || (v - kept).abs() < 1e-6));
+        adapter.set_dropout(0.25, 12);
+        assert_ne!(first, update(&adapter), "another seed, another mask");
+        adapter.set_gradients(false);
+        assert!(
+            update(&adapter).iter().all(|&v| v == 1.0),
+            "no dropout when rendering"
+        );
     }
 }

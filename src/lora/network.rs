@@ -249,6 +249,15 @@ impl LoraNetwork {
         }
     }
 
+    /// Sets the adapters' input dropout for the next forward passes: `probability` (0 = none), each
+    /// module's masks drawn from `seed` and its place in the network.
+    pub fn set_dropout(&self, probability: f64, seed: u64) {
+        for (index, module) in self.modules.iter().enumerate() {
+            let module_seed = seed ^ (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            module.adapter.set_dropout(probability, module_seed);
+        }
+    }
+
     /// Turns the recording of the backward graph on (training) or off (previews and samples render at
     /// inference cost).
     pub fn set_gradients(&self, enabled: bool) {

@@ -19,7 +19,7 @@ use super::metadata::{RunFacts, lora_metadata};
 use super::noise::{add_noise, min_snr_weights, target};
 use super::report::{CancelToken, LiveRun, TrainReporter};
 use super::samples::render_samples;
-use super::task::{ExportPoint, TrainingTask};
+use super::task::{ExportPoint, TrainingTask, draw_dropout};
 use super::tensorboard::EventWriter;
 use super::trainer::{
     TEXT_ENCODER_LR_GROUP, UNET_LR_GROUP, run_loop, steps_per_epoch, unix_seconds,
@@ -77,7 +77,7 @@ pub fn prediction_type(prediction: PredictionOverride) -> PredictionType {
 }
 
 /// f32 on the CPU; on GPUs bf16 where supported (or as asked), else fp16.
-fn compute_dtype(device: &Device, precision: MixedPrecision) -> DType {
+pub(super) fn compute_dtype(device: &Device, precision: MixedPrecision) -> DType {
     if device.is_cpu() {
         return DType::F32;
     }
@@ -90,12 +90,16 @@ fn compute_dtype(device: &Device, precision: MixedPrecision) -> DType {
 }
 
 /// Trains a LoRA as `config` says, optionally resuming from a checkpoint folder (or an output folder's newest).
+/// A language model folder as the base model trains a language model ([`super::causal_lm`]).
 pub fn train(
     config: &TrainConfig,
     resume: Option<&Path>,
     reporter: &mut dyn TrainReporter,
     cancel: &CancelToken,
 ) -> Result<TrainOutcome, TrainError> {
+    if super::causal_lm::is_language_model_folder(&config.base_model) {
+        return super::causal_lm::train_causal_lm(config, resume, reporter, cancel);
+    }
     // The output folder and the dataset are checked before the model is loaded, so that their problems
     // are reported at once.
     prepare_output(config, reporter)?;
@@ -185,7 +189,7 @@ fn for_family(config: &TrainConfig, family: ModelFamily) -> Result<TrainConfig, 
 }
 
 /// Checks that the output folder can be written and clears what an interrupted run left half-written.
-fn prepare_output(
+pub(super) fn prepare_output(
     config: &TrainConfig,
     reporter: &mut dyn TrainReporter,
 ) -> Result<(), TrainError> {
@@ -460,6 +464,7 @@ impl TrainingTask for DiffusionTask<'_> {
 
     fn loss(&mut self, batch: &Batch, rng: &mut ChaCha8Rng) -> Result<Tensor, TrainError> {
         let config = self.config;
+        draw_dropout(&self.network, config.lora_dropout, rng);
         let scaling = self.model.config().vae.scaling_factor;
         let mut samples = Vec::with_capacity(batch.items.len());
         let mut masks = Vec::with_capacity(batch.items.len());
@@ -556,7 +561,7 @@ impl TrainingTask for DiffusionTask<'_> {
 
     fn live(&self, step: u64) -> LiveRun<'_> {
         LiveRun {
-            model: self.model,
+            model: Some(self.model),
             network: &self.network,
             step,
         }
@@ -570,6 +575,25 @@ impl TrainingTask for DiffusionTask<'_> {
             self.dataset,
             point,
         )
+    }
+
+    /// The kohya LoRA file `output_dir/OUTPUT_NAME.safetensors` (and its diffusers copy if asked).
+    fn write_final_export(
+        &self,
+        point: ExportPoint,
+        _last_checkpoint: Option<&Path>,
+    ) -> Result<PathBuf, TrainError> {
+        let config = self.config;
+        let path = config
+            .output_dir
+            .join(format!("{}.safetensors", config.output_name));
+        write_export(
+            &self.export_contents(point)?,
+            &path,
+            config.save_precision,
+            config.export_peft,
+        )?;
+        Ok(path)
     }
 }
 

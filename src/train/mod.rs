@@ -1,14 +1,17 @@
 //! Training: one model-agnostic loop (`trainer`: optimizer, learning-rate schedule, accumulation,
 //! precision, resumable checkpoints, TensorBoard logs) driving a task per kind of model (`task`; the
-//! diffusion task for Stable Diffusion), and the LoRA export. It reports through [`TrainReporter`] so the
+//! diffusion task for Stable Diffusion, `causal_lm` for language models), and the LoRA export. It reports through [`TrainReporter`] so the
 //! terminal and the app's worker drive the same code. Must not use egui, messages or worker.
 
 pub mod bench;
+mod causal_lm;
 mod checkpoint;
 mod diffusion;
 mod export;
 mod inputs;
+mod lm_batches;
 pub mod lm_bench;
+mod lm_samples;
 mod metadata;
 mod noise;
 mod optimizer;
@@ -21,7 +24,13 @@ mod trainer;
 
 use std::path::PathBuf;
 
+pub use causal_lm::{
+    CausalLmTask, LANGUAGE_MODEL_PREFIX, causal_lm_batch_loss, create_language_network,
+    is_language_model_folder, train_causal_lm,
+};
 pub use checkpoint::{Checkpoint, TrainState, list_checkpoints, load_checkpoint};
+pub use lm_batches::{LaidOutBatch, TextBatch, lay_out, text_epoch_batches};
+pub use lm_samples::{TokenizedDataset, TokenizedSample, tokenize_dataset};
 pub use metadata::tag_frequency;
 pub use optimizer::{Optimizer, OptimizerSettings};
 pub use report::{
@@ -67,6 +76,8 @@ pub enum TrainError {
     Model(Box<crate::models::ModelError>),
     #[error(transparent)]
     Lora(Box<crate::lora::LoraError>),
+    #[error(transparent)]
+    Chat(Box<crate::chat::ChatError>),
     #[error("cannot write {}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -118,5 +129,6 @@ boxed_from!(
     crate::data::DataError => Data,
     crate::models::ModelError => Model,
     crate::lora::LoraError => Lora,
+    crate::chat::ChatError => Chat,
     candle_core::Error => Compute
 );

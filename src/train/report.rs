@@ -22,8 +22,13 @@ impl CancelToken {
 /// What a run will do, reported once before the first step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainPlan {
+    /// Examples in the dataset (images, or text samples).
     pub images: usize,
+    /// What an example is called (`images`, `samples`).
+    pub example_noun: &'static str,
     pub samples_per_epoch: usize,
+    /// The tokens an epoch reads, for text.
+    pub tokens_per_epoch: Option<u64>,
     pub steps_per_epoch: u64,
     pub total_steps: u64,
     pub epochs: u64,
@@ -44,13 +49,16 @@ pub struct StepReport {
     pub lr: f64,
     /// Seconds the step took.
     pub seconds: f64,
+    /// The tokens the step read (padding left out), for text.
+    pub tokens: Option<u64>,
     /// The step's loss was not finite and the update was skipped.
     pub skipped: bool,
 }
 
 /// What a run offers between steps: the model with the adapters being trained, for previews.
 pub struct LiveRun<'a> {
-    pub model: &'a crate::models::pipeline::StableDiffusion,
+    /// The image model previews render with; none when the run trains a language model.
+    pub model: Option<&'a crate::models::pipeline::StableDiffusion>,
     pub network: &'a crate::lora::LoraNetwork,
     /// Steps completed.
     pub step: u64,

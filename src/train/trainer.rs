@@ -10,11 +10,11 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::checkpoint::{RngState, TrainState, list_checkpoints, load_checkpoint, save_checkpoint};
-use super::export::{write_checkpoint_export, write_export};
+use super::export::write_checkpoint_export;
 use super::optimizer::{Optimizer, OptimizerSettings};
 use super::report::{CancelToken, Flow, StepReport, TrainPlan, TrainReporter};
 use super::schedule::lr_factor;
-use super::task::{ExportPoint, TrainingTask};
+use super::task::{BatchShare, ExportPoint, TrainingTask};
 use super::tensorboard::EventWriter;
 use super::{TrainError, TrainOutcome, TrainStop};
 use crate::config::{LogWith, TrainConfig};
@@ -36,7 +36,7 @@ const INITIAL_LOSS_SCALE: f64 = 65536.0;
 const LOSS_SCALE_GROWTH_STEPS: u64 = 2000;
 
 /// Trains `task`'s adapters as `config` says, in `dtype` (which decides loss scaling: fp16 only), optionally
-/// resuming from a checkpoint, and exports the result to `output_dir/OUTPUT_NAME.safetensors`.
+/// resuming from a checkpoint, and writes the task's final export.
 pub fn run_loop<T: TrainingTask>(
     task: &mut T,
     config: &TrainConfig,
@@ -106,10 +106,9 @@ pub fn run_loop<T: TrainingTask>(
         })?;
 
     let accumulation = config.gradient_accumulation_steps as u64;
-    let steps_per_epoch = steps_per_epoch(
-        task.epoch_batches(0).len(),
-        config.gradient_accumulation_steps,
-    );
+
+    let first_epoch = task.epoch_batches(0);
+    let steps_per_epoch = steps_per_epoch(first_epoch.len(), config.gradient_accumulation_steps);
     let total_steps = config
         .max_train_steps
         .unwrap_or(config.epochs as u64 * steps_per_epoch);
@@ -124,9 +123,15 @@ pub fn run_loop<T: TrainingTask>(
         ),
         LogWith::None => None,
     };
+    let tokens_per_epoch = first_epoch
+        .iter()
+        .map(|b| task.share(b).tokens)
+        .sum::<Option<u64>>();
     reporter.plan(&TrainPlan {
         images: examples,
+        example_noun: task.example_noun(),
         samples_per_epoch: examples_per_epoch,
+        tokens_per_epoch,
         steps_per_epoch,
         total_steps,
         epochs: total_steps.div_ceil(steps_per_epoch),
@@ -154,17 +159,22 @@ pub fn run_loop<T: TrainingTask>(
             &batches[first.min(batches.len())..(first + accumulation as usize).min(batches.len())];
 
         let mut accumulated: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let shares: Vec<BatchShare> = micro_batches.iter().map(|b| task.share(b)).collect();
+        let units: f64 = shares.iter().map(|s| s.loss_units).sum();
+        let units = if units > 0.0 { units } else { 1.0 };
         let mut loss_sum = 0f64;
         let mut loss_finite = !micro_batches.is_empty();
-        for batch in micro_batches {
+        for (batch, share) in micro_batches.iter().zip(&shares) {
             let loss = task.loss(batch, &mut rng)?;
             let value = loss.to_scalar::<f32>()? as f64;
-            loss_sum += value;
+            loss_sum += value * share.loss_units;
             if !value.is_finite() {
                 loss_finite = false;
                 continue;
             }
-            let scaled = (loss * (state.loss_scale / micro_batches.len() as f64))?;
+            // Each micro-batch's loss is a mean over its units; weighed by its share of the step's units,
+            // the accumulated gradient is that of the mean over all of them.
+            let scaled = (loss * (state.loss_scale * share.loss_units / units))?;
             let grads = scaled.backward()?;
             for (slot, var) in accumulated.iter_mut().zip(&vars) {
                 if let Some(g) = task.gradient(&grads, var)? {
@@ -175,12 +185,12 @@ pub fn run_loop<T: TrainingTask>(
                 }
             }
         }
-        let loss = loss_sum / micro_batches.len().max(1) as f64;
+        let loss = loss_sum / units;
         let factor = lr_factor(
             config.lr_scheduler,
             state.step,
             total_steps,
-            config.lr_warmup_steps,
+            config.warmup_steps(total_steps),
             config.lr_num_cycles,
         );
         let update = if loss_finite {
@@ -206,6 +216,7 @@ pub fn run_loop<T: TrainingTask>(
             loss,
             lr: config.unet_lr() * factor,
             seconds: started.elapsed().as_secs_f64(),
+            tokens: shares.iter().map(|s| s.tokens).sum(),
             skipped: update != Update::Applied,
         };
         reporter.step(&report);
@@ -243,16 +254,9 @@ pub fn run_loop<T: TrainingTask>(
     {
         last_checkpoint = Some(save(task, &optimizer, &state, point, config, reporter)?);
     }
-    let lora_path = config
-        .output_dir
-        .join(format!("{}.safetensors", config.output_name));
     task.network().set_multiplier(1.0);
-    write_export(
-        &task.export_contents(point)?,
-        &lora_path,
-        config.save_precision,
-        config.export_peft,
-    )?;
+    let lora_path =
+        task.write_final_export(point, last_checkpoint.as_ref().map(|(_, p)| p.as_path()))?;
     if stop == TrainStop::NonFiniteLoss {
         reporter.message(&format!(
             "training stopped after {MAX_NONFINITE_STREAK} steps in a row with a non-finite loss; the last good \
@@ -304,10 +308,11 @@ fn resumed_state<T: TrainingTask>(
     checkpoint.state.rng.restore().map_err(bad)?;
     if checkpoint.state.dataset_fingerprint != fingerprint {
         reporter.message(&format!(
-            "the dataset changed since {} ({} images then, {examples} now); training continues on the current \
-             images",
+            "the dataset changed since {} ({} {noun} then, {examples} now); training continues on the current \
+             {noun}",
             checkpoint.path.display(),
             checkpoint.state.images,
+            noun = task.example_noun(),
         ));
     }
     reporter.message(&format!(
@@ -341,7 +346,7 @@ fn export_point(state: &TrainState, steps_per_epoch: u64) -> ExportPoint {
 
 /// The settings a checkpoint's network and optimizer depend on must not change on resume.
 fn check_resumable(saved: &TrainConfig, now: &TrainConfig, path: &Path) -> Result<(), TrainError> {
-    let fixed: [(&str, String, String); 9] = [
+    let fixed: [(&str, String, String); 11] = [
         (
             "lora_rank",
             saved.lora_rank.to_string(),
@@ -373,6 +378,16 @@ fn check_resumable(saved: &TrainConfig, now: &TrainConfig, path: &Path) -> Resul
             now.train_text_encoder.to_string(),
         ),
         ("dora", saved.dora.to_string(), now.dora.to_string()),
+        (
+            "use_rslora",
+            saved.use_rslora.to_string(),
+            now.use_rslora.to_string(),
+        ),
+        (
+            "lora_target_modules",
+            format!("{:?}", saved.language_model_targets()),
+            format!("{:?}", now.language_model_targets()),
+        ),
         ("pissa", saved.pissa.to_string(), now.pissa.to_string()),
         (
             "optimizer",

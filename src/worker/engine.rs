@@ -420,15 +420,15 @@ impl EngineReporter<'_> {
 
     /// Renders a preview between steps; a `cancellable` one is abandoned when a newer request arrives.
     fn preview(&mut self, live: &LiveRun, request: &PreviewRequest, cancellable: bool) {
+        let Some(model) = live.model else {
+            self.outbox.send(Event::Info(
+                "previews render images; this run trains a language model".into(),
+            ));
+            return;
+        };
         let inbox = &mut *self.inbox;
         let superseded = &mut || cancellable && inbox.newer_preview_waiting();
-        match render_preview(
-            live.model,
-            &self.device,
-            Some(live.network),
-            request,
-            superseded,
-        ) {
+        match render_preview(model, &self.device, Some(live.network), request, superseded) {
             Ok(Some(event)) => self.outbox.send(event),
             Ok(None) => {}
             Err(e) => self.outbox.error(e.to_string()),

@@ -1,6 +1,7 @@
 //! Causal language models (Qwen2/Qwen2.5, Qwen3, Llama 3.x) for LoRA training and chat: their
 //! configuration, weights from a Hugging Face folder, the forward pass with causal, padding and packing
-//! masks, the key/value cache, the next-token loss and generation.
+//! masks, the key/value cache, the next-token loss, generation, and gradient checkpointing of the decoder
+//! layers for training.
 //!
 //! Built like the image models, from adapter-capable layers and the kernels with their own backward passes
 //! (RMS norm, rotary embedding, attention with `ops::softmax` under a mask), so LoRA gradients flow through

@@ -5,6 +5,7 @@
 //! straight into the compute dtype.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
 use candle_nn::{Embedding, Module, VarBuilder};
@@ -18,6 +19,7 @@ use crate::kernels::frozen_linear;
 use crate::lora::{LayerBuilder, LayerRegistry};
 use crate::models::ModelError;
 use crate::models::checkpoint::{build, transformers_weights};
+use crate::models::checkpointing::{CheckpointGrads, checkpointed, trainable_anchor};
 use crate::models::nn::RmsNorm;
 
 /// A decoder-only transformer with its adapter registry.
@@ -33,6 +35,8 @@ pub struct CausalLm {
     registry: LayerRegistry,
     dtype: DType,
     device: Device,
+    /// Where recomputed decoder layers leave their adapters' gradients, when checkpointing.
+    checkpointing: Option<CheckpointGrads>,
 }
 
 impl CausalLm {
@@ -69,6 +73,7 @@ impl CausalLm {
             registry,
             dtype: vb.dtype(),
             device: vb.device().clone(),
+            checkpointing: None,
         })
     }
 
@@ -108,6 +113,12 @@ impl CausalLm {
         &self.device
     }
 
+    /// Turns gradient checkpointing of the decoder layers on (each recomputed in the backward pass, its
+    /// adapters' gradients left in `store`) or off. Passes with a key/value cache are never checkpointed.
+    pub fn set_gradient_checkpointing(&mut self, store: Option<CheckpointGrads>) {
+        self.checkpointing = store;
+    }
+
     /// An empty key/value cache for incremental decoding.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.layers.len())
@@ -128,9 +139,36 @@ impl CausalLm {
         let mut x = self
             .embed_tokens
             .forward(&batch.ids_tensor(&self.device)?)?;
+        let checkpointing = match (&self.checkpointing, &cache) {
+            (Some(store), None) => {
+                let adapters: Vec<_> = self
+                    .registry
+                    .slots()
+                    .iter()
+                    .flat_map(|s| s.adapters())
+                    .collect();
+                let anchor = trainable_anchor(adapters.iter().map(|a| a.down()), &self.device)?;
+                Some((store, anchor))
+            }
+            _ => None,
+        };
         for (i, layer) in self.layers.iter().enumerate() {
-            let layer_cache = cache.as_deref_mut().and_then(|c| c.layer_mut(i));
-            x = layer.forward(&x, (&cos, &sin), &mask, layer_cache)?;
+            x = match &checkpointing {
+                Some((store, anchor)) => {
+                    let (layer, cos, sin) = (layer.clone(), cos.clone(), sin.clone());
+                    checkpointed(
+                        Arc::new(move |x, mask| layer.forward(x, (&cos, &sin), mask, None)),
+                        &x,
+                        &mask,
+                        anchor,
+                        store,
+                    )?
+                }
+                None => {
+                    let layer_cache = cache.as_deref_mut().and_then(|c| c.layer_mut(i));
+                    layer.forward(&x, (&cos, &sin), &mask, layer_cache)?
+                }
+            };
         }
         if let Some(cache) = cache {
             cache.record(batch)?;
