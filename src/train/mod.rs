@@ -8,6 +8,7 @@ mod checkpoint;
 mod diffusion;
 mod export;
 mod inputs;
+mod lm_export;
 mod metadata;
 mod noise;
 mod optimizer;
@@ -32,6 +33,7 @@ pub use diffusion::{
     prediction_type, train, train_on,
 };
 pub use export::{CHECKPOINT_EXPORT_FILE, export_kept};
+pub use lm_export::{CausalLmExports, write_causal_lm_exports};
 pub use schedule::lr_factor;
 
 /// How a run ended.

@@ -12,6 +12,7 @@ mod batch;
 mod cache;
 mod config;
 mod generate;
+mod gguf_adapter;
 mod layer;
 mod loss;
 mod model;
@@ -21,5 +22,8 @@ pub use batch::{PADDING_SEGMENT, PaddingSide, TEXT_SEGMENT, TokenBatch};
 pub use cache::KvCache;
 pub use config::{Architecture, CausalLmConfig, RopeScaling};
 pub use generate::{GenerationSettings, Sampling, generate, sample};
+pub use gguf_adapter::{
+    gguf_adapter_tensors, llama_cpp_architecture, llama_cpp_tensor_name, write_gguf_adapter,
+};
 pub use loss::{IGNORE_INDEX, next_token_loss};
 pub use model::CausalLm;
