@@ -4,20 +4,27 @@
 
 mod common;
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
 use common::causal_lm::{
     at_positions, folder, load, padded_batch, padded_text_positions, reference,
 };
 use common::{Reference, assert_close, fixture};
-use lora_studio::lora::PeftAdapter;
+use lora_studio::config::{SavePrecision, TrainConfig};
+use lora_studio::lora::{LoraNetwork, NetworkKind, NetworkSpec, PeftAdapter, TargetComponent};
+use lora_studio::models::causal_lm::{CausalLm, llama_cpp_tensor_name};
+use lora_studio::tensor_file::TensorFile;
+use lora_studio::tensor_file::gguf::read_gguf_header;
+use lora_studio::train::write_causal_lm_exports;
 
-fn adapters_folder() -> std::path::PathBuf {
+fn adapters_folder() -> PathBuf {
     fixture("causal_lm/adapters")
 }
 
-fn attach(model: &lora_studio::models::causal_lm::CausalLm, adapter: &Path) -> usize {
+fn attach(model: &CausalLm, adapter: &Path) -> usize {
     let adapter = PeftAdapter::load(adapter, &Device::Cpu).unwrap_or_else(|e| panic!("{e}"));
     let report = adapter
         .attach(model.layers(), 1.0, model.dtype())
@@ -82,4 +89,147 @@ fn an_adapter_for_another_base_names_the_shape_mismatch() {
             .all(|s| s.adapters().is_empty()),
         "a failed attach must leave the model untouched"
     );
+}
+
+/// A network on every adapter-capable layer of `model` as training leaves it: random A and B (B is zero
+/// only before the first step).
+fn trained_network(model: &CausalLm, seed: u64) -> LoraNetwork {
+    let component = TargetComponent {
+        prefix: "lora_lm",
+        slots: model.layers().slots(),
+    };
+    let spec = NetworkSpec {
+        rank: 4,
+        alpha: 8.0,
+        conv_rank: 0,
+        conv_alpha: 0.0,
+        kind: NetworkKind::Lora,
+    };
+    let network = LoraNetwork::create(&[component], spec, seed, &Device::Cpu).unwrap();
+    for module in network.modules() {
+        let up = module.up.as_tensor();
+        let values = (up.randn_like(0.0, 0.1).unwrap())
+            .to_dtype(up.dtype())
+            .unwrap();
+        module.up.set(&values).unwrap();
+    }
+    network
+}
+
+/// Where the exports of the round trip go: `LM_EXPORT_CHECK_DIR/FAMILY` when that is set (for
+/// `tests/fixtures/causal_lm/check_exports.py`), else a temporary folder.
+fn export_folder(family: &str, temp: &tempfile::TempDir) -> PathBuf {
+    match std::env::var_os("LM_EXPORT_CHECK_DIR") {
+        Some(dir) => PathBuf::from(dir).join(family),
+        None => temp.path().join(family),
+    }
+}
+
+/// A network written by `write_causal_lm_exports` reads back as a PEFT adapter giving the network's
+/// logits, and its GGUF adapter has llama.cpp's header, names and shapes.
+fn exports_round_trip(family: &str, use_rslora: bool) {
+    let model = load(family, DType::F32);
+    let network = trained_network(&model, 11);
+    let base = reference(family);
+    let batch = padded_batch(&base);
+    let text = padded_text_positions(&base);
+    let logits = model.forward(&batch, None).unwrap();
+    let temp = tempfile::tempdir().unwrap();
+    let config = TrainConfig {
+        base_model: folder(family),
+        output_dir: export_folder(family, &temp),
+        output_name: "voice".to_string(),
+        save_precision: SavePrecision::Fp32,
+        ..Default::default()
+    };
+    let exports = write_causal_lm_exports(&network, &model, &config, use_rslora).unwrap();
+    assert_eq!(exports.peft_folder, config.output_dir.join("voice"));
+    assert_eq!(exports.gguf_file, config.output_dir.join("voice.gguf"));
+    candle_core::safetensors::save(
+        &HashMap::from([("logits".to_string(), logits.clone())]),
+        config.output_dir.join("lora_studio_logits.safetensors"),
+    )
+    .unwrap();
+
+    let peft_config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(exports.peft_folder.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(peft_config["peft_type"], "LORA");
+    assert_eq!(peft_config["task_type"], "CAUSAL_LM");
+    assert_eq!(peft_config["r"], 4);
+    assert_eq!(peft_config["use_rslora"], use_rslora);
+    assert_eq!(peft_config["use_dora"], false);
+    let expected_alpha = if use_rslora { 4.0 } else { 8.0 };
+    assert_eq!(peft_config["lora_alpha"].as_f64(), Some(expected_alpha));
+    let targets: Vec<&str> = peft_config["target_modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        targets,
+        [
+            "down_proj",
+            "gate_proj",
+            "k_proj",
+            "o_proj",
+            "q_proj",
+            "up_proj",
+            "v_proj"
+        ]
+    );
+    let weights = TensorFile::open(&exports.peft_folder.join("adapter_model.safetensors")).unwrap();
+    let layers = model.config().num_hidden_layers;
+    assert_eq!(weights.infos().len(), 2 * 7 * layers);
+    assert!(
+        weights
+            .infos()
+            .contains_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")
+    );
+
+    let reloaded = load(family, DType::F32);
+    assert_eq!(attach(&reloaded, &exports.peft_folder), 7 * layers);
+    let reloaded_logits = reloaded.forward(&batch, None).unwrap();
+    assert_close(
+        &format!("{family} logits of the exported PEFT adapter"),
+        &at_positions(&reloaded_logits, &text),
+        &at_positions(&logits, &text),
+        1e-5,
+    );
+
+    let header = read_gguf_header(&exports.gguf_file).unwrap();
+    assert_eq!(header.version, 3);
+    assert_eq!(header.string("general.type"), Some("adapter"));
+    assert_eq!(header.string("adapter.type"), Some("lora"));
+    assert_eq!(header.string("general.architecture"), Some(family));
+    assert_eq!(header.float("adapter.lora.alpha"), Some(8.0));
+    assert_eq!(header.tensors.len(), 2 * 7 * layers);
+    for slot in model.layers().slots() {
+        let [out_features, in_features] = slot.weight().dims() else {
+            panic!("{} is not a linear layer", slot.name());
+        };
+        let name = llama_cpp_tensor_name(slot.name()).unwrap();
+        let a = &header.tensors[&format!("{name}.lora_a")];
+        let b = &header.tensors[&format!("{name}.lora_b")];
+        assert_eq!(a.shape, [4, *in_features], "{name}.lora_a");
+        assert_eq!(b.shape, [*out_features, 4], "{name}.lora_b");
+        assert_eq!(a.dtype, GgmlDType::F32);
+    }
+}
+
+#[test]
+fn qwen2_exports_round_trip() {
+    exports_round_trip("qwen2", false);
+}
+
+#[test]
+fn qwen3_exports_round_trip_with_rslora() {
+    exports_round_trip("qwen3", true);
+}
+
+#[test]
+fn llama_exports_round_trip() {
+    exports_round_trip("llama", false);
 }
