@@ -206,3 +206,34 @@ fn a_missing_adapter_folder_is_one_sentence() {
         "error: the adapter folder no/such/adapter does not exist"
     );
 }
+
+#[test]
+fn a_merged_folder_replies_as_the_base_with_its_adapter() {
+    let out = tempfile::tempdir().unwrap();
+    let merged = out.path().join("merged");
+    let adapter = format!("{}:0.8", path(&peft_lora("llama")));
+    let output = Command::new(env!("CARGO_BIN_EXE_lora-studio"))
+        .args([
+            "merge",
+            "--base",
+            path(&folder("llama")),
+            "--lora",
+            &adapter,
+        ])
+        .args(["--precision", "fp32", "--out", path(&merged)])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("14 layers changed"), "{stderr}");
+    let ask = |base: &Path, extra: &[&str]| {
+        let mut args = vec!["--base", path(base), "--prompt", "Hi", "--temperature", "0"];
+        args.extend_from_slice(extra);
+        let (ok, stdout, stderr) = chat(&args, "");
+        assert!(ok, "{stderr}");
+        stdout
+    };
+    let with_adapter = ask(&folder("llama"), &["--lora", &adapter]);
+    assert_eq!(ask(&merged, &[]), with_adapter);
+    assert_ne!(ask(&folder("llama"), &[]), with_adapter);
+}

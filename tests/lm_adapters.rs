@@ -13,9 +13,10 @@ use common::causal_lm::{
     at_positions, folder, load, padded_batch, padded_text_positions, reference,
 };
 use common::{Reference, assert_close, fixture};
+use lora_studio::chat::{ChatFiles, ChatMessage, RenderOptions};
 use lora_studio::config::{SavePrecision, TrainConfig};
 use lora_studio::lora::{LoraNetwork, NetworkKind, NetworkSpec, PeftAdapter, TargetComponent};
-use lora_studio::models::causal_lm::{CausalLm, llama_cpp_tensor_name};
+use lora_studio::models::causal_lm::{CausalLm, llama_cpp_tensor_name, merge_into_folder};
 use lora_studio::tensor_file::TensorFile;
 use lora_studio::tensor_file::gguf::read_gguf_header;
 use lora_studio::train::write_causal_lm_exports;
@@ -232,4 +233,65 @@ fn qwen3_exports_round_trip_with_rslora() {
 #[test]
 fn llama_exports_round_trip() {
     exports_round_trip("llama", false);
+}
+
+/// `merge_into_folder` writes a folder whose model gives the logits of the base with the adapter attached
+/// at the same strength, and which keeps the base's tokenizer and chat template.
+fn merged_folder_matches(family: &str, adapter: &Path, strength: f64) {
+    let adapted = load(family, DType::F32);
+    let peft = PeftAdapter::load(adapter, &Device::Cpu).unwrap();
+    peft.attach(adapted.layers(), strength, DType::F32).unwrap();
+    let base = reference(family);
+    let batch = padded_batch(&base);
+    let text = padded_text_positions(&base);
+    let expected = at_positions(&adapted.forward(&batch, None).unwrap(), &text);
+
+    let out = tempfile::tempdir().unwrap();
+    let merged = out.path().join("merged");
+    let report = merge_into_folder(
+        &folder(family),
+        &[(adapter.to_path_buf(), strength)],
+        &merged,
+        DType::F32,
+    )
+    .unwrap();
+    assert_eq!(report.merged_layers, peft.modules().len());
+    assert!(report.unmatched.is_empty());
+    assert!(merged.join("model.safetensors").is_file());
+    assert!(!merged.join("model.safetensors.index.json").exists());
+    let model = CausalLm::load(&merged, &Device::Cpu, DType::F32).unwrap();
+    let logits = at_positions(&model.forward(&batch, None).unwrap(), &text);
+    assert_close(
+        &format!("{family} merged with {}", adapter.display()),
+        &logits,
+        &expected,
+        1e-4,
+    );
+    let unadapted = at_positions(&base.tensor("padded.logits"), &text);
+    assert!(common::max_abs_diff(&unadapted, &expected) > 1e-2);
+    let files = ChatFiles::open(&merged).unwrap();
+    let original = ChatFiles::open(&folder(family)).unwrap();
+    assert_eq!(files.generation(), original.generation());
+    let conversation = [ChatMessage::new("user", "Hi")];
+    let options = RenderOptions::default();
+    assert_eq!(
+        files.encode_chat(&conversation, &options).unwrap(),
+        original.encode_chat(&conversation, &options).unwrap()
+    );
+}
+
+#[test]
+fn merging_rslora_at_a_strength_gives_the_adapted_logits() {
+    merged_folder_matches("qwen2", &adapters_folder().join("qwen2_rslora"), 0.7);
+}
+
+#[test]
+fn merging_dora_gives_the_adapted_logits() {
+    merged_folder_matches("qwen2", &adapters_folder().join("qwen2_dora"), 1.0);
+}
+
+#[test]
+fn merging_into_a_sharded_bf16_base_gives_the_adapted_logits() {
+    merged_folder_matches("llama", &adapters_folder().join("llama_bin"), 1.0);
+    merged_folder_matches("qwen3", &folder("qwen3").join("lora"), 1.0);
 }

@@ -15,6 +15,7 @@ mod generate;
 mod gguf_adapter;
 mod layer;
 mod loss;
+mod merge;
 mod model;
 mod rope;
 
@@ -26,4 +27,5 @@ pub use gguf_adapter::{
     gguf_adapter_tensors, llama_cpp_architecture, llama_cpp_tensor_name, write_gguf_adapter,
 };
 pub use loss::{IGNORE_INDEX, next_token_loss};
+pub use merge::{MERGED_WEIGHTS_FILE, merge_into_folder};
 pub use model::CausalLm;
