@@ -17,6 +17,7 @@ use lora_studio::chat::{ChatFiles, ChatMessage, RenderOptions};
 use lora_studio::config::{SavePrecision, TrainConfig};
 use lora_studio::lora::{LoraNetwork, NetworkKind, NetworkSpec, PeftAdapter, TargetComponent};
 use lora_studio::models::causal_lm::{CausalLm, llama_cpp_tensor_name, merge_into_folder};
+use lora_studio::models::inspect::{FileReport, inspect};
 use lora_studio::tensor_file::TensorFile;
 use lora_studio::tensor_file::gguf::read_gguf_header;
 use lora_studio::train::write_causal_lm_exports;
@@ -294,4 +295,69 @@ fn merging_dora_gives_the_adapted_logits() {
 fn merging_into_a_sharded_bf16_base_gives_the_adapted_logits() {
     merged_folder_matches("llama", &adapters_folder().join("llama_bin"), 1.0);
     merged_folder_matches("qwen3", &folder("qwen3").join("lora"), 1.0);
+}
+
+#[test]
+fn inspect_reads_peft_folders_gguf_adapters_and_language_model_folders() {
+    let FileReport::LmAdapter(peft) = inspect(&adapters_folder().join("qwen2_rslora")).unwrap()
+    else {
+        panic!("not read as an adapter");
+    };
+    assert_eq!(peft.format, "PEFT adapter folder");
+    assert_eq!(peft.base.as_deref(), Some("tests/fixtures/causal_lm/qwen2"));
+    assert_eq!(
+        (peft.modules, peft.use_rslora, peft.use_dora),
+        (14, true, false)
+    );
+    assert_eq!(peft.ranks.into_iter().collect::<Vec<_>>(), [2, 4, 6]);
+    assert_eq!(peft.alphas.into_iter().collect::<Vec<_>>(), ["3", "8"]);
+    assert_eq!(peft.targets.len(), 7);
+    let FileReport::LmAdapter(dora) = inspect(&adapters_folder().join("qwen2_dora")).unwrap()
+    else {
+        panic!("not read as an adapter");
+    };
+    assert_eq!((dora.modules, dora.use_dora), (6, true));
+
+    let model = load("llama", DType::F32);
+    let network = trained_network(&model, 3);
+    let temp = tempfile::tempdir().unwrap();
+    let config = TrainConfig {
+        base_model: folder("llama"),
+        output_dir: temp.path().to_path_buf(),
+        output_name: "voice".to_string(),
+        save_precision: SavePrecision::Fp16,
+        ..Default::default()
+    };
+    let exports = write_causal_lm_exports(&network, &model, &config, false).unwrap();
+    let FileReport::LmAdapter(gguf) = inspect(&exports.gguf_file).unwrap() else {
+        panic!("not read as an adapter");
+    };
+    assert_eq!(gguf.format, "llama.cpp LoRA adapter (GGUF)");
+    assert_eq!(gguf.architecture.as_deref(), Some("llama"));
+    assert_eq!(gguf.base, Some(folder("llama").display().to_string()));
+    assert_eq!(gguf.modules, 14);
+    assert_eq!(gguf.ranks.into_iter().collect::<Vec<_>>(), [4]);
+    assert_eq!(gguf.alphas.into_iter().collect::<Vec<_>>(), ["8"]);
+    assert_eq!(
+        gguf.dtypes.into_iter().collect::<Vec<_>>(),
+        [("F16".to_string(), 28)]
+    );
+
+    let FileReport::LanguageModel(lm) = inspect(&folder("llama")).unwrap() else {
+        panic!("not read as a language model");
+    };
+    assert_eq!(lm.config.architecture.label(), "Llama");
+    assert_eq!(lm.weight_files, 3);
+    let parameters: usize = model
+        .layers()
+        .slots()
+        .iter()
+        .map(|s| s.weight().elem_count())
+        .sum();
+    assert!(
+        lm.parameters > parameters,
+        "{} vs {parameters}",
+        lm.parameters
+    );
+    assert!(lm.has_tokenizer);
 }

@@ -9,6 +9,7 @@ use clap::{Args, ValueEnum};
 
 use crate::models::causal_lm::merge_into_folder;
 use crate::models::checkpoint::ModelSource;
+use crate::models::lm_inspect::is_language_model_folder;
 use crate::models::merge::{MergeReport, merge_to_single_file};
 
 #[derive(Debug, Args)]
@@ -45,19 +46,8 @@ impl Precision {
     }
 }
 
-/// Whether `base` is a language model folder (a transformers `config.json` with a `model_type`) rather
-/// than a Stable Diffusion model.
-fn is_language_model(base: &Path) -> bool {
-    let Ok(text) = std::fs::read_to_string(base.join("config.json")) else {
-        return false;
-    };
-    !base.join("model_index.json").exists()
-        && serde_json::from_str::<serde_json::Value>(&text)
-            .is_ok_and(|config| config.get("model_type").is_some())
-}
-
 pub fn run(args: MergeArgs) -> anyhow::Result<()> {
-    let language_model = is_language_model(&args.base);
+    let language_model = is_language_model_folder(&args.base);
     let loras = args
         .loras
         .iter()

@@ -32,5 +32,5 @@ pub use layer::{
 pub use network::{LoraNetwork, NetworkKind, NetworkModule, NetworkSpec, TargetComponent};
 pub use peft::{
     ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PeftAdapter, PeftConfig, PeftExport, PeftTensor,
-    TargetModules, split_tensor_name, write_peft_adapter,
+    TargetModules, adapter_weights_file, split_tensor_name, write_peft_adapter,
 };

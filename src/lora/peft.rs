@@ -155,8 +155,8 @@ pub fn split_tensor_name(name: &str) -> Result<(&str, PeftTensor), String> {
     })
 }
 
-/// The weights file of an adapter folder.
-fn weights_file(folder: &Path) -> Option<PathBuf> {
+/// The weights file of an adapter folder (`adapter_model.safetensors`, else `adapter_model.bin`).
+pub fn adapter_weights_file(folder: &Path) -> Option<PathBuf> {
     [ADAPTER_WEIGHTS_FILE, ADAPTER_WEIGHTS_BIN]
         .iter()
         .map(|name| folder.join(name))
@@ -188,7 +188,7 @@ impl PeftAdapter {
             path: folder.to_path_buf(),
             reason,
         };
-        let path = weights_file(folder).ok_or_else(|| {
+        let path = adapter_weights_file(folder).ok_or_else(|| {
             not_peft(format!(
                 "it has neither {ADAPTER_WEIGHTS_FILE} nor {ADAPTER_WEIGHTS_BIN}"
             ))

@@ -11,7 +11,7 @@ use super::TrainError;
 use super::export::{create_parent, save_dtype};
 use crate::config::{SavePrecision, TrainConfig};
 use crate::lora::{LoraNetwork, PeftExport, export_network, write_peft_adapter};
-use crate::models::causal_lm::{CausalLm, write_gguf_adapter};
+use crate::models::causal_lm::{AdapterNames, CausalLm, write_gguf_adapter};
 
 /// The files a causal language model's export wrote.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,8 +41,9 @@ pub fn write_causal_lm_exports(
         .output_dir
         .join(format!("{}.gguf", config.output_name));
     create_parent(&gguf_file)?;
+    let base_model = config.base_model.to_string_lossy().into_owned();
     let export = PeftExport {
-        base_model_name_or_path: config.base_model.to_string_lossy().into_owned(),
+        base_model_name_or_path: base_model.clone(),
         use_rslora,
         layers: model.layers(),
     };
@@ -60,7 +61,10 @@ pub fn write_causal_lm_exports(
         &gguf_file,
         &lora,
         model.config(),
-        &config.output_name,
+        AdapterNames {
+            name: &config.output_name,
+            base_model: &base_model,
+        },
         gguf_dtype,
     )?;
     Ok(CausalLmExports {

@@ -17,6 +17,15 @@ use crate::lora::{ExportedLora, ExportedModule, most_common};
 use crate::models::ModelError;
 use crate::tensor_file::gguf::{GgufValue, write_gguf};
 
+/// What a GGUF adapter is called and the base model it names.
+#[derive(Debug, Clone, Copy)]
+pub struct AdapterNames<'a> {
+    /// `general.name`.
+    pub name: &'a str,
+    /// `general.base_model.0.name`: the base model's folder or Hub id.
+    pub base_model: &'a str,
+}
+
 /// llama.cpp's `general.architecture` of a model family.
 pub fn llama_cpp_architecture(architecture: Architecture) -> &'static str {
     match architecture {
@@ -117,13 +126,13 @@ fn interleave_rotary_rows(rows: &Tensor, heads: usize) -> candle_core::Result<Te
         .reshape((out, columns))
 }
 
-/// Writes `lora` as the llama.cpp adapter `path` for a model of `config`, named `name`, in `dtype` (f32 or
-/// f16).
+/// Writes `lora` as the llama.cpp adapter `path` for a model of `config` (named `base_model`), itself
+/// named `name`, in `dtype` (f32 or f16).
 pub fn write_gguf_adapter(
     path: &Path,
     lora: &ExportedLora,
     config: &CausalLmConfig,
-    name: &str,
+    names: AdapterNames,
     dtype: DType,
 ) -> Result<(), ModelError> {
     let (alpha, tensors) = gguf_adapter_tensors(lora, config, dtype)?;
@@ -134,7 +143,12 @@ pub fn write_gguf_adapter(
             GgufValue::String(llama_cpp_architecture(config.architecture).to_string()),
         ),
         ("general.type", GgufValue::String("adapter".to_string())),
-        ("general.name", GgufValue::String(name.to_string())),
+        ("general.name", GgufValue::String(names.name.to_string())),
+        ("general.base_model.count", GgufValue::U32(1)),
+        (
+            "general.base_model.0.name",
+            GgufValue::String(names.base_model.to_string()),
+        ),
         ("general.file_type", GgufValue::U32(file_type)),
         ("general.quantization_version", GgufValue::U32(2)),
         ("adapter.type", GgufValue::String("lora".to_string())),

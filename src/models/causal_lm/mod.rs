@@ -24,7 +24,8 @@ pub use cache::KvCache;
 pub use config::{Architecture, CausalLmConfig, RopeScaling};
 pub use generate::{GenerationSettings, Sampling, generate, sample};
 pub use gguf_adapter::{
-    gguf_adapter_tensors, llama_cpp_architecture, llama_cpp_tensor_name, write_gguf_adapter,
+    AdapterNames, gguf_adapter_tensors, llama_cpp_architecture, llama_cpp_tensor_name,
+    write_gguf_adapter,
 };
 pub use loss::{IGNORE_INDEX, next_token_loss};
 pub use merge::{MERGED_WEIGHTS_FILE, merge_into_folder};

@@ -1,5 +1,6 @@
-//! `lora-studio chat` as a user runs it on the tiny language models: the reply is the library's greedy
-//! generation, adapters change it, a conversation carries its turns, and bad input is one sentence.
+//! The language-model commands as a user runs them on the tiny models: `chat` (the reply is the library's
+//! greedy generation, adapters change it, a conversation carries its turns, bad input is one sentence),
+//! `merge` into a model folder, and `inspect` of model folders and adapters.
 
 mod common;
 
@@ -236,4 +237,25 @@ fn a_merged_folder_replies_as_the_base_with_its_adapter() {
     let with_adapter = ask(&folder("llama"), &["--lora", &adapter]);
     assert_eq!(ask(&merged, &[]), with_adapter);
     assert_ne!(ask(&folder("llama"), &[]), with_adapter);
+}
+
+#[test]
+fn inspect_describes_language_models_and_their_adapters() {
+    let run = |target: &Path| {
+        let output = Command::new(env!("CARGO_BIN_EXE_lora-studio"))
+            .args(["inspect", path(target)])
+            .output()
+            .unwrap();
+        assert!(output.status.success());
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let model = run(&folder("qwen3"));
+    assert!(model.contains("Qwen3 language model"), "{model}");
+    assert!(model.contains("2 layers, hidden 64"), "{model}");
+    let adapter = run(&peft_lora("qwen3"));
+    assert!(
+        adapter.contains("PEFT adapter folder for ") && adapter.contains("modules: 14"),
+        "{adapter}"
+    );
+    assert!(adapter.contains("rank: 4"), "{adapter}");
 }
