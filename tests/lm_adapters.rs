@@ -16,7 +16,9 @@ use common::{Reference, assert_close, fixture};
 use lora_studio::chat::{ChatFiles, ChatMessage, RenderOptions};
 use lora_studio::config::{SavePrecision, TrainConfig};
 use lora_studio::lora::{LoraNetwork, NetworkKind, NetworkSpec, PeftAdapter, TargetComponent};
-use lora_studio::models::causal_lm::{CausalLm, llama_cpp_tensor_name, merge_into_folder};
+use lora_studio::models::causal_lm::{
+    CausalLm, GenerationSettings, Sampling, generate, llama_cpp_tensor_name, merge_into_folder,
+};
 use lora_studio::models::inspect::{FileReport, inspect};
 use lora_studio::tensor_file::TensorFile;
 use lora_studio::tensor_file::gguf::read_gguf_header;
@@ -201,6 +203,15 @@ fn exports_round_trip(family: &str, use_rslora: bool) {
         1e-5,
     );
 
+    // The merged model folder, for check_exports.py to load with transformers.
+    merge_into_folder(
+        &folder(family),
+        &[(exports.peft_folder.clone(), 1.0)],
+        &config.output_dir.join("merged"),
+        DType::F32,
+    )
+    .unwrap();
+
     let header = read_gguf_header(&exports.gguf_file).unwrap();
     assert_eq!(header.version, 3);
     assert_eq!(header.string("general.type"), Some("adapter"));
@@ -360,4 +371,38 @@ fn inspect_reads_peft_folders_gguf_adapters_and_language_model_folders() {
         lm.parameters
     );
     assert!(lm.has_tokenizer);
+}
+
+/// Greedy decoding (32 new tokens, KV cache) of the reference's chat prompts with the family's PEFT adapter
+/// attached as `chat --lora` attaches it: the tokens transformers + peft chose.
+fn greedy_generation_with_the_adapter_matches(family: &str) {
+    let expected = &common::causal_lm::reference_json(family)["generation"];
+    let ids =
+        |v: &serde_json::Value| -> Vec<Vec<u32>> { serde_json::from_value(v.clone()).unwrap() };
+    let settings = GenerationSettings {
+        max_new_tokens: 32,
+        stop_ids: serde_json::from_value(expected["stop_ids"].clone()).unwrap(),
+        sampling: Sampling::GREEDY,
+        seed: 0,
+    };
+    let model = load(family, DType::F32);
+    attach(&model, &folder(family).join("lora"));
+    let tokens = generate(
+        &model,
+        &ids(&expected["lora"]["prompts"]),
+        &settings,
+        |_, _| {},
+    )
+    .unwrap();
+    let reference = ids(&expected["lora"]["new_tokens"]);
+    assert_eq!(tokens, reference, "{family}");
+    assert!(reference.iter().any(|r| r.len() == 32));
+    assert_ne!(reference, ids(&expected["base"]["new_tokens"]));
+}
+
+#[test]
+fn greedy_generation_with_attached_adapters_matches_peft() {
+    for family in common::causal_lm::FAMILIES {
+        greedy_generation_with_the_adapter_matches(family);
+    }
 }
