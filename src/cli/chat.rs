@@ -18,7 +18,7 @@ use crate::models::causal_lm::{CausalLm, GenerationSettings, Sampling, generate}
 #[derive(Debug, Args)]
 pub struct ChatArgs {
     /// The language model: a Hugging Face folder (config.json, safetensors, tokenizer.json,
-    /// tokenizer_config.json).
+    /// tokenizer_config.json), or the name of one found on this computer (`lora-studio models`).
     #[arg(long, value_name = "DIR")]
     pub base: PathBuf,
     /// A PEFT LoRA adapter folder and its strength, e.g. `voice:0.8` (repeatable; strength 1 if omitted).
@@ -102,9 +102,10 @@ fn parse_adapter_spec(spec: &str) -> anyhow::Result<(PathBuf, f64)> {
 impl Chat {
     fn open(args: &ChatArgs, adapters: &[(PathBuf, f64)]) -> anyhow::Result<Self> {
         let device = open_device(args.device).map_err(anyhow::Error::msg)?;
-        let files = ChatFiles::open(&args.base)?;
+        let base = super::base_model_path(&args.base)?;
+        let files = ChatFiles::open(&base)?;
         let started = Instant::now();
-        let model = CausalLm::load(&args.base, &device, inference_dtype(&device))?;
+        let model = CausalLm::load(&base, &device, inference_dtype(&device))?;
         for (folder, strength) in adapters {
             let adapter = PeftAdapter::load(folder, &device)?;
             let report = adapter.attach(model.layers(), *strength, model.dtype())?;
@@ -118,7 +119,7 @@ impl Chat {
         }
         eprintln!(
             "loaded {} on {} in {:.1} s",
-            model_name(&args.base),
+            model_name(&base),
             describe(&device),
             started.elapsed().as_secs_f64()
         );
