@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::GgmlDType;
+use candle_core::quantized::{GgmlDType, gguf_file};
 use candle_core::{DType, Device};
 use common::causal_lm::{
     at_positions, folder, load, padded_batch, padded_text_positions, reference,
@@ -15,9 +15,13 @@ use common::causal_lm::{
 use common::{Reference, assert_close, fixture};
 use lora_studio::chat::{ChatFiles, ChatMessage, RenderOptions};
 use lora_studio::config::{SavePrecision, TrainConfig};
-use lora_studio::lora::{LoraNetwork, NetworkKind, NetworkSpec, PeftAdapter, TargetComponent};
+use lora_studio::lora::{
+    LoraAdapter, LoraNetwork, NetworkKind, NetworkSpec, PeftAdapter, PeftExport, TargetComponent,
+    export_network, write_peft_adapter,
+};
 use lora_studio::models::causal_lm::{
-    CausalLm, GenerationSettings, Sampling, generate, llama_cpp_tensor_name, merge_into_folder,
+    AdapterNames, CausalLm, GenerationSettings, Sampling, generate, llama_cpp_tensor_name,
+    merge_into_folder, write_gguf_adapter,
 };
 use lora_studio::models::inspect::{FileReport, inspect};
 use lora_studio::tensor_file::TensorFile;
@@ -404,5 +408,116 @@ fn greedy_generation_with_the_adapter_matches(family: &str) {
 fn greedy_generation_with_attached_adapters_matches_peft() {
     for family in common::causal_lm::FAMILIES {
         greedy_generation_with_the_adapter_matches(family);
+    }
+}
+
+/// A PEFT folder whose modules differ in rank and alpha (as a folded DoRA network's may) reads back with
+/// every module's own scale, rsLoRA or not: `r`/`lora_alpha` take the most common values and
+/// `rank_pattern`/`alpha_pattern` the others.
+#[test]
+fn mixed_ranks_and_alphas_round_trip_through_patterns() {
+    let model = load("qwen2", DType::F32);
+    let network = trained_network(&model, 5);
+    let mut lora = export_network(&network).unwrap();
+    for module in &mut lora.modules {
+        if module.module_path == "model.layers.0.self_attn.q_proj" {
+            module.down = module.down.narrow(0, 0, 2).unwrap();
+            module.up = module.up.narrow(1, 0, 2).unwrap();
+        }
+        if module.module_path.ends_with("down_proj") {
+            module.alpha = 3.0;
+        }
+    }
+    network.set_multiplier(0.0);
+    let base = reference("qwen2");
+    let batch = padded_batch(&base);
+    let text = padded_text_positions(&base);
+    let direct = load("qwen2", DType::F32);
+    for module in &lora.modules {
+        let slot = direct.layers().get(&module.module_path).unwrap();
+        let adapter = LoraAdapter::new(
+            module.down.clone(),
+            module.up.clone(),
+            Some(module.alpha),
+            slot.shape(),
+        )
+        .unwrap();
+        slot.attach(std::sync::Arc::new(adapter));
+    }
+    let expected = direct.forward(&batch, None).unwrap();
+    let temp = tempfile::tempdir().unwrap();
+    for use_rslora in [false, true] {
+        let name = if use_rslora {
+            "qwen2_rspatterns"
+        } else {
+            "qwen2_patterns"
+        };
+        let out = export_folder(name, &temp);
+        let export = PeftExport {
+            base_model_name_or_path: folder("qwen2").display().to_string(),
+            use_rslora,
+            layers: model.layers(),
+        };
+        write_peft_adapter(&out.join("voice"), &lora, &export, DType::F32).unwrap();
+        let names = AdapterNames {
+            name: "voice",
+            base_model: "qwen2",
+        };
+        write_gguf_adapter(
+            &out.join("voice.gguf"),
+            &lora,
+            model.config(),
+            names,
+            DType::F32,
+        )
+        .unwrap();
+        // One alpha for the file (the most common); the others folded into their modules' lora_b.
+        let header = read_gguf_header(&out.join("voice.gguf")).unwrap();
+        assert_eq!(header.float("adapter.lora.alpha"), Some(8.0));
+        assert_eq!(
+            header.tensors["blk.0.attn_q.weight.lora_a"].shape,
+            [2, model.config().hidden_size]
+        );
+        let mut file = std::fs::File::open(out.join("voice.gguf")).unwrap();
+        let content = gguf_file::Content::read(&mut file).unwrap();
+        let mut stored = |name: &str| {
+            let tensor = content.tensor(&mut file, name, &Device::Cpu).unwrap();
+            tensor.dequantize(&Device::Cpu).unwrap()
+        };
+        let module = |path: &str| lora.modules.iter().find(|m| m.module_path == path).unwrap();
+        let q = module("model.layers.0.self_attn.q_proj");
+        assert_eq!(
+            common::max_abs_diff(&stored("blk.0.attn_q.weight.lora_a"), &q.down),
+            0.0
+        );
+        let down = module("model.layers.1.mlp.down_proj");
+        assert_close(
+            "lora_b with alpha 3 under the file's alpha 8",
+            &stored("blk.1.ffn_down.weight.lora_b"),
+            &(&down.up * (3.0 / 8.0)).unwrap(),
+            1e-7,
+        );
+        candle_core::safetensors::save(
+            &HashMap::from([("logits".to_string(), expected.clone())]),
+            out.join("lora_studio_logits.safetensors"),
+        )
+        .unwrap();
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("voice/adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(config["r"], 4);
+        assert_eq!(config["rank_pattern"].as_object().unwrap().len(), 1);
+        // The two down_proj; with rsLoRA, the rank-2 module's scale needs its own alpha too.
+        let alphas = 2 + usize::from(use_rslora);
+        assert_eq!(config["alpha_pattern"].as_object().unwrap().len(), alphas);
+        let reloaded = load("qwen2", DType::F32);
+        assert_eq!(attach(&reloaded, &out.join("voice")), 14);
+        assert_close(
+            &format!("{name}: logits of the reloaded adapter"),
+            &at_positions(&reloaded.forward(&batch, None).unwrap(), &text),
+            &at_positions(&expected, &text),
+            1e-5,
+        );
     }
 }

@@ -89,8 +89,7 @@ pub fn write_gguf(
                 ));
             }
         };
-        let quantized = tensor
-            .to_device(&Device::Cpu)
+        let quantized = own_storage(tensor)
             .and_then(|t| QTensor::quantize(&t, dtype))
             .map_err(|e| fail(name, e.to_string()))?;
         stored.push((name.as_str(), quantized));
@@ -102,6 +101,16 @@ pub fn write_gguf(
     let mut bytes = bytes.into_inner();
     bytes[4..8].copy_from_slice(&GGUF_VERSION.to_le_bytes());
     write_atomically(path, |w| std::io::Write::write_all(w, &bytes)).map_err(io)
+}
+
+/// `tensor` on the CPU in a storage of its own: candle's quantizer reads the whole storage, so a view (a
+/// narrowed tensor, with an offset) would be written with its neighbours' values.
+fn own_storage(tensor: &Tensor) -> candle_core::Result<Tensor> {
+    let values = tensor
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    Tensor::from_vec(values, tensor.shape(), &Device::Cpu)?.to_dtype(tensor.dtype())
 }
 
 /// Reads the header of the GGUF file `path`.
