@@ -8,83 +8,19 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{FiniteDifferences, Reference, assert_close, fixture, max_abs, max_abs_diff};
-use lora_studio::lora::LoraAdapter;
-use lora_studio::models::causal_lm::{
-    CausalLm, GenerationSettings, IGNORE_INDEX, Sampling, TokenBatch, generate, next_token_loss,
+use common::causal_lm::{
+    FAMILIES, as_u32, at_positions, folder, int_rows, load, padded_batch, peft_lora, reference,
+    text_positions,
 };
-use lora_studio::tensor_file::TensorFile;
-
-const FAMILIES: [&str; 3] = ["qwen2", "qwen3", "llama"];
-
-fn folder(family: &str) -> PathBuf {
-    fixture(&format!("causal_lm/{family}"))
-}
-
-fn reference(family: &str) -> Reference {
-    Reference::at(&folder(family).join("reference.safetensors"))
-}
-
-fn reference_json(family: &str) -> serde_json::Value {
-    let text = std::fs::read_to_string(folder(family).join("reference.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn load(family: &str, dtype: DType) -> CausalLm {
-    CausalLm::load(&folder(family), &Device::Cpu, dtype).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// The rows of an integer reference tensor `[rows, len]`.
-fn int_rows(reference: &Reference, name: &str) -> Vec<Vec<i64>> {
-    reference.tensor(name).to_vec2::<i64>().unwrap()
-}
-
-fn as_u32(rows: &[Vec<i64>]) -> Vec<Vec<u32>> {
-    rows.iter()
-        .map(|r| r.iter().map(|&v| v as u32).collect())
-        .collect()
-}
-
-/// The padded batch of the reference: ids, the attention mask as segments (text 1, padding 0), positions.
-fn padded_batch(reference: &Reference) -> TokenBatch {
-    let ids = as_u32(&int_rows(reference, "padded.input_ids"));
-    let segments = as_u32(&int_rows(reference, "padded.attention_mask"));
-    let positions = as_u32(&int_rows(reference, "padded.position_ids"));
-    TokenBatch::with_positions(ids, segments, positions).unwrap()
-}
-
-/// Row-major indices of the `[rows, len]` positions whose mask is 1.
-fn text_positions(mask: &[Vec<i64>]) -> Tensor {
-    let len = mask[0].len();
-    let picked: Vec<u32> = mask
-        .iter()
-        .enumerate()
-        .flat_map(|(r, row)| {
-            row.iter()
-                .enumerate()
-                .filter(|(_, v)| **v == 1)
-                .map(move |(t, _)| (r * len + t) as u32)
-        })
-        .collect();
-    let count = picked.len();
-    Tensor::from_vec(picked, count, &Device::Cpu).unwrap()
-}
-
-/// The `[rows, len, width]` values at `positions` (row-major indices), as `[count, width]` f64.
-fn at_positions(values: &Tensor, positions: &Tensor) -> Tensor {
-    let (rows, len, width) = values.dims3().unwrap();
-    values
-        .reshape((rows * len, width))
-        .unwrap()
-        .index_select(positions, 0)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-}
+use common::{FiniteDifferences, Reference, assert_close, max_abs, max_abs_diff};
+use lora_studio::lora::{LoraAdapter, PeftAdapter};
+use lora_studio::models::causal_lm::{
+    CausalLm, IGNORE_INDEX, TokenBatch, generate, next_token_loss,
+};
 
 fn labels(reference: &Reference) -> Vec<i64> {
     int_rows(reference, "padded.labels").concat()
@@ -101,38 +37,19 @@ type AdapterVars = BTreeMap<String, (Var, Var)>;
 
 /// Attaches the fixture's PEFT adapter (`lora/`) to every layer it names, as trainable variables.
 fn attach_peft_adapter(model: &CausalLm, family: &str, dtype: DType) -> AdapterVars {
-    let dir = folder(family).join("lora");
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
-            .unwrap();
-    let alpha = config["lora_alpha"].as_f64().unwrap();
-    let file = TensorFile::open(&dir.join("adapter_model.safetensors")).unwrap();
+    let adapter = PeftAdapter::load(&peft_lora(family), &Device::Cpu).unwrap();
     let mut vars = AdapterVars::new();
-    for key in file.infos().keys() {
-        let Some(module) = key
-            .strip_prefix("base_model.model.")
-            .and_then(|k| k.strip_suffix(".lora_A.weight"))
-        else {
-            continue;
-        };
+    for (module, stored) in adapter.modules() {
         let slot = model
             .layers()
             .get(module)
             .unwrap_or_else(|| panic!("the model has no layer {module}"));
-        let load = |name: &str| {
-            let t = file
-                .load(name, &Device::Cpu)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
-            Var::from_tensor(&t).unwrap()
-        };
-        let down = load(key);
-        let up = load(&key.replace("lora_A", "lora_B"));
+        let var = |t: &Tensor| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap();
+        let (down, up) = (var(&stored.down), var(&stored.up));
         let adapter = LoraAdapter::new(
             down.as_tensor().clone(),
             up.as_tensor().clone(),
-            Some(alpha),
+            stored.alpha,
             slot.shape(),
         )
         .unwrap();
@@ -338,15 +255,8 @@ fn llama_adapter_gradients_pass_finite_differences() {
 /// Greedy decoding of a left-padded batch of two chat prompts, 32 new tokens, with the KV cache: the
 /// tokens transformers' `generate` chose, without and with the adapter.
 fn greedy_generation_matches(family: &str) {
-    let expected = &reference_json(family)["generation"];
-    let ids =
-        |v: &serde_json::Value| -> Vec<Vec<u32>> { serde_json::from_value(v.clone()).unwrap() };
-    let settings = GenerationSettings {
-        max_new_tokens: 32,
-        stop_ids: serde_json::from_value(expected["stop_ids"].clone()).unwrap(),
-        sampling: Sampling::GREEDY,
-        seed: 0,
-    };
+    let (expected, settings) = common::causal_lm::greedy_reference(family);
+    let ids = common::causal_lm::id_rows;
     let model = load(family, DType::F32);
     for which in ["base", "lora"] {
         if which == "lora" {

@@ -14,6 +14,7 @@ use common::{fixture, max_abs_diff};
 use lora_studio::chat::ChatFiles;
 use lora_studio::config::{LrScheduler, MixedPrecision, TrainConfig, load_config_noting};
 use lora_studio::data::text::{Role, TextSample, Turn, scan_text_dataset};
+use lora_studio::lora::PeftAdapter;
 use lora_studio::models::causal_lm::{CausalLm, IGNORE_INDEX};
 use lora_studio::train::{
     CancelToken, CausalLmTask, StepReport, TextBatch, TrainReporter, causal_lm_batch_loss, lay_out,
@@ -432,6 +433,27 @@ fn a_short_run_lowers_the_loss_and_reports_tokens() {
         dir.path()
             .join("out/checkpoint-15/lora.safetensors")
             .is_file()
+    );
+    // The run ends with its PEFT folder (what the outcome names) and its llama.cpp adapter; the folder
+    // attaches to every adapted layer of the base and changes its logits.
+    assert_eq!(outcome.lora_path, dir.path().join("out/chat"));
+    let gguf = std::fs::read(dir.path().join("out/chat.gguf")).unwrap();
+    assert_eq!(&gguf[..4], b"GGUF");
+    let model = CausalLm::load(&config.base_model, &Device::Cpu, DType::F32).unwrap();
+    let batch = lora_studio::models::causal_lm::TokenBatch::new(
+        vec![vec![5, 17, 42, 9, 3]],
+        vec![vec![lora_studio::models::causal_lm::TEXT_SEGMENT; 5]],
+    )
+    .unwrap();
+    let base_logits = model.forward(&batch, None).unwrap();
+    let adapter = PeftAdapter::load(&outcome.lora_path, &Device::Cpu).unwrap();
+    let report = adapter.attach(model.layers(), 1.0, DType::F32).unwrap();
+    assert!(report.unmatched.is_empty(), "{:?}", report.unmatched);
+    assert_eq!(report.adapters.len(), model.layers().len());
+    let moved = max_abs_diff(&model.forward(&batch, None).unwrap(), &base_logits);
+    assert!(
+        moved > 1e-3,
+        "the trained adapter moves the logits by {moved}"
     );
 }
 

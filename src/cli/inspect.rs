@@ -6,10 +6,12 @@ use clap::Args;
 
 use crate::models::checkpoint::{ModelConfig, ModelFamily, PredictionOrigin};
 use crate::models::inspect::{CheckpointReport, FileReport, LoraReport, inspect};
+use crate::models::lm_inspect::{LanguageModelReport, LmAdapterReport};
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// A checkpoint (.safetensors/.ckpt), a diffusers model folder, or a LoRA file.
+    /// A checkpoint (.safetensors/.ckpt), a diffusers model folder, a LoRA file, a language model folder, a
+    /// PEFT adapter folder or a GGUF file.
     pub path: PathBuf,
 }
 
@@ -18,6 +20,19 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         FileReport::Checkpoint(report) => print_checkpoint(&report),
         FileReport::UnsupportedCheckpoint { path, what } => println!("{}: {what}", path.display()),
         FileReport::Lora(report) => print_lora(&report),
+        FileReport::LanguageModel(report) => print_language_model(&report),
+        FileReport::LmAdapter(report) => print_lm_adapter(&report),
+        FileReport::GgufModel(report) => println!(
+            "{}: llama.cpp model (GGUF), architecture {}{}, {} tensors",
+            report.path.display(),
+            report.architecture,
+            report
+                .name
+                .as_ref()
+                .map(|n| format!(", named {n}"))
+                .unwrap_or_default(),
+            report.tensors
+        ),
         FileReport::Unknown {
             path,
             tensors,
@@ -160,4 +175,80 @@ fn print_lora(report: &LoraReport) {
         };
         println!("  {key}: {shown}{ellipsis}");
     }
+}
+
+/// `n` as `1.2M`, `494M`, `7.6B`.
+fn short_count(n: usize) -> String {
+    match n {
+        0..1_000_000 => format!("{:.1}K", n as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1}M", n as f64 / 1e6),
+        _ => format!("{:.1}B", n as f64 / 1e9),
+    }
+}
+
+fn joined<T: ToString>(items: impl IntoIterator<Item = T>) -> String {
+    items
+        .into_iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn print_language_model(report: &LanguageModelReport) {
+    let config = &report.config;
+    println!(
+        "{}: {} language model, {} parameters",
+        report.path.display(),
+        config.architecture.label(),
+        short_count(report.parameters)
+    );
+    println!(
+        "  {} layers, hidden {}, {} attention heads ({} key/value), head size {}, MLP {}, vocabulary {}{}",
+        config.num_hidden_layers,
+        config.hidden_size,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+        config.intermediate_size,
+        config.vocab_size,
+        if config.tie_word_embeddings {
+            ", tied embeddings"
+        } else {
+            ""
+        }
+    );
+    let dtypes = joined(report.dtypes.iter().map(|(d, n)| format!("{n} {d}")));
+    println!("  tensors: {dtypes} in {} file(s)", report.weight_files);
+    if !report.has_tokenizer {
+        println!(
+            "  no tokenizer.json/tokenizer_config.json: it cannot chat or train until they are added"
+        );
+    }
+}
+
+fn print_lm_adapter(report: &LmAdapterReport) {
+    let base = report
+        .base
+        .as_deref()
+        .unwrap_or("a base model it does not name");
+    println!("{}: {} for {base}", report.path.display(), report.format);
+    if let Some(architecture) = &report.architecture {
+        println!("  architecture: {architecture}");
+    }
+    println!(
+        "  modules: {} ({})",
+        report.modules,
+        joined(&report.targets)
+    );
+    println!("  rank: {}", joined(&report.ranks));
+    println!("  alpha: {}", joined(&report.alphas));
+    let variants: Vec<&str> = [(report.use_rslora, "rsLoRA"), (report.use_dora, "DoRA")]
+        .iter()
+        .filter_map(|(on, name)| on.then_some(*name))
+        .collect();
+    if !variants.is_empty() {
+        println!("  {}", variants.join(", "));
+    }
+    let dtypes = joined(report.dtypes.iter().map(|(d, n)| format!("{n} {d}")));
+    println!("  tensors: {dtypes}");
 }

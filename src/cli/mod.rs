@@ -3,6 +3,7 @@
 //! progress. Errors are printed as one sentence (with its causes) and exit code 1, never a panic.
 
 mod bench;
+mod chat;
 mod generate;
 mod inspect;
 mod label;
@@ -41,6 +42,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Write a first caption for every image of a dataset folder (BLIP sentences, CLIP tags).
     Label(label::LabelArgs),
+    /// Chat with a language model and its PEFT LoRA adapters (one reply with --prompt).
+    Chat(Box<chat::ChatArgs>),
     /// Merge LoRA files into a base model and write one single-file checkpoint.
     Merge(merge::MergeArgs),
     /// Measure training speed and memory with a real-size model of random weights.
@@ -59,6 +62,7 @@ pub fn run() -> ExitCode {
         Some(Command::Inspect(args)) => inspect::run(args),
         Some(Command::Train(args)) => train::run(args),
         Some(Command::Label(args)) => label::run(args),
+        Some(Command::Chat(args)) => chat::run(*args),
         Some(Command::Merge(args)) => merge::run(args),
         Some(Command::Bench(args)) => bench::run(args),
         Some(Command::Models(args)) => models::run(args),
@@ -124,8 +128,8 @@ pub(crate) fn cancel_on_ctrl_c(stopping: &'static str) -> CancelToken {
     cancel
 }
 
-/// `FILE` or `FILE:STRENGTH`; a suffix that is not a number is part of the path (e.g. `C:\…`).
-pub(crate) fn parse_lora_spec(spec: &str) -> anyhow::Result<(PathBuf, f64)> {
+/// `PATH` or `PATH:STRENGTH`; a suffix that is not a number is part of the path (e.g. `C:\…`).
+pub(crate) fn split_strength(spec: &str) -> anyhow::Result<(PathBuf, f64)> {
     let (path, strength) = match spec.rsplit_once(':') {
         Some((path, strength)) if !path.is_empty() => match strength.parse::<f64>() {
             Ok(s) if s.is_finite() => (path, s),
@@ -134,7 +138,12 @@ pub(crate) fn parse_lora_spec(spec: &str) -> anyhow::Result<(PathBuf, f64)> {
         },
         _ => (spec, 1.0),
     };
-    let path = PathBuf::from(path);
+    Ok((PathBuf::from(path), strength))
+}
+
+/// `FILE` or `FILE:STRENGTH`, a kohya LoRA file that exists.
+pub(crate) fn parse_lora_spec(spec: &str) -> anyhow::Result<(PathBuf, f64)> {
+    let (path, strength) = split_strength(spec)?;
     if path.join("adapters.safetensors").is_file() {
         bail!(
             "{} is a training checkpoint, not a LoRA file; export it from the app's Export view, or pass the .safetensors file the run wrote",

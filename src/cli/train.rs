@@ -69,7 +69,14 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         );
     }
     if is_language_model_folder(&config.base_model) {
-        eprintln!("adapters: {}", outcome.lora_path.display());
+        let folder = outcome.lora_path.display();
+        eprintln!(
+            "adapters: {folder} (PEFT, for transformers, vLLM and LLaMA-Factory) and {folder}.gguf (llama.cpp, Ollama's ADAPTER)"
+        );
+        eprintln!(
+            "try it: lora-studio chat --base {} --lora {folder}",
+            config.base_model.display()
+        );
         return Ok(());
     }
     let name = outcome

@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use super::adapter::AdapterKind;
-use super::kohya::LoraError;
+use super::error::LoraError;
 use super::network::{LoraNetwork, NetworkKind};
 use super::svd::{to_matrix, truncated_svd};
 use crate::atomic_file::write_atomically;
@@ -176,6 +176,24 @@ pub fn export_network(network: &LoraNetwork) -> candle_core::Result<ExportedLora
     Ok(ExportedLora { modules, exactness })
 }
 
+/// The value seen most often (the first of equally common ones).
+pub fn most_common<T: Copy + Ord>(values: impl Iterator<Item = T>) -> Option<T> {
+    let mut counts: Vec<(T, usize)> = Vec::new();
+    for value in values {
+        match counts.iter_mut().find(|(v, _)| *v == value) {
+            Some((_, count)) => *count += 1,
+            None => counts.push((value, 1)),
+        }
+    }
+    counts
+        .iter()
+        .fold(None, |best: Option<(T, usize)>, &(v, c)| match best {
+            Some((_, most)) if most >= c => best,
+            _ => Some((v, c)),
+        })
+        .map(|(v, _)| v)
+}
+
 /// Largest relative (Frobenius) error a folded DoRA layer may keep before its rank is doubled.
 const DORA_FOLD_TOLERANCE: f64 = 0.01;
 
@@ -260,4 +278,16 @@ pub fn legacy_hash(file: &[u8]) -> String {
     let start = 0x100000.min(file.len());
     let end = 0x110000.min(file.len());
     crate::hashing::sha256_hex(&file[start..end])[..8].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::most_common;
+
+    #[test]
+    fn the_most_common_value_wins_and_ties_keep_the_first() {
+        assert_eq!(most_common([4, 8, 8, 4, 2].into_iter()), Some(4));
+        assert_eq!(most_common([4, 8, 8].into_iter()), Some(8));
+        assert_eq!(most_common(std::iter::empty::<usize>()), None);
+    }
 }

@@ -13,9 +13,10 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::adapter::LoraAdapter;
+use super::attach::{AttachReport, StoredModule, attach_modules};
+use super::error::LoraError;
 use super::layer::{AdapterSlot, LayerRegistry};
-use crate::tensor_file::{TensorFile, TensorFileError};
+use crate::tensor_file::TensorFile;
 
 /// The kohya prefix of the UNet's modules.
 pub const UNET_PREFIX: &str = "lora_unet";
@@ -25,56 +26,6 @@ pub const TEXT_ENCODER_PREFIX: &str = "lora_te";
 pub const TEXT_ENCODER_1_PREFIX: &str = "lora_te1";
 /// The kohya prefix of SDXL's second text encoder (OpenCLIP ViT-bigG).
 pub const TEXT_ENCODER_2_PREFIX: &str = "lora_te2";
-
-/// What can go wrong reading or applying a kohya LoRA file.
-#[derive(Debug, thiserror::Error)]
-pub enum LoraError {
-    #[error(transparent)]
-    File(#[from] TensorFileError),
-    #[error("{} is not a kohya-format LoRA: {reason}", path.display())]
-    NotKohya { path: PathBuf, reason: String },
-    #[error("{}: module `{module}`: {reason}", path.display())]
-    Module {
-        path: PathBuf,
-        module: String,
-        reason: String,
-    },
-    #[error(
-        "none of the {count} modules in {} match this model's layers (the first is `{first}`); the LoRA was \
-         probably made for another model family",
-        path.display()
-    )]
-    NoMatch {
-        path: PathBuf,
-        count: usize,
-        first: String,
-    },
-    #[error(
-        "{} is a LoRA for {lora_family} and this is {model_family} model; a LoRA only works on the model \
-         family it was trained for",
-        path.display()
-    )]
-    OtherFamily {
-        path: PathBuf,
-        lora_family: &'static str,
-        model_family: &'static str,
-    },
-    #[error("{}: {}", path.display(), crate::tensor_file::plain_error(.source))]
-    Tensor {
-        path: PathBuf,
-        source: candle_core::Error,
-    },
-    #[error("cannot write {}: {reason}", path.display())]
-    Write { path: PathBuf, reason: String },
-}
-
-/// The tensors of one kohya module as stored.
-#[derive(Debug, Clone)]
-pub struct KohyaModule {
-    pub down: Tensor,
-    pub up: Tensor,
-    pub alpha: Option<f64>,
-}
 
 /// The kind of model a LoRA file is made for, as far as its kohya names and metadata tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,16 +70,7 @@ struct PartialModule {
 pub struct KohyaLora {
     path: PathBuf,
     metadata: BTreeMap<String, String>,
-    modules: BTreeMap<String, KohyaModule>,
-}
-
-/// The outcome of attaching a LoRA file to a model.
-#[derive(Debug, Default)]
-pub struct AttachReport {
-    /// The adapters created, one per matched module; their multipliers can be changed later.
-    pub adapters: Vec<Arc<LoraAdapter>>,
-    /// Modules of the file that name no layer of the model.
-    pub unmatched: Vec<String>,
+    modules: BTreeMap<String, StoredModule>,
 }
 
 impl KohyaLora {
@@ -195,7 +137,15 @@ impl KohyaLora {
             };
             let down = down.ok_or_else(|| missing("lora_down.weight"))?;
             let up = up.ok_or_else(|| missing("lora_up.weight"))?;
-            modules.insert(module, KohyaModule { down, up, alpha });
+            modules.insert(
+                module,
+                StoredModule {
+                    down,
+                    up,
+                    alpha,
+                    magnitude: None,
+                },
+            );
         }
         Ok(Self {
             path: path.to_path_buf(),
@@ -212,7 +162,7 @@ impl KohyaLora {
         &self.metadata
     }
 
-    pub fn modules(&self) -> &BTreeMap<String, KohyaModule> {
+    pub fn modules(&self) -> &BTreeMap<String, StoredModule> {
         &self.modules
     }
 
@@ -283,46 +233,13 @@ impl KohyaLora {
                 }
             }
         }
-        // Build every adapter before attaching any, so a bad module leaves the model untouched.
-        let mut report = AttachReport::default();
-        let mut matched = Vec::new();
-        for (module, weights) in &self.modules {
-            let Some(slot) = slots.get(module) else {
-                report.unmatched.push(module.clone());
-                continue;
-            };
-            let convert = |t: &Tensor| {
-                t.to_dtype(dtype).map_err(|source| LoraError::Tensor {
-                    path: self.path.clone(),
-                    source,
-                })
-            };
-            let adapter = LoraAdapter::new(
-                convert(&weights.down)?,
-                convert(&weights.up)?,
-                weights.alpha,
-                slot.shape(),
-            )
-            .map_err(|reason| LoraError::Module {
-                path: self.path.clone(),
-                module: module.clone(),
-                reason,
-            })?;
-            adapter.set_multiplier(multiplier);
-            matched.push((slot.clone(), Arc::new(adapter)));
-        }
-        for (slot, adapter) in matched {
-            slot.attach(adapter.clone());
-            report.adapters.push(adapter);
-        }
-        if report.adapters.is_empty() {
-            return Err(LoraError::NoMatch {
-                path: self.path.clone(),
-                count: self.modules.len(),
-                first: self.modules.keys().next().cloned().unwrap_or_default(),
-            });
-        }
-        Ok(report)
+        attach_modules(
+            &self.path,
+            self.modules.iter(),
+            |module| slots.get(module).cloned(),
+            multiplier,
+            dtype,
+        )
     }
 }
 

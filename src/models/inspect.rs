@@ -1,5 +1,6 @@
 //! Saying what a file is without loading its weights: an SD1/SD2/SDXL checkpoint, a kohya or diffusers
-//! LoRA (with rank, alpha, targets and training metadata), or something else.
+//! LoRA (with rank, alpha, targets and training metadata), a language model or its adapters (see
+//! [`super::lm_inspect`]), or something else.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -8,6 +9,10 @@ use candle_core::{DType, Device};
 
 use crate::models::ModelError;
 use crate::models::checkpoint::{ModelConfig, ModelSource, names, unsupported_checkpoint};
+use crate::models::lm_inspect::{
+    GgufModelReport, LanguageModelReport, LmAdapterReport, gguf_report, is_gguf_file,
+    is_language_model_folder, is_peft_folder, language_model_report, peft_folder_report,
+};
 use crate::tensor_file::{StoredDType, TensorFile};
 
 /// What a file turned out to be.
@@ -20,6 +25,12 @@ pub enum FileReport {
         what: String,
     },
     Lora(LoraReport),
+    /// A transformers language model folder.
+    LanguageModel(Box<LanguageModelReport>),
+    /// A language model's LoRA adapter: a PEFT folder or a llama.cpp GGUF file.
+    LmAdapter(LmAdapterReport),
+    /// A GGUF file that is not an adapter (a llama.cpp model).
+    GgufModel(GgufModelReport),
     Unknown {
         path: PathBuf,
         tensors: usize,
@@ -62,6 +73,17 @@ pub struct LoraReport {
 
 /// Inspects a checkpoint file, a diffusers folder or a LoRA file.
 pub fn inspect(path: &Path) -> Result<FileReport, ModelError> {
+    if path.is_dir() && is_peft_folder(path) {
+        return Ok(FileReport::LmAdapter(peft_folder_report(path)?));
+    }
+    if path.is_dir() && is_language_model_folder(path) {
+        return Ok(FileReport::LanguageModel(Box::new(language_model_report(
+            path,
+        )?)));
+    }
+    if is_gguf_file(path) {
+        return gguf_report(path);
+    }
     if path.is_dir() {
         let source = ModelSource::open(path)?;
         return Ok(FileReport::Checkpoint(Box::new(CheckpointReport {

@@ -20,7 +20,7 @@ use super::checkpoint::{
 use super::clip::ClipTextTransformer;
 use super::pipeline::adapter_components;
 use super::unet::UNet2DConditionModel;
-use crate::lora::{KohyaLora, LayerRegistry};
+use crate::lora::{AdapterSlot, KohyaLora, LayerRegistry};
 
 /// What a merge did.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,7 +32,7 @@ pub struct MergeReport {
 }
 
 /// Hands out zero-stride stand-ins: models built on it have their layer registries but hold no weights.
-struct ShapeOnly;
+pub(super) struct ShapeOnly;
 
 impl SimpleBackend for ShapeOnly {
     fn get(
@@ -57,11 +57,11 @@ impl SimpleBackend for ShapeOnly {
 
 /// One tensor of the output file: the source pieces it is made of (stacked along dimension 0), whether that
 /// stack is stored transposed, and its shape.
-struct Planned {
-    key: String,
-    shape: Vec<usize>,
-    parts: Vec<(Arc<TensorFiles>, String)>,
-    transposed: bool,
+pub(super) struct Planned {
+    pub(super) key: String,
+    pub(super) shape: Vec<usize>,
+    pub(super) parts: Vec<(Arc<TensorFiles>, String)>,
+    pub(super) transposed: bool,
 }
 
 /// Merges `loras` (file, strength) into `source` and writes the result to `out` in `dtype`.
@@ -269,21 +269,9 @@ fn locate_deltas(
             continue;
         };
         for slot in registry.slots() {
-            let adapters = slot.adapters();
-            if adapters.is_empty() {
+            let Some(delta) = adapters_delta(&slot, slot.weight())? else {
                 continue;
-            }
-            let mut delta: Option<Tensor> = None;
-            for adapter in adapters {
-                let d = adapter
-                    .weight_delta(slot.weight(), slot.shape())
-                    .map_err(ModelError::compute("merging a LoRA"))?;
-                delta = Some(match delta {
-                    Some(sum) => (sum + d).map_err(ModelError::compute("merging a LoRA"))?,
-                    None => d,
-                });
-            }
-            let Some(delta) = delta else { continue };
+            };
             let name = format!("{}.weight", slot.name());
             let stored: Option<StoredName> = if source.layout() == CheckpointLayout::DiffusersFolder
             {
@@ -303,6 +291,31 @@ fn locate_deltas(
     Ok(deltas)
 }
 
+/// The weight change of all of a layer's adapters at their strengths, against its real `weight` (DoRA's
+/// change depends on it); `None` for a layer without adapters.
+pub(super) fn adapters_delta(
+    slot: &AdapterSlot,
+    weight: &Tensor,
+) -> Result<Option<Tensor>, ModelError> {
+    let mut delta: Option<Tensor> = None;
+    for adapter in slot.adapters() {
+        let change = adapter
+            .weight_delta(weight, slot.shape())
+            .map_err(ModelError::compute(format!(
+                "merging an adapter into `{}`",
+                slot.name()
+            )))?;
+        delta = Some(match delta {
+            Some(sum) => (sum + change).map_err(ModelError::compute(format!(
+                "merging an adapter into `{}`",
+                slot.name()
+            )))?,
+            None => change,
+        });
+    }
+    Ok(delta)
+}
+
 fn dtype_name(dtype: DType) -> &'static str {
     match dtype {
         DType::F16 => "F16",
@@ -317,7 +330,7 @@ fn dtype_name(dtype: DType) -> &'static str {
 }
 
 /// Writes the planned tensors as a safetensors file (to a temporary name, then renamed), one at a time.
-fn write_streaming(
+pub(super) fn write_streaming(
     out: &Path,
     plan: &[Planned],
     deltas: &HashMap<String, Vec<(usize, Tensor)>>,

@@ -15,6 +15,7 @@ pub mod clip_embedder;
 pub mod decoding;
 pub mod image_processor;
 pub mod inspect;
+pub mod lm_inspect;
 pub mod merge;
 pub mod nn;
 pub mod pipeline;

@@ -3,8 +3,10 @@
 //!
 //! Opening a file reads only its header, so a 4 GB checkpoint can be inspected instantly and its tensors
 //! loaded one at a time, each straight from the mapped file. Errors name the file and say what is wrong
-//! with it in one sentence. This module knows nothing about models or adapters.
+//! with it in one sentence. GGUF files (llama.cpp's format) are written and their headers read in [`gguf`].
+//! This module knows nothing about models or adapters.
 
+pub mod gguf;
 mod pickle;
 
 use std::collections::{BTreeMap, HashMap};
@@ -25,6 +27,8 @@ pub enum TensorFileError {
     },
     #[error("{} is not a valid safetensors file: {reason}", path.display())]
     BadSafetensors { path: PathBuf, reason: String },
+    #[error("{} is not a valid GGUF file: {reason}", path.display())]
+    BadGguf { path: PathBuf, reason: String },
     #[error("{} could not be read as a PyTorch checkpoint: {reason}", path.display())]
     BadPickle { path: PathBuf, reason: String },
     #[error("{} is not a tensor file (expected .safetensors, .ckpt, .pt or .bin)", path.display())]

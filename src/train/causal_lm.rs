@@ -17,6 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use super::diffusion::variable_gradient;
 use super::export::ExportContents;
 use super::lm_batches::{LaidOutBatch, TextBatch, lay_out, text_epoch_batches};
+use super::lm_export::write_causal_lm_exports;
 use super::lm_samples::{TokenizedDataset, TokenizedSample, tokenize_dataset};
 use super::report::{CancelToken, LiveRun, TrainReporter};
 use super::task::{BatchShare, ExportPoint, TrainingTask, draw_dropout};
@@ -256,15 +257,6 @@ impl<'a> CausalLmTask<'a> {
         self.checkpoint_grads = store;
         self
     }
-
-    /// Where the final export goes (the checkpoint's `lora.safetensors` until the PEFT and GGUF export
-    /// is wired in).
-    fn final_export_path(&self, last_checkpoint: Option<&Path>) -> PathBuf {
-        last_checkpoint.map_or_else(
-            || self.config.output_dir.clone(),
-            |checkpoint| checkpoint.join(super::export::CHECKPOINT_EXPORT_FILE),
-        )
-    }
 }
 
 impl TrainingTask for CausalLmTask<'_> {
@@ -363,11 +355,14 @@ impl TrainingTask for CausalLmTask<'_> {
     fn write_final_export(
         &self,
         _point: ExportPoint,
-        last_checkpoint: Option<&Path>,
+        _last_checkpoint: Option<&Path>,
     ) -> Result<PathBuf, TrainError> {
-        // FINAL EXPORT (PEFT folder output_dir/OUTPUT_NAME/ and OUTPUT_NAME.gguf): call
-        // `super::write_causal_lm_exports(&self.network, self.model, self.config, self.config.use_rslora)`
-        // here once it is on this branch. Until then the run's adapters are the last checkpoint's export.
-        Ok(self.final_export_path(last_checkpoint))
+        let exports = write_causal_lm_exports(
+            &self.network,
+            self.model,
+            self.config,
+            self.config.use_rslora,
+        )?;
+        Ok(exports.peft_folder)
     }
 }

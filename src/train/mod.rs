@@ -11,6 +11,7 @@ mod export;
 mod inputs;
 mod lm_batches;
 pub mod lm_bench;
+mod lm_export;
 mod lm_samples;
 mod metadata;
 mod noise;
@@ -42,6 +43,7 @@ pub use diffusion::{
     prediction_type, train, train_on,
 };
 pub use export::{CHECKPOINT_EXPORT_FILE, export_kept};
+pub use lm_export::{CausalLmExports, write_causal_lm_exports};
 pub use schedule::lr_factor;
 
 /// How a run ended.

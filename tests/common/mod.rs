@@ -2,6 +2,7 @@
 //! generated datasets, and files dropped on the app's window.
 #![allow(dead_code)]
 
+pub mod causal_lm;
 pub mod fake_hub;
 pub mod fake_installs;
 

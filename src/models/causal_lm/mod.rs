@@ -13,8 +13,10 @@ mod batch;
 mod cache;
 mod config;
 mod generate;
+mod gguf_adapter;
 mod layer;
 mod loss;
+mod merge;
 mod model;
 mod rope;
 
@@ -22,5 +24,10 @@ pub use batch::{PADDING_SEGMENT, PaddingSide, TEXT_SEGMENT, TokenBatch};
 pub use cache::KvCache;
 pub use config::{Architecture, CausalLmConfig, RopeScaling};
 pub use generate::{GenerationSettings, Sampling, generate, sample};
+pub use gguf_adapter::{
+    AdapterNames, gguf_adapter_tensors, llama_cpp_architecture, llama_cpp_tensor_name,
+    write_gguf_adapter,
+};
 pub use loss::{IGNORE_INDEX, next_token_loss};
+pub use merge::{MERGED_WEIGHTS_FILE, merge_into_folder};
 pub use model::CausalLm;
