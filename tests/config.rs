@@ -34,6 +34,9 @@ fn every_preset_loads() {
     let small = load_config(Some(&presets_dir().join("gpu-8gb.toml")), &[]).unwrap();
     assert!(small.gradient_checkpointing);
     assert_eq!(small.optimizer, OptimizerKind::Adafactor);
+    let chat = load_config(Some(&presets_dir().join("chat.toml")), &[]).unwrap();
+    assert!(chat.packing && !chat.train_on_prompt);
+    assert_eq!((chat.max_seq_length, chat.lora_dropout), (1024, 0.05));
 }
 
 #[test]
