@@ -393,6 +393,22 @@ fn generate_runs_euler_and_dpm_solver_as_diffusers_and_names_them_as_webui_does(
             "{parameters}"
         );
     }
+    // SDXL (its scheduler config, leading spacing), at 64x48, from its single file.
+    let sdxl = common::Reference::open("sdxl");
+    for (key, sampler_args) in [
+        ("euler", &["--scheduler", "euler"][..]),
+        (
+            "dpmpp_2m_karras",
+            &["--scheduler", "dpmpp_2m", "--karras"][..],
+        ),
+    ] {
+        reproduce_reference(
+            (&sdxl, "sdxl_single.safetensors", ("64", "48")),
+            key,
+            sampler_args,
+            &format!("sdxl_{key}.png"),
+        );
+    }
 }
 
 /// Without a size, an SDXL model draws at its native size (the UNet's sample size times 8: 1024 px for SDXL
