@@ -200,6 +200,89 @@ fn bad_input_is_one_sentence_without_backtrace() {
     assert!(!out.exists());
 }
 
+/// Asserts a failed run printed one `error:` line, with no panic or backtrace, that contains every one of
+/// `parts`.
+fn assert_one_error_line_with(args: &[&str], (ok, stderr): (bool, &str), parts: &[&str]) {
+    assert!(!ok, "{args:?} succeeded");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "{args:?}: {stderr}");
+    for part in parts {
+        assert!(
+            lines[0].contains(part),
+            "{args:?}: `{part}` is not in: {stderr}"
+        );
+    }
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("stack backtrace"),
+        "{stderr}"
+    );
+}
+
+/// An SDXL LoRA on an SD1 base and an SD1 LoRA on an SDXL base (folder and single file) are refused by
+/// `generate --lora` and by `merge` with one sentence naming the LoRA file and both families; nothing is
+/// written.
+#[test]
+fn loras_of_the_other_family_are_one_sentence_in_generate_and_merge() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("out.png");
+    let merged = dir.path().join("merged.safetensors");
+    for (base, lora, problem) in [
+        (
+            "sd1",
+            "lora_sdxl.safetensors",
+            "is a LoRA for SDXL and this is an SD1/SD2 model",
+        ),
+        (
+            "sd1_single.safetensors",
+            "lora_sdxl.safetensors",
+            "is a LoRA for SDXL and this is an SD1/SD2 model",
+        ),
+        (
+            "sdxl",
+            "lora_sd1.safetensors",
+            "is a LoRA for SD1/SD2 and this is an SDXL model",
+        ),
+        (
+            "sdxl_single.safetensors",
+            "lora_sd1.safetensors",
+            "is a LoRA for SD1/SD2 and this is an SDXL model",
+        ),
+    ] {
+        let (base, lora) = (
+            fixture(base).display().to_string(),
+            fixture(lora).display().to_string(),
+        );
+        let spec = format!("{lora}:0.8");
+        let generate = [
+            "generate",
+            "--base",
+            &base,
+            "--lora",
+            &spec,
+            "--prompt",
+            "x",
+            "--steps",
+            "2",
+            "--out",
+            png.to_str().unwrap(),
+        ];
+        let merge = [
+            "merge",
+            "--base",
+            &base,
+            "--lora",
+            &spec,
+            "--out",
+            merged.to_str().unwrap(),
+        ];
+        for args in [&generate[..], &merge[..]] {
+            let (ok, _, stderr) = lora_studio(args);
+            assert_one_error_line_with(args, (ok, &stderr), &[&lora, problem]);
+        }
+        assert!(!png.exists() && !merged.exists());
+    }
+}
+
 /// Runs `generate` on the fixture model `base` from the reference's initial noise `{key}.init_noise` with the
 /// reference run's settings (10 steps, guidance 7.5, `size`) plus `sampler_args`, checks the image against
 /// `expected_png` (2/255 per pixel) and returns the PNG's parameters text.
@@ -308,6 +391,22 @@ fn generate_runs_euler_and_dpm_solver_as_diffusers_and_names_them_as_webui_does(
         assert!(
             parameters.contains(&format!("Sampler: {name},")),
             "{parameters}"
+        );
+    }
+    // SDXL (its scheduler config, leading spacing), at 64x48, from its single file.
+    let sdxl = common::Reference::open("sdxl");
+    for (key, sampler_args) in [
+        ("euler", &["--scheduler", "euler"][..]),
+        (
+            "dpmpp_2m_karras",
+            &["--scheduler", "dpmpp_2m", "--karras"][..],
+        ),
+    ] {
+        reproduce_reference(
+            (&sdxl, "sdxl_single.safetensors", ("64", "48")),
+            key,
+            sampler_args,
+            &format!("sdxl_{key}.png"),
         );
     }
 }

@@ -326,12 +326,78 @@ fn incomplete_and_unsupported_sdxl_files_are_one_sentence() {
         let message = open_error(&path);
         assert!(message.contains(what), "{key}: {message}");
     }
+}
 
+/// Asserts `message` is one sentence that starts with `path` and says `problem`.
+fn assert_one_sentence_about(message: &str, path: &Path, problem: &str) {
+    assert!(
+        message.starts_with(&path.display().to_string())
+            && message.contains(problem)
+            && !message.contains('\n')
+            && message.matches(". ").count() == 0,
+        "expected one sentence naming {} and saying `{problem}`: {message}",
+        path.display()
+    );
+}
+
+/// An SDXL single file cut short, in the middle of its tensor data or in the middle of its JSON header (the
+/// first 8 bytes still give the header's full length), is refused in one sentence naming the file and saying
+/// it is truncated, when opened and when loaded.
+#[test]
+fn truncated_sdxl_single_files_are_one_sentence_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
     let bytes = std::fs::read(fixture("sdxl_single.safetensors")).unwrap();
-    let cut = dir.path().join("cut.safetensors");
-    std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
-    let message = open_error(&cut);
-    assert!(message.contains("truncated"), "{message}");
+    let header_end = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    for (name, length) in [
+        ("cut_in_data.safetensors", (header_end + bytes.len()) / 2),
+        ("cut_in_header.safetensors", header_end / 2),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, &bytes[..length]).unwrap();
+        assert_one_sentence_about(&open_error(&path), &path, "truncated");
+    }
+}
+
+/// A diffusers SDXL folder without its second text encoder (the folder, or the weights in it) is one
+/// sentence naming the folder and what is missing.
+#[test]
+fn sdxl_folder_without_text_encoder_2_is_one_sentence_naming_the_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("no_te2");
+    copy_dir(&fixture("sdxl"), &folder);
+    std::fs::remove_dir_all(folder.join("text_encoder_2")).unwrap();
+    assert_one_sentence_about(
+        &open_error(&folder),
+        &folder,
+        "no `text_encoder_2/` subfolder",
+    );
+
+    let folder = dir.path().join("no_te2_weights");
+    copy_dir(&fixture("sdxl"), &folder);
+    for entry in std::fs::read_dir(folder.join("text_encoder_2"))
+        .unwrap()
+        .flatten()
+    {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".safetensors")
+        {
+            std::fs::remove_file(entry.path()).unwrap();
+        }
+    }
+    let message = match ModelSource::open(&folder) {
+        Err(e) => e.to_string(),
+        Ok(source) => match StableDiffusion::load(&source, &Device::Cpu, DType::F32) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("an SDXL folder without text encoder 2's weights loaded"),
+        },
+    };
+    assert_one_sentence_about(
+        &message,
+        &folder.join("text_encoder_2"),
+        "it has no weights file",
+    );
 }
 
 /// SDXL's VAE overflows in f16: a model loaded in f16 runs it in f32 and says so once.

@@ -10,9 +10,7 @@ use common::{Reference, assert_close, fixture, max_abs_diff};
 use lora_studio::lora::KohyaLora;
 use lora_studio::models::checkpoint::ModelSource;
 use lora_studio::models::pipeline::StableDiffusion;
-use lora_studio::models::schedulers::{
-    DpmSolverMultistepSampler, EulerSampler, SamplerKind, SchedulerConfig,
-};
+use lora_studio::models::schedulers::SamplerKind;
 
 /// Network outputs must match to this (max abs).
 const NET_TOLERANCE: f64 = 1e-4;
@@ -158,70 +156,15 @@ fn check_generations(kind: &str) {
     }
 }
 
-/// Timesteps, sigmas and initial noise scale of each sampler for the model's scheduler config, against
-/// diffusers' for the same config: timesteps exactly, noise levels to two f32 roundings (torch's vectorised
-/// `linspace` rounds a few betas differently from its scalar formula, which lora-studio follows).
-fn check_schedules(kind: &str) {
-    const RELATIVE_TOLERANCE: f64 = 2.5e-7;
-    let source = ModelSource::open(&fixture(kind)).unwrap_or_else(|e| panic!("{e}"));
-    let config = &source.config().scheduler;
-    let reference = Reference::open(&format!("schedulers/{kind}"));
-    let list = |key: &str| -> Vec<f64> { serde_json::from_str(&reference.metadata(key)).unwrap() };
-    let relative = |ours: f64, expected: f64| (ours - expected).abs() / expected.abs().max(1.0);
-    for (sampler, key) in SCHEDULER_REFERENCES {
-        let steps = 10;
-        let built = sampler.build(config, steps);
-        assert_eq!(
-            built.timesteps(),
-            list(&format!("{key}.timesteps")),
-            "{kind} {key} timesteps"
-        );
-        let init: f64 = reference
-            .metadata(&format!("{key}.init_noise_sigma"))
-            .parse()
-            .unwrap();
-        let init_diff = relative(built.init_noise_sigma(), init);
-        let ours = sigmas(sampler, config, steps);
-        let expected = list(&format!("{key}.sigmas"));
-        assert_eq!(ours.len(), expected.len(), "{kind} {key} sigmas");
-        let worst = ours
-            .iter()
-            .zip(&expected)
-            .map(|(&a, &b)| relative(a as f64, b))
-            .fold(0.0, f64::max);
-        eprintln!(
-            "{kind} {key}: sigmas differ by up to {worst:.2e}, init_noise_sigma by {init_diff:.2e} (relative)"
-        );
-        assert!(
-            worst <= RELATIVE_TOLERANCE,
-            "{kind} {key}: sigmas {ours:?} vs {expected:?}"
-        );
-        assert!(
-            init_diff <= RELATIVE_TOLERANCE,
-            "{kind} {key}: init_noise_sigma {} vs {init}",
-            built.init_noise_sigma()
-        );
-    }
-}
-
-fn sigmas(sampler: SamplerKind, config: &SchedulerConfig, steps: usize) -> Vec<f32> {
-    match sampler {
-        SamplerKind::Euler => EulerSampler::new(config, steps).sigmas().to_vec(),
-        SamplerKind::DpmSolverMultistep { karras } => {
-            DpmSolverMultistepSampler::new(config, steps, karras)
-                .sigmas()
-                .to_vec()
-        }
-        SamplerKind::Ddim | SamplerKind::EulerAncestral => {
-            panic!("{sampler:?} has no scheduler reference")
-        }
-    }
-}
-
 #[test]
 fn sampler_schedules_match_reference() {
-    check_schedules("sd1");
-    check_schedules("sd2");
+    for kind in ["sd1", "sd2"] {
+        common::check_schedules(
+            kind,
+            &Reference::open(&format!("schedulers/{kind}")),
+            &SCHEDULER_REFERENCES,
+        );
+    }
 }
 
 #[test]

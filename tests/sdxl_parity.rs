@@ -1,8 +1,8 @@
 //! SDXL against the reference implementation (diffusers' `StableDiffusionXLPipeline` + transformers, float64)
 //! on the tiny SDXL made by `tests/fixtures/generate_sdxl.py`, loaded from its diffusers folder and from its
 //! single file: both text encoders (context and pooled output), the UNet with the size conditioning, the VAE,
-//! whole generations (DDIM, Euler a, v-prediction with zero terminal SNR), and a kohya SDXL LoRA applied at
-//! two strengths.
+//! whole generations (DDIM, Euler a, Euler, DPM++ 2M Karras, v-prediction with zero terminal SNR), and a kohya
+//! SDXL LoRA applied at two strengths.
 
 mod common;
 
@@ -19,6 +19,21 @@ use lora_studio::tensor_file::TensorFile;
 
 /// Network outputs must match to this (max abs).
 const NET_TOLERANCE: f64 = 1e-4;
+
+/// The samplers WebUI users pick for SDXL, by their key in the reference: diffusers' `EulerDiscreteScheduler`
+/// and `DPMSolverMultistepScheduler` (dpmsolver++, order 2, Karras sigmas) from SDXL's scheduler config
+/// (leading spacing), as `tests/fixtures/schedulers/generate.py` builds them for SD1/SD2.
+const SAMPLER_REFERENCES: [(SamplerKind, &str); 2] = [
+    (SamplerKind::Euler, "euler"),
+    (
+        SamplerKind::DpmSolverMultistep { karras: true },
+        "dpmpp_2m_karras",
+    ),
+];
+
+/// The sampler of the generation with the LoRA attached (`lora_dpmpp_2m_karras.*`, from the same initial noise
+/// as `dpmpp_2m_karras.*`).
+const LORA_SAMPLER: (SamplerKind, &str) = SAMPLER_REFERENCES[1];
 
 fn load_path(path: &Path) -> StableDiffusion {
     let source = ModelSource::open(path).unwrap_or_else(|e| panic!("{e}"));
@@ -218,6 +233,8 @@ fn check_lora(model: &StableDiffusion, reference: &Reference) {
         adapter.set_multiplier(strengths[0]);
     }
     check_generation(model, reference, SamplerKind::Ddim, "ddim", "lora_ddim");
+    let (sampler, key) = LORA_SAMPLER;
+    check_generation(model, reference, sampler, key, &format!("lora_{key}"));
     for adapter in &report.adapters {
         adapter.set_multiplier(0.0);
     }
@@ -248,6 +265,25 @@ fn sdxl_generations_match_reference() {
     let reference = reference();
     for path in ["sdxl", "sdxl_single.safetensors"] {
         common::check_ddim_and_euler_a(&load(path), &reference);
+    }
+}
+
+#[test]
+fn sdxl_euler_and_dpmpp_2m_karras_schedules_match_reference() {
+    let reference = reference();
+    for path in ["sdxl", "sdxl_single.safetensors"] {
+        common::check_schedules(path, &reference, &SAMPLER_REFERENCES);
+    }
+}
+
+#[test]
+fn sdxl_euler_and_dpmpp_2m_karras_generations_match_reference() {
+    let reference = reference();
+    for path in ["sdxl", "sdxl_single.safetensors"] {
+        let model = load(path);
+        for (sampler, key) in SAMPLER_REFERENCES {
+            check_generation(&model, &reference, sampler, key, key);
+        }
     }
 }
 
@@ -402,6 +438,7 @@ fn device_generic_paths_match_the_reference_too() {
         "sdxl_diffusers_folder_matches_reference",
         "sdxl_single_file_matches_reference",
         "sdxl_generations_match_reference",
+        "sdxl_euler_and_dpmpp_2m_karras_generations_match_reference",
         "sdxl_v_prediction_markers_give_the_reference_zero_terminal_snr_generation",
     ]);
 }

@@ -131,7 +131,7 @@ impl TensorFile {
             reason,
         };
         let (header_len, header) = SafeTensors::read_metadata(&mmap)
-            .map_err(|e| bad(describe_safetensors_error(&e, mmap.len())))?;
+            .map_err(|e| bad(describe_safetensors_error(&e, &mmap)))?;
         let mut infos = BTreeMap::new();
         let mut offsets = HashMap::new();
         for (name, info) in header.tensors() {
@@ -324,13 +324,19 @@ pub fn plain_error(error: &candle_core::Error) -> String {
     }
 }
 
-fn describe_safetensors_error(e: &safetensors::SafeTensorError, file_len: usize) -> String {
+/// Why `bytes`, the whole file, is not a safetensors file, in words.
+fn describe_safetensors_error(e: &safetensors::SafeTensorError, bytes: &[u8]) -> String {
     use safetensors::SafeTensorError as E;
+    let file_len = bytes.len();
     match e {
         E::HeaderTooSmall => format!("the file is only {file_len} bytes long, too short for a safetensors header"),
-        E::HeaderTooLarge | E::InvalidHeaderLength => {
-            "its first 8 bytes do not give a plausible header length (is it really a safetensors file?)".to_string()
-        }
+        E::HeaderTooLarge | E::InvalidHeaderLength => match header_ends_past(bytes) {
+            Some(header_len) if header_len <= MAX_PLAUSIBLE_HEADER_BYTES => format!(
+                "the file is truncated (it ends after {file_len} bytes, inside its {header_len}-byte header)"
+            ),
+            _ => "its first 8 bytes do not give a plausible header length (is it really a safetensors file?)"
+                .to_string(),
+        },
         E::MetadataIncompleteBuffer => {
             "its header lists more tensor data than the file holds (the file is truncated or incomplete)".to_string()
         }
@@ -339,6 +345,16 @@ fn describe_safetensors_error(e: &safetensors::SafeTensorError, file_len: usize)
         }
         other => other.to_string(),
     }
+}
+
+/// The largest header the safetensors format allows (100 MB).
+const MAX_PLAUSIBLE_HEADER_BYTES: u64 = 100_000_000;
+
+/// The header length the first 8 bytes of `bytes` give, when the header it announces runs past the end of
+/// `bytes` (a file cut short inside its header).
+fn header_ends_past(bytes: &[u8]) -> Option<u64> {
+    let length = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    (length.checked_add(8)? > bytes.len() as u64).then_some(length)
 }
 
 fn safetensors_dtype(d: safetensors::Dtype) -> Option<DType> {

@@ -187,6 +187,69 @@ pub fn check_ddim_and_euler_a(
     }
 }
 
+/// Timesteps, sigmas and initial noise scale of each of `samplers` (with the reference's key for its run) for
+/// the scheduler config of the fixture model `model`, against diffusers' for the same config in `reference`
+/// (`KEY.timesteps`, `KEY.sigmas`, `KEY.init_noise_sigma`, for `pipeline.steps` steps): timesteps exactly, noise
+/// levels to two f32 roundings (torch's vectorised `linspace` rounds a few betas differently from its scalar
+/// formula, which lora-studio follows).
+pub fn check_schedules(
+    model: &str,
+    reference: &Reference,
+    samplers: &[(lora_studio::models::schedulers::SamplerKind, &str)],
+) {
+    use lora_studio::models::checkpoint::ModelSource;
+    use lora_studio::models::schedulers::{DpmSolverMultistepSampler, EulerSampler, SamplerKind};
+    const RELATIVE_TOLERANCE: f64 = 2.5e-7;
+    let source = ModelSource::open(&fixture(model)).unwrap_or_else(|e| panic!("{e}"));
+    let config = &source.config().scheduler;
+    let steps: usize = reference.metadata("pipeline.steps").parse().unwrap();
+    let list = |key: &str| -> Vec<f64> { serde_json::from_str(&reference.metadata(key)).unwrap() };
+    let relative = |ours: f64, expected: f64| (ours - expected).abs() / expected.abs().max(1.0);
+    for &(sampler, key) in samplers {
+        let built = sampler.build(config, steps);
+        assert_eq!(
+            built.timesteps(),
+            list(&format!("{key}.timesteps")),
+            "{model} {key} timesteps"
+        );
+        let init: f64 = reference
+            .metadata(&format!("{key}.init_noise_sigma"))
+            .parse()
+            .unwrap();
+        let init_diff = relative(built.init_noise_sigma(), init);
+        let ours = match sampler {
+            SamplerKind::Euler => EulerSampler::new(config, steps).sigmas().to_vec(),
+            SamplerKind::DpmSolverMultistep { karras } => {
+                DpmSolverMultistepSampler::new(config, steps, karras)
+                    .sigmas()
+                    .to_vec()
+            }
+            SamplerKind::Ddim | SamplerKind::EulerAncestral => {
+                panic!("{sampler:?} has no scheduler reference")
+            }
+        };
+        let expected = list(&format!("{key}.sigmas"));
+        assert_eq!(ours.len(), expected.len(), "{model} {key} sigmas");
+        let worst = ours
+            .iter()
+            .zip(&expected)
+            .map(|(&a, &b)| relative(a as f64, b))
+            .fold(0.0, f64::max);
+        eprintln!(
+            "{model} {key}: sigmas differ by up to {worst:.2e}, init_noise_sigma by {init_diff:.2e} (relative)"
+        );
+        assert!(
+            worst <= RELATIVE_TOLERANCE,
+            "{model} {key}: sigmas {ours:?} vs {expected:?}"
+        );
+        assert!(
+            init_diff <= RELATIVE_TOLERANCE,
+            "{model} {key}: init_noise_sigma {} vs {init}",
+            built.init_noise_sigma()
+        );
+    }
+}
+
 /// Copies the tensors of `source` into `dest`, dropping keys for which `keep` is false and adding `extra`.
 pub fn rewrite(
     source: &std::path::Path,
