@@ -1,7 +1,7 @@
 //! How a model folder says replies end and are sampled: the stop ids from `generation_config.json`
 //! (`eos_token_id`, one id or a list), `config.json` and the tokenizer's `eos_token` (all of them, in that
 //! order: a chat model's end-of-turn token and its end-of-text token both end a reply), and the sampling
-//! defaults (`do_sample`, `temperature`, `top_p`) of `generation_config.json`.
+//! defaults (`do_sample`, `temperature`, `top_p`, `top_k`, `repetition_penalty`) of `generation_config.json`.
 
 use std::path::Path;
 
@@ -18,6 +18,8 @@ pub struct GenerationDefaults {
     pub do_sample: bool,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
+    pub top_k: Option<usize>,
+    pub repetition_penalty: Option<f64>,
 }
 
 /// The keys read from `generation_config.json` or `config.json`.
@@ -28,6 +30,8 @@ struct StoredGeneration {
     do_sample: bool,
     temperature: Option<f64>,
     top_p: Option<f64>,
+    top_k: Option<usize>,
+    repetition_penalty: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,6 +73,8 @@ impl GenerationDefaults {
             do_sample: generation.do_sample,
             temperature: generation.temperature,
             top_p: generation.top_p,
+            top_k: generation.top_k,
+            repetition_penalty: generation.repetition_penalty,
         })
     }
 }
@@ -84,6 +90,6 @@ fn read_optional(path: &Path) -> Result<StoredGeneration, ChatError> {
     })?;
     serde_json::from_str(&text).map_err(|e| ChatError::Invalid {
         path: path.to_path_buf(),
-        reason: format!("its eos_token_id, do_sample, temperature or top_p cannot be read ({e})"),
+        reason: format!("its eos_token_id, do_sample, temperature, top_p, top_k or repetition_penalty cannot be read ({e})"),
     })
 }

@@ -39,6 +39,13 @@ pub struct ChatArgs {
     /// Sample only among the most likely tokens holding this much probability; default: the model's, else 1.
     #[arg(long)]
     pub top_p: Option<f64>,
+    /// Sample only among this many of the most likely tokens (0: all); default: the model's, else 0.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Above 1 makes tokens already in the conversation less likely (greedy replies too); default: the
+    /// model's, else 1.
+    #[arg(long)]
+    pub repetition_penalty: Option<f64>,
     /// Random seed for sampling (a random one is chosen and printed if omitted).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -200,6 +207,14 @@ fn generation_settings(args: &ChatArgs, files: &ChatFiles) -> anyhow::Result<Gen
     if !(top_p > 0.0 && top_p <= 1.0) {
         bail!("--top-p must be above 0 and at most 1");
     }
+    let top_k = args.top_k.or(defaults.top_k).unwrap_or(0);
+    let repetition_penalty = args
+        .repetition_penalty
+        .or(defaults.repetition_penalty)
+        .unwrap_or(1.0);
+    if !(repetition_penalty > 0.0 && repetition_penalty.is_finite()) {
+        bail!("--repetition-penalty must be above 0 (1 leaves the logits as they are)");
+    }
     if defaults.stop_ids.is_empty() {
         eprintln!(
             "warning: the model names no end-of-reply token; replies run to --max-new-tokens"
@@ -215,7 +230,12 @@ fn generation_settings(args: &ChatArgs, files: &ChatFiles) -> anyhow::Result<Gen
     Ok(GenerationSettings {
         max_new_tokens: args.max_new_tokens,
         stop_ids: defaults.stop_ids.clone(),
-        sampling: Sampling { temperature, top_p },
+        sampling: Sampling {
+            temperature,
+            top_p,
+            top_k,
+            repetition_penalty,
+        },
         seed,
     })
 }
