@@ -1,11 +1,12 @@
 """Runs `lora-studio bench` and the PyTorch reference alternately on this machine and prints a Markdown
 table of the medians and their ratios (lora-studio / reference; under 1 is faster or smaller). Both get
-the same architecture, size, batch, rank and step count. `--arch sd15` (default) compares with
-bench/reference_pytorch.py (diffusers + peft), `--arch qwen2-0.5b` with bench/reference_lm_pytorch.py
-(transformers + peft).
+the same architecture, size, batch, rank and step count. `--arch sd15` (default) and `--arch sdxl`
+compare with bench/reference_pytorch.py (diffusers + peft), `--arch qwen2-0.5b` with
+bench/reference_lm_pytorch.py (transformers + peft). Stops if the two sides train different adapters.
 
     cargo build --release
     python bench/compare.py --resolution 256 --rounds 2 [--gradient-checkpointing]
+    python bench/compare.py --arch sdxl --resolution 512 --steps 1 --rounds 2
     python bench/compare.py --arch qwen2-0.5b --seq-len 512 --steps 2 --rounds 2
 """
 
@@ -26,7 +27,7 @@ def run(command):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--arch", choices=["sd15", "qwen2-0.5b"], default="sd15")
+    parser.add_argument("--arch", choices=["sd15", "sdxl", "qwen2-0.5b"], default="sd15")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3)
@@ -44,13 +45,17 @@ def main():
         common.append("--gradient-checkpointing")
     script = "reference_lm_pytorch.py" if language_model else "reference_pytorch.py"
     ours_command = [args.binary, "bench", "--arch", args.arch, "--device", args.device, "--json", *common]
-    reference_command = [sys.executable, str(ROOT / "bench" / script), "--device", args.device, *common]
+    arch = [] if language_model else ["--arch", args.arch]
+    reference_command = [sys.executable, str(ROOT / "bench" / script), *arch, "--device", args.device, *common]
 
     ours, reference = [], []
     for round_index in range(args.rounds):
         print(f"round {round_index + 1}/{args.rounds}", file=sys.stderr)
         ours.append(run(ours_command))
         reference.append(run(reference_command))
+        for key in ("adapters", "trainable_parameters"):
+            if ours[-1][key] != reference[-1][key]:
+                sys.exit(f"{key}: lora-studio has {ours[-1][key]}, the reference {reference[-1][key]}")
 
     def median(runs, key):
         return statistics.median(r[key] for r in runs)
@@ -64,10 +69,12 @@ def main():
         rows.insert(1, ("tokens per second", "tokens_per_second"))
         model = f"Qwen2.5-0.5B, {args.seq_len} tokens, batch 1, rank {args.rank} on q/k/v/o/gate/up/down"
     else:
-        model = f"SD 1.5 UNet, {args.resolution} px, batch 1, rank {args.rank} on to_q/to_k/to_v/to_out.0"
+        unet = {"sd15": "SD 1.5", "sdxl": "SDXL"}[args.arch]
+        model = f"{unet} UNet, {args.resolution} px, batch 1, rank {args.rank} on to_q/to_k/to_v/to_out.0"
     setting = (
         f"{model}, AdamW, f32, {args.device}{', gradient checkpointing' if args.gradient_checkpointing else ''}; "
-        f"medians of {args.rounds} alternating runs of {args.steps} steps"
+        f"medians of {args.rounds} alternating runs of {args.steps} steps; "
+        f"{ours[0]['adapters']} adapters, {ours[0]['trainable_parameters']:,} trainable parameters on both sides"
     )
     print(f"{setting}\n")
     print(f"| | lora-studio | {reference[0]['implementation']} | ratio |")

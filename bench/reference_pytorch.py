@@ -1,10 +1,13 @@
 """The reference that `lora-studio bench` is compared with: PyTorch + diffusers + peft training a LoRA on
-Stable Diffusion 1.5's UNet with random weights, as the diffusers example scripts and kohya do (f32,
-AdamW, LoRA on to_q/to_k/to_v/to_out.0), with random latents and text embeddings (cached latents, frozen
-text encoder). Prints one JSON line with the same field names as `lora-studio bench --json`.
+Stable Diffusion 1.5's or SDXL 1.0 base's UNet with random weights, as the diffusers example scripts and
+kohya do (f32, AdamW, LoRA on to_q/to_k/to_v/to_out.0), with random latents and text embeddings (cached
+latents, frozen text encoders; for SDXL also a random pooled text embedding and the size values of an
+uncropped image at the bench resolution). Prints one JSON line with the same field names as
+`lora-studio bench --json`.
 
     pip install -r bench/requirements.txt
     python bench/reference_pytorch.py --resolution 256 --steps 3
+    python bench/reference_pytorch.py --arch sdxl --resolution 512 --steps 1
 """
 
 import argparse
@@ -29,9 +32,30 @@ SD15_UNET = dict(
     attention_head_dim=8,
 )
 
+# stabilityai/stable-diffusion-xl-base-1.0's unet/config.json (2,567,463,684 parameters).
+SDXL_UNET = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+
+UNETS = {"sd15": SD15_UNET, "sdxl": SDXL_UNET}
+
 
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--arch", choices=sorted(UNETS), default="sd15")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=1)
@@ -42,7 +66,8 @@ def main():
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    unet = UNet2DConditionModel(**SD15_UNET).to(device)
+    config = UNETS[args.arch]
+    unet = UNet2DConditionModel(**config).to(device)
     unet.requires_grad_(False)
     unet.add_adapter(
         LoraConfig(
@@ -62,8 +87,20 @@ def main():
     batch = args.batch_size
     latents = torch.randn(batch, 4, side, side, device=device)
     target = torch.randn_like(latents)
-    context = torch.randn(batch, 77, 768, device=device)
+    context = torch.randn(batch, 77, config["cross_attention_dim"], device=device)
     timesteps = torch.full((batch,), 500, device=device)
+    added = None
+    if config.get("addition_embed_type") == "text_time":
+        pooled_width = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        size = [args.resolution, args.resolution]
+        added = {
+            "text_embeds": torch.randn(batch, pooled_width, device=device),
+            # original size, crop top-left, target size
+            "time_ids": torch.tensor([size + [0, 0] + size] * batch, dtype=torch.float32, device=device),
+        }
+
+    def predict():
+        return unet(latents, timesteps, context, added_cond_kwargs=added).sample
 
     def sync():
         if device.type == "cuda":
@@ -73,7 +110,7 @@ def main():
     with torch.no_grad():
         for _ in range(2):
             started = time.perf_counter()
-            unet(latents, timesteps, context).sample
+            predict()
             sync()
             forward_seconds.append(time.perf_counter() - started)
 
@@ -81,7 +118,7 @@ def main():
     unet.train()
     for index in range(args.steps + 1):
         started = time.perf_counter()
-        prediction = unet(latents, timesteps, context).sample
+        prediction = predict()
         loss = torch.nn.functional.mse_loss(prediction, target)
         loss.backward()
         optimizer.step()
@@ -95,6 +132,7 @@ def main():
         json.dumps(
             {
                 "implementation": f"torch {torch.__version__} + diffusers + peft",
+                "arch": args.arch,
                 "resolution": args.resolution,
                 "batch_size": batch,
                 "rank": args.rank,

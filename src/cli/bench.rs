@@ -1,6 +1,6 @@
-//! `lora-studio bench [--arch sd15|tiny|qwen2-0.5b] [--resolution 256|512] [--seq-len N] [--steps N]
-//! [--rank R] [--device D] [--gradient-checkpointing] [--json]`: training speed and memory on this machine,
-//! with a UNet or a language model of real size and random weights (nothing is downloaded).
+//! `lora-studio bench [--arch sd15|sdxl|tiny|qwen2-0.5b] [--resolution 256|512|1024] [--seq-len N]
+//! [--steps N] [--rank R] [--device D] [--gradient-checkpointing] [--json]`: training speed and memory on
+//! this machine, with a UNet or a language model of real size and random weights (nothing is downloaded).
 
 use clap::{Args, ValueEnum};
 
@@ -43,6 +43,9 @@ pub struct BenchArgs {
 pub enum Arch {
     /// Stable Diffusion 1.5's UNet (859.5 M parameters).
     Sd15,
+    /// SDXL 1.0 base's UNet (2,567.5 M parameters), with a random pooled text embedding and the size
+    /// values of an uncropped image at --resolution.
+    Sdxl,
     /// A small UNet of the same layout.
     Tiny,
     /// Qwen2.5-0.5B (494 M parameters: 24 layers, hidden 896, 14 heads, 2 key/value heads, tied
@@ -62,6 +65,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let device = open_device(choice).map_err(anyhow::Error::msg)?;
     match args.arch {
         Arch::Sd15 => run_unet(&args, device, BenchArch::Sd15),
+        Arch::Sdxl => run_unet(&args, device, BenchArch::Sdxl),
         Arch::Tiny => run_unet(&args, device, BenchArch::Tiny),
         Arch::Qwen2_0_5b => run_language_model(&args, device),
     }
@@ -101,7 +105,7 @@ fn run_language_model(args: &BenchArgs, device: candle_core::Device) -> anyhow::
     }
     if args.gradient_checkpointing {
         anyhow::bail!(
-            "--gradient-checkpointing is measured on the UNets only (--arch sd15 or tiny)"
+            "--gradient-checkpointing is measured on the UNets only (--arch sd15, sdxl or tiny)"
         );
     }
     let settings = LmBenchSettings {
@@ -143,6 +147,7 @@ fn print_peak(peak_rss_gib: Option<f64>) {
 fn print_table(r: &BenchReport) {
     let arch = match r.arch {
         BenchArch::Sd15 => "SD 1.5 UNet",
+        BenchArch::Sdxl => "SDXL UNet",
         BenchArch::Tiny => "tiny UNet",
     };
     println!(

@@ -32,7 +32,7 @@ pub struct MergeReport {
 }
 
 /// Hands out zero-stride stand-ins: models built on it have their layer registries but hold no weights.
-pub(super) struct ShapeOnly;
+pub(crate) struct ShapeOnly;
 
 impl SimpleBackend for ShapeOnly {
     fn get(

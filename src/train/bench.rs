@@ -1,9 +1,10 @@
 //! The training benchmark behind `lora-studio bench`: a UNet of the chosen architecture with random
 //! weights (nothing is downloaded), a LoRA on the attention projections (`to_q`, `to_k`, `to_v`,
 //! `to_out.0`, as the diffusers/peft reference script trains), AdamW, and latents and text embeddings
-//! drawn at random, as a run with cached latents and a frozen text encoder sees them. It times the
-//! forward pass alone and whole training steps, counts the arithmetic (see [`crate::flops`]) and reads
-//! the peak resident memory.
+//! drawn at random, as a run with cached latents and a frozen text encoder sees them (for SDXL also a
+//! random pooled text embedding and the size values of an uncropped image at the bench resolution). It
+//! times the forward pass alone and whole training steps, counts the arithmetic (see [`crate::flops`])
+//! and reads the peak resident memory. It must not load or download a model.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -23,7 +24,7 @@ use crate::lora::{
     AdapterSlot, LoraNetwork, NetworkKind, NetworkSpec, TargetComponent, UNET_PREFIX,
 };
 use crate::models::checkpointing::CheckpointGrads;
-use crate::models::unet::{UNet2DConditionModel, UNetConfig};
+use crate::models::unet::{AddedConditions, SizeConditioning, UNet2DConditionModel, UNetConfig};
 
 /// The architectures the benchmark builds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -31,6 +32,8 @@ use crate::models::unet::{UNet2DConditionModel, UNetConfig};
 pub enum BenchArch {
     /// Stable Diffusion 1.5's UNet (859.5 M parameters).
     Sd15,
+    /// SDXL 1.0 base's UNet (2,567.5 M parameters), with its pooled-text and size conditioning.
+    Sdxl,
     /// A small UNet of the same layout, for a quick check.
     Tiny,
 }
@@ -39,6 +42,7 @@ impl BenchArch {
     fn unet(self) -> UNetConfig {
         match self {
             Self::Sd15 => UNetConfig::sd15(),
+            Self::Sdxl => UNetConfig::sdxl(),
             Self::Tiny => UNetConfig {
                 block_out_channels: vec![32, 64, 64, 64],
                 attention_heads: vec![2; 4],
@@ -101,14 +105,7 @@ pub fn run_bench(
     let config = settings.arch.unet();
     progress("building the UNet with random weights");
     let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, device.clone());
-    let mut unet = UNet2DConditionModel::new(vb, &config)?;
-    let network = bench_network(
-        unet.lora_targets(false),
-        &["to_q", "to_k", "to_v", "to_out.0"],
-        UNET_PREFIX,
-        settings.rank,
-        device,
-    )?;
+    let (mut unet, network) = bench_unet(vb, &config, settings.rank, device)?;
     let (vars, mut optimizer) = adamw(&network)?;
     let store = settings
         .gradient_checkpointing
@@ -122,20 +119,27 @@ pub fn run_bench(
     let target = gaussian(&mut rng, latents.dims(), device)?;
     let context = gaussian(&mut rng, &[batch, 77, config.cross_attention_dim], device)?;
     let timesteps = Tensor::full(500f32, batch, device)?;
+    let added = match config.addition {
+        Some(addition) => {
+            let pooled = gaussian(&mut rng, &[batch, addition.pooled_dim()], device)?;
+            let size = SizeConditioning::uncropped(settings.resolution, settings.resolution);
+            Some(AddedConditions::new(pooled, &vec![size; batch], device)?)
+        }
+        None => None,
+    };
+    let predict = || unet.forward_with(&latents, &timesteps, &context, added.as_ref());
 
     let mut forward_seconds = Vec::new();
     let mut forward_flops = FlopCount::default();
     for index in 0..2 {
         progress(&format!("forward pass {}/2", index + 1));
         let _rendering = network.rendering_at(1.0);
-        let (seconds, flops) = timed(device, || {
-            Ok(unet.forward(&latents, &timesteps, &context)?.detach())
-        })?;
+        let (seconds, flops) = timed(device, || Ok(predict()?.detach()))?;
         forward_seconds.push(seconds);
         forward_flops = flops;
     }
     let step_seconds = timed_steps(device, settings.steps, progress, || {
-        let prediction = unet.forward(&latents, &timesteps, &context)?;
+        let prediction = predict()?;
         let loss = (prediction - &target)?.sqr()?.mean_all()?;
         adapter_step(&loss, &vars, &mut optimizer, store.as_ref())?;
         Ok(loss)
@@ -164,6 +168,25 @@ pub fn run_bench(
         forward_gflops_per_second: forward_gflop / forward,
         peak_rss_gib: peak_rss_gib(),
     })
+}
+
+/// The UNet of `config` with weights from `vb`, and the benchmark's LoRA of rank `rank` on its attention
+/// projections.
+fn bench_unet(
+    vb: VarBuilder,
+    config: &UNetConfig,
+    rank: usize,
+    device: &Device,
+) -> Result<(UNet2DConditionModel, LoraNetwork), TrainError> {
+    let unet = UNet2DConditionModel::new(vb, config)?;
+    let network = bench_network(
+        unet.lora_targets(false),
+        &["to_q", "to_k", "to_v", "to_out.0"],
+        UNET_PREFIX,
+        rank,
+        device,
+    )?;
+    Ok((unet, network))
 }
 
 /// A LoRA of rank `rank` (alpha = rank) on the layers of `slots` whose names end in one of `targets`.
@@ -333,7 +356,11 @@ impl SimpleBackend for RandomWeights {
 
 #[cfg(test)]
 mod tests {
-    use super::{BenchArch, BenchSettings, run_bench};
+    use candle_core::{DType, Device};
+    use candle_nn::VarBuilder;
+
+    use super::{BenchArch, BenchSettings, bench_unet, run_bench};
+    use crate::models::merge::ShapeOnly;
 
     #[test]
     fn the_tiny_benchmark_trains_and_counts() {
@@ -353,5 +380,19 @@ mod tests {
         // 16 transformer blocks, two attentions each, four projections per attention.
         assert_eq!(report.adapters, 128);
         assert!(report.trainable_parameters > 0);
+    }
+
+    #[test]
+    fn the_sdxl_benchmark_adapts_what_the_reference_adapts() {
+        // Zero-stride weights: the real-size layout without its 10 GB.
+        let vb = VarBuilder::from_backend(Box::new(ShapeOnly), DType::F32, Device::Cpu);
+        let config = BenchArch::Sdxl.unet();
+        let (_, network) = bench_unet(vb, &config, 1, &Device::Cpu).unwrap();
+        // What peft counts on diffusers' UNet2DConditionModel with SDXL base's config
+        // (bench/reference_pytorch.py --arch sdxl): 70 transformer blocks, two attentions each, four
+        // projections per attention; rank 1 adds one input and one output width per projection.
+        assert_eq!(network.modules().len(), 560);
+        assert_eq!(network.parameter_count(), 1_451_520);
+        assert_eq!(config.addition.unwrap().pooled_dim(), 1280);
     }
 }
