@@ -21,7 +21,7 @@ use clap::{Parser, Subcommand};
 use crate::build_info::LONG_VERSION;
 use crate::train::CancelToken;
 
-/// Train LoRA style adapters for Stable Diffusion on your own images.
+/// Train LoRA adapters for Stable Diffusion on your own images, or for a chat model on your conversations.
 #[derive(Debug, Parser)]
 #[command(name = "lora-studio", version = LONG_VERSION, about, long_about = None)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -38,7 +38,7 @@ enum Command {
     Generate(Box<generate::GenerateArgs>),
     /// Say what a model, LoRA or tensor file is, without loading its weights.
     Inspect(inspect::InspectArgs),
-    /// Train a LoRA from a folder of images.
+    /// Train a LoRA from a folder of images, or a chat model's from conversations (the base model decides).
     Train(train::TrainArgs),
     /// Write a first caption for every image of a dataset folder (BLIP sentences, CLIP tags).
     Label(label::LabelArgs),
