@@ -151,17 +151,7 @@ pub(crate) fn translate(map: &mut Map<String, Value>) -> Result<Vec<String>, Con
             map.insert("resolution".into(), resolution(key, &size, &mut notes)?);
         }
     }
-    let ignored: Vec<&str> = PYTHON_ONLY
-        .iter()
-        .copied()
-        .filter(|key| map.remove(*key).is_some())
-        .collect();
-    if !ignored.is_empty() {
-        notes.push(format!(
-            "ignored (they tune the Python trainer): {}",
-            ignored.join(", ")
-        ));
-    }
+    notes.extend(set_aside(map, PYTHON_ONLY, "they tune the Python trainer"));
     for key in SILENT {
         map.remove(*key);
     }
@@ -682,4 +672,14 @@ pub(super) fn bad(key: &str, reason: String) -> ConfigError {
         key: key.to_string(),
         reason,
     }
+}
+
+/// Removes those of `keys` that `map` holds and says so in one note (`why` they mean nothing here).
+pub(super) fn set_aside(map: &mut Map<String, Value>, keys: &[&str], why: &str) -> Option<String> {
+    let ignored: Vec<&str> = keys
+        .iter()
+        .copied()
+        .filter(|key| map.remove(*key).is_some())
+        .collect();
+    (!ignored.is_empty()).then(|| format!("ignored ({why}): {}", ignored.join(", ")))
 }

@@ -13,7 +13,7 @@
 
 use serde_json::{Map, Value};
 
-use super::kohya::{bad, is_off, text};
+use super::kohya::{bad, is_off, set_aside, text};
 use super::llama_factory_dataset::dataset_path;
 use super::load::ConfigError;
 
@@ -139,17 +139,11 @@ pub(crate) fn translate(map: &mut Map<String, Value>) -> Result<Vec<String>, Con
     for key in SILENT {
         map.remove(*key);
     }
-    let ignored: Vec<&str> = SET_ASIDE
-        .iter()
-        .copied()
-        .filter(|key| map.remove(*key).is_some())
-        .collect();
-    if !ignored.is_empty() {
-        notes.push(format!(
-            "ignored (they tune LLaMA-Factory's Python stack or its evaluation): {}",
-            ignored.join(", ")
-        ));
-    }
+    notes.extend(set_aside(
+        map,
+        SET_ASIDE,
+        "they tune LLaMA-Factory's Python stack or its evaluation",
+    ));
     for (key, off) in UNLESS_OFF {
         if let Some(value) = map.remove(*key)
             && !is_off(&value, off)
