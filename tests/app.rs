@@ -622,6 +622,7 @@ fn a_model_found_on_this_computer_is_picked_from_the_list_and_trained_on() {
     };
     let mut harness = open_app_on(dir.path(), &home, "http://127.0.0.1:9", settings);
     drop_path(&mut harness, data.clone());
+    step_until(&mut harness, "the dataset", |app| app.dataset_len() == 2);
     step_until(&mut harness, "the search for models", |app| {
         app.models_found() == Some(1)
     });
