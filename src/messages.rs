@@ -67,6 +67,25 @@ pub enum Job {
     DescribeModel {
         path: PathBuf,
     },
+    /// Read a language model's dataset (a `.jsonl`/`.json` file or a folder of them) for editing, then
+    /// check it: token counts with `base_model`'s tokenizer and chat template (when it is a language model
+    /// folder) against `max_seq_length`.
+    OpenConversations {
+        path: PathBuf,
+        base_model: PathBuf,
+        max_seq_length: u32,
+        system_prompt: Option<String>,
+    },
+    /// Change the open conversation dataset at `root`; the files touched are saved atomically in their own
+    /// format, then checked again.
+    EditConversations {
+        root: PathBuf,
+        edit: ConversationEdit,
+    },
+    /// Answer a conversation with a language model; the newest request wins over one still generating.
+    Chat(ChatRequest),
+    /// Write a language model's exports from a checkpoint.
+    ExportLanguage(LanguageExportRequest),
 }
 
 impl Job {
@@ -89,6 +108,10 @@ impl Job {
             Job::FindModels => "finding models",
             Job::DownloadModel { .. } => "downloading a model",
             Job::DescribeModel { .. } => "describing a model",
+            Job::OpenConversations { .. } => "reading the conversations",
+            Job::EditConversations { .. } => "editing the conversations",
+            Job::Chat(_) => "answering in the chat",
+            Job::ExportLanguage(_) => "exporting the adapter",
         }
     }
 }
@@ -188,6 +211,186 @@ pub struct ExportRequest {
     pub format: ExportFormat,
     /// A UI's LoRA folder (WebUI `models/Lora`, ComfyUI `models/loras`) to copy the file into.
     pub copy_to: Option<PathBuf>,
+}
+
+/// One turn of a conversation as the dataset view shows and edits it. `role` is the name the row gives
+/// (`system`, `user`, `assistant`, or ShareGPT's `human`/`gpt`, or an unknown one the checks point out);
+/// a plain text row (`{"text"}`, `.txt`) is one turn with the role `text`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChatTurn {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatTurn {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// How a row of a conversation dataset is written, kept when it is saved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowFormat {
+    /// `{"messages": [{"role", "content"}]}`
+    OpenAi,
+    /// `{"conversations": [{"from", "value"}]}`
+    ShareGpt,
+    /// `{"instruction", "input", "output", "system", "history"}`
+    Alpaca,
+    /// `{"text"}`, or a whole `.txt` file.
+    Text,
+}
+
+/// One sample of a conversation dataset.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConversationEntry {
+    /// The file it is in, relative to the dataset's root (its name for a single file).
+    pub file: PathBuf,
+    /// Its 1-based line (the line its object starts on in a `.json` array).
+    pub line: usize,
+    pub format: RowFormat,
+    pub turns: Vec<ChatTurn>,
+}
+
+/// A conversation dataset opened for editing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConversationsView {
+    /// The file or folder opened.
+    pub root: PathBuf,
+    pub entries: Vec<ConversationEntry>,
+    /// Rows that are not a JSON object of a known shape: (file relative to the root, line, reason). They are
+    /// kept in the file as they are.
+    pub unparsed: Vec<(PathBuf, usize, String)>,
+    /// An edit can be undone.
+    pub can_undo: bool,
+}
+
+/// A change to an open conversation dataset.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConversationEdit {
+    /// Replace the turns of sample `index`.
+    SetTurns {
+        index: usize,
+        turns: Vec<ChatTurn>,
+    },
+    /// A new sample (an empty user turn and an empty assistant turn, in the format of its neighbour) after
+    /// sample `after` in the same file, or at the end of the first file.
+    Add {
+        after: Option<usize>,
+    },
+    Delete {
+        index: usize,
+    },
+    /// A copy of sample `index`, right after it.
+    Duplicate {
+        index: usize,
+    },
+    /// Replace every occurrence of `find` in every turn's content.
+    Replace {
+        find: String,
+        replace: String,
+        match_case: bool,
+    },
+    /// Take back the last edit (its files are written again as they were).
+    Undo,
+}
+
+/// A problem a conversation sample has, shown as a badge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TextBadge {
+    /// An assistant turn with nothing in it.
+    EmptyAssistantTurn,
+    /// No assistant turn at all: nothing to learn from.
+    NoAssistantTurn,
+    /// A role the chat templates do not know.
+    UnknownRole(String),
+    /// The same turns as an earlier sample (its index).
+    Duplicate { of: usize },
+    /// Longer than `max_seq_length` once rendered with the chat template: it is cut when trained.
+    OverLength { tokens: usize, max: usize },
+}
+
+/// The adapters a chat reply uses, and how it is sampled.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct ChatSettings {
+    pub system_prompt: String,
+    /// The adapter's strength (0 is the base model).
+    pub strength: f64,
+    pub seed: u64,
+    /// 0 always picks the most likely token.
+    pub temperature: f64,
+    pub max_new_tokens: usize,
+}
+
+impl Default for ChatSettings {
+    fn default() -> Self {
+        Self {
+            system_prompt: String::new(),
+            strength: 1.0,
+            seed: 1234,
+            temperature: 0.7,
+            max_new_tokens: 256,
+        }
+    }
+}
+
+/// Which reply of a chat request an event belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChatLane {
+    /// With the adapters at the requested strength.
+    Adapter,
+    /// The base model alone (a compare request's other reply).
+    Base,
+}
+
+/// A reply to a conversation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatRequest {
+    /// Increases with every request; events carry it back.
+    pub id: u64,
+    pub base_model: PathBuf,
+    pub device: String,
+    /// `Live`: the run in progress (the base model alone when nothing trains); `Checkpoint`: a checkpoint
+    /// folder or a PEFT adapter folder.
+    pub source: PreviewSource,
+    /// The conversation so far (without the system prompt), ending with the user's turn.
+    pub messages: Vec<ChatTurn>,
+    pub settings: ChatSettings,
+    /// Also answer with the base model alone (first), for a side-by-side comparison.
+    pub compare: bool,
+}
+
+/// What a language model's export writes from a checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LanguageExportRequest {
+    pub base_model: PathBuf,
+    pub device: String,
+    pub checkpoint: PathBuf,
+    /// The folder the exports go in, and their name: `DIR/NAME/` (PEFT), `DIR/NAME.gguf`, `DIR/NAME-merged/`.
+    pub output_dir: PathBuf,
+    pub name: String,
+    pub precision: SavePrecision,
+    pub peft: bool,
+    pub gguf: bool,
+    /// A full model folder with the adapter folded in (bf16).
+    pub merged: bool,
+    /// Write `DIR/Modelfile` (`FROM` the base, `ADAPTER` the GGUF file) for `ollama create` (needs `gguf`).
+    pub ollama: bool,
+}
+
+/// What a language model's export wrote.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LanguageExports {
+    pub peft_folder: Option<PathBuf>,
+    pub gguf_file: Option<PathBuf>,
+    pub merged_folder: Option<PathBuf>,
+    pub modelfile: Option<PathBuf>,
+    /// The command that makes an Ollama model of the Modelfile (`ollama create NAME -f PATH`).
+    pub ollama_command: Option<String>,
 }
 
 /// Where an image's caption came from.
@@ -377,6 +580,39 @@ pub enum Event {
     },
     /// Something worth telling the user.
     Info(String),
+    /// A conversation dataset was read, or changed in a way that moves its samples (add, delete,
+    /// duplicate, replace, undo).
+    Conversations(ConversationsView),
+    /// One sample changed (and its file was saved).
+    ConversationChanged {
+        root: PathBuf,
+        index: usize,
+        entry: ConversationEntry,
+        can_undo: bool,
+    },
+    /// Token counts (`None`: no tokenizer to count with) and badges of the samples, in entry order,
+    /// computed after a read or an edit.
+    ConversationChecks {
+        root: PathBuf,
+        tokens: Vec<Option<usize>>,
+        badges: Vec<Vec<TextBadge>>,
+    },
+    /// A piece of a chat reply, as it is generated.
+    ChatToken {
+        id: u64,
+        lane: ChatLane,
+        text: String,
+    },
+    /// A chat reply is complete.
+    ChatReply {
+        id: u64,
+        lane: ChatLane,
+        text: String,
+        tokens: usize,
+        seconds: f64,
+    },
+    /// A language model's export was written.
+    LanguageExported(LanguageExports),
 }
 
 /// What a search for models found.
@@ -396,8 +632,8 @@ pub enum BaseFamily {
     Sd,
     /// Stable Diffusion XL and its fine-tunes.
     Sdxl,
-    /// Something else the app lists (a chat model).
-    Other,
+    /// A language (chat) model folder.
+    Language,
 }
 
 /// A base model found on this computer.

@@ -64,7 +64,7 @@ const SDXL: ModelSizes = ModelSizes {
 fn sizes(family: BaseFamily) -> &'static ModelSizes {
     match family {
         BaseFamily::Sdxl => &SDXL,
-        BaseFamily::Sd | BaseFamily::Other => &SD15,
+        BaseFamily::Sd | BaseFamily::Language => &SD15,
     }
 }
 
@@ -72,7 +72,7 @@ fn sizes(family: BaseFamily) -> &'static ModelSizes {
 pub fn native_resolution(family: BaseFamily) -> u32 {
     match family {
         BaseFamily::Sdxl => SDXL_RESOLUTION,
-        BaseFamily::Sd | BaseFamily::Other => SD_RESOLUTION,
+        BaseFamily::Sd | BaseFamily::Language => SD_RESOLUTION,
     }
 }
 

@@ -369,6 +369,12 @@ impl StudioApp {
                 }
                 Event::Error { message, hint } => self.notice(true, message, hint),
                 Event::Info(text) => self.notice(false, text, None),
+                Event::Conversations(_)
+                | Event::ConversationChanged { .. }
+                | Event::ConversationChecks { .. }
+                | Event::ChatToken { .. }
+                | Event::ChatReply { .. }
+                | Event::LanguageExported(_) => {}
             }
         }
         for result in self.dialogs.1.try_iter().collect::<Vec<_>>() {

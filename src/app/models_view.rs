@@ -65,7 +65,7 @@ fn family_label(family: BaseFamily) -> &'static str {
     match family {
         BaseFamily::Sd => "SD 1.x/2.x",
         BaseFamily::Sdxl => "SDXL",
-        BaseFamily::Other => "not a Stable Diffusion model",
+        BaseFamily::Language => "not a Stable Diffusion model",
     }
 }
 
@@ -243,7 +243,7 @@ impl StudioApp {
         let Some((picked, before)) = self.models.picked.take() else {
             return;
         };
-        let Some(family) = family.filter(|f| *f != BaseFamily::Other) else {
+        let Some(family) = family.filter(|f| *f != BaseFamily::Language) else {
             return;
         };
         if picked != path || family == before {

@@ -74,7 +74,7 @@ const PRESETS: [Preset; 11] = [
 fn presets_family(family: BaseFamily) -> BaseFamily {
     match family {
         BaseFamily::Sdxl => BaseFamily::Sdxl,
-        BaseFamily::Sd | BaseFamily::Other => BaseFamily::Sd,
+        BaseFamily::Sd | BaseFamily::Language => BaseFamily::Sd,
     }
 }
 
@@ -156,7 +156,7 @@ mod tests {
     fn each_family_is_offered_its_own_presets() {
         let sd: Vec<_> = preset_names(BaseFamily::Sd).collect();
         let sdxl: Vec<_> = preset_names(BaseFamily::Sdxl).collect();
-        assert_eq!(preset_names(BaseFamily::Other).collect::<Vec<_>>(), sd);
+        assert_eq!(preset_names(BaseFamily::Language).collect::<Vec<_>>(), sd);
         assert!(sd.contains(&"Default") && sdxl.contains(&"SDXL, 12 GB GPU"));
         assert!(sd.iter().all(|name| !sdxl.contains(name)));
         for name in sdxl {

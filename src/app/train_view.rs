@@ -325,7 +325,7 @@ impl StudioApp {
             "Rough estimate for {} model on this {}: {:.1} GiB of memory, {:.1} s per step",
             match family {
                 BaseFamily::Sdxl => "an SDXL",
-                BaseFamily::Sd | BaseFamily::Other => "an SD 1.5",
+                BaseFamily::Sd | BaseFamily::Language => "an SD 1.5",
             },
             if on_gpu { "GPU" } else { "CPU" },
             est.memory_gib,

@@ -111,7 +111,9 @@ impl WorkerHandle {
             | Job::Thumbnail { .. }
             | Job::SaveCaption { .. }
             | Job::FindCheckpoints { .. }
-            | Job::DescribeModel { .. } => &self.files,
+            | Job::DescribeModel { .. }
+            | Job::OpenConversations { .. }
+            | Job::EditConversations { .. } => &self.files,
             Job::AutoCaption(_) | Job::CancelAutoCaption => &self.captioner,
             Job::FindModels | Job::DownloadModel { .. } => &self.models,
             _ => &self.engine,

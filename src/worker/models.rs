@@ -117,7 +117,7 @@ fn base_family(family: Family) -> BaseFamily {
     match family {
         Family::Sd1 | Family::Sd2Epsilon | Family::Sd2V | Family::Sd2 => BaseFamily::Sd,
         Family::Sdxl | Family::SdxlVPred => BaseFamily::Sdxl,
-        Family::ChatModel => BaseFamily::Other,
+        Family::ChatModel => BaseFamily::Language,
     }
 }
 
