@@ -3,6 +3,8 @@
 //! pixel count and batch size, and adds the adapters' own memory, which grows with the rank. SDXL's numbers
 //! are SD1.5's scaled by what its UNet computes and keeps for the backward pass per pixel (counted, not
 //! timed); its weights are its parameter count. It knows the family of the base model, nothing else about it.
+//! A chat model's step is estimated from its parameter count and the tokens of a step, scaling what
+//! `lora-studio bench --arch qwen2-0.5b` measured.
 
 use crate::config::{OptimizerKind, SD_RESOLUTION, SDXL_RESOLUTION, TrainConfig};
 use crate::messages::BaseFamily;
@@ -68,6 +70,54 @@ fn sizes(family: BaseFamily) -> &'static ModelSizes {
     }
 }
 
+/// Qwen2.5-0.5B, the chat model the numbers below were measured on: its parameters.
+pub const MEASURED_CHAT_PARAMETERS: f64 = 494_032_768.0;
+/// Measured on a 2-core CPU in f32 (`bench --arch qwen2-0.5b --seq-len 512`, batch 1, every linear layer
+/// adapted at rank 16): 21.8 tokens/s, 7.19 GiB at the peak.
+const CHAT_TOKENS_PER_SECOND: f64 = 21.8;
+/// What the peak memory above holds per token beside the weights and adapters: the logits and their
+/// gradient (151,936 f32 values each) and the decoder layers' activations.
+const CHAT_LOGITS_MIB_PER_TOKEN: f64 = 1.16;
+const CHAT_LAYERS_MIB_PER_TOKEN: f64 = 9.3;
+/// Adapter parameters per unit of rank on every linear layer of Qwen2.5-0.5B (8,798,208 at rank 16).
+const CHAT_ADAPTER_PARAMS_PER_RANK: f64 = 549_888.0;
+/// Assumed, not measured: gradient checkpointing per decoder layer keeps each layer's input and one
+/// layer's activations at a time, a tenth of the layers' activations, for a third more time.
+const CHAT_CHECKPOINTING_MEMORY: f64 = 0.1;
+const CHAT_CHECKPOINTING_TIME: f64 = 1.33;
+
+/// The estimate for `config` on a chat model of `parameters`, on a CPU or a GPU: its time and memory
+/// scale with the parameters (time linearly; activations and adapters with their 2/3 power, as layers
+/// grow in width and depth) and with the tokens of a step (`batch_size · max_seq_length` per
+/// micro-batch: packing fills the rows).
+pub fn estimate_chat(config: &TrainConfig, on_gpu: bool, parameters: f64) -> StepEstimate {
+    let scale = parameters / MEASURED_CHAT_PARAMETERS;
+    let width_scale = scale.powf(2.0 / 3.0);
+    let tokens = (config.batch_size * config.max_seq_length) as f64;
+    let (checkpoint_memory, checkpoint_time) = if config.gradient_checkpointing {
+        (CHAT_CHECKPOINTING_MEMORY, CHAT_CHECKPOINTING_TIME)
+    } else {
+        (1.0, 1.0)
+    };
+    let (bytes_per_value, speedup) = if on_gpu {
+        (2.0, GPU_SPEEDUP)
+    } else {
+        (4.0, 1.0)
+    };
+    let mib_per_token = (CHAT_LAYERS_MIB_PER_TOKEN * width_scale * checkpoint_memory
+        + CHAT_LOGITS_MIB_PER_TOKEN)
+        * bytes_per_value
+        / 4.0;
+    let adapters = CHAT_ADAPTER_PARAMS_PER_RANK * width_scale * config.lora_rank as f64;
+    StepEstimate {
+        memory_gib: parameters * bytes_per_value / GIB
+            + tokens * mib_per_token / 1024.0
+            + adapters * bytes_per_adapter_param(config.optimizer) / GIB,
+        seconds: tokens * scale * checkpoint_time / (CHAT_TOKENS_PER_SECOND * speedup)
+            * config.gradient_accumulation_steps as f64,
+    }
+}
+
 /// The resolution a run trains at when none is set, for a base of `family`.
 pub fn native_resolution(family: BaseFamily) -> u32 {
     match family {
@@ -107,6 +157,9 @@ fn adapter_gib(config: &TrainConfig, sizes: &ModelSizes) -> f64 {
 /// The estimate for `config` on a base of `family`, on a CPU (`on_gpu` false) or a GPU. An unset
 /// resolution is the family's native one, as in a run.
 pub fn estimate(config: &TrainConfig, on_gpu: bool, family: BaseFamily) -> StepEstimate {
+    if family == BaseFamily::Language {
+        return estimate_chat(config, on_gpu, MEASURED_CHAT_PARAMETERS);
+    }
     let sizes = sizes(family);
     let resolution = config.resolution.unwrap_or(native_resolution(family));
     let pixels = (resolution as f64 / 256.0).powi(2) * config.batch_size as f64;
@@ -334,5 +387,32 @@ mod tests {
         let at = |family, px| on(family, move |c| c.resolution = Some(px));
         assert_eq!(unset(BaseFamily::Sd), at(BaseFamily::Sd, 512));
         assert_eq!(unset(BaseFamily::Sdxl), at(BaseFamily::Sdxl, 1024));
+    }
+
+    #[test]
+    fn a_chat_step_reproduces_the_measured_one_and_each_chat_preset_fits_its_models() {
+        use super::{MEASURED_CHAT_PARAMETERS, estimate_chat};
+        let measured = TrainConfig {
+            batch_size: 1,
+            max_seq_length: 512,
+            lora_rank: 16,
+            gradient_accumulation_steps: 1,
+            gradient_checkpointing: false,
+            ..TrainConfig::default()
+        };
+        let step = estimate_chat(&measured, false, MEASURED_CHAT_PARAMETERS);
+        assert!((step.memory_gib - 7.19).abs() < 0.1, "{step:?}");
+        assert!((step.seconds - 23.5).abs() < 0.5, "{step:?}");
+        // The largest models each GPU preset's comment names.
+        for (preset, gib, parameters) in [
+            ("Chat, 8 GB GPU", 8.0, 1.5e9),
+            ("Chat, 16 GB GPU", 16.0, 3.1e9),
+            ("Chat, 24 GB GPU", 24.0, 8.0e9),
+        ] {
+            let config =
+                crate::app::presets::apply_preset(preset, &TrainConfig::default()).unwrap();
+            let step = estimate_chat(&config, true, parameters);
+            assert!(step.memory_gib <= gib, "{preset}: {step:?}");
+        }
     }
 }

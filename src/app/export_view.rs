@@ -82,7 +82,7 @@ impl StudioApp {
     }
 
     /// Chooses which checkpoint of the output folder is exported (the newest unless picked).
-    fn checkpoint_picker_ui(&mut self, ui: &mut egui::Ui) {
+    pub(super) fn checkpoint_picker_ui(&mut self, ui: &mut egui::Ui) {
         let name = |path: &std::path::Path| {
             path.file_name()
                 .map(|n| n.to_string_lossy().into_owned())

@@ -1,10 +1,13 @@
 //! The desktop app (feature `gui`). The UI thread never touches candle: it sends jobs to the worker threads
 //! and draws the events they send back (images as RGBA bytes, losses as numbers). Views: dataset (grid,
 //! caption editing, checks), train (settings, run controls, live loss chart), preview (strength slider,
-//! checkpoint grid) and export.
+//! checkpoint grid) and export. In text mode (a chat model or a conversation dataset) the same tabs show
+//! their language-model forms: conversations, the text settings, a chat, the adapter exports.
 
 mod auto_caption_view;
 mod chart;
+mod chat_view;
+mod conversations_view;
 mod dataset_view;
 mod estimate;
 mod export_view;
@@ -13,6 +16,7 @@ mod presets;
 mod preview_view;
 mod settings;
 mod state;
+mod text_export_view;
 mod train_view;
 
 use std::path::PathBuf;
@@ -22,14 +26,16 @@ use crossbeam_channel::{Receiver, Sender};
 use eframe::egui;
 
 use auto_caption_view::AutoCaptionState;
+use chat_view::ChatState;
+use conversations_view::ConversationsState;
 use models_view::ModelsState;
-pub use settings::{AppSettings, RestoredSettings, STORAGE_KEY, Tab, restore_settings};
+pub use settings::{AppSettings, Mode, RestoredSettings, STORAGE_KEY, Tab, restore_settings};
 pub use state::RunStatus;
 use state::{DatasetState, Notice, PreviewState, RunState};
 
 use crate::build_info::LONG_VERSION;
 use crate::config::{LoadedConfig, load_config_noting, save_config};
-use crate::messages::{Event, Job};
+use crate::messages::{Event, Job, LanguageExports};
 use crate::worker::WorkerHandle;
 
 /// Opens the main window (on `path`, a dataset folder or training config, when given) and runs until it
@@ -103,6 +109,10 @@ pub struct StudioApp {
     preview: PreviewState,
     auto_caption: AutoCaptionState,
     models: ModelsState,
+    conversations: ConversationsState,
+    chat: ChatState,
+    /// What the last export of a language model's adapter wrote.
+    language_exports: Option<LanguageExports>,
     notices: Vec<Notice>,
 }
 
@@ -122,14 +132,39 @@ impl StudioApp {
             preview: PreviewState::default(),
             auto_caption: AutoCaptionState::default(),
             models: ModelsState::default(),
+            conversations: ConversationsState::default(),
+            chat: ChatState::default(),
+            language_exports: None,
             notices: Vec::new(),
         };
         app.worker.send(Job::FindModels);
-        let folder = app.settings.train.train_data_dir.clone();
-        if folder.is_dir() {
-            app.open_dataset(folder);
+        let data = app.settings.train.train_data_dir.clone();
+        if app.settings.mode == Mode::Text && data.exists() {
+            app.open_conversations(data);
+        } else if data.is_dir() {
+            app.open_dataset(data);
         }
         app
+    }
+
+    /// Whether the views are in their language-model forms.
+    pub fn text_mode(&self) -> bool {
+        self.settings.mode == Mode::Text
+    }
+
+    /// Switches the views to `mode`, opening the dataset of the settings in that mode's form when it is
+    /// one.
+    fn set_mode(&mut self, mode: Mode) {
+        if self.settings.mode == mode {
+            return;
+        }
+        self.settings.mode = mode;
+        let data = self.settings.train.train_data_dir.clone();
+        match mode {
+            Mode::Text if is_text_dataset(&data) => self.open_conversations(data),
+            Mode::Images if data.is_dir() && !is_text_dataset(&data) => self.open_dataset(data),
+            _ => {}
+        }
     }
 
     /// The number of images in the open dataset.
@@ -367,14 +402,49 @@ impl StudioApp {
                     }
                     self.notice(!failed.is_empty(), text, None);
                 }
-                Event::Error { message, hint } => self.notice(true, message, hint),
+                Event::Error { message, hint } => {
+                    // A refused edit is answered by this error alone.
+                    self.conversations.edits_in_flight = 0;
+                    self.notice(true, message, hint)
+                }
                 Event::Info(text) => self.notice(false, text, None),
-                Event::Conversations(_)
-                | Event::ConversationChanged { .. }
-                | Event::ConversationChecks { .. }
-                | Event::ChatToken { .. }
-                | Event::ChatReply { .. }
-                | Event::LanguageExported(_) => {}
+                Event::Conversations(view) => self.conversations.set_view(view),
+                Event::ConversationChanged {
+                    root,
+                    index,
+                    entry,
+                    can_undo,
+                } => self.conversations.changed(&root, index, entry, can_undo),
+                Event::ConversationChecks {
+                    root,
+                    tokens,
+                    badges,
+                } => self.conversations.checked(&root, tokens, badges),
+                Event::ChatToken { id, lane, text } => self.chat.token(id, lane, &text),
+                Event::ChatReply {
+                    id,
+                    lane,
+                    text,
+                    tokens,
+                    seconds,
+                } => self.chat.reply(id, lane, text, tokens, seconds),
+                Event::LanguageExported(exports) => {
+                    let written: Vec<PathBuf> = [
+                        &exports.peft_folder,
+                        &exports.gguf_file,
+                        &exports.merged_folder,
+                        &exports.modelfile,
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .cloned()
+                    .collect();
+                    let list: Vec<String> =
+                        written.iter().map(|p| p.display().to_string()).collect();
+                    self.notice(false, format!("exported {}", list.join(", ")), None);
+                    self.preview.exported.extend(written);
+                    self.language_exports = Some(exports);
+                }
             }
         }
         for result in self.dialogs.1.try_iter().collect::<Vec<_>>() {
@@ -401,18 +471,24 @@ impl StudioApp {
         }
     }
 
-    /// Opens what a user dropped or named on the command line: a training config (its settings and
-    /// dataset), a dataset folder, or an image (the folder it is in).
+    /// Opens what a user dropped or named on the command line: a conversation dataset (a `.jsonl`/`.json`
+    /// file or a folder of them: text mode), a training config (its settings and dataset), a dataset
+    /// folder, or an image (the folder it is in).
     pub fn open_path(&mut self, path: PathBuf) {
         let extension = path
             .extension()
             .and_then(|e| e.to_str())
             .unwrap_or("")
             .to_ascii_lowercase();
-        if path.is_file() && CONFIG_EXTENSIONS.contains(&extension.as_str()) {
+        if is_text_dataset(&path) {
+            self.settings.mode = Mode::Text;
+            self.settings.tab = Tab::Dataset;
+            self.open_conversations(path);
+        } else if path.is_file() && CONFIG_EXTENSIONS.contains(&extension.as_str()) {
             match load_config_noting(Some(&path), &[]) {
                 Ok(LoadedConfig { config, notes }) => {
                     let folder = config.train_data_dir.clone();
+                    let text = is_text_dataset(&folder);
                     self.settings.train = config;
                     self.settings.tab = Tab::Train;
                     self.notice(
@@ -423,7 +499,11 @@ impl StudioApp {
                     for note in notes {
                         self.notice(false, note, None);
                     }
-                    if folder.is_dir() {
+                    if text {
+                        self.settings.mode = Mode::Text;
+                        self.open_conversations(folder);
+                    } else if folder.is_dir() {
+                        self.settings.mode = Mode::Images;
                         self.open_dataset(folder);
                     }
                 }
@@ -431,9 +511,11 @@ impl StudioApp {
             }
         } else if path.is_dir() {
             self.settings.tab = Tab::Dataset;
+            self.settings.mode = Mode::Images;
             self.open_dataset(path);
         } else if let Some(folder) = path.parent().filter(|p| p.is_dir()) {
             self.settings.tab = Tab::Dataset;
+            self.settings.mode = Mode::Images;
             self.open_dataset(folder.to_path_buf());
         } else {
             self.notice(true, format!("{} does not exist", path.display()), None);
@@ -483,12 +565,13 @@ impl StudioApp {
         }
     }
 
-    /// Saves every caption edit still waiting for its debounce.
+    /// Saves every caption edit still waiting for its debounce, and the conversation being edited.
     pub fn flush_captions(&mut self) {
         let jobs = self.dataset.take_unsaved(&self.settings.train);
         for job in jobs {
             self.worker.send(job);
         }
+        self.flush_conversation_draft();
     }
 
     /// Draws the whole window.
@@ -509,7 +592,8 @@ impl StudioApp {
         }
         self.follow_training_size();
         self.preview.send_if_due(&self.settings, &self.worker);
-        if self.dataset.unsaved_count() > 0 || self.preview.waiting() {
+        self.send_chat_if_due();
+        if self.dataset.unsaved_count() > 0 || self.preview.waiting() || self.chat_waiting() {
             ctx.request_repaint_after(std::time::Duration::from_millis(100));
         }
 
@@ -533,10 +617,14 @@ impl StudioApp {
             .resizable(true)
             .default_size(70.0)
             .show(ui, |ui| self.notices_ui(ui));
+        let text = self.text_mode();
         egui::CentralPanel::default().show(ui, |ui| match self.settings.tab {
+            Tab::Dataset if text => self.conversations_tab_ui(ui),
             Tab::Dataset => self.dataset_tab_ui(ui),
             Tab::Train => self.train_tab_ui(ui),
+            Tab::Preview if text => self.chat_tab_ui(ui),
             Tab::Preview => self.preview_tab_ui(ui),
+            Tab::Export if text => self.text_export_tab_ui(ui),
             Tab::Export => self.export_tab_ui(ui),
         });
     }
@@ -546,7 +634,9 @@ impl StudioApp {
             .stick_to_bottom(true)
             .show(ui, |ui| {
                 if self.notices.is_empty() {
-                    let next_step = if self.dataset.view.is_some() {
+                    let next_step = if self.text_mode() {
+                        "Drop a .jsonl file of conversations on the window, pick a chat model on the Train tab."
+                    } else if self.dataset.view.is_some() {
                         "Check the captions, then set up a run on the Train tab."
                     } else {
                         "Drop a folder of images on the window to begin."
@@ -568,6 +658,46 @@ impl StudioApp {
     }
 }
 
+/// File extensions of the images a dataset folder holds.
+const IMAGE_EXTENSIONS: [&str; 5] = ["png", "jpg", "jpeg", "webp", "bmp"];
+
+/// Whether `path` is a language model's dataset: a `.jsonl` or `.txt` file, a `.json` file holding an
+/// array (a config is an object), or a folder with `.jsonl`/`.json` files and no images.
+fn is_text_dataset(path: &std::path::Path) -> bool {
+    let extension_of = |p: &std::path::Path| {
+        p.extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_ascii_lowercase()
+    };
+    if path.is_file() {
+        return match extension_of(path).as_str() {
+            "jsonl" | "txt" => true,
+            "json" => json_array(path),
+            _ => false,
+        };
+    }
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return false;
+    };
+    let extensions: Vec<String> = entries.flatten().map(|e| extension_of(&e.path())).collect();
+    let has = |wanted: &[&str]| extensions.iter().any(|e| wanted.contains(&e.as_str()));
+    has(&["jsonl", "json"]) && !has(&IMAGE_EXTENSIONS)
+}
+
+/// Whether the JSON file at `path` starts with an array.
+fn json_array(path: &std::path::Path) -> bool {
+    use std::io::Read;
+    let mut start = [0u8; 512];
+    let read = std::fs::File::open(path).and_then(|mut f| f.read(&mut start));
+    read.is_ok_and(|n| {
+        String::from_utf8_lossy(&start[..n])
+            .trim_start_matches('\u{feff}')
+            .trim_start()
+            .starts_with('[')
+    })
+}
+
 impl eframe::App for StudioApp {
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
         self.main_ui(ui);
@@ -580,5 +710,39 @@ impl eframe::App for StudioApp {
 
     fn on_exit(&mut self) {
         self.flush_captions();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_text_dataset;
+
+    #[test]
+    fn conversation_files_and_folders_are_told_from_image_folders_and_configs() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        assert!(is_text_dataset(&write("chats.jsonl", "{}\n")));
+        assert!(is_text_dataset(&write("book.txt", "Once upon a time")));
+        assert!(is_text_dataset(&write(
+            "alpaca.json",
+            "\u{feff} [{\"instruction\": \"a\"}]"
+        )));
+        assert!(!is_text_dataset(&write(
+            "config.json",
+            "{\"base_model\": \"x\"}"
+        )));
+        write("logs/a.jsonl", "{}\n");
+        write("logs/dataset_info.json", "{}");
+        assert!(is_text_dataset(&dir.path().join("logs")));
+        write("photos/a.png", "");
+        write("photos/a.txt", "a caption");
+        write("photos/meta.json", "[]");
+        assert!(!is_text_dataset(&dir.path().join("photos")));
+        assert!(!is_text_dataset(&dir.path().join("missing")));
     }
 }

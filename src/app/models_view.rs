@@ -65,7 +65,7 @@ fn family_label(family: BaseFamily) -> &'static str {
     match family {
         BaseFamily::Sd => "SD 1.x/2.x",
         BaseFamily::Sdxl => "SDXL",
-        BaseFamily::Language => "not a Stable Diffusion model",
+        BaseFamily::Language => "chat model",
     }
 }
 
@@ -87,8 +87,9 @@ impl StudioApp {
         let label = ui
             .horizontal(|ui| {
                 let label = ui.label("Base model").on_hover_text(
-                    "the Stable Diffusion model the LoRA is trained for: one found on this computer, a \
-                     .safetensors/.ckpt file or diffusers folder, or a download",
+                    "the model the LoRA is trained for: a Stable Diffusion .safetensors/.ckpt file or \
+                     diffusers folder, or a chat model's Hugging Face folder; one found on this \
+                     computer, or a download",
                 );
                 if ui.button("File…").clicked() {
                     self.pick(&ctx, Dialog::ModelFile, DialogResult::BaseModel);
@@ -211,14 +212,29 @@ impl StudioApp {
             .flatten()
     }
 
-    /// The family whose presets and estimate the Train view shows: the base model's, else the chosen
-    /// preset's, else Stable Diffusion 1.x/2.x.
+    /// The family whose presets and estimate the Train view shows: chat models' in text mode; else the
+    /// base model's, else the chosen preset's, else Stable Diffusion 1.x/2.x.
     pub(super) fn offered_family(&self) -> BaseFamily {
+        if self.text_mode() {
+            return BaseFamily::Language;
+        }
         match self.base_family() {
             Some(family @ (BaseFamily::Sd | BaseFamily::Sdxl)) => family,
             _ => super::presets::preset_kind(&self.settings.preset)
-                .map_or(BaseFamily::Sd, |(family, _)| family),
+                .map(|(family, _)| family)
+                .filter(|family| *family != BaseFamily::Language)
+                .unwrap_or(BaseFamily::Sd),
         }
+    }
+
+    /// The parameters of the base model, as its size in the model list tells them.
+    pub(super) fn base_parameters(&self) -> Option<f64> {
+        let model = self.models.at(&self.settings.train.base_model)?;
+        let bytes_per_parameter = match model.precision.as_str() {
+            "f32" | "fp32" => 4.0,
+            _ => 2.0,
+        };
+        Some(model.size_bytes as f64 / bytes_per_parameter)
     }
 
     /// The user chose `path` as the base model (from the list, a dialog or a download).
@@ -228,8 +244,8 @@ impl StudioApp {
     }
 
     /// Once a frame: asks the files thread for the family of a base model the list does not name, and
-    /// when a picked base turns out to be of another family than the settings were for, applies that
-    /// family's preset for the same hardware.
+    /// when a picked base turns out to be of another family than the settings were for, switches the
+    /// views to its mode (a chat model: text) and applies that family's preset for the same hardware.
     pub(super) fn follow_base_model(&mut self) {
         let path = self.settings.train.base_model.clone();
         let Some(family) = self.models.family_of(&path) else {
@@ -243,10 +259,18 @@ impl StudioApp {
         let Some((picked, before)) = self.models.picked.take() else {
             return;
         };
-        let Some(family) = family.filter(|f| *f != BaseFamily::Language) else {
+        let Some(family) = family else {
             return;
         };
-        if picked != path || family == before {
+        if picked != path {
+            return;
+        }
+        self.set_mode(if family == BaseFamily::Language {
+            super::Mode::Text
+        } else {
+            super::Mode::Images
+        });
+        if family == before {
             return;
         }
         let fallback = if self.on_gpu() {

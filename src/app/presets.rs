@@ -1,6 +1,7 @@
 //! The presets shipped in `presets/`, built into the binary so the app offers them wherever it runs: those
-//! for SD1/SD2 bases and those for SDXL ones, each made for an amount of GPU memory or for the CPU. When the
-//! user picks a base of the other family, the same hardware's preset of that family takes over.
+//! for SD1/SD2 bases, those for SDXL ones and those for chat models, each made for an amount of GPU memory
+//! or for the CPU. When the user picks a base of another family, the same hardware's preset of that family
+//! takes over.
 
 use std::path::Path;
 
@@ -36,7 +37,7 @@ macro_rules! preset {
     };
 }
 
-const PRESETS: [Preset; 11] = [
+const PRESETS: [Preset; 16] = [
     preset!("24 GB GPU", "gpu-24gb.toml", Sd, Some(Hardware::GpuGib(24))),
     preset!("16 GB GPU", "gpu-16gb.toml", Sd, Some(Hardware::GpuGib(16))),
     preset!("8 GB GPU", "gpu-8gb.toml", Sd, Some(Hardware::GpuGib(8))),
@@ -68,21 +69,33 @@ const PRESETS: [Preset; 11] = [
         Some(Hardware::GpuGib(8))
     ),
     preset!("SDXL, CPU", "sdxl-cpu.toml", Sdxl, Some(Hardware::Cpu)),
+    preset!(
+        "Chat, 24 GB GPU",
+        "chat-gpu-24gb.toml",
+        Language,
+        Some(Hardware::GpuGib(24))
+    ),
+    preset!(
+        "Chat, 16 GB GPU",
+        "chat-gpu-16gb.toml",
+        Language,
+        Some(Hardware::GpuGib(16))
+    ),
+    preset!(
+        "Chat, 8 GB GPU",
+        "chat-gpu-8gb.toml",
+        Language,
+        Some(Hardware::GpuGib(8))
+    ),
+    preset!("Chat, CPU", "chat-cpu.toml", Language, Some(Hardware::Cpu)),
+    preset!("Chat example", "chat.toml", Language, None),
 ];
-
-/// The family whose presets a base of `family` is offered (a chat model: the Stable Diffusion ones).
-fn presets_family(family: BaseFamily) -> BaseFamily {
-    match family {
-        BaseFamily::Sdxl => BaseFamily::Sdxl,
-        BaseFamily::Sd | BaseFamily::Language => BaseFamily::Sd,
-    }
-}
 
 /// The names of the presets for bases of `family`.
 pub fn preset_names(family: BaseFamily) -> impl Iterator<Item = &'static str> {
     PRESETS
         .iter()
-        .filter(move |p| p.family == presets_family(family))
+        .filter(move |p| p.family == family)
         .map(|p| p.name)
 }
 
@@ -103,7 +116,7 @@ pub fn counterpart(current: &str, family: BaseFamily, fallback: Hardware) -> Opt
         .unwrap_or(fallback);
     PRESETS
         .iter()
-        .filter(|p| p.family == presets_family(family))
+        .filter(|p| p.family == family)
         .filter_map(|p| Some((p.hardware?, p.name)))
         .filter(|(h, _)| *h <= hardware)
         .max_by_key(|(h, _)| *h)
@@ -156,9 +169,21 @@ mod tests {
     fn each_family_is_offered_its_own_presets() {
         let sd: Vec<_> = preset_names(BaseFamily::Sd).collect();
         let sdxl: Vec<_> = preset_names(BaseFamily::Sdxl).collect();
-        assert_eq!(preset_names(BaseFamily::Language).collect::<Vec<_>>(), sd);
+        let chat: Vec<_> = preset_names(BaseFamily::Language).collect();
         assert!(sd.contains(&"Default") && sdxl.contains(&"SDXL, 12 GB GPU"));
-        assert!(sd.iter().all(|name| !sdxl.contains(name)));
+        assert!(chat.contains(&"Chat, CPU") && chat.contains(&"Chat, 24 GB GPU"));
+        assert!(
+            sd.iter()
+                .all(|name| !sdxl.contains(name) && !chat.contains(name))
+        );
+        for name in chat {
+            let settings = apply_preset(name, &TrainConfig::default()).unwrap();
+            assert!(
+                settings.language_model_targets().unwrap().len() == 7,
+                "{name}"
+            );
+            assert!(settings.packing && !settings.train_on_prompt, "{name}");
+        }
         for name in sdxl {
             let settings = apply_preset(name, &TrainConfig::default()).unwrap();
             // SDXL is trained near its native 1024 px, from 512 where memory is short, on the 32-px step.
@@ -190,6 +215,16 @@ mod tests {
             Some("SDXL, CPU")
         );
         assert_eq!(preset_kind("SDXL, CPU"), Some((sdxl, Some(Hardware::Cpu))));
+        let chat = BaseFamily::Language;
+        assert_eq!(
+            counterpart("16 GB GPU", chat, gpu_8),
+            Some("Chat, 16 GB GPU")
+        );
+        assert_eq!(
+            counterpart("SDXL, 12 GB GPU", chat, gpu_8),
+            Some("Chat, 8 GB GPU")
+        );
+        assert_eq!(counterpart("Chat, CPU", sd, gpu_8), Some("CPU"));
     }
 
     #[test]

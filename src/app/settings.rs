@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::config::{SavePrecision, TrainConfig, restore_config};
-use crate::messages::{ExportFormat, PreviewSettings};
+use crate::messages::{ChatSettings, ExportFormat, PreviewSettings};
 
 /// The views of the window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -17,6 +17,40 @@ pub enum Tab {
     Train,
     Preview,
     Export,
+}
+
+/// What the views are for: LoRAs of image models, or adapters of language models. Picking a base model of
+/// the other kind, or dropping a dataset of the other kind, switches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Mode {
+    #[default]
+    Images,
+    Text,
+}
+
+/// What a language model's export writes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TextExportSettings {
+    /// The PEFT adapter folder (transformers, vLLM, LLaMA-Factory).
+    pub peft: bool,
+    /// The llama.cpp adapter.
+    pub gguf: bool,
+    /// A whole model folder with the adapter folded in.
+    pub merged: bool,
+    /// A Modelfile for `ollama create`.
+    pub ollama: bool,
+}
+
+impl Default for TextExportSettings {
+    fn default() -> Self {
+        Self {
+            peft: true,
+            gguf: true,
+            merged: false,
+            ollama: false,
+        }
+    }
 }
 
 /// Export settings.
@@ -74,6 +108,9 @@ pub struct AppSettings {
     pub export: ExportSettings,
     pub auto_caption: AutoCaptionSettings,
     pub show_advanced: bool,
+    pub mode: Mode,
+    pub chat: ChatSettings,
+    pub text_export: TextExportSettings,
 }
 
 /// The key under which eframe stores the settings.

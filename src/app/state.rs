@@ -484,7 +484,7 @@ impl PreviewState {
 impl super::StudioApp {
     /// Sends a run that was waiting for caption saves once they are confirmed.
     pub(super) fn start_waiting_run(&mut self) {
-        if self.dataset.saves_in_flight > 0 {
+        if self.dataset.saves_in_flight > 0 || self.conversations.edits_in_flight > 0 {
             return;
         }
         if let Some(resume) = self.run.waiting_to_start.take() {

@@ -7,11 +7,13 @@ use std::path::{Path, PathBuf};
 use eframe::egui;
 
 use super::chart::loss_chart_ui;
-use super::estimate::{estimate, native_resolution};
+use super::estimate::{MEASURED_CHAT_PARAMETERS, estimate, estimate_chat, native_resolution};
 use super::presets::{apply_preset, preset_names};
 use super::state::RunStatus;
 use super::{Dialog, DialogResult, StudioApp};
-use crate::config::{LrScheduler, MixedPrecision, OptimizerKind, TrainConfig, validate};
+use crate::config::{
+    LANGUAGE_MODEL_TARGETS, LrScheduler, MixedPrecision, OptimizerKind, TrainConfig, validate,
+};
 use crate::messages::{BaseFamily, Job};
 
 /// A slider that never changes a value loaded from a config file, even one outside its range.
@@ -196,6 +198,7 @@ impl StudioApp {
             }
             ui.separator();
             ui.heading("Training");
+            let text = self.text_mode();
             let t = &mut self.settings.train;
             row(
                 ui,
@@ -209,18 +212,22 @@ impl StudioApp {
                 "scales the adapter by alpha/rank; rank/2 is a common choice",
                 |ui| ui.add(setting_slider(&mut t.lora_alpha, 0.5..=128.0).logarithmic(true)),
             );
-            row(
-                ui,
-                "Conv LoRA (LoCon)",
-                "also adapt the 3x3 convolutions: more texture, bigger file",
-                |ui| ui.checkbox(&mut t.conv_lora, ""),
-            );
-            row(
-                ui,
-                "Train text encoder",
-                "also adapt CLIP; helps trigger words, can overfit captions",
-                |ui| ui.checkbox(&mut t.train_text_encoder, ""),
-            );
+            if text {
+                text_settings_ui(ui, t);
+            } else {
+                row(
+                    ui,
+                    "Conv LoRA (LoCon)",
+                    "also adapt the 3x3 convolutions: more texture, bigger file",
+                    |ui| ui.checkbox(&mut t.conv_lora, ""),
+                );
+                row(
+                    ui,
+                    "Train text encoder",
+                    "also adapt CLIP; helps trigger words, can overfit captions",
+                    |ui| ui.checkbox(&mut t.train_text_encoder, ""),
+                );
+            }
             row(
                 ui,
                 "Learning rate",
@@ -258,22 +265,29 @@ impl StudioApp {
             row(
                 ui,
                 "Batch size",
-                "images per step; lower it first when memory runs out",
+                if text {
+                    "rows of max-sequence-length tokens per step; lower it first when memory runs out"
+                } else {
+                    "images per step; lower it first when memory runs out"
+                },
                 |ui| ui.add(setting_slider(&mut t.batch_size, 1..=16)),
             );
-            row(
-                ui,
-                "Resolution",
-                "training size in pixels; buckets keep the same area for other aspect ratios",
-                |ui| {
-                    let mut resolution = t.resolution.unwrap_or(native_resolution(family));
-                    let response = ui.add(setting_slider(&mut resolution, 256..=1024).step_by(64.0));
-                    if response.changed() {
-                        t.resolution = Some(resolution);
-                    }
-                    response
-                },
-            );
+            if !text {
+                row(
+                    ui,
+                    "Resolution",
+                    "training size in pixels; buckets keep the same area for other aspect ratios",
+                    |ui| {
+                        let mut resolution = t.resolution.unwrap_or(native_resolution(family));
+                        let response =
+                            ui.add(setting_slider(&mut resolution, 256..=1024).step_by(64.0));
+                        if response.changed() {
+                            t.resolution = Some(resolution);
+                        }
+                        response
+                    },
+                );
+            }
             row(
                 ui,
                 "Gradient accumulation",
@@ -317,20 +331,39 @@ impl StudioApp {
             });
             egui::CollapsingHeader::new("Advanced").show(ui, |ui| advanced_ui(ui, t));
         });
+        ui.separator();
+        ui.label(self.estimate_line());
+    }
+
+    /// The rough estimate of a step's memory and time (tokens per second for a chat model).
+    fn estimate_line(&self) -> String {
         let on_gpu = self.on_gpu();
         let family = self.offered_family();
-        let est = estimate(&self.settings.train, on_gpu, family);
-        ui.separator();
-        ui.label(format!(
-            "Rough estimate for {} model on this {}: {:.1} GiB of memory, {:.1} s per step",
+        let hardware = if on_gpu { "GPU" } else { "CPU" };
+        let t = &self.settings.train;
+        if family == BaseFamily::Language {
+            let parameters = self.base_parameters().unwrap_or(MEASURED_CHAT_PARAMETERS);
+            let step = estimate_chat(t, on_gpu, parameters);
+            let tokens = (t.batch_size * t.max_seq_length * t.gradient_accumulation_steps) as f64;
+            return format!(
+                "Rough estimate for a {:.1}B-parameter chat model on this {hardware}: {:.1} GiB of \
+                 memory, {:.0} tokens/s ({:.1} s per step of up to {tokens} tokens)",
+                parameters / 1e9,
+                step.memory_gib,
+                tokens / step.seconds,
+                step.seconds,
+            );
+        }
+        let step = estimate(t, on_gpu, family);
+        format!(
+            "Rough estimate for {} model on this {hardware}: {:.1} GiB of memory, {:.1} s per step",
             match family {
                 BaseFamily::Sdxl => "an SDXL",
                 BaseFamily::Sd | BaseFamily::Language => "an SD 1.5",
             },
-            if on_gpu { "GPU" } else { "CPU" },
-            est.memory_gib,
-            est.seconds
-        ));
+            step.memory_gib,
+            step.seconds
+        )
     }
 
     fn run_ui(&mut self, ui: &mut egui::Ui) {
@@ -407,7 +440,13 @@ impl StudioApp {
     fn start_run(&mut self, resume: Option<std::path::PathBuf>) {
         let t = &self.settings.train;
         let missing = if t.train_data_dir.as_os_str().is_empty() {
-            Some("Open a dataset folder first (Dataset tab, or drop it on the window).")
+            Some(if self.text_mode() {
+                "Open a dataset first: drop a .jsonl file of conversations (or a folder of them) on the window."
+            } else {
+                "Open a dataset folder first (Dataset tab, or drop it on the window)."
+            })
+        } else if t.base_model.as_os_str().is_empty() && self.text_mode() {
+            Some("Choose a chat model first: a Hugging Face model folder (Folder…) or a download.")
         } else if t.base_model.as_os_str().is_empty() {
             Some(
                 "Choose a base model first: a Stable Diffusion file (File…) or diffusers folder (Folder…).",
@@ -592,6 +631,80 @@ fn advanced_ui(ui: &mut egui::Ui, t: &mut TrainConfig) {
     row(ui, "Device", "cpu, cuda, cuda:N, metal or auto", |ui| {
         ui.text_edit_singleline(&mut t.device)
     });
+}
+
+/// The settings of a language model's run: the layers that get adapters, the sequence length, what is
+/// trained on, packing, the default system prompt and dropout.
+fn text_settings_ui(ui: &mut egui::Ui, t: &mut TrainConfig) {
+    ui.horizontal_wrapped(|ui| {
+        ui.label("Adapted layers").on_hover_text(
+            "the linear layers of attention (q, k, v, o) and of the MLP (gate, up, down) that get adapters",
+        );
+        let mut chosen = t.language_model_targets().unwrap_or_default();
+        let mut changed = false;
+        for (short, layer) in LANGUAGE_MODEL_TARGETS {
+            let mut on = chosen.contains(&layer);
+            if ui.checkbox(&mut on, short).on_hover_text(layer).changed() {
+                changed = true;
+                if on {
+                    chosen.push(layer);
+                } else {
+                    chosen.retain(|l| *l != layer);
+                }
+            }
+        }
+        if changed && !chosen.is_empty() {
+            t.lora_target_modules = LANGUAGE_MODEL_TARGETS
+                .iter()
+                .filter(|(_, layer)| chosen.contains(layer))
+                .map(|(_, layer)| layer.to_string())
+                .collect();
+        }
+    });
+    row(
+        ui,
+        "Max sequence length",
+        "tokens per training row; longer conversations are cut (the dataset view marks them)",
+        |ui| {
+            ui.add(
+                setting_slider(&mut t.max_seq_length, 128..=8192)
+                    .logarithmic(true)
+                    .step_by(64.0),
+            )
+        },
+    );
+    row(
+        ui,
+        "Train on prompt",
+        "also learn the system and user turns, not only the assistant's replies",
+        |ui| ui.checkbox(&mut t.train_on_prompt, ""),
+    );
+    row(
+        ui,
+        "Packing",
+        "put several short conversations in one row (they never see each other): faster",
+        |ui| ui.checkbox(&mut t.packing, ""),
+    );
+    row(
+        ui,
+        "LoRA dropout",
+        "drops adapter inputs at random while training; 0.05 guards small datasets against overfitting",
+        |ui| ui.add(setting_slider(&mut t.lora_dropout, 0.0..=0.5)),
+    );
+    let mut system = t.system_prompt.clone().unwrap_or_default();
+    let label = ui.label("System prompt").on_hover_text(
+        "given to the conversations that have none, in training and in the chat preview",
+    );
+    let response = ui
+        .add(
+            egui::TextEdit::multiline(&mut system)
+                .desired_rows(2)
+                .desired_width(f32::INFINITY),
+        )
+        .labelled_by(label.id);
+    if response.changed() {
+        t.system_prompt = (!system.trim().is_empty()).then_some(system);
+    }
 }
 
 #[cfg(test)]

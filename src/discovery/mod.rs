@@ -61,11 +61,6 @@ impl Family {
             Family::ChatModel => "Language models",
         }
     }
-
-    /// Whether it makes images (the app's image mode trains it).
-    pub fn is_image_model(&self) -> bool {
-        *self != Family::ChatModel
-    }
 }
 
 /// A base model found on disk.

@@ -101,7 +101,6 @@ fn as_message(found: &Discovery) -> ModelsFound {
             .collect(),
         downloads: RECOMMENDED
             .iter()
-            .filter(|r| r.family.is_image_model())
             .map(|r| DownloadChoice {
                 name: r.name.to_string(),
                 label: r.label.to_string(),
