@@ -3,7 +3,11 @@
 //! - the first screen of a 1,000-photo folder: time until the grid shows and until every visible
 //!   thumbnail is decoded, then frame times while scrolling through it;
 //! - frame times while a training run keeps every core busy;
-//! - frame times of the training view with 100,000 loss points, following the run and zoomed in.
+//! - frame times of the training view with 100,000 loss points, following the run and zoomed in;
+//! - a language model's dataset of 50,000 conversations: time until the list shows and until every sample
+//!   is counted in tokens, frame times while scrolling it, and the time an edited turn takes to be saved;
+//! - the chat preview while a language model trains: time to the first streamed piece and to the whole
+//!   reply, and frame times while replies stream in.
 //!
 //! Run with `cargo bench --bench app_responsiveness`. The photos are generated once into
 //! `target/bench-data/` (1,000 JPEGs of 1024x768).
@@ -18,7 +22,7 @@ mod common;
 use common::{DroppedPath, fixture};
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
-use lora_studio::app::{AppSettings, StudioApp, Tab};
+use lora_studio::app::{AppSettings, Mode, StudioApp, Tab};
 use lora_studio::config::{LogWith, TrainConfig};
 use lora_studio::messages::{Event, LossPoint};
 use lora_studio::worker::WorkerHandle;
@@ -41,6 +45,9 @@ fn main() {
     first_screen_and_scrolling(&photos);
     while_training(&root.join("target/bench-data/train"));
     long_loss_chart();
+    let conversations = chat_file(&root.join("target/bench-data/support-50k.jsonl"), 50_000);
+    fifty_thousand_conversations(&conversations);
+    chatting_while_training(&root.join("target/bench-data/chat-train"));
 }
 
 /// One frame: the app's UI pass plus tessellation of what it drew.
@@ -230,6 +237,205 @@ fn long_loss_chart() {
         "training view with 100,000 loss points (zooming in)",
         &times,
     );
+}
+
+/// The settings of a text-mode app on the tiny Qwen2 fixture.
+fn text_settings(data: PathBuf, out: PathBuf) -> AppSettings {
+    AppSettings {
+        train: TrainConfig {
+            train_data_dir: data,
+            base_model: fixture("causal_lm/qwen2"),
+            output_dir: out,
+            output_name: "bench".into(),
+            lora_rank: 8,
+            lora_alpha: 8.0,
+            batch_size: 2,
+            max_seq_length: 128,
+            max_train_steps: Some(100_000),
+            save_steps: 1_000_000,
+            log_with: LogWith::None,
+            device: "cpu".into(),
+            ..Default::default()
+        },
+        chat: lora_studio::messages::ChatSettings {
+            temperature: 0.0,
+            max_new_tokens: 48,
+            ..Default::default()
+        },
+        mode: Mode::Text,
+        ..Default::default()
+    }
+}
+
+fn fifty_thousand_conversations(file: &Path) {
+    let mut settings = text_settings(PathBuf::new(), PathBuf::from("unused"));
+    settings.mode = Mode::Images;
+    let mut harness = open_app(settings);
+    harness.run_steps(2);
+    let started = Instant::now();
+    harness
+        .input_mut()
+        .dropped_files
+        .push(Arc::new(DroppedPath(file.to_path_buf())));
+    step_until(&mut harness, |app| app.conversations_len() == 50_000);
+    let listed = started.elapsed();
+    step_until(&mut harness, |app| app.conversations_counted() == 50_000);
+    let counted = started.elapsed();
+    println!(
+        "50,000 conversations (JSONL, {:.1} MB): list after {:.0} ms, every sample counted in tokens after {:.0} ms",
+        std::fs::metadata(file).map_or(0.0, |m| m.len() as f64 / 1e6),
+        listed.as_secs_f64() * 1e3,
+        counted.as_secs_f64() * 1e3
+    );
+
+    let mut times = Vec::new();
+    for _ in 0..300 {
+        harness.event(egui::Event::MouseWheel {
+            unit: egui::MouseWheelUnit::Point,
+            delta: egui::vec2(0.0, -400.0),
+            modifiers: egui::Modifiers::NONE,
+            phase: egui::TouchPhase::Move,
+            source: egui::MouseWheelSource::Wheel,
+        });
+        harness
+            .input_mut()
+            .events
+            .push(egui::Event::PointerMoved(egui::pos2(300.0, 400.0)));
+        times.push(frame(&mut harness));
+        std::thread::sleep(Duration::from_millis(16));
+    }
+    report(
+        "scrolling 50,000 conversations (300 frames, 400 px each)",
+        &times,
+    );
+
+    // Edit a reply of a sample and wait for the save.
+    harness.get_by_label_contains("#1  ").click();
+    harness.run_steps(2);
+    harness
+        .get_by_role_and_label(egui::accesskit::Role::MultilineTextInput, "Turn 2")
+        .focus();
+    harness.run_steps(1);
+    harness
+        .get_by_role_and_label(egui::accesskit::Role::MultilineTextInput, "Turn 2")
+        .type_text(" Thanks!");
+    harness.run_steps(1);
+    harness.key_press(egui::Key::Escape);
+    let started = Instant::now();
+    let mut times = Vec::new();
+    loop {
+        times.push(frame(&mut harness));
+        if harness.state().unsaved_conversation_edits() == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let saved = started.elapsed();
+    let recounted_from = Instant::now();
+    step_until(&mut harness, |app| app.conversations_counted() == 50_000);
+    report(
+        &format!(
+            "editing a turn of 50,000 conversations (saved after {:.0} ms, counted again {:.0} ms later)",
+            saved.as_secs_f64() * 1e3,
+            recounted_from.elapsed().as_secs_f64() * 1e3
+        ),
+        &times,
+    );
+}
+
+fn chatting_while_training(dir: &Path) {
+    let data = chat_file(&dir.join("support-300.jsonl"), 300);
+    let mut harness = open_app(text_settings(data, dir.join("out")));
+    step_until(&mut harness, |app| app.conversations_len() == 300);
+    harness.state_mut().settings_mut().tab = Tab::Train;
+    harness.run_steps(2);
+    harness.get_by_label("Start training").click();
+    step_until(&mut harness, |app| app.losses().len() >= 2);
+    harness.state_mut().settings_mut().tab = Tab::Preview;
+    harness.run_steps(2);
+    let mut times = Vec::new();
+    let mut first_piece = Vec::new();
+    let mut whole = Vec::new();
+    for question in 0..5 {
+        harness
+            .get_by_role_and_label(egui::accesskit::Role::MultilineTextInput, "Message")
+            .focus();
+        harness.run_steps(1);
+        harness
+            .get_by_role_and_label(egui::accesskit::Role::MultilineTextInput, "Message")
+            .type_text(&format!("Where is my kettle number {question}?"));
+        harness.run_steps(1);
+        harness.get_by_label("Send").click();
+        let turns = harness.state().chat_turns().len() + 2;
+        let started = Instant::now();
+        let mut first = None;
+        while harness.state().chat_turns().len() < turns {
+            times.push(frame(&mut harness));
+            if first.is_none()
+                && harness
+                    .state()
+                    .chat_streaming()
+                    .is_some_and(|t| !t.is_empty())
+            {
+                first = Some(started.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(16));
+        }
+        whole.push(started.elapsed().as_secs_f64());
+        first_piece.push(first.unwrap_or(started.elapsed()).as_secs_f64());
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64 * 1e3;
+    report(
+        &format!(
+            "chat preview while a language model trains (5 replies of 48 tokens: first piece after {:.0} ms, whole reply after {:.0} ms on average)",
+            mean(&first_piece),
+            mean(&whole)
+        ),
+        &times,
+    );
+    harness.state_mut().settings_mut().tab = Tab::Train;
+    harness.run_steps(2);
+    harness.get_by_label("Stop").click();
+    step_until(&mut harness, |app| {
+        format!("{:?}", app.run_status()) == "Idle"
+    });
+}
+
+/// A JSONL file of `count` support-desk conversations (one or two exchanges each), written once.
+fn chat_file(path: &Path, count: usize) -> PathBuf {
+    if path.exists() {
+        return path.to_path_buf();
+    }
+    const PRODUCTS: [&str; 5] = [
+        "kettle",
+        "desk lamp",
+        "rain jacket",
+        "backpack",
+        "wool scarf",
+    ];
+    const WHEN: [&str; 4] = ["today", "tomorrow", "on Monday", "this morning"];
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut text = String::new();
+    for i in 0..count {
+        let product = PRODUCTS[i % PRODUCTS.len()];
+        let when = WHEN[i / PRODUCTS.len() % WHEN.len()];
+        let mut messages = vec![
+            serde_json::json!({"role": "user", "content": format!("Where is my {product}? Order {i}.")}),
+            serde_json::json!({"role": "assistant", "content": format!(
+                "Thanks for waiting! Your {product} (order {i}) left our warehouse {when}. Anything else, just ask. - Mia"
+            )}),
+        ];
+        if i % 3 == 0 {
+            messages.push(serde_json::json!({"role": "user", "content": "Can I return it later?"}));
+            messages.push(serde_json::json!({"role": "assistant", "content": format!(
+                "Of course! The {product} can come back within 30 days. - Mia"
+            )}));
+        }
+        text.push_str(&serde_json::json!({ "messages": messages }).to_string());
+        text.push('\n');
+    }
+    std::fs::write(path, text).unwrap();
+    path.to_path_buf()
 }
 
 fn report(what: &str, times: &[Duration]) {

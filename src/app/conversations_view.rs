@@ -182,6 +182,11 @@ impl StudioApp {
         self.conversations.len()
     }
 
+    /// How many samples have a token count.
+    pub fn conversations_counted(&self) -> usize {
+        self.conversations.tokens.iter().flatten().count()
+    }
+
     /// Conversation edits sent and not yet saved.
     pub fn unsaved_conversation_edits(&self) -> usize {
         self.conversations.edits_in_flight + usize::from(self.conversations.draft_pending())
