@@ -6,8 +6,11 @@
 //! or missing assistant turn) is listed with its file and line and skipped; the dataset is an error only
 //! when nothing trainable remains.
 //!
-//! Knows text only: tokens, chat templates and what is trained on are the training task's. Files are only
-//! read. Must not use train, worker or app.
+//! The same files open for editing as a `ConversationDocument` (`document`): every row of a known shape
+//! is an entry there, bad ones included, for the checks (`conversation_checks`) to point out.
+//!
+//! Knows text only: tokens, chat templates and what is trained on are the training task's. Scanning only
+//! reads files; only the document writes them. Must not use train, worker or app.
 
 mod conversation_checks;
 mod document;
