@@ -133,16 +133,7 @@ fn conversation_sample(
     config: &TrainConfig,
     end_of_turn: &str,
 ) -> Result<TokenizedSample, RowProblem> {
-    let mut messages: Vec<ChatMessage> = turns
-        .iter()
-        .map(|t| ChatMessage::new(t.role.name(), t.content.clone()))
-        .collect();
-    if let Some(system) = &config.system_prompt
-        && !turns.iter().any(|t| t.role == Role::System)
-    {
-        messages.insert(0, ChatMessage::new("system", system.clone()));
-    }
-    let text = files.render(&messages, &RenderOptions::default())?;
+    let (messages, text) = rendered(files, turns, config.system_prompt.as_deref())?;
     let spans = assistant_spans(&text, &messages, end_of_turn)?;
     let tokens = files.tokenizer().encode_spans(&text)?;
     let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
@@ -161,6 +152,43 @@ fn conversation_sample(
         })
         .collect();
     Ok(TokenizedSample { ids, labels })
+}
+
+/// The conversation's messages (with `system_prompt` first when it has no system turn) and their text
+/// under the model's chat template.
+fn rendered(
+    files: &ChatFiles,
+    turns: &[Turn],
+    system_prompt: Option<&str>,
+) -> Result<(Vec<ChatMessage>, String), ChatError> {
+    let mut messages: Vec<ChatMessage> = turns
+        .iter()
+        .map(|t| ChatMessage::new(t.role.name(), t.content.clone()))
+        .collect();
+    if let Some(system) = system_prompt
+        && !turns.iter().any(|t| t.role == Role::System)
+    {
+        messages.insert(0, ChatMessage::new("system", system));
+    }
+    let text = files.render(&messages, &RenderOptions::default())?;
+    Ok((messages, text))
+}
+
+/// How many tokens `sample` has when it is trained, before a conversation is cut to `max_seq_length` (or a
+/// text split into pieces of it): a conversation rendered with the chat template as training renders it
+/// (`system_prompt` is the run's default system message), a text with its special tokens and end of text.
+pub fn sample_token_count(
+    files: &ChatFiles,
+    sample: &TextSample,
+    system_prompt: Option<&str>,
+) -> Result<usize, ChatError> {
+    match sample {
+        TextSample::Conversation(turns) => {
+            let (_, text) = rendered(files, turns, system_prompt)?;
+            Ok(files.tokenizer().encode_spans(&text)?.len())
+        }
+        TextSample::Text(text) => Ok(text_ids(files, text)?.len()),
+    }
 }
 
 /// The byte ranges of `text` (a rendered conversation) that the assistant turns of `messages` cover: each
@@ -222,6 +250,18 @@ fn text_samples(
     text: &str,
     max_len: usize,
 ) -> Result<Vec<TokenizedSample>, ChatError> {
+    Ok(text_ids(files, text)?
+        .chunks(max_len.max(2))
+        .filter(|piece| piece.len() >= 2)
+        .map(|piece| TokenizedSample {
+            ids: piece.to_vec(),
+            labels: piece.iter().map(|&id| i64::from(id)).collect(),
+        })
+        .collect())
+}
+
+/// A plain text's ids: its tokens with the tokenizer's own special tokens, then the end-of-text token.
+fn text_ids(files: &ChatFiles, text: &str) -> Result<Vec<u32>, ChatError> {
     let mut ids = files.tokenizer().encode(text, true)?;
     if let Some(eos) = files
         .special_tokens()
@@ -230,12 +270,5 @@ fn text_samples(
     {
         ids.push(eos);
     }
-    Ok(ids
-        .chunks(max_len.max(2))
-        .filter(|piece| piece.len() >= 2)
-        .map(|piece| TokenizedSample {
-            ids: piece.to_vec(),
-            labels: piece.iter().map(|&id| i64::from(id)).collect(),
-        })
-        .collect())
+    Ok(ids)
 }

@@ -31,7 +31,7 @@ pub use causal_lm::{
 };
 pub use checkpoint::{Checkpoint, TrainState, list_checkpoints, load_checkpoint};
 pub use lm_batches::{LaidOutBatch, TextBatch, lay_out, text_epoch_batches};
-pub use lm_samples::{TokenizedDataset, TokenizedSample, tokenize_dataset};
+pub use lm_samples::{TokenizedDataset, TokenizedSample, sample_token_count, tokenize_dataset};
 pub use metadata::tag_frequency;
 pub use optimizer::{Optimizer, OptimizerSettings};
 pub use report::{

@@ -1,10 +1,11 @@
 //! The files thread (dataset scans, thumbnails, caption saves, checkpoint listings, telling a picked base
-//! model's family from its headers) and the checks thread it feeds.
+//! model's family from its headers, the open conversation dataset) and the checks threads it feeds.
 
 use std::path::PathBuf;
 
 use crossbeam_channel::Receiver;
 
+use super::conversations::Conversations;
 use super::{Outbox, contain};
 use crate::config::TrainConfig;
 use crate::data::buckets::BucketSettings;
@@ -32,6 +33,7 @@ pub fn run(jobs: Receiver<Job>, outbox: Outbox) {
     if let Err(e) = checks {
         outbox.error(format!("the dataset checks could not start: {e}"));
     }
+    let mut conversations = Conversations::start(&outbox);
     let mut thumbnails: Vec<(PathBuf, u32)> = Vec::new();
     loop {
         let next = if thumbnails.is_empty() {
@@ -85,6 +87,21 @@ pub fn run(jobs: Receiver<Job>, outbox: Outbox) {
                 outbox.send(Event::CheckpointsFound {
                     output_dir,
                     checkpoints,
+                });
+            }
+            Some(Job::OpenConversations {
+                path,
+                base_model,
+                max_seq_length,
+                system_prompt,
+            }) => {
+                contain(&outbox, "reading the conversations", || {
+                    conversations.open(&path, base_model, max_seq_length, system_prompt, &outbox)
+                });
+            }
+            Some(Job::EditConversations { root, edit }) => {
+                contain(&outbox, "editing the conversations", || {
+                    conversations.edit(&root, edit, &outbox)
                 });
             }
             Some(other) => outbox.error(format!("the files worker cannot do {other:?}")),

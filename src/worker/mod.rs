@@ -4,6 +4,7 @@
 //! the wake-up closure (the app's repaint request). Must not use egui or eframe.
 
 mod captioner;
+mod conversations;
 mod engine;
 mod files;
 mod inbox;

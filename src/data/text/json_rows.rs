@@ -2,50 +2,103 @@
 //! rows, or one row), each with the 1-based line it starts on, so a bad row can be named by file and line.
 //! A row that does not parse is an error of that row only.
 
+use std::ops::Range;
+
 use serde_json::Value;
+
+/// How a file holds its rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum RowLayout {
+    /// JSON Lines: a row a line.
+    Lines,
+    /// A `.json` file holding an array of rows.
+    Array,
+    /// A `.json` file holding one row.
+    Single,
+}
+
+/// Where each row of `text` is: its 1-based line and its bytes (a JSON Lines row without its line end).
+pub(super) struct RowSpans {
+    pub layout: RowLayout,
+    pub rows: Vec<(usize, Range<usize>)>,
+}
 
 /// Every row of `text` with its line: a `.json` file (`json_file`) holding an array gives its elements, any
 /// other text is read as JSON Lines.
 pub(super) fn json_rows(text: &str, json_file: bool) -> Vec<(usize, Result<Value, String>)> {
-    let trimmed = text.trim_start();
-    if json_file && trimmed.starts_with('[') {
-        let start = text.len() - trimmed.len();
-        return match array_elements(text, start) {
-            Some(spans) => spans
-                .into_iter()
-                .map(|(from, to)| (line_of(text, from), parse(&text[from..to])))
-                .collect(),
-            None => vec![(
-                line_of(text, start),
-                Err(
-                    "the file is not a complete JSON array (a bracket or quote is not closed)"
-                        .into(),
-                ),
-            )],
-        };
+    match row_spans(text, json_file) {
+        Ok(spans) => spans
+            .rows
+            .into_iter()
+            .map(|(line, range)| (line, parse(&text[range])))
+            .collect(),
+        Err(broken) => vec![(broken, Err(UNCLOSED_ARRAY.into()))],
     }
-    if json_file && !text.trim().is_empty() && serde_json::from_str::<Value>(text).is_ok() {
-        let start = text.len() - trimmed.len();
-        return vec![(line_of(text, start), parse(text))];
-    }
-    text.lines()
-        .enumerate()
-        .filter(|(_, line)| !line.trim().is_empty())
-        .map(|(index, line)| (index + 1, parse(line)))
-        .collect()
 }
 
-fn parse(text: &str) -> Result<Value, String> {
+/// Why a `.json` array cannot be split into rows.
+pub(super) const UNCLOSED_ARRAY: &str =
+    "the file is not a complete JSON array (a bracket or quote is not closed)";
+
+/// The rows of `text` (see [`json_rows`]), or the line of a `.json` array that does not close.
+pub(super) fn row_spans(text: &str, json_file: bool) -> Result<RowSpans, usize> {
+    let trimmed = text.trim_start();
+    let start = text.len() - trimmed.len();
+    if json_file && trimmed.starts_with('[') {
+        let mut lines = LineCounter::default();
+        let spans = array_elements(text, start).ok_or_else(|| lines.line_of(text, start))?;
+        return Ok(RowSpans {
+            layout: RowLayout::Array,
+            rows: spans
+                .into_iter()
+                .map(|(from, to)| (lines.line_of(text, from), from..to))
+                .collect(),
+        });
+    }
+    if json_file && !text.trim().is_empty() && serde_json::from_str::<Value>(text).is_ok() {
+        let end = text.trim_end().len();
+        return Ok(RowSpans {
+            layout: RowLayout::Single,
+            rows: vec![(LineCounter::default().line_of(text, start), start..end)],
+        });
+    }
+    let mut rows = Vec::new();
+    let mut offset = 0;
+    for (index, line) in text.split_inclusive('\n').enumerate() {
+        let content = line
+            .strip_suffix('\n')
+            .map_or(line, |l| l.strip_suffix('\r').unwrap_or(l));
+        if !content.trim().is_empty() {
+            rows.push((index + 1, offset..offset + content.len()));
+        }
+        offset += line.len();
+    }
+    Ok(RowSpans {
+        layout: RowLayout::Lines,
+        rows,
+    })
+}
+
+pub(super) fn parse(text: &str) -> Result<Value, String> {
     serde_json::from_str(text.trim()).map_err(|e| format!("invalid JSON ({e})"))
 }
 
-/// The 1-based line of byte `offset`.
-fn line_of(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
+/// 1-based lines of increasing byte offsets, counted from where the last one was.
+#[derive(Default)]
+struct LineCounter {
+    offset: usize,
+    newlines: usize,
+}
+
+impl LineCounter {
+    fn line_of(&mut self, text: &str, offset: usize) -> usize {
+        self.newlines += text.as_bytes()[self.offset..offset]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count();
+        self.offset = offset;
+        self.newlines + 1
+    }
 }
 
 /// The byte ranges of the elements of the array opening at `open` (a `[`), found by bracket depth outside

@@ -6,15 +6,26 @@
 //! or missing assistant turn) is listed with its file and line and skipped; the dataset is an error only
 //! when nothing trainable remains.
 //!
-//! Knows text only: tokens, chat templates and what is trained on are the training task's. Files are only
-//! read. Must not use train, worker or app.
+//! The same files open for editing as a `ConversationDocument` (`document`): every row of a known shape
+//! is an entry there, bad ones included, for the checks (`conversation_checks`) to point out.
+//!
+//! Knows text only: tokens, chat templates and what is trained on are the training task's. Scanning only
+//! reads files; only the document writes them. Must not use train, worker or app.
 
+mod conversation_checks;
+mod document;
+#[cfg(test)]
+mod document_tests;
 mod json_rows;
+mod ordered_json;
+mod row_edit;
 mod rows;
 
 use std::path::{Path, PathBuf};
 
-pub use rows::{Role, Turn};
+pub use conversation_checks::conversation_badges;
+pub use document::{ConversationDocument, EditError, Sample, UNDO_DEPTH};
+pub use rows::{Role, TEXT_ROLE, Turn};
 
 use super::DataError;
 
@@ -86,12 +97,7 @@ pub fn scan_text_dataset(path: &Path) -> Result<TextDataset, DataError> {
             path: file.clone(),
             source,
         })?;
-        let relative = file.strip_prefix(path).unwrap_or(file);
-        let relative = if relative.as_os_str().is_empty() {
-            file.file_name().map_or(file.clone(), PathBuf::from)
-        } else {
-            relative.to_path_buf()
-        };
+        let relative = dataset_relative(path, file);
         fingerprint.push_str(&format!(
             "{}|{}\n",
             relative.display(),
@@ -105,6 +111,14 @@ pub fn scan_text_dataset(path: &Path) -> Result<TextDataset, DataError> {
         return Err(nothing_to_train(path, &dataset.bad_rows));
     }
     Ok(dataset)
+}
+
+/// `file` relative to the dataset's `root` (its name when the root is the file itself).
+fn dataset_relative(root: &Path, file: &Path) -> PathBuf {
+    match file.strip_prefix(root) {
+        Ok(relative) if !relative.as_os_str().is_empty() => relative.to_path_buf(),
+        _ => file.file_name().map_or(file.to_path_buf(), PathBuf::from),
+    }
 }
 
 /// The text files of `path`: itself, or every one in the folder and its subfolders (hidden ones and
