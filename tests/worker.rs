@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{fixture, make_dataset, tiny_config};
+use common::{fixture, make_dataset, tiny_config, wait_for};
 use crossbeam_channel::Receiver;
 use lora_studio::config::{SavePrecision, TrainConfig};
 use lora_studio::messages::{
@@ -16,26 +16,6 @@ use lora_studio::messages::{
     PreviewSource, RunEnd,
 };
 use lora_studio::worker::WorkerHandle;
-
-/// The next event that `pick` accepts, failing after a minute.
-fn wait_for<T>(
-    events: &Receiver<Event>,
-    what: &str,
-    mut pick: impl FnMut(&Event) -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if let Ok(event) = events.recv_timeout(Duration::from_millis(100)) {
-            if let Event::Error { message, .. } = &event {
-                panic!("worker error while waiting for {what}: {message}");
-            }
-            if let Some(found) = pick(&event) {
-                return found;
-            }
-        }
-    }
-    panic!("no {what} within a minute");
-}
 
 fn preview(id: u64, strength: f64) -> PreviewRequest {
     PreviewRequest {

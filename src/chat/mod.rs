@@ -9,6 +9,7 @@
 mod files;
 mod generation;
 mod python_json;
+mod stream;
 mod template;
 mod template_functions;
 mod tokenizer;
@@ -18,6 +19,7 @@ use std::path::PathBuf;
 
 pub use files::ChatFiles;
 pub use generation::GenerationDefaults;
+pub use stream::TextStream;
 pub use template::{ChatMessage, ChatTemplate, RenderOptions, TemplateValue};
 pub use tokenizer::{TextTokenizer, TokenSpan};
 pub use tokenizer_config::SpecialTokens;

@@ -593,3 +593,23 @@ impl egui::DroppedFile for DroppedPath {
         Err(format!("{} is read from its path", self.0.display()))
     }
 }
+
+/// The next event of a worker that `pick` accepts, failing after a minute (or at an error event).
+pub fn wait_for<T>(
+    events: &crossbeam_channel::Receiver<lora_studio::messages::Event>,
+    what: &str,
+    mut pick: impl FnMut(&lora_studio::messages::Event) -> Option<T>,
+) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        if let Ok(event) = events.recv_timeout(std::time::Duration::from_millis(100)) {
+            if let lora_studio::messages::Event::Error { message, .. } = &event {
+                panic!("worker error while waiting for {what}: {message}");
+            }
+            if let Some(found) = pick(&event) {
+                return found;
+            }
+        }
+    }
+    panic!("no {what} within a minute");
+}
