@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::causal_lm::folder;
+use common::causal_lm::{chat_lines, folder};
 use common::wait_for;
 use crossbeam_channel::Receiver;
 use lora_studio::config::{SavePrecision, TrainConfig};
@@ -53,16 +53,9 @@ fn chat_dataset(dir: &Path) -> PathBuf {
         ("How many legs has a cat?", "Four legs."),
         (QUESTION, "I am a tiny model that learned to answer."),
     ];
-    let lines: Vec<String> = rows
-        .iter()
-        .map(|(q, a)| {
-            serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
-                .to_string()
-        })
-        .collect();
     let data = dir.join("data");
     std::fs::create_dir_all(&data).unwrap();
-    std::fs::write(data.join("chats.jsonl"), lines.join("\n")).unwrap();
+    std::fs::write(data.join("chats.jsonl"), chat_lines(&rows)).unwrap();
     data
 }
 
