@@ -1,8 +1,10 @@
 //! Training LoRA adapters for causal language models (Qwen2/Qwen2.5, Qwen3, Llama 3.x): the task the loop
 //! ([`super::trainer`]) drives — the next-token cross-entropy over the trained tokens of a micro-batch
 //! (assistant turns, or everything with `train_on_prompt`), weighed by those tokens so that an accumulated
-//! step is the mean over every trained token — and the entry point that reads the conversations, loads the
-//! model folder and its chat template, and reports what the data held.
+//! step is the mean over every trained token — and the entry points: loading a model folder with its
+//! tokenizer files (which the app's engine keeps between runs and chats), training on a loaded model (the
+//! conversations read, tokenised with its chat template, and what the data held reported), and both at
+//! once for the CLI.
 //!
 //! The data's rows are `data::text`'s; their tokens and labels `lm_samples`'; their order and packing
 //! `lm_batches`'. Must not copy anything of the loop.
