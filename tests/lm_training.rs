@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use common::causal_lm::chat_lines;
 use common::{fixture, max_abs_diff};
 use lora_studio::chat::ChatFiles;
 use lora_studio::config::{LrScheduler, MixedPrecision, TrainConfig, load_config_noting};
@@ -352,18 +353,6 @@ fn chat_dataset(dir: &Path) -> PathBuf {
     ];
     write(&dir.join("data/chats.jsonl"), &chat_lines(&rows));
     dir.join("data")
-}
-
-/// OpenAI rows of one question and its answer each.
-fn chat_lines(rows: &[(&str, &str)]) -> String {
-    let lines: Vec<String> = rows
-        .iter()
-        .map(|(q, a)| {
-            serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
-                .to_string()
-        })
-        .collect();
-    lines.join("\n")
 }
 
 fn tiny_config(data: &Path, out: &Path) -> TrainConfig {

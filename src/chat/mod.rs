@@ -1,7 +1,8 @@
 //! The text side of a language model folder: its `tokenizer.json` (through the `tokenizers` crate), its own
 //! Jinja chat template (from `chat_template.jinja` or `tokenizer_config.json`, rendered with `minijinja` and
 //! the functions Hugging Face templates use), its special tokens, and the ids that end a reply
-//! (`generation_config.json`, `config.json`, the tokenizer's `eos_token`). Any model's template works as
+//! (`generation_config.json`, `config.json`, the tokenizer's `eos_token`), and a reply's tokens turned into
+//! text as they come (`stream`). Any model's template works as
 //! transformers' `apply_chat_template` renders it; there is no hand-written list of formats.
 //!
 //! Knows text and token ids only: must not use candle, kernels, lora, models, train, data, worker, cli or app.
@@ -9,6 +10,7 @@
 mod files;
 mod generation;
 mod python_json;
+mod stream;
 mod template;
 mod template_functions;
 mod tokenizer;
@@ -18,6 +20,7 @@ use std::path::PathBuf;
 
 pub use files::ChatFiles;
 pub use generation::GenerationDefaults;
+pub use stream::TextStream;
 pub use template::{ChatMessage, ChatTemplate, RenderOptions, TemplateValue};
 pub use tokenizer::{TextTokenizer, TokenSpan};
 pub use tokenizer_config::SpecialTokens;

@@ -10,10 +10,11 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use clap::Args;
 
-use crate::chat::{ChatFiles, ChatMessage, RenderOptions, TextTokenizer};
+use crate::chat::{ChatFiles, ChatMessage};
 use crate::device::{DeviceChoice, describe, inference_dtype, open_device};
 use crate::lora::PeftAdapter;
-use crate::models::causal_lm::{CausalLm, GenerationSettings, Sampling, generate};
+use crate::models::causal_lm::{CausalLm, GenerationSettings};
+use crate::train::lm_chat::{self, SamplingChoice};
 
 #[derive(Debug, Args)]
 pub struct ChatArgs {
@@ -141,46 +142,33 @@ impl Chat {
     /// Generates the assistant's reply to `messages`, writing its text to `out` as it comes, then a
     /// newline; the timings go to stderr. Returns the reply's text.
     fn reply(&self, messages: &[ChatMessage], out: &mut impl Write) -> anyhow::Result<String> {
-        let options = RenderOptions {
-            add_generation_prompt: true,
-            ..Default::default()
-        };
-        let prompt = self.files.encode_chat(messages, &options)?;
-        let started = Instant::now();
-        let mut first_token_secs = None;
-        let mut stream = TextStream::new(self.files.tokenizer(), &self.settings.stop_ids);
         let mut write_error = None;
-        let tokens = generate(
+        let reply = lm_chat::reply(
             &self.model,
-            std::slice::from_ref(&prompt),
+            &self.files,
+            messages,
             &self.settings,
-            |_, token| {
-                first_token_secs.get_or_insert_with(|| started.elapsed().as_secs_f64());
-                let piece = stream.push(token);
-                if let Err(e) = piece.and_then(|p| Ok(out.write_all(p.as_bytes())?)) {
-                    write_error.get_or_insert(e);
-                }
-                let _ = out.flush();
+            |piece| {
+                let written = out.write_all(piece.as_bytes()).and_then(|()| out.flush());
+                written.map_err(|e| write_error.get_or_insert(e)).is_ok()
             },
         )
         .context("generating the reply")?;
         if let Some(error) = write_error {
-            return Err(error);
+            return Err(error.into());
         }
-        let rest = stream.finish()?;
-        write!(out, "{rest}")?;
+        let Some(reply) = reply else {
+            bail!("the reply stopped before its end");
+        };
         writeln!(out)?;
         out.flush()?;
-        let total_secs = started.elapsed().as_secs_f64();
-        let generated = tokens.first().map_or(0, Vec::len);
-        let prompt_secs = first_token_secs.unwrap_or(total_secs);
-        let per_second =
-            (generated.saturating_sub(1)) as f64 / (total_secs - prompt_secs).max(1e-9);
+        let per_second = (reply.new_tokens.saturating_sub(1)) as f64
+            / (reply.total_secs - reply.first_token_secs).max(1e-9);
         eprintln!(
-            "{} prompt tokens in {prompt_secs:.2} s, {generated} new tokens in {total_secs:.2} s ({per_second:.1} tokens/s after the first)",
-            prompt.len()
+            "{} prompt tokens in {:.2} s, {} new tokens in {:.2} s ({per_second:.1} tokens/s after the first)",
+            reply.prompt_tokens, reply.first_token_secs, reply.new_tokens, reply.total_secs
         );
-        Ok(stream.text)
+        Ok(reply.text)
     }
 }
 
@@ -194,95 +182,25 @@ fn model_name(folder: &Path) -> String {
 
 /// The sampling the flags ask for, the model's defaults filling in what they leave out.
 fn generation_settings(args: &ChatArgs, files: &ChatFiles) -> anyhow::Result<GenerationSettings> {
-    let defaults = files.generation();
-    let temperature = match args.temperature {
-        Some(t) => t,
-        None if defaults.do_sample => defaults.temperature.unwrap_or(1.0),
-        None => 0.0,
-    };
-    let top_p = args.top_p.or(defaults.top_p).unwrap_or(1.0);
-    if !(temperature >= 0.0 && temperature.is_finite()) {
-        bail!("--temperature must be 0 (greedy) or more");
-    }
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        bail!("--top-p must be above 0 and at most 1");
-    }
-    let top_k = args.top_k.or(defaults.top_k).unwrap_or(0);
-    let repetition_penalty = args
-        .repetition_penalty
-        .or(defaults.repetition_penalty)
-        .unwrap_or(1.0);
-    if !(repetition_penalty > 0.0 && repetition_penalty.is_finite()) {
-        bail!("--repetition-penalty must be above 0 (1 leaves the logits as they are)");
-    }
-    if defaults.stop_ids.is_empty() {
+    if files.generation().stop_ids.is_empty() {
         eprintln!(
             "warning: the model names no end-of-reply token; replies run to --max-new-tokens"
         );
     }
-    let seed = args.seed.unwrap_or_else(|| {
+    let asked = SamplingChoice {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        repetition_penalty: args.repetition_penalty,
+    };
+    // The seed is chosen once the sampling is known to be valid.
+    let mut settings = lm_chat::generation_settings(files, &asked, args.max_new_tokens, 0)?;
+    settings.seed = args.seed.unwrap_or_else(|| {
         let seed = rand::random::<u64>() >> 11;
-        if temperature > 0.0 {
+        if settings.sampling.temperature > 0.0 {
             eprintln!("seed {seed}");
         }
         seed
     });
-    Ok(GenerationSettings {
-        max_new_tokens: args.max_new_tokens,
-        stop_ids: defaults.stop_ids.clone(),
-        sampling: Sampling {
-            temperature,
-            top_p,
-            top_k,
-            repetition_penalty,
-        },
-        seed,
-    })
-}
-
-/// Turns the reply's tokens into text as they come: each push returns what the text gained. Special tokens
-/// (the stop token included) are left out, and a character whose bytes are still incomplete waits for the
-/// next token.
-struct TextStream<'a> {
-    tokenizer: &'a TextTokenizer,
-    stop_ids: &'a [u32],
-    ids: Vec<u32>,
-    text: String,
-}
-
-impl<'a> TextStream<'a> {
-    fn new(tokenizer: &'a TextTokenizer, stop_ids: &'a [u32]) -> Self {
-        Self {
-            tokenizer,
-            stop_ids,
-            ids: Vec::new(),
-            text: String::new(),
-        }
-    }
-
-    fn push(&mut self, token: u32) -> anyhow::Result<String> {
-        if self.stop_ids.contains(&token) {
-            return Ok(String::new());
-        }
-        self.ids.push(token);
-        let decoded = self.tokenizer.decode(&self.ids, true)?;
-        if decoded.ends_with('\u{FFFD}') || !decoded.starts_with(&self.text) {
-            return Ok(String::new());
-        }
-        let piece = decoded[self.text.len()..].to_string();
-        self.text = decoded;
-        Ok(piece)
-    }
-
-    /// What the whole reply's text adds to what was returned so far (a character left incomplete by the
-    /// last token, as its replacement character).
-    fn finish(&mut self) -> anyhow::Result<String> {
-        let decoded = self.tokenizer.decode(&self.ids, true)?;
-        let piece = decoded
-            .strip_prefix(self.text.as_str())
-            .unwrap_or_default()
-            .to_string();
-        self.text = decoded;
-        Ok(piece)
-    }
+    Ok(settings)
 }

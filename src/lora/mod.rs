@@ -29,7 +29,9 @@ pub use kohya::{
 pub use layer::{
     AdaptableConv2d, AdaptableLinear, AdapterSlot, LayerBuilder, LayerRegistry, LayerShape,
 };
-pub use network::{LoraNetwork, NetworkKind, NetworkModule, NetworkSpec, TargetComponent};
+pub use network::{
+    LoraNetwork, NetworkKind, NetworkModule, NetworkSpec, Rendering, TargetComponent,
+};
 pub use peft::{
     ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PeftAdapter, PeftConfig, PeftExport, PeftTensor,
     TargetModules, adapter_weights_file, split_tensor_name, write_peft_adapter,

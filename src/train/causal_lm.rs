@@ -1,8 +1,10 @@
 //! Training LoRA adapters for causal language models (Qwen2/Qwen2.5, Qwen3, Llama 3.x): the task the loop
 //! ([`super::trainer`]) drives — the next-token cross-entropy over the trained tokens of a micro-batch
 //! (assistant turns, or everything with `train_on_prompt`), weighed by those tokens so that an accumulated
-//! step is the mean over every trained token — and the entry point that reads the conversations, loads the
-//! model folder and its chat template, and reports what the data held.
+//! step is the mean over every trained token — and the entry points: loading a model folder with its
+//! tokenizer files (which the app's engine keeps between runs and chats), training on a loaded model (the
+//! conversations read, tokenised with its chat template, and what the data held reported), and both at
+//! once for the CLI.
 //!
 //! The data's rows are `data::text`'s; their tokens and labels `lm_samples`'; their order and packing
 //! `lm_batches`'. Must not copy anything of the loop.
@@ -11,15 +13,16 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use rand_chacha::ChaCha8Rng;
 
+use super::checkpoint::{Checkpoint, load_checkpoint};
 use super::diffusion::variable_gradient;
 use super::export::ExportContents;
 use super::lm_batches::{LaidOutBatch, TextBatch, lay_out, text_epoch_batches};
 use super::lm_export::write_causal_lm_exports;
 use super::lm_samples::{TokenizedDataset, TokenizedSample, tokenize_dataset};
-use super::report::{CancelToken, LiveRun, TrainReporter};
+use super::report::{CancelToken, LiveModel, LiveRun, TrainReporter};
 use super::task::{BatchShare, ExportPoint, TrainingTask, draw_dropout};
 use super::tensorboard::EventWriter;
 use super::trainer::run_loop;
@@ -43,6 +46,29 @@ pub fn is_language_model_folder(path: &Path) -> bool {
     path.is_dir() && path.join("config.json").is_file() && !path.join("model_index.json").exists()
 }
 
+/// A language model folder loaded for training and chat: the model and its tokenizer files.
+pub struct LoadedLanguageModel {
+    pub path: PathBuf,
+    pub model: CausalLm,
+    pub files: ChatFiles,
+    pub device: Device,
+}
+
+/// Loads the language model folder `config.base_model` on `config.device` in the training precision.
+pub fn load_language_model(config: &TrainConfig) -> Result<LoadedLanguageModel, TrainError> {
+    let files = ChatFiles::open(&config.base_model)?;
+    let choice: DeviceChoice = config.device.parse().map_err(TrainError::Device)?;
+    let device = crate::device::open_device(choice).map_err(TrainError::Device)?;
+    let dtype = super::diffusion::compute_dtype(&device, config.mixed_precision);
+    let model = CausalLm::load(&config.base_model, &device, dtype)?;
+    Ok(LoadedLanguageModel {
+        path: config.base_model.clone(),
+        model,
+        files,
+        device,
+    })
+}
+
 /// Trains LoRA adapters on the language model folder `config.base_model` with the conversations and texts
 /// of `config.train_data_dir`, optionally resuming from a checkpoint folder.
 pub fn train_causal_lm(
@@ -51,19 +77,60 @@ pub fn train_causal_lm(
     reporter: &mut dyn TrainReporter,
     cancel: &CancelToken,
 ) -> Result<TrainOutcome, TrainError> {
+    // The output folder and the dataset are checked before the model is loaded, so that their problems
+    // are reported at once.
+    let dataset = prepare_run(config, reporter)?;
+    reporter.stage("loading the base model", 0, 1);
+    let mut loaded = load_language_model(config)?;
+    reporter.stage("loading the base model", 1, 1);
+    train_scanned(
+        &mut loaded.model,
+        &loaded.files,
+        &dataset,
+        config,
+        resume,
+        reporter,
+        cancel,
+    )
+}
+
+/// [`train_causal_lm`] on an already loaded model (`config.base_model`'s, with its tokenizer `files`, in the
+/// precision it was loaded in); the model is left without adapters afterwards.
+pub fn train_causal_lm_on(
+    model: &mut CausalLm,
+    files: &ChatFiles,
+    config: &TrainConfig,
+    resume: Option<&Path>,
+    reporter: &mut dyn TrainReporter,
+    cancel: &CancelToken,
+) -> Result<TrainOutcome, TrainError> {
+    let dataset = prepare_run(config, reporter)?;
+    train_scanned(model, files, &dataset, config, resume, reporter, cancel)
+}
+
+/// Checks the output folder and reads the dataset, reporting its bad rows.
+fn prepare_run(
+    config: &TrainConfig,
+    reporter: &mut dyn TrainReporter,
+) -> Result<TextDataset, TrainError> {
     super::diffusion::prepare_output(config, reporter)?;
     let dataset = scan_text_dataset(&config.train_data_dir)?;
     report_bad_rows(&dataset, reporter);
-    let files = ChatFiles::open(&config.base_model)?;
-    reporter.stage("loading the base model", 0, 1);
-    let choice: DeviceChoice = config.device.parse().map_err(TrainError::Device)?;
-    let device = crate::device::open_device(choice).map_err(TrainError::Device)?;
-    let dtype = super::diffusion::compute_dtype(&device, config.mixed_precision);
-    let mut model = CausalLm::load(&config.base_model, &device, dtype)?;
-    let checkpoint_grads = config.gradient_checkpointing.then(CheckpointGrads::default);
-    model.set_gradient_checkpointing(checkpoint_grads.clone());
-    reporter.stage("loading the base model", 1, 1);
-    let tokenized = tokenize_dataset(&files, &dataset, config)?;
+    Ok(dataset)
+}
+
+/// Trains on `model` with the dataset already read; the adapters are detached when the run ends (the task
+/// owns them) and gradient checkpointing is turned off again.
+fn train_scanned(
+    model: &mut CausalLm,
+    files: &ChatFiles,
+    dataset: &TextDataset,
+    config: &TrainConfig,
+    resume: Option<&Path>,
+    reporter: &mut dyn TrainReporter,
+    cancel: &CancelToken,
+) -> Result<TrainOutcome, TrainError> {
+    let tokenized = tokenize_dataset(files, dataset, config)?;
     report_tokenized(&tokenized, config, reporter);
     if tokenized.samples.is_empty() {
         return Err(crate::data::DataError::NothingToTrain {
@@ -72,16 +139,22 @@ pub fn train_causal_lm(
         }
         .into());
     }
-    let pad_id = pad_id(&files);
-    let mut task = CausalLmTask::new(
-        &model,
+    let checkpoint_grads = config.gradient_checkpointing.then(CheckpointGrads::default);
+    model.set_gradient_checkpointing(checkpoint_grads.clone());
+    let dtype = model.dtype();
+    let result = CausalLmTask::new(
+        &*model,
         tokenized.samples,
         dataset.fingerprint.clone(),
-        pad_id,
+        pad_id(files),
         config,
-    )?
-    .with_checkpoint_grads(checkpoint_grads);
-    run_loop(&mut task, config, dtype, resume, reporter, cancel)
+    )
+    .and_then(|task| {
+        let mut task = task.with_checkpoint_grads(checkpoint_grads);
+        run_loop(&mut task, config, dtype, resume, reporter, cancel)
+    });
+    model.set_gradient_checkpointing(None);
+    result
 }
 
 /// The padding id: the tokenizer's pad token, else its end of text, else 0 (padding is never attended to
@@ -197,6 +270,31 @@ pub fn create_language_network(
         config.seed,
         model.device(),
     )?)
+}
+
+/// Rebuilds the network of a language model run's checkpoint folder on `model` (attached, at strength 1),
+/// from the run's saved settings.
+pub fn language_network_from_checkpoint(
+    model: &CausalLm,
+    checkpoint: &Path,
+) -> Result<(LoraNetwork, Checkpoint), TrainError> {
+    let saved = load_checkpoint(checkpoint, model.device())?;
+    let bad = |reason: String| TrainError::Checkpoint {
+        path: saved.path.clone(),
+        reason,
+    };
+    if !saved
+        .adapters
+        .keys()
+        .any(|name| name.starts_with(LANGUAGE_MODEL_PREFIX))
+    {
+        return Err(bad(
+            "it was saved by a run that trains an image model, not a language model".into(),
+        ));
+    }
+    let network = create_language_network(&saved.state.config, model)?;
+    network.load_state(&saved.adapters).map_err(bad)?;
+    Ok((network, saved))
 }
 
 /// The mean next-token loss (f32 scalar) over the trained tokens of a laid-out batch, and their count.
@@ -318,7 +416,7 @@ impl TrainingTask for CausalLmTask<'_> {
 
     fn live(&self, step: u64) -> LiveRun<'_> {
         LiveRun {
-            model: None,
+            model: LiveModel::Language(self.model),
             network: &self.network,
             step,
         }

@@ -17,7 +17,7 @@ use super::inputs::{
 };
 use super::metadata::{RunFacts, lora_metadata};
 use super::noise::{add_noise, min_snr_weights, target};
-use super::report::{CancelToken, LiveRun, TrainReporter};
+use super::report::{CancelToken, LiveModel, LiveRun, TrainReporter};
 use super::samples::render_samples;
 use super::task::{ExportPoint, TrainingTask, draw_dropout};
 use super::tensorboard::EventWriter;
@@ -561,7 +561,7 @@ impl TrainingTask for DiffusionTask<'_> {
 
     fn live(&self, step: u64) -> LiveRun<'_> {
         LiveRun {
-            model: Some(self.model),
+            model: LiveModel::Image(self.model),
             network: &self.network,
             step,
         }

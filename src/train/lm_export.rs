@@ -3,14 +3,14 @@
 //! `output_dir/OUTPUT_NAME.gguf`, a llama.cpp LoRA adapter (`llama-cli --lora`, Ollama's `ADAPTER`).
 //! DoRA and PiSSA networks are exported as plain LoRA, as for images (see [`export_network`]).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::DType;
 
 use super::TrainError;
 use super::export::{create_parent, save_dtype};
 use crate::config::{SavePrecision, TrainConfig};
-use crate::lora::{LoraNetwork, PeftExport, export_network, write_peft_adapter};
+use crate::lora::{ExportedLora, LoraNetwork, PeftExport, export_network, write_peft_adapter};
 use crate::models::causal_lm::{AdapterNames, CausalLm, write_gguf_adapter};
 
 /// The files a causal language model's export wrote.
@@ -40,36 +40,55 @@ pub fn write_causal_lm_exports(
     let gguf_file = config
         .output_dir
         .join(format!("{}.gguf", config.output_name));
-    create_parent(&gguf_file)?;
-    let base_model = config.base_model.to_string_lossy().into_owned();
-    let export = PeftExport {
-        base_model_name_or_path: base_model.clone(),
-        use_rslora,
-        layers: model.layers(),
-    };
-    write_peft_adapter(
-        &peft_folder,
-        &lora,
-        &export,
-        save_dtype(config.save_precision),
-    )?;
-    let gguf_dtype = match config.save_precision {
-        SavePrecision::Fp32 => DType::F32,
-        SavePrecision::Fp16 | SavePrecision::Bf16 => DType::F16,
-    };
-    write_gguf_adapter(
-        &gguf_file,
-        &lora,
-        model.config(),
-        AdapterNames {
-            name: &config.output_name,
-            base_model: &base_model,
-        },
-        gguf_dtype,
-    )?;
+    write_peft_export(&lora, model, config, use_rslora, &peft_folder)?;
+    write_gguf_export(&lora, model, config, &gguf_file)?;
     Ok(CausalLmExports {
         peft_folder,
         gguf_file,
         exactness: lora.exactness,
     })
+}
+
+/// Writes `lora` (exported from a network on `model`) as the PEFT adapter folder `folder`, its tensors in
+/// `config.save_precision`, naming `config.base_model` as its base.
+pub fn write_peft_export(
+    lora: &ExportedLora,
+    model: &CausalLm,
+    config: &TrainConfig,
+    use_rslora: bool,
+    folder: &Path,
+) -> Result<(), TrainError> {
+    let export = PeftExport {
+        base_model_name_or_path: config.base_model.to_string_lossy().into_owned(),
+        use_rslora,
+        layers: model.layers(),
+    };
+    write_peft_adapter(folder, lora, &export, save_dtype(config.save_precision))?;
+    Ok(())
+}
+
+/// Writes `lora` (exported from a network on `model`) as the llama.cpp adapter `file`, named
+/// `config.output_name`, in f32 for `save_precision = "fp32"` and f16 otherwise.
+pub fn write_gguf_export(
+    lora: &ExportedLora,
+    model: &CausalLm,
+    config: &TrainConfig,
+    file: &Path,
+) -> Result<(), TrainError> {
+    create_parent(file)?;
+    let gguf_dtype = match config.save_precision {
+        SavePrecision::Fp32 => DType::F32,
+        SavePrecision::Fp16 | SavePrecision::Bf16 => DType::F16,
+    };
+    write_gguf_adapter(
+        file,
+        lora,
+        model.config(),
+        AdapterNames {
+            name: &config.output_name,
+            base_model: &config.base_model.to_string_lossy(),
+        },
+        gguf_dtype,
+    )?;
+    Ok(())
 }

@@ -11,6 +11,7 @@ mod export;
 mod inputs;
 mod lm_batches;
 pub mod lm_bench;
+pub mod lm_chat;
 mod lm_export;
 mod lm_samples;
 mod metadata;
@@ -26,8 +27,9 @@ mod trainer;
 use std::path::PathBuf;
 
 pub use causal_lm::{
-    CausalLmTask, LANGUAGE_MODEL_PREFIX, causal_lm_batch_loss, create_language_network,
-    is_language_model_folder, train_causal_lm,
+    CausalLmTask, LANGUAGE_MODEL_PREFIX, LoadedLanguageModel, causal_lm_batch_loss,
+    create_language_network, is_language_model_folder, language_network_from_checkpoint,
+    load_language_model, train_causal_lm, train_causal_lm_on,
 };
 pub use checkpoint::{Checkpoint, TrainState, list_checkpoints, load_checkpoint};
 pub use lm_batches::{LaidOutBatch, TextBatch, lay_out, text_epoch_batches};
@@ -35,7 +37,7 @@ pub use lm_samples::{TokenizedDataset, TokenizedSample, sample_token_count, toke
 pub use metadata::tag_frequency;
 pub use optimizer::{Optimizer, OptimizerSettings};
 pub use report::{
-    CancelToken, Flow, LiveRun, SilentReporter, StepReport, TrainPlan, TrainReporter,
+    CancelToken, Flow, LiveModel, LiveRun, SilentReporter, StepReport, TrainPlan, TrainReporter,
 };
 
 pub use diffusion::{
@@ -43,7 +45,9 @@ pub use diffusion::{
     prediction_type, train, train_on,
 };
 pub use export::{CHECKPOINT_EXPORT_FILE, export_kept};
-pub use lm_export::{CausalLmExports, write_causal_lm_exports};
+pub use lm_export::{
+    CausalLmExports, write_causal_lm_exports, write_gguf_export, write_peft_export,
+};
 pub use schedule::lr_factor;
 
 /// How a run ended.

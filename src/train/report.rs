@@ -1,5 +1,5 @@
 //! How training tells the outside world what it is doing (terminal, app worker, tests), how it is told to
-//! stop, and the hook that lets the app pause a run and preview it between steps.
+//! stop, and the hook that lets the app pause a run, preview it and chat with it between steps.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -55,10 +55,17 @@ pub struct StepReport {
     pub skipped: bool,
 }
 
-/// What a run offers between steps: the model with the adapters being trained, for previews.
+/// The model a run trains (its adapters attached): image previews render with an image model, chats answer
+/// with a language model.
+#[derive(Clone, Copy)]
+pub enum LiveModel<'a> {
+    Image(&'a crate::models::pipeline::StableDiffusion),
+    Language(&'a crate::models::causal_lm::CausalLm),
+}
+
+/// What a run offers between steps: the model with the adapters being trained, for previews and chats.
 pub struct LiveRun<'a> {
-    /// The image model previews render with; none when the run trains a language model.
-    pub model: Option<&'a crate::models::pipeline::StableDiffusion>,
+    pub model: LiveModel<'a>,
     pub network: &'a crate::lora::LoraNetwork,
     /// Steps completed.
     pub step: u64,

@@ -1,35 +1,46 @@
-//! The engine thread: owns the loaded base model and runs training, previews and exports on it. While a run
-//! trains, jobs that arrive are handled between steps: pause (everything stays in memory), resume, stop,
-//! and previews of the adapters as they are, so the strength slider works during training.
+//! The engine thread: owns the loaded base model — a Stable Diffusion model or a language model, one at a
+//! time — and runs training, previews, chats and exports on it. While a run trains, jobs that arrive are
+//! handled between steps: pause (everything stays in memory), resume, stop, and previews or chats with the
+//! adapters as they are, so the strength slider works during training.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crossbeam_channel::Receiver;
 
-use super::inbox::Inbox;
-use super::{Outbox, contain, internal_error};
+use super::inbox::{Inbox, Supersedable};
+use super::{Outbox, chat, contain, internal_error, lm_export};
+use crate::chat::ChatFiles;
 use crate::config::{PredictionOverride, TrainConfig};
 use crate::discovery::{DiscoveryOptions, discover, resolve};
 use crate::lora::LoraNetwork;
 use crate::messages::{
-    Event, ExportFormat, Job, LossPoint, PreviewRequest, PreviewSettings, PreviewSource, RunEnd,
+    ChatRequest, Event, ExportFormat, Job, LanguageExportRequest, LossPoint, PreviewRequest,
+    PreviewSettings, PreviewSource, RunEnd,
 };
 use crate::models::ModelError;
 use crate::models::pipeline::{GenerateRequest, StableDiffusion, to_rgb8};
 use crate::models::schedulers::{NoiseSource, SamplerKind, SeededNoise};
 use crate::train::{
-    CancelToken, Flow, LiveRun, LoadedBase, StepReport, TrainError, TrainPlan, TrainReporter,
-    TrainStop, export_checkpoint_on, export_kept, load_base, network_from_checkpoint, train_on,
+    CancelToken, Flow, LiveModel, LiveRun, LoadedBase, LoadedLanguageModel, StepReport, TrainError,
+    TrainOutcome, TrainPlan, TrainReporter, TrainStop, export_checkpoint_on, export_kept,
+    is_language_model_folder, load_base, load_language_model, network_from_checkpoint,
+    train_causal_lm_on, train_on,
 };
 
 /// The engine's state between jobs.
 struct Engine {
     inbox: Inbox,
     outbox: Outbox,
-    base: Option<(BaseKey, LoadedBase)>,
+    base: Option<(BaseKey, Kept)>,
     /// Where models named by their short name are looked for.
     models: DiscoveryOptions,
+}
+
+/// The base model the engine keeps.
+enum Kept {
+    Image(Box<LoadedBase>),
+    Language(Box<LoadedLanguageModel>),
 }
 
 /// What a loaded base model was loaded as.
@@ -150,6 +161,15 @@ impl Engine {
                     Err(e) => self.outbox.error(e.to_string()),
                 }
             }
+            Job::Chat(request) => {
+                if let Err(e) = self.chat(&request) {
+                    self.outbox.error(e.to_string());
+                }
+            }
+            Job::ExportLanguage(request) => match self.export_language(&request) {
+                Ok(exports) => self.outbox.send(Event::LanguageExported(exports)),
+                Err(e) => self.outbox.error(e.to_string()),
+            },
             Job::Pause | Job::Resume | Job::Stop => {
                 self.outbox.send(Event::Info("nothing is training".into()))
             }
@@ -157,30 +177,63 @@ impl Engine {
         }
     }
 
-    /// The base model for previews and exports, loaded once and kept: the one training used when the path,
-    /// device and prediction type agree, whatever its precision.
+    /// The image model for previews and exports, loaded once and kept: the one training used when the
+    /// path, device and prediction type agree, whatever its precision.
     fn base(
         &mut self,
         path: &Path,
         device: &str,
         prediction_type: Option<PredictionOverride>,
     ) -> Result<&mut LoadedBase, TrainError> {
+        if is_language_model_folder(path) {
+            return Err(TrainError::Device(format!(
+                "{} is a language model; previews render images with a Stable Diffusion model",
+                path.display()
+            )));
+        }
         let config = TrainConfig {
             base_model: path.to_path_buf(),
             device: device.to_string(),
             prediction_type,
             ..Default::default()
         };
-        self.base_for(&config, true)
+        match self.base_for(&config, true)? {
+            Kept::Image(base) => Ok(base.as_mut()),
+            Kept::Language(_) => Err(TrainError::Internal("an image model was expected".into())),
+        }
+    }
+
+    /// The language model for chats and exports, loaded once and kept: the one training used when the path
+    /// and device agree, whatever its precision.
+    fn language_model(
+        &mut self,
+        path: &Path,
+        device: &str,
+    ) -> Result<&mut LoadedLanguageModel, TrainError> {
+        if !is_language_model_folder(path) {
+            return Err(TrainError::Device(format!(
+                "{} is not a language model folder (a Hugging Face folder with config.json)",
+                path.display()
+            )));
+        }
+        let config = TrainConfig {
+            base_model: path.to_path_buf(),
+            device: device.to_string(),
+            ..Default::default()
+        };
+        match self.base_for(&config, true)? {
+            Kept::Language(model) => Ok(model.as_mut()),
+            Kept::Image(_) => Err(TrainError::Internal("a language model was expected".into())),
+        }
     }
 
     /// The base model `config` trains on (in its precision unless `any_precision`), loaded when the one
-    /// kept differs.
+    /// kept differs: a language model for a language model folder, else a Stable Diffusion model.
     fn base_for(
         &mut self,
         config: &TrainConfig,
         any_precision: bool,
-    ) -> Result<&mut LoadedBase, TrainError> {
+    ) -> Result<&mut Kept, TrainError> {
         let key = BaseKey {
             path: config.base_model.clone(),
             device: config.device.clone(),
@@ -200,7 +253,11 @@ impl Engine {
                 done: 0,
                 total: 1,
             });
-            let loaded = load_base(config)?;
+            let loaded = if is_language_model_folder(&config.base_model) {
+                Kept::Language(Box::new(load_language_model(config)?))
+            } else {
+                Kept::Image(Box::new(load_base(config)?))
+            };
             self.outbox.send(Event::Stage {
                 stage: "loading the base model".into(),
                 done: 1,
@@ -216,6 +273,33 @@ impl Engine {
         }
     }
 
+    /// Answers a chat with the kept language model (no run trains: `Live` is the base model alone); the
+    /// reply is abandoned when a newer chat request arrives.
+    fn chat(&mut self, request: &ChatRequest) -> anyhow::Result<()> {
+        self.language_model(&request.base_model, &request.device)?;
+        let (Some((_, Kept::Language(loaded))), inbox) = (&self.base, &mut self.inbox) else {
+            return Ok(());
+        };
+        let superseded = &mut || inbox.newer_waiting(Supersedable::Chat);
+        chat::answer(
+            &loaded.model,
+            &loaded.files,
+            None,
+            request,
+            &self.outbox,
+            superseded,
+        )
+    }
+
+    /// Writes a language model's exports from a checkpoint with the kept language model.
+    fn export_language(
+        &mut self,
+        request: &LanguageExportRequest,
+    ) -> anyhow::Result<crate::messages::LanguageExports> {
+        let loaded = self.language_model(&request.base_model, &request.device)?;
+        lm_export::export(&loaded.model, request)
+    }
+
     /// Renders a preview with the base model; a `cancellable` one is abandoned when a newer request
     /// arrives.
     fn preview(&mut self, request: &PreviewRequest, cancellable: bool) -> Result<(), TrainError> {
@@ -224,10 +308,10 @@ impl Engine {
             &request.device,
             request.prediction_type,
         )?;
-        let (Some((_, base)), inbox) = (&self.base, &mut self.inbox) else {
+        let (Some((_, Kept::Image(base))), inbox) = (&self.base, &mut self.inbox) else {
             return Ok(());
         };
-        let superseded = &mut || cancellable && inbox.newer_preview_waiting();
+        let superseded = &mut || cancellable && inbox.newer_waiting(Supersedable::Preview);
         if let Some(event) = render_preview(&base.model, &base.device, None, request, superseded)? {
             self.outbox.send(event);
         }
@@ -241,17 +325,16 @@ impl Engine {
         let mut inbox = std::mem::replace(&mut self.inbox, Inbox::new(crossbeam_channel::never()));
         let mut deferred = Vec::new();
         let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.base_for(config, false).and_then(|base| {
-                let device = base.device.clone();
+            self.base_for(config, false).and_then(|kept| {
                 let mut reporter = EngineReporter {
                     outbox: outbox.clone(),
                     inbox: &mut inbox,
                     deferred: &mut deferred,
-                    device,
+                    chat_files: None,
                     losses: Vec::new(),
                 };
                 let cancel = CancelToken::default();
-                let outcome = train_on(base, config, resume, &mut reporter, &cancel);
+                let outcome = train_kept(kept, config, resume, &mut reporter, &cancel);
                 let flat = reporter.loss_is_flat();
                 outcome.map(|o| (o, flat))
             })
@@ -297,6 +380,31 @@ impl Engine {
                     steps: 0,
                 });
             }
+        }
+    }
+}
+
+/// Trains `config` on the kept model, whichever kind it is; the reporter gets a language model's tokenizer
+/// files for chats between steps.
+fn train_kept<'a>(
+    kept: &'a mut Kept,
+    config: &TrainConfig,
+    resume: Option<&Path>,
+    reporter: &mut EngineReporter<'a>,
+    cancel: &CancelToken,
+) -> Result<TrainOutcome, TrainError> {
+    match kept {
+        Kept::Image(base) => train_on(base, config, resume, reporter, cancel),
+        Kept::Language(loaded) => {
+            reporter.chat_files = Some(&loaded.files);
+            train_causal_lm_on(
+                &mut loaded.model,
+                &loaded.files,
+                config,
+                resume,
+                reporter,
+                cancel,
+            )
         }
     }
 }
@@ -377,7 +485,8 @@ struct EngineReporter<'a> {
     inbox: &'a mut Inbox,
     /// Jobs that wait for the run to end (exports, scans of other folders).
     deferred: &'a mut Vec<Job>,
-    device: candle_core::Device,
+    /// The tokenizer files of the language model a run trains, for chats.
+    chat_files: Option<&'a ChatFiles>,
     losses: Vec<f64>,
 }
 
@@ -399,6 +508,7 @@ impl EngineReporter<'_> {
         match job {
             Job::Stop => return false,
             Job::Preview(request) => self.preview(live, &request, true),
+            Job::Chat(request) => self.chat(live, &request),
             Job::PreviewGrid {
                 request,
                 strengths,
@@ -420,18 +530,43 @@ impl EngineReporter<'_> {
 
     /// Renders a preview between steps; a `cancellable` one is abandoned when a newer request arrives.
     fn preview(&mut self, live: &LiveRun, request: &PreviewRequest, cancellable: bool) {
-        let Some(model) = live.model else {
+        let LiveModel::Image(model) = live.model else {
             self.outbox.send(Event::Info(
                 "previews render images; this run trains a language model".into(),
             ));
             return;
         };
         let inbox = &mut *self.inbox;
-        let superseded = &mut || cancellable && inbox.newer_preview_waiting();
-        match render_preview(model, &self.device, Some(live.network), request, superseded) {
+        let superseded = &mut || cancellable && inbox.newer_waiting(Supersedable::Preview);
+        let device = model.device();
+        match render_preview(model, device, Some(live.network), request, superseded) {
             Ok(Some(event)) => self.outbox.send(event),
             Ok(None) => {}
             Err(e) => self.outbox.error(e.to_string()),
+        }
+    }
+
+    /// Answers a chat between steps with the run's adapters as they are (or a checkpoint's); abandoned when
+    /// a newer chat request arrives.
+    fn chat(&mut self, live: &LiveRun, request: &ChatRequest) {
+        let (LiveModel::Language(model), Some(files)) = (live.model, self.chat_files) else {
+            return self.outbox.error(
+                "a Stable Diffusion run is training; chat with a language model once it ends"
+                    .into(),
+            );
+        };
+        let inbox = &mut *self.inbox;
+        let superseded = &mut || inbox.newer_waiting(Supersedable::Chat);
+        let answered = chat::answer(
+            model,
+            files,
+            Some(live.network),
+            request,
+            &self.outbox,
+            superseded,
+        );
+        if let Err(e) = answered {
+            self.outbox.error(e.to_string());
         }
     }
 }

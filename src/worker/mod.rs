@@ -1,13 +1,17 @@
-//! The worker threads behind the app: `engine` owns the model (training, previews, exports), `files`
-//! does the dataset work (scanning, checks, thumbnails, caption saves), `captioner` auto-captions and
-//! `models` finds and downloads base models, so a long training step never holds up a caption edit. Jobs arrive over channels; events go back over a bounded channel, each followed by
-//! the wake-up closure (the app's repaint request). Must not use egui or eframe.
+//! The worker threads behind the app: `engine` owns the model (training, previews, chats (`chat`),
+//! exports (`lm_export` for language models)), `files` does the dataset work (scanning, checks,
+//! thumbnails, caption saves, the conversation dataset being edited (`conversations`)), `captioner`
+//! auto-captions and `models` finds and downloads base models, so a long training step never holds up a
+//! caption edit. Jobs arrive over channels; events go back over a bounded channel, each followed by the
+//! wake-up closure (the app's repaint request). Must not use egui or eframe.
 
 mod captioner;
+mod chat;
 mod conversations;
 mod engine;
 mod files;
 mod inbox;
+mod lm_export;
 mod models;
 mod outbox;
 

@@ -104,3 +104,15 @@ pub fn greedy_reference(family: &str) -> (serde_json::Value, GenerationSettings)
 pub fn id_rows(value: &serde_json::Value) -> Vec<Vec<u32>> {
     serde_json::from_value(value.clone()).unwrap()
 }
+
+/// OpenAI rows of one question and its answer each.
+pub fn chat_lines(rows: &[(&str, &str)]) -> String {
+    let lines: Vec<String> = rows
+        .iter()
+        .map(|(q, a)| {
+            serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+                .to_string()
+        })
+        .collect();
+    lines.join("\n")
+}

@@ -54,6 +54,20 @@ pub fn generate(
     settings: &GenerationSettings,
     mut on_token: impl FnMut(usize, u32),
 ) -> Result<Vec<Vec<u32>>> {
+    generate_while(model, prompts, settings, |row, token| {
+        on_token(row, token);
+        true
+    })
+}
+
+/// [`generate`], stopping early (with the tokens so far) as soon as `on_token` returns false: a reply that
+/// is no longer wanted ends between two tokens.
+pub fn generate_while(
+    model: &CausalLm,
+    prompts: &[Vec<u32>],
+    settings: &GenerationSettings,
+    mut on_token: impl FnMut(usize, u32) -> bool,
+) -> Result<Vec<Vec<u32>>> {
     if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
         candle_core::bail!("every prompt needs at least one token");
     }
@@ -74,7 +88,9 @@ pub fn generate(
             seen[row].push(token);
             if !finished[row] {
                 outputs[row].push(token);
-                on_token(row, token);
+                if !on_token(row, token) {
+                    return Ok(outputs);
+                }
                 finished[row] = settings.stop_ids.contains(&token);
             }
             next.push(vec![token]);

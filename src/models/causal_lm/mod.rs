@@ -23,7 +23,7 @@ mod rope;
 pub use batch::{PADDING_SEGMENT, PaddingSide, TEXT_SEGMENT, TokenBatch};
 pub use cache::KvCache;
 pub use config::{Architecture, CausalLmConfig, RopeScaling};
-pub use generate::{GenerationSettings, Sampling, generate, sample};
+pub use generate::{GenerationSettings, Sampling, generate, generate_while, sample};
 pub use gguf_adapter::{
     AdapterNames, gguf_adapter_tensors, llama_cpp_architecture, llama_cpp_tensor_name,
     write_gguf_adapter,
