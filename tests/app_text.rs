@@ -26,10 +26,18 @@ fn qwen2() -> PathBuf {
 /// The app with `settings` and real workers that look for models nowhere. The fixture's random weights reply
 /// with any bytes, some of them no font draws: they show as boxes, as in the window.
 fn open_app(settings: AppSettings) -> Harness<'static, StudioApp> {
+    open_app_with_hub(settings, None)
+}
+
+/// [`open_app`], finding the models of the Hugging Face cache `hub_cache`.
+fn open_app_with_hub(
+    settings: AppSettings,
+    hub_cache: Option<PathBuf>,
+) -> Harness<'static, StudioApp> {
     let places = lora_studio::worker::ModelPlaces {
         discovery: lora_studio::discovery::DiscoveryOptions {
             home: None,
-            hub_cache: None,
+            hub_cache,
             extra_roots: Vec::new(),
             cache_file: None,
             time_limit: Duration::from_secs(1),
@@ -150,7 +158,7 @@ fn a_dropped_conversation_file_is_read_checked_and_edited_in_its_own_format() {
     assert!(harness.state().text_mode(), "a JSONL file switches to text");
     harness.run_steps(2);
     // The unreadable line is listed with its line number; the empty reply is flagged.
-    harness.get_by_label_contains("1 rows could not be read");
+    harness.get_by_label_contains("1 row could not be read");
     let deadline = Instant::now() + Duration::from_secs(60);
     while harness.query_by_label("empty reply").is_none() {
         assert!(Instant::now() < deadline, "no empty-reply badge");
@@ -192,6 +200,76 @@ fn a_dropped_conversation_file_is_read_checked_and_edited_in_its_own_format() {
         "other rows untouched"
     );
     assert_eq!(lines[5], "this line is not JSON");
+
+    // The base model row names the folder's family.
+    harness.state_mut().settings_mut().tab = Tab::Train;
+    harness.run_steps(2);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let shown = |harness: &Harness<'_, StudioApp>| {
+        harness
+            .get_by_role_and_label(Role::ComboBox, "Base model")
+            .value()
+    };
+    while shown(&harness).as_deref() != Some("qwen2 (chat model)") {
+        assert!(
+            Instant::now() < deadline,
+            "the base model shows {:?}",
+            shown(&harness)
+        );
+        harness.step();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn picking_a_chat_model_switches_the_views_to_text_and_offers_the_chat_presets() {
+    let dir = tempfile::tempdir().unwrap();
+    // A Hugging Face cache holding the fixture as `tiny-chat`.
+    let repo = dir.path().join("hub/models--acme--tiny-chat");
+    let snapshot = repo.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    for file in std::fs::read_dir(qwen2()).unwrap().flatten() {
+        if file.path().is_file() {
+            std::fs::copy(file.path(), snapshot.join(file.file_name())).unwrap();
+        }
+    }
+    let data = write_dataset(&dir.path().join("chats.jsonl"), 3);
+    let settings = AppSettings {
+        train: TrainConfig {
+            train_data_dir: data,
+            base_model: PathBuf::new(),
+            ..Default::default()
+        },
+        preset: "16 GB GPU".to_string(),
+        tab: Tab::Train,
+        ..Default::default()
+    };
+    let mut harness = open_app_with_hub(settings, Some(dir.path().join("hub")));
+    step_until(&mut harness, "the search for models", |app| {
+        app.models_found() == Some(1)
+    });
+    harness.run_steps(2);
+    assert!(!harness.state().text_mode());
+    harness
+        .get_by_role_and_label(Role::ComboBox, "Base model")
+        .click();
+    harness.run_steps(2);
+    harness
+        .get_by_label_contains("tiny-chat  —  chat model")
+        .click();
+    step_until(&mut harness, "text mode", |app| app.text_mode());
+    // The same GPU's chat preset, the dataset read as conversations, the text settings and estimate.
+    assert_eq!(harness.state().settings().preset, "Chat, 16 GB GPU");
+    assert!(harness.state().settings().train.packing);
+    step_until(&mut harness, "the conversations", |app| {
+        app.conversations_len() == 5
+    });
+    harness.run_steps(2);
+    harness.get_by_role_and_label(Role::Slider, "Max sequence length");
+    harness.get_by_label_contains("chat model on this");
+    assert!(harness.query_by_label("Resolution").is_none());
 }
 
 fn write_dataset_line_sharegpt() -> String {

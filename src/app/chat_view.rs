@@ -216,10 +216,21 @@ impl StudioApp {
 
     fn chat_settings_ui(&mut self, ui: &mut egui::Ui) {
         let label = ui.label("System prompt");
+        let run_prompt = self
+            .settings
+            .train
+            .system_prompt
+            .clone()
+            .unwrap_or_default();
         ui.add(
             egui::TextEdit::multiline(&mut self.settings.chat.system_prompt)
                 .desired_rows(3)
-                .desired_width(f32::INFINITY),
+                .desired_width(f32::INFINITY)
+                .hint_text(if run_prompt.is_empty() {
+                    "none".to_string()
+                } else {
+                    format!("the run's: {run_prompt}")
+                }),
         )
         .labelled_by(label.id);
         let s = &mut self.settings.chat;
@@ -411,4 +422,54 @@ fn turn_ui(ui: &mut egui::Ui, role: &str, content: &str) {
         ui.strong(who);
         ui.label(content);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ChatState, PendingReply};
+    use crate::messages::{ChatLane, ChatTurn};
+
+    fn pending(id: u64, compare: bool) -> PendingReply {
+        PendingReply {
+            id,
+            compare,
+            strength: 0.8,
+            adapter: String::new(),
+            base: String::new(),
+            pieces: 0,
+        }
+    }
+
+    #[test]
+    fn a_streamed_reply_joins_the_conversation_and_a_comparison_stands_beside_it() {
+        let mut chat = ChatState {
+            turns: vec![ChatTurn::new("user", "Where is my order?")],
+            pending: Some(pending(2, false)),
+            ..Default::default()
+        };
+        chat.token(1, ChatLane::Adapter, "late answer to an older question");
+        chat.token(2, ChatLane::Adapter, "It ships ");
+        chat.token(2, ChatLane::Adapter, "today.");
+        assert_eq!(chat.pending.as_ref().unwrap().adapter, "It ships today.");
+        chat.reply(2, ChatLane::Adapter, "It ships today.".into(), 5, 0.5);
+        assert_eq!(chat.turns.last().unwrap().content, "It ships today.");
+        assert_eq!(chat.last_pieces, 2);
+        assert_eq!(chat.up_to_last_question().unwrap().len(), 1);
+
+        chat.pending = Some(pending(3, true));
+        chat.reply(3, ChatLane::Base, "base words".into(), 2, 0.1);
+        chat.reply(3, ChatLane::Adapter, "adapter words".into(), 2, 0.1);
+        let comparison = chat.comparison.as_ref().unwrap();
+        assert_eq!(
+            (comparison.base.as_str(), comparison.adapter.as_str()),
+            ("base words", "adapter words")
+        );
+        assert_eq!(comparison.question, "Where is my order?");
+        assert_eq!(
+            chat.turns.len(),
+            2,
+            "a comparison does not extend the conversation"
+        );
+        assert!(chat.pending.is_none());
+    }
 }

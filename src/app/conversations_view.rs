@@ -32,6 +32,8 @@ pub struct ConversationsState {
     pub only_problems: bool,
     /// Edits sent and not yet answered by the files thread.
     pub edits_in_flight: usize,
+    /// The base model and system prompt the token counts were asked with.
+    counted_with: Option<(PathBuf, Option<String>)>,
 }
 
 impl ConversationsState {
@@ -87,10 +89,49 @@ impl ConversationsState {
         self.view.as_ref().map_or(0, |v| v.entries.len())
     }
 
+    /// The problems of sample `index`, its length measured against `max_seq_length` as set now (the
+    /// counts do not depend on it, so changing it needs no new count).
+    fn badges_of(&self, index: usize, max_seq_length: usize) -> Vec<TextBadge> {
+        let mut badges: Vec<TextBadge> = self
+            .badges
+            .get(index)
+            .into_iter()
+            .flatten()
+            .filter(|b| !matches!(b, TextBadge::OverLength { .. }))
+            .cloned()
+            .collect();
+        if let Some(tokens) = self.over_length(index, max_seq_length) {
+            badges.push(TextBadge::OverLength {
+                tokens,
+                max: max_seq_length,
+            });
+        }
+        badges
+    }
+
+    /// The tokens of sample `index` when they are more than `max_seq_length` and it is a conversation
+    /// (training cuts it; a long text is split into pieces instead).
+    fn over_length(&self, index: usize, max_seq_length: usize) -> Option<usize> {
+        let tokens = self.tokens.get(index).copied().flatten()?;
+        let entry = self.view.as_ref()?.entries.get(index)?;
+        (tokens > max_seq_length && entry.format != RowFormat::Text).then_some(tokens)
+    }
+
+    /// Whether sample `index` has a problem ([`Self::badges_of`] is not empty), without building its
+    /// badges: the list asks it of every sample every frame.
+    fn has_problem(&self, index: usize, max_seq_length: usize) -> bool {
+        let flagged = self.badges.get(index).is_some_and(|badges| {
+            badges
+                .iter()
+                .any(|b| !matches!(b, TextBadge::OverLength { .. }))
+        });
+        flagged || self.over_length(index, max_seq_length).is_some()
+    }
+
     /// The sample indices the list shows.
-    fn visible(&self) -> Vec<usize> {
+    fn visible(&self, max_seq_length: usize) -> Vec<usize> {
         (0..self.len())
-            .filter(|&i| !self.only_problems || self.badges.get(i).is_some_and(|b| !b.is_empty()))
+            .filter(|&i| !self.only_problems || self.has_problem(i, max_seq_length))
             .collect()
     }
 
@@ -206,6 +247,7 @@ impl StudioApp {
         if t.train_data_dir.as_os_str().is_empty() {
             return;
         }
+        self.conversations.counted_with = Some((t.base_model.clone(), t.system_prompt.clone()));
         self.worker.send(Job::OpenConversations {
             path: t.train_data_dir.clone(),
             base_model: t.base_model.clone(),
@@ -229,6 +271,17 @@ impl StudioApp {
     }
 
     pub(super) fn conversations_tab_ui(&mut self, ui: &mut egui::Ui) {
+        let t = &self.settings.train;
+        let counted_with = Some((t.base_model.clone(), t.system_prompt.clone()));
+        let max = t.max_seq_length as usize;
+        if self.conversations.view.is_some()
+            && self.conversations.counted_with != counted_with
+            && self.conversations.edits_in_flight == 0
+        {
+            // Another tokenizer or system prompt: the samples are counted again.
+            self.flush_conversation_draft();
+            self.send_open_conversations();
+        }
         let Some(view) = &self.conversations.view else {
             ui.vertical_centered(|ui| {
                 ui.add_space(60.0);
@@ -240,27 +293,31 @@ impl StudioApp {
             });
             return;
         };
-        let problems = self
-            .conversations
-            .badges
-            .iter()
-            .filter(|b| !b.is_empty())
+        let problems = (0..view.entries.len())
+            .filter(|&i| self.conversations.has_problem(i, max))
             .count();
         let summary = format!(
-            "{}: {} samples, {} with problems, {} rows unreadable",
+            "{}: {} samples, {} with problems, {} unreadable",
             view.root.display(),
             view.entries.len(),
             problems,
-            view.unparsed.len()
+            rows_text(view.unparsed.len())
         );
+        let view_unparsed_empty = view.unparsed.is_empty();
         let can_undo = view.can_undo;
         ui.label(summary);
         self.conversation_tools_ui(ui, can_undo);
         ui.separator();
         egui::Panel::right("conversation-detail")
             .resizable(true)
-            .default_size(ui.available_width() * 0.5)
+            .default_size(540.0)
+            .min_size(320.0)
             .show(ui, |ui| self.conversation_detail_ui(ui));
+        if !view_unparsed_empty {
+            egui::Panel::bottom("unparsed-rows")
+                .resizable(true)
+                .show(ui, |ui| self.unparsed_rows_ui(ui));
+        }
         egui::CentralPanel::default().show(ui, |ui| self.conversation_list_ui(ui));
     }
 
@@ -308,8 +365,8 @@ impl StudioApp {
     }
 
     fn conversation_list_ui(&mut self, ui: &mut egui::Ui) {
-        let visible = self.conversations.visible();
         let max = self.settings.train.max_seq_length as usize;
+        let visible = self.conversations.visible(max);
         let mut clicked = None;
         egui::ScrollArea::vertical()
             .auto_shrink([false, false])
@@ -339,8 +396,8 @@ impl StudioApp {
                             }
                             None => {}
                         }
-                        for badge in c.badges.get(index).into_iter().flatten() {
-                            let (short, long) = badge_text(badge);
+                        for badge in c.badges_of(index, max) {
+                            let (short, long) = badge_text(&badge);
                             ui.colored_label(ui.visuals().warn_fg_color, short)
                                 .on_hover_text(long);
                         }
@@ -352,21 +409,26 @@ impl StudioApp {
             self.conversations.selected = Some(index);
             self.conversations.draft = None;
         }
+    }
+
+    /// The rows that could not be read, with file and line.
+    fn unparsed_rows_ui(&mut self, ui: &mut egui::Ui) {
         let Some(view) = &self.conversations.view else {
             return;
         };
-        if !view.unparsed.is_empty() {
-            ui.separator();
-            egui::CollapsingHeader::new(format!(
-                "{} rows could not be read (kept in the file as they are)",
-                view.unparsed.len()
-            ))
-            .show(ui, |ui| {
-                for (file, line, reason) in view.unparsed.iter().take(200) {
-                    ui.label(format!("{} line {line}: {reason}", file.display()));
-                }
-            });
-        }
+        egui::CollapsingHeader::new(format!(
+            "{} could not be read (kept in the file unchanged)",
+            rows_text(view.unparsed.len())
+        ))
+        .show(ui, |ui| {
+            egui::ScrollArea::vertical()
+                .max_height(160.0)
+                .show(ui, |ui| {
+                    for (file, line, reason) in view.unparsed.iter().take(500) {
+                        ui.label(format!("{} line {line}: {reason}", file.display()));
+                    }
+                });
+        });
     }
 
     fn conversation_detail_ui(&mut self, ui: &mut egui::Ui) {
@@ -391,8 +453,8 @@ impl StudioApp {
         if c.draft.as_ref().is_none_or(|(i, _)| *i != index) {
             c.draft = Some((index, entry.turns.clone()));
         }
-        for badge in c.badges.get(index).into_iter().flatten() {
-            ui.colored_label(ui.visuals().warn_fg_color, badge_text(badge).1);
+        for badge in c.badges_of(index, self.settings.train.max_seq_length as usize) {
+            ui.colored_label(ui.visuals().warn_fg_color, badge_text(&badge).1);
         }
         let mut sample_edit = None;
         ui.horizontal(|ui| {
@@ -475,11 +537,73 @@ impl StudioApp {
     }
 }
 
+/// `1 row`, `3 rows`.
+fn rows_text(rows: usize) -> String {
+    if rows == 1 {
+        "1 row".to_string()
+    } else {
+        format!("{rows} rows")
+    }
+}
+
 fn format_name(format: RowFormat) -> &'static str {
     match format {
         RowFormat::OpenAi => "OpenAI messages",
         RowFormat::ShareGpt => "ShareGPT",
         RowFormat::Alpaca => "Alpaca",
         RowFormat::Text => "text",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ConversationsState;
+    use crate::messages::{ChatTurn, ConversationEntry, ConversationsView, RowFormat, TextBadge};
+
+    fn entry(format: RowFormat) -> ConversationEntry {
+        ConversationEntry {
+            file: "chats.jsonl".into(),
+            line: 1,
+            format,
+            turns: vec![ChatTurn::new("user", "Hi"), ChatTurn::new("assistant", "")],
+        }
+    }
+
+    #[test]
+    fn the_length_badge_follows_the_maximum_set_now_and_spares_texts() {
+        let mut state = ConversationsState::default();
+        state.set_view(ConversationsView {
+            root: "chats.jsonl".into(),
+            entries: vec![
+                entry(RowFormat::OpenAi),
+                entry(RowFormat::Text),
+                entry(RowFormat::ShareGpt),
+            ],
+            unparsed: Vec::new(),
+            can_undo: false,
+        });
+        let over = |tokens, max| TextBadge::OverLength { tokens, max };
+        state.checked(
+            &"chats.jsonl".into(),
+            vec![Some(300), Some(300), None],
+            vec![
+                vec![TextBadge::EmptyAssistantTurn, over(300, 256)],
+                vec![],
+                vec![],
+            ],
+        );
+        assert_eq!(
+            state.badges_of(0, 512),
+            vec![TextBadge::EmptyAssistantTurn],
+            "counted against 256, within 512"
+        );
+        assert_eq!(
+            state.badges_of(0, 128),
+            vec![TextBadge::EmptyAssistantTurn, over(300, 128)]
+        );
+        assert!(!state.has_problem(1, 128), "a long text is split, not cut");
+        assert!(!state.has_problem(2, 1), "not counted");
+        state.only_problems = true;
+        assert_eq!(state.visible(128), vec![0]);
     }
 }

@@ -284,7 +284,11 @@ impl StudioApp {
                     total_steps,
                     steps_per_epoch,
                     first_step,
-                } => self.run.started(total_steps, steps_per_epoch, first_step),
+                } => {
+                    self.run.started(total_steps, steps_per_epoch, first_step);
+                    // Chats use the adapters as they are while the run trains.
+                    self.chat.source = None;
+                }
                 Event::Loss(point) => self.run.losses.push(point),
                 Event::Checkpoint { path, step } => self.run.add_checkpoints([(step, path)]),
                 Event::CheckpointsFound {
@@ -305,14 +309,20 @@ impl StudioApp {
                 } => {
                     self.run.ended(end, lora.clone(), checkpoint);
                     if let Some(lora) = lora {
-                        self.notice(
-                            false,
+                        let text = if self.text_mode() {
+                            // Chats go on with the adapter the run wrote.
+                            self.chat.source = Some(lora.clone());
+                            format!(
+                                "run ended after {steps} steps; adapter written to {} (PEFT) and {0}.gguf (llama.cpp)",
+                                lora.display()
+                            )
+                        } else {
                             format!(
                                 "run ended after {steps} steps; LoRA written to {}",
                                 lora.display()
-                            ),
-                            None,
-                        );
+                            )
+                        };
+                        self.notice(false, text, None);
                     }
                 }
                 Event::Preview {

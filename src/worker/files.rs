@@ -122,6 +122,9 @@ pub fn run(jobs: Receiver<Job>, outbox: Outbox) {
 /// The family of the base model at `path`, from its headers and configs only (`models::inspect`); `None`
 /// when it is no base model lora-studio reads (the run says why when it starts).
 fn describe(path: &std::path::Path) -> Option<BaseFamily> {
+    if crate::models::lm_inspect::is_language_model_folder(path) {
+        return Some(BaseFamily::Language);
+    }
     match inspect(path).ok()? {
         FileReport::Checkpoint(report) => Some(match report.config.family {
             ModelFamily::Sd1 | ModelFamily::Sd2 => BaseFamily::Sd,
