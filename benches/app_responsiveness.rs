@@ -5,7 +5,7 @@
 //! - frame times while a training run keeps every core busy;
 //! - frame times of the training view with 100,000 loss points, following the run and zoomed in;
 //! - a language model's dataset of 50,000 conversations: time until the list shows and until every sample
-//!   is counted in tokens, frame times while scrolling it, and the time an edited turn takes to be saved;
+//!   is counted in tokens, frame times while an edited turn is saved and while scrolling the list;
 //! - the chat preview while a language model trains: time to the first streamed piece and to the whole
 //!   reply, and frame times while replies stream in.
 //!
@@ -63,8 +63,10 @@ fn frame(harness: &mut Harness<'_, StudioApp>) -> Duration {
 fn open_app(settings: AppSettings) -> Harness<'static, StudioApp> {
     let (worker, events) = WorkerHandle::spawn(Arc::new(|| {})).expect("workers start");
     let app = StudioApp::new(settings, worker, events);
+    // A random-weight chat model replies with any bytes, some of them no font draws: boxes, as in the window.
     Harness::builder()
         .with_size(WINDOW)
+        .allow_missing_glyphs()
         .build_ui_state(|ui, app: &mut StudioApp| app.main_ui(ui), app)
 }
 
@@ -288,27 +290,6 @@ fn fifty_thousand_conversations(file: &Path) {
         counted.as_secs_f64() * 1e3
     );
 
-    let mut times = Vec::new();
-    for _ in 0..300 {
-        harness.event(egui::Event::MouseWheel {
-            unit: egui::MouseWheelUnit::Point,
-            delta: egui::vec2(0.0, -400.0),
-            modifiers: egui::Modifiers::NONE,
-            phase: egui::TouchPhase::Move,
-            source: egui::MouseWheelSource::Wheel,
-        });
-        harness
-            .input_mut()
-            .events
-            .push(egui::Event::PointerMoved(egui::pos2(300.0, 400.0)));
-        times.push(frame(&mut harness));
-        std::thread::sleep(Duration::from_millis(16));
-    }
-    report(
-        "scrolling 50,000 conversations (300 frames, 400 px each)",
-        &times,
-    );
-
     // Edit a reply of a sample and wait for the save.
     harness.get_by_label_contains("#1  ").click();
     harness.run_steps(2);
@@ -330,15 +311,32 @@ fn fifty_thousand_conversations(file: &Path) {
         }
         std::thread::sleep(Duration::from_millis(1));
     }
-    let saved = started.elapsed();
-    let recounted_from = Instant::now();
-    step_until(&mut harness, |app| app.conversations_counted() == 50_000);
     report(
         &format!(
-            "editing a turn of 50,000 conversations (saved after {:.0} ms, counted again {:.0} ms later)",
-            saved.as_secs_f64() * 1e3,
-            recounted_from.elapsed().as_secs_f64() * 1e3
+            "editing a turn of 50,000 conversations (the whole file saved and the sample back after {:.0} ms)",
+            started.elapsed().as_secs_f64() * 1e3
         ),
+        &times,
+    );
+
+    let mut times = Vec::new();
+    for _ in 0..300 {
+        harness.event(egui::Event::MouseWheel {
+            unit: egui::MouseWheelUnit::Point,
+            delta: egui::vec2(0.0, -400.0),
+            modifiers: egui::Modifiers::NONE,
+            phase: egui::TouchPhase::Move,
+            source: egui::MouseWheelSource::Wheel,
+        });
+        harness
+            .input_mut()
+            .events
+            .push(egui::Event::PointerMoved(egui::pos2(300.0, 400.0)));
+        times.push(frame(&mut harness));
+        std::thread::sleep(Duration::from_millis(16));
+    }
+    report(
+        "scrolling 50,000 conversations (300 frames, 400 px each)",
         &times,
     );
 }
