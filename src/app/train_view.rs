@@ -447,6 +447,14 @@ impl StudioApp {
             })
         } else if t.base_model.as_os_str().is_empty() && self.text_mode() {
             Some("Choose a chat model first: a Hugging Face model folder (Folder…) or a download.")
+        } else if self.text_mode()
+            && self
+                .base_family()
+                .is_some_and(|family| family != BaseFamily::Language)
+        {
+            Some(
+                "The base model makes images, and the dataset holds conversations: choose a chat model (a Hugging Face model folder) to train on them.",
+            )
         } else if t.base_model.as_os_str().is_empty() {
             Some(
                 "Choose a base model first: a Stable Diffusion file (File…) or diffusers folder (Folder…).",
