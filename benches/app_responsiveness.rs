@@ -109,22 +109,7 @@ fn first_screen_and_scrolling(photos: &Path) {
         full.as_secs_f64() * 1e3
     );
 
-    let mut times = Vec::new();
-    for _ in 0..300 {
-        harness.event(egui::Event::MouseWheel {
-            unit: egui::MouseWheelUnit::Point,
-            delta: egui::vec2(0.0, -60.0),
-            modifiers: egui::Modifiers::NONE,
-            phase: egui::TouchPhase::Move,
-            source: egui::MouseWheelSource::Wheel,
-        });
-        harness
-            .input_mut()
-            .events
-            .push(egui::Event::PointerMoved(egui::pos2(600.0, 400.0)));
-        times.push(frame(&mut harness));
-        std::thread::sleep(Duration::from_millis(16));
-    }
+    let times = scroll(&mut harness, 60.0, 600.0);
     report("scrolling the grid (300 frames, 60 px each)", &times);
 }
 
@@ -241,6 +226,28 @@ fn long_loss_chart() {
     );
 }
 
+/// Frame times of 300 frames (at most 60 a second) that each scroll down by `points` with the pointer at
+/// `x`, 400.
+fn scroll(harness: &mut Harness<'_, StudioApp>, points: f32, x: f32) -> Vec<Duration> {
+    let mut times = Vec::new();
+    for _ in 0..300 {
+        harness.event(egui::Event::MouseWheel {
+            unit: egui::MouseWheelUnit::Point,
+            delta: egui::vec2(0.0, -points),
+            modifiers: egui::Modifiers::NONE,
+            phase: egui::TouchPhase::Move,
+            source: egui::MouseWheelSource::Wheel,
+        });
+        harness
+            .input_mut()
+            .events
+            .push(egui::Event::PointerMoved(egui::pos2(x, 400.0)));
+        times.push(frame(harness));
+        std::thread::sleep(Duration::from_millis(16));
+    }
+    times
+}
+
 /// The settings of a text-mode app on the tiny Qwen2 fixture.
 fn text_settings(data: PathBuf, out: PathBuf) -> AppSettings {
     AppSettings {
@@ -319,22 +326,7 @@ fn fifty_thousand_conversations(file: &Path) {
         &times,
     );
 
-    let mut times = Vec::new();
-    for _ in 0..300 {
-        harness.event(egui::Event::MouseWheel {
-            unit: egui::MouseWheelUnit::Point,
-            delta: egui::vec2(0.0, -400.0),
-            modifiers: egui::Modifiers::NONE,
-            phase: egui::TouchPhase::Move,
-            source: egui::MouseWheelSource::Wheel,
-        });
-        harness
-            .input_mut()
-            .events
-            .push(egui::Event::PointerMoved(egui::pos2(300.0, 400.0)));
-        times.push(frame(&mut harness));
-        std::thread::sleep(Duration::from_millis(16));
-    }
+    let times = scroll(&mut harness, 400.0, 300.0);
     report(
         "scrolling 50,000 conversations (300 frames, 400 px each)",
         &times,

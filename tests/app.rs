@@ -26,20 +26,7 @@ fn open_app(settings: AppSettings) -> Harness<'static, StudioApp> {
 /// The app with `settings` and real workers, in a window of `size` points. The workers look for models
 /// nowhere (a search finds none at once), so a test never depends on what the machine has installed.
 fn open_app_sized(settings: AppSettings, size: [f32; 2]) -> Harness<'static, StudioApp> {
-    let places = lora_studio::worker::ModelPlaces {
-        discovery: lora_studio::discovery::DiscoveryOptions {
-            home: None,
-            hub_cache: None,
-            extra_roots: Vec::new(),
-            cache_file: None,
-            time_limit: Duration::from_secs(1),
-        },
-        hub: lora_studio::hub::HubSettings {
-            endpoint: "http://127.0.0.1:9".to_string(),
-            cache_dir: std::env::temp_dir().join("lora-studio-tests-no-hub"),
-            offline: true,
-        },
-    };
+    let places = common::offline_places(None);
     let (worker, events) = WorkerHandle::spawn_with(Arc::new(|| {}), places).unwrap();
     Harness::builder().with_size(size).build_ui_state(
         |ui, app: &mut StudioApp| app.main_ui(ui),

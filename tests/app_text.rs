@@ -34,20 +34,7 @@ fn open_app_with_hub(
     settings: AppSettings,
     hub_cache: Option<PathBuf>,
 ) -> Harness<'static, StudioApp> {
-    let places = lora_studio::worker::ModelPlaces {
-        discovery: lora_studio::discovery::DiscoveryOptions {
-            home: None,
-            hub_cache,
-            extra_roots: Vec::new(),
-            cache_file: None,
-            time_limit: Duration::from_secs(1),
-        },
-        hub: lora_studio::hub::HubSettings {
-            endpoint: "http://127.0.0.1:9".to_string(),
-            cache_dir: std::env::temp_dir().join("lora-studio-tests-no-hub"),
-            offline: true,
-        },
-    };
+    let places = common::offline_places(hub_cache);
     let (worker, events) = WorkerHandle::spawn_with(Arc::new(|| {}), places).unwrap();
     Harness::builder()
         .with_size([1280.0, 900.0])

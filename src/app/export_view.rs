@@ -21,12 +21,7 @@ impl StudioApp {
             .labelled_by(label.id);
         });
         let e = &mut self.settings.export;
-        ui.horizontal(|ui| {
-            ui.label("Precision");
-            ui.radio_value(&mut e.precision, SavePrecision::Fp16, "fp16");
-            ui.radio_value(&mut e.precision, SavePrecision::Bf16, "bf16");
-            ui.radio_value(&mut e.precision, SavePrecision::Fp32, "fp32");
-        });
+        precision_ui(ui, &mut e.precision);
         ui.horizontal(|ui| {
             ui.label("Format");
             ui.radio_value(
@@ -114,4 +109,14 @@ impl StudioApp {
             ui.label(format!("in {}", self.settings.train.output_dir.display()));
         });
     }
+}
+
+/// The element type an export writes its tensors in.
+pub(super) fn precision_ui(ui: &mut egui::Ui, precision: &mut SavePrecision) {
+    ui.horizontal(|ui| {
+        ui.label("Precision");
+        ui.radio_value(precision, SavePrecision::Fp16, "fp16");
+        ui.radio_value(precision, SavePrecision::Bf16, "bf16");
+        ui.radio_value(precision, SavePrecision::Fp32, "fp32");
+    });
 }

@@ -6,7 +6,6 @@
 use eframe::egui;
 
 use super::StudioApp;
-use crate::config::SavePrecision;
 use crate::messages::{Job, LanguageExportRequest, LanguageExports};
 
 impl StudioApp {
@@ -20,13 +19,7 @@ impl StudioApp {
             ))
             .labelled_by(label.id);
         });
-        ui.horizontal(|ui| {
-            let e = &mut self.settings.export;
-            ui.label("Precision");
-            ui.radio_value(&mut e.precision, SavePrecision::Fp16, "fp16");
-            ui.radio_value(&mut e.precision, SavePrecision::Bf16, "bf16");
-            ui.radio_value(&mut e.precision, SavePrecision::Fp32, "fp32");
-        });
+        super::export_view::precision_ui(ui, &mut self.settings.export.precision);
         let x = &mut self.settings.text_export;
         ui.checkbox(
             &mut x.peft,

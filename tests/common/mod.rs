@@ -613,3 +613,22 @@ pub fn wait_for<T>(
     }
     panic!("no {what} within a minute");
 }
+
+/// Where workers look for models in a test: nowhere but `hub_cache` (if given), with downloads refused,
+/// so a test never depends on what the machine has installed or on the network.
+pub fn offline_places(hub_cache: Option<PathBuf>) -> lora_studio::worker::ModelPlaces {
+    lora_studio::worker::ModelPlaces {
+        discovery: lora_studio::discovery::DiscoveryOptions {
+            home: None,
+            hub_cache,
+            extra_roots: Vec::new(),
+            cache_file: None,
+            time_limit: std::time::Duration::from_secs(1),
+        },
+        hub: lora_studio::hub::HubSettings {
+            endpoint: "http://127.0.0.1:9".to_string(),
+            cache_dir: std::env::temp_dir().join("lora-studio-tests-no-hub"),
+            offline: true,
+        },
+    }
+}
