@@ -2,13 +2,17 @@
 Stable Diffusion 1.5's or SDXL 1.0 base's UNet with random weights, as the diffusers example scripts and
 kohya do (f32, AdamW, LoRA on to_q/to_k/to_v/to_out.0), with random latents and text embeddings (cached
 latents, frozen text encoders; for SDXL also a random pooled text embedding and the size values of an
-uncropped image at the bench resolution). Prints one JSON line with the same field names as
-`lora-studio bench --json`.
+uncropped image at the bench resolution). `--mixed-precision bf16` trains as those scripts do with
+`--mixed_precision bf16`: the frozen UNet in bf16, the LoRA parameters in f32, forward and loss under
+`torch.autocast` to bf16 (on the CPU, oneDNN's AMX kernels where the processor has them). Prints one JSON
+line with the same field names as `lora-studio bench --json`.
 
     pip install -r bench/requirements.txt
     python bench/reference_pytorch.py --resolution 256 --steps 3
-    python bench/reference_pytorch.py --arch sdxl --resolution 512 --steps 1
+    python bench/reference_pytorch.py --arch sdxl --resolution 512 --steps 1 --mixed-precision bf16
 """
+
+import contextlib
 
 import argparse
 import json
@@ -62,7 +66,9 @@ def main():
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
     args = parser.parse_args()
+    bf16 = args.mixed_precision == "bf16"
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -79,6 +85,12 @@ def main():
     )
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if bf16:
+        # The diffusers scripts' `weight_dtype`: frozen weights in bf16, trained ones cast back to f32.
+        unet.to(dtype=torch.bfloat16)
+        for p in unet.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
     params = [p for p in unet.parameters() if p.requires_grad]
     adapters = sum(1 for name, _ in unet.named_modules() if name.endswith("lora_A"))
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
@@ -99,8 +111,14 @@ def main():
             "time_ids": torch.tensor([size + [0, 0] + size] * batch, dtype=torch.float32, device=device),
         }
 
+    def autocast():
+        if bf16:
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def predict():
-        return unet(latents, timesteps, context, added_cond_kwargs=added).sample
+        with autocast():
+            return unet(latents, timesteps, context, added_cond_kwargs=added).sample
 
     def sync():
         if device.type == "cuda":
@@ -119,7 +137,7 @@ def main():
     for index in range(args.steps + 1):
         started = time.perf_counter()
         prediction = predict()
-        loss = torch.nn.functional.mse_loss(prediction, target)
+        loss = torch.nn.functional.mse_loss(prediction.float(), target)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -138,6 +156,7 @@ def main():
                 "rank": args.rank,
                 "device": args.device,
                 "gradient_checkpointing": args.gradient_checkpointing,
+                "mixed_precision": args.mixed_precision,
                 "adapters": adapters,
                 "trainable_parameters": sum(p.numel() for p in params),
                 "threads": torch.get_num_threads(),

@@ -5,6 +5,7 @@
 use clap::{Args, ValueEnum};
 
 use crate::device::{DeviceChoice, open_device};
+use crate::kernels::Bf16Products;
 use crate::train::bench::{BenchArch, BenchReport, BenchSettings, run_bench};
 use crate::train::lm_bench::{LmBenchReport, LmBenchSettings, run_lm_bench};
 
@@ -34,9 +35,20 @@ pub struct BenchArgs {
     /// Recompute activations in the backward pass instead of keeping them.
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// `no`: f32 matrix products; `bf16`: bf16 operands summed in f32 on the AMX tiles of processors that
+    /// have them (Intel Xeon 4th generation and later), as a CPU training run with
+    /// `mixed_precision = "bf16"` computes.
+    #[arg(long, value_enum, default_value_t = BenchPrecision::No)]
+    pub mixed_precision: BenchPrecision,
     /// Print one JSON line instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchPrecision {
+    No,
+    Bf16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -63,6 +75,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .parse()
         .map_err(|e| anyhow::anyhow!("--device {}: {e}", args.device))?;
     let device = open_device(choice).map_err(anyhow::Error::msg)?;
+    let _products = match args.mixed_precision {
+        BenchPrecision::No => None,
+        BenchPrecision::Bf16 if !device.is_cpu() => {
+            anyhow::bail!("--mixed-precision bf16 is a CPU setting; GPUs train in their own precision")
+        }
+        BenchPrecision::Bf16 => Some(Bf16Products::enter().ok_or_else(|| {
+            anyhow::anyhow!(
+                "--mixed-precision bf16 needs a processor with AMX bf16 products (Intel Xeon 4th generation or later)"
+            )
+        })?),
+    };
     match args.arch {
         Arch::Sd15 => run_unet(&args, device, BenchArch::Sd15),
         Arch::Sdxl => run_unet(&args, device, BenchArch::Sdxl),
@@ -126,8 +149,8 @@ fn run_language_model(args: &BenchArgs, device: candle_core::Device) -> anyhow::
 
 fn print_lm_table(r: &LmBenchReport) {
     println!(
-        "Qwen2.5-0.5B, {} tokens, batch {}, rank {} ({} adapters, {} parameters), {}",
-        r.seq_len, r.batch_size, r.rank, r.adapters, r.trainable_parameters, r.device
+        "Qwen2.5-0.5B, {} tokens, batch {}, rank {} ({} adapters, {} parameters), {}, {} products",
+        r.seq_len, r.batch_size, r.rank, r.adapters, r.trainable_parameters, r.device, r.products
     );
     println!(
         "training step  {:>8.2} s  ({:.1} tokens/s)",
@@ -151,13 +174,14 @@ fn print_table(r: &BenchReport) {
         BenchArch::Tiny => "tiny UNet",
     };
     println!(
-        "{arch}, {} px, batch {}, rank {} ({} adapters, {} parameters), {}{}",
+        "{arch}, {} px, batch {}, rank {} ({} adapters, {} parameters), {}, {} products{}",
         r.resolution,
         r.batch_size,
         r.rank,
         r.adapters,
         r.trainable_parameters,
         r.device,
+        r.products,
         if r.gradient_checkpointing {
             ", gradient checkpointing"
         } else {

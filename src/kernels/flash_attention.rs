@@ -14,6 +14,7 @@
 
 use rayon::prelude::*;
 
+use super::amx::{Operand, Output};
 use super::fast_math::{Simd, exp_f32, vectorised};
 
 /// Score elements per tile (2 MiB in f32). Measured on a 2-core machine with 1 MiB of L2 per core, 4096
@@ -29,6 +30,9 @@ pub struct AttentionDims {
     pub kv_len: usize,
     pub head_dim: usize,
     pub tile_rows: usize,
+    /// Whether the tile products are bf16 ones (f32 only; read from [`super::products::bf16_products`] on
+    /// the thread that starts the attention, as the heads run on others).
+    pub bf16_products: bool,
 }
 
 /// Query rows per tile for `kv_len` keys.
@@ -40,6 +44,18 @@ pub fn tile_rows(kv_len: usize) -> usize {
 pub trait Element: num_traits::Float + Send + Sync + 'static {
     /// `row[j] = exp(row[j] − shift[j])` and `sums[j] += row[j]` for every column `j`.
     fn exp_shifted(row: &mut [Self], shift: &[Self], sums: &mut [Self]);
+
+    /// [`matmul`] in bf16 products; `false` (nothing done) for types without them.
+    fn bf16_product(
+        _dims: (usize, usize, usize),
+        _dst: &mut [Self],
+        _dst_rs: usize,
+        _accumulate: bool,
+        _operands: (View<'_, Self>, View<'_, Self>),
+        _beta: Self,
+    ) -> bool {
+        false
+    }
 }
 
 impl Element for f64 {
@@ -55,6 +71,31 @@ impl Element for f32 {
     fn exp_shifted(row: &mut [f32], shift: &[f32], sums: &mut [f32]) {
         vectorised(Simd::detect(), || exp_shifted_f32(row, shift, sums))
     }
+
+    fn bf16_product(
+        (m, n, k): (usize, usize, usize),
+        dst: &mut [f32],
+        dst_rs: usize,
+        accumulate: bool,
+        (lhs, rhs): (View<'_, f32>, View<'_, f32>),
+        beta: f32,
+    ) -> bool {
+        fn operand(view: View<'_, f32>) -> Operand<'_> {
+            Operand {
+                data: view.data,
+                row_stride: view.row_stride,
+                col_stride: view.col_stride,
+            }
+        }
+        let out = Output {
+            data: dst,
+            row_stride: dst_rs,
+            accumulate,
+            scale: beta,
+        };
+        super::amx::product((m, k, n), operand(lhs), operand(rhs), out, false);
+        true
+    }
 }
 
 #[inline(always)]
@@ -67,7 +108,7 @@ fn exp_shifted_f32(row: &mut [f32], shift: &[f32], sums: &mut [f32]) {
 
 /// A read-only matrix view: element `(r, c)` is `data[r·row_stride + c·col_stride]`.
 #[derive(Clone, Copy)]
-struct View<'a, T> {
+pub struct View<'a, T> {
     data: &'a [T],
     row_stride: usize,
     col_stride: usize,
@@ -84,7 +125,8 @@ impl<'a, T> View<'a, T> {
 }
 
 /// `dst (m×n, row stride dst_rs) [+]= beta · lhs (m×k) · rhs (k×n)` on the calling thread; without
-/// `accumulate`, `dst` is overwritten.
+/// `accumulate`, `dst` is overwritten. In bf16 products when `bf16` and the type has them.
+#[allow(clippy::too_many_arguments)]
 fn matmul<T: Element>(
     (m, n, k): (usize, usize, usize),
     dst: &mut [T],
@@ -93,7 +135,11 @@ fn matmul<T: Element>(
     lhs: View<'_, T>,
     rhs: View<'_, T>,
     beta: T,
+    bf16: bool,
 ) {
+    if bf16 && T::bf16_product((m, n, k), dst, dst_rs, accumulate, (lhs, rhs), beta) {
+        return;
+    }
     let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
     assert!(m > 0 && n > 0 && k > 0);
     assert!(last(m, n, dst_rs, 1) < dst.len());
@@ -144,6 +190,7 @@ fn transposed_scores<T: Element>(
         View::new(k, d, 1),
         View::new(&q[start * d..], 1, d),
         scale,
+        dims.bf16_products,
     );
 }
 
@@ -154,8 +201,8 @@ fn tile_product_rows<T: Element>(
     (tile, keys): (&[T], &[T]),
     (kv_len, rows, d): (usize, usize, usize),
     row_scale: impl Fn(usize) -> T,
-    scratch: &mut [T],
-    target: &mut [T],
+    (scratch, target): (&mut [T], &mut [T]),
+    bf16: bool,
 ) {
     matmul(
         (d, rows, kv_len),
@@ -165,6 +212,7 @@ fn tile_product_rows<T: Element>(
         View::new(keys, 1, d),
         View::new(tile, rows, 1),
         T::one(),
+        bf16,
     );
     for (j, row) in target.chunks_mut(d).enumerate() {
         let factor = row_scale(j);
@@ -224,8 +272,8 @@ pub fn forward<T: Element>(
                     (probs, v),
                     (m, rows, d),
                     |j| sums[j].recip(),
-                    out_t,
-                    out_rows,
+                    (out_t, out_rows),
+                    dims.bf16_products,
                 );
                 for ((lse, &max), &sum) in log_sum_exp[start..].iter_mut().zip(&*max).zip(&*sums) {
                     *lse = max + sum.ln();
@@ -296,6 +344,7 @@ pub fn backward<T: Element>(
                     View::new(probs, rows, 1),
                     View::new(grad_tile, d, 1),
                     T::one(),
+                    dims.bf16_products,
                 );
                 // dPᵀ = V·dOᵀ
                 matmul(
@@ -306,6 +355,7 @@ pub fn backward<T: Element>(
                     View::new(v, d, 1),
                     View::new(grad_tile, 1, d),
                     T::one(),
+                    dims.bf16_products,
                 );
                 // dSᵀ = Pᵀ ⊙ (dPᵀ − rowsum(dO ⊙ O))
                 let dots = &row_dot[start..start + rows];
@@ -323,6 +373,7 @@ pub fn backward<T: Element>(
                     View::new(grad_scores, rows, 1),
                     View::new(&q[start * d..], d, 1),
                     scale,
+                    dims.bf16_products,
                 );
                 // dQ = s·dS·K
                 let grad_q_rows = &mut grad_q[start * d..][..rows * d];
@@ -330,8 +381,8 @@ pub fn backward<T: Element>(
                     (grad_scores, k),
                     (m, rows, d),
                     |_| scale,
-                    grad_q_t,
-                    grad_q_rows,
+                    (grad_q_t, grad_q_rows),
+                    dims.bf16_products,
                 );
             }
         });
@@ -350,6 +401,7 @@ mod tests {
             kv_len: 29,
             head_dim: 8,
             tile_rows: 16,
+            bf16_products: false,
         };
         let values = |n: usize, seed: f64| -> Vec<f64> {
             (0..n)

@@ -13,6 +13,7 @@ use candle_core::{
     Tensor,
 };
 
+use super::amx::{Operand, Output};
 use super::tied::{TiedBackward, tie};
 
 /// `x · Wᵀ` for a frozen `W` of shape `[out, in]`, over any number of leading batch dimensions.
@@ -46,7 +47,7 @@ impl TiedBackward for FrozenAffineBackward {
     }
 
     fn bwd(&self, _: &[&Tensor], _: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some(grad.broadcast_matmul(&self.weight)?)])
+        Ok(vec![Some(super::products::matmul(grad, &self.weight)?)])
     }
 }
 
@@ -112,6 +113,59 @@ impl FrozenMatmul {
     }
 }
 
+/// [`FrozenMatmul`]'s forward pass in bf16 products, for f32 operands with a contiguous weight (else
+/// `None`).
+fn bf16_forward(
+    x: &CpuStorage,
+    x_layout: &Layout,
+    w: &CpuStorage,
+    w_layout: &Layout,
+) -> Result<Option<(CpuStorage, Shape)>> {
+    let (CpuStorage::F32(x), CpuStorage::F32(w)) = (x, w) else {
+        return Ok(None);
+    };
+    let (Some((x_start, x_end)), Some((w_start, w_end))) =
+        (x_layout.contiguous_offsets(), w_layout.contiguous_offsets())
+    else {
+        return Ok(None);
+    };
+    let (out_features, in_features) = w_layout.shape().dims2()?;
+    let dims = x_layout.dims();
+    if dims.last() != Some(&in_features) || in_features == 0 {
+        return Ok(None);
+    }
+    let rows = (x_end - x_start) / in_features;
+    crate::flops::add_layer(rows * in_features * out_features);
+    let mut output = vec![0f32; rows * out_features];
+    let input = Operand {
+        data: &x[x_start..x_end],
+        row_stride: in_features,
+        col_stride: 1,
+    };
+    // The product's right operand is `Wᵀ`: column `o` is row `o` of the weight.
+    let weight_t = Operand {
+        data: &w[w_start..w_end],
+        row_stride: 1,
+        col_stride: in_features,
+    };
+    let out = Output {
+        data: &mut output,
+        row_stride: out_features,
+        accumulate: false,
+        scale: 1.0,
+    };
+    super::amx::product(
+        (rows, in_features, out_features),
+        input,
+        weight_t,
+        out,
+        true,
+    );
+    let mut out_dims = dims[..dims.len() - 1].to_vec();
+    out_dims.push(out_features);
+    Ok(Some((CpuStorage::F32(output), Shape::from(out_dims))))
+}
+
 impl CustomOp1 for FrozenMatmul {
     fn name(&self) -> &'static str {
         "frozen-linear"
@@ -121,6 +175,11 @@ impl CustomOp1 for FrozenMatmul {
         let (weight, w_layout) = self.weight.storage_and_layout();
         match &*weight {
             Storage::Cpu(w) => {
+                if super::products::bf16_products()
+                    && let Some(product) = bf16_forward(storage, layout, w, w_layout)?
+                {
+                    return Ok(product);
+                }
                 let few_rows = super::cpu_kernels(&Device::Cpu)
                     .then(|| super::few_rows::try_matmul(storage, layout, w, w_layout))
                     .flatten();
@@ -150,7 +209,7 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad_res.broadcast_matmul(&self.weight)?))
+        Ok(Some(super::products::matmul(grad_res, &self.weight)?))
     }
 }
 

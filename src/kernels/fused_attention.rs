@@ -69,6 +69,7 @@ fn kernel_dims(q: &Tensor, k: &Tensor, heads: usize, rows: usize) -> Result<Atte
         kv_len: k.dim(1)?,
         head_dim: width / heads,
         tile_rows: rows,
+        bf16_products: super::products::bf16_products(),
     })
 }
 

@@ -23,9 +23,7 @@ pub fn conv2d(x: &Tensor, kernel: &Tensor, padding: usize, stride: usize) -> Res
         let pixels = x
             .contiguous()?
             .reshape((batch, in_channels, height * width))?;
-        return kernel
-            .reshape((out_channels, in_channels))?
-            .broadcast_matmul(&pixels)?
+        return super::products::matmul(&kernel.reshape((out_channels, in_channels))?, &pixels)?
             .reshape((batch, out_channels, height, width));
     }
     if super::winograd::applies(x, (k_h, k_w), padding, stride) {
@@ -38,11 +36,15 @@ pub fn conv2d(x: &Tensor, kernel: &Tensor, padding: usize, stride: usize) -> Res
     let patches = Patches::new(kernel, (height, width), padding, stride)?;
     let (out_h, out_w) = patches.output_size()?;
     let columns = x.contiguous()?.apply_op1_no_bwd(&patches)?;
-    let output = kernel
+    let kernel_matrix = kernel
         .contiguous()?
-        .reshape((out_channels, in_channels * k_h * k_w))?
-        .matmul(&columns)?
-        .reshape((out_channels, batch, out_h, out_w))?;
+        .reshape((out_channels, in_channels * k_h * k_w))?;
+    let output = super::products::matmul(&kernel_matrix, &columns)?.reshape((
+        out_channels,
+        batch,
+        out_h,
+        out_w,
+    ))?;
     if batch == 1 {
         output.reshape((1, out_channels, out_h, out_w))
     } else {
@@ -86,10 +88,7 @@ pub fn conv2d_input_grad(
             .contiguous()?
             .reshape((batch, out_channels, out_h * out_w))?;
         return Ok(Some(
-            kernel
-                .reshape((out_channels, in_channels))?
-                .t()?
-                .broadcast_matmul(&pixels)?
+            super::products::matmul(&kernel.reshape((out_channels, in_channels))?.t()?, &pixels)?
                 .reshape((batch, in_channels, height, width))?,
         ));
     }
@@ -114,11 +113,11 @@ pub fn conv2d_input_grad(
             .contiguous()?
             .reshape((out_channels, batch * out_h * out_w))?
     };
-    let column_grad = kernel
+    let kernel_t = kernel
         .contiguous()?
         .reshape((out_channels, in_channels * k_h * k_w))?
-        .t()?
-        .matmul(&grad.contiguous()?)?;
+        .t()?;
+    let column_grad = super::products::matmul(&kernel_t, &grad.contiguous()?)?;
     Ok(Some(
         column_grad.apply_op1_no_bwd(&PatchSum { patches, batch })?,
     ))

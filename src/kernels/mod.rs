@@ -9,6 +9,7 @@
 //! there. Knows nothing about adapters, models or training: must not use lora, models, train or worker.
 
 mod activations;
+mod amx;
 mod cross_entropy;
 mod fast_math;
 mod few_rows;
@@ -18,6 +19,7 @@ mod fused_attention;
 mod fused_norm;
 mod im2col;
 mod norm_kernel;
+mod products;
 mod rms_norm;
 mod rotary;
 mod tied;
@@ -33,6 +35,7 @@ pub use cross_entropy::cross_entropy_sum;
 pub use frozen::{frozen_affine, frozen_conv2d, frozen_linear};
 pub use fused_attention::fused_attention;
 pub use fused_norm::{normalize_affine, normalize_rows};
+pub use products::{Bf16Products, bf16_products, matmul, product_arithmetic};
 pub use rms_norm::rms_norm;
 pub use rotary::rotary_embedding;
 pub(crate) use tied::{TiedBackward, tie};

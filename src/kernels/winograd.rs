@@ -41,6 +41,7 @@ pub fn applies(x: &Tensor, kernel: (usize, usize), padding: usize, stride: usize
     };
     super::cpu_kernels(x.device())
         && matches!(x.dtype(), DType::F32 | DType::F64)
+        && !super::products::bf16_products()
         && kernel == (3, 3)
         && padding == 1
         && stride == 1

@@ -54,7 +54,7 @@ impl TiedBackward for LoraLinearBackward {
         let x_rows = x.detach().reshape(((), in_features))?;
         let grad_rows = grad.reshape(((), out_features))?;
         let grad_up_side = grad_rows.matmul(&up)?;
-        let grad_x = (grad_rows.matmul(&self.weight)?
+        let grad_x = (crate::kernels::matmul(&grad_rows, &self.weight)?
             + (grad_up_side.matmul(&down)? * self.scale)?)?
             .reshape(x.shape())?;
         let hidden = x_rows.matmul(&down.t()?)?;

@@ -76,6 +76,9 @@ pub struct BenchReport {
     pub rank: usize,
     pub device: String,
     pub gradient_checkpointing: bool,
+    /// The CPU kernels' matrix product arithmetic: `f32`, or `bf16` operands (summed in f32) under
+    /// `--mixed-precision bf16`.
+    pub products: &'static str,
     /// Adapted layers (four per attention block).
     pub adapters: usize,
     pub trainable_parameters: usize,
@@ -156,6 +159,7 @@ pub fn run_bench(
         batch_size: batch,
         rank: settings.rank,
         device: crate::device::describe(device),
+        products: crate::kernels::product_arithmetic(),
         gradient_checkpointing: settings.gradient_checkpointing,
         adapters: network.modules().len(),
         trainable_parameters: network.parameter_count(),

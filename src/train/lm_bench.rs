@@ -57,6 +57,9 @@ pub struct LmBenchReport {
     pub batch_size: usize,
     pub rank: usize,
     pub device: String,
+    /// The CPU kernels' matrix product arithmetic: `f32`, or `bf16` operands (summed in f32) under
+    /// `--mixed-precision bf16`.
+    pub products: &'static str,
     /// Adapted layers (seven per decoder layer).
     pub adapters: usize,
     pub trainable_parameters: usize,
@@ -133,6 +136,7 @@ pub fn run_lm_bench(
         batch_size: settings.batch_size,
         rank: settings.rank,
         device: crate::device::describe(device),
+        products: crate::kernels::product_arithmetic(),
         adapters: network.modules().len(),
         trainable_parameters: network.parameter_count(),
         seconds_per_step,

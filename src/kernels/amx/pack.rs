@@ -1,0 +1,297 @@
+//! Operands in tile order, rounded to bf16. The left operand of a product goes in 16-row tiles of 32
+//! columns (row `i` of a tile is 32 consecutive bf16 values of row `i`); the right one in tiles of 16
+//! column pairs: row `r` of a tile holds `(b[2r][j], b[2r+1][j])` for its 16 columns `j`, the layout the
+//! `tdpbf16ps` instruction reads. Every element of a tile is written (zero past the matrix's edges), so the
+//! buffers can be reused without clearing. Where AMX runs, AVX-512 BF16 converts 32 values per instruction
+//! and a 16×16 transpose serves the layouts whose rows run the other way; elsewhere plain code packs.
+
+use rayon::prelude::*;
+
+use super::{BLOCK, BLOCK_ELEMENTS, Operand, TILE_ELEMENTS};
+
+/// The bf16 bits of `x`, rounded to nearest even; NaN stays NaN.
+#[inline(always)]
+pub(super) fn bf16_bits(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) as u16) | 0x40;
+    }
+    (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16
+}
+
+/// `a` (`m × k`) into `packed`: 32-row blocks, each a run of `k/32` pairs of tiles (rows 0–15, 16–31).
+pub(super) fn pack_left(a: Operand, (m, k): (usize, usize), packed: &mut [u16], parallel: bool) {
+    let k_blocks = k.div_ceil(BLOCK);
+    let block = |(mb, run): (usize, &mut [u16])| {
+        for (index, tile) in run.chunks_exact_mut(TILE_ELEMENTS).enumerate() {
+            let (kb, half) = (index / 2, index % 2);
+            left_tile(a, (m, k), (mb * BLOCK + half * 16, kb * BLOCK), tile);
+        }
+    };
+    spread(packed, k_blocks * BLOCK_ELEMENTS, parallel, block);
+}
+
+/// `b` (`k × n`) into `packed`: 32-column blocks, each a run of `k/32` pairs of tiles (columns 0–15,
+/// 16–31).
+pub(super) fn pack_right(b: Operand, (k, n): (usize, usize), packed: &mut [u16], parallel: bool) {
+    let k_blocks = k.div_ceil(BLOCK);
+    let block = |(nb, run): (usize, &mut [u16])| {
+        for (index, tile) in run.chunks_exact_mut(TILE_ELEMENTS).enumerate() {
+            let (kb, half) = (index / 2, index % 2);
+            right_tile(b, (k, n), (kb * BLOCK, nb * BLOCK + half * 16), tile);
+        }
+    };
+    spread(packed, k_blocks * BLOCK_ELEMENTS, parallel, block);
+}
+
+/// Runs `pack` on each `run`-sized chunk of `packed` with its index, over threads when `parallel`.
+fn spread(
+    packed: &mut [u16],
+    run: usize,
+    parallel: bool,
+    pack: impl Fn((usize, &mut [u16])) + Sync + Send,
+) {
+    if run == 0 {
+        return;
+    }
+    if parallel {
+        packed.par_chunks_mut(run).enumerate().for_each(pack);
+    } else {
+        packed.chunks_mut(run).enumerate().for_each(pack);
+    }
+}
+
+/// The left tile of rows `row0..row0+16` and columns `k0..k0+32` of `a` (`m × k`).
+fn left_tile(a: Operand, (m, k): (usize, usize), (row0, k0): (usize, usize), tile: &mut [u16]) {
+    if super::available() && (a.col_stride == 1 || a.row_stride == 1) {
+        // SAFETY: AMX implies AVX-512 BF16 (checked with it), and the operand covers its `m × k` matrix.
+        return unsafe { simd::left_tile(a, (m, k), (row0, k0), tile) };
+    }
+    for (i, row) in tile.chunks_exact_mut(BLOCK).enumerate() {
+        for (c, value) in row.iter_mut().enumerate() {
+            let (r, col) = (row0 + i, k0 + c);
+            *value = if r < m && col < k {
+                bf16_bits(a.data[r * a.row_stride + col * a.col_stride])
+            } else {
+                0
+            };
+        }
+    }
+}
+
+/// The right tile of rows `k0..k0+32` and columns `col0..col0+16` of `b` (`k × n`).
+fn right_tile(b: Operand, (k, n): (usize, usize), (k0, col0): (usize, usize), tile: &mut [u16]) {
+    if super::available() && (b.col_stride == 1 || b.row_stride == 1) {
+        // SAFETY: as in `left_tile`.
+        return unsafe { simd::right_tile(b, (k, n), (k0, col0), tile) };
+    }
+    for (r, row) in tile.chunks_exact_mut(BLOCK).enumerate() {
+        for (index, value) in row.iter_mut().enumerate() {
+            let (kk, col) = (k0 + 2 * r + index % 2, col0 + index / 2);
+            *value = if kk < k && col < n {
+                bf16_bits(b.data[kk * b.row_stride + col * b.col_stride])
+            } else {
+                0
+            };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    use super::super::{BLOCK, Operand};
+
+    /// Lanes selected for a run of `count` consecutive values.
+    fn lanes(count: usize) -> __mmask16 {
+        if count >= 16 {
+            0xffff
+        } else {
+            ((1u32 << count) - 1) as __mmask16
+        }
+    }
+
+    /// Up to 16 consecutive values (`count`, zero beyond) from `data` at `start`.
+    ///
+    /// # Safety
+    /// `data[start..start + count]` exists.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load(data: &[f32], start: usize, count: usize) -> __m512 {
+        if count == 0 {
+            return _mm512_setzero_ps();
+        }
+        debug_assert!(start + count <= data.len());
+        // SAFETY: the selected lanes are inside `data` (the caller's count); the others are not read.
+        unsafe { _mm512_maskz_loadu_ps(lanes(count), data.as_ptr().wrapping_add(start)) }
+    }
+
+    /// `low` and `high` rounded to bf16 as 16 pairs `(low[i], high[i])`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    fn interleaved_pairs(low: __m512, high: __m512) -> __m512i {
+        const ORDER: [u16; 32] = {
+            let mut order = [0u16; 32];
+            let mut i = 0;
+            while i < 16 {
+                order[2 * i] = i as u16;
+                order[2 * i + 1] = 16 + i as u16;
+                i += 1;
+            }
+            order
+        };
+        let halves: __m512i = unsafe { std::mem::transmute(_mm512_cvtne2ps_pbh(high, low)) };
+        // SAFETY: `ORDER` holds 64 bytes.
+        let order = unsafe { _mm512_loadu_si512(ORDER.as_ptr().cast()) };
+        _mm512_permutexvar_epi16(order, halves)
+    }
+
+    /// 32 consecutive values rounded to bf16, in order.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    fn consecutive(low: __m512, high: __m512) -> __m512i {
+        unsafe { std::mem::transmute(_mm512_cvtne2ps_pbh(high, low)) }
+    }
+
+    /// Rows of a 16×16 matrix of 32-bit values, transposed.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn transpose(rows: [__m512i; 16]) -> [__m512i; 16] {
+        let mut pairs = [_mm512_setzero_si512(); 16];
+        for g in 0..8 {
+            pairs[2 * g] = _mm512_unpacklo_epi32(rows[2 * g], rows[2 * g + 1]);
+            pairs[2 * g + 1] = _mm512_unpackhi_epi32(rows[2 * g], rows[2 * g + 1]);
+        }
+        // quads[4g + c]: in 128-bit lane L, column 4L + c of rows 4g..4g+3.
+        let mut quads = [_mm512_setzero_si512(); 16];
+        for g in 0..4 {
+            let (t0, t1, t2, t3) = (
+                pairs[4 * g],
+                pairs[4 * g + 1],
+                pairs[4 * g + 2],
+                pairs[4 * g + 3],
+            );
+            quads[4 * g] = _mm512_unpacklo_epi64(t0, t2);
+            quads[4 * g + 1] = _mm512_unpackhi_epi64(t0, t2);
+            quads[4 * g + 2] = _mm512_unpacklo_epi64(t1, t3);
+            quads[4 * g + 3] = _mm512_unpackhi_epi64(t1, t3);
+        }
+        let mut columns = [_mm512_setzero_si512(); 16];
+        for c in 0..4 {
+            let even_low = _mm512_shuffle_i32x4::<0x88>(quads[c], quads[4 + c]);
+            let odd_low = _mm512_shuffle_i32x4::<0xdd>(quads[c], quads[4 + c]);
+            let even_high = _mm512_shuffle_i32x4::<0x88>(quads[8 + c], quads[12 + c]);
+            let odd_high = _mm512_shuffle_i32x4::<0xdd>(quads[8 + c], quads[12 + c]);
+            columns[c] = _mm512_shuffle_i32x4::<0x88>(even_low, even_high);
+            columns[8 + c] = _mm512_shuffle_i32x4::<0xdd>(even_low, even_high);
+            columns[4 + c] = _mm512_shuffle_i32x4::<0x88>(odd_low, odd_high);
+            columns[12 + c] = _mm512_shuffle_i32x4::<0xdd>(odd_low, odd_high);
+        }
+        columns
+    }
+
+    /// Stores 16 tile rows of 64 bytes.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn store_rows(rows: &[__m512i; 16], tile: &mut [u16]) {
+        assert!(tile.len() >= 16 * BLOCK);
+        for (r, row) in rows.iter().enumerate() {
+            // SAFETY: row `r` spans `tile[32r..32r+32]`, inside the tile (asserted).
+            unsafe { _mm512_storeu_si512(tile.as_mut_ptr().add(r * BLOCK).cast(), *row) };
+        }
+    }
+
+    /// [`super::left_tile`] for an operand with consecutive columns or consecutive rows.
+    ///
+    /// # Safety
+    /// The processor has AVX-512 BF16, and `a` covers its `m × k` matrix.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub unsafe fn left_tile(
+        a: Operand,
+        (m, k): (usize, usize),
+        (row0, k0): (usize, usize),
+        tile: &mut [u16],
+    ) {
+        let rows = m.saturating_sub(row0).min(16);
+        let cols = k.saturating_sub(k0).min(BLOCK);
+        let mut out = [_mm512_setzero_si512(); 16];
+        // SAFETY (loads): the operand covers its matrix (caller), and every load stays inside it.
+        if a.col_stride == 1 {
+            for (i, row) in out.iter_mut().enumerate().take(rows) {
+                let start = (row0 + i) * a.row_stride + k0;
+                let low = unsafe { load(a.data, start, cols.min(16)) };
+                let high = unsafe { load(a.data, start + 16, cols.saturating_sub(16)) };
+                *row = consecutive(low, high);
+            }
+        } else {
+            // Consecutive rows: column pairs of 16 rows each, then transposed into rows.
+            let mut pairs = [_mm512_setzero_si512(); 16];
+            let start = |c: usize| row0 + (k0 + c) * a.col_stride;
+            for (q, pair) in pairs.iter_mut().enumerate().take(cols.div_ceil(2)) {
+                let even = unsafe { load(a.data, start(2 * q), rows) };
+                let odd = if 2 * q + 1 < cols {
+                    unsafe { load(a.data, start(2 * q + 1), rows) }
+                } else {
+                    _mm512_setzero_ps()
+                };
+                *pair = interleaved_pairs(even, odd);
+            }
+            out = transpose(pairs);
+        }
+        store_rows(&out, tile);
+    }
+
+    /// [`super::right_tile`] for an operand with consecutive columns or consecutive rows.
+    ///
+    /// # Safety
+    /// The processor has AVX-512 BF16, and `b` covers its `k × n` matrix.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub unsafe fn right_tile(
+        b: Operand,
+        (k, n): (usize, usize),
+        (k0, col0): (usize, usize),
+        tile: &mut [u16],
+    ) {
+        let rows = k.saturating_sub(k0).min(BLOCK);
+        let cols = n.saturating_sub(col0).min(16);
+        let mut out = [_mm512_setzero_si512(); 16];
+        // SAFETY (loads): the operand covers its matrix (caller), and every load stays inside it.
+        if b.col_stride == 1 {
+            let start = |kk: usize| (k0 + kk) * b.row_stride + col0;
+            for (r, pair) in out.iter_mut().enumerate().take(rows.div_ceil(2)) {
+                let even = unsafe { load(b.data, start(2 * r), cols) };
+                let odd = if 2 * r + 1 < rows {
+                    unsafe { load(b.data, start(2 * r + 1), cols) }
+                } else {
+                    _mm512_setzero_ps()
+                };
+                *pair = interleaved_pairs(even, odd);
+            }
+        } else {
+            // Consecutive rows: each column's 32 values are already its pairs; transposed into rows.
+            let mut columns = [_mm512_setzero_si512(); 16];
+            for (c, column) in columns.iter_mut().enumerate().take(cols) {
+                let start = (col0 + c) * b.col_stride + k0;
+                let low = unsafe { load(b.data, start, rows.min(16)) };
+                let high = unsafe { load(b.data, start + 16, rows.saturating_sub(16)) };
+                *column = consecutive(low, high);
+            }
+            out = transpose(columns);
+        }
+        store_rows(&out, tile);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod simd {
+    use super::super::Operand;
+
+    pub unsafe fn left_tile(_: Operand, _: (usize, usize), _: (usize, usize), _: &mut [u16]) {
+        unreachable!("AMX exists on x86-64 only")
+    }
+
+    pub unsafe fn right_tile(_: Operand, _: (usize, usize), _: (usize, usize), _: &mut [u16]) {
+        unreachable!("AMX exists on x86-64 only")
+    }
+}

@@ -1,0 +1,322 @@
+//! The arithmetic of the CPU kernels' matrix products: f32, or — inside a [`Bf16Products`] scope on a
+//! processor with AMX — bf16 operands summed in f32 ([`super::amx`]), as PyTorch computes a CPU autocast
+//! region. The scope belongs to one thread (a training run's), so products elsewhere in the process, the
+//! parity tests' included, stay f32; kernels that spread work over threads read the choice before they do.
+
+use std::cell::Cell;
+
+use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
+
+use super::amx::{self, Operand, Output};
+
+thread_local! {
+    /// Whether this thread is inside a [`Bf16Products`] scope.
+    static BF16_PRODUCTS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// While alive, the matrix products of the project's CPU kernels on this thread take bf16 operands on AMX
+/// tiles; dropping it restores what was before.
+#[must_use = "products return to the previous arithmetic when the scope is dropped"]
+pub struct Bf16Products {
+    previous: bool,
+}
+
+impl Bf16Products {
+    /// Enters the scope where the processor has AMX bf16 products; `None` (products stay f32) elsewhere.
+    pub fn enter() -> Option<Self> {
+        amx::available().then(|| Self {
+            previous: BF16_PRODUCTS.replace(true),
+        })
+    }
+}
+
+impl Drop for Bf16Products {
+    fn drop(&mut self) {
+        BF16_PRODUCTS.set(self.previous);
+    }
+}
+
+/// Whether the CPU kernels' products on this thread are bf16 ones now.
+pub fn bf16_products() -> bool {
+    BF16_PRODUCTS.get()
+}
+
+/// The name of this thread's product arithmetic: `bf16` inside a [`Bf16Products`] scope, else `f32`.
+pub fn product_arithmetic() -> &'static str {
+    if bf16_products() { "bf16" } else { "f32" }
+}
+
+/// `a · b` like candle's `broadcast_matmul` — `a` `[.., m, k]`, `b` `[.., k, n]` with the same leading
+/// dimensions, or a matrix `[k, n]` for all of them — in bf16 products on CPU f32 tensors inside a
+/// [`Bf16Products`] scope, else candle's own.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let leading = |t: &Tensor| t.dims()[..t.rank().max(2) - 2].to_vec();
+    let batch_dims = if a.rank() > 2 { leading(a) } else { leading(b) };
+    let eligible = bf16_products()
+        && a.device().is_cpu()
+        && a.dtype() == DType::F32
+        && b.dtype() == DType::F32
+        && a.rank() >= 2
+        && b.rank() >= 2
+        && (a.rank() == 2 || leading(a) == batch_dims)
+        && (b.rank() == 2 || leading(b) == batch_dims);
+    if !eligible {
+        return a.broadcast_matmul(b);
+    }
+    let (m, k) = last_two(a);
+    let (k_b, n) = last_two(b);
+    if k != k_b {
+        return a.broadcast_matmul(b);
+    }
+    let batch: usize = batch_dims.iter().product();
+    let (a, b) = (batched_view(a)?, batched_view(b)?);
+    let mut product = vec![0f32; batch * m * n];
+    {
+        let (a_storage, a_layout) = a.storage_and_layout();
+        let (b_storage, b_layout) = b.storage_and_layout();
+        let (a_data, b_data) = (cpu_f32(&a_storage)?, cpu_f32(&b_storage)?);
+        for (index, out) in product.chunks_mut((m * n).max(1)).enumerate().take(batch) {
+            let left = matrix(a_data, a_layout, index)?;
+            let right = matrix(b_data, b_layout, index)?;
+            let out = Output {
+                data: out,
+                row_stride: n,
+                accumulate: false,
+                scale: 1.0,
+            };
+            amx::product((m, k, n), left, right, out, true);
+        }
+    }
+    let mut shape = batch_dims;
+    shape.extend([m, n]);
+    Tensor::from_vec(product, shape, a.device())
+}
+
+/// The last two dimensions of a tensor of rank 2 or more.
+fn last_two(t: &Tensor) -> (usize, usize) {
+    let dims = t.dims();
+    (dims[dims.len() - 2], dims[dims.len() - 1])
+}
+
+/// `t` as it is when its leading dimensions flatten into one with a single stride, else a contiguous copy.
+fn batched_view(t: &Tensor) -> Result<Tensor> {
+    let (dims, strides) = (t.dims(), t.stride());
+    let leading = dims.len() - 2;
+    let flattens = (0..leading.saturating_sub(1))
+        .all(|d| dims[d] == 1 || strides[d] == strides[d + 1] * dims[d + 1]);
+    if flattens {
+        Ok(t.clone())
+    } else {
+        t.contiguous()
+    }
+}
+
+/// The f32 values of a CPU storage.
+fn cpu_f32(storage: &Storage) -> Result<&[f32]> {
+    match storage {
+        Storage::Cpu(CpuStorage::F32(values)) => Ok(values),
+        _ => candle_core::bail!("bf16 products: the operand is not an f32 CPU tensor"),
+    }
+}
+
+/// Matrix `index` of a (batched, see [`batched_view`]) layout's last two dimensions; a matrix is its own
+/// every index.
+fn matrix<'a>(data: &'a [f32], layout: &Layout, index: usize) -> Result<Operand<'a>> {
+    let (dims, strides) = (layout.dims(), layout.stride());
+    let rank = dims.len();
+    let batch_stride = if rank > 2 { strides[rank - 3] } else { 0 };
+    let index = if rank > 2 { index } else { 0 };
+    let start = layout.start_offset() + index * batch_stride;
+    let Some(data) = data.get(start..) else {
+        candle_core::bail!("bf16 products: the operand's view lies outside its storage");
+    };
+    Ok(Operand {
+        data,
+        row_stride: strides[rank - 2],
+        col_stride: strides[rank - 1],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var};
+
+    use super::*;
+
+    /// Pseudo-random values in [-1, 1) (structured ones, such as a sine, cancel in sums and inflate relative
+    /// errors).
+    fn values(dims: &[usize], seed: f64) -> Tensor {
+        let n: usize = dims.iter().product();
+        let offset = (seed * 1e4) as u64;
+        let data: Vec<f32> = (0..n as u64)
+            .map(|i| {
+                let h = (i + offset)
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                (h >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(data, dims, &Device::Cpu).unwrap()
+    }
+
+    /// `max |a − b| / max |b|`.
+    fn relative(a: &Tensor, b: &Tensor) -> f64 {
+        let largest = |t: &Tensor| {
+            t.abs()
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.max(0))
+                .and_then(|t| t.to_scalar::<f32>())
+                .unwrap() as f64
+        };
+        largest(&(a - b).unwrap()) / largest(b)
+    }
+
+    /// A layer under test: its inputs to its output.
+    type Layer<'a> = dyn Fn(&[Tensor]) -> Tensor + 'a;
+
+    /// A layer's output and its input gradients (for a fixed output gradient), in this thread's arithmetic.
+    fn run(layer: &Layer<'_>, inputs: &[Tensor]) -> Vec<Tensor> {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let output = layer(&tensors);
+        let weights = values(output.dims(), 0.3);
+        let grads = (&output * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let mut results = vec![output.detach()];
+        results.extend(vars.iter().filter_map(|v| grads.get(v).cloned()));
+        results
+    }
+
+    /// `a · b` of the operands rounded to bf16, in f32.
+    fn rounded_product(a: &Tensor, b: &Tensor) -> Tensor {
+        let round = |t: &Tensor| {
+            t.to_dtype(DType::BF16)
+                .and_then(|t| t.to_dtype(DType::F32))
+                .unwrap()
+        };
+        round(a).broadcast_matmul(&round(b)).unwrap()
+    }
+
+    #[test]
+    fn bf16_products_round_the_operands_only_inside_their_scope() {
+        let (a, b) = (values(&[2, 45, 70], 0.1), values(&[70, 33], 0.7));
+        let exact = a.broadcast_matmul(&b).unwrap();
+        assert_eq!(relative(&matmul(&a, &b).unwrap(), &exact), 0.0);
+        let Some(scope) = Bf16Products::enter() else {
+            // Without AMX there is no scope: products stay f32.
+            assert!(!amx::available());
+            assert_eq!(product_arithmetic(), "f32");
+            return;
+        };
+        assert_eq!(product_arithmetic(), "bf16");
+        let product = matmul(&a, &b).unwrap();
+        assert!(
+            relative(&product, &exact) > 1e-4,
+            "the operands were not rounded"
+        );
+        // A batch times a matrix, a matrix times a batch, and a transposed view: each the f32 product of
+        // the rounded operands but for the order of the sums.
+        let batch = values(&[3, 70, 20], 0.2);
+        let left = values(&[45, 70], 0.9);
+        let t = values(&[33, 70], 0.4).t().unwrap();
+        for (a, b) in [(&a, &b), (&left, &batch), (&a, &t)] {
+            let error = relative(&matmul(a, b).unwrap(), &rounded_product(a, b));
+            assert!(
+                error < 1e-5,
+                "{:?} x {:?} off by {error}",
+                a.dims(),
+                b.dims()
+            );
+        }
+        // Other threads keep f32 products.
+        let elsewhere = std::thread::scope(|s| s.spawn(|| matmul(&a, &b).unwrap()).join().unwrap());
+        assert_eq!(relative(&elsewhere, &exact), 0.0);
+        drop(scope);
+        assert_eq!(product_arithmetic(), "f32");
+        assert_eq!(relative(&matmul(&a, &b).unwrap(), &exact), 0.0);
+    }
+
+    #[test]
+    fn kernels_in_bf16_products_stay_within_bf16_rounding_of_f32() {
+        let linear = |t: &[Tensor]| super::super::frozen_linear(&t[0], &t[1].detach()).unwrap();
+        let conv3 =
+            |t: &[Tensor]| super::super::frozen_conv2d(&t[0], &t[1].detach(), None, 1, 1).unwrap();
+        let conv1 =
+            |t: &[Tensor]| super::super::frozen_conv2d(&t[0], &t[1].detach(), None, 0, 1).unwrap();
+        let strided =
+            |t: &[Tensor]| super::super::frozen_conv2d(&t[0], &t[1].detach(), None, 1, 2).unwrap();
+        let attention =
+            |t: &[Tensor]| super::super::fused_attention(&t[0], &t[1], &t[2], 2, 0.125).unwrap();
+        let cases: [(&str, &Layer<'_>, Vec<Tensor>); 5] = [
+            (
+                "linear",
+                &linear,
+                vec![values(&[2, 50, 96], 0.1), values(&[80, 96], 0.5)],
+            ),
+            (
+                "3x3 conv",
+                &conv3,
+                vec![values(&[1, 24, 32, 32], 0.2), values(&[40, 24, 3, 3], 0.6)],
+            ),
+            (
+                "1x1 conv",
+                &conv1,
+                vec![values(&[1, 48, 8, 8], 0.3), values(&[40, 48, 1, 1], 0.7)],
+            ),
+            (
+                "strided conv",
+                &strided,
+                vec![values(&[1, 16, 17, 17], 0.4), values(&[16, 16, 3, 3], 0.8)],
+            ),
+            (
+                "attention",
+                &attention,
+                vec![
+                    values(&[1, 70, 128], 0.1),
+                    values(&[1, 45, 128], 0.2),
+                    values(&[1, 45, 128], 0.3),
+                ],
+            ),
+        ];
+        for (name, layer, inputs) in cases {
+            let exact = run(layer, &inputs);
+            let Some(_scope) = Bf16Products::enter() else {
+                assert!(!amx::available(), "a scope exists wherever AMX does");
+                continue;
+            };
+            let rounded = run(layer, &inputs);
+            for (index, (r, e)) in rounded.iter().zip(&exact).enumerate() {
+                let error = relative(r, e);
+                assert!(error > 0.0, "{name}: result {index} is not a bf16 product");
+                assert!(error < 1e-2, "{name}: result {index} off by {error}");
+            }
+        }
+    }
+
+    #[test]
+    fn frozen_linear_in_bf16_products_is_the_product_of_the_rounded_operands() {
+        let (x, weight) = (values(&[2, 50, 96], 0.1), values(&[80, 96], 0.5));
+        let Some(_scope) = Bf16Products::enter() else {
+            assert!(!amx::available(), "a scope exists wherever AMX does");
+            return;
+        };
+        let [output, grad] = &run(
+            &|t: &[Tensor]| super::super::frozen_linear(&t[0], &weight).unwrap(),
+            std::slice::from_ref(&x),
+        )[..] else {
+            panic!("one output and one gradient");
+        };
+        let error = relative(output, &rounded_product(&x, &weight.t().unwrap()));
+        assert!(error < 1e-5, "output off by {error}");
+        let output_grad = values(output.dims(), 0.3);
+        let error = relative(grad, &rounded_product(&output_grad, &weight));
+        assert!(error < 1e-5, "input gradient off by {error}");
+    }
+}
