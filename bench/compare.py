@@ -5,7 +5,7 @@ compare with bench/reference_pytorch.py (diffusers + peft), `--arch qwen2-0.5b` 
 bench/reference_lm_pytorch.py (transformers + peft). Stops if the two sides train different adapters.
 
     cargo build --release
-    python bench/compare.py --resolution 256 --rounds 2 [--gradient-checkpointing]
+    python bench/compare.py --resolution 256 --rounds 2 [--gradient-checkpointing] [--mixed-precision bf16]
     python bench/compare.py --arch sdxl --resolution 512 --steps 1 --rounds 2
     python bench/compare.py --arch qwen2-0.5b --seq-len 512 --steps 2 --rounds 2
 """
@@ -35,12 +35,18 @@ def main():
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--mixed-precision",
+        choices=["no", "bf16"],
+        default="no",
+        help="bf16: lora-studio's bf16 products (AMX) against PyTorch's bf16 weights under autocast",
+    )
     parser.add_argument("--binary", default=str(ROOT / "target" / "release" / "lora-studio"))
     args = parser.parse_args()
 
     language_model = args.arch == "qwen2-0.5b"
     size = ["--seq-len", str(args.seq_len)] if language_model else ["--resolution", str(args.resolution)]
-    common = [*size, "--steps", str(args.steps), "--rank", str(args.rank)]
+    common = [*size, "--steps", str(args.steps), "--rank", str(args.rank), "--mixed-precision", args.mixed_precision]
     if args.gradient_checkpointing:
         common.append("--gradient-checkpointing")
     script = "reference_lm_pytorch.py" if language_model else "reference_pytorch.py"
@@ -72,7 +78,7 @@ def main():
         unet = {"sd15": "SD 1.5", "sdxl": "SDXL"}[args.arch]
         model = f"{unet} UNet, {args.resolution} px, batch 1, rank {args.rank} on to_q/to_k/to_v/to_out.0"
     setting = (
-        f"{model}, AdamW, f32, {args.device}{', gradient checkpointing' if args.gradient_checkpointing else ''}; "
+        f"{model}, AdamW, {'f32' if args.mixed_precision == 'no' else 'bf16 mixed precision'}, {args.device}{', gradient checkpointing' if args.gradient_checkpointing else ''}; "
         f"medians of {args.rounds} alternating runs of {args.steps} steps; "
         f"{ours[0]['adapters']} adapters, {ours[0]['trainable_parameters']:,} trainable parameters on both sides"
     )

@@ -1,13 +1,15 @@
 """The reference that `lora-studio bench --arch qwen2-0.5b` is compared with: PyTorch + transformers + peft
 training a LoRA on Qwen2.5-0.5B with random weights, as LLaMA-Factory does with `lora_target: all` (f32,
 AdamW, LoRA on q/k/v/o/gate/up/down projections), on random token ids whose next-token loss covers every
-position. Prints one JSON line with the same field names as `lora-studio bench --arch qwen2-0.5b --json`.
+position; `--mixed-precision bf16` as with `bf16: true` (frozen weights in bf16, adapters in f32, autocast).
+Prints one JSON line with the same field names as `lora-studio bench --arch qwen2-0.5b --json`.
 
     pip install -r bench/requirements.txt
-    python bench/reference_lm_pytorch.py --seq-len 512 --steps 2
+    python bench/reference_lm_pytorch.py --seq-len 512 --steps 2 [--mixed-precision bf16]
 """
 
 import argparse
+import contextlib
 import json
 import resource
 import statistics
@@ -43,7 +45,9 @@ def main():
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
     args = parser.parse_args()
+    bf16 = args.mixed_precision == "bf16"
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -54,10 +58,22 @@ def main():
         model,
         LoraConfig(r=args.rank, lora_alpha=args.rank, lora_dropout=0.0, target_modules=TARGET_MODULES),
     )
+    if bf16:
+        # As with `--bf16` in the Trainer-based scripts: frozen weights in bf16, the adapters in f32,
+        # forward and loss under autocast.
+        model.to(dtype=torch.bfloat16)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
     params = [p for p in model.parameters() if p.requires_grad]
     adapters = sum(1 for name, _ in model.named_modules() if name.endswith("lora_A"))
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
     ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), device=device)
+
+    def autocast():
+        if bf16:
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def sync():
         if device.type == "cuda":
@@ -67,7 +83,8 @@ def main():
     with torch.no_grad():
         for _ in range(2):
             started = time.perf_counter()
-            model(input_ids=ids, labels=ids).loss.item()
+            with autocast():
+                model(input_ids=ids, labels=ids).loss.item()
             sync()
             forward_seconds.append(time.perf_counter() - started)
 
@@ -75,7 +92,8 @@ def main():
     model.train()
     for index in range(args.steps + 1):
         started = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        with autocast():
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -94,6 +112,7 @@ def main():
                 "batch_size": args.batch_size,
                 "rank": args.rank,
                 "device": args.device,
+                "mixed_precision": args.mixed_precision,
                 "adapters": adapters,
                 "trainable_parameters": sum(p.numel() for p in params),
                 "threads": torch.get_num_threads(),

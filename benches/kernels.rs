@@ -1,12 +1,13 @@
 //! The hot kernels of a Stable Diffusion 1.5 training step at 512 px, forward and forward+backward, as
 //! the UNet runs them (frozen weights, input gradients only): `cargo bench --bench kernels`.
 //! The input requires a gradient, as an activation in the middle of the UNet does. A word after `--`
-//! runs only the kernels whose name contains it.
+//! runs only the kernels whose name contains it; `-- --bf16` measures them in bf16 products (AMX), as a
+//! CPU run with `mixed_precision = "bf16"` computes.
 
 use std::time::Instant;
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
-use lora_studio::kernels::{frozen_conv2d, frozen_linear, silu};
+use lora_studio::kernels::{Bf16Products, frozen_conv2d, frozen_linear, silu};
 use lora_studio::models::nn::{GroupNorm, LayerNorm, attention};
 
 const RUNS: usize = 3;
@@ -81,6 +82,20 @@ fn norm_parameters(channels: usize) -> Result<candle_nn::VarBuilder<'static>> {
 fn main() -> Result<()> {
     // SAFETY: setting an option is thread-safe; it applies to later purges.
     unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY_OPTION, PURGE_DELAY_MS) };
+    let _products = if std::env::args().any(|a| a == "--bf16") {
+        let scope = Bf16Products::enter();
+        println!(
+            "{}",
+            if scope.is_some() {
+                "bf16 products (AMX)"
+            } else {
+                "no AMX on this processor: f32 products"
+            }
+        );
+        scope
+    } else {
+        None
+    };
     let conv = weight(&[320, 320, 3, 3])?;
     measure("conv 3x3 320->320 at 64x64", &[1, 320, 64, 64], |x| {
         frozen_conv2d(x, &conv, None, 1, 1)

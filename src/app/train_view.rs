@@ -309,7 +309,8 @@ impl StudioApp {
             row(
                 ui,
                 "Mixed precision",
-                "GPU compute precision; adapters always stay f32",
+                "GPU compute precision; on the CPU, Bf16 makes the matrix products bf16 ones on AMX \
+                 processors (Xeon 4th generation and later), about 1.5x faster; adapters always stay f32",
                 |ui| {
                     egui::ComboBox::from_id_salt("precision")
                         .selected_text(format!("{:?}", t.mixed_precision))

@@ -13,7 +13,7 @@ use candle_core::{
     Tensor,
 };
 
-use super::amx::{Operand, Output};
+use super::amx::Operand;
 use super::tied::{TiedBackward, tie};
 
 /// `x · Wᵀ` for a frozen `W` of shape `[out, in]`, over any number of leading batch dimensions.
@@ -136,7 +136,7 @@ fn bf16_forward(
     }
     let rows = (x_end - x_start) / in_features;
     crate::flops::add_layer(rows * in_features * out_features);
-    let mut output = vec![0f32; rows * out_features];
+    let mut output = Vec::with_capacity(rows * out_features);
     let input = Operand {
         data: &x[x_start..x_end],
         row_stride: in_features,
@@ -148,19 +148,11 @@ fn bf16_forward(
         row_stride: 1,
         col_stride: in_features,
     };
-    let out = Output {
-        data: &mut output,
-        row_stride: out_features,
-        accumulate: false,
-        scale: 1.0,
-    };
-    super::amx::product(
-        (rows, in_features, out_features),
-        input,
-        weight_t,
-        out,
-        true,
-    );
+    let dims3 = (rows, in_features, out_features);
+    let out = output.spare_capacity_mut();
+    super::amx::product_into_uninit(dims3, (input, weight_t), out, true);
+    // SAFETY: the product wrote all `rows · out_features` values.
+    unsafe { output.set_len(rows * out_features) };
     let mut out_dims = dims[..dims.len() - 1].to_vec();
     out_dims.push(out_features);
     Ok(Some((CpuStorage::F32(output), Shape::from(out_dims))))

@@ -7,7 +7,7 @@ use std::cell::Cell;
 
 use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
 
-use super::amx::{self, Operand, Output};
+use super::amx::{self, Operand};
 
 thread_local! {
     /// Whether this thread is inside a [`Bf16Products`] scope.
@@ -33,6 +33,9 @@ impl Bf16Products {
 impl Drop for Bf16Products {
     fn drop(&mut self) {
         BF16_PRODUCTS.set(self.previous);
+        if !self.previous {
+            amx::release_buffers();
+        }
     }
 }
 
@@ -70,23 +73,20 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
     let batch: usize = batch_dims.iter().product();
     let (a, b) = (batched_view(a)?, batched_view(b)?);
-    let mut product = vec![0f32; batch * m * n];
+    let mut product = Vec::with_capacity(batch * m * n);
     {
         let (a_storage, a_layout) = a.storage_and_layout();
         let (b_storage, b_layout) = b.storage_and_layout();
         let (a_data, b_data) = (cpu_f32(&a_storage)?, cpu_f32(&b_storage)?);
-        for (index, out) in product.chunks_mut((m * n).max(1)).enumerate().take(batch) {
+        let matrices = product.spare_capacity_mut().chunks_mut((m * n).max(1));
+        for (index, out) in matrices.enumerate().take(batch) {
             let left = matrix(a_data, a_layout, index)?;
             let right = matrix(b_data, b_layout, index)?;
-            let out = Output {
-                data: out,
-                row_stride: n,
-                accumulate: false,
-                scale: 1.0,
-            };
-            amx::product((m, k, n), left, right, out, true);
+            amx::product_into_uninit((m, k, n), (left, right), out, true);
         }
     }
+    // SAFETY: each of the `batch` products wrote all of its `m·n` values.
+    unsafe { product.set_len(batch * m * n) };
     let mut shape = batch_dims;
     shape.extend([m, n]);
     Tensor::from_vec(product, shape, a.device())

@@ -10,6 +10,7 @@
 //! a scratch block. Linux must grant the process the tile data state (`arch_prctl`), asked for once.
 
 use std::cell::Cell;
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 use std::thread::LocalKey;
 
@@ -82,16 +83,6 @@ pub fn product(
         m == 0 || n == 0 || (m - 1) * out.row_stride + n <= out.data.len(),
         "result view out of bounds"
     );
-    if m == 0 || n == 0 {
-        return;
-    }
-    let k_blocks = k.div_ceil(BLOCK);
-    let (m_blocks, n_blocks) = (m.div_ceil(BLOCK), n.div_ceil(BLOCK));
-    let mut left = take_buffer(&LEFT, m_blocks * k_blocks * BLOCK_ELEMENTS);
-    let mut right = take_buffer(&RIGHT, n_blocks * k_blocks * BLOCK_ELEMENTS);
-    pack::pack_left(a, (m, k), &mut left, parallel);
-    pack::pack_right(b, (k, n), &mut right, parallel);
-    let tasks_per_row = n_blocks.div_ceil(BLOCKS_PER_TASK);
     let target = SharedOutput {
         ptr: out.data.as_mut_ptr(),
         row_stride: out.row_stride,
@@ -100,6 +91,56 @@ pub fn product(
         accumulate: out.accumulate,
         scale: out.scale,
     };
+    run((m, k, n), (a, b), target, parallel);
+}
+
+/// `a (m×k) · b (k×n)` into `out` (row-major, `m·n` values), which need not be initialised: every value is
+/// written. Otherwise as [`product`].
+pub fn product_into_uninit(
+    (m, k, n): (usize, usize, usize),
+    (a, b): (Operand, Operand),
+    out: &mut [MaybeUninit<f32>],
+    parallel: bool,
+) {
+    assert!(
+        a.covers(m, k) && b.covers(k, n),
+        "operand views out of bounds"
+    );
+    assert!(out.len() >= m * n, "result view out of bounds");
+    let target = SharedOutput {
+        ptr: out.as_mut_ptr().cast(),
+        row_stride: n,
+        rows: m,
+        cols: n,
+        accumulate: false,
+        scale: 1.0,
+    };
+    run((m, k, n), (a, b), target, parallel);
+}
+
+/// Packs the operands and computes the result's blocks into `target` (in bounds: checked by the callers).
+fn run(
+    (m, k, n): (usize, usize, usize),
+    (a, b): (Operand, Operand),
+    target: SharedOutput,
+    parallel: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let k_blocks = k.div_ceil(BLOCK);
+    let (m_blocks, n_blocks) = (m.div_ceil(BLOCK), n.div_ceil(BLOCK));
+    let (left_len, right_len) = (
+        m_blocks * k_blocks * BLOCK_ELEMENTS,
+        n_blocks * k_blocks * BLOCK_ELEMENTS,
+    );
+    let (mut left_buffer, mut right_buffer) =
+        (take_buffer(&LEFT, left_len), take_buffer(&RIGHT, right_len));
+    let (left, right) = (&mut left_buffer[..left_len], &mut right_buffer[..right_len]);
+    pack::pack_left(a, (m, k), left, parallel);
+    pack::pack_right(b, (k, n), right, parallel);
+    let (left, right) = (&*left, &*right);
+    let tasks_per_row = n_blocks.div_ceil(BLOCKS_PER_TASK);
     let task = |index: usize| {
         let (mb, first) = (
             index / tasks_per_row,
@@ -118,8 +159,8 @@ pub fn product(
     } else {
         (0..tasks).for_each(task);
     }
-    LEFT.set(left);
-    RIGHT.set(right);
+    LEFT.set(left_buffer);
+    RIGHT.set(right_buffer);
 }
 
 thread_local! {
@@ -128,10 +169,19 @@ thread_local! {
     static RIGHT: Cell<Vec<u16>> = const { Cell::new(Vec::new()) };
 }
 
-/// This thread's buffer (taken: a product nested through work stealing gets its own), `len` long.
+/// Frees this thread's packing buffers (they keep the size of the largest product's operands).
+pub fn release_buffers() {
+    LEFT.take();
+    RIGHT.take();
+}
+
+/// This thread's buffer (taken: a product nested through work stealing gets its own), at least `len` long.
+/// It only grows: packing overwrites what it uses, so a shorter use costs no clearing.
 fn take_buffer(buffer: &'static LocalKey<Cell<Vec<u16>>>, len: usize) -> Vec<u16> {
     let mut values = buffer.take();
-    values.resize(len, 0);
+    if values.len() < len {
+        values.resize(len, 0);
+    }
     values
 }
 
@@ -179,19 +229,18 @@ impl SharedOutput {
             let rows = BLOCK.min(self.rows - row);
             let cols = BLOCK.min(self.cols - col);
             for r in 0..rows {
-                let target = std::slice::from_raw_parts_mut(at.add(r * self.row_stride), cols);
+                let target = at.add(r * self.row_stride);
                 let source = &scratch[r * BLOCK..][..cols];
-                match (self.accumulate, self.scale) {
-                    (false, 1.0) => target.copy_from_slice(source),
-                    (true, 1.0) => target.iter_mut().zip(source).for_each(|(t, s)| *t += s),
-                    (false, scale) => target
-                        .iter_mut()
-                        .zip(source)
-                        .for_each(|(t, s)| *t = scale * s),
-                    (true, scale) => target
-                        .iter_mut()
-                        .zip(source)
-                        .for_each(|(t, s)| *t += scale * s),
+                if !self.accumulate {
+                    // Written through the pointer: the result may not be initialised yet.
+                    for (c, &value) in source.iter().enumerate() {
+                        target.add(c).write(self.scale * value);
+                    }
+                    continue;
+                }
+                let target = std::slice::from_raw_parts_mut(target, cols);
+                for (t, &value) in target.iter_mut().zip(source) {
+                    *t += self.scale * value;
                 }
             }
         }
