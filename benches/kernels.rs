@@ -123,6 +123,13 @@ fn main() -> Result<()> {
         &[1, 4096, 320],
         |x| frozen_linear(x, &geglu),
     )?;
+    // SDXL's 1280-wide blocks at 512 px: few tokens, large weights.
+    let feed_forward = weight(&[10240, 1280])?;
+    measure(
+        "linear 1280->10240 over 256 tokens (SDXL)",
+        &[1, 256, 1280],
+        |x| frozen_linear(x, &feed_forward),
+    )?;
     measure(
         "self-attention, 8 heads, 4096 tokens",
         &[1, 4096, 320],

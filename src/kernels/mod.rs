@@ -1,7 +1,8 @@
 //! Compute kernels with their own backward passes, shared by every model: frozen linear and convolution
 //! layers whose backward computes only the input gradient, memory-lean attention, normalisation (layer,
 //! group and RMS), rotary position embeddings and activations, and the CPU fast paths behind them (im2col
-//! and Winograd convolutions, tiled attention, vectorised norms, few-row products).
+//! and Winograd convolutions, tiled attention, vectorised norms, few-row products), whose matrix products
+//! take bf16 operands on AMX tiles inside a [`Bf16Products`] scope ([`amx`], [`products`]).
 //!
 //! Each op has a device-generic path built from candle ops (what CUDA and Metal run) and, for f32/f64 on
 //! the CPU, the project's own kernels. [`cpu_kernels`] decides between them in one place, so the generic

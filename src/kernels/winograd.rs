@@ -12,7 +12,10 @@
 //! spatially flipped, channel-transposed kernel, so the backward pass runs here too; the flipped kernel is
 //! never built, its transform is read straight from the kernel. The kernel transform is 4x the kernel, built
 //! on every call: with few output tiles it costs more than it saves, so small images (fewer than
-//! [`MIN_TILES`] tiles in the batch) stay with the patch matrix.
+//! [`MIN_TILES`] tiles in the batch) stay with the patch matrix. Inside a bf16-products scope
+//! ([`super::products`]) the patch matrix is used throughout, so bf16 rounding applies to the inputs and
+//! kernels themselves, not to their transforms: its AMX product, forward+backward, is as fast as Winograd in
+//! f32 at 64x64 with 320 channels (39.5 vs 38.5 ms) and 2.2-2.6x faster at 32x32 and 16x16.
 
 use std::mem::MaybeUninit;
 

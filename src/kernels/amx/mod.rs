@@ -140,20 +140,31 @@ fn run(
     pack::pack_left(a, (m, k), left, parallel);
     pack::pack_right(b, (k, n), right, parallel);
     let (left, right) = (&*left, &*right);
-    let tasks_per_row = n_blocks.div_ceil(BLOCKS_PER_TASK);
+    // Each task holds one packed block of the larger operand and runs along a row of blocks of the smaller
+    // one, which stays in cache across tasks: the larger operand is read from memory once. (Over few
+    // tokens a layer's weight is the larger one; read once per 32 rows instead, it dominated the time.)
+    let right_major = right_len > left_len;
+    let (outer, inner) = if right_major {
+        (n_blocks, m_blocks)
+    } else {
+        (m_blocks, n_blocks)
+    };
+    let runs = inner.div_ceil(BLOCKS_PER_TASK);
     let task = |index: usize| {
-        let (mb, first) = (
-            index / tasks_per_row,
-            index % tasks_per_row * BLOCKS_PER_TASK,
-        );
-        let left = &left[mb * k_blocks * BLOCK_ELEMENTS..][..k_blocks * BLOCK_ELEMENTS];
-        for nb in first..(first + BLOCKS_PER_TASK).min(n_blocks) {
+        let (held, first) = (index / runs, index % runs * BLOCKS_PER_TASK);
+        for along in first..(first + BLOCKS_PER_TASK).min(inner) {
+            let (mb, nb) = if right_major {
+                (along, held)
+            } else {
+                (held, along)
+            };
+            let left = &left[mb * k_blocks * BLOCK_ELEMENTS..][..k_blocks * BLOCK_ELEMENTS];
             let right = &right[nb * k_blocks * BLOCK_ELEMENTS..][..k_blocks * BLOCK_ELEMENTS];
-            // SAFETY: tasks write disjoint blocks of the result, which the assert above keeps in bounds.
+            // SAFETY: tasks write disjoint blocks of the result, which the caller keeps in bounds.
             unsafe { target.block(mb * BLOCK, nb * BLOCK, left, right, k_blocks) };
         }
     };
-    let tasks = m_blocks * tasks_per_row;
+    let tasks = outer * runs;
     if parallel {
         (0..tasks).into_par_iter().for_each(task);
     } else {
