@@ -35,14 +35,31 @@ pub(super) fn pack_left(a: Operand, (m, k): (usize, usize), packed: &mut [u16], 
 /// 16–31).
 pub(super) fn pack_right(b: Operand, (k, n): (usize, usize), packed: &mut [u16], parallel: bool) {
     let k_blocks = k.div_ceil(BLOCK);
-    let block = |(nb, run): (usize, &mut [u16])| {
-        for (index, tile) in run.chunks_exact_mut(TILE_ELEMENTS).enumerate() {
-            let (kb, half) = (index / 2, index % 2);
-            right_tile(b, (k, n), (kb * BLOCK, nb * BLOCK + half * 16), tile);
+    let run = k_blocks * BLOCK_ELEMENTS;
+    // Row-major `b` is packed a band of 256 columns at a time, row pair by row pair across the band, so that
+    // each row is read in 1 KiB runs; column by column it would be read 128 bytes per row, a cache miss
+    // each (its rows are far apart), at about half the speed.
+    let row_major = b.col_stride == 1 && b.row_stride != 1;
+    let band = if row_major { COLUMN_BLOCKS_PER_BAND } else { 1 };
+    let pack_band = |(index, blocks): (usize, &mut [u16])| {
+        let count = blocks.len() / run;
+        let tile = |blocks: &mut [u16], (j, kb, half): (usize, usize, usize)| {
+            let col0 = (index * band + j) * BLOCK + half * 16;
+            let at = j * run + kb * BLOCK_ELEMENTS + half * TILE_ELEMENTS;
+            right_tile(b, (k, n), (kb * BLOCK, col0), &mut blocks[at..at + TILE_ELEMENTS]);
+        };
+        for kb in 0..k_blocks {
+            for j in 0..count {
+                tile(blocks, (j, kb, 0));
+                tile(blocks, (j, kb, 1));
+            }
         }
     };
-    spread(packed, k_blocks * BLOCK_ELEMENTS, parallel, block);
+    spread(packed, band * run, parallel, pack_band);
 }
+
+/// 32-column blocks a band of row-major right operand packs together (256 columns).
+const COLUMN_BLOCKS_PER_BAND: usize = 8;
 
 /// Runs `pack` on each `run`-sized chunk of `packed` with its index, over threads when `parallel`.
 fn spread(
