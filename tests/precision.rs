@@ -1,7 +1,9 @@
 //! Mixed precision on the CPU, where candle runs fp16 too: one fp16 training step of the tiny SD1 model
-//! against the f32 step (the loss within fp16's rounding, the updated adapters equal), and fp16 dynamic loss
-//! scaling recovering from an overflow without ending the run. (candle 0.11 has no bf16 matrix product on the
-//! CPU, "unsupported dtype BF16 for op matmul", so bf16 steps run on GPUs only.)
+//! against the f32 step (the loss within fp16's rounding, the updated adapters equal), fp16 dynamic loss
+//! scaling recovering from an overflow without ending the run, and `mixed_precision = "bf16"`, which on the
+//! CPU keeps f32 tensors and makes the matrix products bf16 ones where the processor has AMX. (candle 0.11
+//! has no bf16 matrix product on the CPU, "unsupported dtype BF16 for op matmul", so steps in bf16 tensors
+//! run on GPUs only.)
 
 mod common;
 
@@ -9,18 +11,22 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use common::{make_dataset, tiny_config};
-use lora_studio::config::TrainConfig;
+use lora_studio::config::{MixedPrecision, TrainConfig};
 use lora_studio::train::{
     CancelToken, StepReport, TrainOutcome, TrainReporter, TrainStop, load_checkpoint, train_on,
 };
 
-/// The reported steps.
+/// The reported steps, and the run's messages.
 #[derive(Default)]
-struct Steps(Vec<StepReport>);
+struct Steps(Vec<StepReport>, Vec<String>);
 
 impl TrainReporter for Steps {
     fn step(&mut self, report: &StepReport) {
         self.0.push(*report);
+    }
+
+    fn message(&mut self, text: &str) {
+        self.1.push(text.to_string());
     }
 }
 
@@ -29,6 +35,16 @@ fn train_in(
     config: &TrainConfig,
     resume: Option<&Path>,
 ) -> (TrainOutcome, Vec<StepReport>) {
+    let (outcome, steps, _) = train_reporting(dtype, config, resume);
+    (outcome, steps)
+}
+
+/// [`train_in`] with the run's messages too.
+fn train_reporting(
+    dtype: DType,
+    config: &TrainConfig,
+    resume: Option<&Path>,
+) -> (TrainOutcome, Vec<StepReport>, Vec<String>) {
     let mut steps = Steps::default();
     let outcome = train_on(
         &mut common::loaded_base("sd1", dtype),
@@ -38,7 +54,7 @@ fn train_in(
         &CancelToken::default(),
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    (outcome, steps.0)
+    (outcome, steps.0, steps.1)
 }
 
 /// The adapters of a run's last checkpoint, by name.
@@ -81,9 +97,28 @@ fn one_step_in_fp16_matches_the_f32_step() {
         f32_steps[0].loss
     );
     let initial = adapters_at_start(&config("start"));
+    let (relative, worst) = update_difference(&run, &f32_run, &initial);
+    eprintln!(
+        "fp16 update vs f32: relative difference {relative:.2e} (worst tensor {:.2e}, {})",
+        worst.0, worst.1
+    );
+    assert!(
+        relative < 1e-2,
+        "the fp16 update differs by {relative:.2e} of the f32 one"
+    );
+    assert!(worst.0 < 5e-2, "{} differs by {:.2e}", worst.1, worst.0);
+}
+
+/// How far the adapter update of `run` is from that of `reference` (both from `initial`): relative to the
+/// reference update over all tensors, and the worst single tensor with its name.
+fn update_difference(
+    run: &TrainOutcome,
+    reference: &TrainOutcome,
+    initial: &[(String, Tensor)],
+) -> (f64, (f64, String)) {
     let (mut error, mut norm, mut worst) = (0f64, 0f64, (0f64, String::new()));
     for (((name, ours), (_, theirs)), (_, start)) in
-        adapters(&run).iter().zip(&adapters(&f32_run)).zip(&initial)
+        adapters(run).iter().zip(&adapters(reference)).zip(initial)
     {
         let ours = (ours - start).unwrap();
         let theirs = (theirs - start).unwrap();
@@ -102,17 +137,59 @@ fn one_step_in_fp16_matches_the_f32_step() {
             worst = ((e / n).sqrt(), name.clone());
         }
     }
-    let relative = (error / norm).sqrt();
-    eprintln!(
-        "fp16 update vs f32: relative difference {relative:.2e} (worst tensor {:.2e}, {})",
-        worst.0, worst.1
-    );
-    assert!(norm > 0.0, "the f32 step moved nothing");
+    assert!(norm > 0.0, "the reference step moved nothing");
+    ((error / norm).sqrt(), worst)
+}
+
+#[test]
+fn bf16_on_the_cpu_rounds_only_the_products_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = make_dataset(&dir.path().join("data"), 2);
+    // As in the fp16 test: the first update is the gradient itself.
+    let config = |name: &str, mixed_precision| TrainConfig {
+        max_train_steps: Some(1),
+        train_text_encoder: true,
+        adam_epsilon: 10.0,
+        learning_rate: 1.0,
+        weight_decay: 0.0,
+        mixed_precision,
+        ..tiny_config(&data, &dir.path().join(name))
+    };
+    let (f32_run, f32_steps) = train_in(DType::F32, &config("f32", MixedPrecision::No), None);
+    let (run, steps, messages) =
+        train_reporting(DType::F32, &config("bf16", MixedPrecision::Bf16), None);
+    assert_eq!(run.stop, TrainStop::Finished);
+    let on_amx = messages.iter().any(|m| m.contains("take bf16 operands"));
+    let without = messages.iter().any(|m| m.contains("lacks"));
     assert!(
-        relative < 1e-2,
-        "the fp16 update differs by {relative:.2e} of the f32 one"
+        on_amx != without,
+        "one message names the arithmetic: {messages:?}"
     );
-    assert!(worst.0 < 5e-2, "{} differs by {:.2e}", worst.1, worst.0);
+    let loss = (steps[0].loss - f32_steps[0].loss).abs() / f32_steps[0].loss;
+    let initial = adapters_at_start(&config("start", MixedPrecision::No));
+    let (update, worst) = update_difference(&run, &f32_run, &initial);
+    eprintln!(
+        "bf16 products (AMX: {on_amx}): loss {:.6} vs f32 {:.6} (relative {loss:.2e}), update relative \
+         difference {update:.2e} (worst tensor {:.2e}, {})",
+        steps[0].loss, f32_steps[0].loss, worst.0, worst.1
+    );
+    if on_amx {
+        // Operands rounded to bf16's 8-bit mantissa, sums in f32.
+        assert!(loss > 0.0, "the products were not rounded");
+        assert!(
+            loss < 1e-2,
+            "bf16 loss {} vs f32 {}",
+            steps[0].loss,
+            f32_steps[0].loss
+        );
+        assert!(
+            update < 3e-2,
+            "the bf16 update differs by {update:.2e} of the f32 one"
+        );
+    } else {
+        assert_eq!(loss, 0.0, "without AMX the run is the f32 run");
+        assert_eq!(update, 0.0, "without AMX the run is the f32 run");
+    }
 }
 
 /// The adapters a run of `config` starts from (its step-0 initialisation).

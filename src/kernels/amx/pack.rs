@@ -46,7 +46,12 @@ pub(super) fn pack_right(b: Operand, (k, n): (usize, usize), packed: &mut [u16],
         let tile = |blocks: &mut [u16], (j, kb, half): (usize, usize, usize)| {
             let col0 = (index * band + j) * BLOCK + half * 16;
             let at = j * run + kb * BLOCK_ELEMENTS + half * TILE_ELEMENTS;
-            right_tile(b, (k, n), (kb * BLOCK, col0), &mut blocks[at..at + TILE_ELEMENTS]);
+            right_tile(
+                b,
+                (k, n),
+                (kb * BLOCK, col0),
+                &mut blocks[at..at + TILE_ELEMENTS],
+            );
         };
         for kb in 0..k_blocks {
             for j in 0..count {
