@@ -14,7 +14,7 @@
 
 use rayon::prelude::*;
 
-use super::amx::{Operand, Output};
+use super::amx::{Operand, Output, PackedLeft};
 use super::fast_math::{Simd, exp_f32, vectorised};
 
 /// Score elements per tile (2 MiB in f32). Measured on a 2-core machine with 1 MiB of L2 per core, 4096
@@ -44,6 +44,11 @@ pub fn tile_rows(kv_len: usize) -> usize {
 pub trait Element: num_traits::Float + Send + Sync + 'static {
     /// `row[j] = exp(row[j] − shift[j])` and `sums[j] += row[j]` for every column `j`.
     fn exp_shifted(row: &mut [Self], shift: &[Self], sums: &mut [Self]);
+
+    /// `view` (`rows × cols`) packed as the left operand of bf16 products; `None` for types without them.
+    fn bf16_pack(_view: View<'_, Self>, _dims: (usize, usize)) -> Option<PackedLeft> {
+        None
+    }
 
     /// [`matmul`] in bf16 products; `false` (nothing done) for types without them.
     fn bf16_product(
@@ -80,21 +85,30 @@ impl Element for f32 {
         (lhs, rhs): (View<'_, f32>, View<'_, f32>),
         beta: f32,
     ) -> bool {
-        fn operand(view: View<'_, f32>) -> Operand<'_> {
-            Operand {
-                data: view.data,
-                row_stride: view.row_stride,
-                col_stride: view.col_stride,
-            }
-        }
         let out = Output {
             data: dst,
             row_stride: dst_rs,
             accumulate,
             scale: beta,
         };
-        super::amx::product((m, k, n), operand(lhs), operand(rhs), out, false);
+        match lhs.packed {
+            Some(packed) => super::amx::product_packed(packed, operand(rhs), n, out, false),
+            None => super::amx::product((m, k, n), operand(lhs), operand(rhs), out, false),
+        }
         true
+    }
+
+    fn bf16_pack(view: View<'_, f32>, dims: (usize, usize)) -> Option<PackedLeft> {
+        Some(PackedLeft::new(operand(view), dims, false))
+    }
+}
+
+/// An f32 view as an AMX operand.
+fn operand(view: View<'_, f32>) -> Operand<'_> {
+    Operand {
+        data: view.data,
+        row_stride: view.row_stride,
+        col_stride: view.col_stride,
     }
 }
 
@@ -106,12 +120,14 @@ fn exp_shifted_f32(row: &mut [f32], shift: &[f32], sums: &mut [f32]) {
     }
 }
 
-/// A read-only matrix view: element `(r, c)` is `data[r·row_stride + c·col_stride]`.
+/// A read-only matrix view: element `(r, c)` is `data[r·row_stride + c·col_stride]`; as a left operand of
+/// bf16 products, possibly packed already.
 #[derive(Clone, Copy)]
 pub struct View<'a, T> {
     data: &'a [T],
     row_stride: usize,
     col_stride: usize,
+    packed: Option<&'a PackedLeft>,
 }
 
 impl<'a, T> View<'a, T> {
@@ -120,8 +136,23 @@ impl<'a, T> View<'a, T> {
             data,
             row_stride,
             col_stride,
+            packed: None,
         }
     }
+
+    /// The same view, with its bf16 tile-order form where there is one.
+    fn packed(self, packed: Option<&'a PackedLeft>) -> Self {
+        Self { packed, ..self }
+    }
+}
+
+/// A head's operand in bf16 tile order when the products are bf16 ones and the type has them.
+fn prepacked<T: Element>(
+    bf16: bool,
+    view: View<'_, T>,
+    dims: (usize, usize),
+) -> Option<PackedLeft> {
+    if bf16 { T::bf16_pack(view, dims) } else { None }
 }
 
 /// `dst (m×n, row stride dst_rs) [+]= beta · lhs (m×k) · rhs (k×n)` on the calling thread; without
@@ -176,7 +207,7 @@ fn matmul<T: Element>(
 /// into `scores`.
 fn transposed_scores<T: Element>(
     dims: &AttentionDims,
-    (q, k): (&[T], &[T]),
+    (q, k, packed_k): (&[T], &[T], Option<&PackedLeft>),
     (start, rows): (usize, usize),
     scale: T,
     scores: &mut [T],
@@ -187,7 +218,7 @@ fn transposed_scores<T: Element>(
         scores,
         rows,
         false,
-        View::new(k, d, 1),
+        View::new(k, d, 1).packed(packed_k),
         View::new(&q[start * d..], 1, d),
         scale,
         dims.bf16_products,
@@ -198,7 +229,7 @@ fn transposed_scores<T: Element>(
 /// (`kv_len × rows`) and keys' `X` (`kv_len × d`), computed as `(Tᵀ·X)ᵀ = Xᵀ·T` in `scratch` (`d × rows`),
 /// the product whose large operand, the tile, is read row by row.
 fn tile_product_rows<T: Element>(
-    (tile, keys): (&[T], &[T]),
+    (tile, keys, packed_keys_t): (&[T], &[T], Option<&PackedLeft>),
     (kv_len, rows, d): (usize, usize, usize),
     row_scale: impl Fn(usize) -> T,
     (scratch, target): (&mut [T], &mut [T]),
@@ -209,7 +240,7 @@ fn tile_product_rows<T: Element>(
         scratch,
         rows,
         false,
-        View::new(keys, 1, d),
+        View::new(keys, 1, d).packed(packed_keys_t),
         View::new(tile, rows, 1),
         T::one(),
         bf16,
@@ -251,11 +282,16 @@ pub fn forward<T: Element>(
             let mut probs = vec![T::zero(); m * tile];
             let mut out_t = vec![T::zero(); d * tile];
             let (mut max, mut sums) = (vec![T::zero(); tile], vec![T::zero(); tile]);
+            // Keys and transposed values, packed once for every tile of this head.
+            let bf16 = dims.bf16_products;
+            let packed_k = prepacked(bf16, View::new(k, d, 1), (m, d));
+            let packed_v_t = prepacked(bf16, View::new(v, 1, d), (d, m));
+            let keys = (q, k, packed_k.as_ref());
             for start in (0..l).step_by(tile) {
                 let rows = tile.min(l - start);
                 let (probs, out_t) = (&mut probs[..m * rows], &mut out_t[..d * rows]);
                 let (max, sums) = (&mut max[..rows], &mut sums[..rows]);
-                transposed_scores(&dims, (q, k), (start, rows), scale, probs);
+                transposed_scores(&dims, keys, (start, rows), scale, probs);
                 max.fill(T::neg_infinity());
                 for key in probs.chunks(rows) {
                     for (max, &score) in max.iter_mut().zip(key) {
@@ -269,7 +305,7 @@ pub fn forward<T: Element>(
                 // O = P·V, normalised by the sums.
                 let out_rows = &mut out[start * d..][..rows * d];
                 tile_product_rows(
-                    (probs, v),
+                    (probs, v, packed_v_t.as_ref()),
                     (m, rows, d),
                     |j| sums[j].recip(),
                     (out_t, out_rows),
@@ -315,6 +351,12 @@ pub fn backward<T: Element>(
             );
             let (k, v) = (&k[key_rows.clone()], &v[key_rows]);
             let log_sum_exp = &log_sum_exp[h * l..(h + 1) * l];
+            // Keys, values and transposed keys, packed once for every tile of this head.
+            let bf16 = dims.bf16_products;
+            let packed_k = prepacked(bf16, View::new(k, d, 1), (m, d));
+            let packed_v = prepacked(bf16, View::new(v, d, 1), (m, d));
+            let packed_k_t = prepacked(bf16, View::new(k, 1, d), (d, m));
+            let keys = (q, k, packed_k.as_ref());
             let row_dot: Vec<T> = grad
                 .chunks(d)
                 .zip(out.chunks(d))
@@ -330,7 +372,7 @@ pub fn backward<T: Element>(
                 let grad_scores = &mut grad_scores[..m * rows];
                 let grad_q_t = &mut grad_q_t[..d * rows];
                 let shift = &log_sum_exp[start..start + rows];
-                transposed_scores(&dims, (q, k), (start, rows), scale, probs);
+                transposed_scores(&dims, keys, (start, rows), scale, probs);
                 probs
                     .chunks_mut(rows)
                     .for_each(|key| T::exp_shifted(key, shift, &mut unused_sums[..rows]));
@@ -352,7 +394,7 @@ pub fn backward<T: Element>(
                     grad_scores,
                     rows,
                     false,
-                    View::new(v, d, 1),
+                    View::new(v, d, 1).packed(packed_v.as_ref()),
                     View::new(grad_tile, 1, d),
                     T::one(),
                     dims.bf16_products,
@@ -378,7 +420,7 @@ pub fn backward<T: Element>(
                 // dQ = s·dS·K
                 let grad_q_rows = &mut grad_q[start * d..][..rows * d];
                 tile_product_rows(
-                    (grad_scores, k),
+                    (grad_scores, k, packed_k_t.as_ref()),
                     (m, rows, d),
                     |_| scale,
                     (grad_q_t, grad_q_rows),

@@ -64,6 +64,27 @@ pub struct Output<'a> {
     pub scale: f32,
 }
 
+impl Output<'_> {
+    /// The result as the tasks write it, for an `m × n` product.
+    ///
+    /// # Panics
+    /// If the view does not cover the result.
+    fn target(self, (m, n): (usize, usize)) -> SharedOutput {
+        assert!(
+            m == 0 || n == 0 || (m - 1) * self.row_stride + n <= self.data.len(),
+            "result view out of bounds"
+        );
+        SharedOutput {
+            ptr: self.data.as_mut_ptr(),
+            row_stride: self.row_stride,
+            rows: m,
+            cols: n,
+            accumulate: self.accumulate,
+            scale: self.scale,
+        }
+    }
+}
+
 /// `out (m×n) [+]= scale · a (m×k) · b (k×n)`, on the calling thread only when `parallel` is false (for callers
 /// that are already spread over threads). Without AMX the same rounded product is computed by plain code,
 /// far slower than f32 AVX-512 products: callers take this path only when [`available`].
@@ -81,19 +102,8 @@ pub fn product(
         a.covers(m, k) && b.covers(k, n),
         "operand views out of bounds"
     );
-    assert!(
-        m == 0 || n == 0 || (m - 1) * out.row_stride + n <= out.data.len(),
-        "result view out of bounds"
-    );
-    let target = SharedOutput {
-        ptr: out.data.as_mut_ptr(),
-        row_stride: out.row_stride,
-        rows: m,
-        cols: n,
-        accumulate: out.accumulate,
-        scale: out.scale,
-    };
-    run((m, k, n), (a, b), target, parallel);
+    let target = out.target((m, n));
+    run((m, k, n), (Left::View(a), b), target, parallel);
 }
 
 /// `a (m×k) · b (k×n)` into `out` (row-major, `m·n` values), which need not be initialised: every value is
@@ -117,13 +127,53 @@ pub fn product_into_uninit(
         accumulate: false,
         scale: 1.0,
     };
-    run((m, k, n), (a, b), target, parallel);
+    run((m, k, n), (Left::View(a), b), target, parallel);
+}
+
+/// A left operand packed once for several products (attention's keys and values, used by every tile of
+/// query rows).
+pub struct PackedLeft {
+    values: Vec<u16>,
+    rows: usize,
+    depth: usize,
+}
+
+impl PackedLeft {
+    /// `a` (`rows × depth`) in tile order.
+    pub fn new(a: Operand, (rows, depth): (usize, usize), parallel: bool) -> Self {
+        assert!(a.covers(rows, depth), "operand view out of bounds");
+        let len = rows.div_ceil(BLOCK) * depth.div_ceil(BLOCK) * BLOCK_ELEMENTS;
+        let mut values = vec![0u16; len];
+        pack::pack_left(a, (rows, depth), &mut values, parallel);
+        Self {
+            values,
+            rows,
+            depth,
+        }
+    }
+}
+
+/// [`product`] with a left operand packed beforehand; `b` is `depth × n`.
+///
+/// # Panics
+/// If a view does not cover its matrix.
+pub fn product_packed(left: &PackedLeft, b: Operand, n: usize, out: Output, parallel: bool) {
+    let (m, k) = (left.rows, left.depth);
+    assert!(b.covers(k, n), "operand view out of bounds");
+    let target = out.target((m, n));
+    run((m, k, n), (Left::Packed(&left.values), b), target, parallel);
+}
+
+/// The left operand of a product: to be packed, or packed already.
+enum Left<'a> {
+    View(Operand<'a>),
+    Packed(&'a [u16]),
 }
 
 /// Packs the operands and computes the result's blocks into `target` (in bounds: checked by the callers).
 fn run(
     (m, k, n): (usize, usize, usize),
-    (a, b): (Operand, Operand),
+    (a, b): (Left, Operand),
     target: SharedOutput,
     parallel: bool,
 ) {
@@ -136,12 +186,27 @@ fn run(
         m_blocks * k_blocks * BLOCK_ELEMENTS,
         n_blocks * k_blocks * BLOCK_ELEMENTS,
     );
-    let (mut left_buffer, mut right_buffer) =
-        (take_buffer(&LEFT, left_len), take_buffer(&RIGHT, right_len));
-    let (left, right) = (&mut left_buffer[..left_len], &mut right_buffer[..right_len]);
-    pack::pack_left(a, (m, k), left, parallel);
+    let (mut left_buffer, mut right_buffer) = (
+        take_buffer(
+            &LEFT,
+            if matches!(a, Left::View(_)) {
+                left_len
+            } else {
+                0
+            },
+        ),
+        take_buffer(&RIGHT, right_len),
+    );
+    let left: &[u16] = match a {
+        Left::View(a) => {
+            pack::pack_left(a, (m, k), &mut left_buffer[..left_len], parallel);
+            &left_buffer[..left_len]
+        }
+        Left::Packed(packed) => &packed[..left_len],
+    };
+    let right = &mut right_buffer[..right_len];
     pack::pack_right(b, (k, n), right, parallel);
-    let (left, right) = (&*left, &*right);
+    let right = &*right;
     // Each task holds one packed block of the larger operand and runs along a row of blocks of the smaller
     // one, which stays in cache across tasks: the larger operand is read from memory once. (Over few
     // tokens a layer's weight is the larger one; read once per 32 rows instead, it dominated the time.)
