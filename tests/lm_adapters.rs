@@ -224,7 +224,8 @@ fn exports_round_trip(family: &str, use_rslora: bool) {
     assert_eq!(header.float("adapter.lora.alpha"), Some(8.0));
     assert_eq!(header.tensors.len(), 2 * 7 * layers);
     for slot in model.layers().slots() {
-        let [out_features, in_features] = slot.weight().dims() else {
+        let weight = slot.weight();
+        let [out_features, in_features] = weight.dims() else {
             panic!("{} is not a linear layer", slot.name());
         };
         let name = llama_cpp_tensor_name(slot.name()).unwrap();

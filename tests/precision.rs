@@ -142,7 +142,7 @@ fn update_difference(
 }
 
 #[test]
-fn bf16_on_the_cpu_rounds_only_the_products_and_says_so() {
+fn bf16_on_the_cpu_rounds_only_the_frozen_weights_and_products_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let data = make_dataset(&dir.path().join("data"), 2);
     // As in the fp16 test: the first update is the gradient itself.
@@ -159,7 +159,9 @@ fn bf16_on_the_cpu_rounds_only_the_products_and_says_so() {
     let (run, steps, messages) =
         train_reporting(DType::F32, &config("bf16", MixedPrecision::Bf16), None);
     assert_eq!(run.stop, TrainStop::Finished);
-    let on_amx = messages.iter().any(|m| m.contains("take bf16 operands"));
+    let on_amx = messages.iter().any(|m| {
+        m.contains("take bf16 operands") && m.contains("frozen weights are stored in bf16")
+    });
     let without = messages.iter().any(|m| m.contains("lacks"));
     assert!(
         on_amx != without,

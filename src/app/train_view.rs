@@ -309,8 +309,9 @@ impl StudioApp {
             row(
                 ui,
                 "Mixed precision",
-                "GPU compute precision; on the CPU, Bf16 makes the matrix products bf16 ones on AMX \
-                 processors (Xeon 4th generation and later), 1.5-1.9x faster; adapters always stay f32",
+                "GPU compute precision; on the CPU, Bf16 stores the frozen weights in bf16 and makes the \
+                 matrix products bf16 ones on AMX processors (Xeon 4th generation and later), 1.5-2.0x \
+                 faster; adapters always stay f32",
                 |ui| {
                     egui::ComboBox::from_id_salt("precision")
                         .selected_text(format!("{:?}", t.mixed_precision))

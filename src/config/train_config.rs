@@ -39,8 +39,8 @@ pub enum LrScheduler {
 }
 
 /// Compute precision of the frozen model on GPUs (adapters and optimizer state are always f32). On the CPU
-/// everything is f32, except that `bf16` makes the matrix products take bf16 operands on processors with
-/// AMX (Intel Xeon 4th generation and later).
+/// everything is f32, except that `bf16` stores the frozen weights in bf16 and makes the matrix products
+/// take bf16 operands on processors with AMX (Intel Xeon 4th generation and later).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum MixedPrecision {

@@ -105,11 +105,7 @@ impl Element for f32 {
 
 /// An f32 view as an AMX operand.
 fn operand(view: View<'_, f32>) -> Operand<'_> {
-    Operand {
-        data: view.data,
-        row_stride: view.row_stride,
-        col_stride: view.col_stride,
-    }
+    Operand::f32(view.data, view.row_stride, view.col_stride)
 }
 
 #[inline(always)]

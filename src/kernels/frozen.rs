@@ -113,15 +113,18 @@ impl FrozenMatmul {
     }
 }
 
-/// [`FrozenMatmul`]'s forward pass in bf16 products, for f32 operands with a contiguous weight (else
-/// `None`).
+/// [`FrozenMatmul`]'s forward pass in bf16 products, for an f32 input and a contiguous f32 or bf16 weight
+/// (else `None`).
 fn bf16_forward(
     x: &CpuStorage,
     x_layout: &Layout,
     w: &CpuStorage,
     w_layout: &Layout,
 ) -> Result<Option<(CpuStorage, Shape)>> {
-    let (CpuStorage::F32(x), CpuStorage::F32(w)) = (x, w) else {
+    let CpuStorage::F32(x) = x else {
+        return Ok(None);
+    };
+    let Some(w) = super::products::cpu_values(w) else {
         return Ok(None);
     };
     let (Some((x_start, x_end)), Some((w_start, w_end))) =
@@ -137,17 +140,17 @@ fn bf16_forward(
     let rows = (x_end - x_start) / in_features;
     crate::flops::add_layer(rows * in_features * out_features);
     let mut output = Vec::with_capacity(rows * out_features);
-    let input = Operand {
-        data: &x[x_start..x_end],
-        row_stride: in_features,
-        col_stride: 1,
-    };
+    let input = Operand::f32(&x[x_start..x_end], in_features, 1);
     // The product's right operand is `Wᵀ`: column `o` is row `o` of the weight.
+    let Some(weight) = w.starting_at(w_start) else {
+        return Ok(None);
+    };
     let weight_t = Operand {
-        data: &w[w_start..w_end],
+        data: weight,
         row_stride: 1,
         col_stride: in_features,
     };
+    debug_assert!(w_end - w_start == in_features * out_features);
     let dims3 = (rows, in_features, out_features);
     let out = output.spare_capacity_mut();
     super::amx::product_into_uninit(dims3, (input, weight_t), out, true);
@@ -171,6 +174,14 @@ impl CustomOp1 for FrozenMatmul {
                     && let Some(product) = bf16_forward(storage, layout, w, w_layout)?
                 {
                     return Ok(product);
+                }
+                if w.dtype() != storage.dtype() {
+                    // A weight stored in bf16 outside bf16 products: converted for this product.
+                    let weight = super::products::in_dtype(&self.weight, storage.dtype())?;
+                    return Self {
+                        weight: weight.contiguous()?,
+                    }
+                    .cpu_fwd(storage, layout);
                 }
                 let few_rows = super::cpu_kernels(&Device::Cpu)
                     .then(|| super::few_rows::try_matmul(storage, layout, w, w_layout))
@@ -237,10 +248,10 @@ impl FrozenConvBackward {
             let flipped = flipped_transposed(&self.weight)?;
             return super::im2col::conv2d(grad, &flipped, k_h - 1 - self.padding, 1);
         }
+        let weight = super::products::in_dtype(&self.weight, grad.dtype())?;
         // Strided: a transposed convolution with one extra row and column of output, cropped to the
         // input, handles odd and even sizes (and mixed parity) alike.
-        let full =
-            grad.conv_transpose2d(&self.weight, self.padding, self.stride - 1, self.stride, 1)?;
+        let full = grad.conv_transpose2d(&weight, self.padding, self.stride - 1, self.stride, 1)?;
         full.narrow(2, 0, in_h)?.narrow(3, 0, in_w)
     }
 }

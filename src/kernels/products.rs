@@ -7,7 +7,9 @@ use std::cell::Cell;
 
 use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
 
-use super::amx::{self, Operand};
+use half::slice::HalfFloatSliceExt;
+
+use super::amx::{self, Operand, Values};
 
 thread_local! {
     /// Whether this thread is inside a [`Bf16Products`] scope.
@@ -51,20 +53,30 @@ pub fn product_arithmetic() -> &'static str {
 
 /// `a · b` like candle's `broadcast_matmul` — `a` `[.., m, k]`, `b` `[.., k, n]` with the same leading
 /// dimensions, or a matrix `[k, n]` for all of them — in bf16 products on CPU f32 tensors inside a
-/// [`Bf16Products`] scope, else candle's own.
+/// [`Bf16Products`] scope, else candle's own. One operand may be a bf16 frozen weight with the other f32:
+/// the result is f32 (outside the scope the weight is converted for the product).
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let leading = |t: &Tensor| t.dims()[..t.rank().max(2) - 2].to_vec();
     let batch_dims = if a.rank() > 2 { leading(a) } else { leading(b) };
+    let product_dtypes = matches!(
+        (a.dtype(), b.dtype()),
+        (DType::F32, DType::F32) | (DType::F32, DType::BF16) | (DType::BF16, DType::F32)
+    );
     let eligible = bf16_products()
         && a.device().is_cpu()
-        && a.dtype() == DType::F32
-        && b.dtype() == DType::F32
+        && product_dtypes
         && a.rank() >= 2
         && b.rank() >= 2
         && (a.rank() == 2 || leading(a) == batch_dims)
         && (b.rank() == 2 || leading(b) == batch_dims);
     if !eligible {
-        return a.broadcast_matmul(b);
+        // A weight stored in bf16 meets its f32 operand in f32.
+        let dtype = if product_dtypes {
+            DType::F32
+        } else {
+            a.dtype()
+        };
+        return in_dtype(a, dtype)?.broadcast_matmul(&in_dtype(b, dtype)?);
     }
     let (m, k) = last_two(a);
     let (k_b, n) = last_two(b);
@@ -77,7 +89,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     {
         let (a_storage, a_layout) = a.storage_and_layout();
         let (b_storage, b_layout) = b.storage_and_layout();
-        let (a_data, b_data) = (cpu_f32(&a_storage)?, cpu_f32(&b_storage)?);
+        let (a_data, b_data) = (operand_values(&a_storage)?, operand_values(&b_storage)?);
         let matrices = product.spare_capacity_mut().chunks_mut((m * n).max(1));
         for (index, out) in matrices.enumerate().take(batch) {
             let left = matrix(a_data, a_layout, index)?;
@@ -111,23 +123,47 @@ fn batched_view(t: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// The f32 values of a CPU storage.
-fn cpu_f32(storage: &Storage) -> Result<&[f32]> {
-    match storage {
-        Storage::Cpu(CpuStorage::F32(values)) => Ok(values),
-        _ => candle_core::bail!("bf16 products: the operand is not an f32 CPU tensor"),
+/// `t` in `dtype`: itself when it is in it already (a frozen weight stored in bf16 meets f32 activations
+/// outside bf16 products).
+pub fn in_dtype(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    if t.dtype() == dtype {
+        Ok(t.clone())
+    } else {
+        t.to_dtype(dtype)
     }
+}
+
+/// The values of a CPU storage as a product's operand: f32, or bf16 (a frozen weight stored in bf16).
+pub(super) fn cpu_values(storage: &CpuStorage) -> Option<Values<'_>> {
+    match storage {
+        CpuStorage::F32(values) => Some(Values::F32(values)),
+        CpuStorage::BF16(values) => Some(Values::Bf16(values.reinterpret_cast())),
+        _ => None,
+    }
+}
+
+/// [`cpu_values`] of a tensor's storage.
+fn operand_values(storage: &Storage) -> Result<Values<'_>> {
+    match storage {
+        Storage::Cpu(storage) => cpu_values(storage),
+        _ => None,
+    }
+    .ok_or_else(|| {
+        candle_core::Error::Msg(
+            "bf16 products: the operand is not an f32 or bf16 CPU tensor".into(),
+        )
+    })
 }
 
 /// Matrix `index` of a (batched, see [`batched_view`]) layout's last two dimensions; a matrix is its own
 /// every index.
-fn matrix<'a>(data: &'a [f32], layout: &Layout, index: usize) -> Result<Operand<'a>> {
+fn matrix<'a>(data: Values<'a>, layout: &Layout, index: usize) -> Result<Operand<'a>> {
     let (dims, strides) = (layout.dims(), layout.stride());
     let rank = dims.len();
     let batch_stride = if rank > 2 { strides[rank - 3] } else { 0 };
     let index = if rank > 2 { index } else { 0 };
     let start = layout.start_offset() + index * batch_stride;
-    let Some(data) = data.get(start..) else {
+    let Some(data) = data.starting_at(start) else {
         candle_core::bail!("bf16 products: the operand's view lies outside its storage");
     };
     Ok(Operand {
@@ -204,6 +240,16 @@ mod tests {
         round(a).broadcast_matmul(&round(b)).unwrap()
     }
 
+    /// The frozen linear layer of weight `t[1]` on the input `t[0]`.
+    fn frozen_linear_of(t: &[Tensor]) -> Tensor {
+        super::super::frozen_linear(&t[0], &t[1].detach()).unwrap()
+    }
+
+    /// The frozen convolution of kernel `t[1]` on the input `t[0]`, with `padding` and `stride`.
+    fn frozen_conv_of(padding: usize, stride: usize) -> impl Fn(&[Tensor]) -> Tensor {
+        move |t| super::super::frozen_conv2d(&t[0], &t[1].detach(), None, padding, stride).unwrap()
+    }
+
     #[test]
     fn bf16_products_round_the_operands_only_inside_their_scope() {
         let (a, b) = (values(&[2, 45, 70], 0.1), values(&[70, 33], 0.7));
@@ -245,13 +291,12 @@ mod tests {
 
     #[test]
     fn kernels_in_bf16_products_stay_within_bf16_rounding_of_f32() {
-        let linear = |t: &[Tensor]| super::super::frozen_linear(&t[0], &t[1].detach()).unwrap();
-        let conv3 =
-            |t: &[Tensor]| super::super::frozen_conv2d(&t[0], &t[1].detach(), None, 1, 1).unwrap();
-        let conv1 =
-            |t: &[Tensor]| super::super::frozen_conv2d(&t[0], &t[1].detach(), None, 0, 1).unwrap();
-        let strided =
-            |t: &[Tensor]| super::super::frozen_conv2d(&t[0], &t[1].detach(), None, 1, 2).unwrap();
+        let linear = frozen_linear_of;
+        let (conv3, conv1, strided) = (
+            frozen_conv_of(1, 1),
+            frozen_conv_of(0, 1),
+            frozen_conv_of(1, 2),
+        );
         let attention =
             |t: &[Tensor]| super::super::fused_attention(&t[0], &t[1], &t[2], 2, 0.125).unwrap();
         let cases: [(&str, &Layer<'_>, Vec<Tensor>); 5] = [
@@ -296,6 +341,65 @@ mod tests {
                 let error = relative(r, e);
                 assert!(error > 0.0, "{name}: result {index} is not a bf16 product");
                 assert!(error < 1e-2, "{name}: result {index} off by {error}");
+            }
+        }
+    }
+
+    #[test]
+    fn frozen_weights_stored_in_bf16_compute_as_their_f32_values() {
+        let linear = frozen_linear_of;
+        let affine = |t: &[Tensor]| {
+            let bias = values(&[80], 0.9);
+            super::super::frozen_affine(&t[0], &t[1].detach(), &bias).unwrap()
+        };
+        let (conv3, conv1, strided) = (
+            frozen_conv_of(1, 1),
+            frozen_conv_of(0, 1),
+            frozen_conv_of(1, 2),
+        );
+        let cases: [(&str, &Layer<'_>, [Vec<usize>; 2]); 5] = [
+            ("linear", &linear, [vec![2, 50, 96], vec![80, 96]]),
+            ("affine", &affine, [vec![3, 96], vec![80, 96]]),
+            (
+                "3x3 conv",
+                &conv3,
+                [vec![1, 24, 32, 32], vec![40, 24, 3, 3]],
+            ),
+            ("1x1 conv", &conv1, [vec![1, 48, 8, 8], vec![40, 48, 1, 1]]),
+            (
+                "strided conv",
+                &strided,
+                [vec![1, 16, 17, 17], vec![16, 16, 3, 3]],
+            ),
+        ];
+        for (name, layer, [input_dims, weight_dims]) in cases {
+            let input = values(&input_dims, 0.2);
+            let stored = values(&weight_dims, 0.6).to_dtype(DType::BF16).unwrap();
+            let widened = stored.to_dtype(DType::F32).unwrap();
+            // f32 products widen the weight, bf16 products read it as it is: either way the results are
+            // those of its f32 values, to the last bit.
+            for products in [None, Bf16Products::enter()] {
+                let arithmetic = product_arithmetic();
+                let from_bf16 = run(layer, &[input.clone(), stored.clone()]);
+                let from_f32 = run(layer, &[input.clone(), widened.clone()]);
+                assert_eq!(
+                    from_bf16.len(),
+                    2,
+                    "{name}: an output and an input gradient"
+                );
+                for (index, (a, b)) in from_bf16.iter().zip(&from_f32).enumerate() {
+                    assert_eq!(
+                        a.dtype(),
+                        DType::F32,
+                        "{name} in {arithmetic}: result {index}"
+                    );
+                    let error = relative(a, b);
+                    assert_eq!(
+                        error, 0.0,
+                        "{name} in {arithmetic}: result {index} off by {error}"
+                    );
+                }
+                drop(products);
             }
         }
     }

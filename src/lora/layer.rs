@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::adapter::LoraAdapter;
@@ -64,8 +64,9 @@ pub struct AdapterSlot {
     /// The module path kohya names this layer by, when it is not `name`.
     kohya_path: OnceLock<String>,
     shape: LayerShape,
-    /// The frozen base weight (shared with the layer, not copied).
-    weight: Tensor,
+    /// The frozen base weight, which the layer reads from here; stored in another dtype for a run by
+    /// [`LayerRegistry::store_weights_in`].
+    weight: RwLock<Tensor>,
     adapters: RwLock<Vec<Arc<LoraAdapter>>>,
 }
 
@@ -85,9 +86,12 @@ impl AdapterSlot {
         &self.shape
     }
 
-    /// The frozen base weight, `[out, in]` or `[out, in, kh, kw]`.
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// The frozen base weight, `[out, in]` or `[out, in, kh, kw]` (a handle, not a copy).
+    pub fn weight(&self) -> Tensor {
+        self.weight
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     pub fn attach(&self, adapter: Arc<LoraAdapter>) {
@@ -142,9 +146,10 @@ impl AdapterSlot {
 
     fn add_adapters(&self, x: &Tensor, base: Tensor) -> Result<Tensor> {
         let adapters = self.adapters.read().unwrap_or_else(PoisonError::into_inner);
+        let weight = self.weight();
         let mut y = base.clone();
         for adapter in adapters.iter().filter(|a| a.multiplier() != 0.0) {
-            y = (y + adapter.forward(x, &base, &self.weight, &self.shape)?)?;
+            y = (y + adapter.forward(x, &base, &weight, &self.shape)?)?;
         }
         Ok(y)
     }
@@ -169,7 +174,7 @@ impl LayerRegistry {
             name: name.clone(),
             kohya_path: OnceLock::new(),
             shape,
-            weight,
+            weight: RwLock::new(weight),
             adapters: RwLock::new(Vec::new()),
         });
         let index = inner.slots.len();
@@ -212,6 +217,19 @@ impl LayerRegistry {
                 let _ = slot.kohya_path.set(path);
             }
         }
+    }
+
+    /// Stores every layer's frozen weight in `dtype` (the values rounded to it), one layer at a time so that
+    /// memory holds one layer twice at most: training on the CPU with bf16 products keeps them in bf16,
+    /// half the memory and half the bytes each product reads.
+    pub fn store_weights_in(&self, dtype: DType) -> Result<()> {
+        for slot in self.slots() {
+            let mut weight = slot.weight.write().unwrap_or_else(PoisonError::into_inner);
+            if weight.dtype() != dtype {
+                *weight = weight.to_dtype(dtype)?;
+            }
+        }
+        Ok(())
     }
 
     /// Removes every adapter from every layer.
@@ -263,10 +281,8 @@ impl<'a> LayerBuilder<'a> {
             in_features,
             out_features,
         };
-        let slot = self
-            .registry
-            .register(self.vb.prefix(), shape, weight.clone());
-        Ok(AdaptableLinear { weight, bias, slot })
+        let slot = self.registry.register(self.vb.prefix(), shape, weight);
+        Ok(AdaptableLinear { bias, slot })
     }
 
     pub fn conv2d(
@@ -288,11 +304,8 @@ impl<'a> LayerBuilder<'a> {
             stride,
             padding,
         };
-        let slot = self
-            .registry
-            .register(self.vb.prefix(), shape, weight.clone());
+        let slot = self.registry.register(self.vb.prefix(), shape, weight);
         Ok(AdaptableConv2d {
-            weight,
             bias,
             stride,
             padding,
@@ -304,30 +317,31 @@ impl<'a> LayerBuilder<'a> {
 /// `y = x·Wᵀ + b` with a frozen `W`, plus the slot's adapters.
 #[derive(Debug, Clone)]
 pub struct AdaptableLinear {
-    weight: Tensor,
     bias: Option<Tensor>,
     slot: Arc<AdapterSlot>,
 }
 
 impl AdaptableLinear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let weight = self.slot.weight();
         if let Some((down, up, scale)) = self.slot.single_plain_linear_lora() {
-            return lora_linear(x, &self.weight, self.bias.as_ref(), (&down, &up), scale);
+            return lora_linear(x, &weight, self.bias.as_ref(), (&down, &up), scale);
         }
         if let Some(bias) = &self.bias
             && !self.slot.has_active_adapters()
         {
-            return frozen_affine(x, &self.weight, bias);
+            return frozen_affine(x, &weight, bias);
         }
-        let y = self.slot.add_adapters(x, frozen_linear(x, &self.weight)?)?;
+        let y = self.slot.add_adapters(x, frozen_linear(x, &weight)?)?;
         match &self.bias {
             Some(bias) => y.broadcast_add(bias),
             None => Ok(y),
         }
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// The frozen weight (a handle, not a copy).
+    pub fn weight(&self) -> Tensor {
+        self.slot.weight()
     }
 
     pub fn slot(&self) -> &Arc<AdapterSlot> {
@@ -338,7 +352,6 @@ impl AdaptableLinear {
 /// A frozen 2-D convolution (square kernel, with bias) plus the slot's adapters.
 #[derive(Debug, Clone)]
 pub struct AdaptableConv2d {
-    weight: Tensor,
     bias: Tensor,
     stride: usize,
     padding: usize,
@@ -349,18 +362,91 @@ impl AdaptableConv2d {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let channels = self.bias.dims1()?;
         let bias = self.bias.reshape((1, channels, 1, 1))?;
+        let weight = self.slot.weight();
         if !self.slot.has_active_adapters() {
-            return frozen_conv2d(x, &self.weight, Some(&bias), self.padding, self.stride);
+            return frozen_conv2d(x, &weight, Some(&bias), self.padding, self.stride);
         }
-        let y = frozen_conv2d(x, &self.weight, None, self.padding, self.stride)?;
+        let y = frozen_conv2d(x, &weight, None, self.padding, self.stride)?;
         self.slot.add_adapters(x, y)?.broadcast_add(&bias)
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// The frozen kernel (a handle, not a copy).
+    pub fn weight(&self) -> Tensor {
+        self.slot.weight()
     }
 
     pub fn slot(&self) -> &Arc<AdapterSlot> {
         &self.slot
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::VarBuilder;
+
+    use super::{LayerBuilder, LayerRegistry};
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn weights_stored_in_bf16_are_the_ones_the_layers_compute_with() {
+        let device = Device::Cpu;
+        // Values with more significant bits than bf16 keeps.
+        let weight = Tensor::arange(0f32, 12.0, &device)
+            .unwrap()
+            .affine(0.377, -2.01)
+            .unwrap()
+            .reshape((3, 4))
+            .unwrap();
+        let tensors = HashMap::from([("fc.weight".to_string(), weight.clone())]);
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
+        let registry = LayerRegistry::default();
+        let layer = LayerBuilder::new(vb, registry.clone())
+            .pp("fc")
+            .linear(4, 3, false)
+            .unwrap();
+        let x = Tensor::arange(0f32, 8.0, &device)
+            .unwrap()
+            .reshape((2, 4))
+            .unwrap();
+        let rounded = weight
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        assert_ne!(values(&rounded), values(&weight), "the test rounds nothing");
+        let with_rounded = values(&x.matmul(&rounded.t().unwrap()).unwrap());
+
+        registry.store_weights_in(DType::BF16).unwrap();
+        let slot = registry.get("fc").unwrap();
+        assert_eq!(slot.weight().dtype(), DType::BF16);
+        assert_eq!(
+            layer.weight().dtype(),
+            DType::BF16,
+            "the layer reads its slot's weight"
+        );
+        let output = values(&layer.forward(&x).unwrap());
+        let with_f32 = values(&x.matmul(&weight.t().unwrap()).unwrap());
+        let largest_difference = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max)
+        };
+        assert!(largest_difference(&output, &with_rounded) < 1e-5);
+        assert!(largest_difference(&with_f32, &with_rounded) > 1e-3);
+
+        registry.store_weights_in(DType::F32).unwrap();
+        assert_eq!(layer.weight().dtype(), DType::F32);
+        assert_eq!(
+            values(&layer.weight()),
+            values(&rounded),
+            "the values stay rounded"
+        );
     }
 }

@@ -269,7 +269,7 @@ fn locate_deltas(
             continue;
         };
         for slot in registry.slots() {
-            let Some(delta) = adapters_delta(&slot, slot.weight())? else {
+            let Some(delta) = adapters_delta(&slot, &slot.weight())? else {
                 continue;
             };
             let name = format!("{}.weight", slot.name());

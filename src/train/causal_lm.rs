@@ -130,8 +130,12 @@ fn train_scanned(
     reporter: &mut dyn TrainReporter,
     cancel: &CancelToken,
 ) -> Result<TrainOutcome, TrainError> {
-    let _products =
-        super::diffusion::cpu_products(model.device(), config.mixed_precision, reporter);
+    let _products = super::cpu_products::cpu_products(
+        model.device(),
+        config.mixed_precision,
+        vec![model.layers().clone()],
+        reporter,
+    )?;
     let tokenized = tokenize_dataset(files, dataset, config)?;
     report_tokenized(&tokenized, config, reporter);
     if tokenized.samples.is_empty() {

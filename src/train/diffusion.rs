@@ -11,6 +11,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use super::checkpoint::{Checkpoint, list_checkpoints, load_checkpoint};
+use super::cpu_products::cpu_products;
 use super::export::{ExportContents, create_parent, renamed, write_export};
 use super::inputs::{
     ContextCache, LatentSource, gaussian, kohya_size_conditioning, process_caption,
@@ -89,28 +90,6 @@ pub(super) fn compute_dtype(device: &Device, precision: MixedPrecision) -> DType
     }
 }
 
-/// The product arithmetic of a run on the CPU: with `mixed_precision = "bf16"` the matrix products take bf16
-/// operands (summed in f32) on processors with AMX, for as long as the returned scope lives; said once in
-/// the log, as is why a processor without AMX computes in f32.
-pub(super) fn cpu_products(
-    device: &Device,
-    precision: MixedPrecision,
-    reporter: &mut dyn TrainReporter,
-) -> Option<crate::kernels::Bf16Products> {
-    if !device.is_cpu() || precision != MixedPrecision::Bf16 {
-        return None;
-    }
-    let scope = crate::kernels::Bf16Products::enter();
-    reporter.message(if scope.is_some() {
-        "mixed precision bf16 on the CPU: matrix products take bf16 operands and sum in f32 on the AMX \
-         tiles; weights, activations, gradients and the optimizer stay f32"
-    } else {
-        "mixed precision bf16 on the CPU needs AMX (Intel Xeon 4th generation or later), which this \
-         processor lacks: the run computes in f32"
-    });
-    scope
-}
-
 /// Trains a LoRA as `config` says, optionally resuming from a checkpoint folder (or an output folder's newest).
 /// A language model folder as the base model trains a language model ([`super::causal_lm`]).
 pub fn train(
@@ -156,7 +135,16 @@ fn train_scanned(
     cancel: &CancelToken,
 ) -> Result<TrainOutcome, TrainError> {
     let config = &for_family(config, base.family)?;
-    let _products = cpu_products(&base.device, config.mixed_precision, reporter);
+    let layers = std::iter::once(base.model.unet.layers())
+        .chain(
+            base.model
+                .text_encoders()
+                .into_iter()
+                .map(|(_, e)| e.layers()),
+        )
+        .cloned()
+        .collect();
+    let _products = cpu_products(&base.device, config.mixed_precision, layers, reporter)?;
     report_dataset(dataset, reporter);
     if base.model.config().prediction_origin != PredictionOrigin::Config {
         reporter.message(&base.model.prediction_note());

@@ -6,6 +6,7 @@
 pub mod bench;
 mod causal_lm;
 mod checkpoint;
+mod cpu_products;
 mod diffusion;
 mod export;
 mod inputs;

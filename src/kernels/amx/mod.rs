@@ -37,15 +37,58 @@ pub fn available() -> bool {
     *AVAILABLE.get_or_init(tiles::enable)
 }
 
-/// A read-only f32 matrix view: element `(r, c)` is `data[r·row_stride + c·col_stride]`.
+/// The elements of an operand: f32 values, rounded to bf16 as they are packed, or bf16 values (their bits),
+/// packed as they are — a weight stored in bf16 is read at half the bytes.
+#[derive(Clone, Copy)]
+pub enum Values<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl Values<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Values::F32(values) => values.len(),
+            Values::Bf16(values) => values.len(),
+        }
+    }
+
+    /// The values from `start` on, if it lies inside.
+    pub fn starting_at(self, start: usize) -> Option<Self> {
+        match self {
+            Values::F32(values) => values.get(start..).map(Values::F32),
+            Values::Bf16(values) => values.get(start..).map(Values::Bf16),
+        }
+    }
+
+    /// The bf16 bits of element `index`.
+    #[inline(always)]
+    fn bits(&self, index: usize) -> u16 {
+        match self {
+            Values::F32(values) => pack::bf16_bits(values[index]),
+            Values::Bf16(values) => values[index],
+        }
+    }
+}
+
+/// A read-only matrix view: element `(r, c)` is `data[r·row_stride + c·col_stride]`.
 #[derive(Clone, Copy)]
 pub struct Operand<'a> {
-    pub data: &'a [f32],
+    pub data: Values<'a>,
     pub row_stride: usize,
     pub col_stride: usize,
 }
 
-impl Operand<'_> {
+impl<'a> Operand<'a> {
+    /// A view of f32 values.
+    pub fn f32(data: &'a [f32], row_stride: usize, col_stride: usize) -> Self {
+        Self {
+            data: Values::F32(data),
+            row_stride,
+            col_stride,
+        }
+    }
+
     /// Whether every element of a `rows × cols` matrix lies inside the data.
     fn covers(&self, rows: usize, cols: usize) -> bool {
         rows == 0
@@ -429,8 +472,12 @@ mod tests {
             let spread =
                 |x: &[f32]| -> Vec<f32> { x.iter().flat_map(|&v| [v, f32::NAN]).collect() };
             let (spread_a, spread_b) = (spread(&a), spread(&b));
-            let view = |data, row_stride, col_stride| Operand {
-                data,
+            // The operands stored in bf16: packed as they are, they give the same product.
+            let bits = |x: &[f32]| -> Vec<u16> { x.iter().map(|&v| bf16_bits(v)).collect() };
+            let (bits_a, bits_b, bits_transposed_b) = (bits(&a), bits(&b), bits(&transposed_b));
+            let view = Operand::f32;
+            let bf16_view = |data, row_stride, col_stride| Operand {
+                data: Values::Bf16(data),
                 row_stride,
                 col_stride,
             };
@@ -439,6 +486,9 @@ mod tests {
                 (view(&a, k, 1), view(&transposed_b, 1, k)),
                 (view(&transposed_a, 1, m), view(&b, n, 1)),
                 (view(&spread_a, 2 * k, 2), view(&spread_b, 2 * n, 2)),
+                (view(&a, k, 1), bf16_view(&bits_b, n, 1)),
+                (view(&a, k, 1), bf16_view(&bits_transposed_b, 1, k)),
+                (bf16_view(&bits_a, k, 1), view(&b, n, 1)),
             ];
             for (layout, &(left, right)) in layouts.iter().enumerate() {
                 for parallel in [false, true] {

@@ -2,8 +2,9 @@
 //! columns (row `i` of a tile is 32 consecutive bf16 values of row `i`); the right one in tiles of 16
 //! column pairs: row `r` of a tile holds `(b[2r][j], b[2r+1][j])` for its 16 columns `j`, the layout the
 //! `tdpbf16ps` instruction reads. Every element of a tile is written (zero past the matrix's edges), so the
-//! buffers can be reused without clearing. Where AMX runs, AVX-512 BF16 converts 32 values per instruction
-//! and a 16×16 transpose serves the layouts whose rows run the other way; elsewhere plain code packs.
+//! buffers can be reused without clearing. Where AMX runs, AVX-512 BF16 converts 32 f32 values per
+//! instruction (bf16 values, a frozen weight stored in bf16, are moved as they are) and a 16×16 transpose
+//! serves the layouts whose rows run the other way; elsewhere plain code packs.
 
 use rayon::prelude::*;
 
@@ -93,7 +94,7 @@ fn left_tile(a: Operand, (m, k): (usize, usize), (row0, k0): (usize, usize), til
         for (c, value) in row.iter_mut().enumerate() {
             let (r, col) = (row0 + i, k0 + c);
             *value = if r < m && col < k {
-                bf16_bits(a.data[r * a.row_stride + col * a.col_stride])
+                a.data.bits(r * a.row_stride + col * a.col_stride)
             } else {
                 0
             };
@@ -111,7 +112,7 @@ fn right_tile(b: Operand, (k, n): (usize, usize), (k0, col0): (usize, usize), ti
         for (index, value) in row.iter_mut().enumerate() {
             let (kk, col) = (k0 + 2 * r + index % 2, col0 + index / 2);
             *value = if kk < k && col < n {
-                bf16_bits(b.data[kk * b.row_stride + col * b.col_stride])
+                b.data.bits(kk * b.row_stride + col * b.col_stride)
             } else {
                 0
             };
@@ -123,7 +124,7 @@ fn right_tile(b: Operand, (k, n): (usize, usize), (k0, col0): (usize, usize), ti
 mod simd {
     use std::arch::x86_64::*;
 
-    use super::super::{BLOCK, Operand};
+    use super::super::{BLOCK, Operand, Values};
 
     /// Lanes selected for a run of `count` consecutive values.
     fn lanes(count: usize) -> __mmask16 {
@@ -134,13 +135,13 @@ mod simd {
         }
     }
 
-    /// Up to 16 consecutive values (`count`, zero beyond) from `data` at `start`.
+    /// Up to 16 consecutive f32 values (`count`, zero beyond) from `data` at `start`.
     ///
     /// # Safety
     /// `data[start..start + count]` exists.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn load(data: &[f32], start: usize, count: usize) -> __m512 {
+    unsafe fn load_f32(data: &[f32], start: usize, count: usize) -> __m512 {
         if count == 0 {
             return _mm512_setzero_ps();
         }
@@ -149,10 +150,58 @@ mod simd {
         unsafe { _mm512_maskz_loadu_ps(lanes(count), data.as_ptr().wrapping_add(start)) }
     }
 
-    /// `low` and `high` rounded to bf16 as 16 pairs `(low[i], high[i])`.
+    /// Up to 16 consecutive bf16 values (`count`, zero beyond) from `data` at `start`.
+    ///
+    /// # Safety
+    /// `data[start..start + count]` exists.
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    fn interleaved_pairs(low: __m512, high: __m512) -> __m512i {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn load_bf16(data: &[u16], start: usize, count: usize) -> __m256i {
+        if count == 0 {
+            return _mm256_setzero_si256();
+        }
+        debug_assert!(start + count <= data.len());
+        // SAFETY: as in `load_f32`.
+        unsafe { _mm256_maskz_loadu_epi16(lanes(count), data.as_ptr().wrapping_add(start).cast()) }
+    }
+
+    /// Up to 32 consecutive values (`count`, zero beyond) from `data` at `start`, as bf16 in order.
+    ///
+    /// # Safety
+    /// `data[start..start + count]` exists.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn consecutive(data: Values, start: usize, count: usize) -> __m512i {
+        let (low, high) = (count.min(16), count.saturating_sub(16));
+        // SAFETY (loads): both runs lie inside the caller's `count` values.
+        match data {
+            Values::F32(values) => unsafe {
+                let (low, high) = (
+                    load_f32(values, start, low),
+                    load_f32(values, start + 16, high),
+                );
+                std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(high, low))
+            },
+            Values::Bf16(values) => unsafe {
+                let low = load_bf16(values, start, low);
+                let high = load_bf16(values, start + 16, high);
+                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(low), high)
+            },
+        }
+    }
+
+    /// `count` (up to 16) consecutive values from `data` at `even` and, when given, at `odd` (else zeros),
+    /// as bf16 pairs `(even[i], odd[i])`.
+    ///
+    /// # Safety
+    /// `data[even..even + count]` and `data[odd..odd + count]` exist.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn interleaved_pairs(
+        data: Values,
+        (even, odd): (usize, Option<usize>),
+        count: usize,
+    ) -> __m512i {
         const ORDER: [u16; 32] = {
             let mut order = [0u16; 32];
             let mut i = 0;
@@ -163,17 +212,22 @@ mod simd {
             }
             order
         };
-        let halves: __m512i = unsafe { std::mem::transmute(_mm512_cvtne2ps_pbh(high, low)) };
+        // SAFETY (loads): the runs lie inside `data` (caller).
+        let halves = match data {
+            Values::F32(values) => unsafe {
+                let low = load_f32(values, even, count);
+                let high = odd.map_or(_mm512_setzero_ps(), |odd| load_f32(values, odd, count));
+                std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(high, low))
+            },
+            Values::Bf16(values) => unsafe {
+                let low = load_bf16(values, even, count);
+                let high = odd.map_or(_mm256_setzero_si256(), |odd| load_bf16(values, odd, count));
+                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(low), high)
+            },
+        };
         // SAFETY: `ORDER` holds 64 bytes.
         let order = unsafe { _mm512_loadu_si512(ORDER.as_ptr().cast()) };
         _mm512_permutexvar_epi16(order, halves)
-    }
-
-    /// 32 consecutive values rounded to bf16, in order.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    fn consecutive(low: __m512, high: __m512) -> __m512i {
-        unsafe { std::mem::transmute(_mm512_cvtne2ps_pbh(high, low)) }
     }
 
     /// Rows of a 16×16 matrix of 32-bit values, transposed.
@@ -228,7 +282,7 @@ mod simd {
     ///
     /// # Safety
     /// The processor has AVX-512 BF16, and `a` covers its `m × k` matrix.
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     pub unsafe fn left_tile(
         a: Operand,
         (m, k): (usize, usize),
@@ -241,23 +295,15 @@ mod simd {
         // SAFETY (loads): the operand covers its matrix (caller), and every load stays inside it.
         if a.col_stride == 1 {
             for (i, row) in out.iter_mut().enumerate().take(rows) {
-                let start = (row0 + i) * a.row_stride + k0;
-                let low = unsafe { load(a.data, start, cols.min(16)) };
-                let high = unsafe { load(a.data, start + 16, cols.saturating_sub(16)) };
-                *row = consecutive(low, high);
+                *row = unsafe { consecutive(a.data, (row0 + i) * a.row_stride + k0, cols) };
             }
         } else {
             // Consecutive rows: column pairs of 16 rows each, then transposed into rows.
             let mut pairs = [_mm512_setzero_si512(); 16];
             let start = |c: usize| row0 + (k0 + c) * a.col_stride;
             for (q, pair) in pairs.iter_mut().enumerate().take(cols.div_ceil(2)) {
-                let even = unsafe { load(a.data, start(2 * q), rows) };
-                let odd = if 2 * q + 1 < cols {
-                    unsafe { load(a.data, start(2 * q + 1), rows) }
-                } else {
-                    _mm512_setzero_ps()
-                };
-                *pair = interleaved_pairs(even, odd);
+                let odd = (2 * q + 1 < cols).then(|| start(2 * q + 1));
+                *pair = unsafe { interleaved_pairs(a.data, (start(2 * q), odd), rows) };
             }
             out = transpose(pairs);
         }
@@ -268,7 +314,7 @@ mod simd {
     ///
     /// # Safety
     /// The processor has AVX-512 BF16, and `b` covers its `k × n` matrix.
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     pub unsafe fn right_tile(
         b: Operand,
         (k, n): (usize, usize),
@@ -282,22 +328,14 @@ mod simd {
         if b.col_stride == 1 {
             let start = |kk: usize| (k0 + kk) * b.row_stride + col0;
             for (r, pair) in out.iter_mut().enumerate().take(rows.div_ceil(2)) {
-                let even = unsafe { load(b.data, start(2 * r), cols) };
-                let odd = if 2 * r + 1 < rows {
-                    unsafe { load(b.data, start(2 * r + 1), cols) }
-                } else {
-                    _mm512_setzero_ps()
-                };
-                *pair = interleaved_pairs(even, odd);
+                let odd = (2 * r + 1 < rows).then(|| start(2 * r + 1));
+                *pair = unsafe { interleaved_pairs(b.data, (start(2 * r), odd), cols) };
             }
         } else {
             // Consecutive rows: each column's 32 values are already its pairs; transposed into rows.
             let mut columns = [_mm512_setzero_si512(); 16];
             for (c, column) in columns.iter_mut().enumerate().take(cols) {
-                let start = (col0 + c) * b.col_stride + k0;
-                let low = unsafe { load(b.data, start, rows.min(16)) };
-                let high = unsafe { load(b.data, start + 16, rows.saturating_sub(16)) };
-                *column = consecutive(low, high);
+                *column = unsafe { consecutive(b.data, (col0 + c) * b.col_stride + k0, rows) };
             }
             out = transpose(columns);
         }

@@ -27,7 +27,11 @@ mod platform {
         let leaf = std::arch::x86_64::__cpuid_count(7, 0);
         let amx = leaf.edx & (AMX_BF16 | AMX_TILE) == AMX_BF16 | AMX_TILE;
         let conversions = std::arch::x86_64::__cpuid_count(7, 1).eax & AVX512_BF16 != 0;
-        if !(amx && conversions && std::arch::is_x86_feature_detected!("avx512bw")) {
+        if !(amx
+            && conversions
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl"))
+        {
             return false;
         }
         const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;

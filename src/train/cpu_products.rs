@@ -1,0 +1,122 @@
+//! The arithmetic of a training run on the CPU with `mixed_precision = "bf16"`: matrix products on bf16
+//! operands (summed in f32) on processors with AMX, and the frozen weights stored in bf16 for the run —
+//! half the memory, and half the bytes each product reads — as PyTorch's bf16 training casts them.
+//! Activations, gradients, adapters and the optimizer stay f32.
+
+use candle_core::{DType, Device};
+
+use super::TrainError;
+use super::report::TrainReporter;
+use crate::config::MixedPrecision;
+use crate::kernels::Bf16Products;
+use crate::lora::LayerRegistry;
+
+/// A run's bf16 products: while alive, the calling thread's products are bf16 ones and the layers of its
+/// registries hold their frozen weights in bf16; dropping it stores them in f32 again (their values stay
+/// rounded to bf16: a model kept after the run renders with the weights it trained with).
+#[must_use = "the products and weights return to f32 when this is dropped"]
+pub(super) struct CpuBf16Run {
+    layers: Vec<LayerRegistry>,
+    _products: Bf16Products,
+}
+
+impl Drop for CpuBf16Run {
+    fn drop(&mut self) {
+        for registry in &self.layers {
+            // Widening bf16 to f32 is exact and cannot fail on the CPU but for memory, which aborts.
+            let _ = registry.store_weights_in(DType::F32);
+        }
+    }
+}
+
+/// Enters bf16 products for a run on `device` at `precision` where they apply (the CPU with bf16 asked for,
+/// on a processor with AMX), storing the frozen weights of `layers` in bf16; said once in the log, as is
+/// why a processor without AMX computes in f32.
+pub(super) fn cpu_products(
+    device: &Device,
+    precision: MixedPrecision,
+    layers: Vec<LayerRegistry>,
+    reporter: &mut dyn TrainReporter,
+) -> Result<Option<CpuBf16Run>, TrainError> {
+    if !device.is_cpu() || precision != MixedPrecision::Bf16 {
+        return Ok(None);
+    }
+    let Some(products) = Bf16Products::enter() else {
+        reporter.message(
+            "mixed precision bf16 on the CPU needs AMX (Intel Xeon 4th generation or later), which this \
+             processor lacks: the run computes in f32",
+        );
+        return Ok(None);
+    };
+    let run = CpuBf16Run {
+        layers,
+        _products: products,
+    };
+    for registry in &run.layers {
+        store_in_bf16(registry)?;
+    }
+    reporter.message(
+        "mixed precision bf16 on the CPU: the frozen weights are stored in bf16 and matrix products take \
+         bf16 operands summed in f32 on the AMX tiles; activations, gradients, adapters and the optimizer \
+         stay f32",
+    );
+    Ok(Some(run))
+}
+
+/// Stores the frozen weights of `layers` in bf16.
+pub(super) fn store_in_bf16(layers: &LayerRegistry) -> Result<(), TrainError> {
+    layers
+        .store_weights_in(DType::BF16)
+        .map_err(|e| TrainError::Internal(format!("cannot store the frozen weights in bf16: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::VarBuilder;
+
+    use super::cpu_products;
+    use crate::config::MixedPrecision;
+    use crate::lora::{LayerBuilder, LayerRegistry};
+    use crate::train::report::SilentReporter;
+
+    #[test]
+    fn a_bf16_run_holds_the_frozen_weights_in_bf16_until_it_ends() {
+        let device = Device::Cpu;
+        let weight = Tensor::ones((3, 4), DType::F32, &device).unwrap();
+        let tensors = HashMap::from([("fc.weight".to_string(), weight)]);
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
+        let layers = LayerRegistry::default();
+        let layer = LayerBuilder::new(vb, layers.clone())
+            .pp("fc")
+            .linear(4, 3, false)
+            .unwrap();
+        let reporter = &mut SilentReporter;
+        let f32_run = cpu_products(&device, MixedPrecision::No, vec![layers.clone()], reporter);
+        assert!(
+            f32_run.unwrap().is_none(),
+            "only bf16 asks for bf16 products"
+        );
+        assert_eq!(layer.weight().dtype(), DType::F32);
+
+        let run = cpu_products(
+            &device,
+            MixedPrecision::Bf16,
+            vec![layers.clone()],
+            reporter,
+        )
+        .unwrap();
+        let expected = if crate::kernels::bf16_products() {
+            DType::BF16
+        } else {
+            assert!(run.is_none(), "without AMX the run computes in f32");
+            DType::F32
+        };
+        assert_eq!(layer.weight().dtype(), expected);
+        drop(run);
+        assert_eq!(layer.weight().dtype(), DType::F32);
+        assert!(!crate::kernels::bf16_products());
+    }
+}
