@@ -265,13 +265,31 @@ impl<'a> LayerBuilder<'a> {
         &self.vb
     }
 
+    /// The dtype the frozen weight of an adapter-capable layer loads in: bf16 for an f32 model built on the
+    /// CPU inside a bf16-products scope (the products read them as they are, and the model never sits in
+    /// memory in f32), else the builder's own.
+    fn frozen_dtype(&self) -> DType {
+        let f32_on_cpu = self.vb.dtype() == DType::F32 && self.vb.device().is_cpu();
+        if f32_on_cpu && crate::kernels::bf16_products() {
+            DType::BF16
+        } else {
+            self.vb.dtype()
+        }
+    }
+
+    /// The frozen weight of `dims` under `weight`, in [`Self::frozen_dtype`].
+    fn frozen_weight(&self, dims: &[usize]) -> Result<Tensor> {
+        self.vb
+            .get_with_hints_dtype(dims, "weight", Default::default(), self.frozen_dtype())
+    }
+
     pub fn linear(
         &self,
         in_features: usize,
         out_features: usize,
         bias: bool,
     ) -> Result<AdaptableLinear> {
-        let weight = self.vb.get((out_features, in_features), "weight")?;
+        let weight = self.frozen_weight(&[out_features, in_features])?;
         let bias = if bias {
             Some(self.vb.get(out_features, "bias")?)
         } else {
@@ -293,9 +311,7 @@ impl<'a> LayerBuilder<'a> {
         stride: usize,
         padding: usize,
     ) -> Result<AdaptableConv2d> {
-        let weight = self
-            .vb
-            .get((out_channels, in_channels, kernel, kernel), "weight")?;
+        let weight = self.frozen_weight(&[out_channels, in_channels, kernel, kernel])?;
         let bias = self.vb.get(out_channels, "bias")?;
         let shape = LayerShape::Conv2d {
             in_channels,

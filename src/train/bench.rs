@@ -21,7 +21,7 @@ use super::{Optimizer, OptimizerSettings, TrainError};
 use crate::config::OptimizerKind;
 use crate::flops::FlopCount;
 use crate::lora::{
-    AdapterSlot, LayerRegistry, LoraNetwork, NetworkKind, NetworkSpec, TargetComponent, UNET_PREFIX,
+    AdapterSlot, LoraNetwork, NetworkKind, NetworkSpec, TargetComponent, UNET_PREFIX,
 };
 use crate::models::checkpointing::CheckpointGrads;
 use crate::models::unet::{AddedConditions, SizeConditioning, UNet2DConditionModel, UNetConfig};
@@ -109,7 +109,6 @@ pub fn run_bench(
     progress("building the UNet with random weights");
     let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, device.clone());
     let (mut unet, network) = bench_unet(vb, &config, settings.rank, device)?;
-    store_frozen_weights_for_products(unet.layers())?;
     let (vars, mut optimizer) = adamw(&network)?;
     let store = settings
         .gradient_checkpointing
@@ -315,15 +314,6 @@ pub(super) fn median(values: &[f64]) -> f64 {
         n if n % 2 == 1 => sorted[n / 2],
         n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
     }
-}
-
-/// Stores the frozen weights of `layers` in bf16 when this thread's products are bf16 ones, as a training
-/// run with bf16 products does.
-pub(super) fn store_frozen_weights_for_products(layers: &LayerRegistry) -> Result<(), TrainError> {
-    if crate::kernels::bf16_products() {
-        super::cpu_products::store_in_bf16(layers)?;
-    }
-    Ok(())
 }
 
 /// The peak resident set size (`VmHWM`), where the system reports it.

@@ -60,6 +60,7 @@ pub fn load_language_model(config: &TrainConfig) -> Result<LoadedLanguageModel, 
     let choice: DeviceChoice = config.device.parse().map_err(TrainError::Device)?;
     let device = crate::device::open_device(choice).map_err(TrainError::Device)?;
     let dtype = super::diffusion::compute_dtype(&device, config.mixed_precision);
+    let _products = super::cpu_products::loading_scope(&device, config.mixed_precision);
     let model = CausalLm::load(&config.base_model, &device, dtype)?;
     Ok(LoadedLanguageModel {
         path: config.base_model.clone(),

@@ -53,7 +53,10 @@ pub(super) fn cpu_products(
         _products: products,
     };
     for registry in &run.layers {
-        store_in_bf16(registry)?;
+        // A model loaded for this run holds them so already; one kept from before converts here.
+        registry.store_weights_in(DType::BF16).map_err(|e| {
+            TrainError::Internal(format!("cannot store the frozen weights in bf16: {e}"))
+        })?;
     }
     reporter.message(
         "mixed precision bf16 on the CPU: the frozen weights are stored in bf16 and matrix products take \
@@ -63,11 +66,15 @@ pub(super) fn cpu_products(
     Ok(Some(run))
 }
 
-/// Stores the frozen weights of `layers` in bf16.
-pub(super) fn store_in_bf16(layers: &LayerRegistry) -> Result<(), TrainError> {
-    layers
-        .store_weights_in(DType::BF16)
-        .map_err(|e| TrainError::Internal(format!("cannot store the frozen weights in bf16: {e}")))
+/// The scope to load a run's model in, for a run on `device` at `precision` that will take bf16 products:
+/// built inside it, the adapter-capable layers load their frozen weights straight into bf16, so the model
+/// is never in memory in f32 ([`crate::lora::LayerBuilder`]).
+pub(super) fn loading_scope(device: &Device, precision: MixedPrecision) -> Option<Bf16Products> {
+    if device.is_cpu() && precision == MixedPrecision::Bf16 {
+        Bf16Products::enter()
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]
@@ -77,7 +84,7 @@ mod tests {
     use candle_core::{DType, Device, Tensor};
     use candle_nn::VarBuilder;
 
-    use super::cpu_products;
+    use super::{cpu_products, loading_scope};
     use crate::config::MixedPrecision;
     use crate::lora::{LayerBuilder, LayerRegistry};
     use crate::train::report::SilentReporter;
@@ -118,5 +125,52 @@ mod tests {
         drop(run);
         assert_eq!(layer.weight().dtype(), DType::F32);
         assert!(!crate::kernels::bf16_products());
+    }
+
+    #[test]
+    fn a_model_loaded_for_a_bf16_run_holds_its_frozen_weights_in_bf16_from_the_start() {
+        let device = Device::Cpu;
+        let tensors = HashMap::from([
+            (
+                "fc.weight".to_string(),
+                Tensor::ones((3, 4), DType::F16, &device).unwrap(),
+            ),
+            (
+                "fc.bias".to_string(),
+                Tensor::ones(3, DType::F16, &device).unwrap(),
+            ),
+        ]);
+        let build = || {
+            let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, &device);
+            LayerBuilder::new(vb, LayerRegistry::default())
+                .pp("fc")
+                .linear(4, 3, true)
+                .unwrap()
+        };
+        assert_eq!(build().weight().dtype(), DType::F32);
+        assert!(loading_scope(&device, MixedPrecision::No).is_none());
+        let scope = loading_scope(&device, MixedPrecision::Bf16);
+        let expected = if scope.is_some() {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        let layer = build();
+        assert_eq!(
+            layer.weight().dtype(),
+            expected,
+            "the weight is stored as the products read it"
+        );
+        let x = Tensor::ones((2, 4), DType::F32, &device).unwrap();
+        let output = layer.forward(&x).unwrap();
+        assert_eq!(
+            output.dtype(),
+            DType::F32,
+            "the bias and the output stay f32"
+        );
+        assert_eq!(
+            output.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![5.0; 6]
+        );
     }
 }

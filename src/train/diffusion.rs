@@ -11,7 +11,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use super::checkpoint::{Checkpoint, list_checkpoints, load_checkpoint};
-use super::cpu_products::cpu_products;
+use super::cpu_products::{cpu_products, loading_scope};
 use super::export::{ExportContents, create_parent, renamed, write_export};
 use super::inputs::{
     ContextCache, LatentSource, gaussian, kohya_size_conditioning, process_caption,
@@ -55,6 +55,7 @@ pub fn load_base(config: &TrainConfig) -> Result<LoadedBase, TrainError> {
     let choice: DeviceChoice = config.device.parse().map_err(TrainError::Device)?;
     let device = crate::device::open_device(choice).map_err(TrainError::Device)?;
     let dtype = compute_dtype(&device, config.mixed_precision);
+    let _products = loading_scope(&device, config.mixed_precision);
     let mut source = ModelSource::open(&config.base_model)?;
     if let Some(prediction) = config.prediction_type {
         source.set_prediction_type(prediction_type(prediction));
@@ -135,7 +136,8 @@ fn train_scanned(
     cancel: &CancelToken,
 ) -> Result<TrainOutcome, TrainError> {
     let config = &for_family(config, base.family)?;
-    let layers = std::iter::once(base.model.unet.layers())
+    let layers = [base.model.unet.layers(), base.model.vae.layers()]
+        .into_iter()
         .chain(
             base.model
                 .text_encoders()

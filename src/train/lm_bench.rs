@@ -12,8 +12,7 @@ use serde::Serialize;
 
 use super::TrainError;
 use super::bench::{
-    RandomWeights, adamw, adapter_step, bench_network, median, peak_rss_gib,
-    store_frozen_weights_for_products, timed, timed_steps,
+    RandomWeights, adamw, adapter_step, bench_network, median, peak_rss_gib, timed, timed_steps,
 };
 use crate::models::causal_lm::{
     CausalLm, CausalLmConfig, TEXT_SEGMENT, TokenBatch, next_token_loss,
@@ -93,7 +92,6 @@ pub fn run_lm_bench(
     progress("building Qwen2.5-0.5B with random weights");
     let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, device.clone());
     let model = CausalLm::new(vb, &config)?;
-    store_frozen_weights_for_products(model.layers())?;
     let network = bench_network(
         model.layers().slots(),
         &TARGET_MODULES,
