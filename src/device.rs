@@ -51,6 +51,11 @@ pub fn inference_dtype(device: &Device) -> DType {
     }
 }
 
+/// Whether this processor has the AMX bf16 products that CPU runs with `mixed_precision = "bf16"` use.
+pub fn cpu_has_bf16_products() -> bool {
+    crate::kernels::bf16_products_available()
+}
+
 /// A short name for messages: `cpu`, `cuda:0`, `metal`.
 pub fn describe(device: &Device) -> String {
     match device.location() {

@@ -4,10 +4,31 @@
 //! are SD1.5's scaled by what its UNet computes and keeps for the backward pass per pixel (counted, not
 //! timed); its weights are its parameter count. It knows the family of the base model, nothing else about it.
 //! A chat model's step is estimated from its parameter count and the tokens of a step, scaling what
-//! `lora-studio bench --arch qwen2-0.5b` measured.
+//! `lora-studio bench --arch qwen2-0.5b` measured. A CPU run in bf16 on a processor with AMX is scaled by
+//! what `bench --mixed-precision bf16` measured against f32 (weights in bf16, faster products).
 
-use crate::config::{OptimizerKind, SD_RESOLUTION, SDXL_RESOLUTION, TrainConfig};
+use crate::config::{MixedPrecision, OptimizerKind, SD_RESOLUTION, SDXL_RESOLUTION, TrainConfig};
 use crate::messages::BaseFamily;
+
+/// What a step runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Processor {
+    Gpu,
+    /// The CPU; `bf16_products` where it has AMX bf16 products, which a run with `mixed_precision = "bf16"`
+    /// uses (frozen weights stored in bf16, products about twice as fast).
+    Cpu {
+        bf16_products: bool,
+    },
+}
+
+impl Processor {
+    /// Whether a run of `config` on this processor takes the CPU's bf16 products.
+    fn cpu_bf16(self, config: &TrainConfig) -> bool {
+        self == Processor::Cpu {
+            bf16_products: true,
+        } && config.mixed_precision == MixedPrecision::Bf16
+    }
+}
 
 /// What a step is expected to need.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -90,7 +111,7 @@ const CHAT_CHECKPOINTING_TIME: f64 = 1.33;
 /// scale with the parameters (time linearly; activations and adapters with their 2/3 power, as layers
 /// grow in width and depth) and with the tokens of a step (`batch_size · max_seq_length` per
 /// micro-batch: packing fills the rows).
-pub fn estimate_chat(config: &TrainConfig, on_gpu: bool, parameters: f64) -> StepEstimate {
+pub fn estimate_chat(config: &TrainConfig, processor: Processor, parameters: f64) -> StepEstimate {
     let scale = parameters / MEASURED_CHAT_PARAMETERS;
     let width_scale = scale.powf(2.0 / 3.0);
     let tokens = (config.batch_size * config.max_seq_length) as f64;
@@ -99,10 +120,12 @@ pub fn estimate_chat(config: &TrainConfig, on_gpu: bool, parameters: f64) -> Ste
     } else {
         (1.0, 1.0)
     };
-    let (bytes_per_value, speedup) = if on_gpu {
-        (2.0, GPU_SPEEDUP)
+    let (bytes_per_value, weight_bytes, speedup) = if processor == Processor::Gpu {
+        (2.0, 2.0, GPU_SPEEDUP)
+    } else if processor.cpu_bf16(config) {
+        (4.0, CPU_BF16_CHAT_WEIGHT_BYTES, CPU_BF16_CHAT_SPEEDUP)
     } else {
-        (4.0, 1.0)
+        (4.0, 4.0, 1.0)
     };
     let mib_per_token = (CHAT_LAYERS_MIB_PER_TOKEN * width_scale * checkpoint_memory
         + CHAT_LOGITS_MIB_PER_TOKEN)
@@ -110,7 +133,7 @@ pub fn estimate_chat(config: &TrainConfig, on_gpu: bool, parameters: f64) -> Ste
         / 4.0;
     let adapters = CHAT_ADAPTER_PARAMS_PER_RANK * width_scale * config.lora_rank as f64;
     StepEstimate {
-        memory_gib: parameters * bytes_per_value / GIB
+        memory_gib: parameters * weight_bytes / GIB
             + tokens * mib_per_token / 1024.0
             + adapters * bytes_per_adapter_param(config.optimizer) / GIB,
         seconds: tokens * scale * checkpoint_time / (CHAT_TOKENS_PER_SECOND * speedup)
@@ -132,6 +155,12 @@ const CHECKPOINTING_TIME: f64 = 1.55;
 /// Assumed, not measured: a GPU step in bf16 is well over an order of magnitude faster, with half the
 /// memory per value (the adapters stay f32).
 const GPU_SPEEDUP: f64 = 40.0;
+/// A CPU step in bf16 products against f32, measured (`bench --mixed-precision bf16`): 1.96x for SD 1.5 at
+/// 256 px, 1.93x for SDXL at 512 px, 1.50x for Qwen2.5-0.5B over 512 tokens; the frozen weights take half
+/// the memory (a chat model's embedding table stays f32: 2.55 bytes a parameter for Qwen2.5-0.5B).
+const CPU_BF16_SPEEDUP: f64 = 1.9;
+const CPU_BF16_CHAT_SPEEDUP: f64 = 1.5;
+const CPU_BF16_CHAT_WEIGHT_BYTES: f64 = 2.55;
 
 /// Bytes an f32 adapter parameter holds during training: its value and gradient, plus AdamW's two moments
 /// (Adafactor's factored moments are a few numbers per row and column: left out).
@@ -154,11 +183,11 @@ fn adapter_gib(config: &TrainConfig, sizes: &ModelSizes) -> f64 {
     params * bytes_per_adapter_param(config.optimizer) / GIB
 }
 
-/// The estimate for `config` on a base of `family`, on a CPU (`on_gpu` false) or a GPU. An unset
-/// resolution is the family's native one, as in a run.
-pub fn estimate(config: &TrainConfig, on_gpu: bool, family: BaseFamily) -> StepEstimate {
+/// The estimate for `config` on a base of `family`, on `processor`. An unset resolution is the family's
+/// native one, as in a run.
+pub fn estimate(config: &TrainConfig, processor: Processor, family: BaseFamily) -> StepEstimate {
     if family == BaseFamily::Language {
-        return estimate_chat(config, on_gpu, MEASURED_CHAT_PARAMETERS);
+        return estimate_chat(config, processor, MEASURED_CHAT_PARAMETERS);
     }
     let sizes = sizes(family);
     let resolution = config.resolution.unwrap_or(native_resolution(family));
@@ -168,14 +197,18 @@ pub fn estimate(config: &TrainConfig, on_gpu: bool, family: BaseFamily) -> StepE
     } else {
         (1.0, 1.0)
     };
-    let (precision_factor, seconds) = if on_gpu {
-        (0.5, sizes.seconds_256 / GPU_SPEEDUP)
+    // Factors of the weights' and the activations' memory, and the time of a 256 px step.
+    let (weights_factor, activations_factor, seconds) = if processor == Processor::Gpu {
+        (0.5, 0.5, sizes.seconds_256 / GPU_SPEEDUP)
+    } else if processor.cpu_bf16(config) {
+        (0.5, 1.0, sizes.seconds_256 / CPU_BF16_SPEEDUP)
     } else {
-        (1.0, sizes.seconds_256)
+        (1.0, 1.0, sizes.seconds_256)
     };
+    let activations_gib = sizes.activations_gib_256 * pixels * memory_factor;
     StepEstimate {
-        memory_gib: (sizes.weights_gib + sizes.activations_gib_256 * pixels * memory_factor)
-            * precision_factor
+        memory_gib: sizes.weights_gib * weights_factor
+            + activations_gib * activations_factor
             + adapter_gib(config, sizes),
         seconds: seconds * pixels * time_factor * config.gradient_accumulation_steps as f64,
     }
@@ -183,8 +216,8 @@ pub fn estimate(config: &TrainConfig, on_gpu: bool, family: BaseFamily) -> StepE
 
 #[cfg(test)]
 mod tests {
-    use super::{StepEstimate, estimate};
-    use crate::config::{OptimizerKind, TrainConfig};
+    use super::{Processor, StepEstimate, estimate};
+    use crate::config::{MixedPrecision, OptimizerKind, TrainConfig};
     use crate::messages::BaseFamily;
 
     fn base() -> TrainConfig {
@@ -201,6 +234,11 @@ mod tests {
         }
     }
 
+    /// A CPU without bf16 products: the one the numbers were measured in f32 on.
+    const F32_CPU: Processor = Processor::Cpu {
+        bf16_products: false,
+    };
+
     fn cpu(change: impl FnOnce(&mut TrainConfig)) -> StepEstimate {
         on(BaseFamily::Sd, change)
     }
@@ -208,7 +246,7 @@ mod tests {
     fn on(family: BaseFamily, change: impl FnOnce(&mut TrainConfig)) -> StepEstimate {
         let mut config = base();
         change(&mut config);
-        estimate(&config, false, family)
+        estimate(&config, F32_CPU, family)
     }
 
     fn close(a: f64, b: f64) -> bool {
@@ -341,7 +379,7 @@ mod tests {
                 resolution: Some(512),
                 ..base()
             },
-            true,
+            Processor::Gpu,
             BaseFamily::Sd,
         );
         assert!(gpu.memory_gib < plain.memory_gib && gpu.seconds < plain.seconds / 10.0);
@@ -400,7 +438,7 @@ mod tests {
             gradient_checkpointing: false,
             ..TrainConfig::default()
         };
-        let step = estimate_chat(&measured, false, MEASURED_CHAT_PARAMETERS);
+        let step = estimate_chat(&measured, F32_CPU, MEASURED_CHAT_PARAMETERS);
         assert!((step.memory_gib - 7.19).abs() < 0.1, "{step:?}");
         assert!((step.seconds - 23.5).abs() < 0.5, "{step:?}");
         // The largest models each GPU preset's comment names.
@@ -411,8 +449,48 @@ mod tests {
         ] {
             let config =
                 crate::app::presets::apply_preset(preset, &TrainConfig::default()).unwrap();
-            let step = estimate_chat(&config, true, parameters);
+            let step = estimate_chat(&config, Processor::Gpu, parameters);
             assert!(step.memory_gib <= gib, "{preset}: {step:?}");
         }
+    }
+
+    #[test]
+    fn bf16_products_on_the_cpu_halve_the_weights_and_speed_the_step_as_measured() {
+        let bf16_cpu = Processor::Cpu {
+            bf16_products: true,
+        };
+        for family in [BaseFamily::Sd, BaseFamily::Sdxl, BaseFamily::Language] {
+            let config = |precision| TrainConfig {
+                mixed_precision: precision,
+                ..base()
+            };
+            let f32_step = estimate(&config(MixedPrecision::No), F32_CPU, family);
+            // Without AMX, or without bf16 asked for, the run is the f32 one.
+            assert_eq!(
+                estimate(&config(MixedPrecision::Bf16), F32_CPU, family),
+                f32_step
+            );
+            assert_eq!(
+                estimate(&config(MixedPrecision::No), bf16_cpu, family),
+                f32_step
+            );
+            let bf16_step = estimate(&config(MixedPrecision::Bf16), bf16_cpu, family);
+            let speedup = f32_step.seconds / bf16_step.seconds;
+            assert!((1.5..=1.9).contains(&speedup), "{family:?}: {speedup}");
+            assert!(bf16_step.memory_gib < f32_step.memory_gib, "{family:?}");
+        }
+        // SD 1.5 at 256 px: 4.3 GiB of f32 weights, half of them saved.
+        let sd = |precision, processor| {
+            let config = TrainConfig {
+                mixed_precision: precision,
+                ..base()
+            };
+            estimate(&config, processor, BaseFamily::Sd).memory_gib
+        };
+        let saved = sd(MixedPrecision::No, F32_CPU) - sd(MixedPrecision::Bf16, bf16_cpu);
+        assert!(
+            (saved - super::SD15.weights_gib / 2.0).abs() < 1e-9,
+            "{saved}"
+        );
     }
 }

@@ -148,7 +148,7 @@ pub fn apply_preset(name: &str, current: &TrainConfig) -> Result<TrainConfig, St
 #[cfg(test)]
 mod tests {
     use super::{Hardware, PRESETS, apply_preset, counterpart, preset_kind, preset_names};
-    use crate::app::estimate::estimate;
+    use crate::app::estimate::{Processor, estimate};
     use crate::config::TrainConfig;
     use crate::messages::BaseFamily;
 
@@ -234,7 +234,7 @@ mod tests {
                 continue;
             };
             let settings = apply_preset(preset.name, &TrainConfig::default()).unwrap();
-            let step = estimate(&settings, true, preset.family);
+            let step = estimate(&settings, Processor::Gpu, preset.family);
             assert!(
                 step.memory_gib <= gib as f64,
                 "{}: {:.1} GiB",

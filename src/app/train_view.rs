@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use eframe::egui;
 
 use super::chart::loss_chart_ui;
-use super::estimate::{MEASURED_CHAT_PARAMETERS, estimate, estimate_chat, native_resolution};
+use super::estimate::{
+    MEASURED_CHAT_PARAMETERS, Processor, estimate, estimate_chat, native_resolution,
+};
 use super::presets::{apply_preset, preset_names};
 use super::state::RunStatus;
 use super::{Dialog, DialogResult, StudioApp};
@@ -342,10 +344,17 @@ impl StudioApp {
         let on_gpu = self.on_gpu();
         let family = self.offered_family();
         let hardware = if on_gpu { "GPU" } else { "CPU" };
+        let processor = if on_gpu {
+            Processor::Gpu
+        } else {
+            Processor::Cpu {
+                bf16_products: crate::device::cpu_has_bf16_products(),
+            }
+        };
         let t = &self.settings.train;
         if family == BaseFamily::Language {
             let parameters = self.base_parameters().unwrap_or(MEASURED_CHAT_PARAMETERS);
-            let step = estimate_chat(t, on_gpu, parameters);
+            let step = estimate_chat(t, processor, parameters);
             let tokens = (t.batch_size * t.max_seq_length * t.gradient_accumulation_steps) as f64;
             return format!(
                 "Rough estimate for a {:.1}B-parameter chat model on this {hardware}: {:.1} GiB of \
@@ -356,7 +365,7 @@ impl StudioApp {
                 step.seconds,
             );
         }
-        let step = estimate(t, on_gpu, family);
+        let step = estimate(t, processor, family);
         format!(
             "Rough estimate for {} model on this {hardware}: {:.1} GiB of memory, {:.1} s per step",
             match family {

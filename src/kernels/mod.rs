@@ -36,7 +36,9 @@ pub use cross_entropy::cross_entropy_sum;
 pub use frozen::{frozen_affine, frozen_conv2d, frozen_linear};
 pub use fused_attention::fused_attention;
 pub use fused_norm::{normalize_affine, normalize_rows};
-pub use products::{Bf16Products, bf16_products, matmul, product_arithmetic};
+pub use products::{
+    Bf16Products, bf16_products, bf16_products_available, matmul, product_arithmetic,
+};
 pub use rms_norm::rms_norm;
 pub use rotary::rotary_embedding;
 pub(crate) use tied::{TiedBackward, tie};

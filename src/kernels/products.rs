@@ -41,6 +41,11 @@ impl Drop for Bf16Products {
     }
 }
 
+/// Whether this processor can take bf16 products (a [`Bf16Products`] scope exists here).
+pub fn bf16_products_available() -> bool {
+    amx::available()
+}
+
 /// Whether the CPU kernels' products on this thread are bf16 ones now.
 pub fn bf16_products() -> bool {
     BF16_PRODUCTS.get()
