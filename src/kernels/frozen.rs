@@ -177,11 +177,8 @@ impl CustomOp1 for FrozenMatmul {
                 }
                 if w.dtype() != storage.dtype() {
                     // A weight stored in bf16 outside bf16 products: converted for this product.
-                    let weight = super::products::in_dtype(&self.weight, storage.dtype())?;
-                    return Self {
-                        weight: weight.contiguous()?,
-                    }
-                    .cpu_fwd(storage, layout);
+                    let weight = self.weight.to_dtype(storage.dtype())?;
+                    return Self { weight }.cpu_fwd(storage, layout);
                 }
                 let few_rows = super::cpu_kernels(&Device::Cpu)
                     .then(|| super::few_rows::try_matmul(storage, layout, w, w_layout))
@@ -248,7 +245,7 @@ impl FrozenConvBackward {
             let flipped = flipped_transposed(&self.weight)?;
             return super::im2col::conv2d(grad, &flipped, k_h - 1 - self.padding, 1);
         }
-        let weight = super::products::in_dtype(&self.weight, grad.dtype())?;
+        let weight = self.weight.to_dtype(grad.dtype())?;
         // Strided: a transposed convolution with one extra row and column of output, cropped to the
         // input, handles odd and even sizes (and mixed parity) alike.
         let full = grad.conv_transpose2d(&weight, self.padding, self.stride - 1, self.stride, 1)?;

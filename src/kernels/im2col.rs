@@ -15,8 +15,6 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::products::in_dtype;
-
 /// `conv2d(x, kernel)` with no groups and no dilation: `x` `[b, in, h, w]`, `kernel` `[out, in, kh, kw]`.
 pub fn conv2d(x: &Tensor, kernel: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     let (out_channels, in_channels, k_h, k_w) = kernel.dims4()?;
@@ -29,10 +27,10 @@ pub fn conv2d(x: &Tensor, kernel: &Tensor, padding: usize, stride: usize) -> Res
             .reshape((batch, out_channels, height, width));
     }
     if super::winograd::applies(x, (k_h, k_w), padding, stride) {
-        return super::winograd::conv2d(x, &in_dtype(kernel, x.dtype())?);
+        return super::winograd::conv2d(x, &kernel.to_dtype(x.dtype())?);
     }
     if !uses_patches(x, k_h, k_w) {
-        return x.conv2d(&in_dtype(kernel, x.dtype())?, padding, stride, 1, 1);
+        return x.conv2d(&kernel.to_dtype(x.dtype())?, padding, stride, 1, 1);
     }
     let (batch, _, height, width) = x.dims4()?;
     let patches = Patches::new(kernel, (height, width), padding, stride)?;
@@ -97,8 +95,7 @@ pub fn conv2d_input_grad(
     if super::winograd::applies(grad, (k_h, k_w), padding, stride)
         && (out_h, out_w) == (height, width)
     {
-        return super::winograd::conv2d_input_grad(grad, &in_dtype(kernel, grad.dtype())?)
-            .map(Some);
+        return super::winograd::conv2d_input_grad(grad, &kernel.to_dtype(grad.dtype())?).map(Some);
     }
     if !uses_patches(grad, k_h, k_w) {
         return Ok(None);

@@ -73,21 +73,18 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         && a.rank() >= 2
         && b.rank() >= 2
         && (a.rank() == 2 || leading(a) == batch_dims)
-        && (b.rank() == 2 || leading(b) == batch_dims);
+        && (b.rank() == 2 || leading(b) == batch_dims)
+        && last_two(a).1 == last_two(b).0;
     if !eligible {
-        // A weight stored in bf16 meets its f32 operand in f32.
+        // A weight stored in bf16 meets its f32 operand in f32 (`to_dtype` to the same dtype is free).
         let dtype = if product_dtypes {
             DType::F32
         } else {
             a.dtype()
         };
-        return in_dtype(a, dtype)?.broadcast_matmul(&in_dtype(b, dtype)?);
+        return a.to_dtype(dtype)?.broadcast_matmul(&b.to_dtype(dtype)?);
     }
-    let (m, k) = last_two(a);
-    let (k_b, n) = last_two(b);
-    if k != k_b {
-        return a.broadcast_matmul(b);
-    }
+    let ((m, k), (_, n)) = (last_two(a), last_two(b));
     let batch: usize = batch_dims.iter().product();
     let (a, b) = (batched_view(a)?, batched_view(b)?);
     let mut product = Vec::with_capacity(batch * m * n);
@@ -125,16 +122,6 @@ fn batched_view(t: &Tensor) -> Result<Tensor> {
         Ok(t.clone())
     } else {
         t.contiguous()
-    }
-}
-
-/// `t` in `dtype`: itself when it is in it already (a frozen weight stored in bf16 meets f32 activations
-/// outside bf16 products).
-pub fn in_dtype(t: &Tensor, dtype: DType) -> Result<Tensor> {
-    if t.dtype() == dtype {
-        Ok(t.clone())
-    } else {
-        t.to_dtype(dtype)
     }
 }
 
