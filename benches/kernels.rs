@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
-use lora_studio::kernels::{Bf16Products, frozen_conv2d, frozen_linear, silu};
+use lora_studio::kernels::{Bf16Products, bf16_products, frozen_conv2d, frozen_linear, silu};
 use lora_studio::models::nn::{GroupNorm, LayerNorm, attention};
 
 const RUNS: usize = 3;
@@ -55,9 +55,15 @@ fn measure(name: &str, dims: &[usize], f: impl Fn(&Tensor) -> Result<Tensor>) ->
     Ok(())
 }
 
+/// A frozen weight, stored in bf16 inside a bf16-products scope as a CPU bf16 run stores it.
 fn weight(dims: &[usize]) -> Result<Tensor> {
     let fan_in: usize = dims[1..].iter().product();
-    Tensor::randn(0f32, 1.0, dims, &Device::Cpu)? / (fan_in as f64).sqrt()
+    let weight = (Tensor::randn(0f32, 1.0, dims, &Device::Cpu)? / (fan_in as f64).sqrt())?;
+    if bf16_products() {
+        weight.to_dtype(DType::BF16)
+    } else {
+        Ok(weight)
+    }
 }
 
 /// A norm's unit scale and zero shift.
@@ -113,23 +119,21 @@ fn main() -> Result<()> {
         &[1, 320, 64, 64],
         |x| x.conv2d(&conv, 1, 1, 1, 1),
     )?;
-    let projection = weight(&[320, 320])?;
-    measure("linear 320->320 over 4096 tokens", &[1, 4096, 320], |x| {
-        frozen_linear(x, &projection)
-    })?;
-    let geglu = weight(&[2560, 320])?;
-    measure(
-        "linear 320->2560 over 4096 tokens (GEGLU)",
-        &[1, 4096, 320],
-        |x| frozen_linear(x, &geglu),
-    )?;
-    // SDXL's 1280-wide blocks at 512 px: few tokens, large weights.
-    let feed_forward = weight(&[10240, 1280])?;
-    measure(
-        "linear 1280->10240 over 256 tokens (SDXL)",
-        &[1, 256, 1280],
-        |x| frozen_linear(x, &feed_forward),
-    )?;
+    // SD 1.5's projections and GEGLU at 512 px; SDXL's blocks at 512 px: few tokens, large weights.
+    for (tokens, inputs, outputs, note) in [
+        (4096, 320, 320, ""),
+        (4096, 320, 2560, " (GEGLU)"),
+        (256, 1280, 10240, " (SDXL)"),
+        (256, 5120, 1280, " (SDXL)"),
+        (1024, 640, 640, " (SDXL)"),
+    ] {
+        let linear = weight(&[outputs, inputs])?;
+        measure(
+            &format!("linear {inputs}->{outputs} over {tokens} tokens{note}"),
+            &[1, tokens, inputs],
+            |x| frozen_linear(x, &linear),
+        )?;
+    }
     measure(
         "self-attention, 8 heads, 4096 tokens",
         &[1, 4096, 320],

@@ -3,16 +3,20 @@
 //! to seven times the f32 rate of the same cores (0.9–1.8 TFLOP/s on two cores, packing included, against
 //! 0.24 for f32 AVX-512).
 //!
-//! Each call packs its operands into tile order: the left one in blocks of 32 rows × 32 columns (two 16-row
-//! tiles), the right one in blocks of 32 rows × 32 columns in the pair-interleaved ("VNNI") layout the
-//! `tdpbf16ps` instruction reads, both zero-padded to whole blocks. A micro-kernel keeps a 32×32 block of
-//! the result in four accumulator tiles and walks the shared dimension 32 at a time. The result blocks are
-//! spread over threads, each task holding a block of the larger operand; blocks that lie wholly inside the
-//! result are written in place, edge blocks through a scratch block. Linux must grant the process the tile
-//! data state (`arch_prctl`), asked for once.
+//! Operands go into tile order: the left one in blocks of 32 rows × 32 columns (two 16-row tiles), the
+//! right one in blocks of 32 rows × 32 columns in the pair-interleaved ("VNNI") layout the `tdpbf16ps`
+//! instruction reads, both zero-padded to whole blocks, in 64-byte aligned buffers (a tile row across two
+//! cache lines loads several times slower). A micro-kernel keeps a 32×32 block of the result in four
+//! accumulator tiles and walks the shared dimension 32 at a time. The smaller operand is packed once per
+//! call; the result is spread over threads by blocks of the larger one, each task packing the block it
+//! holds into a buffer of its own that stays in the core's cache, and for a long shared dimension the
+//! product goes in parts, so that the smaller operand's share stays in cache too. Blocks that lie wholly
+//! inside the result are written in place, edge blocks through a scratch block. Linux must grant the
+//! process the tile data state (`arch_prctl`), asked for once.
 
 use std::cell::Cell;
 use std::mem::MaybeUninit;
+use std::ops::Range;
 use std::sync::OnceLock;
 use std::thread::LocalKey;
 
@@ -27,8 +31,6 @@ const BLOCK: usize = 32;
 const BLOCK_ELEMENTS: usize = BLOCK * BLOCK;
 /// `u16` elements of one 16-row tile.
 const TILE_ELEMENTS: usize = BLOCK_ELEMENTS / 2;
-/// Result blocks one task computes against the same packed block of the larger operand.
-const BLOCKS_PER_TASK: usize = 8;
 
 /// Whether this processor and kernel run AMX bf16 products (checked once per process; the first call asks
 /// Linux for the tile state).
@@ -176,7 +178,7 @@ pub fn product_into_uninit(
 /// A left operand packed once for several products (attention's keys and values, used by every tile of
 /// query rows).
 pub struct PackedLeft {
-    values: Vec<u16>,
+    values: Buffer,
     rows: usize,
     depth: usize,
 }
@@ -186,8 +188,10 @@ impl PackedLeft {
     pub fn new(a: Operand, (rows, depth): (usize, usize), parallel: bool) -> Self {
         assert!(a.covers(rows, depth), "operand view out of bounds");
         let len = rows.div_ceil(BLOCK) * depth.div_ceil(BLOCK) * BLOCK_ELEMENTS;
-        let mut values = vec![0u16; len];
-        pack::pack_left(a, (rows, depth), &mut values, parallel);
+        let mut values = Buffer::default();
+        values.grow_to(len);
+        let blocks = (0, 0..depth.div_ceil(BLOCK));
+        pack::pack_left(a, (rows, depth), blocks, &mut values[..len], parallel);
         Self {
             values,
             rows,
@@ -213,97 +217,198 @@ enum Left<'a> {
     Packed(&'a [u16]),
 }
 
+/// Which operand's blocks a task holds: the larger one's, each packed by the task that holds it into a
+/// buffer that stays in the core's cache (packed into one large buffer instead, every weight would go to
+/// memory and back once more per product).
+#[derive(Clone, Copy)]
+enum Held {
+    Left,
+    Right,
+}
+
 /// Packs the operands and computes the result's blocks into `target` (in bounds: checked by the callers).
+///
+/// The smaller operand is packed once; the shared dimension is then taken in parts whose share of it fits
+/// in a core's cache (each task reads all of it), and in each part the tasks pack and multiply their held
+/// blocks.
 fn run(
     (m, k, n): (usize, usize, usize),
     (a, b): (Left, Operand),
     target: SharedOutput,
     parallel: bool,
 ) {
+    run_scheduled((m, k, n), (a, b), target, parallel, None);
+}
+
+/// How a product's work is cut: held blocks per task, and blocks of the shared dimension per part.
+#[derive(Clone, Copy)]
+struct Schedule {
+    group: usize,
+    part: usize,
+}
+
+/// [`run`] with the given schedule instead of the one chosen for the product's shapes.
+fn run_scheduled(
+    (m, k, n): (usize, usize, usize),
+    (a, b): (Left, Operand),
+    target: SharedOutput,
+    parallel: bool,
+    schedule: Option<Schedule>,
+) {
     if m == 0 || n == 0 {
         return;
     }
     let k_blocks = k.div_ceil(BLOCK);
+    let run_len = k_blocks * BLOCK_ELEMENTS;
     let (m_blocks, n_blocks) = (m.div_ceil(BLOCK), n.div_ceil(BLOCK));
-    let (left_len, right_len) = (
-        m_blocks * k_blocks * BLOCK_ELEMENTS,
-        n_blocks * k_blocks * BLOCK_ELEMENTS,
-    );
-    let (mut left_buffer, mut right_buffer) = (
-        take_buffer(
-            &LEFT,
-            if matches!(a, Left::View(_)) {
-                left_len
-            } else {
-                0
-            },
-        ),
-        take_buffer(&RIGHT, right_len),
-    );
-    let left: &[u16] = match a {
-        Left::View(a) => {
-            pack::pack_left(a, (m, k), &mut left_buffer[..left_len], parallel);
-            &left_buffer[..left_len]
-        }
-        Left::Packed(packed) => &packed[..left_len],
-    };
-    let right = &mut right_buffer[..right_len];
-    pack::pack_right(b, (k, n), right, parallel);
-    let right = &*right;
-    // Each task holds one packed block of the larger operand and runs along a row of blocks of the smaller
-    // one, which stays in cache across tasks: the larger operand is read from memory once. (Over few
-    // tokens a layer's weight is the larger one; read once per 32 rows instead, it dominated the time.)
-    let right_major = right_len > left_len;
-    let (outer, inner) = if right_major {
-        (n_blocks, m_blocks)
+    let held = if n_blocks > m_blocks {
+        Held::Right
     } else {
-        (m_blocks, n_blocks)
+        Held::Left
     };
-    let runs = inner.div_ceil(BLOCKS_PER_TASK);
-    let task = |index: usize| {
-        let (held, first) = (index / runs, index % runs * BLOCKS_PER_TASK);
-        for along in first..(first + BLOCKS_PER_TASK).min(inner) {
-            let (mb, nb) = if right_major {
-                (along, held)
-            } else {
-                (held, along)
+    let (outer, inner) = match held {
+        Held::Right => (n_blocks, m_blocks),
+        Held::Left => (m_blocks, n_blocks),
+    };
+    let shared_len = match (held, &a) {
+        (Held::Left, _) => n_blocks * run_len,
+        (Held::Right, Left::View(_)) => m_blocks * run_len,
+        (Held::Right, Left::Packed(_)) => 0,
+    };
+    let mut shared = take_buffer(&SHARED, shared_len);
+    let everything = (0, 0..k_blocks);
+    let inner_runs = match (held, &a) {
+        (Held::Left, _) => {
+            pack::pack_right(b, (k, n), everything, &mut shared[..shared_len], parallel);
+            &shared[..shared_len]
+        }
+        (Held::Right, Left::View(a)) => {
+            pack::pack_left(*a, (m, k), everything, &mut shared[..shared_len], parallel);
+            &shared[..shared_len]
+        }
+        (Held::Right, Left::Packed(packed)) => &packed[..m_blocks * run_len],
+    };
+    let Schedule { group, part } = schedule.unwrap_or_else(|| {
+        let threads = if parallel {
+            rayon::current_num_threads()
+        } else {
+            1
+        };
+        // A row-major right operand is packed several blocks at a time (`pack::pack_right`), as long as
+        // that leaves every thread a few tasks.
+        let group = match held {
+            Held::Right if pack::runs_across_rows(b) => {
+                (outer / (4 * threads)).clamp(1, pack::COLUMN_BLOCKS_PER_BAND)
+            }
+            _ => 1,
+        };
+        let longest = (INNER_PART_ELEMENTS / (inner * BLOCK_ELEMENTS)).max(MIN_PART);
+        let part = k_blocks.div_ceil(k_blocks.div_ceil(longest));
+        Schedule { group, part }
+    });
+    for start in (0..k_blocks).step_by(part) {
+        let depth = start..(start + part).min(k_blocks);
+        let part_len = depth.len() * BLOCK_ELEMENTS;
+        let task = |index: usize| {
+            let first = index * group;
+            let count = group.min(outer - first);
+            let len = count * part_len;
+            let mut own = take_buffer(&HELD, len);
+            // The held blocks' parts: in `runs` from `offset` on, `spacing` apart.
+            let blocks = (first, depth.clone());
+            let (runs, offset, spacing) = match (held, &a) {
+                (Held::Left, Left::Packed(packed)) => (
+                    &packed[..],
+                    first * run_len + depth.start * BLOCK_ELEMENTS,
+                    run_len,
+                ),
+                (Held::Left, Left::View(a)) => {
+                    pack::pack_left(*a, (m, k), blocks, &mut own[..len], false);
+                    (&own[..len], 0, part_len)
+                }
+                (Held::Right, _) => {
+                    pack::pack_right(b, (k, n), blocks, &mut own[..len], false);
+                    (&own[..len], 0, part_len)
+                }
             };
-            let left = &left[mb * k_blocks * BLOCK_ELEMENTS..][..k_blocks * BLOCK_ELEMENTS];
-            let right = &right[nb * k_blocks * BLOCK_ELEMENTS..][..k_blocks * BLOCK_ELEMENTS];
-            // SAFETY: tasks write disjoint blocks of the result, which the caller keeps in bounds.
-            unsafe { target.block(mb * BLOCK, nb * BLOCK, left, right, k_blocks) };
+            for j in 0..count {
+                let held_part = &runs[offset + j * spacing..][..part_len];
+                let inner = (inner_runs, inner);
+                // SAFETY: each task writes the result blocks of its own held blocks only.
+                unsafe { target.blocks_along(held, first + j, held_part, inner, &depth, k_blocks) };
+            }
+            HELD.set(own);
+        };
+        let tasks = outer.div_ceil(group);
+        if parallel {
+            (0..tasks).into_par_iter().for_each(task);
+        } else {
+            (0..tasks).for_each(task);
         }
-    };
-    let tasks = outer * runs;
-    if parallel {
-        (0..tasks).into_par_iter().for_each(task);
-    } else {
-        (0..tasks).for_each(task);
     }
-    LEFT.set(left_buffer);
-    RIGHT.set(right_buffer);
+    SHARED.set(shared);
 }
 
+/// `u16` elements of the smaller operand one part of the shared dimension covers at most (1 MiB), unless
+/// that would make parts shorter than [`MIN_PART`] blocks.
+const INNER_PART_ELEMENTS: usize = 1 << 19;
+const MIN_PART: usize = 8;
+
 thread_local! {
-    /// Packing buffers of the calling thread, kept between products (fresh pages cost more than packing).
-    static LEFT: Cell<Vec<u16>> = const { Cell::new(Vec::new()) };
-    static RIGHT: Cell<Vec<u16>> = const { Cell::new(Vec::new()) };
+    /// Packing buffers of a thread, kept between products (fresh pages cost more than packing): the smaller
+    /// operand of a product the thread calls, the held blocks of a task it runs.
+    static SHARED: Cell<Buffer> = const { Cell::new(Buffer(Vec::new())) };
+    static HELD: Cell<Buffer> = const { Cell::new(Buffer(Vec::new())) };
 }
 
 /// Frees this thread's packing buffers (they keep the size of the largest product's operands).
 pub fn release_buffers() {
-    LEFT.take();
-    RIGHT.take();
+    SHARED.take();
+    HELD.take();
 }
 
 /// This thread's buffer (taken: a product nested through work stealing gets its own), at least `len` long.
 /// It only grows: packing overwrites what it uses, so a shorter use costs no clearing.
-fn take_buffer(buffer: &'static LocalKey<Cell<Vec<u16>>>, len: usize) -> Vec<u16> {
+fn take_buffer(buffer: &'static LocalKey<Cell<Buffer>>, len: usize) -> Buffer {
     let mut values = buffer.take();
-    if values.len() < len {
-        values.resize(len, 0);
-    }
+    values.grow_to(len);
     values
+}
+
+/// A tile row: 32 bf16 values, one cache line.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u16; BLOCK]);
+
+/// Packed values, each tile row in one cache line: a tile load whose rows straddle two lines takes several
+/// times as long.
+#[derive(Default)]
+struct Buffer(Vec<Line>);
+
+impl Buffer {
+    /// At least `len` values (zero where new).
+    fn grow_to(&mut self, len: usize) {
+        let lines = len.div_ceil(BLOCK);
+        if self.0.len() < lines {
+            self.0.resize(lines, Line([0; BLOCK]));
+        }
+    }
+}
+
+impl std::ops::Deref for Buffer {
+    type Target = [u16];
+
+    fn deref(&self) -> &[u16] {
+        // SAFETY: a `Line` is 32 `u16` values with no padding (its size is its alignment, 64 bytes).
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast(), self.0.len() * BLOCK) }
+    }
+}
+
+impl std::ops::DerefMut for Buffer {
+    fn deref_mut(&mut self) -> &mut [u16] {
+        // SAFETY: as in `deref`.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast(), self.0.len() * BLOCK) }
+    }
 }
 
 /// The result matrix, shared by the tasks that each write their own blocks of it.
@@ -320,39 +425,79 @@ struct SharedOutput {
 unsafe impl Sync for SharedOutput {}
 
 impl SharedOutput {
-    /// Computes the 32×32 result block at (`row`, `col`) from packed blocks of the operands.
+    /// Computes the result blocks of held block `index` (a row of blocks for a held left block, a column for
+    /// a held right one) over the blocks `depth` of the shared dimension: `held_part` is the held block's
+    /// part, `inner_runs` the other operand's `inner` blocks packed whole (`k_blocks` each).
+    ///
+    /// # Safety
+    /// No other thread may touch these result blocks meanwhile.
+    unsafe fn blocks_along(
+        &self,
+        held: Held,
+        index: usize,
+        held_part: &[u16],
+        (inner_runs, inner): (&[u16], usize),
+        depth: &Range<usize>,
+        k_blocks: usize,
+    ) {
+        let run_len = k_blocks * BLOCK_ELEMENTS;
+        let part = depth.start * BLOCK_ELEMENTS..depth.end * BLOCK_ELEMENTS;
+        for (i, inner_run) in inner_runs.chunks_exact(run_len).take(inner).enumerate() {
+            let inner_part = &inner_run[part.clone()];
+            let ((mb, nb), parts) = match held {
+                Held::Left => ((index, i), (held_part, inner_part)),
+                Held::Right => ((i, index), (inner_part, held_part)),
+            };
+            // SAFETY: the block is this task's (caller) and inside the result (`mb`, `nb` count its
+            // blocks).
+            unsafe { self.block(mb * BLOCK, nb * BLOCK, parts, depth.len(), depth.start > 0) };
+        }
+    }
+
+    /// Adds the product of `len` packed block pairs to the 32×32 result block at (`row`, `col`) — replacing
+    /// what it holds instead for the first part of a product that does not accumulate (a block at the
+    /// result's edges, or scaled, goes through a scratch block).
     ///
     /// # Safety
     /// No other thread may touch this block while it is computed, and (`row`, `col`) must lie inside the
     /// result.
-    unsafe fn block(&self, row: usize, col: usize, left: &[u16], right: &[u16], k_blocks: usize) {
+    unsafe fn block(
+        &self,
+        row: usize,
+        col: usize,
+        (left, right): (&[u16], &[u16]),
+        len: usize,
+        later_part: bool,
+    ) {
+        let accumulate = self.accumulate || later_part;
         let whole = row + BLOCK <= self.rows && col + BLOCK <= self.cols && self.scale == 1.0;
-        // SAFETY (all blocks below): the block lies inside the result (caller), and the packed runs hold
-        // `k_blocks` blocks each.
+        // SAFETY (all blocks below): the block lies inside the result (caller), and the packed parts hold
+        // `len` blocks each.
         unsafe {
             let at = self.ptr.add(row * self.row_stride + col);
             if whole {
                 let block = Block {
                     first: at,
                     stride: self.row_stride,
-                    accumulate: self.accumulate,
+                    accumulate,
                 };
-                multiply((left, right), k_blocks, block);
+                multiply((left, right), len, block);
                 return;
             }
-            let mut scratch = [0f32; BLOCK_ELEMENTS];
+            let mut scratch = Scratch([0f32; BLOCK_ELEMENTS]);
+            let scratch = &mut scratch.0;
             let block = Block {
                 first: scratch.as_mut_ptr(),
                 stride: BLOCK,
                 accumulate: false,
             };
-            multiply((left, right), k_blocks, block);
+            multiply((left, right), len, block);
             let rows = BLOCK.min(self.rows - row);
             let cols = BLOCK.min(self.cols - col);
             for r in 0..rows {
                 let target = at.add(r * self.row_stride);
                 let source = &scratch[r * BLOCK..][..cols];
-                if !self.accumulate {
+                if !accumulate {
                     // Written through the pointer: the result may not be initialised yet.
                     for (c, &value) in source.iter().enumerate() {
                         target.add(c).write(self.scale * value);
@@ -367,6 +512,10 @@ impl SharedOutput {
         }
     }
 }
+
+/// A result block computed apart, its rows in whole cache lines as tile stores want them.
+#[repr(C, align(64))]
+struct Scratch([f32; BLOCK_ELEMENTS]);
 
 /// A 32×32 block of a result: its first element, the distance of its rows in floats, and whether the
 /// product is added to it.
@@ -524,6 +673,54 @@ mod tests {
                             "padding columns untouched"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    /// Products cut into parts of the shared dimension, with several held blocks per task, and a left
+    /// operand packed beforehand: each part adds to the result (scaled, over a prior value), edges included.
+    fn products_in_parts_and_groups_match_the_rounded_operands() {
+        let schedules = [
+            Schedule { group: 3, part: 2 },
+            Schedule { group: 1, part: 1 },
+        ];
+        for &(m, k, n) in &[(40, 300, 530), (530, 300, 40)] {
+            let (a, b) = (values(m * k, 3), values(k * n, 4));
+            let reference = rounded_reference(m, k, n, &a, &b);
+            let transposed_b: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+            let packed_a = PackedLeft::new(Operand::f32(&a, k, 1), (m, k), true);
+            let lefts = [
+                Left::View(Operand::f32(&a, k, 1)),
+                Left::Packed(&packed_a.values),
+            ];
+            let rights = [Operand::f32(&b, n, 1), Operand::f32(&transposed_b, 1, k)];
+            let cases = schedules.iter().flat_map(|schedule| {
+                (0..lefts.len()).flat_map(move |l| (0..rights.len()).map(move |r| (schedule, l, r)))
+            });
+            for (case, (schedule, l, r)) in cases.enumerate() {
+                let left = match &lefts[l] {
+                    Left::View(a) => Left::View(*a),
+                    Left::Packed(packed) => Left::Packed(packed),
+                };
+                let right = rights[r];
+                let mut out = vec![0.5f32; m * n];
+                let target = Output {
+                    data: &mut out,
+                    row_stride: n,
+                    accumulate: true,
+                    scale: 0.5,
+                }
+                .target((m, n));
+                run_scheduled((m, k, n), (left, right), target, true, Some(*schedule));
+                for (i, (&got, &exact)) in out.iter().zip(&reference).enumerate() {
+                    let expected = 0.5 + 0.5 * exact;
+                    assert!(
+                        (got as f64 - expected).abs()
+                            <= 1e-5 * (k as f64).sqrt() + 1e-6 * expected.abs(),
+                        "{m}x{k}x{n} case {case} at {i}: {got} vs {expected}"
+                    );
                 }
             }
         }

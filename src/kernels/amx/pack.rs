@@ -6,6 +6,8 @@
 //! instruction (bf16 values, a frozen weight stored in bf16, are moved as they are) and a 16×16 transpose
 //! serves the layouts whose rows run the other way; elsewhere plain code packs.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::{BLOCK, BLOCK_ELEMENTS, Operand, TILE_ELEMENTS};
@@ -20,41 +22,56 @@ pub(super) fn bf16_bits(x: f32) -> u16 {
     (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16
 }
 
-/// `a` (`m × k`) into `packed`: 32-row blocks, each a run of `k/32` pairs of tiles (rows 0–15, 16–31).
-pub(super) fn pack_left(a: Operand, (m, k): (usize, usize), packed: &mut [u16], parallel: bool) {
-    let k_blocks = k.div_ceil(BLOCK);
-    let block = |(mb, run): (usize, &mut [u16])| {
+/// The 32-row blocks of `a` (`m × k`) from block `first` on, as many as `packed` holds, over the blocks
+/// `depth` of the shared dimension: each a run of `depth.len()` pairs of tiles (rows 0–15, 16–31).
+pub(super) fn pack_left(
+    a: Operand,
+    (m, k): (usize, usize),
+    (first, depth): (usize, Range<usize>),
+    packed: &mut [u16],
+    parallel: bool,
+) {
+    let block = |(index, run): (usize, &mut [u16])| {
+        let row0 = (first + index) * BLOCK;
         for (index, tile) in run.chunks_exact_mut(TILE_ELEMENTS).enumerate() {
-            let (kb, half) = (index / 2, index % 2);
-            left_tile(a, (m, k), (mb * BLOCK + half * 16, kb * BLOCK), tile);
+            let (kb, half) = (depth.start + index / 2, index % 2);
+            left_tile(a, (m, k), (row0 + half * 16, kb * BLOCK), tile);
         }
     };
-    spread(packed, k_blocks * BLOCK_ELEMENTS, parallel, block);
+    spread(packed, depth.len() * BLOCK_ELEMENTS, parallel, block);
 }
 
-/// `b` (`k × n`) into `packed`: 32-column blocks, each a run of `k/32` pairs of tiles (columns 0–15,
-/// 16–31).
-pub(super) fn pack_right(b: Operand, (k, n): (usize, usize), packed: &mut [u16], parallel: bool) {
-    let k_blocks = k.div_ceil(BLOCK);
-    let run = k_blocks * BLOCK_ELEMENTS;
+/// The 32-column blocks of `b` (`k × n`) from block `first` on, as many as `packed` holds, over the blocks
+/// `depth` of the shared dimension: each a run of `depth.len()` pairs of tiles (columns 0–15, 16–31).
+pub(super) fn pack_right(
+    b: Operand,
+    (k, n): (usize, usize),
+    (first, depth): (usize, Range<usize>),
+    packed: &mut [u16],
+    parallel: bool,
+) {
+    let run = depth.len() * BLOCK_ELEMENTS;
     // Row-major `b` is packed a band of 256 columns at a time, row pair by row pair across the band, so that
     // each row is read in 1 KiB runs; column by column it would be read 128 bytes per row, a cache miss
     // each (its rows are far apart), at about half the speed.
-    let row_major = b.col_stride == 1 && b.row_stride != 1;
-    let band = if row_major { COLUMN_BLOCKS_PER_BAND } else { 1 };
+    let band = if runs_across_rows(b) {
+        COLUMN_BLOCKS_PER_BAND
+    } else {
+        1
+    };
     let pack_band = |(index, blocks): (usize, &mut [u16])| {
         let count = blocks.len() / run;
         let tile = |blocks: &mut [u16], (j, kb, half): (usize, usize, usize)| {
-            let col0 = (index * band + j) * BLOCK + half * 16;
+            let col0 = (first + index * band + j) * BLOCK + half * 16;
             let at = j * run + kb * BLOCK_ELEMENTS + half * TILE_ELEMENTS;
             right_tile(
                 b,
                 (k, n),
-                (kb * BLOCK, col0),
+                ((depth.start + kb) * BLOCK, col0),
                 &mut blocks[at..at + TILE_ELEMENTS],
             );
         };
-        for kb in 0..k_blocks {
+        for kb in 0..depth.len() {
             for j in 0..count {
                 tile(blocks, (j, kb, 0));
                 tile(blocks, (j, kb, 1));
@@ -65,7 +82,13 @@ pub(super) fn pack_right(b: Operand, (k, n): (usize, usize), packed: &mut [u16],
 }
 
 /// 32-column blocks a band of row-major right operand packs together (256 columns).
-const COLUMN_BLOCKS_PER_BAND: usize = 8;
+pub(super) const COLUMN_BLOCKS_PER_BAND: usize = 8;
+
+/// Whether a right operand's blocks run across its rows (row-major): each row gives a block only a short
+/// run, so neighbouring blocks are best packed together.
+pub(super) fn runs_across_rows(b: Operand) -> bool {
+    b.col_stride == 1 && b.row_stride != 1
+}
 
 /// Runs `pack` on each `run`-sized chunk of `packed` with its index, over threads when `parallel`.
 fn spread(
