@@ -13,6 +13,7 @@ use candle_core::{
 use rayon::prelude::*;
 
 use super::fast_math::{Simd, erf_f32, exp_f32, vectorised};
+use super::fill::par_filled;
 use super::tied::{TiedBackward, tie};
 
 /// Exact (erf) GELU, `0.5·x·(1 + erf(x/√2))`, with an exact gradient.
@@ -203,17 +204,15 @@ impl CustomOp1 for GegluRows {
         let dims = layout.dims();
         let width = dims.last().copied().unwrap_or(0);
         let inner = width / 2;
-        let mut out = vec![0f32; input.len() / 2];
         let simd = Simd::detect();
-        out.par_chunks_mut(inner.max(1))
-            .zip(input.par_chunks(width.max(1)))
-            .for_each(|(out, row)| {
-                vectorised(
-                    simd,
-                    #[inline(always)]
-                    || geglu_row(row, out),
-                )
-            });
+        let out = par_filled(input.len() / 2, inner, 0.0, |index, out| {
+            let row = &input[index * width..][..width];
+            vectorised(
+                simd,
+                #[inline(always)]
+                || geglu_row(row, out),
+            )
+        });
         let mut shape = dims.to_vec();
         if let Some(last) = shape.last_mut() {
             *last = inner;
@@ -245,18 +244,18 @@ impl CustomOp2 for GegluGradientRows {
         if grad.len() * 2 != input.len() {
             candle_core::bail!("GEGLU gradient: the gradient does not match the projection");
         }
-        let mut out = vec![0f32; input.len()];
         let simd = Simd::detect();
-        out.par_chunks_mut(width.max(1))
-            .zip(input.par_chunks(width.max(1)))
-            .zip(grad.par_chunks(inner.max(1)))
-            .for_each(|((out, row), grad)| {
-                vectorised(
-                    simd,
-                    #[inline(always)]
-                    || geglu_gradient_row(row, grad, out),
-                )
-            });
+        let out = par_filled(input.len(), width, 0.0, |index, out| {
+            let (row, grad) = (
+                &input[index * width..][..width],
+                &grad[index * inner..][..inner],
+            );
+            vectorised(
+                simd,
+                #[inline(always)]
+                || geglu_gradient_row(row, grad, out),
+            )
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -329,35 +328,29 @@ fn silu_gradient_chunk(x: &[f32], grad: &[f32], out: &mut [f32]) {
 
 /// SiLU of f32 values, chunks in parallel (candle's kernel runs on one thread with a library `exp`).
 fn silu_f32(x: &[f32]) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
     let simd = Simd::detect();
-    out.par_chunks_mut(SILU_CHUNK)
-        .zip(x.par_chunks(SILU_CHUNK))
-        .for_each(|(out, x)| {
-            vectorised(
-                simd,
-                #[inline(always)]
-                || silu_chunk(x, out),
-            )
-        });
-    out
+    par_filled(x.len(), SILU_CHUNK, 0.0, |index, out| {
+        let x = &x[index * SILU_CHUNK..][..out.len()];
+        vectorised(
+            simd,
+            #[inline(always)]
+            || silu_chunk(x, out),
+        )
+    })
 }
 
 /// `grad · silu'(x)` of f32 values, chunks in parallel.
 fn silu_gradient_f32(x: &[f32], grad: &[f32]) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
     let simd = Simd::detect();
-    out.par_chunks_mut(SILU_CHUNK)
-        .zip(x.par_chunks(SILU_CHUNK))
-        .zip(grad.par_chunks(SILU_CHUNK))
-        .for_each(|((out, x), grad)| {
-            vectorised(
-                simd,
-                #[inline(always)]
-                || silu_gradient_chunk(x, grad, out),
-            )
-        });
-    out
+    par_filled(x.len(), SILU_CHUNK, 0.0, |index, out| {
+        let run = index * SILU_CHUNK..index * SILU_CHUNK + out.len();
+        let (x, grad) = (&x[run.clone()], &grad[run]);
+        vectorised(
+            simd,
+            #[inline(always)]
+            || silu_gradient_chunk(x, grad, out),
+        )
+    })
 }
 
 /// `grad · f'(x)` for an activation `f`, in one parallel pass, for contiguous f32/f64 tensors on the CPU.

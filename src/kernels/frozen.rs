@@ -26,7 +26,7 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 /// `x · Wᵀ + b` with a frozen `W` and `b`, keeping only its output for the backward pass (the bias sum of
 /// a separate op would keep the product as well).
 pub fn frozen_affine(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    let output = frozen_linear(&x.detach(), weight)?.broadcast_add(bias)?;
+    let output = super::add_into(frozen_linear(&x.detach(), weight)?, None, Some(bias))?;
     tie(
         output,
         &[x],
@@ -60,10 +60,8 @@ pub fn frozen_conv2d(
     padding: usize,
     stride: usize,
 ) -> Result<Tensor> {
-    let mut output = super::im2col::conv2d(&x.detach(), &weight.detach(), padding, stride)?;
-    if let Some(bias) = bias {
-        output = output.broadcast_add(bias)?;
-    }
+    let output = super::im2col::conv2d(&x.detach(), &weight.detach(), padding, stride)?;
+    let output = super::add_into(output, None, bias)?;
     let (_, in_channels, kh, kw) = weight.dims4()?;
     crate::flops::add_layer(output.elem_count() * in_channels * kh * kw);
     tie(

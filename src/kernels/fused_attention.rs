@@ -11,8 +11,8 @@
 //! token layout in one parallel pass each; other devices use chunks of candle ops (candle's fused softmax).
 
 use candle_core::{D, DType, Device, Result, Storage, Tensor, WithDType};
-use rayon::prelude::*;
 
+use super::fill::par_filled;
 use super::flash_attention::{self, AttentionDims, Element};
 use super::tied::{Ready, TiedBackward, tie};
 
@@ -85,21 +85,21 @@ fn head_values<T: WithDType>(t: &Tensor, heads: usize) -> Result<Vec<T>> {
         candle_core::bail!("attention: the kernel reads contiguous tensors on the CPU");
     };
     let tokens = &T::cpu_storage_as_slice(storage)?[start..end];
-    let mut values = vec![T::zero(); tokens.len()];
-    if values.is_empty() || head_dim == 0 {
-        return Ok(values);
+    if head_dim == 0 {
+        return Ok(vec![T::zero(); tokens.len()]);
     }
-    values
-        .par_chunks_mut(len * head_dim)
-        .enumerate()
-        .for_each(|(index, head)| {
+    Ok(par_filled(
+        tokens.len(),
+        len * head_dim,
+        T::zero(),
+        |index, head| {
             let (image, h) = (index / heads, index % heads);
             let image_tokens = &tokens[image * len * width..];
             for (token, row) in head.chunks_mut(head_dim).enumerate() {
                 row.copy_from_slice(&image_tokens[token * width + h * head_dim..][..head_dim]);
             }
-        });
-    Ok(values)
+        },
+    ))
 }
 
 /// The token layout `[batch, len, width]` of head-layout values `[batch·heads, len, width/heads]`,
@@ -110,20 +110,16 @@ fn token_values<T: WithDType>(
     heads: usize,
 ) -> Vec<T> {
     let head_dim = width / heads;
-    let mut tokens = vec![T::zero(); values.len()];
-    if !tokens.is_empty() && head_dim > 0 {
-        tokens
-            .par_chunks_mut(width)
-            .enumerate()
-            .for_each(|(index, row)| {
-                let (image, token) = (index / len, index % len);
-                for (h, part) in row.chunks_mut(head_dim).enumerate() {
-                    let head = &values[(image * heads + h) * len * head_dim..];
-                    part.copy_from_slice(&head[token * head_dim..][..head_dim]);
-                }
-            });
+    if head_dim == 0 {
+        return vec![T::zero(); values.len()];
     }
-    tokens
+    par_filled(values.len(), width, T::zero(), |index, row| {
+        let (image, token) = (index / len, index % len);
+        for (h, part) in row.chunks_mut(head_dim).enumerate() {
+            let head = &values[(image * heads + h) * len * head_dim..];
+            part.copy_from_slice(&head[token * head_dim..][..head_dim]);
+        }
+    })
 }
 
 /// [`token_values`] as a tensor.

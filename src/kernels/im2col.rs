@@ -13,7 +13,8 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
+
+use super::fill::par_filled;
 
 /// `conv2d(x, kernel)` with no groups and no dilation: `x` `[b, in, h, w]`, `kernel` `[out, in, kh, kw]`.
 pub fn conv2d(x: &Tensor, kernel: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
@@ -187,37 +188,34 @@ impl Patches {
         let (out_h, out_w) = self.output_size()?;
         let plane = self.height * self.width;
         let row_len = batch * out_h * out_w;
-        let mut columns = vec![T::zero(); self.in_channels * self.k_h * self.k_w * row_len];
-        columns
-            .par_chunks_mut(row_len)
-            .enumerate()
-            .for_each(|(row, out)| {
-                let (channel, tap) = (row / (self.k_h * self.k_w), row % (self.k_h * self.k_w));
-                let (i, j) = (tap / self.k_w, tap % self.k_w);
-                let (first_x, end_x) = self.valid_columns(j, out_w);
-                for image in 0..batch {
-                    let source = &input[(image * self.in_channels + channel) * plane..][..plane];
-                    for oy in 0..out_h {
-                        let Some(in_y) = (oy * self.stride + i).checked_sub(self.padding) else {
-                            continue;
-                        };
-                        if in_y >= self.height || first_x >= end_x {
-                            continue;
-                        }
-                        let line = &source[in_y * self.width..][..self.width];
-                        let target = &mut out[(image * out_h + oy) * out_w..][..out_w];
-                        let first_in = first_x * self.stride + j - self.padding;
-                        if self.stride == 1 {
-                            target[first_x..end_x]
-                                .copy_from_slice(&line[first_in..first_in + end_x - first_x]);
-                        } else {
-                            for (k, value) in target[first_x..end_x].iter_mut().enumerate() {
-                                *value = line[first_in + k * self.stride];
-                            }
+        let len = self.in_channels * self.k_h * self.k_w * row_len;
+        let columns = par_filled(len, row_len, T::zero(), |row, out| {
+            let (channel, tap) = (row / (self.k_h * self.k_w), row % (self.k_h * self.k_w));
+            let (i, j) = (tap / self.k_w, tap % self.k_w);
+            let (first_x, end_x) = self.valid_columns(j, out_w);
+            for image in 0..batch {
+                let source = &input[(image * self.in_channels + channel) * plane..][..plane];
+                for oy in 0..out_h {
+                    let Some(in_y) = (oy * self.stride + i).checked_sub(self.padding) else {
+                        continue;
+                    };
+                    if in_y >= self.height || first_x >= end_x {
+                        continue;
+                    }
+                    let line = &source[in_y * self.width..][..self.width];
+                    let target = &mut out[(image * out_h + oy) * out_w..][..out_w];
+                    let first_in = first_x * self.stride + j - self.padding;
+                    if self.stride == 1 {
+                        target[first_x..end_x]
+                            .copy_from_slice(&line[first_in..first_in + end_x - first_x]);
+                    } else {
+                        for (k, value) in target[first_x..end_x].iter_mut().enumerate() {
+                            *value = line[first_in + k * self.stride];
                         }
                     }
                 }
-            });
+            }
+        });
         Ok(columns)
     }
 }
@@ -239,33 +237,30 @@ impl PatchSum {
         let taps = p.k_h * p.k_w;
         let row_len = self.batch * out_h * out_w;
         let plane = p.height * p.width;
-        let mut input = vec![T::zero(); self.batch * p.in_channels * plane];
+        let len = self.batch * p.in_channels * plane;
         // One input plane per task: its taps' rows are the only ones that write to it.
-        input
-            .par_chunks_mut(plane)
-            .enumerate()
-            .for_each(|(index, target)| {
-                let (image, channel) = (index / p.in_channels, index % p.in_channels);
-                for tap in 0..taps {
-                    let (i, j) = (tap / p.k_w, tap % p.k_w);
-                    let row = &columns[(channel * taps + tap) * row_len..][..row_len];
-                    let (first_x, end_x) = p.valid_columns(j, out_w);
-                    for oy in 0..out_h {
-                        let Some(in_y) = (oy * p.stride + i).checked_sub(p.padding) else {
-                            continue;
-                        };
-                        if in_y >= p.height || first_x >= end_x {
-                            continue;
-                        }
-                        let line = &mut target[in_y * p.width..][..p.width];
-                        let source = &row[(image * out_h + oy) * out_w..][first_x..end_x];
-                        let first_in = first_x * p.stride + j - p.padding;
-                        for (k, &value) in source.iter().enumerate() {
-                            line[first_in + k * p.stride] += value;
-                        }
+        let input = par_filled(len, plane, T::zero(), |index, target| {
+            let (image, channel) = (index / p.in_channels, index % p.in_channels);
+            for tap in 0..taps {
+                let (i, j) = (tap / p.k_w, tap % p.k_w);
+                let row = &columns[(channel * taps + tap) * row_len..][..row_len];
+                let (first_x, end_x) = p.valid_columns(j, out_w);
+                for oy in 0..out_h {
+                    let Some(in_y) = (oy * p.stride + i).checked_sub(p.padding) else {
+                        continue;
+                    };
+                    if in_y >= p.height || first_x >= end_x {
+                        continue;
+                    }
+                    let line = &mut target[in_y * p.width..][..p.width];
+                    let source = &row[(image * out_h + oy) * out_w..][first_x..end_x];
+                    let first_in = first_x * p.stride + j - p.padding;
+                    for (k, &value) in source.iter().enumerate() {
+                        line[first_in + k * p.stride] += value;
                     }
                 }
-            });
+            }
+        });
         Ok(input)
     }
 }

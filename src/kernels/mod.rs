@@ -10,10 +10,12 @@
 //! there. Knows nothing about adapters, models or training: must not use lora, models, train or worker.
 
 mod activations;
+mod add_into;
 mod amx;
 mod cross_entropy;
 mod fast_math;
 mod few_rows;
+mod fill;
 mod flash_attention;
 mod frozen;
 mod fused_attention;
@@ -32,6 +34,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::Device;
 
 pub use activations::{geglu, gelu, silu};
+pub(crate) use add_into::add_into;
 pub use cross_entropy::cross_entropy_sum;
 pub use frozen::{frozen_affine, frozen_conv2d, frozen_linear};
 pub use fused_attention::fused_attention;

@@ -8,7 +8,7 @@
 
 use candle_core::{Result, Tensor};
 
-use crate::kernels::{TiedBackward, frozen_linear, tie};
+use crate::kernels::{TiedBackward, add_into, frozen_linear, tie};
 
 /// `x·Wᵀ + b + scale·(x·downᵀ)·upᵀ`, differentiable in `x`, `down` and `up` (`W` and `b` frozen).
 pub fn lora_linear(
@@ -20,13 +20,11 @@ pub fn lora_linear(
 ) -> Result<Tensor> {
     let (down, up) = (down.to_dtype(x.dtype())?, up.to_dtype(x.dtype())?);
     let (x_value, down_value, up_value) = (x.detach(), down.detach(), up.detach());
-    let low_rank = x_value
-        .broadcast_matmul(&down_value.t()?)?
-        .broadcast_matmul(&up_value.t()?)?;
-    let mut y = (frozen_linear(&x_value, weight)? + (low_rank * scale)?)?;
-    if let Some(bias) = bias {
-        y = y.broadcast_add(bias)?;
-    }
+    // The scale goes on the narrow hidden values, and the low-rank product and the bias into the frozen
+    // product's fresh output.
+    let low_rank =
+        (x_value.broadcast_matmul(&down_value.t()?)? * scale)?.broadcast_matmul(&up_value.t()?)?;
+    let y = add_into(frozen_linear(&x_value, weight)?, Some(&low_rank), bias)?;
     tie(
         y,
         &[x, &down, &up],
@@ -53,13 +51,13 @@ impl TiedBackward for LoraLinearBackward {
         let (in_features, out_features) = (down.dim(1)?, up.dim(0)?);
         let x_rows = x.detach().reshape(((), in_features))?;
         let grad_rows = grad.reshape(((), out_features))?;
-        let grad_up_side = grad_rows.matmul(&up)?;
-        let grad_x = (crate::kernels::matmul(&grad_rows, &self.weight)?
-            + (grad_up_side.matmul(&down)? * self.scale)?)?
-            .reshape(x.shape())?;
+        let grad_hidden = (grad_rows.matmul(&up)? * self.scale)?;
+        let frozen_part = crate::kernels::matmul(&grad_rows, &self.weight)?;
+        let grad_x =
+            add_into(frozen_part, Some(&grad_hidden.matmul(&down)?), None)?.reshape(x.shape())?;
         let hidden = x_rows.matmul(&down.t()?)?;
         let grad_up = (grad_rows.t()?.matmul(&hidden)? * self.scale)?;
-        let grad_down = (grad_up_side.t()?.matmul(&x_rows)? * self.scale)?;
+        let grad_down = grad_hidden.t()?.matmul(&x_rows)?;
         Ok(vec![Some(grad_x), Some(grad_down), Some(grad_up)])
     }
 }
