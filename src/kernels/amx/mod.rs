@@ -313,7 +313,8 @@ fn run_scheduled(
             let first = index * group;
             let count = group.min(outer - first);
             let len = count * part_len;
-            let mut own = take_buffer(&HELD, len);
+            let packed_already = matches!((held, &a), (Held::Left, Left::Packed(_)));
+            let mut own = take_buffer(&HELD, if packed_already { 0 } else { len });
             // The held blocks' parts: in `runs` from `offset` on, `spacing` apart.
             let blocks = (first, depth.clone());
             let (runs, offset, spacing) = match (held, &a) {
