@@ -12,6 +12,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use super::f32_rows;
 use super::fast_math::{Simd, erf_f32, exp_f32, vectorised};
 use super::fill::par_filled;
 use super::tied::{TiedBackward, tie};
@@ -154,14 +155,6 @@ impl TiedBackward for GegluBackward {
 /// Whether the f32 CPU kernels of GEGLU apply.
 fn has_f32_cpu_kernel(x: &Tensor) -> bool {
     super::cpu_kernels(x.device()) && x.dtype() == DType::F32
-}
-
-/// The f32 slice of a contiguous CPU storage.
-fn f32_rows<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
-        _ => candle_core::bail!("{what}: expects contiguous f32 data"),
-    }
 }
 
 /// `0.5·(1 + erf(x/√2))` and `x·φ(x)`, whose sum is GELU's derivative and whose first times `x` is GELU.

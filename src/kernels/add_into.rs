@@ -106,19 +106,11 @@ impl AddTerms {
     }
 }
 
-/// The contiguous f32 values of a storage.
-fn values<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(values), Some((start, end))) => Ok(&values[start..end]),
-        _ => candle_core::bail!("add-terms: expects contiguous f32 values"),
-    }
-}
-
-/// [`values`], writable.
+/// The contiguous f32 values of a storage, writable.
 fn values_mut<'a>(storage: &'a mut CpuStorage, layout: &Layout) -> Result<&'a mut [f32]> {
     match (storage, layout.contiguous_offsets()) {
         (CpuStorage::F32(values), Some((start, end))) => Ok(&mut values[start..end]),
-        _ => candle_core::bail!("add-terms: expects contiguous f32 values"),
+        _ => candle_core::bail!("add-terms: expects contiguous f32 data"),
     }
 }
 
@@ -145,7 +137,7 @@ impl InplaceOp2 for AddTerms {
         term: &CpuStorage,
         term_layout: &Layout,
     ) -> Result<()> {
-        let term = values(term, term_layout)?;
+        let term = super::f32_rows(term, term_layout, "add-terms")?;
         self.add(values_mut(output, output_layout)?, Some(term));
         Ok(())
     }

@@ -52,6 +52,18 @@ pub const GENERIC_KERNELS_ENV: &str = "LORA_STUDIO_GENERIC_KERNELS";
 /// Set by [`force_generic_paths`].
 static GENERIC_FORCED: AtomicBool = AtomicBool::new(false);
 
+/// The f32 slice of a contiguous CPU storage; `what` names the op in the error.
+fn f32_rows<'a>(
+    storage: &'a candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (candle_core::CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
+        _ => candle_core::bail!("{what}: expects contiguous f32 data"),
+    }
+}
+
 /// Makes every op in this process take its device-generic path (candle ops), as on CUDA and Metal, also on
 /// the CPU. For tests of those paths; there is no way back.
 pub fn force_generic_paths() {

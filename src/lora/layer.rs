@@ -396,14 +396,25 @@ impl AdaptableConv2d {
     }
 }
 
+/// A bias-free linear layer `fc` built from `weight` (`[out, in]`), and the registry that holds it.
+#[cfg(test)]
+pub(crate) fn one_linear_layer(weight: &Tensor) -> (LayerRegistry, AdaptableLinear) {
+    let (out, inputs) = weight.dims2().expect("a [out, in] weight");
+    let tensors = HashMap::from([("fc.weight".to_string(), weight.clone())]);
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, weight.device());
+    let registry = LayerRegistry::default();
+    let layer = LayerBuilder::new(vb, registry.clone())
+        .pp("fc")
+        .linear(inputs, out, false)
+        .expect("a linear layer from its weight");
+    (registry, layer)
+}
+
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use candle_core::{DType, Device, Tensor};
-    use candle_nn::VarBuilder;
 
-    use super::{LayerBuilder, LayerRegistry};
+    use super::one_linear_layer;
 
     fn values(t: &Tensor) -> Vec<f32> {
         t.flatten_all().unwrap().to_vec1().unwrap()
@@ -419,13 +430,7 @@ mod tests {
             .unwrap()
             .reshape((3, 4))
             .unwrap();
-        let tensors = HashMap::from([("fc.weight".to_string(), weight.clone())]);
-        let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
-        let registry = LayerRegistry::default();
-        let layer = LayerBuilder::new(vb, registry.clone())
-            .pp("fc")
-            .linear(4, 3, false)
-            .unwrap();
+        let (registry, layer) = one_linear_layer(&weight);
         let x = Tensor::arange(0f32, 8.0, &device)
             .unwrap()
             .reshape((2, 4))

@@ -26,6 +26,8 @@ pub use kohya::{
     KohyaLora, TEXT_ENCODER_1_PREFIX, TEXT_ENCODER_2_PREFIX, TEXT_ENCODER_PREFIX, UNET_PREFIX,
     kohya_name,
 };
+#[cfg(test)]
+pub(crate) use layer::one_linear_layer;
 pub use layer::{
     AdaptableConv2d, AdaptableLinear, AdapterSlot, LayerBuilder, LayerRegistry, LayerShape,
 };

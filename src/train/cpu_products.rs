@@ -86,6 +86,7 @@ mod tests {
 
     use super::{cpu_products, loading_scope};
     use crate::config::MixedPrecision;
+    use crate::lora::one_linear_layer;
     use crate::lora::{LayerBuilder, LayerRegistry};
     use crate::train::report::SilentReporter;
 
@@ -93,13 +94,7 @@ mod tests {
     fn a_bf16_run_holds_the_frozen_weights_in_bf16_until_it_ends() {
         let device = Device::Cpu;
         let weight = Tensor::ones((3, 4), DType::F32, &device).unwrap();
-        let tensors = HashMap::from([("fc.weight".to_string(), weight)]);
-        let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
-        let layers = LayerRegistry::default();
-        let layer = LayerBuilder::new(vb, layers.clone())
-            .pp("fc")
-            .linear(4, 3, false)
-            .unwrap();
+        let (layers, layer) = one_linear_layer(&weight);
         let reporter = &mut SilentReporter;
         let f32_run = cpu_products(&device, MixedPrecision::No, vec![layers.clone()], reporter);
         assert!(
