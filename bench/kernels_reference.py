@@ -4,8 +4,14 @@ that requires one, frozen weights), so each kernel can be compared as a ratio on
 
     cargo bench --bench kernels
     python bench/kernels_reference.py
+
+`--bf16` stores the weights in bf16 and runs under `torch.autocast` to bf16, as the training scripts do
+with bf16 mixed precision (compare with `cargo bench --bench kernels -- --bf16`); a word argument runs
+only the kernels whose name contains it.
 """
 
+import contextlib
+import sys
 import time
 
 import torch
@@ -24,16 +30,28 @@ def median_ms(run):
     return sorted(times)[RUNS // 2]
 
 
+BF16 = "--bf16" in sys.argv[1:]
+FILTER = next((a for a in sys.argv[1:] if not a.startswith("--")), None)
+
+
+def precision():
+    return torch.autocast("cpu", dtype=torch.bfloat16) if BF16 else contextlib.nullcontext()
+
+
 def measure(name, dims, f):
+    if FILTER is not None and FILTER not in name:
+        return
     x = torch.randn(*dims, requires_grad=True)
 
     def forward():
-        with torch.no_grad():
+        with torch.no_grad(), precision():
             f(x)
 
     def both():
         x.grad = None
-        f(x).sum().backward()
+        with precision():
+            total = f(x).sum()
+        total.backward()
 
     forward_ms, both_ms = median_ms(forward), median_ms(both)
     print(
@@ -46,10 +64,11 @@ def weight(*dims):
     fan_in = 1
     for d in dims[1:]:
         fan_in *= d
-    return torch.randn(*dims) / fan_in**0.5
+    values = torch.randn(*dims) / fan_in**0.5
+    return values.to(torch.bfloat16) if BF16 else values
 
 
-def attention(x, context, heads=8):
+def attention(x, context, heads):
     batch, tokens, width = x.shape
     split = lambda t: t.view(batch, t.shape[1], heads, width // heads).transpose(1, 2)
     q, k = split(x), split(context)
@@ -58,8 +77,15 @@ def attention(x, context, heads=8):
 
 def main():
     torch.manual_seed(0)
+    if BF16:
+        print("bf16 weights, autocast to bf16")
     conv = weight(320, 320, 3, 3)
-    measure("conv 3x3 320->320 at 64x64", [1, 320, 64, 64], lambda x: F.conv2d(x, conv, padding=1))
+    for size in [64, 128]:
+        measure(
+            f"conv 3x3 320->320 at {size}x{size}",
+            [1, 320, size, size],
+            lambda x: F.conv2d(x, conv, padding=1),
+        )
     for channels, size in [(640, 32), (1280, 16)]:
         kernel = weight(channels, channels, 3, 3)
         measure(
@@ -67,18 +93,35 @@ def main():
             [1, channels, size, size],
             lambda x, kernel=kernel: F.conv2d(x, kernel, padding=1),
         )
-    projection = weight(320, 320)
-    measure("linear 320->320 over 4096 tokens", [1, 4096, 320], lambda x: F.linear(x, projection))
-    geglu = weight(2560, 320)
+    for tokens, inputs, outputs, note in [
+        (4096, 320, 320, ""),
+        (4096, 320, 2560, " (GEGLU)"),
+        (256, 1280, 10240, " (SDXL)"),
+        (256, 5120, 1280, " (SDXL)"),
+        (1024, 640, 640, " (SDXL)"),
+        (4096, 640, 640, " (SDXL 1024 px)"),
+        (4096, 640, 5120, " (SDXL 1024 px)"),
+        (4096, 2560, 640, " (SDXL 1024 px)"),
+    ]:
+        linear = weight(outputs, inputs)
+        measure(
+            f"linear {inputs}->{outputs} over {tokens} tokens{note}",
+            [1, tokens, inputs],
+            lambda x, linear=linear: F.linear(x, linear),
+        )
     measure(
-        "linear 320->2560 over 4096 tokens (GEGLU)", [1, 4096, 320], lambda x: F.linear(x, geglu)
+        "self-attention, 8 heads, 4096 tokens", [1, 4096, 320], lambda x: attention(x, x, 8)
     )
-    measure("self-attention, 8 heads, 4096 tokens", [1, 4096, 320], lambda x: attention(x, x))
+    measure(
+        "self-attention, 10 heads, 4096 tokens (SDXL 1024 px)",
+        [1, 4096, 640],
+        lambda x: attention(x, x, 10),
+    )
     context = torch.randn(1, 77, 320)
     measure(
         "cross-attention, 8 heads, 4096x77 tokens",
         [1, 4096, 320],
-        lambda x: attention(x, context),
+        lambda x: attention(x, context, 8),
     )
     group_norm = torch.nn.GroupNorm(32, 320).requires_grad_(False)
     measure("group norm, 32 groups, 320x64x64", [1, 320, 64, 64], group_norm)

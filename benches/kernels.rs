@@ -103,9 +103,13 @@ fn main() -> Result<()> {
         None
     };
     let conv = weight(&[320, 320, 3, 3])?;
-    measure("conv 3x3 320->320 at 64x64", &[1, 320, 64, 64], |x| {
-        frozen_conv2d(x, &conv, None, 1, 1)
-    })?;
+    for size in [64, 128] {
+        measure(
+            &format!("conv 3x3 320->320 at {size}x{size}"),
+            &[1, 320, size, size],
+            |x| frozen_conv2d(x, &conv, None, 1, 1),
+        )?;
+    }
     for (channels, size) in [(640, 32), (1280, 16)] {
         let conv = weight(&[channels, channels, 3, 3])?;
         measure(
@@ -117,7 +121,7 @@ fn main() -> Result<()> {
     measure(
         "conv 3x3, candle's conv2d (all gradients)",
         &[1, 320, 64, 64],
-        |x| x.conv2d(&conv, 1, 1, 1, 1),
+        |x| x.conv2d(&conv.to_dtype(DType::F32)?, 1, 1, 1, 1),
     )?;
     // SD 1.5's projections and GEGLU at 512 px; SDXL's blocks at 512 px: few tokens, large weights.
     for (tokens, inputs, outputs, note) in [
@@ -126,6 +130,9 @@ fn main() -> Result<()> {
         (256, 1280, 10240, " (SDXL)"),
         (256, 5120, 1280, " (SDXL)"),
         (1024, 640, 640, " (SDXL)"),
+        (4096, 640, 640, " (SDXL 1024 px)"),
+        (4096, 640, 5120, " (SDXL 1024 px)"),
+        (4096, 2560, 640, " (SDXL 1024 px)"),
     ] {
         let linear = weight(&[outputs, inputs])?;
         measure(
@@ -138,6 +145,11 @@ fn main() -> Result<()> {
         "self-attention, 8 heads, 4096 tokens",
         &[1, 4096, 320],
         |x| attention(x, x, x, 8, None),
+    )?;
+    measure(
+        "self-attention, 10 heads, 4096 tokens (SDXL 1024 px)",
+        &[1, 4096, 640],
+        |x| attention(x, x, x, 10, None),
     )?;
     let context = Tensor::randn(0f32, 1.0, (1, 77, 320), &Device::Cpu)?;
     measure(

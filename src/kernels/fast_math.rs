@@ -58,31 +58,47 @@ pub fn erf_f32(x: f32) -> f32 {
 }
 
 /// The vector instructions the CPU was found to have. Only [`Simd::detect`] makes one, so a [`Simd`] that
-/// says AVX2 is proof that feature detection saw AVX2 and FMA: [`vectorised`] relies on it for soundness.
+/// says AVX2 (or AVX-512) is proof that feature detection saw them: [`vectorised`] relies on it for
+/// soundness.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Simd {
     avx2_fma: bool,
+    avx512: bool,
 }
 
 impl Simd {
     /// Asks the CPU (a cached check after the first call).
     pub(crate) fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
-        let avx2_fma = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        let (avx2_fma, avx512) = {
+            let avx2_fma = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            let avx512 = avx2_fma
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl");
+            (avx2_fma, avx512)
+        };
         #[cfg(not(target_arch = "x86_64"))]
-        let avx2_fma = false;
-        Self { avx2_fma }
+        let (avx2_fma, avx512) = (false, false);
+        Self { avx2_fma, avx512 }
     }
 }
 
-/// Runs `kernel` compiled for AVX2 and FMA when the CPU has them, so that the loops it inlines vectorise
-/// eight lanes wide; elsewhere as plain code.
+/// Runs `kernel` compiled for AVX-512 or else AVX2 and FMA when the CPU has them, so that the loops it
+/// inlines vectorise sixteen or eight lanes wide; elsewhere as plain code. Each lane computes what the
+/// plain code computes, so results do not depend on the width.
 #[inline(always)]
 pub(crate) fn vectorised<R>(simd: Simd, kernel: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
-    if simd.avx2_fma {
-        // SAFETY: a `Simd` with `avx2_fma` set comes only from `Simd::detect` on a CPU that has both.
-        return unsafe { with_avx2(kernel) };
+    {
+        if simd.avx512 {
+            // SAFETY: a `Simd` with `avx512` set comes only from `Simd::detect` on a CPU that has it.
+            return unsafe { with_avx512(kernel) };
+        }
+        if simd.avx2_fma {
+            // SAFETY: a `Simd` with `avx2_fma` set comes only from `Simd::detect` on a CPU that has both.
+            return unsafe { with_avx2(kernel) };
+        }
     }
     let _ = simd;
     kernel()
@@ -91,6 +107,12 @@ pub(crate) fn vectorised<R>(simd: Simd, kernel: impl FnOnce() -> R) -> R {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn with_avx2<R>(kernel: impl FnOnce() -> R) -> R {
+    kernel()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+unsafe fn with_avx512<R>(kernel: impl FnOnce() -> R) -> R {
     kernel()
 }
 

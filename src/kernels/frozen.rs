@@ -240,7 +240,7 @@ impl FrozenConvBackward {
             // A stride-1 convolution's input gradient is a convolution of the output gradient with the
             // spatially flipped, channel-transposed kernel; candle's conv2d is much faster than its
             // conv_transpose2d.
-            let flipped = flipped_transposed(&self.weight)?;
+            let flipped = super::im2col::flipped_transposed(&self.weight)?;
             return super::im2col::conv2d(grad, &flipped, k_h - 1 - self.padding, 1);
         }
         let weight = self.weight.to_dtype(grad.dtype())?;
@@ -248,64 +248,6 @@ impl FrozenConvBackward {
         // input, handles odd and even sizes (and mixed parity) alike.
         let full = grad.conv_transpose2d(&weight, self.padding, self.stride - 1, self.stride, 1)?;
         full.narrow(2, 0, in_h)?.narrow(3, 0, in_w)
-    }
-}
-
-/// A `[out, in, kh, kw]` kernel as `[in, out, kh, kw]` with both spatial axes reversed: the kernel of the
-/// input-gradient convolution. It is built anew in every backward pass (keeping one per layer would double
-/// the model's convolution weights in memory), so on the CPU it is one pass over the weights.
-fn flipped_transposed(kernel: &Tensor) -> Result<Tensor> {
-    let (_, _, k_h, k_w) = kernel.dims4()?;
-    if k_h == 1 && k_w == 1 {
-        return kernel.transpose(0, 1)?.contiguous();
-    }
-    if super::cpu_kernels(kernel.device()) {
-        return kernel.contiguous()?.apply_op1_no_bwd(&FlipTranspose);
-    }
-    let reversed =
-        |n: usize| Tensor::new((0..n as u32).rev().collect::<Vec<u32>>(), kernel.device());
-    kernel
-        .index_select(&reversed(k_h)?, 2)?
-        .index_select(&reversed(k_w)?, 3)?
-        .transpose(0, 1)?
-        .contiguous()
-}
-
-/// The CPU kernel of [`flipped_transposed`].
-struct FlipTranspose;
-
-impl FlipTranspose {
-    fn apply<T: Copy>(source: &[T], (outs, ins, k_h, k_w): (usize, usize, usize, usize)) -> Vec<T> {
-        let window = k_h * k_w;
-        let mut flipped = Vec::with_capacity(source.len());
-        for i in 0..ins {
-            for o in 0..outs {
-                let start = (o * ins + i) * window;
-                flipped.extend(source[start..start + window].iter().rev());
-            }
-        }
-        flipped
-    }
-}
-
-impl CustomOp1 for FlipTranspose {
-    fn name(&self) -> &'static str {
-        "flip-transpose-kernel"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let dims = layout.shape().dims4()?;
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("flip-transpose: the kernel is not contiguous");
-        };
-        let flipped = match storage {
-            CpuStorage::F32(v) => CpuStorage::F32(Self::apply(&v[start..end], dims)),
-            CpuStorage::F16(v) => CpuStorage::F16(Self::apply(&v[start..end], dims)),
-            CpuStorage::BF16(v) => CpuStorage::BF16(Self::apply(&v[start..end], dims)),
-            CpuStorage::F64(v) => CpuStorage::F64(Self::apply(&v[start..end], dims)),
-            other => candle_core::bail!("flip-transpose: unsupported dtype {:?}", other.dtype()),
-        };
-        Ok((flipped, Shape::from((dims.1, dims.0, dims.2, dims.3))))
     }
 }
 

@@ -5,7 +5,9 @@
 //! kernel on every call. Here the patches of the whole batch are laid out once, row segment by row segment,
 //! as a `[in·kh·kw, batch·out_h·out_w]` matrix in the kernel's own element order, so that one large product
 //! with the kernel viewed as `[out, in·kh·kw]` gives the output. The input gradient is the same in reverse:
-//! the transposed kernel times the output gradient, summed back through the patch layout. 1x1 kernels with
+//! the transposed kernel times the output gradient, summed back through the patch layout; with stride 1
+//! over many pixels, the convolution of the output gradient with the flipped kernel instead, whose product
+//! is one long sum per value rather than a short one into a matrix nine times the input. 1x1 kernels with
 //! stride 1 and no padding need no patches: the `[out, in]` kernel times each image's `[in, h·w]` pixels
 //! (candle's own 1x1 path copies input and output element by element on one thread). 3x3 kernels with
 //! stride 1 and padding 1 on images of 32x32 and more go to [`super::winograd`], which needs a quarter of
@@ -67,9 +69,10 @@ fn uses_patches(x: &Tensor, k_h: usize, k_w: usize) -> bool {
 
 /// The gradient of [`conv2d`]'s input `[b, in, height, width]` given the output gradient `grad`, on the CPU
 /// (else `None`): for a 1x1 kernel the transposed kernel times each image's output gradient; for 3x3 ones
-/// on large maps [`super::winograd`]; otherwise the product of the transposed kernel `[in·kh·kw, out]` (a
-/// view, no copy) with the output gradient gives the gradient of the patch matrix, whose entries are then
-/// added back to the input positions they were taken from. No flipped kernel is built.
+/// on large maps [`super::winograd`]; with stride 1 over many pixels (at least four per output channel) the
+/// convolution of the output gradient with the flipped, channel-transposed kernel; otherwise the product
+/// of the transposed kernel `[in·kh·kw, out]` (a view, no copy) with the output gradient gives the gradient
+/// of the patch matrix, whose entries are then added back to the input positions they were taken from.
 pub fn conv2d_input_grad(
     grad: &Tensor,
     kernel: &Tensor,
@@ -101,6 +104,13 @@ pub fn conv2d_input_grad(
     if !uses_patches(grad, k_h, k_w) {
         return Ok(None);
     }
+    if stride == 1 && k_h == k_w && padding < k_h && batch * out_h * out_w >= 4 * out_channels {
+        // Over many pixels the patch matrix's gradient (`in·kh·kw` rows, one column per pixel) is far
+        // larger than the kernel, and its product runs over only `out` channels: the convolution of the
+        // output gradient with the flipped kernel computes the same sums as one long product instead.
+        let flipped = flipped_transposed(kernel)?;
+        return conv2d(grad, &flipped, k_h - 1 - padding, 1).map(Some);
+    }
     let patches = Patches::new(kernel, (height, width), padding, stride)?;
     if patches.output_size()? != (out_h, out_w) {
         candle_core::bail!(
@@ -122,6 +132,64 @@ pub fn conv2d_input_grad(
     Ok(Some(
         column_grad.apply_op1_no_bwd(&PatchSum { patches, batch })?,
     ))
+}
+
+/// A `[out, in, kh, kw]` kernel as `[in, out, kh, kw]` with both spatial axes reversed: the kernel of the
+/// input-gradient convolution. It is built anew in every backward pass (keeping one per layer would double
+/// the model's convolution weights in memory), so on the CPU it is one pass over the weights.
+pub(super) fn flipped_transposed(kernel: &Tensor) -> Result<Tensor> {
+    let (_, _, k_h, k_w) = kernel.dims4()?;
+    if k_h == 1 && k_w == 1 {
+        return kernel.transpose(0, 1)?.contiguous();
+    }
+    if super::cpu_kernels(kernel.device()) {
+        return kernel.contiguous()?.apply_op1_no_bwd(&FlipTranspose);
+    }
+    let reversed =
+        |n: usize| Tensor::new((0..n as u32).rev().collect::<Vec<u32>>(), kernel.device());
+    kernel
+        .index_select(&reversed(k_h)?, 2)?
+        .index_select(&reversed(k_w)?, 3)?
+        .transpose(0, 1)?
+        .contiguous()
+}
+
+/// The CPU kernel of [`flipped_transposed`].
+struct FlipTranspose;
+
+impl FlipTranspose {
+    fn apply<T: Copy>(source: &[T], (outs, ins, k_h, k_w): (usize, usize, usize, usize)) -> Vec<T> {
+        let window = k_h * k_w;
+        let mut flipped = Vec::with_capacity(source.len());
+        for i in 0..ins {
+            for o in 0..outs {
+                let start = (o * ins + i) * window;
+                flipped.extend(source[start..start + window].iter().rev());
+            }
+        }
+        flipped
+    }
+}
+
+impl CustomOp1 for FlipTranspose {
+    fn name(&self) -> &'static str {
+        "flip-transpose-kernel"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = layout.shape().dims4()?;
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("flip-transpose: the kernel is not contiguous");
+        };
+        let flipped = match storage {
+            CpuStorage::F32(v) => CpuStorage::F32(Self::apply(&v[start..end], dims)),
+            CpuStorage::F16(v) => CpuStorage::F16(Self::apply(&v[start..end], dims)),
+            CpuStorage::BF16(v) => CpuStorage::BF16(Self::apply(&v[start..end], dims)),
+            CpuStorage::F64(v) => CpuStorage::F64(Self::apply(&v[start..end], dims)),
+            other => candle_core::bail!("flip-transpose: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((flipped, Shape::from((dims.1, dims.0, dims.2, dims.3))))
+    }
 }
 
 /// The patch matrix of a convolution's input: row `(c, i, j)` holds, for every output pixel of every
