@@ -9,7 +9,8 @@
 //! cache lines loads several times slower). A micro-kernel keeps a 32×32 block of the result in four
 //! accumulator tiles and walks the shared dimension 32 at a time. The smaller operand is packed once per
 //! call; the result is spread over threads by blocks of the larger one, each task packing the block it
-//! holds into a buffer of its own that stays in the core's cache, and for a long shared dimension the
+//! holds into a buffer of its own that stays in the core's cache (several right blocks at once, so that
+//! each left block read serves them all, along a row of the result), and for a long shared dimension the
 //! product goes in parts, so that the smaller operand's share stays in cache too. Blocks that lie wholly
 //! inside the result are written in place, edge blocks through a scratch block. Linux must grant the
 //! process the tile data state (`arch_prctl`), asked for once.
@@ -294,16 +295,18 @@ fn run_scheduled(
         } else {
             1
         };
-        // A row-major right operand is packed several blocks at a time (`pack::pack_right`), as long as
-        // that leaves every thread a few tasks.
-        let group = match held {
-            Held::Right if pack::runs_across_rows(b) => {
-                (outer / (4 * threads)).clamp(1, pack::COLUMN_BLOCKS_PER_BAND)
-            }
-            _ => 1,
-        };
         let longest = (INNER_PART_ELEMENTS / (inner * BLOCK_ELEMENTS)).max(MIN_PART);
         let part = k_blocks.div_ceil(k_blocks.div_ceil(longest));
+        // A task holding right blocks holds as many as stay in cache together, so that each left block,
+        // once loaded, serves all of them along a row of the result; as long as that leaves every thread
+        // a few tasks. (Held left blocks each walk along their own row of the result.)
+        let group = match held {
+            Held::Right => {
+                let by_cache = HELD_GROUP_ELEMENTS / (part * BLOCK_ELEMENTS);
+                by_cache.min(outer / (4 * threads)).max(1)
+            }
+            Held::Left => 1,
+        };
         Schedule { group, part }
     });
     for start in (0..k_blocks).step_by(part) {
@@ -332,12 +335,11 @@ fn run_scheduled(
                     (&own[..len], 0, part_len)
                 }
             };
-            for j in 0..count {
-                let held_part = &runs[offset + j * spacing..][..part_len];
-                let inner = (inner_runs, inner);
-                // SAFETY: each task writes the result blocks of its own held blocks only.
-                unsafe { target.blocks_along(held, first + j, held_part, inner, &depth, k_blocks) };
-            }
+            let held_parts = (0..count).map(|j| &runs[offset + j * spacing..][..part_len]);
+            let held_parts: Vec<&[u16]> = held_parts.collect();
+            let inner = (inner_runs, inner);
+            // SAFETY: each task writes the result blocks of its own held blocks only.
+            unsafe { target.blocks_along(held, first, &held_parts, inner, &depth, k_blocks) };
             HELD.set(own);
         };
         let tasks = outer.div_ceil(group);
@@ -356,6 +358,9 @@ fn run_scheduled(
 /// (SDXL's 640->5120 over 4096 tokens: 38 ms in parts of 7 blocks, 28 ms in one part of 20).
 const INNER_PART_ELEMENTS: usize = 1 << 19;
 const MIN_PART: usize = 32;
+/// `u16` elements of the held blocks' parts one task takes at most (512 KiB: they stay in a core's cache
+/// while the other operand's blocks stream past them).
+const HELD_GROUP_ELEMENTS: usize = 1 << 18;
 
 thread_local! {
     /// Packing buffers of a thread, kept between products (fresh pages cost more than packing): the smaller
@@ -428,32 +433,55 @@ struct SharedOutput {
 unsafe impl Sync for SharedOutput {}
 
 impl SharedOutput {
-    /// Computes the result blocks of held block `index` (a row of blocks for a held left block, a column for
-    /// a held right one) over the blocks `depth` of the shared dimension: `held_part` is the held block's
-    /// part, `inner_runs` the other operand's `inner` blocks packed whole (`k_blocks` each).
+    /// Computes the result blocks of the held blocks from `first` on (rows of blocks for held left blocks,
+    /// columns for held right ones) over the blocks `depth` of the shared dimension: `held_parts` are the
+    /// held blocks' parts, `inner_runs` the other operand's `inner` blocks packed whole (`k_blocks` each).
+    /// The blocks are computed along the result's rows: a held left block with every inner block in turn,
+    /// an inner (left) block with every held right block before the next one is read.
     ///
     /// # Safety
     /// No other thread may touch these result blocks meanwhile.
     unsafe fn blocks_along(
         &self,
         held: Held,
-        index: usize,
-        held_part: &[u16],
+        first: usize,
+        held_parts: &[&[u16]],
         (inner_runs, inner): (&[u16], usize),
         depth: &Range<usize>,
         k_blocks: usize,
     ) {
         let run_len = k_blocks * BLOCK_ELEMENTS;
         let part = depth.start * BLOCK_ELEMENTS..depth.end * BLOCK_ELEMENTS;
-        for (i, inner_run) in inner_runs.chunks_exact(run_len).take(inner).enumerate() {
-            let inner_part = &inner_run[part.clone()];
-            let ((mb, nb), parts) = match held {
-                Held::Left => ((index, i), (held_part, inner_part)),
-                Held::Right => ((i, index), (inner_part, held_part)),
-            };
-            // SAFETY: the block is this task's (caller) and inside the result (`mb`, `nb` count its
-            // blocks).
-            unsafe { self.block(mb * BLOCK, nb * BLOCK, parts, depth.len(), depth.start > 0) };
+        let inner_parts = || {
+            let runs = inner_runs.chunks_exact(run_len).take(inner);
+            runs.map(|run| &run[part.clone()]).enumerate()
+        };
+        let later_part = depth.start > 0;
+        // SAFETY (both arms): the blocks are this task's (caller) and inside the result (`mb`, `nb` count
+        // its blocks).
+        match held {
+            Held::Left => {
+                for (j, &held_part) in held_parts.iter().enumerate() {
+                    for (i, inner_part) in inner_parts() {
+                        let (mb, nb) = (first + j, i);
+                        let parts = (held_part, inner_part);
+                        unsafe {
+                            self.block(mb * BLOCK, nb * BLOCK, parts, depth.len(), later_part)
+                        };
+                    }
+                }
+            }
+            Held::Right => {
+                for (i, inner_part) in inner_parts() {
+                    for (j, &held_part) in held_parts.iter().enumerate() {
+                        let (mb, nb) = (i, first + j);
+                        let parts = (inner_part, held_part);
+                        unsafe {
+                            self.block(mb * BLOCK, nb * BLOCK, parts, depth.len(), later_part)
+                        };
+                    }
+                }
+            }
         }
     }
 

@@ -82,7 +82,7 @@ pub(super) fn pack_right(
 }
 
 /// 32-column blocks a band of row-major right operand packs together (256 columns).
-pub(super) const COLUMN_BLOCKS_PER_BAND: usize = 8;
+const COLUMN_BLOCKS_PER_BAND: usize = 8;
 
 /// Whether a right operand's blocks run across its rows (row-major): each row gives a block only a short
 /// run, so neighbouring blocks are best packed together.
