@@ -390,11 +390,13 @@ mod tests {
 
     /// Odd and even sizes, strides that do and do not cover the input exactly; 1x1 kernels as plain
     /// products (stride 1, no padding) and through candle (strided).
-    const CASES: [Case; 9] = [
+    const CASES: [Case; 11] = [
         (1, (9, 7), 3, 1, 1),
         (2, (9, 7), 3, 1, 2),
         (1, (8, 8), 3, 1, 2),
         (3, (8, 8), 3, 0, 1),
+        (2, (7, 10), 3, 1, 1),
+        (1, (6, 9), 3, 2, 1),
         (1, (6, 11), 3, 2, 2),
         (2, (10, 9), 5, 2, 3),
         (1, (4, 5), 1, 0, 1),
