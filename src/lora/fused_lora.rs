@@ -3,8 +3,8 @@
 //!
 //! Composed from candle ops, the frozen product, the low-rank product, its scaling, their sum and the bias
 //! sum each keep an output as large as the layer's alive until the backward pass ends (candle retains
-//! every intermediate of the graph); here only `y` is kept, and the backward pass recomputes the small
-//! `x·Aᵀ`: with `g = dy` and `u = g·B`, `dx = g·W + s·u·A`, `dB = s·gᵀ·(x·Aᵀ)`, `dA = s·uᵀ·x`.
+//! every intermediate of the graph); here only `y` is kept, with the small `x·Aᵀ` (`[rows, rank]`) for the
+//! backward pass: with `g = dy` and `u = g·B`, `dx = g·W + s·u·A`, `dB = s·gᵀ·(x·Aᵀ)`, `dA = s·uᵀ·x`.
 
 use candle_core::{Result, Tensor};
 
@@ -22,14 +22,19 @@ pub fn lora_linear(
     let (x_value, down_value, up_value) = (x.detach(), down.detach(), up.detach());
     // The scale goes on the narrow hidden values, and the low-rank product and the bias into the frozen
     // product's fresh output.
-    let low_rank =
-        (x_value.broadcast_matmul(&down_value.t()?)? * scale)?.broadcast_matmul(&up_value.t()?)?;
-    let y = add_into(frozen_linear(&x_value, weight)?, Some(&low_rank), bias)?;
+    let x_rows = x_value.reshape(((), down.dim(1)?))?;
+    let hidden = x_rows.matmul(&down_value.t()?)?;
+    let frozen = frozen_linear(&x_value, weight)?;
+    let low_rank = (&hidden * scale)?
+        .matmul(&up_value.t()?)?
+        .reshape(frozen.shape())?;
+    let y = add_into(frozen, Some(&low_rank), bias)?;
     tie(
         y,
         &[x, &down, &up],
         LoraLinearBackward {
             weight: weight.clone(),
+            hidden,
             scale,
         },
     )
@@ -38,6 +43,8 @@ pub fn lora_linear(
 /// Ties the precomputed result to the input and the adapter's down and up matrices.
 struct LoraLinearBackward {
     weight: Tensor,
+    /// `x·Aᵀ` from the forward pass, `[rows, rank]`: small, so kept rather than computed again.
+    hidden: Tensor,
     scale: f64,
 }
 
@@ -55,8 +62,7 @@ impl TiedBackward for LoraLinearBackward {
         let frozen_part = crate::kernels::matmul(&grad_rows, &self.weight)?;
         let grad_x =
             add_into(frozen_part, Some(&grad_hidden.matmul(&down)?), None)?.reshape(x.shape())?;
-        let hidden = x_rows.matmul(&down.t()?)?;
-        let grad_up = (grad_rows.t()?.matmul(&hidden)? * self.scale)?;
+        let grad_up = (grad_rows.t()?.matmul(&self.hidden)? * self.scale)?;
         let grad_down = grad_hidden.t()?.matmul(&x_rows)?;
         Ok(vec![Some(grad_x), Some(grad_down), Some(grad_up)])
     }
