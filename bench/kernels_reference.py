@@ -11,8 +11,10 @@ only the kernels whose name contains it.
 """
 
 import contextlib
+import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -93,17 +95,9 @@ def main():
             [1, channels, size, size],
             lambda x, kernel=kernel: F.conv2d(x, kernel, padding=1),
         )
-    for tokens, inputs, outputs, note in [
-        (4096, 320, 320, ""),
-        (4096, 320, 2560, " (GEGLU)"),
-        (256, 1280, 10240, " (SDXL)"),
-        (256, 5120, 1280, " (SDXL)"),
-        (1024, 640, 640, " (SDXL)"),
-        (4096, 640, 640, " (SDXL 1024 px)"),
-        (4096, 640, 5120, " (SDXL 1024 px)"),
-        (1024, 1280, 10240, " (SDXL 1024 px)"),
-        (4096, 2560, 640, " (SDXL 1024 px)"),
-    ]:
+    # The linear shapes `cargo bench --bench kernels` measures: tokens, inputs, outputs, note.
+    shapes = json.loads((Path(__file__).parent / "linear_shapes.json").read_text())
+    for tokens, inputs, outputs, note in shapes:
         linear = weight(outputs, inputs)
         measure(
             f"linear {inputs}->{outputs} over {tokens} tokens{note}",

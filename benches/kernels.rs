@@ -123,18 +123,12 @@ fn main() -> Result<()> {
         &[1, 320, 64, 64],
         |x| x.conv2d(&conv.to_dtype(DType::F32)?, 1, 1, 1, 1),
     )?;
-    // SD 1.5's projections and GEGLU at 512 px; SDXL's blocks at 512 px: few tokens, large weights.
-    for (tokens, inputs, outputs, note) in [
-        (4096, 320, 320, ""),
-        (4096, 320, 2560, " (GEGLU)"),
-        (256, 1280, 10240, " (SDXL)"),
-        (256, 5120, 1280, " (SDXL)"),
-        (1024, 640, 640, " (SDXL)"),
-        (4096, 640, 640, " (SDXL 1024 px)"),
-        (4096, 640, 5120, " (SDXL 1024 px)"),
-        (1024, 1280, 10240, " (SDXL 1024 px)"),
-        (4096, 2560, 640, " (SDXL 1024 px)"),
-    ] {
+    // SD 1.5's projections and GEGLU at 512 px; SDXL's blocks at 512 and 1024 px: few tokens, large
+    // weights. The PyTorch reference reads the same list.
+    let shapes: Vec<(usize, usize, usize, String)> =
+        serde_json::from_str(include_str!("../bench/linear_shapes.json"))
+            .map_err(|e| candle_core::Error::Msg(format!("bench/linear_shapes.json: {e}")))?;
+    for (tokens, inputs, outputs, note) in shapes {
         let linear = weight(&[outputs, inputs])?;
         measure(
             &format!("linear {inputs}->{outputs} over {tokens} tokens{note}"),

@@ -335,8 +335,9 @@ fn run_scheduled(
                     (&own[..len], 0, part_len)
                 }
             };
-            let held_parts = (0..count).map(|j| &runs[offset + j * spacing..][..part_len]);
-            let held_parts: Vec<&[u16]> = held_parts.collect();
+            let held_parts: Vec<&[u16]> = (0..count)
+                .map(|j| &runs[offset + j * spacing..][..part_len])
+                .collect();
             let inner = (inner_runs, inner);
             // SAFETY: each task writes the result blocks of its own held blocks only.
             unsafe { target.blocks_along(held, first, &held_parts, inner, &depth, k_blocks) };
