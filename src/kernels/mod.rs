@@ -40,7 +40,7 @@ pub use frozen::{frozen_affine, frozen_conv2d, frozen_linear};
 pub use fused_attention::fused_attention;
 pub use fused_norm::{normalize_affine, normalize_rows};
 pub use products::{
-    Bf16Products, bf16_products, bf16_products_available, matmul, product_arithmetic,
+    Bf16Products, bf16_products, bf16_products_available, joined_matmul, matmul, product_arithmetic,
 };
 pub use rms_norm::rms_norm;
 pub use rotary::rotary_embedding;

@@ -106,6 +106,46 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(product, shape, a.device())
 }
 
+/// `a·b + c·d` for matrices `a` `[m, k]`, `b` `[k, n]`, `c` `[m, j]`, `d` `[j, n]` in bf16 products, the
+/// second product summed in the first one's tiles ([`amx::joined_product_into_uninit`]): a layer's frozen
+/// product with its adapter's low-rank term, at the cost of the frozen product alone. `None` outside a
+/// [`Bf16Products`] scope, for tensors that are not f32 or bf16 on the CPU, or for a `k` that is not a
+/// multiple of 32.
+pub fn joined_matmul(a: &Tensor, b: &Tensor, c: &Tensor, d: &Tensor) -> Result<Option<Tensor>> {
+    let operands = [a, b, c, d];
+    let eligible = bf16_products()
+        && operands.iter().all(|t| {
+            t.device().is_cpu() && t.rank() == 2 && matches!(t.dtype(), DType::F32 | DType::BF16)
+        });
+    if !eligible {
+        return Ok(None);
+    }
+    let ((m, k), (_, n), (_, j)) = (last_two(a), last_two(b), last_two(c));
+    if k % 32 != 0 || last_two(b).0 != k || last_two(c).0 != m || last_two(d) != (j, n) {
+        return Ok(None);
+    }
+    let mut product = Vec::with_capacity(m * n);
+    {
+        let storages = operands.map(|t| t.storage_and_layout());
+        let mut views = Vec::with_capacity(4);
+        for (storage, layout) in &storages {
+            views.push(matrix(operand_values(storage)?, layout, 0)?);
+        }
+        let [a, b, c, d] = views[..] else {
+            unreachable!("four operands")
+        };
+        amx::joined_product_into_uninit(
+            (m, k, j, n),
+            ((a, b), (c, d)),
+            product.spare_capacity_mut(),
+            true,
+        );
+    }
+    // SAFETY: the product wrote all of its `m·n` values.
+    unsafe { product.set_len(m * n) };
+    Tensor::from_vec(product, (m, n), a.device()).map(Some)
+}
+
 /// The last two dimensions of a tensor of rank 2 or more.
 fn last_two(t: &Tensor) -> (usize, usize) {
     let dims = t.dims();
@@ -167,37 +207,10 @@ fn matrix<'a>(data: Values<'a>, layout: &Layout, index: usize) -> Result<Operand
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{Device, Tensor, Var};
+    use candle_core::{Tensor, Var};
 
     use super::*;
-
-    /// Pseudo-random values in [-1, 1) (structured ones, such as a sine, cancel in sums and inflate relative
-    /// errors).
-    fn values(dims: &[usize], seed: f64) -> Tensor {
-        let n: usize = dims.iter().product();
-        let offset = (seed * 1e4) as u64;
-        let data: Vec<f32> = (0..n as u64)
-            .map(|i| {
-                let h = (i + offset)
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
-                (h >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect();
-        Tensor::from_vec(data, dims, &Device::Cpu).unwrap()
-    }
-
-    /// `max |a − b| / max |b|`.
-    fn relative(a: &Tensor, b: &Tensor) -> f64 {
-        let largest = |t: &Tensor| {
-            t.abs()
-                .and_then(|t| t.flatten_all())
-                .and_then(|t| t.max(0))
-                .and_then(|t| t.to_scalar::<f32>())
-                .unwrap() as f64
-        };
-        largest(&(a - b).unwrap()) / largest(b)
-    }
+    use crate::test_support::{pseudo_random as values, relative_difference as relative};
 
     /// A layer under test: its inputs to its output.
     type Layer<'a> = dyn Fn(&[Tensor]) -> Tensor + 'a;

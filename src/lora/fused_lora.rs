@@ -5,10 +5,14 @@
 //! sum each keep an output as large as the layer's alive until the backward pass ends (candle retains
 //! every intermediate of the graph); here only `y` is kept, with the small `x·Aᵀ` (`[rows, rank]`) for the
 //! backward pass: with `g = dy` and `u = g·B`, `dx = g·W + s·u·A`, `dB = s·gᵀ·(x·Aᵀ)`, `dA = s·uᵀ·x`.
+//!
+//! In bf16 products (a CPU run with `mixed_precision = "bf16"`) the adapter's products take bf16 operands
+//! as the frozen one does, and the low-rank terms `s·(x·Aᵀ)·Bᵀ` and `s·u·A` are summed in the tiles of
+//! the frozen products they join ([`joined_matmul`]) instead of being written out and added.
 
 use candle_core::{Result, Tensor};
 
-use crate::kernels::{TiedBackward, add_into, frozen_linear, tie};
+use crate::kernels::{TiedBackward, add_into, frozen_linear, joined_matmul, matmul, tie};
 
 /// `x·Wᵀ + b + scale·(x·downᵀ)·upᵀ`, differentiable in `x`, `down` and `up` (`W` and `b` frozen).
 pub fn lora_linear(
@@ -23,12 +27,23 @@ pub fn lora_linear(
     // The scale goes on the narrow hidden values, and the low-rank product and the bias into the frozen
     // product's fresh output.
     let x_rows = x_value.reshape(((), down.dim(1)?))?;
-    let hidden = x_rows.matmul(&down_value.t()?)?;
-    let frozen = frozen_linear(&x_value, weight)?;
-    let low_rank = (&hidden * scale)?
-        .matmul(&up_value.t()?)?
-        .reshape(frozen.shape())?;
-    let y = add_into(frozen, Some(&low_rank), bias)?;
+    let hidden = matmul(&x_rows, &down_value.t()?)?;
+    let scaled = (&hidden * scale)?;
+    let joined = joined_matmul(&x_rows, &weight.t()?, &scaled, &up_value.t()?)?;
+    let y = match joined {
+        Some(sum) => {
+            let (rows, out_features) = sum.dims2()?;
+            crate::flops::add_layer(rows * x_rows.dim(1)? * out_features);
+            let mut dims = x.dims().to_vec();
+            *dims.last_mut().expect("an input of rank 1 or more") = out_features;
+            add_into(sum.reshape(dims)?, None, bias)?
+        }
+        None => {
+            let frozen = frozen_linear(&x_value, weight)?;
+            let low_rank = scaled.matmul(&up_value.t()?)?.reshape(frozen.shape())?;
+            add_into(frozen, Some(&low_rank), bias)?
+        }
+    };
     tie(
         y,
         &[x, &down, &up],
@@ -58,22 +73,28 @@ impl TiedBackward for LoraLinearBackward {
         let (in_features, out_features) = (down.dim(1)?, up.dim(0)?);
         let x_rows = x.detach().reshape(((), in_features))?;
         let grad_rows = grad.reshape(((), out_features))?;
-        let grad_hidden = (grad_rows.matmul(&up)? * self.scale)?;
-        let frozen_part = crate::kernels::matmul(&grad_rows, &self.weight)?;
-        let grad_x =
-            add_into(frozen_part, Some(&grad_hidden.matmul(&down)?), None)?.reshape(x.shape())?;
-        let grad_up = (grad_rows.t()?.matmul(&self.hidden)? * self.scale)?;
-        let grad_down = grad_hidden.t()?.matmul(&x_rows)?;
+        let grad_hidden = (matmul(&grad_rows, &up)? * self.scale)?;
+        let grad_x = match joined_matmul(&grad_rows, &self.weight, &grad_hidden, &down)? {
+            Some(sum) => sum,
+            None => {
+                let frozen_part = matmul(&grad_rows, &self.weight)?;
+                add_into(frozen_part, Some(&grad_hidden.matmul(&down)?), None)?
+            }
+        }
+        .reshape(x.shape())?;
+        let grad_up = (matmul(&grad_rows.t()?, &self.hidden)? * self.scale)?;
+        let grad_down = matmul(&grad_hidden.t()?, &x_rows)?;
         Ok(vec![Some(grad_x), Some(grad_down), Some(grad_up)])
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{Device, Tensor, Var};
+    use candle_core::{DType, Device, Tensor, Var};
 
     use super::lora_linear;
-    use crate::test_support::max_abs_diff;
+    use crate::kernels::Bf16Products;
+    use crate::test_support::{max_abs_diff, pseudo_random, relative_difference};
 
     fn var(dims: &[usize], seed: f64) -> Var {
         let n: usize = dims.iter().product();
@@ -126,5 +147,55 @@ mod tests {
             let diff = max_abs_diff(ours_grads.get(v).unwrap(), composed_grads.get(v).unwrap());
             assert!(diff < 1e-11, "d{name} differs by {diff}");
         }
+    }
+
+    #[test]
+    fn in_bf16_products_stays_within_bf16_rounding_of_the_f32_layer() {
+        let inputs = [
+            pseudo_random(&[2, 40, 64], 0.1),
+            pseudo_random(&[16, 64], 0.2),
+            pseudo_random(&[48, 16], 0.3),
+        ];
+        let (weight, bias) = (pseudo_random(&[48, 64], 0.4), pseudo_random(&[48], 0.5));
+        let output_weights = pseudo_random(&[2, 40, 48], 0.6);
+        let scale = 0.75;
+        // The layer's output and the gradients of its input, down and up matrices.
+        let run = |weight: &Tensor| {
+            let vars = inputs.clone().map(|t| Var::from_tensor(&t).unwrap());
+            let [x, down, up] = vars.each_ref().map(|v| v.as_tensor());
+            let y = lora_linear(x, weight, Some(&bias), (down, up), scale).unwrap();
+            let grads = (&y * &output_weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let mut results = vec![y.detach()];
+            results.extend(vars.iter().map(|v| grads.get(v).unwrap().clone()));
+            results
+        };
+        let exact = run(&weight);
+        let Some(scope) = Bf16Products::enter() else {
+            // Without AMX there are no bf16 products: the layer stays f32.
+            return;
+        };
+        // A bf16 run stores the frozen weight in bf16.
+        let rounded = run(&weight.to_dtype(DType::BF16).unwrap());
+        drop(scope);
+        for (name, (ours, exact)) in ["y", "dx", "ddown", "dup"]
+            .iter()
+            .zip(rounded.iter().zip(&exact))
+        {
+            let error = relative_difference(ours, exact);
+            assert!(
+                error > 1e-5 && error < 1e-2,
+                "{name}: relative difference {error} is not bf16 rounding"
+            );
+        }
+        // The low-rank term matters here: leaving it out moves the output far beyond rounding.
+        let frozen_only = (inputs[0].broadcast_matmul(&weight.t().unwrap()).unwrap())
+            .broadcast_add(&bias)
+            .unwrap();
+        assert!(relative_difference(&frozen_only, &exact[0]) > 0.1);
     }
 }

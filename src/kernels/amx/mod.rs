@@ -12,8 +12,9 @@
 //! holds into a buffer of its own that stays in the core's cache (several right blocks at once, so that
 //! each left block read serves them all, along a row of the result), and for a long shared dimension the
 //! product goes in parts, so that the smaller operand's share stays in cache too. Blocks that lie wholly
-//! inside the result are written in place, edge blocks through a scratch block. Linux must grant the
-//! process the tile data state (`arch_prctl`), asked for once.
+//! inside the result are written in place, edge blocks through a scratch block. Two products into one
+//! result can share the accumulator tiles, their operands joined along the shared dimension. Linux must
+//! grant the process the tile data state (`arch_prctl`), asked for once.
 
 use std::cell::Cell;
 use std::mem::MaybeUninit;
@@ -100,6 +101,35 @@ impl<'a> Operand<'a> {
     }
 }
 
+/// An operand whose shared dimension (a left operand's columns, a right one's rows) comes from two views:
+/// the first `split` values from `head`, the rest from `tail`. Two products over the same result then add
+/// up in the same accumulator tiles (a layer's frozen product and its adapter's low-rank one) instead of
+/// the second reading and writing the result again. `split` is a multiple of [`BLOCK`], so no tile spans
+/// both views.
+#[derive(Clone, Copy)]
+struct Joined<'a> {
+    head: Operand<'a>,
+    tail: Option<(usize, Operand<'a>)>,
+}
+
+impl<'a> Joined<'a> {
+    /// The view that holds shared index `k0` (the start of a block) of a shared dimension `depth` long: the
+    /// view, its own share of the dimension, and `k0` within it.
+    fn at(self, depth: usize, k0: usize) -> (Operand<'a>, usize, usize) {
+        match self.tail {
+            Some((split, tail)) if k0 >= split => (tail, depth - split, k0 - split),
+            Some((split, _)) => (self.head, split, k0),
+            None => (self.head, depth, k0),
+        }
+    }
+}
+
+impl<'a> From<Operand<'a>> for Joined<'a> {
+    fn from(head: Operand<'a>) -> Self {
+        Self { head, tail: None }
+    }
+}
+
 /// The result of a product: a row-major `rows × cols` matrix with rows `row_stride` apart.
 pub struct Output<'a> {
     pub data: &'a mut [f32],
@@ -149,7 +179,12 @@ pub fn product(
         "operand views out of bounds"
     );
     let target = out.target((m, n));
-    run((m, k, n), (Left::View(a), b), target, parallel);
+    run(
+        (m, k, n),
+        (Left::View(a.into()), b.into()),
+        target,
+        parallel,
+    );
 }
 
 /// `a (m×k) · b (k×n)` into `out` (row-major, `m·n` values), which need not be initialised: every value is
@@ -164,6 +199,46 @@ pub fn product_into_uninit(
         a.covers(m, k) && b.covers(k, n),
         "operand views out of bounds"
     );
+    run_into_uninit((m, k, n), (a.into(), b.into()), out, parallel);
+}
+
+/// `a (m×k) · b (k×n) + c (m×j) · d (j×n)` into `out` as [`product_into_uninit`] writes it, the second
+/// product summed in the same tiles as the first (see [`Joined`]); `k` is a multiple of 32.
+///
+/// # Panics
+/// If `k` is not a multiple of 32, or a view does not cover its matrix.
+pub fn joined_product_into_uninit(
+    (m, k, j, n): (usize, usize, usize, usize),
+    ((a, b), (c, d)): ((Operand, Operand), (Operand, Operand)),
+    out: &mut [MaybeUninit<f32>],
+    parallel: bool,
+) {
+    assert!(
+        k % BLOCK == 0,
+        "the first shared dimension is not whole blocks"
+    );
+    assert!(
+        a.covers(m, k) && b.covers(k, n) && c.covers(m, j) && d.covers(j, n),
+        "operand views out of bounds"
+    );
+    let left = Joined {
+        head: a,
+        tail: Some((k, c)),
+    };
+    let right = Joined {
+        head: b,
+        tail: Some((k, d)),
+    };
+    run_into_uninit((m, k + j, n), (left, right), out, parallel);
+}
+
+/// The product of two (joined) views into an uninitialised row-major result.
+fn run_into_uninit(
+    (m, k, n): (usize, usize, usize),
+    (a, b): (Joined, Joined),
+    out: &mut [MaybeUninit<f32>],
+    parallel: bool,
+) {
     assert!(out.len() >= m * n, "result view out of bounds");
     let target = SharedOutput {
         ptr: out.as_mut_ptr().cast(),
@@ -192,7 +267,13 @@ impl PackedLeft {
         let mut values = Buffer::default();
         values.grow_to(len);
         let blocks = (0, 0..depth.div_ceil(BLOCK));
-        pack::pack_left(a, (rows, depth), blocks, &mut values[..len], parallel);
+        pack::pack_left(
+            a.into(),
+            (rows, depth),
+            blocks,
+            &mut values[..len],
+            parallel,
+        );
         Self {
             values,
             rows,
@@ -209,12 +290,17 @@ pub fn product_packed(left: &PackedLeft, b: Operand, n: usize, out: Output, para
     let (m, k) = (left.rows, left.depth);
     assert!(b.covers(k, n), "operand view out of bounds");
     let target = out.target((m, n));
-    run((m, k, n), (Left::Packed(&left.values), b), target, parallel);
+    run(
+        (m, k, n),
+        (Left::Packed(&left.values), b.into()),
+        target,
+        parallel,
+    );
 }
 
 /// The left operand of a product: to be packed, or packed already.
 enum Left<'a> {
-    View(Operand<'a>),
+    View(Joined<'a>),
     Packed(&'a [u16]),
 }
 
@@ -234,7 +320,7 @@ enum Held {
 /// blocks.
 fn run(
     (m, k, n): (usize, usize, usize),
-    (a, b): (Left, Operand),
+    (a, b): (Left, Joined),
     target: SharedOutput,
     parallel: bool,
 ) {
@@ -251,7 +337,7 @@ struct Schedule {
 /// [`run`] with the given schedule instead of the one chosen for the product's shapes.
 fn run_scheduled(
     (m, k, n): (usize, usize, usize),
-    (a, b): (Left, Operand),
+    (a, b): (Left, Joined),
     target: SharedOutput,
     parallel: bool,
     schedule: Option<Schedule>,
@@ -712,6 +798,75 @@ mod tests {
     }
 
     #[test]
+    /// A second product joined along the shared dimension (a layer's low-rank term) adds up with the first
+    /// in the same tiles: the result is the sum of both rounded products, at the edges, with the joined
+    /// views in either layout, in one part or in several.
+    fn joined_products_sum_both_rounded_products() {
+        for &(m, k, j, n) in &[(33, 64, 16, 47), (300, 96, 3, 70), (5, 2048 + 64, 16, 40)] {
+            let (a, b) = (values(m * k, 5), values(k * n, 6));
+            let (c, d) = (values(m * j, 7), values(j * n, 8));
+            let first = rounded_reference(m, k, n, &a, &b);
+            let second = rounded_reference(m, j, n, &c, &d);
+            let transposed = |x: &[f32], rows: usize, cols: usize| -> Vec<f32> {
+                (0..rows * cols)
+                    .map(|i| x[(i % rows) * cols + i / rows])
+                    .collect()
+            };
+            let (b_t, d_t) = (transposed(&b, k, n), transposed(&d, j, n));
+            let rights = [
+                (Operand::f32(&b, n, 1), Operand::f32(&d, n, 1)),
+                (Operand::f32(&b_t, 1, k), Operand::f32(&d_t, 1, j)),
+            ];
+            let (a_view, c_view) = (Operand::f32(&a, k, 1), Operand::f32(&c, j, 1));
+            let check = |out: &[f32], case: &str| {
+                for (i, &got) in out.iter().enumerate() {
+                    let expected = first[i] + second[i];
+                    assert!(
+                        (got as f64 - expected).abs()
+                            <= 1e-5 * ((k + j) as f64).sqrt() + 1e-6 * expected.abs(),
+                        "{m}x({k}+{j})x{n} {case} at {i}: {got} vs {expected}"
+                    );
+                }
+            };
+            for (layout, &(b_view, d_view)) in rights.iter().enumerate() {
+                for parallel in [false, true] {
+                    let mut out = vec![MaybeUninit::<f32>::uninit(); m * n];
+                    joined_product_into_uninit(
+                        (m, k, j, n),
+                        ((a_view, b_view), (c_view, d_view)),
+                        &mut out,
+                        parallel,
+                    );
+                    // SAFETY: the product writes every value.
+                    let out: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
+                    check(&out, &format!("layout {layout}"));
+                }
+                // One block of the shared dimension per part, and held blocks in groups of two.
+                let mut out = vec![0f32; m * n];
+                let target = Output {
+                    data: &mut out,
+                    row_stride: n,
+                    accumulate: false,
+                    scale: 1.0,
+                }
+                .target((m, n));
+                let left = Joined {
+                    head: a_view,
+                    tail: Some((k, c_view)),
+                };
+                let right = Joined {
+                    head: b_view,
+                    tail: Some((k, d_view)),
+                };
+                let schedule = Schedule { group: 2, part: 1 };
+                let views = (Left::View(left), right);
+                run_scheduled((m, k + j, n), views, target, true, Some(schedule));
+                check(&out, &format!("layout {layout} in parts"));
+            }
+        }
+    }
+
+    #[test]
     /// Products cut into parts of the shared dimension, with several held blocks per task, and a left
     /// operand packed beforehand: each part adds to the result (scaled, over a prior value), edges included.
     fn products_in_parts_and_groups_match_the_rounded_operands() {
@@ -725,7 +880,7 @@ mod tests {
             let transposed_b: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
             let packed_a = PackedLeft::new(Operand::f32(&a, k, 1), (m, k), true);
             let lefts = [
-                Left::View(Operand::f32(&a, k, 1)),
+                Left::View(Operand::f32(&a, k, 1).into()),
                 Left::Packed(&packed_a.values),
             ];
             let rights = [Operand::f32(&b, n, 1), Operand::f32(&transposed_b, 1, k)];
@@ -737,7 +892,7 @@ mod tests {
                     Left::View(a) => Left::View(*a),
                     Left::Packed(packed) => Left::Packed(packed),
                 };
-                let right = rights[r];
+                let right = rights[r].into();
                 let mut out = vec![0.5f32; m * n];
                 let target = Output {
                     data: &mut out,

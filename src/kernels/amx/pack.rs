@@ -10,7 +10,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::{BLOCK, BLOCK_ELEMENTS, Operand, TILE_ELEMENTS};
+use super::{BLOCK, BLOCK_ELEMENTS, Joined, Operand, TILE_ELEMENTS};
 
 /// The bf16 bits of `x`, rounded to nearest even; NaN stays NaN.
 #[inline(always)]
@@ -25,7 +25,7 @@ pub(super) fn bf16_bits(x: f32) -> u16 {
 /// The 32-row blocks of `a` (`m × k`) from block `first` on, as many as `packed` holds, over the blocks
 /// `depth` of the shared dimension: each a run of `depth.len()` pairs of tiles (rows 0–15, 16–31).
 pub(super) fn pack_left(
-    a: Operand,
+    a: Joined,
     (m, k): (usize, usize),
     (first, depth): (usize, Range<usize>),
     packed: &mut [u16],
@@ -44,7 +44,7 @@ pub(super) fn pack_left(
 /// The 32-column blocks of `b` (`k × n`) from block `first` on, as many as `packed` holds, over the blocks
 /// `depth` of the shared dimension: each a run of `depth.len()` pairs of tiles (columns 0–15, 16–31).
 pub(super) fn pack_right(
-    b: Operand,
+    b: Joined,
     (k, n): (usize, usize),
     (first, depth): (usize, Range<usize>),
     packed: &mut [u16],
@@ -54,7 +54,7 @@ pub(super) fn pack_right(
     // Row-major `b` is packed a band of 256 columns at a time, row pair by row pair across the band, so that
     // each row is read in 1 KiB runs; column by column it would be read 128 bytes per row, a cache miss
     // each (its rows are far apart), at about half the speed.
-    let band = if runs_across_rows(b) {
+    let band = if runs_across_rows(b.head) {
         COLUMN_BLOCKS_PER_BAND
     } else {
         1
@@ -108,7 +108,8 @@ fn spread(
 }
 
 /// The left tile of rows `row0..row0+16` and columns `k0..k0+32` of `a` (`m × k`).
-fn left_tile(a: Operand, (m, k): (usize, usize), (row0, k0): (usize, usize), tile: &mut [u16]) {
+fn left_tile(a: Joined, (m, k): (usize, usize), (row0, k0): (usize, usize), tile: &mut [u16]) {
+    let (a, k, k0) = a.at(k, k0);
     if super::available() && (a.col_stride == 1 || a.row_stride == 1) {
         // SAFETY: AMX implies AVX-512 BF16 (checked with it), and the operand covers its `m × k` matrix.
         return unsafe { simd::left_tile(a, (m, k), (row0, k0), tile) };
@@ -126,7 +127,8 @@ fn left_tile(a: Operand, (m, k): (usize, usize), (row0, k0): (usize, usize), til
 }
 
 /// The right tile of rows `k0..k0+32` and columns `col0..col0+16` of `b` (`k × n`).
-fn right_tile(b: Operand, (k, n): (usize, usize), (k0, col0): (usize, usize), tile: &mut [u16]) {
+fn right_tile(b: Joined, (k, n): (usize, usize), (k0, col0): (usize, usize), tile: &mut [u16]) {
+    let (b, k, k0) = b.at(k, k0);
     if super::available() && (b.col_stride == 1 || b.row_stride == 1) {
         // SAFETY: as in `left_tile`.
         return unsafe { simd::right_tile(b, (k, n), (k0, col0), tile) };
