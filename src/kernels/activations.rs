@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use super::f32_rows;
 use super::fast_math::{Simd, erf_f32, exp_f32, vectorised};
 use super::fill::par_filled;
-use super::tied::{TiedBackward, tie};
+use super::tied::{Ready, TiedBackward, tie};
 
 /// Exact (erf) GELU, `0.5·x·(1 + erf(x/√2))`, with an exact gradient.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
@@ -114,11 +114,11 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
     let inner = projected.dim(D::Minus1)? / 2;
     let detached = projected.detach();
     let output = if has_f32_cpu_kernel(&detached) {
-        detached.contiguous()?.apply_op1_no_bwd(&GegluRows)?
+        Ready::from_cpu_op(&detached.contiguous()?, &GegluRows)?
     } else {
         let value = detached.narrow(D::Minus1, 0, inner)?;
         let gate = detached.narrow(D::Minus1, inner, inner)?;
-        (value * gate.gelu_erf()?)?
+        Ready::Tensor((value * gate.gelu_erf()?)?)
     };
     tie(output, &[projected], GegluBackward)
 }

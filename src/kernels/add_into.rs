@@ -6,6 +6,8 @@
 use candle_core::{CpuStorage, DType, InplaceOp1, InplaceOp2, Layout, Result, Tensor};
 use rayon::prelude::*;
 
+use super::tied::Ready;
+
 /// Values per parallel task.
 const CHUNK: usize = 1 << 14;
 
@@ -47,6 +49,33 @@ pub(crate) fn add_into(
         None => output.inplace_op1(&op)?,
     }
     Ok(output)
+}
+
+/// [`add_into`] of a bias alone, for a result about to be tied ([`Ready`]): values on the CPU get the bias in
+/// place and stay movable into the tied op's output.
+pub(crate) fn add_bias_into(output: Ready, bias: Option<&Tensor>) -> Result<Ready> {
+    let Some(bias) = bias else {
+        return Ok(output);
+    };
+    let run = match &output {
+        Ready::Cpu(CpuStorage::F32(_), shape) => feature_layout(shape.dims(), bias),
+        _ => None,
+    };
+    match (output, run) {
+        (Ready::Cpu(CpuStorage::F32(mut values), shape), Some(run)) => {
+            let bias = bias.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            AddTerms {
+                bias: Some((bias, run)),
+            }
+            .add(&mut values, None);
+            Ok(Ready::Cpu(CpuStorage::F32(values), shape))
+        }
+        (other, _) => Ok(Ready::Tensor(add_into(
+            other.into_tensor(),
+            None,
+            Some(bias),
+        )?)),
+    }
 }
 
 /// How many consecutive output values share a bias value, when `bias` broadcasts to `dims` along a single

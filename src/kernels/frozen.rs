@@ -14,7 +14,7 @@ use candle_core::{
 };
 
 use super::amx::Operand;
-use super::tied::{TiedBackward, tie};
+use super::tied::{Ready, TiedBackward, tie};
 
 /// `x · Wᵀ` for a frozen `W` of shape `[out, in]`, over any number of leading batch dimensions.
 pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
@@ -26,7 +26,16 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 /// `x · Wᵀ + b` with a frozen `W` and `b`, keeping only its output for the backward pass (the bias sum of
 /// a separate op would keep the product as well).
 pub fn frozen_affine(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    let output = super::add_into(frozen_linear(&x.detach(), weight)?, None, Some(bias))?;
+    let x_value = x.detach().contiguous()?;
+    let product = if x_value.device().is_cpu() {
+        let op = FrozenMatmul {
+            weight: weight.clone(),
+        };
+        Ready::from_cpu_op(&x_value, &op)?
+    } else {
+        Ready::Tensor(frozen_linear(&x_value, weight)?)
+    };
+    let output = super::add_bias_into(product, Some(bias))?;
     tie(
         output,
         &[x],

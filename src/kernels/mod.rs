@@ -34,17 +34,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::Device;
 
 pub use activations::{geglu, gelu, silu};
-pub(crate) use add_into::add_into;
+pub(crate) use add_into::{add_bias_into, add_into};
 pub use cross_entropy::cross_entropy_sum;
 pub use frozen::{frozen_affine, frozen_conv2d, frozen_linear};
 pub use fused_attention::fused_attention;
 pub use fused_norm::{normalize_affine, normalize_rows};
+pub(crate) use products::joined_matmul;
 pub use products::{
-    Bf16Products, bf16_products, bf16_products_available, joined_matmul, matmul, product_arithmetic,
+    Bf16Products, bf16_products, bf16_products_available, matmul, product_arithmetic,
 };
 pub use rms_norm::rms_norm;
 pub use rotary::rotary_embedding;
-pub(crate) use tied::{TiedBackward, tie};
+pub(crate) use tied::{Ready, TiedBackward, tie};
 
 /// The environment variable that, set to anything but `0`, makes the CPU take the device-generic paths.
 pub const GENERIC_KERNELS_ENV: &str = "LORA_STUDIO_GENERIC_KERNELS";

@@ -10,6 +10,7 @@ use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
 use half::slice::HalfFloatSliceExt;
 
 use super::amx::{self, Operand, Values};
+use super::tied::Ready;
 
 thread_local! {
     /// Whether this thread is inside a [`Bf16Products`] scope.
@@ -108,10 +109,15 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// `a·b + c·d` for matrices `a` `[m, k]`, `b` `[k, n]`, `c` `[m, j]`, `d` `[j, n]` in bf16 products, the
 /// second product summed in the first one's tiles ([`amx::joined_product_into_uninit`]): a layer's frozen
-/// product with its adapter's low-rank term, at the cost of the frozen product alone. `None` outside a
-/// [`Bf16Products`] scope, for tensors that are not f32 or bf16 on the CPU, or for a `k` that is not a
-/// multiple of 32.
-pub fn joined_matmul(a: &Tensor, b: &Tensor, c: &Tensor, d: &Tensor) -> Result<Option<Tensor>> {
+/// product with its adapter's low-rank term, at the cost of the frozen product alone. The `[m, n]` result
+/// comes as values ready to be tied. `None` outside a [`Bf16Products`] scope, for tensors that are not f32
+/// or bf16 on the CPU, or for a `k` that is not a multiple of 32.
+pub(crate) fn joined_matmul(
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    d: &Tensor,
+) -> Result<Option<Ready>> {
     let operands = [a, b, c, d];
     let eligible = bf16_products()
         && operands.iter().all(|t| {
@@ -143,7 +149,7 @@ pub fn joined_matmul(a: &Tensor, b: &Tensor, c: &Tensor, d: &Tensor) -> Result<O
     }
     // SAFETY: the product wrote all of its `m·n` values.
     unsafe { product.set_len(m * n) };
-    Tensor::from_vec(product, (m, n), a.device()).map(Some)
+    Ok(Some(Ready::Cpu(CpuStorage::F32(product), (m, n).into())))
 }
 
 /// The last two dimensions of a tensor of rank 2 or more.

@@ -45,7 +45,31 @@ impl From<Tensor> for Ready {
 }
 
 impl Ready {
-    fn into_tensor(self) -> Tensor {
+    /// The result of `op` on `input`'s CPU storage, kept as it came out of the op (a tensor made of it
+    /// would have to be copied into the tied op's output).
+    pub(crate) fn from_cpu_op(input: &Tensor, op: &impl CustomOp1) -> Result<Self> {
+        let (storage, layout) = input.storage_and_layout();
+        let Storage::Cpu(storage) = &*storage else {
+            candle_core::bail!("{}: the input is not on the CPU", op.name());
+        };
+        let (values, shape) = op.cpu_fwd(storage, layout)?;
+        Ok(Ready::Cpu(values, shape))
+    }
+
+    /// The same values in the shape `dims` (of as many elements).
+    pub(crate) fn reshaped(self, dims: &[usize]) -> Result<Self> {
+        match self {
+            Ready::Cpu(values, shape) => {
+                if shape.elem_count() != dims.iter().product::<usize>() {
+                    candle_core::bail!("cannot reshape {shape:?} to {dims:?}");
+                }
+                Ok(Ready::Cpu(values, dims.into()))
+            }
+            Ready::Tensor(tensor) => Ok(Ready::Tensor(tensor.reshape(dims)?)),
+        }
+    }
+
+    pub(crate) fn into_tensor(self) -> Tensor {
         match self {
             Ready::Tensor(tensor) => tensor,
             Ready::Cpu(storage, shape) => {

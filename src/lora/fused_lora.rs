@@ -12,7 +12,9 @@
 
 use candle_core::{Result, Tensor};
 
-use crate::kernels::{TiedBackward, add_into, frozen_linear, joined_matmul, matmul, tie};
+use crate::kernels::{
+    Ready, TiedBackward, add_bias_into, add_into, frozen_linear, joined_matmul, matmul, tie,
+};
 
 /// `x·Wᵀ + b + scale·(x·downᵀ)·upᵀ`, differentiable in `x`, `down` and `up` (`W` and `b` frozen).
 pub fn lora_linear(
@@ -32,16 +34,16 @@ pub fn lora_linear(
     let joined = joined_matmul(&x_rows, &weight.t()?, &scaled, &up_value.t()?)?;
     let y = match joined {
         Some(sum) => {
-            let (rows, out_features) = sum.dims2()?;
-            crate::flops::add_layer(rows * x_rows.dim(1)? * out_features);
+            let (out_features, in_features) = weight.dims2()?;
+            crate::flops::add_layer(x_rows.dim(0)? * in_features * out_features);
             let mut dims = x.dims().to_vec();
             *dims.last_mut().expect("an input of rank 1 or more") = out_features;
-            add_into(sum.reshape(dims)?, None, bias)?
+            add_bias_into(sum.reshaped(&dims)?, bias)?
         }
         None => {
             let frozen = frozen_linear(&x_value, weight)?;
             let low_rank = scaled.matmul(&up_value.t()?)?.reshape(frozen.shape())?;
-            add_into(frozen, Some(&low_rank), bias)?
+            Ready::Tensor(add_into(frozen, Some(&low_rank), bias)?)
         }
     };
     tie(
@@ -75,7 +77,7 @@ impl TiedBackward for LoraLinearBackward {
         let grad_rows = grad.reshape(((), out_features))?;
         let grad_hidden = (matmul(&grad_rows, &up)? * self.scale)?;
         let grad_x = match joined_matmul(&grad_rows, &self.weight, &grad_hidden, &down)? {
-            Some(sum) => sum,
+            Some(sum) => sum.into_tensor(),
             None => {
                 let frozen_part = matmul(&grad_rows, &self.weight)?;
                 add_into(frozen_part, Some(&grad_hidden.matmul(&down)?), None)?
