@@ -19,6 +19,7 @@ use anyhow::bail;
 use clap::{Parser, Subcommand};
 
 use crate::build_info::LONG_VERSION;
+use crate::kernels::on_compute_threads;
 use crate::train::CancelToken;
 
 /// Train LoRA adapters for Stable Diffusion on your own images, or for a chat model on your conversations.
@@ -58,15 +59,8 @@ enum Command {
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Some(Command::Generate(args)) => generate::run(*args),
-        Some(Command::Inspect(args)) => inspect::run(args),
-        Some(Command::Train(args)) => train::run(args),
-        Some(Command::Label(args)) => label::run(args),
-        Some(Command::Chat(args)) => chat::run(*args),
-        Some(Command::Merge(args)) => merge::run(args),
-        Some(Command::Bench(args)) => bench::run(args),
-        Some(Command::Models(args)) => models::run(args),
-        Some(Command::Download(args)) => models::run_download(args),
+        // Commands run on the compute threads (see `kernels::on_compute_threads`).
+        Some(command) => on_compute_threads(move || run_command(command)),
         None => open_app(cli.path),
     };
     match result {
@@ -75,6 +69,20 @@ pub fn run() -> ExitCode {
             eprintln!("error: {}", one_line(&error));
             ExitCode::FAILURE
         }
+    }
+}
+
+fn run_command(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Generate(args) => generate::run(*args),
+        Command::Inspect(args) => inspect::run(args),
+        Command::Train(args) => train::run(args),
+        Command::Label(args) => label::run(args),
+        Command::Chat(args) => chat::run(*args),
+        Command::Merge(args) => merge::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Models(args) => models::run(args),
+        Command::Download(args) => models::run_download(args),
     }
 }
 

@@ -12,6 +12,7 @@
 mod activations;
 mod add_into;
 mod amx;
+mod compute_threads;
 mod cross_entropy;
 mod fast_math;
 mod few_rows;
@@ -35,6 +36,7 @@ use candle_core::Device;
 
 pub use activations::{geglu, gelu, silu};
 pub(crate) use add_into::{add_bias_into, add_into};
+pub use compute_threads::on_compute_threads;
 pub use cross_entropy::cross_entropy_sum;
 pub use frozen::{frozen_affine, frozen_conv2d, frozen_linear};
 pub use fused_attention::fused_attention;

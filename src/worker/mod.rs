@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::kernels::on_compute_threads;
 use crate::messages::{Event, Job};
 pub use models::ModelPlaces;
 pub use outbox::Outbox;
@@ -88,7 +89,9 @@ impl WorkerHandle {
         let engine_models = places.discovery.clone();
         std::thread::Builder::new()
             .name("lora-studio-engine".into())
-            .spawn(move || engine::run(engine_rx, engine_outbox, engine_models))?;
+            .spawn(move || {
+                on_compute_threads(move || engine::run(engine_rx, engine_outbox, engine_models))
+            })?;
         std::thread::Builder::new()
             .name("lora-studio-files".into())
             .spawn(move || files::run(files_rx, outbox))?;
