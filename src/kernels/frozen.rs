@@ -69,8 +69,8 @@ pub fn frozen_conv2d(
     padding: usize,
     stride: usize,
 ) -> Result<Tensor> {
-    let output = super::im2col::conv2d(&x.detach(), &weight.detach(), padding, stride)?;
-    let output = super::add_into(output, None, bias)?;
+    let output = super::im2col::conv2d_ready(&x.detach(), &weight.detach(), padding, stride)?;
+    let output = super::add_bias_into(output, bias)?;
     let (_, in_channels, kh, kw) = weight.dims4()?;
     crate::flops::add_layer(output.elem_count() * in_channels * kh * kw);
     tie(

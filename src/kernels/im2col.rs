@@ -17,23 +17,43 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
 use super::fill::par_filled;
+use super::tied::Ready;
 
 /// `conv2d(x, kernel)` with no groups and no dilation: `x` `[b, in, h, w]`, `kernel` `[out, in, kh, kw]`.
 pub fn conv2d(x: &Tensor, kernel: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    conv2d_ready(x, kernel, padding, stride).map(Ready::into_tensor)
+}
+
+/// [`conv2d`], its result as values ready to be tied where a product computed it.
+pub(super) fn conv2d_ready(
+    x: &Tensor,
+    kernel: &Tensor,
+    padding: usize,
+    stride: usize,
+) -> Result<Ready> {
     let (out_channels, in_channels, k_h, k_w) = kernel.dims4()?;
     if is_pointwise(x, (k_h, k_w), padding, stride) {
         let (batch, _, height, width) = x.dims4()?;
         let pixels = x
             .contiguous()?
             .reshape((batch, in_channels, height * width))?;
-        return super::products::matmul(&kernel.reshape((out_channels, in_channels))?, &pixels)?
-            .reshape((batch, out_channels, height, width));
+        let kernel = kernel.reshape((out_channels, in_channels))?;
+        return super::products::matmul_ready(&kernel, &pixels)?.reshaped(&[
+            batch,
+            out_channels,
+            height,
+            width,
+        ]);
     }
     if super::winograd::applies(x, (k_h, k_w), padding, stride) {
-        return super::winograd::conv2d(x, &kernel.to_dtype(x.dtype())?);
+        return Ok(Ready::Tensor(super::winograd::conv2d(
+            x,
+            &kernel.to_dtype(x.dtype())?,
+        )?));
     }
     if !uses_patches(x, k_h, k_w) {
-        return x.conv2d(&kernel.to_dtype(x.dtype())?, padding, stride, 1, 1);
+        let output = x.conv2d(&kernel.to_dtype(x.dtype())?, padding, stride, 1, 1)?;
+        return Ok(Ready::Tensor(output));
     }
     let (batch, _, height, width) = x.dims4()?;
     let patches = Patches::new(kernel, (height, width), padding, stride)?;
@@ -42,17 +62,14 @@ pub fn conv2d(x: &Tensor, kernel: &Tensor, padding: usize, stride: usize) -> Res
     let kernel_matrix = kernel
         .contiguous()?
         .reshape((out_channels, in_channels * k_h * k_w))?;
-    let output = super::products::matmul(&kernel_matrix, &columns)?.reshape((
-        out_channels,
-        batch,
-        out_h,
-        out_w,
-    ))?;
+    let output = super::products::matmul_ready(&kernel_matrix, &columns)?;
     if batch == 1 {
-        output.reshape((1, out_channels, out_h, out_w))
-    } else {
-        output.transpose(0, 1)?.contiguous()
+        return output.reshaped(&[1, out_channels, out_h, out_w]);
     }
+    let output = output
+        .into_tensor()
+        .reshape((out_channels, batch, out_h, out_w))?;
+    Ok(Ready::Tensor(output.transpose(0, 1)?.contiguous()?))
 }
 
 /// Whether [`conv2d`] and [`conv2d_input_grad`] compute `x` with a `kh`x`kw` kernel as a plain product.

@@ -62,6 +62,11 @@ pub fn product_arithmetic() -> &'static str {
 /// [`Bf16Products`] scope, else candle's own. One operand may be a bf16 frozen weight with the other f32:
 /// the result is f32 (outside the scope the weight is converted for the product).
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    matmul_ready(a, b).map(Ready::into_tensor)
+}
+
+/// [`matmul`], its bf16 product as values ready to be tied.
+pub(super) fn matmul_ready(a: &Tensor, b: &Tensor) -> Result<Ready> {
     let leading = |t: &Tensor| t.dims()[..t.rank().max(2) - 2].to_vec();
     let batch_dims = if a.rank() > 2 { leading(a) } else { leading(b) };
     let product_dtypes = matches!(
@@ -83,7 +88,9 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         } else {
             a.dtype()
         };
-        return a.to_dtype(dtype)?.broadcast_matmul(&b.to_dtype(dtype)?);
+        return Ok(Ready::Tensor(
+            a.to_dtype(dtype)?.broadcast_matmul(&b.to_dtype(dtype)?)?,
+        ));
     }
     let ((m, k), (_, n)) = (last_two(a), last_two(b));
     let batch: usize = batch_dims.iter().product();
@@ -104,7 +111,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     unsafe { product.set_len(batch * m * n) };
     let mut shape = batch_dims;
     shape.extend([m, n]);
-    Tensor::from_vec(product, shape, a.device())
+    Ok(Ready::Cpu(CpuStorage::F32(product), shape.into()))
 }
 
 /// `a·b + c·d` for matrices `a` `[m, k]`, `b` `[k, n]`, `c` `[m, j]`, `d` `[j, n]` in bf16 products, the

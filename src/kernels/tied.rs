@@ -56,6 +56,14 @@ impl Ready {
         Ok(Ready::Cpu(values, shape))
     }
 
+    /// The number of values.
+    pub(crate) fn elem_count(&self) -> usize {
+        match self {
+            Ready::Cpu(_, shape) => shape.elem_count(),
+            Ready::Tensor(tensor) => tensor.elem_count(),
+        }
+    }
+
     /// The same values in the shape `dims` (of as many elements).
     pub(crate) fn reshaped(self, dims: &[usize]) -> Result<Self> {
         match self {
