@@ -37,7 +37,10 @@ pub fn lora_linear(
             let (out_features, in_features) = weight.dims2()?;
             crate::flops::add_layer(x_rows.dim(0)? * in_features * out_features);
             let mut dims = x.dims().to_vec();
-            *dims.last_mut().expect("an input of rank 1 or more") = out_features;
+            let Some(width) = dims.last_mut() else {
+                candle_core::bail!("lora linear: the input is a scalar");
+            };
+            *width = out_features;
             add_bias_into(sum.reshaped(&dims)?, bias)?
         }
         None => {
