@@ -139,14 +139,13 @@ pub(crate) fn joined_matmul(
     }
     let mut product = Vec::with_capacity(m * n);
     {
-        let storages = operands.map(|t| t.storage_and_layout());
-        let mut views = Vec::with_capacity(4);
-        for (storage, layout) in &storages {
-            views.push(matrix(operand_values(storage)?, layout, 0)?);
-        }
-        let [a, b, c, d] = views[..] else {
-            unreachable!("four operands")
-        };
+        let [a, b, c, d] = operands.map(|t| t.storage_and_layout());
+        let (a, b, c, d) = (
+            view(&a.0, a.1)?,
+            view(&b.0, b.1)?,
+            view(&c.0, c.1)?,
+            view(&d.0, d.1)?,
+        );
         amx::joined_product_into_uninit(
             (m, k, j, n),
             ((a, b), (c, d)),
@@ -157,6 +156,11 @@ pub(crate) fn joined_matmul(
     // SAFETY: the product wrote all of its `m·n` values.
     unsafe { product.set_len(m * n) };
     Ok(Some(Ready::Cpu(CpuStorage::F32(product), (m, n).into())))
+}
+
+/// A 2-D tensor's storage and layout as a product's operand.
+fn view<'a>(storage: &'a Storage, layout: &Layout) -> Result<Operand<'a>> {
+    matrix(operand_values(storage)?, layout, 0)
 }
 
 /// The last two dimensions of a tensor of rank 2 or more.

@@ -113,6 +113,14 @@ struct Joined<'a> {
 }
 
 impl<'a> Joined<'a> {
+    /// `head`'s first `split` values of the shared dimension followed by `tail`'s.
+    fn new(head: Operand<'a>, split: usize, tail: Operand<'a>) -> Self {
+        Self {
+            head,
+            tail: Some((split, tail)),
+        }
+    }
+
     /// The view that holds shared index `k0` (the start of a block) of a shared dimension `depth` long: the
     /// view, its own share of the dimension, and `k0` within it.
     fn at(self, depth: usize, k0: usize) -> (Operand<'a>, usize, usize) {
@@ -221,15 +229,8 @@ pub fn joined_product_into_uninit(
         a.covers(m, k) && b.covers(k, n) && c.covers(m, j) && d.covers(j, n),
         "operand views out of bounds"
     );
-    let left = Joined {
-        head: a,
-        tail: Some((k, c)),
-    };
-    let right = Joined {
-        head: b,
-        tail: Some((k, d)),
-    };
-    run_into_uninit((m, k + j, n), (left, right), out, parallel);
+    let joined = (Joined::new(a, k, c), Joined::new(b, k, d));
+    run_into_uninit((m, k + j, n), joined, out, parallel);
 }
 
 /// The product of two (joined) views into an uninitialised row-major result.
@@ -850,16 +851,11 @@ mod tests {
                     scale: 1.0,
                 }
                 .target((m, n));
-                let left = Joined {
-                    head: a_view,
-                    tail: Some((k, c_view)),
-                };
-                let right = Joined {
-                    head: b_view,
-                    tail: Some((k, d_view)),
-                };
                 let schedule = Schedule { group: 2, part: 1 };
-                let views = (Left::View(left), right);
+                let views = (
+                    Left::View(Joined::new(a_view, k, c_view)),
+                    Joined::new(b_view, k, d_view),
+                );
                 run_scheduled((m, k + j, n), views, target, true, Some(schedule));
                 check(&out, &format!("layout {layout} in parts"));
             }
