@@ -132,24 +132,24 @@ impl TiedBackward for GegluBackward {
     }
 
     fn bwd(&self, projected: &[&Tensor], _: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        let projected = projected[0];
-        let inner = projected.dim(D::Minus1)? / 2;
-        let projected = projected.detach();
-        if has_f32_cpu_kernel(&projected) {
-            let grad = projected
-                .contiguous()?
-                .apply_op2_no_bwd(&grad.contiguous()?, &GegluGradientRows)?;
-            return Ok(vec![Some(grad)]);
-        }
-        let value = projected.narrow(D::Minus1, 0, inner)?;
-        let gate = projected.narrow(D::Minus1, inner, inner)?.contiguous()?;
-        let grad_value = (grad * gate.gelu_erf()?)?;
-        let grad_gate = Activation::Gelu.gradient(&gate, &(grad * value)?)?;
-        Ok(vec![Some(Tensor::cat(
-            &[grad_value, grad_gate],
-            D::Minus1,
-        )?)])
+        Ok(vec![Some(geglu_gradient(projected[0], grad)?)])
     }
+}
+
+/// The gradient of GEGLU's input `projected` for the gradient `grad` of its output.
+pub(super) fn geglu_gradient(projected: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    let inner = projected.dim(D::Minus1)? / 2;
+    let projected = projected.detach();
+    if has_f32_cpu_kernel(&projected) {
+        return projected
+            .contiguous()?
+            .apply_op2_no_bwd(&grad.contiguous()?, &GegluGradientRows);
+    }
+    let value = projected.narrow(D::Minus1, 0, inner)?;
+    let gate = projected.narrow(D::Minus1, inner, inner)?.contiguous()?;
+    let grad_value = (grad * gate.gelu_erf()?)?;
+    let grad_gate = Activation::Gelu.gradient(&gate, &(grad * value)?)?;
+    Tensor::cat(&[grad_value, grad_gate], D::Minus1)
 }
 
 /// Whether the f32 CPU kernels of GEGLU apply.

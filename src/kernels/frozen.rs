@@ -26,16 +26,7 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 /// `x · Wᵀ + b` with a frozen `W` and `b`, keeping only its output for the backward pass (the bias sum of
 /// a separate op would keep the product as well).
 pub fn frozen_affine(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    let x_value = x.detach().contiguous()?;
-    let product = if x_value.device().is_cpu() {
-        let op = FrozenMatmul {
-            weight: weight.clone(),
-        };
-        Ready::from_cpu_op(&x_value, &op)?
-    } else {
-        Ready::Tensor(frozen_linear(&x_value, weight)?)
-    };
-    let output = super::add_bias_into(product, Some(bias))?;
+    let output = affine_ready(&x.detach(), weight, bias)?;
     tie(
         output,
         &[x],
@@ -43,6 +34,56 @@ pub fn frozen_affine(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tenso
             weight: weight.clone(),
         },
     )
+}
+
+/// `geglu(projected) · Wᵀ + b` with a frozen `W` and `b` (a feed-forward's output layer without adapters),
+/// keeping only `projected` for the backward pass: the GEGLU output, half as wide as `projected`, exists
+/// while the product reads it (as the input of a separate op it would be kept until the backward pass).
+/// The backward pass takes the product's input gradient `g·W` through GEGLU's.
+pub fn geglu_affine(projected: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let activated = super::geglu(&projected.detach())?;
+    let output = affine_ready(&activated, weight, bias)?;
+    drop(activated);
+    tie(
+        output,
+        &[projected],
+        GegluAffineBackward {
+            weight: weight.clone(),
+        },
+    )
+}
+
+/// `x · Wᵀ + b` for a detached `x`, as a result to tie (moved, not copied, on the CPU).
+fn affine_ready(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Ready> {
+    let x = x.contiguous()?;
+    let product = if x.device().is_cpu() {
+        let op = FrozenMatmul {
+            weight: weight.clone(),
+        };
+        Ready::from_cpu_op(&x, &op)?
+    } else {
+        Ready::Tensor(frozen_linear(&x, weight)?)
+    };
+    super::add_bias_into(product, Some(bias))
+}
+
+/// Routes the output gradient of [`geglu_affine`] through the product and GEGLU to the projection.
+struct GegluAffineBackward {
+    weight: Tensor,
+}
+
+impl TiedBackward for GegluAffineBackward {
+    fn name(&self) -> &'static str {
+        "geglu-affine"
+    }
+
+    fn bwd(&self, projected: &[&Tensor], _: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let grad_activated = super::products::matmul(grad, &self.weight)?;
+        Ok(vec![Some(super::activations::geglu_gradient(
+            projected[0],
+            &grad_activated,
+        )?)])
+    }
 }
 
 /// Routes the output gradient of [`frozen_affine`] to its input.
@@ -274,7 +315,7 @@ impl TiedBackward for FrozenConvBackward {
 mod tests {
     use candle_core::{DType, Device, Tensor, Var};
 
-    use super::{frozen_affine, frozen_conv2d, frozen_linear};
+    use super::{frozen_affine, frozen_conv2d, frozen_linear, geglu_affine};
 
     fn random(dims: &[usize], seed: u64) -> Tensor {
         let mut state = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -376,6 +417,36 @@ mod tests {
         check_input_gradient(&[1, 2, 5, 4], |x| {
             frozen_conv2d(x, &biased_conv, Some(&conv_bias), 1, 1).unwrap()
         });
+    }
+
+    #[test]
+    fn geglu_affine_is_the_product_of_geglu_and_its_input_gradient_is_exact() {
+        let weight = random(&[4, 3], 3);
+        let bias = random(&[4], 7);
+        check_input_gradient(&[2, 5, 6], |p| geglu_affine(p, &weight, &bias).unwrap());
+        // In f32 on the CPU (GEGLU's own kernels): the same values and input gradient as the two ops.
+        let [weight, bias] = [weight, bias].map(|t| t.to_dtype(DType::F32).unwrap());
+        let projected =
+            Var::from_tensor(&random(&[2, 5, 6], 4).to_dtype(DType::F32).unwrap()).unwrap();
+        let probe = random(&[2, 5, 4], 9).to_dtype(DType::F32).unwrap();
+        let run = |op: &dyn Fn(&Tensor) -> Tensor| {
+            let output = op(projected.as_tensor());
+            let grads = (&output * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let grad = grads.get(&projected).unwrap().flatten_all().unwrap();
+            (output.flatten_all().unwrap(), grad)
+        };
+        let fused = run(&|p| geglu_affine(p, &weight, &bias).unwrap());
+        let composed =
+            run(&|p| frozen_affine(&crate::kernels::geglu(p).unwrap(), &weight, &bias).unwrap());
+        for (ours, theirs) in [(fused.0, composed.0), (fused.1, composed.1)] {
+            let diff = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
+        }
     }
 
     #[test]

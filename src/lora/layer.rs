@@ -15,7 +15,7 @@ use candle_nn::VarBuilder;
 
 use super::adapter::LoraAdapter;
 use super::fused_lora::lora_linear;
-use crate::kernels::{frozen_affine, frozen_conv2d, frozen_linear};
+use crate::kernels::{frozen_affine, frozen_conv2d, frozen_linear, geglu, geglu_affine};
 
 /// The geometry of a base layer, which decides how an adapter attaches to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -352,6 +352,17 @@ impl AdaptableLinear {
         match &self.bias {
             Some(bias) => y.broadcast_add(bias),
             None => Ok(y),
+        }
+    }
+
+    /// This layer applied to `geglu(projected)` (a feed-forward's output layer). Without adapters the GEGLU
+    /// output is not kept for the backward pass ([`geglu_affine`]); with them, their gradients need it.
+    pub fn forward_geglu(&self, projected: &Tensor) -> Result<Tensor> {
+        match &self.bias {
+            Some(bias) if !self.slot.has_active_adapters() => {
+                geglu_affine(projected, &self.slot.weight(), bias)
+            }
+            _ => self.forward(&geglu(projected)?),
         }
     }
 

@@ -56,9 +56,10 @@ impl CheckpointGrads {
 
 /// `f(x, aux)` without keeping its activations; see the module docs.
 ///
-/// `anchor` is a zero-valued scalar computed from the trainable variables (see [`trainable_anchor`]): it
-/// is added to `x` so the result stays in the autograd graph when `x` and `aux` themselves are frozen
-/// (the first blocks of a UNet see only frozen inputs, yet hold adapters).
+/// `anchor` is a zero-valued scalar computed from the trainable variables (see [`trainable_anchor`]): tied
+/// to the result as a third input, it keeps the result in the autograd graph when `x` and `aux` themselves
+/// are frozen (the first blocks of a UNet see only frozen inputs, yet hold adapters). Its gradient is zero:
+/// the variables' own arrive through the store.
 pub fn checkpointed(
     f: BlockFn,
     x: &Tensor,
@@ -67,14 +68,14 @@ pub fn checkpointed(
     store: &CheckpointGrads,
 ) -> Result<Tensor> {
     let output = f(&x.detach(), &aux.detach())?.detach();
-    let x = if anchor.track_op() {
-        x.broadcast_add(anchor)?
+    let inputs: &[&Tensor] = if anchor.track_op() {
+        &[x, aux, anchor]
     } else {
-        x.clone()
+        &[x, aux]
     };
     tie(
         output,
-        &[&x, aux],
+        inputs,
         Recompute {
             f,
             store: store.clone(),
@@ -122,9 +123,14 @@ impl TiedBackward for Recompute {
                 self.store.add(id, g.clone())?;
             }
         }
-        Ok(vec![
+        let mut input_grads = vec![
             x_grad.filter(|_| x.track_op()),
             aux_grad.filter(|_| aux.track_op()),
-        ])
+        ];
+        // The anchor's, when it was tied: zero (candle wants a gradient for every tracked input).
+        if let Some(anchor) = inputs.get(2) {
+            input_grads.push(Some(anchor.zeros_like()?));
+        }
+        Ok(input_grads)
     }
 }

@@ -3,7 +3,6 @@
 
 use candle_core::{Result, Tensor};
 
-use crate::kernels::geglu;
 use crate::lora::{AdaptableConv2d, AdaptableLinear, LayerBuilder};
 use crate::models::nn::{GroupNorm, LayerNorm, attention};
 
@@ -66,7 +65,7 @@ impl FeedForward {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.out.forward(&geglu(&self.proj.forward(x)?)?)
+        self.out.forward_geglu(&self.proj.forward(x)?)
     }
 }
 
