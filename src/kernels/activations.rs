@@ -32,6 +32,11 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
     x.apply_op1(Activation::Silu)
 }
 
+/// The gradient of SiLU's input `x` for the gradient `grad` of its output.
+pub(super) fn silu_gradient(x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    Activation::Silu.gradient(x, grad)
+}
+
 impl Activation {
     /// candle's own forward kernel, on any backend.
     fn forward<S: BackendStorage>(self, storage: &S, layout: &Layout) -> Result<(S, Shape)> {

@@ -110,10 +110,7 @@ pub fn frozen_conv2d(
     padding: usize,
     stride: usize,
 ) -> Result<Tensor> {
-    let output = super::im2col::conv2d_ready(&x.detach(), &weight.detach(), padding, stride)?;
-    let output = super::add_bias_into(output, bias)?;
-    let (_, in_channels, kh, kw) = weight.dims4()?;
-    crate::flops::add_layer(output.elem_count() * in_channels * kh * kw);
+    let output = conv_ready(&x.detach(), weight, bias, (padding, stride))?;
     tie(
         output,
         &[x],
@@ -123,6 +120,45 @@ pub fn frozen_conv2d(
             stride,
         },
     )
+}
+
+/// `conv(silu(x))` with a frozen kernel and bias (a resnet's convolutions without adapters), keeping only
+/// `x` for the backward pass: the activated input exists while the convolution reads it (as the input of
+/// a separate op it would be kept until the backward pass). The backward pass takes the convolution's input
+/// gradient through SiLU's.
+pub fn silu_conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let activated = super::silu(&x.detach())?;
+    let output = conv_ready(&activated, weight, Some(bias), (padding, stride))?;
+    drop(activated);
+    tie(
+        output,
+        &[x],
+        SiluConvBackward(FrozenConvBackward {
+            weight: weight.clone(),
+            padding,
+            stride,
+        }),
+    )
+}
+
+/// The convolution of a detached `x` plus `bias`, as a result to tie.
+fn conv_ready(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    (padding, stride): (usize, usize),
+) -> Result<Ready> {
+    let output = super::im2col::conv2d_ready(x, &weight.detach(), padding, stride)?;
+    let output = super::add_bias_into(output, bias)?;
+    let (_, in_channels, kh, kw) = weight.dims4()?;
+    crate::flops::add_layer(output.elem_count() * in_channels * kh * kw);
+    Ok(output)
 }
 
 /// The forward pass of [`frozen_linear`]: a matmul straight on the storages, with no copy.
@@ -311,11 +347,29 @@ impl TiedBackward for FrozenConvBackward {
     }
 }
 
+/// Routes the output gradient of [`silu_conv2d`] through the convolution and SiLU to its input.
+struct SiluConvBackward(FrozenConvBackward);
+
+impl TiedBackward for SiluConvBackward {
+    fn name(&self) -> &'static str {
+        "silu-conv2d"
+    }
+
+    fn bwd(&self, input: &[&Tensor], _: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let x = input[0];
+        let grad_activated = self.0.input_grad(x, grad)?;
+        Ok(vec![Some(super::activations::silu_gradient(
+            x,
+            &grad_activated,
+        )?)])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{DType, Device, Tensor, Var};
 
-    use super::{frozen_affine, frozen_conv2d, frozen_linear, geglu_affine};
+    use super::{frozen_affine, frozen_conv2d, frozen_linear, geglu_affine, silu_conv2d};
 
     fn random(dims: &[usize], seed: u64) -> Tensor {
         let mut state = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -419,34 +473,62 @@ mod tests {
         });
     }
 
-    #[test]
-    fn geglu_affine_is_the_product_of_geglu_and_its_input_gradient_is_exact() {
-        let weight = random(&[4, 3], 3);
-        let bias = random(&[4], 7);
-        check_input_gradient(&[2, 5, 6], |p| geglu_affine(p, &weight, &bias).unwrap());
-        // In f32 on the CPU (GEGLU's own kernels): the same values and input gradient as the two ops.
-        let [weight, bias] = [weight, bias].map(|t| t.to_dtype(DType::F32).unwrap());
-        let projected =
-            Var::from_tensor(&random(&[2, 5, 6], 4).to_dtype(DType::F32).unwrap()).unwrap();
-        let probe = random(&[2, 5, 4], 9).to_dtype(DType::F32).unwrap();
+    /// Checks in f32 on the CPU (the activations' own kernels) that `fused` gives the same output and input
+    /// gradient as `composed` for an input of `input_dims`.
+    fn check_same_as_composed(
+        input_dims: &[usize],
+        fused: impl Fn(&Tensor) -> Tensor,
+        composed: impl Fn(&Tensor) -> Tensor,
+    ) {
+        let x = Var::from_tensor(&random(input_dims, 4).to_dtype(DType::F32).unwrap()).unwrap();
         let run = |op: &dyn Fn(&Tensor) -> Tensor| {
-            let output = op(projected.as_tensor());
+            let output = op(x.as_tensor());
+            let probe = random(output.dims(), 9).to_dtype(DType::F32).unwrap();
             let grads = (&output * &probe)
                 .unwrap()
                 .sum_all()
                 .unwrap()
                 .backward()
                 .unwrap();
-            let grad = grads.get(&projected).unwrap().flatten_all().unwrap();
+            let grad = grads.get(&x).unwrap().flatten_all().unwrap();
             (output.flatten_all().unwrap(), grad)
         };
-        let fused = run(&|p| geglu_affine(p, &weight, &bias).unwrap());
-        let composed =
-            run(&|p| frozen_affine(&crate::kernels::geglu(p).unwrap(), &weight, &bias).unwrap());
-        for (ours, theirs) in [(fused.0, composed.0), (fused.1, composed.1)] {
+        let (ours, theirs) = (run(&fused), run(&composed));
+        for (ours, theirs) in [(ours.0, theirs.0), (ours.1, theirs.1)] {
             let diff = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap();
             assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
         }
+    }
+
+    #[test]
+    fn geglu_affine_is_the_product_of_geglu_and_its_input_gradient_is_exact() {
+        let weight = random(&[4, 3], 3);
+        let bias = random(&[4], 7);
+        check_input_gradient(&[2, 5, 6], |p| geglu_affine(p, &weight, &bias).unwrap());
+        let [weight, bias] = [weight, bias].map(|t| t.to_dtype(DType::F32).unwrap());
+        check_same_as_composed(
+            &[2, 5, 6],
+            |p| geglu_affine(p, &weight, &bias).unwrap(),
+            |p| frozen_affine(&crate::kernels::geglu(p).unwrap(), &weight, &bias).unwrap(),
+        );
+    }
+
+    #[test]
+    fn silu_conv_is_the_convolution_of_silu_and_its_input_gradient_is_exact() {
+        let kernel = random(&[3, 2, 3, 3], 5);
+        let bias = random(&[1, 3, 1, 1], 8);
+        check_input_gradient(&[1, 2, 5, 4], |x| {
+            silu_conv2d(x, &kernel, &bias, 1, 1).unwrap()
+        });
+        let [kernel, bias] = [kernel, bias].map(|t| t.to_dtype(DType::F32).unwrap());
+        check_same_as_composed(
+            &[1, 2, 6, 5],
+            |x| silu_conv2d(x, &kernel, &bias, 1, 1).unwrap(),
+            |x| {
+                let activated = crate::kernels::silu(x).unwrap();
+                frozen_conv2d(&activated, &kernel, Some(&bias), 1, 1).unwrap()
+            },
+        );
     }
 
     #[test]

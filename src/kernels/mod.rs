@@ -38,7 +38,7 @@ pub use activations::{geglu, gelu, silu};
 pub(crate) use add_into::{add_bias_into, add_into};
 pub use compute_threads::on_compute_threads;
 pub use cross_entropy::cross_entropy_sum;
-pub use frozen::{frozen_affine, frozen_conv2d, frozen_linear, geglu_affine};
+pub use frozen::{frozen_affine, frozen_conv2d, frozen_linear, geglu_affine, silu_conv2d};
 pub use fused_attention::fused_attention;
 pub use fused_norm::{normalize_affine, normalize_rows};
 pub(crate) use products::joined_matmul;

@@ -15,7 +15,9 @@ use candle_nn::VarBuilder;
 
 use super::adapter::LoraAdapter;
 use super::fused_lora::lora_linear;
-use crate::kernels::{frozen_affine, frozen_conv2d, frozen_linear, geglu, geglu_affine};
+use crate::kernels::{
+    frozen_affine, frozen_conv2d, frozen_linear, geglu, geglu_affine, silu, silu_conv2d,
+};
 
 /// The geometry of a base layer, which decides how an adapter attaches to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -395,6 +397,17 @@ impl AdaptableConv2d {
         }
         let y = frozen_conv2d(x, &weight, None, self.padding, self.stride)?;
         self.slot.add_adapters(x, y)?.broadcast_add(&bias)
+    }
+
+    /// This convolution applied to `silu(x)` (a resnet's convolutions). Without adapters the activated
+    /// input is not kept for the backward pass ([`silu_conv2d`]); with them, their gradients need it.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        if self.slot.has_active_adapters() {
+            return self.forward(&silu(x)?);
+        }
+        let channels = self.bias.dims1()?;
+        let bias = self.bias.reshape((1, channels, 1, 1))?;
+        silu_conv2d(x, &self.slot.weight(), &bias, self.padding, self.stride)
     }
 
     /// The frozen kernel (a handle, not a copy).

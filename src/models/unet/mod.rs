@@ -269,8 +269,7 @@ impl UNet2DConditionModel {
                 .map(|(_, _, h, w)| (h, w));
             h = block.forward(&h, &mut skips, inputs, upsample_to)?;
         }
-        let h = silu(&self.conv_norm_out.forward(&h)?)?;
-        self.conv_out.forward(&h)
+        self.conv_out.forward_silu(&self.conv_norm_out.forward(&h)?)
     }
 }
 
