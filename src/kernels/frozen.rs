@@ -47,9 +47,9 @@ pub fn geglu_affine(projected: &Tensor, weight: &Tensor, bias: &Tensor) -> Resul
     tie(
         output,
         &[projected],
-        GegluAffineBackward {
+        GegluAffineBackward(FrozenAffineBackward {
             weight: weight.clone(),
-        },
+        }),
     )
 }
 
@@ -68,9 +68,7 @@ fn affine_ready(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Ready> {
 }
 
 /// Routes the output gradient of [`geglu_affine`] through the product and GEGLU to the projection.
-struct GegluAffineBackward {
-    weight: Tensor,
-}
+struct GegluAffineBackward(FrozenAffineBackward);
 
 impl TiedBackward for GegluAffineBackward {
     fn name(&self) -> &'static str {
@@ -78,7 +76,7 @@ impl TiedBackward for GegluAffineBackward {
     }
 
     fn bwd(&self, projected: &[&Tensor], _: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        let grad_activated = super::products::matmul(grad, &self.weight)?;
+        let grad_activated = self.0.input_grad(grad)?;
         Ok(vec![Some(super::activations::geglu_gradient(
             projected[0],
             &grad_activated,
@@ -91,13 +89,20 @@ struct FrozenAffineBackward {
     weight: Tensor,
 }
 
+impl FrozenAffineBackward {
+    /// The gradient of the layer's input given the output gradient: `g·W`.
+    fn input_grad(&self, grad: &Tensor) -> Result<Tensor> {
+        super::products::matmul(grad, &self.weight)
+    }
+}
+
 impl TiedBackward for FrozenAffineBackward {
     fn name(&self) -> &'static str {
         "frozen-affine"
     }
 
     fn bwd(&self, _: &[&Tensor], _: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some(super::products::matmul(grad, &self.weight)?)])
+        Ok(vec![Some(self.input_grad(grad)?)])
     }
 }
 

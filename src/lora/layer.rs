@@ -389,8 +389,7 @@ pub struct AdaptableConv2d {
 
 impl AdaptableConv2d {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let channels = self.bias.dims1()?;
-        let bias = self.bias.reshape((1, channels, 1, 1))?;
+        let bias = self.channel_bias()?;
         let weight = self.slot.weight();
         if !self.slot.has_active_adapters() {
             return frozen_conv2d(x, &weight, Some(&bias), self.padding, self.stride);
@@ -405,9 +404,18 @@ impl AdaptableConv2d {
         if self.slot.has_active_adapters() {
             return self.forward(&silu(x)?);
         }
-        let channels = self.bias.dims1()?;
-        let bias = self.bias.reshape((1, channels, 1, 1))?;
-        silu_conv2d(x, &self.slot.weight(), &bias, self.padding, self.stride)
+        silu_conv2d(
+            x,
+            &self.slot.weight(),
+            &self.channel_bias()?,
+            self.padding,
+            self.stride,
+        )
+    }
+
+    /// The bias as `[1, out, 1, 1]`, to broadcast over images.
+    fn channel_bias(&self) -> Result<Tensor> {
+        self.bias.reshape((1, self.bias.dims1()?, 1, 1))
     }
 
     /// The frozen kernel (a handle, not a copy).
