@@ -1,5 +1,6 @@
 //! Helpers for the unit tests.
 
+use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
 
 /// The largest absolute element-wise difference of two f64 tensors of one shape.
@@ -39,4 +40,12 @@ pub(crate) fn relative_difference(a: &Tensor, b: &Tensor) -> f64 {
     };
     let difference = (a - b).unwrap_or_else(|e| panic!("cannot compare the tensors: {e}"));
     largest(&difference) / largest(b)
+}
+
+/// The gradients of `sum(y · probe)`.
+pub(crate) fn probed_gradients(y: &Tensor, probe: &Tensor) -> GradStore {
+    (y * probe)
+        .and_then(|t| t.sum_all())
+        .and_then(|t| t.backward())
+        .unwrap_or_else(|e| panic!("cannot take the gradients: {e}"))
 }

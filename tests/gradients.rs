@@ -25,6 +25,27 @@ fn model_with_trainable_lora(
     lora_path: &str,
     dtype: DType,
 ) -> (StableDiffusion, AdapterVars) {
+    let lora_modules = KohyaLora::load(&fixture(lora_path), &Device::Cpu)
+        .unwrap()
+        .modules()
+        .len();
+    let (model, vars) = model_with_adapters(model_path, lora_path, dtype, |_, up| Some(up));
+    assert_eq!(
+        vars.len(),
+        lora_modules,
+        "every module of the fixture LoRA attaches"
+    );
+    (model, vars)
+}
+
+/// [`model_with_trainable_lora`] with each module's up matrix as `up_of` gives it from the module's name
+/// and the fixture's, or without the module where it gives none.
+fn model_with_adapters(
+    model_path: &str,
+    lora_path: &str,
+    dtype: DType,
+    up_of: impl Fn(&str, Tensor) -> Option<Tensor>,
+) -> (StableDiffusion, AdapterVars) {
     let source = ModelSource::open(&fixture(model_path)).unwrap();
     let model = StableDiffusion::load(&source, &Device::Cpu, dtype).unwrap();
     let lora = KohyaLora::load(&fixture(lora_path), &Device::Cpu).unwrap();
@@ -35,8 +56,11 @@ fn model_with_trainable_lora(
             let Some(module) = lora.modules().get(&name) else {
                 continue;
             };
+            let Some(up) = up_of(&name, module.up.to_dtype(dtype).unwrap()) else {
+                continue;
+            };
             let down = Var::from_tensor(&module.down.to_dtype(dtype).unwrap()).unwrap();
-            let up = Var::from_tensor(&module.up.to_dtype(dtype).unwrap()).unwrap();
+            let up = Var::from_tensor(&up).unwrap();
             let adapter = LoraAdapter::new(
                 down.as_tensor().clone(),
                 up.as_tensor().clone(),
@@ -48,11 +72,6 @@ fn model_with_trainable_lora(
             vars.insert(name, (down, up));
         }
     }
-    assert_eq!(
-        vars.len(),
-        lora.modules().len(),
-        "every module of the fixture LoRA attaches"
-    );
     (model, vars)
 }
 
@@ -259,6 +278,47 @@ fn sdxl_unet_adapter_gradients_pass_finite_differences() {
 #[test]
 fn sdxl_text_encoder_adapter_gradients_pass_finite_differences() {
     finite_difference_check("sdxl", "lora_sdxl.safetensors", "te");
+}
+
+/// A transformer block's feed-forward without adapters runs as one op (its layer norm, both layers and the
+/// residual sum); the attention adapters' gradients through it are those through the composed layers,
+/// which run when the feed-forward carries adapters (here adapters whose up matrices are zero: they add
+/// nothing to the output).
+#[test]
+fn a_feed_forward_without_adapters_passes_the_gradients_of_its_composed_layers() {
+    let reference = Reference::open("sdxl");
+    let in_feed_forward = |name: &str| name.contains("_ff_net_");
+    let lora = "lora_sdxl.safetensors";
+    let (composed, composed_vars) = model_with_adapters("sdxl", lora, DType::F32, |name, up| {
+        Some(match in_feed_forward(name) {
+            true => up.zeros_like().unwrap(),
+            false => up,
+        })
+    });
+    let (fused, fused_vars) = model_with_adapters("sdxl", lora, DType::F32, |name, up| {
+        (!in_feed_forward(name)).then_some(up)
+    });
+    let composed_grads = unet_loss(&composed, &reference, DType::F32)
+        .backward()
+        .unwrap();
+    let fused_grads = unet_loss(&fused, &reference, DType::F32)
+        .backward()
+        .unwrap();
+    let mut compared = 0;
+    for (name, (down, up)) in fused_vars
+        .iter()
+        .filter(|(n, _)| n.starts_with("lora_unet_"))
+    {
+        let (composed_down, composed_up) = &composed_vars[name];
+        for (ours, theirs) in [(down, composed_down), (up, composed_up)] {
+            let expected = composed_grads.get(theirs).unwrap();
+            let scale = max_abs(expected);
+            let diff = max_abs_diff(fused_grads.get(ours).unwrap(), expected) / scale;
+            assert!(diff < 1e-5, "{name}: gradient differs by {diff:.2e}");
+            compared += 1;
+        }
+    }
+    assert!(compared > 100, "{compared} gradients compared");
 }
 
 #[test]

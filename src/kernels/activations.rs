@@ -141,10 +141,17 @@ impl TiedBackward for GegluBackward {
     }
 }
 
-/// The gradient of GEGLU's input `projected` for the gradient `grad` of its output.
+/// The gradient of GEGLU's input `projected` for the gradient `grad` of its output; f32, or on the CPU also
+/// a projection kept in bf16 with an f32 gradient (the gradient is f32).
 pub(super) fn geglu_gradient(projected: &Tensor, grad: &Tensor) -> Result<Tensor> {
     let inner = projected.dim(D::Minus1)? / 2;
     let projected = projected.detach();
+    let kept_in_bf16 = projected.dtype() == DType::BF16 && grad.dtype() == DType::F32;
+    if super::cpu_kernels(projected.device()) && kept_in_bf16 {
+        return projected
+            .contiguous()?
+            .apply_op2_no_bwd(&grad.contiguous()?, &GegluGradientRows);
+    }
     if has_f32_cpu_kernel(&projected) {
         return projected
             .contiguous()?
@@ -219,8 +226,33 @@ impl CustomOp1 for GegluRows {
     }
 }
 
+/// The contiguous values of a projection, f32 or bf16.
+#[derive(Clone, Copy)]
+enum ProjectionRows<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [half::bf16]),
+}
+
+impl<'a> ProjectionRows<'a> {
+    fn of(storage: &'a CpuStorage, layout: &Layout) -> Result<Self> {
+        match (storage, layout.contiguous_offsets()) {
+            (CpuStorage::BF16(values), Some((start, end))) => {
+                Ok(ProjectionRows::Bf16(&values[start..end]))
+            }
+            _ => f32_rows(storage, layout, "GEGLU gradient").map(ProjectionRows::F32),
+        }
+    }
+
+    fn len(self) -> usize {
+        match self {
+            ProjectionRows::F32(values) => values.len(),
+            ProjectionRows::Bf16(values) => values.len(),
+        }
+    }
+}
+
 /// GEGLU's input gradient `[grad·gelu(gate) | grad·value·gelu'(gate)]` from the projection (first operand)
-/// and the output gradient (second), contiguous f32 rows in parallel.
+/// (f32 or bf16) and the output gradient (second, f32), contiguous rows in parallel.
 struct GegluGradientRows;
 
 impl CustomOp2 for GegluGradientRows {
@@ -235,7 +267,7 @@ impl CustomOp2 for GegluGradientRows {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let input = f32_rows(s1, l1, "GEGLU gradient")?;
+        let input = ProjectionRows::of(s1, l1)?;
         let grad = f32_rows(s2, l2, "GEGLU gradient")?;
         let width = l1.dims().last().copied().unwrap_or(0);
         let inner = width / 2;
@@ -244,10 +276,16 @@ impl CustomOp2 for GegluGradientRows {
         }
         let simd = Simd::detect();
         let out = par_filled(input.len(), width, 0.0, |index, out| {
-            let (row, grad) = (
-                &input[index * width..][..width],
-                &grad[index * inner..][..inner],
-            );
+            let grad = &grad[index * inner..][..inner];
+            let range = index * width..(index + 1) * width;
+            let widened: Vec<f32>;
+            let row = match input {
+                ProjectionRows::F32(values) => &values[range],
+                ProjectionRows::Bf16(values) => {
+                    widened = values[range].iter().map(|v| v.to_f32()).collect();
+                    &widened
+                }
+            };
             vectorised(
                 simd,
                 #[inline(always)]

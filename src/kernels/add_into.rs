@@ -78,6 +78,26 @@ pub(crate) fn add_bias_into(output: Ready, bias: Option<&Tensor>) -> Result<Read
     }
 }
 
+/// `output + term` for a result about to be tied ([`Ready`]) and a term of its shape (a residual): values
+/// on the CPU get the term in place and stay movable into the tied op's output.
+pub(crate) fn add_term_into(output: Ready, term: &Tensor) -> Result<Ready> {
+    match output {
+        Ready::Cpu(CpuStorage::F32(mut values), shape)
+            if term.dtype() == DType::F32 && term.shape() == &shape =>
+        {
+            super::fused_norm::with_values(term, |term| {
+                AddTerms { bias: None }.add(&mut values, Some(term))
+            })?;
+            Ok(Ready::Cpu(CpuStorage::F32(values), shape))
+        }
+        other => Ok(Ready::Tensor(add_into(
+            other.into_tensor(),
+            Some(term),
+            None,
+        )?)),
+    }
+}
+
 /// How many consecutive output values share a bias value, when `bias` broadcasts to `dims` along a single
 /// dimension (or none).
 fn feature_layout(dims: &[usize], bias: &Tensor) -> Option<usize> {

@@ -54,7 +54,7 @@ pub fn geglu_affine(projected: &Tensor, weight: &Tensor, bias: &Tensor) -> Resul
 }
 
 /// `x · Wᵀ + b` for a detached `x`, as a result to tie (moved, not copied, on the CPU).
-fn affine_ready(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Ready> {
+pub(super) fn affine_ready(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Ready> {
     let x = x.contiguous()?;
     let product = if x.device().is_cpu() {
         let op = FrozenMatmul {

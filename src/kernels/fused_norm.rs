@@ -8,6 +8,8 @@
 //! `dx = r·(g − mean(g) − x̂·mean(g ⊙ x̂))`. With the frozen affine scale and shift folded in
 //! ([`normalize_affine`]), only the layer's output is kept for the backward pass.
 
+use std::sync::{Arc, OnceLock};
+
 use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
 
 use super::norm_kernel::{self, Affine, Channels};
@@ -58,7 +60,12 @@ pub fn normalize_affine(
 }
 
 /// The [`norm_kernel`] layout of `weight` over `x`, when the kernel applies (f32 on the CPU).
-fn kernel_channels(x: &Tensor, rows: usize, weight: &Tensor, bias: &Tensor) -> Option<Channels> {
+pub(super) fn kernel_channels(
+    x: &Tensor,
+    rows: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+) -> Option<Channels> {
     let f32_on_cpu = |t: &Tensor| super::cpu_kernels(t.device()) && t.dtype() == DType::F32;
     if !(f32_on_cpu(x) && f32_on_cpu(weight) && f32_on_cpu(bias)) || weight.dims() != bias.dims() {
         return None;
@@ -84,34 +91,141 @@ fn kernel_normalize_affine(
     (weight, bias): (&Tensor, &Tensor),
     channels: Channels,
 ) -> Result<Tensor> {
-    let scale_shift = KernelAffine {
-        weight: weight.flatten_all()?.to_vec1()?,
-        bias: bias.flatten_all()?.to_vec1()?,
-        channels,
-    };
+    let scale_shift = KernelAffine::new(weight, bias, channels)?;
+    let (output, backward) = kernel_normalized(x, rows, eps, scale_shift)?;
+    tie(output, &[x], backward)
+}
+
+/// `x` normalised by [`norm_kernel`] (f32 on the CPU, laid out as `scale_shift` says), not tied, and the
+/// backward pass that takes a gradient back through it.
+pub(super) fn kernel_normalized(
+    x: &Tensor,
+    rows: usize,
+    eps: f64,
+    scale_shift: KernelAffine,
+) -> Result<(Ready, KernelNormBackward)> {
     let (output, means, inverse_stds) = with_values(&x.detach(), |values| {
         norm_kernel::forward(values, rows, eps, &scale_shift.affine())
     })?;
-    tie(
-        Ready::Cpu(CpuStorage::F32(output), x.shape().clone()),
-        &[x],
-        KernelNormBackward {
-            scale_shift,
-            means,
-            inverse_stds,
-        },
-    )
+    let output = Ready::Cpu(CpuStorage::F32(output), x.shape().clone());
+    let backward = KernelNormBackward {
+        scale_shift,
+        eps,
+        means,
+        inverse_stds,
+    };
+    Ok((output, backward))
+}
+
+/// A layer norm's output `norm(x)` made for the layers that read it, which tie their outputs to `x` itself
+/// and take their input gradients back through the norm ([`NormPath`]): the normalised values live only
+/// while those layers' forward passes read them, and the backward pass recomputes them from `x` (one pass
+/// over `x`, where keeping them would hold as much memory as `x` until the backward pass). f32 on the CPU.
+pub struct NormalizedInput {
+    input: Tensor,
+    values: Tensor,
+    path: NormPath,
+    tracked: OnceLock<Tensor>,
+}
+
+impl NormalizedInput {
+    /// `norm(x)` over the last dimension with a frozen scale, shift and epsilon, when the CPU kernels
+    /// apply; `None` otherwise.
+    pub fn new(x: &Tensor, (weight, bias, eps): (&Tensor, &Tensor, f64)) -> Result<Option<Self>> {
+        let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
+        let Some(channels) = kernel_channels(x, rows, weight, bias) else {
+            return Ok(None);
+        };
+        let scale_shift = KernelAffine::new(weight, bias, channels)?;
+        let (values, backward) = kernel_normalized(x, rows, eps, scale_shift)?;
+        Ok(Some(Self {
+            input: x.clone(),
+            values: values.into_tensor(),
+            path: NormPath(Arc::new(backward)),
+            tracked: OnceLock::new(),
+        }))
+    }
+
+    /// The norm's input `x`, which the reading layers tie their outputs to.
+    pub fn input(&self) -> &Tensor {
+        &self.input
+    }
+
+    /// The normalised values, outside the graph.
+    pub fn values(&self) -> &Tensor {
+        &self.values
+    }
+
+    /// How the reading layers recompute the values and take gradients back through the norm.
+    pub fn path(&self) -> &NormPath {
+        &self.path
+    }
+
+    /// The normalised values as the output of an ordinary op (kept until the backward pass), for layers
+    /// that read a tensor; made once.
+    pub fn tracked(&self) -> Result<Tensor> {
+        if let Some(tracked) = self.tracked.get() {
+            return Ok(tracked.clone());
+        }
+        let tracked = tie(
+            Ready::Tensor(self.values.clone()),
+            &[&self.input],
+            self.path.clone(),
+        )?;
+        Ok(self.tracked.get_or_init(|| tracked).clone())
+    }
+}
+
+/// A layer norm's way back, for a layer fed by a [`NormalizedInput`]: its output recomputed from the input,
+/// and the input gradient for a gradient of the output.
+#[derive(Clone)]
+pub struct NormPath(Arc<KernelNormBackward>);
+
+impl NormPath {
+    /// The norm's output for the input `x`, as the forward pass computed it.
+    pub fn normalized(&self, x: &Tensor) -> Result<Tensor> {
+        let norm = &self.0;
+        let output = with_values(&x.detach(), |values| {
+            let rows = norm.means.len();
+            norm_kernel::forward(values, rows, norm.eps, &norm.scale_shift.affine()).0
+        })?;
+        Tensor::from_vec(output, x.shape(), x.device())
+    }
+
+    /// The gradient of the norm's input `x` given the gradient of its output.
+    pub fn input_grad(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        self.0.input_grad(x, grad)
+    }
+}
+
+impl TiedBackward for NormPath {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    fn bwd(&self, x: &[&Tensor], output: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        self.0.bwd(x, output, grad)
+    }
 }
 
 /// The frozen scale and shift of [`kernel_normalize_affine`], owned.
-struct KernelAffine {
+pub(super) struct KernelAffine {
     weight: Vec<f32>,
     bias: Vec<f32>,
     channels: Channels,
 }
 
 impl KernelAffine {
-    fn affine(&self) -> Affine<'_> {
+    /// The values of `weight` and `bias` (f32), laid out over the input as `channels` says.
+    pub(super) fn new(weight: &Tensor, bias: &Tensor, channels: Channels) -> Result<Self> {
+        Ok(Self {
+            weight: weight.flatten_all()?.to_vec1()?,
+            bias: bias.flatten_all()?.to_vec1()?,
+            channels,
+        })
+    }
+
+    pub(super) fn affine(&self) -> Affine<'_> {
         Affine {
             weight: &self.weight,
             bias: &self.bias,
@@ -121,10 +235,25 @@ impl KernelAffine {
 }
 
 /// Routes the output gradient of [`kernel_normalize_affine`] to its input.
-struct KernelNormBackward {
+pub(super) struct KernelNormBackward {
     scale_shift: KernelAffine,
+    eps: f64,
     means: Vec<f32>,
     inverse_stds: Vec<f32>,
+}
+
+impl KernelNormBackward {
+    /// The gradient of the input `x` given the output gradient.
+    pub(super) fn input_grad(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        kernel_input_gradient(x, grad, |x_values, grad_values| {
+            norm_kernel::backward(
+                x_values,
+                grad_values,
+                (&self.means, &self.inverse_stds),
+                &self.scale_shift.affine(),
+            )
+        })
+    }
 }
 
 impl TiedBackward for KernelNormBackward {
@@ -133,15 +262,7 @@ impl TiedBackward for KernelNormBackward {
     }
 
     fn bwd(&self, x: &[&Tensor], _: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        let grad_x = kernel_input_gradient(x[0], grad, |x_values, grad_values| {
-            norm_kernel::backward(
-                x_values,
-                grad_values,
-                (&self.means, &self.inverse_stds),
-                &self.scale_shift.affine(),
-            )
-        })?;
-        Ok(vec![Some(grad_x)])
+        Ok(vec![Some(self.input_grad(x[0], grad)?)])
     }
 }
 

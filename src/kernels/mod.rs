@@ -15,6 +15,7 @@ mod amx;
 mod compute_threads;
 mod cross_entropy;
 mod fast_math;
+mod feed_forward;
 mod few_rows;
 mod fill;
 mod flash_attention;
@@ -35,12 +36,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::Device;
 
 pub use activations::{geglu, gelu, silu};
-pub(crate) use add_into::{add_bias_into, add_into};
+pub(crate) use add_into::{add_bias_into, add_into, add_term_into};
 pub use compute_threads::on_compute_threads;
 pub use cross_entropy::cross_entropy_sum;
+pub use feed_forward::FrozenFeedForward;
 pub use frozen::{frozen_affine, frozen_conv2d, frozen_linear, geglu_affine, silu_conv2d};
 pub use fused_attention::fused_attention;
-pub use fused_norm::{normalize_affine, normalize_rows};
+pub use fused_norm::{NormPath, NormalizedInput, normalize_affine, normalize_rows};
 pub(crate) use products::joined_matmul;
 pub use products::{
     Bf16Products, bf16_products, bf16_products_available, matmul, product_arithmetic,

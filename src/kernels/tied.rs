@@ -8,7 +8,7 @@
 //! the output (candle has no way to move a tensor's storage out); values computed on the CPU by the
 //! project's own kernels ([`Ready::Cpu`]) are moved.
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
@@ -87,8 +87,13 @@ impl Ready {
     }
 }
 
-/// `result` tied to one, two or three `inputs` through `backward`; returned as it is when no input is
-/// part of a graph.
+/// `result` tied to one or more `inputs` through `backward`; returned as it is when no input is part of a
+/// graph.
+///
+/// candle's ops take at most three operands. More inputs are tied in two ops: all but the last two are
+/// tied to a one-value handle, and the result to the last two and the handle. The backward pass reaches
+/// the result's op first (the handle is its operand): it computes every gradient there and hands the
+/// leading inputs' ones to the handle's op, which returns them when the pass reaches it.
 pub(crate) fn tie(
     result: impl Into<Ready>,
     inputs: &[&Tensor],
@@ -99,15 +104,104 @@ pub(crate) fn tie(
         return Ok(result.into_tensor());
     }
     let name = backward.name();
-    let op = Tied {
-        backward,
-        result: Mutex::new(Some(result)),
-    };
     match inputs {
-        [a] => a.apply_op1(op),
-        [a, b] => a.apply_op2(b, op),
-        [a, b, c] => a.apply_op3(b, c, op),
-        _ => candle_core::bail!("{name}: ties one to three inputs, not {}", inputs.len()),
+        [a] => a.apply_op1(Tied::new(backward, result)),
+        [a, b] => a.apply_op2(b, Tied::new(backward, result)),
+        [a, b, c] => a.apply_op3(b, c, Tied::new(backward, result)),
+        [leading @ .., b, c] => {
+            let handed = Arc::new(Mutex::new(None));
+            let placeholder = Tensor::zeros(1, leading[0].dtype(), b.device())?;
+            let handle = tie(
+                placeholder,
+                leading,
+                HandedGradients {
+                    name,
+                    handed: handed.clone(),
+                },
+            )?;
+            let whole = Gathered {
+                backward,
+                leading: leading.iter().map(|&t| t.clone()).collect(),
+                handed: handle.track_op().then_some(handed),
+            };
+            b.apply_op3(c, &handle, Tied::new(whole, result))
+        }
+        [] => candle_core::bail!("{name}: ties no input"),
+    }
+}
+
+/// Gradients computed by a [`Gathered`] op for the inputs of a handle, until the handle's op takes them.
+type Handed = Arc<Mutex<Option<Vec<Option<Tensor>>>>>;
+
+/// The backward pass of an op with more than three inputs, tied to the last two and a handle of the others.
+struct Gathered<B> {
+    backward: B,
+    /// The inputs behind the handle (held by the handle's op as well: no copy).
+    leading: Vec<Tensor>,
+    /// Where their gradients go; `None` when the handle is not part of a graph.
+    handed: Option<Handed>,
+}
+
+impl<B: TiedBackward> TiedBackward for Gathered<B> {
+    fn name(&self) -> &'static str {
+        self.backward.name()
+    }
+
+    fn bwd(
+        &self,
+        inputs: &[&Tensor],
+        output: &Tensor,
+        grad: &Tensor,
+    ) -> Result<Vec<Option<Tensor>>> {
+        let [last_two @ .., handle] = inputs else {
+            candle_core::bail!("{}: no handle among the inputs", self.name());
+        };
+        let all: Vec<&Tensor> = self
+            .leading
+            .iter()
+            .chain(last_two.iter().copied())
+            .collect();
+        let mut grads = self.backward.bwd(&all, output, grad)?;
+        if grads.len() != all.len() {
+            candle_core::bail!(
+                "{}: {} gradients for {} inputs",
+                self.name(),
+                grads.len(),
+                all.len()
+            );
+        }
+        let mut own = grads.split_off(self.leading.len());
+        if let Some(handed) = &self.handed {
+            *handed.lock().unwrap_or_else(PoisonError::into_inner) = Some(grads);
+        }
+        own.push(Some(handle.zeros_like()?));
+        Ok(own)
+    }
+}
+
+/// The backward pass of a handle: the gradients its [`Gathered`] op computed.
+struct HandedGradients {
+    name: &'static str,
+    handed: Handed,
+}
+
+impl TiedBackward for HandedGradients {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn bwd(&self, _: &[&Tensor], _: &Tensor, _: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let grads = self
+            .handed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        grads.ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "{}: the gradients of the leading inputs were not computed",
+                self.name
+            ))
+        })
     }
 }
 
@@ -118,6 +212,13 @@ struct Tied<B> {
 }
 
 impl<B: TiedBackward> Tied<B> {
+    fn new(backward: B, result: Ready) -> Self {
+        Self {
+            backward,
+            result: Mutex::new(Some(result)),
+        }
+    }
+
     fn take(&self) -> Result<Ready> {
         let result = self
             .result
@@ -330,5 +431,65 @@ impl<B: TiedBackward> CustomOp3 for Tied<B> {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let [first, second, third] = self.gradients([first, second, third], output, grad)?;
         Ok((first, second, third))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Result, Tensor, Var};
+
+    use super::{Ready, TiedBackward, tie};
+
+    /// `Σ (i + 1)·xᵢ` over inputs of one shape.
+    struct WeightedSum;
+
+    impl TiedBackward for WeightedSum {
+        fn name(&self) -> &'static str {
+            "weighted-sum"
+        }
+
+        fn bwd(
+            &self,
+            inputs: &[&Tensor],
+            _: &Tensor,
+            grad: &Tensor,
+        ) -> Result<Vec<Option<Tensor>>> {
+            (0..inputs.len())
+                .map(|i| (grad * (i + 1) as f64).map(Some))
+                .collect()
+        }
+    }
+
+    #[test]
+    fn any_number_of_inputs_get_their_gradients() {
+        for count in 1..=7 {
+            let vars: Vec<Var> = (0..count)
+                .map(|i| Var::new(&[i as f64, 1.0], &Device::Cpu).unwrap())
+                .collect();
+            // One input outside the graph, among the leading ones when there are any.
+            let constant = Tensor::new(&[5.0f64, 6.0], &Device::Cpu).unwrap();
+            let mut inputs: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+            inputs.insert(0, &constant);
+            let mut sum = Tensor::zeros(2, candle_core::DType::F64, &Device::Cpu).unwrap();
+            for (i, input) in inputs.iter().enumerate() {
+                sum = (sum + (*input * (i + 1) as f64).unwrap()).unwrap();
+            }
+            let tied = tie(Ready::Tensor(sum.detach()), &inputs, WeightedSum).unwrap();
+            assert_eq!(
+                tied.to_vec1::<f64>().unwrap(),
+                sum.to_vec1::<f64>().unwrap()
+            );
+            let grads = (&tied * Tensor::new(&[1.0f64, 2.0], &Device::Cpu).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (i, var) in vars.iter().enumerate() {
+                let factor = (i + 2) as f64;
+                let grad = grads.get(var).unwrap().to_vec1::<f64>().unwrap();
+                assert_eq!(grad, [factor, 2.0 * factor], "input {i} of {count}");
+            }
+        }
     }
 }

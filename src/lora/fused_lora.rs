@@ -13,19 +13,49 @@
 use candle_core::{Result, Tensor};
 
 use crate::kernels::{
-    Ready, TiedBackward, add_bias_into, add_into, frozen_linear, joined_matmul, matmul, tie,
+    NormPath, NormalizedInput, Ready, TiedBackward, add_bias_into, add_into, add_term_into,
+    frozen_linear, joined_matmul, matmul, tie,
 };
 
-/// `x·Wᵀ + b + scale·(x·downᵀ)·upᵀ`, differentiable in `x`, `down` and `up` (`W` and `b` frozen).
+/// What a LoRA linear reads: a tensor, or a layer norm's output that the layer takes from the norm's input
+/// and recomputes in its backward pass instead of keeping.
+#[derive(Clone, Copy)]
+pub enum LinearInput<'a> {
+    Tensor(&'a Tensor),
+    Normalized(&'a NormalizedInput),
+}
+
+impl LinearInput<'_> {
+    /// The tensor the layer's output is tied to, the values it reads, and the norm between them.
+    fn parts(self) -> (Tensor, Tensor, Option<NormPath>) {
+        match self {
+            LinearInput::Tensor(x) => (x.clone(), x.detach(), None),
+            LinearInput::Normalized(input) => (
+                input.input().clone(),
+                input.values().clone(),
+                Some(input.path().clone()),
+            ),
+        }
+    }
+}
+
+/// `x·Wᵀ + b + scale·(x·downᵀ)·upᵀ`, plus `residual` (of the output's shape) when given, differentiable in
+/// the input, `down`, `up` and `residual` (`W` and `b` frozen). Summed here, the residual does not make the
+/// layer's output an operand that the graph keeps until the backward pass.
 pub fn lora_linear(
-    x: &Tensor,
+    input: LinearInput,
     weight: &Tensor,
     bias: Option<&Tensor>,
     (down, up): (&Tensor, &Tensor),
     scale: f64,
+    residual: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let (down, up) = (down.to_dtype(x.dtype())?, up.to_dtype(x.dtype())?);
-    let (x_value, down_value, up_value) = (x.detach(), down.detach(), up.detach());
+    let (tracked, x_value, norm) = input.parts();
+    let (down, up) = (
+        down.to_dtype(x_value.dtype())?,
+        up.to_dtype(x_value.dtype())?,
+    );
+    let (down_value, up_value) = (down.detach(), up.detach());
     // The scale goes on the narrow hidden values, and the low-rank product and the bias into the frozen
     // product's fresh output.
     let x_rows = x_value.reshape(((), down.dim(1)?))?;
@@ -36,7 +66,7 @@ pub fn lora_linear(
         Some(sum) => {
             let (out_features, in_features) = weight.dims2()?;
             crate::flops::add_layer(x_rows.dim(0)? * in_features * out_features);
-            let mut dims = x.dims().to_vec();
+            let mut dims = x_value.dims().to_vec();
             let Some(width) = dims.last_mut() else {
                 candle_core::bail!("lora linear: the input is a scalar");
             };
@@ -49,15 +79,20 @@ pub fn lora_linear(
             Ready::Tensor(add_into(frozen, Some(&low_rank), bias)?)
         }
     };
-    tie(
-        y,
-        &[x, &down, &up],
-        LoraLinearBackward {
-            weight: weight.clone(),
-            hidden,
-            scale,
-        },
-    )
+    drop((x_rows, x_value));
+    let backward = LoraLinearBackward {
+        weight: weight.clone(),
+        hidden,
+        scale,
+        norm,
+    };
+    match residual {
+        Some(residual) => {
+            let y = add_term_into(y, &residual.detach())?;
+            tie(y, &[&tracked, &down, &up, residual], backward)
+        }
+        None => tie(y, &[&tracked, &down, &up], backward),
+    }
 }
 
 /// Ties the precomputed result to the input and the adapter's down and up matrices.
@@ -66,6 +101,8 @@ struct LoraLinearBackward {
     /// `x·Aᵀ` from the forward pass, `[rows, rank]`: small, so kept rather than computed again.
     hidden: Tensor,
     scale: f64,
+    /// The norm between the tied input and the values the layer read, if any.
+    norm: Option<NormPath>,
 }
 
 impl TiedBackward for LoraLinearBackward {
@@ -74,9 +111,13 @@ impl TiedBackward for LoraLinearBackward {
     }
 
     fn bwd(&self, inputs: &[&Tensor], _: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        let (x, down, up) = (inputs[0], inputs[1].detach(), inputs[2].detach());
+        let (input, down, up) = (inputs[0], inputs[1].detach(), inputs[2].detach());
+        let x = match &self.norm {
+            Some(norm) => norm.normalized(input)?,
+            None => input.detach(),
+        };
         let (in_features, out_features) = (down.dim(1)?, up.dim(0)?);
-        let x_rows = x.detach().reshape(((), in_features))?;
+        let x_rows = x.reshape(((), in_features))?;
         let grad_rows = grad.reshape(((), out_features))?;
         let grad_hidden = (matmul(&grad_rows, &up)? * self.scale)?;
         let grad_x = match joined_matmul(&grad_rows, &self.weight, &grad_hidden, &down)? {
@@ -89,7 +130,16 @@ impl TiedBackward for LoraLinearBackward {
         .reshape(x.shape())?;
         let grad_up = (matmul(&grad_rows.t()?, &self.hidden)? * self.scale)?;
         let grad_down = matmul(&grad_hidden.t()?, &x_rows)?;
-        Ok(vec![Some(grad_x), Some(grad_down), Some(grad_up)])
+        let grad_input = match &self.norm {
+            Some(norm) => norm.input_grad(input, &grad_x)?,
+            None => grad_x,
+        };
+        let mut grads = vec![Some(grad_input), Some(grad_down), Some(grad_up)];
+        if inputs.len() == 4 {
+            // The residual's gradient is the output's.
+            grads.push(Some(grad.clone()));
+        }
+        Ok(grads)
     }
 }
 
@@ -97,9 +147,9 @@ impl TiedBackward for LoraLinearBackward {
 mod tests {
     use candle_core::{DType, Device, Tensor, Var};
 
-    use super::lora_linear;
-    use crate::kernels::Bf16Products;
-    use crate::test_support::{max_abs_diff, pseudo_random, relative_difference};
+    use super::{LinearInput, lora_linear};
+    use crate::kernels::{Bf16Products, NormalizedInput, normalize_affine};
+    use crate::test_support::{max_abs_diff, probed_gradients, pseudo_random, relative_difference};
 
     fn var(dims: &[usize], seed: f64) -> Var {
         let n: usize = dims.iter().product();
@@ -122,11 +172,12 @@ mod tests {
         let (down, up) = (var(&[3, 7], 2.3), var(&[6, 3], 3.1));
         let scale = 0.75;
         let ours = lora_linear(
-            x.as_tensor(),
+            LinearInput::Tensor(x.as_tensor()),
             &weight,
             Some(&bias),
             (down.as_tensor(), up.as_tensor()),
             scale,
+            None,
         )
         .unwrap();
         let composed = (x
@@ -155,6 +206,72 @@ mod tests {
     }
 
     #[test]
+    fn a_residual_is_summed_and_gets_the_output_gradient() {
+        let x = var(&[2, 5, 7], 0.2);
+        let weight = var(&[6, 7], 0.9).as_tensor().detach();
+        let (down, up) = (var(&[3, 7], 2.3), var(&[6, 3], 3.1));
+        let residual = var(&[2, 5, 6], 1.7);
+        let layer = |residual: Option<&Tensor>| {
+            let adapter = (down.as_tensor(), up.as_tensor());
+            let input = LinearInput::Tensor(x.as_tensor());
+            lora_linear(input, &weight, None, adapter, 0.5, residual).unwrap()
+        };
+        let ours = layer(Some(residual.as_tensor()));
+        let composed = (layer(None) + residual.as_tensor()).unwrap();
+        assert!(max_abs_diff(&ours, &composed) < 1e-12);
+        let weights = var(&[2, 5, 6], 4.7);
+        let loss = |y: &Tensor| (y * weights.as_tensor()).unwrap().sum_all().unwrap();
+        let ours_grads = loss(&ours).backward().unwrap();
+        let composed_grads = loss(&composed).backward().unwrap();
+        for (name, v) in [
+            ("x", &x),
+            ("down", &down),
+            ("up", &up),
+            ("residual", &residual),
+        ] {
+            let diff = max_abs_diff(ours_grads.get(v).unwrap(), composed_grads.get(v).unwrap());
+            assert!(diff < 1e-11, "d{name} differs by {diff}");
+        }
+    }
+
+    #[test]
+    fn a_normalized_input_gives_the_layer_on_the_norm_and_its_gradients() {
+        let x = Var::from_tensor(&pseudo_random(&[2, 5, 40], 0.1)).unwrap();
+        let (norm_weight, norm_bias) = (pseudo_random(&[40], 0.2), pseudo_random(&[40], 0.3));
+        let weight = pseudo_random(&[24, 40], 0.4);
+        let (down, up) = (
+            Var::from_tensor(&pseudo_random(&[4, 40], 0.5)).unwrap(),
+            Var::from_tensor(&pseudo_random(&[24, 4], 0.6)).unwrap(),
+        );
+        let probe = pseudo_random(&[2, 5, 24], 0.7);
+        let adapter = (down.as_tensor(), up.as_tensor());
+        let norm = (&norm_weight, &norm_bias, 1e-5);
+        let normalized = NormalizedInput::new(x.as_tensor(), norm).unwrap().unwrap();
+        let tracked = normalize_affine(x.as_tensor(), 10, 1e-5, &norm_weight, &norm_bias).unwrap();
+        let outputs = [
+            LinearInput::Normalized(&normalized),
+            LinearInput::Tensor(&tracked),
+            // What a layer without one plain LoRA reads.
+            LinearInput::Tensor(&normalized.tracked().unwrap()),
+        ]
+        .map(|input| lora_linear(input, &weight, None, adapter, 0.5, None).unwrap());
+        let results = outputs.map(|y| {
+            let grads = probed_gradients(&y, &probe);
+            let [dx, ddown, dup] = [&x, &down, &up].map(|v| grads.get(v).unwrap().clone());
+            [y, dx, ddown, dup]
+        });
+        for other in &results[1..] {
+            for (name, (ours, theirs)) in ["y", "dx", "ddown", "dup"]
+                .iter()
+                .zip(results[0].iter().zip(other))
+            {
+                let difference = relative_difference(ours, theirs);
+                assert!(difference < 1e-6, "{name}: {difference}");
+            }
+        }
+    }
+
+    #[test]
     fn in_bf16_products_stays_within_bf16_rounding_of_the_f32_layer() {
         let inputs = [
             pseudo_random(&[2, 40, 64], 0.1),
@@ -168,7 +285,8 @@ mod tests {
         let run = |weight: &Tensor| {
             let vars = inputs.clone().map(|t| Var::from_tensor(&t).unwrap());
             let [x, down, up] = vars.each_ref().map(|v| v.as_tensor());
-            let y = lora_linear(x, weight, Some(&bias), (down, up), scale).unwrap();
+            let input = LinearInput::Tensor(x);
+            let y = lora_linear(input, weight, Some(&bias), (down, up), scale, None).unwrap();
             let grads = (&y * &output_weights)
                 .unwrap()
                 .sum_all()

@@ -14,9 +14,10 @@ use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::adapter::LoraAdapter;
-use super::fused_lora::lora_linear;
+use super::fused_lora::{LinearInput, lora_linear};
 use crate::kernels::{
-    frozen_affine, frozen_conv2d, frozen_linear, geglu, geglu_affine, silu, silu_conv2d,
+    NormalizedInput, frozen_affine, frozen_conv2d, frozen_linear, geglu, geglu_affine, silu,
+    silu_conv2d,
 };
 
 /// The geometry of a base layer, which decides how an adapter attaches to it.
@@ -341,10 +342,10 @@ pub struct AdaptableLinear {
 
 impl AdaptableLinear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let weight = self.slot.weight();
-        if let Some((down, up, scale)) = self.slot.single_plain_linear_lora() {
-            return lora_linear(x, &weight, self.bias.as_ref(), (&down, &up), scale);
+        if let Some(y) = self.single_lora_op(LinearInput::Tensor(x), None) {
+            return y;
         }
+        let weight = self.slot.weight();
         if let Some(bias) = &self.bias
             && !self.slot.has_active_adapters()
         {
@@ -355,6 +356,43 @@ impl AdaptableLinear {
             Some(bias) => y.broadcast_add(bias),
             None => Ok(y),
         }
+    }
+
+    /// `residual + layer(x)` (an attention's output layer and the block's residual stream). With one plain
+    /// LoRA the sum is part of the layer's op, so the layer's output is not kept for the backward pass.
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        match self.single_lora_op(LinearInput::Tensor(x), Some(residual)) {
+            Some(y) => y,
+            None => self.forward(x)? + residual,
+        }
+    }
+
+    /// This layer applied to a layer norm's output. With one plain LoRA the layer ties its output to the
+    /// norm's input and recomputes the norm in its backward pass, so the norm's output is not kept.
+    pub fn forward_normalized(&self, input: &NormalizedInput) -> Result<Tensor> {
+        match self.single_lora_op(LinearInput::Normalized(input), None) {
+            Some(y) => y,
+            None => self.forward(&input.tracked()?),
+        }
+    }
+
+    /// The layer and its adapter as one op ([`lora_linear`]), when it has one plain LoRA.
+    fn single_lora_op(
+        &self,
+        input: LinearInput,
+        residual: Option<&Tensor>,
+    ) -> Option<Result<Tensor>> {
+        let (down, up, scale) = self.slot.single_plain_linear_lora()?;
+        let weight = self.slot.weight();
+        let bias = self.bias.as_ref();
+        Some(lora_linear(
+            input,
+            &weight,
+            bias,
+            (&down, &up),
+            scale,
+            residual,
+        ))
     }
 
     /// This layer applied to `geglu(projected)` (a feed-forward's output layer). Without adapters the GEGLU
@@ -371,6 +409,13 @@ impl AdaptableLinear {
     /// The frozen weight (a handle, not a copy).
     pub fn weight(&self) -> Tensor {
         self.slot.weight()
+    }
+
+    /// The weight and bias, when the layer has a bias and no active adapter (it is then a frozen affine
+    /// map that ops may fold in).
+    pub fn frozen_affine(&self) -> Option<(Tensor, Tensor)> {
+        let bias = self.bias.as_ref()?;
+        (!self.slot.has_active_adapters()).then(|| (self.slot.weight(), bias.clone()))
     }
 
     pub fn slot(&self) -> &Arc<AdapterSlot> {

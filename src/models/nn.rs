@@ -29,6 +29,11 @@ impl LayerNorm {
         })
     }
 
+    /// The scale, shift and epsilon, for ops that fold the norm in.
+    pub fn parts(&self) -> (&Tensor, &Tensor, f64) {
+        (&self.weight, &self.bias, self.eps)
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let size = x.dim(D::Minus1)?;
         let rows = x.elem_count() / size.max(1);

@@ -3,6 +3,7 @@
 
 use candle_core::{Result, Tensor};
 
+use crate::kernels::{FrozenFeedForward, NormalizedInput};
 use crate::lora::{AdaptableConv2d, AdaptableLinear, LayerBuilder};
 use crate::models::nn::{GroupNorm, LayerNorm, attention};
 
@@ -34,13 +35,35 @@ impl Attention {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        let context = context.unwrap_or(x);
-        let q = self.to_q.forward(x)?;
-        let k = self.to_k.forward(context)?;
-        let v = self.to_v.forward(context)?;
+    /// `x` plus the attention of `norm(x)` to `context`, or to itself.
+    pub fn forward_residual(
+        &self,
+        norm: &LayerNorm,
+        x: &Tensor,
+        context: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (q, k, v) = match NormalizedInput::new(x, norm.parts())? {
+            // The projections take the norm's output without the graph keeping it.
+            Some(normalized) => {
+                let q = self.to_q.forward_normalized(&normalized)?;
+                let (k, v) = match context {
+                    Some(context) => (self.to_k.forward(context)?, self.to_v.forward(context)?),
+                    None => (
+                        self.to_k.forward_normalized(&normalized)?,
+                        self.to_v.forward_normalized(&normalized)?,
+                    ),
+                };
+                (q, k, v)
+            }
+            None => {
+                let normalized = norm.forward(x)?;
+                let context = context.unwrap_or(&normalized);
+                let q = self.to_q.forward(&normalized)?;
+                (q, self.to_k.forward(context)?, self.to_v.forward(context)?)
+            }
+        };
         self.to_out
-            .forward(&attention(&q, &k, &v, self.heads, None)?)
+            .forward_residual(&attention(&q, &k, &v, self.heads, None)?, x)
     }
 }
 
@@ -64,8 +87,22 @@ impl FeedForward {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.out.forward_geglu(&self.proj.forward(x)?)
+    /// `x + ff(norm(x))`: one op when both layers are frozen (only the projection is kept for the
+    /// backward pass, [`FrozenFeedForward`]), else the layers composed.
+    fn residual(&self, norm: &LayerNorm, x: &Tensor) -> Result<Tensor> {
+        if let (Some(proj), Some(out)) = (self.proj.frozen_affine(), self.out.frozen_affine()) {
+            let layers = FrozenFeedForward {
+                norm: norm.parts(),
+                proj: (&proj.0, &proj.1),
+                out: (&out.0, &out.1),
+            };
+            if let Some(y) = layers.residual(x)? {
+                return Ok(y);
+            }
+        }
+        self.out
+            .forward_geglu(&self.proj.forward(&norm.forward(x)?)?)?
+            + x
     }
 }
 
@@ -93,12 +130,11 @@ impl BasicTransformerBlock {
     }
 
     fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
-        let x = (self
+        let x = self.attn1.forward_residual(&self.norm1, x, None)?;
+        let x = self
             .attn2
-            .forward(&self.norm2.forward(&x)?, Some(context))?
-            + &x)?;
-        self.ff.forward(&self.norm3.forward(&x)?)? + &x
+            .forward_residual(&self.norm2, &x, Some(context))?;
+        self.ff.residual(&self.norm3, &x)
     }
 }
 
