@@ -13,9 +13,12 @@
 //! stride 1 and padding 1 on images of 32x32 and more go to [`super::winograd`], which needs a quarter of
 //! the products. Other devices use candle's convolution.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use std::ops::Range;
 
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
+
+use super::amx::{self, Operand, Output, PackedLeft};
 use super::fill::par_filled;
 use super::tied::Ready;
 
@@ -57,6 +60,9 @@ pub(super) fn conv2d_ready(
     }
     let (batch, _, height, width) = x.dims4()?;
     let patches = Patches::new(kernel, (height, width), padding, stride)?;
+    if let Some(output) = banded_conv2d(x, kernel, &patches, BAND_ELEMENTS)? {
+        return Ok(output);
+    }
     let (out_h, out_w) = patches.output_size()?;
     let columns = x.contiguous()?.apply_op1_no_bwd(&patches)?;
     let kernel_matrix = kernel
@@ -271,38 +277,143 @@ impl Patches {
         batch: usize,
     ) -> Result<Vec<T>> {
         let (out_h, out_w) = self.output_size()?;
-        let plane = self.height * self.width;
-        let row_len = batch * out_h * out_w;
-        let len = self.in_channels * self.k_h * self.k_w * row_len;
-        let columns = par_filled(len, row_len, T::zero(), |row, out| {
-            let (channel, tap) = (row / (self.k_h * self.k_w), row % (self.k_h * self.k_w));
-            let (i, j) = (tap / self.k_w, tap % self.k_w);
-            let (first_x, end_x) = self.valid_columns(j, out_w);
-            for image in 0..batch {
-                let source = &input[(image * self.in_channels + channel) * plane..][..plane];
-                for oy in 0..out_h {
-                    let Some(in_y) = (oy * self.stride + i).checked_sub(self.padding) else {
-                        continue;
-                    };
-                    if in_y >= self.height || first_x >= end_x {
-                        continue;
-                    }
-                    let line = &source[in_y * self.width..][..self.width];
-                    let target = &mut out[(image * out_h + oy) * out_w..][..out_w];
-                    let first_in = first_x * self.stride + j - self.padding;
-                    if self.stride == 1 {
-                        target[first_x..end_x]
-                            .copy_from_slice(&line[first_in..first_in + end_x - first_x]);
-                    } else {
-                        for (k, value) in target[first_x..end_x].iter_mut().enumerate() {
-                            *value = line[first_in + k * self.stride];
-                        }
-                    }
+        let image_len = out_h * out_w;
+        let row_len = batch * image_len;
+        let taps = self.k_h * self.k_w;
+        let columns = par_filled(
+            self.in_channels * taps * row_len,
+            row_len,
+            T::zero(),
+            |row, out| {
+                let (channel, tap) = (row / taps, row % taps);
+                for (image, target) in out.chunks_exact_mut(image_len).enumerate() {
+                    let source = self.plane(input, image, channel);
+                    self.fill_tap(source, tap, (0..out_h, out_w), target);
                 }
-            }
-        });
+            },
+        );
         Ok(columns)
     }
+
+    /// The patch matrix of output rows `rows` of one image of `input` (`[batch, in, h, w]`, contiguous):
+    /// `[in·kh·kw, rows·out_w]`.
+    fn fill_band<T: Copy + Send + Sync + num_traits::Zero>(
+        &self,
+        input: &[T],
+        image: usize,
+        rows: Range<usize>,
+    ) -> Result<Vec<T>> {
+        let (_, out_w) = self.output_size()?;
+        let row_len = rows.len() * out_w;
+        let taps = self.k_h * self.k_w;
+        Ok(par_filled(
+            self.in_channels * taps * row_len,
+            row_len,
+            T::zero(),
+            |row, out| {
+                let source = self.plane(input, image, row / taps);
+                self.fill_tap(source, row % taps, (rows.clone(), out_w), out);
+            },
+        ))
+    }
+
+    /// Channel `channel` of image `image` of `input` (`[batch, in, h, w]`, contiguous).
+    fn plane<'a, T>(&self, input: &'a [T], image: usize, channel: usize) -> &'a [T] {
+        let plane = self.height * self.width;
+        &input[(image * self.in_channels + channel) * plane..][..plane]
+    }
+
+    /// The values under kernel tap `tap` (`i·kw + j`) of one input plane for output rows `rows` (each
+    /// `out_w` wide), into `target`; values in the padding are left as they are.
+    fn fill_tap<T: Copy>(
+        &self,
+        source: &[T],
+        tap: usize,
+        (rows, out_w): (Range<usize>, usize),
+        target: &mut [T],
+    ) {
+        let (i, j) = (tap / self.k_w, tap % self.k_w);
+        let (first_x, end_x) = self.valid_columns(j, out_w);
+        for (index, oy) in rows.enumerate() {
+            let Some(in_y) = (oy * self.stride + i).checked_sub(self.padding) else {
+                continue;
+            };
+            if in_y >= self.height || first_x >= end_x {
+                continue;
+            }
+            let line = &source[in_y * self.width..][..self.width];
+            let target = &mut target[index * out_w..][..out_w];
+            let first_in = first_x * self.stride + j - self.padding;
+            if self.stride == 1 {
+                target[first_x..end_x].copy_from_slice(&line[first_in..first_in + end_x - first_x]);
+            } else {
+                for (k, value) in target[first_x..end_x].iter_mut().enumerate() {
+                    *value = line[first_in + k * self.stride];
+                }
+            }
+        }
+    }
+}
+
+/// Patch values per band of [`banded_conv2d`] in a model's convolutions (16 MiB of f32).
+const BAND_ELEMENTS: usize = 1 << 22;
+
+/// The patch-matrix convolution of `x` (f32) in bf16 products, when its patch matrix is larger than a band
+/// of `band_elements` values: band by band of output rows, each band's patches are made, multiplied by the kernel (packed once for
+/// all bands) into the band's output columns, and dropped, so the patch matrix (nine times the input for a
+/// 3x3 kernel: 377 MB for SDXL's 640-channel convolutions at 1024 px) never exists whole. `None` otherwise.
+fn banded_conv2d(
+    x: &Tensor,
+    kernel: &Tensor,
+    patches: &Patches,
+    band_elements: usize,
+) -> Result<Option<Ready>> {
+    let (batch, _, _, _) = x.dims4()?;
+    let (out_h, out_w) = patches.output_size()?;
+    let depth = patches.in_channels * patches.k_h * patches.k_w;
+    let image_len = out_h * out_w;
+    let applies = super::bf16_products() && x.dtype() == DType::F32 && x.device().is_cpu();
+    if !applies || depth * batch * image_len <= band_elements {
+        return Ok(None);
+    }
+    let out_channels = kernel.dim(0)?;
+    let kernel = kernel.contiguous()?;
+    let (kernel_storage, kernel_layout) = kernel.storage_and_layout();
+    let Storage::Cpu(kernel_storage) = &*kernel_storage else {
+        return Ok(None);
+    };
+    let Some(kernel_values) = super::products::cpu_values(kernel_storage)
+        .and_then(|values| values.starting_at(kernel_layout.start_offset()))
+    else {
+        return Ok(None);
+    };
+    let kernel_matrix = Operand {
+        data: kernel_values,
+        row_stride: depth,
+        col_stride: 1,
+    };
+    let left = PackedLeft::new(kernel_matrix, (out_channels, depth), true);
+    let band_rows = (band_elements / (depth * out_w)).clamp(1, out_h);
+    let mut output = par_filled(batch * out_channels * image_len, 1 << 14, 0f32, |_, _| {});
+    super::fused_norm::with_values(&x.contiguous()?, |input| -> Result<()> {
+        for image in 0..batch {
+            for first in (0..out_h).step_by(band_rows) {
+                let rows = first..(first + band_rows).min(out_h);
+                let columns = rows.len() * out_w;
+                let band = patches.fill_band(input, image, rows)?;
+                let out = Output {
+                    data: &mut output[image * out_channels * image_len + first * out_w..],
+                    row_stride: image_len,
+                    accumulate: false,
+                    scale: 1.0,
+                };
+                amx::product_packed(&left, Operand::f32(&band, columns, 1), columns, out, true);
+            }
+        }
+        Ok(())
+    })??;
+    let shape = Shape::from((batch, out_channels, out_h, out_w));
+    Ok(Some(Ready::Cpu(CpuStorage::F32(output), shape)))
 }
 
 /// The inverse of [`Patches`]: adds each entry of a patch matrix (`[in·kh·kw, batch·out_h·out_w]`) back to
@@ -420,6 +531,35 @@ mod tests {
         (3, (5, 4), 1, 0, 1),
         (2, (6, 7), 1, 0, 2),
     ];
+
+    #[test]
+    fn bands_of_patches_give_the_whole_product() {
+        let Some(_scope) = crate::kernels::Bf16Products::enter() else {
+            // Without AMX there are no bf16 products, and no bands.
+            return;
+        };
+        for (batch, size, k, padding, stride) in [CASES[1], CASES[4], CASES[7]] {
+            let (x, kernel) = input_and_kernel(batch, size, k);
+            let [x, kernel] = [x, kernel].map(|t| t.to_dtype(DType::F32).unwrap());
+            let patches = super::Patches::new(&kernel, size, padding, stride).unwrap();
+            let whole = super::conv2d(&x, &kernel, padding, stride).unwrap();
+            // Bands of one and of two output rows.
+            for band in [1, 4 * k * k * 2 * size.1] {
+                let banded = super::banded_conv2d(&x, &kernel, &patches, band)
+                    .unwrap()
+                    .unwrap()
+                    .into_tensor();
+                let diff = max_abs_diff(
+                    &banded.to_dtype(DType::F64).unwrap(),
+                    &whole.to_dtype(DType::F64).unwrap(),
+                );
+                assert!(
+                    diff < 1e-5,
+                    "{batch} {size:?} k{k} p{padding} s{stride}: {diff}"
+                );
+            }
+        }
+    }
 
     fn input_and_kernel(batch: usize, size: (usize, usize), k: usize) -> (Tensor, Tensor) {
         let device = Device::Cpu;
