@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::{FiniteDifferences, Reference, fixture, max_abs, max_abs_diff};
-use lora_studio::lora::{KohyaLora, LoraAdapter, kohya_name};
+use lora_studio::lora::{KohyaLora, LayerShape, LoraAdapter, kohya_name};
 use lora_studio::models::checkpoint::ModelSource;
 use lora_studio::models::pipeline::StableDiffusion;
 use lora_studio::models::unet::AddedConditions;
@@ -280,45 +280,71 @@ fn sdxl_text_encoder_adapter_gradients_pass_finite_differences() {
     finite_difference_check("sdxl", "lora_sdxl.safetensors", "te");
 }
 
-/// A transformer block's feed-forward without adapters runs as one op (its layer norm, both layers and the
-/// residual sum); the attention adapters' gradients through it are those through the composed layers,
-/// which run when the feed-forward carries adapters (here adapters whose up matrices are zero: they add
-/// nothing to the output).
-#[test]
-fn a_feed_forward_without_adapters_passes_the_gradients_of_its_composed_layers() {
-    let reference = Reference::open("sdxl");
-    let in_feed_forward = |name: &str| name.contains("_ff_net_");
-    let lora = "lora_sdxl.safetensors";
-    let (composed, composed_vars) = model_with_adapters("sdxl", lora, DType::F32, |name, up| {
-        Some(match in_feed_forward(name) {
-            true => up.zeros_like().unwrap(),
-            false => up,
-        })
-    });
-    let (fused, fused_vars) = model_with_adapters("sdxl", lora, DType::F32, |name, up| {
-        (!in_feed_forward(name)).then_some(up)
-    });
-    let composed_grads = unet_loss(&composed, &reference, DType::F32)
-        .backward()
-        .unwrap();
-    let fused_grads = unet_loss(&fused, &reference, DType::F32)
-        .backward()
-        .unwrap();
-    let mut compared = 0;
-    for (name, (down, up)) in fused_vars
-        .iter()
-        .filter(|(n, _)| n.starts_with("lora_unet_"))
-    {
-        let (composed_down, composed_up) = &composed_vars[name];
-        for (ours, theirs) in [(down, composed_down), (up, composed_up)] {
-            let expected = composed_grads.get(theirs).unwrap();
-            let scale = max_abs(expected);
-            let diff = max_abs_diff(fused_grads.get(ours).unwrap(), expected) / scale;
-            assert!(diff < 1e-5, "{name}: gradient differs by {diff:.2e}");
-            compared += 1;
+/// Attaches `count` adapters that add nothing (zero matrices of rank 1) to every feed-forward layer of the
+/// UNet: with more than one adapter a layer runs composed, outside the feed-forward's fused op.
+fn add_idle_feed_forward_adapters(model: &StableDiffusion, count: usize) {
+    for (prefix, registry) in model.adapter_components() {
+        for slot in registry.slots() {
+            let name = kohya_name(prefix, slot.kohya_path());
+            let LayerShape::Linear {
+                in_features,
+                out_features,
+            } = *slot.shape()
+            else {
+                continue;
+            };
+            if !(name.starts_with("lora_unet_") && name.contains("_ff_net_")) {
+                continue;
+            }
+            for _ in 0..count {
+                let down = Tensor::zeros((1, in_features), DType::F32, &Device::Cpu).unwrap();
+                let up = Tensor::zeros((out_features, 1), DType::F32, &Device::Cpu).unwrap();
+                let idle = LoraAdapter::new(down, up, None, slot.shape()).unwrap();
+                slot.attach(Arc::new(idle));
+            }
         }
     }
-    assert!(compared > 100, "{compared} gradients compared");
+}
+
+/// A transformer block's feed-forward runs as one op (its layer norm, both layers, their LoRAs and the
+/// residual sum) when each layer has at most one plain LoRA. Its gradients are those of the composed
+/// layers, which run when the feed-forward carries further adapters that add nothing: with the fixture's
+/// feed-forward adapters (every adapter's gradient compared), and without them (the attention-only LoRA of
+/// diffusers' default; the attention adapters' gradients pass through the frozen feed-forwards).
+#[test]
+fn the_fused_feed_forward_passes_the_gradients_of_its_composed_layers() {
+    let reference = Reference::open("sdxl");
+    let lora = "lora_sdxl.safetensors";
+    let in_feed_forward = |name: &str| name.contains("_ff_net_");
+    for trained in [true, false] {
+        let keep = |name: &str, up: Tensor| (trained || !in_feed_forward(name)).then_some(up);
+        let (fused, fused_vars) = model_with_adapters("sdxl", lora, DType::F32, keep);
+        let (composed, composed_vars) = model_with_adapters("sdxl", lora, DType::F32, keep);
+        add_idle_feed_forward_adapters(&composed, if trained { 1 } else { 2 });
+        let composed_grads = unet_loss(&composed, &reference, DType::F32)
+            .backward()
+            .unwrap();
+        let fused_grads = unet_loss(&fused, &reference, DType::F32)
+            .backward()
+            .unwrap();
+        let mut compared = 0;
+        for (name, (down, up)) in fused_vars
+            .iter()
+            .filter(|(n, _)| n.starts_with("lora_unet_"))
+        {
+            let (composed_down, composed_up) = &composed_vars[name];
+            for (ours, theirs) in [(down, composed_down), (up, composed_up)] {
+                let expected = composed_grads.get(theirs).unwrap();
+                let scale = max_abs(expected);
+                let diff = max_abs_diff(fused_grads.get(ours).unwrap(), expected) / scale;
+                assert!(diff < 1e-5, "{name}: gradient differs by {diff:.2e}");
+                compared += 1;
+            }
+        }
+        let feed_forward = fused_vars.keys().filter(|n| in_feed_forward(n)).count();
+        assert_eq!(feed_forward > 0, trained);
+        assert!(compared > 100, "{compared} gradients compared");
+    }
 }
 
 #[test]

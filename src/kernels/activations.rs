@@ -128,6 +128,14 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
     tie(output, &[projected], GegluBackward)
 }
 
+/// GEGLU of a projection kept for a backward pass (f32, or bf16 on the CPU), outside the graph; f32.
+pub(super) fn geglu_of_kept(projected: &Tensor) -> Result<Tensor> {
+    if projected.dtype() == DType::BF16 && super::cpu_kernels(projected.device()) {
+        return Ready::from_cpu_op(&projected.contiguous()?, &GegluRows).map(Ready::into_tensor);
+    }
+    geglu(&projected.detach())
+}
+
 /// Ties the precomputed GEGLU output (first operand) to the projection (second).
 struct GegluBackward;
 
@@ -196,7 +204,7 @@ fn geglu_gradient_row(row: &[f32], grad: &[f32], out: &mut [f32]) {
     }
 }
 
-/// GEGLU's forward over rows `[value | gate]` of contiguous f32 data, rows in parallel.
+/// GEGLU's forward over rows `[value | gate]` of contiguous f32 (or bf16) data, rows in parallel.
 struct GegluRows;
 
 impl CustomOp1 for GegluRows {
@@ -205,13 +213,14 @@ impl CustomOp1 for GegluRows {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let input = f32_rows(storage, layout, "GEGLU")?;
+        let input = ProjectionRows::of(storage, layout)?;
         let dims = layout.dims();
         let width = dims.last().copied().unwrap_or(0);
         let inner = width / 2;
         let simd = Simd::detect();
         let out = par_filled(input.len() / 2, inner, 0.0, |index, out| {
-            let row = &input[index * width..][..width];
+            let mut widened = Vec::new();
+            let row = input.row(index, width, &mut widened);
             vectorised(
                 simd,
                 #[inline(always)]
@@ -240,6 +249,21 @@ impl<'a> ProjectionRows<'a> {
                 Ok(ProjectionRows::Bf16(&values[start..end]))
             }
             _ => f32_rows(storage, layout, "GEGLU gradient").map(ProjectionRows::F32),
+        }
+    }
+
+    /// Row `index` of rows `width` long, as f32 (bf16 values widened into `widened`).
+    fn row<'b>(self, index: usize, width: usize, widened: &'b mut Vec<f32>) -> &'b [f32]
+    where
+        'a: 'b,
+    {
+        let range = index * width..(index + 1) * width;
+        match self {
+            ProjectionRows::F32(values) => &values[range],
+            ProjectionRows::Bf16(values) => {
+                *widened = values[range].iter().map(|v| v.to_f32()).collect();
+                widened
+            }
         }
     }
 
@@ -277,15 +301,8 @@ impl CustomOp2 for GegluGradientRows {
         let simd = Simd::detect();
         let out = par_filled(input.len(), width, 0.0, |index, out| {
             let grad = &grad[index * inner..][..inner];
-            let range = index * width..(index + 1) * width;
-            let widened: Vec<f32>;
-            let row = match input {
-                ProjectionRows::F32(values) => &values[range],
-                ProjectionRows::Bf16(values) => {
-                    widened = values[range].iter().map(|v| v.to_f32()).collect();
-                    &widened
-                }
-            };
+            let mut widened = Vec::new();
+            let row = input.row(index, width, &mut widened);
             vectorised(
                 simd,
                 #[inline(always)]

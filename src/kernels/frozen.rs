@@ -26,7 +26,7 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 /// `x · Wᵀ + b` with a frozen `W` and `b`, keeping only its output for the backward pass (the bias sum of
 /// a separate op would keep the product as well).
 pub fn frozen_affine(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    let output = affine_ready(&x.detach(), weight, bias)?;
+    let output = affine_ready(&x.detach(), weight, Some(bias))?;
     tie(
         output,
         &[x],
@@ -42,7 +42,7 @@ pub fn frozen_affine(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tenso
 /// The backward pass takes the product's input gradient `g·W` through GEGLU's.
 pub fn geglu_affine(projected: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let activated = super::geglu(&projected.detach())?;
-    let output = affine_ready(&activated, weight, bias)?;
+    let output = affine_ready(&activated, weight, Some(bias))?;
     drop(activated);
     tie(
         output,
@@ -53,8 +53,8 @@ pub fn geglu_affine(projected: &Tensor, weight: &Tensor, bias: &Tensor) -> Resul
     )
 }
 
-/// `x · Wᵀ + b` for a detached `x`, as a result to tie (moved, not copied, on the CPU).
-pub(super) fn affine_ready(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Ready> {
+/// `x · Wᵀ (+ b)` for a detached `x`, as a result to tie (moved, not copied, on the CPU).
+pub(super) fn affine_ready(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Ready> {
     let x = x.contiguous()?;
     let product = if x.device().is_cpu() {
         let op = FrozenMatmul {
@@ -64,7 +64,7 @@ pub(super) fn affine_ready(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result
     } else {
         Ready::Tensor(frozen_linear(&x, weight)?)
     };
-    super::add_bias_into(product, Some(bias))
+    super::add_bias_into(product, bias)
 }
 
 /// Routes the output gradient of [`geglu_affine`] through the product and GEGLU to the projection.

@@ -184,12 +184,7 @@ pub struct NormPath(Arc<KernelNormBackward>);
 impl NormPath {
     /// The norm's output for the input `x`, as the forward pass computed it.
     pub fn normalized(&self, x: &Tensor) -> Result<Tensor> {
-        let norm = &self.0;
-        let output = with_values(&x.detach(), |values| {
-            let rows = norm.means.len();
-            norm_kernel::forward(values, rows, norm.eps, &norm.scale_shift.affine()).0
-        })?;
-        Tensor::from_vec(output, x.shape(), x.device())
+        self.0.normalized(x)
     }
 
     /// The gradient of the norm's input `x` given the gradient of its output.
@@ -243,6 +238,15 @@ pub(super) struct KernelNormBackward {
 }
 
 impl KernelNormBackward {
+    /// The norm's output for the input `x`, as the forward pass computed it.
+    pub(super) fn normalized(&self, x: &Tensor) -> Result<Tensor> {
+        let output = with_values(&x.detach(), |values| {
+            let rows = self.means.len();
+            norm_kernel::forward(values, rows, self.eps, &self.scale_shift.affine()).0
+        })?;
+        Tensor::from_vec(output, x.shape(), x.device())
+    }
+
     /// The gradient of the input `x` given the output gradient.
     pub(super) fn input_grad(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
         kernel_input_gradient(x, grad, |x_values, grad_values| {

@@ -23,6 +23,7 @@ mod frozen;
 mod fused_attention;
 mod fused_norm;
 mod im2col;
+mod low_rank;
 mod norm_kernel;
 mod products;
 mod rms_norm;
@@ -39,17 +40,18 @@ pub use activations::{geglu, gelu, silu};
 pub(crate) use add_into::{add_bias_into, add_into, add_term_into};
 pub use compute_threads::on_compute_threads;
 pub use cross_entropy::cross_entropy_sum;
-pub use feed_forward::FrozenFeedForward;
+pub use feed_forward::{AffineLayer, FusedFeedForward};
 pub use frozen::{frozen_affine, frozen_conv2d, frozen_linear, geglu_affine, silu_conv2d};
 pub use fused_attention::fused_attention;
 pub use fused_norm::{NormPath, NormalizedInput, normalize_affine, normalize_rows};
-pub(crate) use products::joined_matmul;
+pub use low_rank::LowRank;
+pub(crate) use low_rank::{AdapterState, adapted_affine, adapted_affine_gradients};
 pub use products::{
     Bf16Products, bf16_products, bf16_products_available, matmul, product_arithmetic,
 };
 pub use rms_norm::rms_norm;
 pub use rotary::rotary_embedding;
-pub(crate) use tied::{Ready, TiedBackward, tie};
+pub(crate) use tied::{TiedBackward, tie};
 
 /// The environment variable that, set to anything but `0`, makes the CPU take the device-generic paths.
 pub const GENERIC_KERNELS_ENV: &str = "LORA_STUDIO_GENERIC_KERNELS";

@@ -13,8 +13,8 @@
 use candle_core::{Result, Tensor};
 
 use crate::kernels::{
-    NormPath, NormalizedInput, Ready, TiedBackward, add_bias_into, add_into, add_term_into,
-    frozen_linear, joined_matmul, matmul, tie,
+    AdapterState, LowRank, NormPath, NormalizedInput, TiedBackward, adapted_affine,
+    adapted_affine_gradients, add_term_into, tie,
 };
 
 /// What a LoRA linear reads: a tensor, or a layer norm's output that the layer takes from the norm's input
@@ -55,34 +55,17 @@ pub fn lora_linear(
         down.to_dtype(x_value.dtype())?,
         up.to_dtype(x_value.dtype())?,
     );
-    let (down_value, up_value) = (down.detach(), up.detach());
-    // The scale goes on the narrow hidden values, and the low-rank product and the bias into the frozen
-    // product's fresh output.
-    let x_rows = x_value.reshape(((), down.dim(1)?))?;
-    let hidden = matmul(&x_rows, &down_value.t()?)?;
-    let scaled = (&hidden * scale)?;
-    let joined = joined_matmul(&x_rows, &weight.t()?, &scaled, &up_value.t()?)?;
-    let y = match joined {
-        Some(sum) => {
-            let (out_features, in_features) = weight.dims2()?;
-            crate::flops::add_layer(x_rows.dim(0)? * in_features * out_features);
-            let mut dims = x_value.dims().to_vec();
-            let Some(width) = dims.last_mut() else {
-                candle_core::bail!("lora linear: the input is a scalar");
-            };
-            *width = out_features;
-            add_bias_into(sum.reshaped(&dims)?, bias)?
-        }
-        None => {
-            let frozen = frozen_linear(&x_value, weight)?;
-            let low_rank = scaled.matmul(&up_value.t()?)?.reshape(frozen.shape())?;
-            Ready::Tensor(add_into(frozen, Some(&low_rank), bias)?)
-        }
+    let adapter = LowRank {
+        down: &down,
+        up: &up,
+        scale,
     };
-    drop((x_rows, x_value));
+    let (y, hidden) = adapted_affine(&x_value, weight, bias, Some(adapter))?;
+    drop(x_value);
     let backward = LoraLinearBackward {
         weight: weight.clone(),
-        hidden,
+        hidden: hidden
+            .ok_or_else(|| candle_core::Error::Msg("lora linear: no hidden values".into()))?,
         scale,
         norm,
     };
@@ -111,25 +94,24 @@ impl TiedBackward for LoraLinearBackward {
     }
 
     fn bwd(&self, inputs: &[&Tensor], _: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        let (input, down, up) = (inputs[0], inputs[1].detach(), inputs[2].detach());
+        let (input, down, up) = (inputs[0], inputs[1], inputs[2]);
         let x = match &self.norm {
             Some(norm) => norm.normalized(input)?,
             None => input.detach(),
         };
-        let (in_features, out_features) = (down.dim(1)?, up.dim(0)?);
-        let x_rows = x.reshape(((), in_features))?;
-        let grad_rows = grad.reshape(((), out_features))?;
-        let grad_hidden = (matmul(&grad_rows, &up)? * self.scale)?;
-        let grad_x = match joined_matmul(&grad_rows, &self.weight, &grad_hidden, &down)? {
-            Some(sum) => sum.into_tensor(),
-            None => {
-                let frozen_part = matmul(&grad_rows, &self.weight)?;
-                add_into(frozen_part, Some(&grad_hidden.matmul(&down)?), None)?
-            }
-        }
-        .reshape(x.shape())?;
-        let grad_up = (matmul(&grad_rows.t()?, &self.hidden)? * self.scale)?;
-        let grad_down = matmul(&grad_hidden.t()?, &x_rows)?;
+        let state = AdapterState {
+            adapter: LowRank {
+                down,
+                up,
+                scale: self.scale,
+            },
+            hidden: &self.hidden,
+            input: &x,
+        };
+        let (grad_x, adapter_grads) = adapted_affine_gradients(grad, &self.weight, Some(state))?;
+        let Some((grad_down, grad_up)) = adapter_grads else {
+            candle_core::bail!("lora linear: no adapter gradients");
+        };
         let grad_input = match &self.norm {
             Some(norm) => norm.input_grad(input, &grad_x)?,
             None => grad_x,

@@ -16,8 +16,8 @@ use candle_nn::VarBuilder;
 use super::adapter::LoraAdapter;
 use super::fused_lora::{LinearInput, lora_linear};
 use crate::kernels::{
-    NormalizedInput, frozen_affine, frozen_conv2d, frozen_linear, geglu, geglu_affine, silu,
-    silu_conv2d,
+    AffineLayer, LowRank, NormalizedInput, frozen_affine, frozen_conv2d, frozen_linear, geglu,
+    geglu_affine, silu, silu_conv2d,
 };
 
 /// The geometry of a base layer, which decides how an adapter attaches to it.
@@ -411,15 +411,46 @@ impl AdaptableLinear {
         self.slot.weight()
     }
 
-    /// The weight and bias, when the layer has a bias and no active adapter (it is then a frozen affine
-    /// map that ops may fold in).
-    pub fn frozen_affine(&self) -> Option<(Tensor, Tensor)> {
-        let bias = self.bias.as_ref()?;
-        (!self.slot.has_active_adapters()).then(|| (self.slot.weight(), bias.clone()))
+    /// The weight, bias and plain LoRA (if any), when the layer has a bias and at most one active adapter,
+    /// a plain LoRA: it is then an affine map that ops may fold in.
+    pub fn affine_parts(&self) -> Option<AffineParts> {
+        let bias = self.bias.clone()?;
+        let adapter = match self.slot.single_plain_linear_lora() {
+            Some(lora) => Some(lora),
+            None if !self.slot.has_active_adapters() => None,
+            None => return None,
+        };
+        Some(AffineParts {
+            weight: self.slot.weight(),
+            bias,
+            adapter,
+        })
     }
 
     pub fn slot(&self) -> &Arc<AdapterSlot> {
         &self.slot
+    }
+}
+
+/// An [`AdaptableLinear`]'s frozen weight and bias and its plain LoRA (down, up, scale), if any.
+pub struct AffineParts {
+    weight: Tensor,
+    bias: Tensor,
+    adapter: Option<(Tensor, Tensor, f64)>,
+}
+
+impl AffineParts {
+    /// The layer as a kernel sees it.
+    pub fn layer(&self) -> AffineLayer<'_> {
+        AffineLayer {
+            weight: &self.weight,
+            bias: &self.bias,
+            adapter: self.adapter.as_ref().map(|(down, up, scale)| LowRank {
+                down,
+                up,
+                scale: *scale,
+            }),
+        }
     }
 }
 

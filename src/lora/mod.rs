@@ -29,7 +29,8 @@ pub use kohya::{
 #[cfg(test)]
 pub(crate) use layer::one_linear_layer;
 pub use layer::{
-    AdaptableConv2d, AdaptableLinear, AdapterSlot, LayerBuilder, LayerRegistry, LayerShape,
+    AdaptableConv2d, AdaptableLinear, AdapterSlot, AffineParts, LayerBuilder, LayerRegistry,
+    LayerShape,
 };
 pub use network::{
     LoraNetwork, NetworkKind, NetworkModule, NetworkSpec, Rendering, TargetComponent,

@@ -3,7 +3,7 @@
 
 use candle_core::{Result, Tensor};
 
-use crate::kernels::{FrozenFeedForward, NormalizedInput};
+use crate::kernels::{FusedFeedForward, NormalizedInput};
 use crate::lora::{AdaptableConv2d, AdaptableLinear, LayerBuilder};
 use crate::models::nn::{GroupNorm, LayerNorm, attention};
 
@@ -87,14 +87,14 @@ impl FeedForward {
         })
     }
 
-    /// `x + ff(norm(x))`: one op when both layers are frozen (only the projection is kept for the
-    /// backward pass, [`FrozenFeedForward`]), else the layers composed.
+    /// `x + ff(norm(x))`: one op when each layer is frozen or has one plain LoRA (only the projection is
+    /// kept for the backward pass, [`FusedFeedForward`]), else the layers composed.
     fn residual(&self, norm: &LayerNorm, x: &Tensor) -> Result<Tensor> {
-        if let (Some(proj), Some(out)) = (self.proj.frozen_affine(), self.out.frozen_affine()) {
-            let layers = FrozenFeedForward {
+        if let (Some(proj), Some(out)) = (self.proj.affine_parts(), self.out.affine_parts()) {
+            let layers = FusedFeedForward {
                 norm: norm.parts(),
-                proj: (&proj.0, &proj.1),
-                out: (&out.0, &out.1),
+                proj: proj.layer(),
+                out: out.layer(),
             };
             if let Some(y) = layers.residual(x)? {
                 return Ok(y);
