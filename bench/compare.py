@@ -32,6 +32,12 @@ def main():
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument(
+        "--targets",
+        choices=["attention", "transformer"],
+        default="attention",
+        help="the UNet layers with a LoRA: the attention projections, or every linear layer of the transformers",
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--gradient-checkpointing", action="store_true")
@@ -49,6 +55,8 @@ def main():
     common = [*size, "--steps", str(args.steps), "--rank", str(args.rank), "--mixed-precision", args.mixed_precision]
     if args.gradient_checkpointing:
         common.append("--gradient-checkpointing")
+    if not language_model:
+        common += ["--targets", args.targets]
     script = "reference_lm_pytorch.py" if language_model else "reference_pytorch.py"
     ours_command = [args.binary, "bench", "--arch", args.arch, "--device", args.device, "--json", *common]
     arch = [] if language_model else ["--arch", args.arch]
@@ -76,7 +84,11 @@ def main():
         model = f"Qwen2.5-0.5B, {args.seq_len} tokens, batch 1, rank {args.rank} on q/k/v/o/gate/up/down"
     else:
         unet = {"sd15": "SD 1.5", "sdxl": "SDXL"}[args.arch]
-        model = f"{unet} UNet, {args.resolution} px, batch 1, rank {args.rank} on to_q/to_k/to_v/to_out.0"
+        layers = {
+            "attention": "to_q/to_k/to_v/to_out.0",
+            "transformer": "every linear layer of the transformers",
+        }[args.targets]
+        model = f"{unet} UNet, {args.resolution} px, batch 1, rank {args.rank} on {layers}"
     setting = (
         f"{model}, AdamW, {'f32' if args.mixed_precision == 'no' else 'bf16 mixed precision'}, {args.device}{', gradient checkpointing' if args.gradient_checkpointing else ''}; "
         f"medians of {args.rounds} alternating runs of {args.steps} steps; "

@@ -1,6 +1,7 @@
 """The reference that `lora-studio bench` is compared with: PyTorch + diffusers + peft training a LoRA on
 Stable Diffusion 1.5's or SDXL 1.0 base's UNet with random weights, as the diffusers example scripts and
-kohya do (f32, AdamW, LoRA on to_q/to_k/to_v/to_out.0), with random latents and text embeddings (cached
+kohya do (f32, AdamW, LoRA on to_q/to_k/to_v/to_out.0, or with `--targets transformer` on every linear layer
+of the spatial transformers as kohya's LoRA), with random latents and text embeddings (cached
 latents, frozen text encoders; for SDXL also a random pooled text embedding and the size values of an
 uncropped image at the bench resolution). `--mixed-precision bf16` trains as those scripts do with
 `--mixed_precision bf16`: the frozen UNet in bf16, the LoRA parameters in f32, forward and loss under
@@ -57,6 +58,15 @@ SDXL_UNET = dict(
 UNETS = {"sd15": SD15_UNET, "sdxl": SDXL_UNET}
 
 
+# The layers that get a LoRA, as `lora-studio bench --targets` names them: the diffusers scripts' attention
+# projections, or every linear layer of the spatial transformers (kohya's LoRA).
+ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+TARGETS = {
+    "attention": ATTENTION,
+    "transformer": [*ATTENTION, "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"],
+}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--arch", choices=sorted(UNETS), default="sd15")
@@ -64,6 +74,7 @@ def main():
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--targets", choices=sorted(TARGETS), default="attention")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
@@ -80,7 +91,7 @@ def main():
             r=args.rank,
             lora_alpha=args.rank,
             init_lora_weights="gaussian",
-            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+            target_modules=TARGETS[args.targets],
         )
     )
     if args.gradient_checkpointing:

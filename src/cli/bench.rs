@@ -1,12 +1,13 @@
 //! `lora-studio bench [--arch sd15|sdxl|tiny|qwen2-0.5b] [--resolution 256|512|1024] [--seq-len N]
-//! [--steps N] [--rank R] [--device D] [--gradient-checkpointing] [--json]`: training speed and memory on
+//! [--steps N] [--rank R] [--targets attention|transformer] [--device D] [--gradient-checkpointing]
+//! [--json]`: training speed and memory on
 //! this machine, with a UNet or a language model of real size and random weights (nothing is downloaded).
 
 use clap::{Args, ValueEnum};
 
 use crate::device::{DeviceChoice, open_device};
 use crate::kernels::Bf16Products;
-use crate::train::bench::{BenchArch, BenchReport, BenchSettings, run_bench};
+use crate::train::bench::{BenchArch, BenchReport, BenchSettings, BenchTargets, run_bench};
 use crate::train::lm_bench::{LmBenchReport, LmBenchSettings, run_lm_bench};
 
 #[derive(Debug, Args)]
@@ -25,10 +26,13 @@ pub struct BenchArgs {
     pub steps: usize,
     #[arg(long, default_value_t = 1)]
     pub batch_size: usize,
-    /// LoRA rank (UNets: on to_q, to_k, to_v and to_out.0; the language model: on every linear layer of
+    /// LoRA rank (UNets: on the layers --targets names; the language model: on every linear layer of
     /// attention and MLP).
     #[arg(long, default_value_t = 16)]
     pub rank: usize,
+    /// The UNet layers that get a LoRA.
+    #[arg(long, value_enum, default_value_t = Targets::Attention)]
+    pub targets: Targets,
     /// `cpu`, `cuda`, `cuda:N`, `metal` or `auto`.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -49,6 +53,15 @@ pub struct BenchArgs {
 pub enum BenchPrecision {
     No,
     Bf16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Targets {
+    /// to_q, to_k, to_v and to_out.0 (the diffusers training scripts' default).
+    Attention,
+    /// Every linear layer of the spatial transformers: the attention projections, ff.net.0.proj, ff.net.2,
+    /// proj_in and proj_out (kohya's LoRA, what lora-studio trains by default).
+    Transformer,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -106,6 +119,10 @@ fn run_unet(args: &BenchArgs, device: candle_core::Device, arch: BenchArch) -> a
         resolution: args.resolution,
         batch_size: args.batch_size,
         rank: args.rank,
+        targets: match args.targets {
+            Targets::Attention => BenchTargets::Attention,
+            Targets::Transformer => BenchTargets::Transformer,
+        },
         steps: args.steps,
         gradient_checkpointing: args.gradient_checkpointing,
         device,
@@ -129,6 +146,11 @@ fn run_language_model(args: &BenchArgs, device: candle_core::Device) -> anyhow::
     if args.gradient_checkpointing {
         anyhow::bail!(
             "--gradient-checkpointing is measured on the UNets only (--arch sd15, sdxl or tiny)"
+        );
+    }
+    if args.targets != Targets::Attention {
+        anyhow::bail!(
+            "--targets chooses the UNets' adapted layers (--arch sd15, sdxl or tiny); the language model adapts every linear layer"
         );
     }
     let settings = LmBenchSettings {
@@ -174,10 +196,14 @@ fn print_table(r: &BenchReport) {
         BenchArch::Tiny => "tiny UNet",
     };
     println!(
-        "{arch}, {} px, batch {}, rank {} ({} adapters, {} parameters), {}, {} products{}",
+        "{arch}, {} px, batch {}, rank {} on {} ({} adapters, {} parameters), {}, {} products{}",
         r.resolution,
         r.batch_size,
         r.rank,
+        match r.targets {
+            BenchTargets::Attention => "the attention projections",
+            BenchTargets::Transformer => "the transformers' linear layers",
+        },
         r.adapters,
         r.trainable_parameters,
         r.device,

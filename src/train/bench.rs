@@ -53,6 +53,37 @@ impl BenchArch {
     }
 }
 
+/// The UNet layers that get a LoRA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchTargets {
+    /// The attention projections (`to_q`, `to_k`, `to_v`, `to_out.0`): the diffusers training scripts'
+    /// default.
+    Attention,
+    /// Every linear layer of the spatial transformers (the attention projections, the feed-forward's two
+    /// layers, `proj_in` and `proj_out`): kohya's LoRA, which lora-studio trains by default.
+    Transformer,
+}
+
+impl BenchTargets {
+    /// The module names (their last components) that get a LoRA.
+    fn modules(self) -> &'static [&'static str] {
+        match self {
+            Self::Attention => &["to_q", "to_k", "to_v", "to_out.0"],
+            Self::Transformer => &[
+                "to_q",
+                "to_k",
+                "to_v",
+                "to_out.0",
+                "ff.net.0.proj",
+                "ff.net.2",
+                "proj_in",
+                "proj_out",
+            ],
+        }
+    }
+}
+
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct BenchSettings {
@@ -61,6 +92,7 @@ pub struct BenchSettings {
     pub resolution: usize,
     pub batch_size: usize,
     pub rank: usize,
+    pub targets: BenchTargets,
     /// Timed training steps (one more runs first as a warm-up).
     pub steps: usize,
     pub gradient_checkpointing: bool,
@@ -74,12 +106,14 @@ pub struct BenchReport {
     pub resolution: usize,
     pub batch_size: usize,
     pub rank: usize,
+    pub targets: BenchTargets,
     pub device: String,
     pub gradient_checkpointing: bool,
     /// The CPU kernels' matrix product arithmetic: `f32`, or `bf16` operands (summed in f32) under
     /// `--mixed-precision bf16`.
     pub products: &'static str,
-    /// Adapted layers (four per attention block).
+    /// Adapted layers (four per attention block, with `transformer` targets six per transformer block
+    /// and two per transformer more).
     pub adapters: usize,
     pub trainable_parameters: usize,
     /// Median seconds of a training step (forward, backward, optimizer).
@@ -108,7 +142,7 @@ pub fn run_bench(
     let config = settings.arch.unet();
     progress("building the UNet with random weights");
     let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, device.clone());
-    let (mut unet, network) = bench_unet(vb, &config, settings.rank, device)?;
+    let (mut unet, network) = bench_unet(vb, &config, (settings.rank, settings.targets), device)?;
     let (vars, mut optimizer) = adamw(&network)?;
     let store = settings
         .gradient_checkpointing
@@ -158,6 +192,7 @@ pub fn run_bench(
         resolution: settings.resolution,
         batch_size: batch,
         rank: settings.rank,
+        targets: settings.targets,
         device: crate::device::describe(device),
         products: crate::kernels::product_arithmetic(),
         gradient_checkpointing: settings.gradient_checkpointing,
@@ -174,18 +209,17 @@ pub fn run_bench(
     })
 }
 
-/// The UNet of `config` with weights from `vb`, and the benchmark's LoRA of rank `rank` on its attention
-/// projections.
+/// The UNet of `config` with weights from `vb`, and the benchmark's LoRA of rank `rank` on `targets`.
 fn bench_unet(
     vb: VarBuilder,
     config: &UNetConfig,
-    rank: usize,
+    (rank, targets): (usize, BenchTargets),
     device: &Device,
 ) -> Result<(UNet2DConditionModel, LoraNetwork), TrainError> {
     let unet = UNet2DConditionModel::new(vb, config)?;
     let network = bench_network(
         unet.lora_targets(false),
-        &["to_q", "to_k", "to_v", "to_out.0"],
+        targets.modules(),
         UNET_PREFIX,
         rank,
         device,
@@ -363,7 +397,7 @@ mod tests {
     use candle_core::{DType, Device};
     use candle_nn::VarBuilder;
 
-    use super::{BenchArch, BenchSettings, bench_unet, run_bench};
+    use super::{BenchArch, BenchSettings, BenchTargets, bench_unet, run_bench};
     use crate::models::merge::ShapeOnly;
 
     #[test]
@@ -373,6 +407,7 @@ mod tests {
             resolution: 64,
             batch_size: 1,
             rank: 4,
+            targets: BenchTargets::Attention,
             steps: 2,
             gradient_checkpointing: true,
             device: candle_core::Device::Cpu,
@@ -391,12 +426,19 @@ mod tests {
         // Zero-stride weights: the real-size layout without its 10 GB.
         let vb = VarBuilder::from_backend(Box::new(ShapeOnly), DType::F32, Device::Cpu);
         let config = BenchArch::Sdxl.unet();
-        let (_, network) = bench_unet(vb, &config, 1, &Device::Cpu).unwrap();
+        let targets = BenchTargets::Attention;
+        let (_, network) = bench_unet(vb.clone(), &config, (1, targets), &Device::Cpu).unwrap();
         // What peft counts on diffusers' UNet2DConditionModel with SDXL base's config
         // (bench/reference_pytorch.py --arch sdxl): 70 transformer blocks, two attentions each, four
         // projections per attention; rank 1 adds one input and one output width per projection.
         assert_eq!(network.modules().len(), 560);
         assert_eq!(network.parameter_count(), 1_451_520);
         assert_eq!(config.addition.unwrap().pooled_dim(), 1280);
+        // Plus each block's feed-forward (in 1280 -> 10240 and 5120 -> 1280 at the deepest level) and each
+        // of the 11 transformers' proj_in and proj_out: kohya's 722 UNet modules.
+        let targets = BenchTargets::Transformer;
+        let (_, network) = bench_unet(vb, &config, (1, targets), &Device::Cpu).unwrap();
+        assert_eq!(network.modules().len(), 722);
+        assert_eq!(network.parameter_count(), 2_659_840);
     }
 }
