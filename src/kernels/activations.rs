@@ -154,13 +154,10 @@ impl TiedBackward for GegluBackward {
 pub(super) fn geglu_gradient(projected: &Tensor, grad: &Tensor) -> Result<Tensor> {
     let inner = projected.dim(D::Minus1)? / 2;
     let projected = projected.detach();
-    let kept_in_bf16 = projected.dtype() == DType::BF16 && grad.dtype() == DType::F32;
-    if super::cpu_kernels(projected.device()) && kept_in_bf16 {
-        return projected
-            .contiguous()?
-            .apply_op2_no_bwd(&grad.contiguous()?, &GegluGradientRows);
-    }
-    if has_f32_cpu_kernel(&projected) {
+    let kept_in_bf16 = projected.dtype() == DType::BF16
+        && grad.dtype() == DType::F32
+        && super::cpu_kernels(projected.device());
+    if kept_in_bf16 || has_f32_cpu_kernel(&projected) {
         return projected
             .contiguous()?
             .apply_op2_no_bwd(&grad.contiguous()?, &GegluGradientRows);
@@ -213,7 +210,7 @@ impl CustomOp1 for GegluRows {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let input = ProjectionRows::of(storage, layout)?;
+        let input = ProjectionRows::of(storage, layout, "GEGLU")?;
         let dims = layout.dims();
         let width = dims.last().copied().unwrap_or(0);
         let inner = width / 2;
@@ -243,12 +240,13 @@ enum ProjectionRows<'a> {
 }
 
 impl<'a> ProjectionRows<'a> {
-    fn of(storage: &'a CpuStorage, layout: &Layout) -> Result<Self> {
+    /// The values of a contiguous storage; `what` names the op in the error.
+    fn of(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<Self> {
         match (storage, layout.contiguous_offsets()) {
             (CpuStorage::BF16(values), Some((start, end))) => {
                 Ok(ProjectionRows::Bf16(&values[start..end]))
             }
-            _ => f32_rows(storage, layout, "GEGLU gradient").map(ProjectionRows::F32),
+            _ => f32_rows(storage, layout, what).map(ProjectionRows::F32),
         }
     }
 
@@ -291,7 +289,7 @@ impl CustomOp2 for GegluGradientRows {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let input = ProjectionRows::of(s1, l1)?;
+        let input = ProjectionRows::of(s1, l1, "GEGLU gradient")?;
         let grad = f32_rows(s2, l2, "GEGLU gradient")?;
         let width = l1.dims().last().copied().unwrap_or(0);
         let inner = width / 2;

@@ -10,13 +10,11 @@
 //! the projection. `dx = g + norm'(x)·(proj'(geglu'(z, out'(g))))`, with `g` the output gradient and `z`
 //! the projection.
 
-use candle_core::{CpuStorage, D, DType, Result, Tensor};
+use candle_core::{CpuStorage, DType, Result, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
-use super::fused_norm::{
-    KernelAffine, KernelNormBackward, kernel_channels, kernel_normalized, with_values,
-};
+use super::fused_norm::{NormPath, NormalizedInput, with_values};
 use super::low_rank::{AdapterState, LowRank, adapted_affine, adapted_affine_gradients};
 use super::tied::{Ready, TiedBackward, tie};
 
@@ -44,22 +42,18 @@ impl FusedFeedForward<'_> {
     /// when the CPU kernels apply (f32 on the CPU, f32 adapters); `None` otherwise, for the caller to
     /// compose the layers.
     pub fn residual(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let (norm_weight, norm_bias, eps) = self.norm;
-        let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
         let adapters = [self.proj.adapter, self.out.adapter];
         let f32_adapters = adapters
             .iter()
             .flatten()
             .all(|a| a.down.dtype() == DType::F32 && a.up.dtype() == DType::F32);
-        let Some(channels) = kernel_channels(x, rows, norm_weight, norm_bias) else {
-            return Ok(None);
-        };
         if !f32_adapters {
             return Ok(None);
         }
-        let scale_shift = KernelAffine::new(norm_weight, norm_bias, channels)?;
-        let (normalized, norm) = kernel_normalized(x, rows, eps, scale_shift)?;
-        let normalized = normalized.into_tensor();
+        let (normalized, norm) = match NormalizedInput::new(x, self.norm)? {
+            Some(input) => (input.values().clone(), input.path().clone()),
+            None => return Ok(None),
+        };
         let (projected, proj_hidden) = adapted_affine(
             &normalized,
             self.proj.weight,
@@ -148,7 +142,7 @@ impl LayerBackward {
 
 /// Routes the output gradient of [`FusedFeedForward::residual`] to its input and the adapters.
 struct FeedForwardBackward {
-    norm: KernelNormBackward,
+    norm: NormPath,
     /// The projection `z`, f32 or (in bf16 products) bf16.
     projected: Tensor,
     proj: LayerBackward,

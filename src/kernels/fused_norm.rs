@@ -60,12 +60,7 @@ pub fn normalize_affine(
 }
 
 /// The [`norm_kernel`] layout of `weight` over `x`, when the kernel applies (f32 on the CPU).
-pub(super) fn kernel_channels(
-    x: &Tensor,
-    rows: usize,
-    weight: &Tensor,
-    bias: &Tensor,
-) -> Option<Channels> {
+fn kernel_channels(x: &Tensor, rows: usize, weight: &Tensor, bias: &Tensor) -> Option<Channels> {
     let f32_on_cpu = |t: &Tensor| super::cpu_kernels(t.device()) && t.dtype() == DType::F32;
     if !(f32_on_cpu(x) && f32_on_cpu(weight) && f32_on_cpu(bias)) || weight.dims() != bias.dims() {
         return None;
@@ -98,7 +93,7 @@ fn kernel_normalize_affine(
 
 /// `x` normalised by [`norm_kernel`] (f32 on the CPU, laid out as `scale_shift` says), not tied, and the
 /// backward pass that takes a gradient back through it.
-pub(super) fn kernel_normalized(
+fn kernel_normalized(
     x: &Tensor,
     rows: usize,
     eps: f64,
@@ -204,7 +199,7 @@ impl TiedBackward for NormPath {
 }
 
 /// The frozen scale and shift of [`kernel_normalize_affine`], owned.
-pub(super) struct KernelAffine {
+struct KernelAffine {
     weight: Vec<f32>,
     bias: Vec<f32>,
     channels: Channels,
@@ -212,7 +207,7 @@ pub(super) struct KernelAffine {
 
 impl KernelAffine {
     /// The values of `weight` and `bias` (f32), laid out over the input as `channels` says.
-    pub(super) fn new(weight: &Tensor, bias: &Tensor, channels: Channels) -> Result<Self> {
+    fn new(weight: &Tensor, bias: &Tensor, channels: Channels) -> Result<Self> {
         Ok(Self {
             weight: weight.flatten_all()?.to_vec1()?,
             bias: bias.flatten_all()?.to_vec1()?,
@@ -220,7 +215,7 @@ impl KernelAffine {
         })
     }
 
-    pub(super) fn affine(&self) -> Affine<'_> {
+    fn affine(&self) -> Affine<'_> {
         Affine {
             weight: &self.weight,
             bias: &self.bias,
@@ -230,7 +225,7 @@ impl KernelAffine {
 }
 
 /// Routes the output gradient of [`kernel_normalize_affine`] to its input.
-pub(super) struct KernelNormBackward {
+struct KernelNormBackward {
     scale_shift: KernelAffine,
     eps: f64,
     means: Vec<f32>,
@@ -239,7 +234,7 @@ pub(super) struct KernelNormBackward {
 
 impl KernelNormBackward {
     /// The norm's output for the input `x`, as the forward pass computed it.
-    pub(super) fn normalized(&self, x: &Tensor) -> Result<Tensor> {
+    fn normalized(&self, x: &Tensor) -> Result<Tensor> {
         let output = with_values(&x.detach(), |values| {
             let rows = self.means.len();
             norm_kernel::forward(values, rows, self.eps, &self.scale_shift.affine()).0
@@ -248,7 +243,7 @@ impl KernelNormBackward {
     }
 
     /// The gradient of the input `x` given the output gradient.
-    pub(super) fn input_grad(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    fn input_grad(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
         kernel_input_gradient(x, grad, |x_values, grad_values| {
             norm_kernel::backward(
                 x_values,
