@@ -362,6 +362,15 @@ fn sigmoid_f32(x: f32) -> f32 {
     if x >= 0.0 { inverse } else { e * inverse }
 }
 
+/// `x ← silu(x)` for f32 values on one thread, vectorised where the processor allows.
+pub(super) fn silu_in_place(x: &mut [f32]) {
+    vectorised(Simd::detect(), || {
+        for value in x.iter_mut() {
+            *value *= sigmoid_f32(*value);
+        }
+    })
+}
+
 #[inline(always)]
 fn silu_chunk(x: &[f32], out: &mut [f32]) {
     for (o, &x) in out.iter_mut().zip(x) {

@@ -14,6 +14,7 @@ use candle_core::{
 };
 
 use super::amx::Operand;
+use super::amx::conv::{InputActivation, KernelOrder};
 use super::tied::{Ready, TiedBackward, tie};
 
 /// `x · Wᵀ` for a frozen `W` of shape `[out, in]`, over any number of leading batch dimensions.
@@ -128,8 +129,9 @@ pub fn frozen_conv2d(
 }
 
 /// `conv(silu(x))` with a frozen kernel and bias (a resnet's convolutions without adapters), keeping only
-/// `x` for the backward pass: the activated input exists while the convolution reads it (as the input of
-/// a separate op it would be kept until the backward pass). The backward pass takes the convolution's input
+/// `x` for the backward pass: the activated input exists only while the convolution reads it (as the input
+/// of a separate op it would be kept until the backward pass), and not at all where the convolution runs
+/// directly on AMX tiles, which apply SiLU as they rearrange the input. The backward pass takes the convolution's input
 /// gradient through SiLU's.
 pub fn silu_conv2d(
     x: &Tensor,
@@ -138,9 +140,13 @@ pub fn silu_conv2d(
     padding: usize,
     stride: usize,
 ) -> Result<Tensor> {
-    let activated = super::silu(&x.detach())?;
-    let output = conv_ready(&activated, weight, Some(bias), (padding, stride))?;
-    drop(activated);
+    let output = match silu_conv_ready(&x.detach(), weight, bias, (padding, stride))? {
+        Some(output) => output,
+        None => {
+            let activated = super::silu(&x.detach())?;
+            conv_ready(&activated, weight, Some(bias), (padding, stride))?
+        }
+    };
     tie(
         output,
         &[x],
@@ -150,6 +156,25 @@ pub fn silu_conv2d(
             stride,
         }),
     )
+}
+
+/// `conv(silu(x)) + bias` for a detached `x` as a direct convolution, which applies SiLU as it reads the
+/// input (no activated copy is made), where one runs; else `None`.
+fn silu_conv_ready(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    (padding, stride): (usize, usize),
+) -> Result<Option<Ready>> {
+    let kernel = (&weight.detach(), KernelOrder::AsIs);
+    let silu: InputActivation = &super::activations::silu_in_place;
+    let Some(output) = super::im2col::direct_conv2d(x, kernel, padding, stride, Some(silu))? else {
+        return Ok(None);
+    };
+    let output = super::add_bias_into(output, Some(bias))?;
+    let (_, in_channels, kh, kw) = weight.dims4()?;
+    crate::flops::add_layer(output.elem_count() * in_channels * kh * kw);
+    Ok(Some(output))
 }
 
 /// The convolution of a detached `x` plus `bias`, as a result to tie.
@@ -551,6 +576,84 @@ mod tests {
             check_input_gradient(&[2, 2, height, width], |x| {
                 frozen_conv2d(x, &weight, None, padding, stride).unwrap()
             });
+        }
+    }
+
+    /// Output and input gradient of a convolution op in f32 against the same in f64 from candle's own
+    /// convolution: the largest difference relative to the largest reference value.
+    fn relative_to_f64(
+        op: impl Fn(&Tensor) -> Tensor,
+        reference: impl Fn(&Tensor) -> Tensor,
+        dims: &[usize],
+    ) -> [f64; 2] {
+        let x64 = Var::from_tensor(&random(dims, 3)).unwrap();
+        let x = Var::from_tensor(&x64.to_dtype(DType::F32).unwrap()).unwrap();
+        let out64 = reference(x64.as_tensor());
+        let probe = random(out64.dims(), 4);
+        let grads64 = (&out64 * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let out = op(x.as_tensor());
+        let probe32 = probe.to_dtype(DType::F32).unwrap();
+        let grads = (&out * &probe32)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let relative = |ours: &Tensor, theirs: &Tensor| {
+            let theirs = theirs.to_dtype(DType::F64).unwrap();
+            let ours = ours.to_dtype(DType::F64).unwrap();
+            let worst = (ours - &theirs).unwrap().abs().unwrap().max_all().unwrap();
+            let scale = theirs.abs().unwrap().max_all().unwrap();
+            (worst / scale).unwrap().to_scalar::<f64>().unwrap()
+        };
+        [
+            relative(&out, &out64),
+            relative(grads.get(&x).unwrap(), grads64.get(&x64).unwrap()),
+        ]
+    }
+
+    #[test]
+    fn in_bf16_products_convolutions_on_whole_tiles_keep_to_the_convolution_and_its_gradient() {
+        let Some(_scope) = crate::kernels::Bf16Products::enter() else {
+            return;
+        };
+        // Whole tiles of channels (32) and pixels (16 per row): the direct convolution, stored in bf16 as
+        // a bf16 run stores frozen weights.
+        let dims = [2, 32, 3, 16];
+        let kernel64 = (random(&[64, 32, 3, 3], 5) * 0.2).unwrap();
+        let bias64 = random(&[1, 64, 1, 1], 6);
+        let kernel = kernel64.to_dtype(DType::BF16).unwrap();
+        let bias = bias64.to_dtype(DType::F32).unwrap();
+        let conv64 = |x: &Tensor| {
+            let wide = kernel.to_dtype(DType::F64).unwrap();
+            x.conv2d(&wide, 1, 1, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias64)
+                .unwrap()
+        };
+        let plain = relative_to_f64(
+            |x| frozen_conv2d(x, &kernel, Some(&bias), 1, 1).unwrap(),
+            conv64,
+            &dims,
+        );
+        let activated = relative_to_f64(
+            |x| silu_conv2d(x, &kernel, &bias, 1, 1).unwrap(),
+            |x| conv64(&x.silu().unwrap()),
+            &dims,
+        );
+        // bf16 operands (8 bits of mantissa) summed in f32 over 288 products.
+        for (name, [output, gradient]) in [("conv", plain), ("silu-conv", activated)] {
+            assert!(output < 1e-2, "{name} output: {output}");
+            assert!(gradient < 1e-2, "{name} input gradient: {gradient}");
+            assert!(
+                output > 0.0,
+                "{name}: the products were not rounded to bf16"
+            );
         }
     }
 

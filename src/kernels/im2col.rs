@@ -11,14 +11,19 @@
 //! stride 1 and no padding need no patches: the `[out, in]` kernel times each image's `[in, h·w]` pixels
 //! (candle's own 1x1 path copies input and output element by element on one thread). 3x3 kernels with
 //! stride 1 and padding 1 on images of 32x32 and more go to [`super::winograd`], which needs a quarter of
-//! the products. Other devices use candle's convolution.
+//! the products. In bf16 products on AMX tiles, stride-1 convolutions whose channels come in blocks of 32
+//! and whose output rows in runs of 16 pixels (every convolution of the UNets but their first and last)
+//! need no patch matrix at all: [`amx::conv`] sums the kernel taps' products straight from one rearranged
+//! copy of the input, and computes their input gradients the same way. Other devices use candle's
+//! convolution.
 
 use std::ops::Range;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
 
-use super::amx::{self, Operand, Output, PackedLeft};
+use super::amx::conv::{ConvDims, InputActivation, KernelOrder};
+use super::amx::{self, Operand, Output, PackedLeft, Values};
 use super::fill::par_filled;
 use super::tied::Ready;
 
@@ -48,6 +53,9 @@ pub(super) fn conv2d_ready(
             width,
         ]);
     }
+    if let Some(output) = direct_conv2d(x, (kernel, KernelOrder::AsIs), padding, stride, None)? {
+        return Ok(output);
+    }
     if super::winograd::applies(x, (k_h, k_w), padding, stride) {
         return Ok(Ready::Tensor(super::winograd::conv2d(
             x,
@@ -76,6 +84,78 @@ pub(super) fn conv2d_ready(
         .into_tensor()
         .reshape((out_channels, batch, out_h, out_w))?;
     Ok(Ready::Tensor(output.transpose(0, 1)?.contiguous()?))
+}
+
+/// The stride-1 convolution of `x` (f32 on the CPU) with `kernel` read in `order`, straight on AMX tiles
+/// ([`amx::conv`]) in bf16 products, `activation` applied to `x` first, where the channels and the output
+/// width come in whole tiles; `None` otherwise (other shapes, f32 products, other devices).
+pub(super) fn direct_conv2d(
+    x: &Tensor,
+    (kernel, order): (&Tensor, KernelOrder),
+    padding: usize,
+    stride: usize,
+    activation: Option<InputActivation>,
+) -> Result<Option<Ready>> {
+    let applies = super::bf16_products()
+        && stride == 1
+        && x.dtype() == DType::F32
+        && super::cpu_kernels(x.device());
+    if !applies {
+        return Ok(None);
+    }
+    let (batch, in_channels, height, width) = x.dims4()?;
+    let (outs, ins, k_h, k_w) = kernel.dims4()?;
+    let (out_channels, kernel_in) = match order {
+        KernelOrder::AsIs => (outs, ins),
+        KernelOrder::FlippedTransposed => (ins, outs),
+    };
+    if kernel_in != in_channels {
+        candle_core::bail!("conv2d: the input has {in_channels} channels, the kernel {kernel_in}");
+    }
+    let dims = ConvDims {
+        batch,
+        in_channels,
+        out_channels,
+        height,
+        width,
+        kernel: (k_h, k_w),
+        padding,
+    };
+    let Some((out_h, out_w)) = dims.output_size().filter(|_| dims.runs_directly()) else {
+        return Ok(None);
+    };
+    let len = batch * out_channels * out_h * out_w;
+    let mut output = Vec::with_capacity(len);
+    let convolved = with_kernel_values(kernel, |kernel| {
+        super::fused_norm::with_values(x, |input| {
+            amx::conv::conv2d(
+                (input, activation),
+                (kernel, order),
+                dims,
+                &mut output.spare_capacity_mut()[..len],
+            )
+        })
+    })?;
+    if convolved.transpose()?.is_none() {
+        return Ok(None);
+    }
+    // SAFETY: the convolution wrote all `len` values.
+    unsafe { output.set_len(len) };
+    let shape = Shape::from((batch, out_channels, out_h, out_w));
+    Ok(Some(Ready::Cpu(CpuStorage::F32(output), shape)))
+}
+
+/// `f` of a kernel's values as a product operand reads them (f32, or bf16 as a bf16 run stores them), in
+/// its stored element order; `None` for a kernel elsewhere than in CPU memory.
+fn with_kernel_values<R>(kernel: &Tensor, f: impl FnOnce(Values) -> R) -> Result<Option<R>> {
+    let kernel = kernel.contiguous()?;
+    let (storage, layout) = kernel.storage_and_layout();
+    let Storage::Cpu(storage) = &*storage else {
+        return Ok(None);
+    };
+    Ok(super::products::cpu_values(storage)
+        .and_then(|values| values.starting_at(layout.start_offset()))
+        .map(f))
 }
 
 /// Whether [`conv2d`] and [`conv2d_input_grad`] compute `x` with a `kh`x`kw` kernel as a plain product.
@@ -118,6 +198,18 @@ pub fn conv2d_input_grad(
             super::products::matmul(&kernel.reshape((out_channels, in_channels))?.t()?, &pixels)?
                 .reshape((batch, in_channels, height, width))?,
         ));
+    }
+    if stride == 1 && k_h == k_w && padding < k_h {
+        let flipped = (kernel, KernelOrder::FlippedTransposed);
+        if let Some(output) = direct_conv2d(grad, flipped, k_h - 1 - padding, 1, None)? {
+            let output = output.into_tensor();
+            if output.dims()[2..] != [height, width] {
+                candle_core::bail!(
+                    "conv2d input gradient: the output gradient does not fit the input size"
+                );
+            }
+            return Ok(Some(output));
+        }
     }
     if super::winograd::applies(grad, (k_h, k_w), padding, stride)
         && (out_h, out_w) == (height, width)
@@ -377,22 +469,17 @@ fn banded_conv2d(
         return Ok(None);
     }
     let out_channels = kernel.dim(0)?;
-    let kernel = kernel.contiguous()?;
-    let (kernel_storage, kernel_layout) = kernel.storage_and_layout();
-    let Storage::Cpu(kernel_storage) = &*kernel_storage else {
+    let packed = with_kernel_values(kernel, |kernel_values| {
+        let kernel_matrix = Operand {
+            data: kernel_values,
+            row_stride: depth,
+            col_stride: 1,
+        };
+        PackedLeft::new(kernel_matrix, (out_channels, depth), true)
+    })?;
+    let Some(left) = packed else {
         return Ok(None);
     };
-    let Some(kernel_values) = super::products::cpu_values(kernel_storage)
-        .and_then(|values| values.starting_at(kernel_layout.start_offset()))
-    else {
-        return Ok(None);
-    };
-    let kernel_matrix = Operand {
-        data: kernel_values,
-        row_stride: depth,
-        col_stride: 1,
-    };
-    let left = PackedLeft::new(kernel_matrix, (out_channels, depth), true);
     let band_rows = (band_elements / (depth * out_w)).clamp(1, out_h);
     let mut output = par_filled(batch * out_channels * image_len, 1 << 14, 0f32, |_, _| {});
     super::fused_norm::with_values(&x.contiguous()?, |input| -> Result<()> {

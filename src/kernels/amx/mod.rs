@@ -24,6 +24,7 @@ use std::thread::LocalKey;
 
 use rayon::prelude::*;
 
+pub mod conv;
 mod pack;
 mod tiles;
 

@@ -81,6 +81,20 @@ pub(super) fn pack_right(
     spread(packed, band * run, parallel, pack_band);
 }
 
+/// Sixteen bf16 pairs `(data[even + i], data[odd + i])` into `out`: a right tile's row, or a run of one in a
+/// layout that holds the pairs in place.
+pub(super) fn sixteen_pairs(data: &[f32], (even, odd): (usize, usize), out: &mut [u16; BLOCK]) {
+    assert!(even + 16 <= data.len() && odd + 16 <= data.len());
+    if super::available() {
+        // SAFETY: AMX implies AVX-512 BF16 (checked with it), and both runs lie inside `data` (asserted).
+        return unsafe { simd::sixteen_pairs(data, (even, Some(odd)), out) };
+    }
+    for (i, pair) in out.chunks_exact_mut(2).enumerate() {
+        pair[0] = bf16_bits(data[even + i]);
+        pair[1] = bf16_bits(data[odd + i]);
+    }
+}
+
 /// 32-column blocks a band of row-major right operand packs together (256 columns).
 const COLUMN_BLOCKS_PER_BAND: usize = 8;
 
@@ -303,6 +317,23 @@ mod simd {
         }
     }
 
+    /// [`super::sixteen_pairs`].
+    ///
+    /// # Safety
+    /// The processor has AVX-512 BF16, and both runs of 16 lie inside `data`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn sixteen_pairs(
+        data: &[f32],
+        starts: (usize, Option<usize>),
+        out: &mut [u16; BLOCK],
+    ) {
+        // SAFETY: the runs lie inside `data` (caller); `out` holds 64 bytes.
+        unsafe {
+            let pairs = interleaved_pairs(Values::F32(data), starts, 16);
+            _mm512_storeu_si512(out.as_mut_ptr().cast(), pairs);
+        }
+    }
+
     /// [`super::left_tile`] for an operand with consecutive columns or consecutive rows.
     ///
     /// # Safety
@@ -377,6 +408,10 @@ mod simd {
     }
 
     pub unsafe fn right_tile(_: Operand, _: (usize, usize), _: (usize, usize), _: &mut [u16]) {
+        unreachable!("AMX exists on x86-64 only")
+    }
+
+    pub unsafe fn sixteen_pairs(_: &[f32], _: (usize, Option<usize>), _: &mut [u16; 32]) {
         unreachable!("AMX exists on x86-64 only")
     }
 }

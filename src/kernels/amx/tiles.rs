@@ -67,6 +67,24 @@ mod platform {
         CONFIGURED.set(true);
     }
 
+    /// Clears the accumulator tiles 0–3.
+    ///
+    /// # Safety
+    /// The thread's tiles are configured.
+    #[inline(always)]
+    unsafe fn zero_accumulators() {
+        // SAFETY: configured tiles (caller); no memory is touched.
+        unsafe {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            )
+        };
+    }
+
     /// `block [+]=` the product of `k_blocks` packed block pairs, in tiles 0–3 (result quarters), 4–5 (left
     /// rows 0–15, 16–31) and 6–7 (right columns 0–15, 16–31).
     ///
@@ -96,13 +114,7 @@ mod platform {
                     options(nostack, readonly),
                 );
             } else {
-                asm!(
-                    "tilezero tmm0",
-                    "tilezero tmm1",
-                    "tilezero tmm2",
-                    "tilezero tmm3",
-                    options(nostack, nomem)
-                );
+                zero_accumulators();
             }
             for kb in 0..k_blocks {
                 let a = left.as_ptr().add(kb * BLOCK_ELEMENTS);
@@ -132,6 +144,73 @@ mod platform {
             );
         }
     }
+
+    /// A 32×32 block of a convolution's result — 32 output channels by two runs of 16 pixels — summed over
+    /// the steps (kernel taps × blocks of 32 input channels) in tiles 0–3. Step `s` multiplies the packed
+    /// left block at `left + s·1024` (tiles 4–5: output channels 0–15, 16–31) by the pixel tiles at
+    /// `runs.0 + offsets[s]` and `runs.1 + offsets[s]` (tiles 6–7: 16 rows of input channel pairs,
+    /// `run_stride` bytes apart). The result tiles go to `out.0` and `out.1`, their rows (output channels)
+    /// `out_stride` bytes apart. Without a second run only the first is computed.
+    ///
+    /// # Safety
+    /// The thread's tiles are configured; every tile named lies inside its allocation, and no other thread
+    /// touches the result tiles.
+    pub unsafe fn convolve(
+        left: *const u16,
+        offsets: &[usize],
+        (runs, run_stride): ((*const u16, Option<*const u16>), usize),
+        (out, out_stride): ((*mut f32, Option<*mut f32>), usize),
+    ) {
+        // SAFETY: as the caller guarantees; every access below stays inside the tiles named.
+        unsafe {
+            zero_accumulators();
+            for (s, &offset) in offsets.iter().enumerate() {
+                let a = left.add(s * BLOCK_ELEMENTS);
+                let b0 = runs.0.add(offset);
+                match runs.1 {
+                    Some(second) => asm!(
+                        "tileloadd tmm4, [{a0} + {s}*1]",
+                        "tileloadd tmm6, [{b0} + {t}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tileloadd tmm7, [{b1} + {t}*1]",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tileloadd tmm5, [{a1} + {s}*1]",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        a0 = in(reg) a, a1 = in(reg) a.add(TILE_ELEMENTS),
+                        b0 = in(reg) b0, b1 = in(reg) second.add(offset),
+                        s = in(reg) 64usize, t = in(reg) run_stride,
+                        options(nostack, readonly),
+                    ),
+                    None => asm!(
+                        "tileloadd tmm4, [{a0} + {s}*1]",
+                        "tileloadd tmm6, [{b0} + {t}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tileloadd tmm5, [{a1} + {s}*1]",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        a0 = in(reg) a, a1 = in(reg) a.add(TILE_ELEMENTS),
+                        b0 = in(reg) b0, s = in(reg) 64usize, t = in(reg) run_stride,
+                        options(nostack, readonly),
+                    ),
+                }
+            }
+            let lower = |first: *mut f32| first.byte_add(16 * out_stride);
+            asm!(
+                "tilestored [{c0} + {s}*1], tmm0",
+                "tilestored [{c2} + {s}*1], tmm2",
+                c0 = in(reg) out.0, c2 = in(reg) lower(out.0), s = in(reg) out_stride,
+                options(nostack),
+            );
+            if let Some(second) = out.1 {
+                asm!(
+                    "tilestored [{c1} + {s}*1], tmm1",
+                    "tilestored [{c3} + {s}*1], tmm3",
+                    c1 = in(reg) second, c3 = in(reg) lower(second), s = in(reg) out_stride,
+                    options(nostack),
+                );
+            }
+        }
+    }
 }
 
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
@@ -145,6 +224,16 @@ mod portable {
 
     /// Never called: [`super::multiply`] calls it only where AMX is available.
     pub unsafe fn multiply(_: (&[u16], &[u16]), _: usize, _: super::super::Block) {
+        unreachable!("AMX is not available on this platform")
+    }
+
+    /// Never called: the direct convolution runs only where AMX is available.
+    pub unsafe fn convolve(
+        _: *const u16,
+        _: &[usize],
+        _: ((*const u16, Option<*const u16>), usize),
+        _: ((*mut f32, Option<*mut f32>), usize),
+    ) {
         unreachable!("AMX is not available on this platform")
     }
 }
