@@ -9,7 +9,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::products::{joined_matmul, matmul};
+use super::products::{joined_matmul, matmul, rounded_matmul};
 use super::tied::Ready;
 use super::{add_bias_into, add_into, frozen_linear};
 
@@ -56,6 +56,39 @@ pub(crate) fn adapted_affine(
         }
     };
     Ok((y, Some(hidden)))
+}
+
+/// [`adapted_affine`] rounded to bf16 (`[.., out]` bf16, with `x·Aᵀ` as there) for a result that only feeds
+/// bf16 products, written straight from the product's tiles: `None` outside bf16 products or where the
+/// products do not run on AMX tiles.
+pub(crate) fn rounded_adapted_affine(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    adapter: Option<LowRank>,
+) -> Result<Option<(Tensor, Option<Tensor>)>> {
+    let (out_features, in_features) = weight.dims2()?;
+    let x_rows = x.reshape(((), in_features))?;
+    let weight_t = weight.t()?;
+    let (rounded, hidden) = match adapter {
+        Some(LowRank { down, up, scale }) => {
+            let (down, up) = (down.detach(), up.detach());
+            let hidden = matmul(&x_rows, &down.t()?)?;
+            let scaled = (&hidden * scale)?;
+            let rounded = rounded_matmul((&x_rows, &weight_t), Some((&scaled, &up.t()?)), bias)?;
+            (rounded, Some(hidden))
+        }
+        None => (rounded_matmul((&x_rows, &weight_t), None, bias)?, None),
+    };
+    let Some(rounded) = rounded else {
+        return Ok(None);
+    };
+    crate::flops::add_layer(x_rows.dim(0)? * in_features * out_features);
+    let mut dims = x.dims().to_vec();
+    if let Some(width) = dims.last_mut() {
+        *width = out_features;
+    }
+    Ok(Some((rounded.reshape(dims)?, hidden)))
 }
 
 /// An adapter's part in [`adapted_affine_gradients`]: the adapter, the `x·Aᵀ` [`adapted_affine`] returned,

@@ -158,6 +158,84 @@ pub(crate) fn joined_matmul(
     Ok(Some(Ready::Cpu(CpuStorage::F32(product), (m, n).into())))
 }
 
+/// `a·b`, plus `c·d` summed in the same tiles when given (as [`joined_matmul`]), plus `bias` (`[n]` f32) on
+/// every row, in bf16 products and rounded to bf16: an `[m, n]` bf16 tensor for a result that only feeds
+/// further bf16 products (a feed-forward's projection, kept in bf16), never held in f32. `None` where
+/// [`joined_matmul`] would be (and for a bias that is not `n` f32 values on the CPU).
+pub(crate) fn rounded_matmul(
+    (a, b): (&Tensor, &Tensor),
+    low_rank: Option<(&Tensor, &Tensor)>,
+    bias: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    let mut operands = vec![a, b];
+    operands.extend(low_rank.iter().flat_map(|&(c, d)| [c, d]));
+    let eligible = bf16_products()
+        && operands.iter().all(|t| {
+            t.device().is_cpu() && t.rank() == 2 && matches!(t.dtype(), DType::F32 | DType::BF16)
+        });
+    if !eligible {
+        return Ok(None);
+    }
+    let ((m, k), (k_b, n)) = (last_two(a), last_two(b));
+    let j = match low_rank {
+        Some((c, d)) => {
+            let (rows, j) = last_two(c);
+            if k % 32 != 0 || rows != m || last_two(d) != (j, n) {
+                return Ok(None);
+            }
+            j
+        }
+        None => 0,
+    };
+    let bias = match bias {
+        Some(bias)
+            if bias.dims() != [n] || bias.dtype() != DType::F32 || !bias.device().is_cpu() =>
+        {
+            return Ok(None);
+        }
+        bias => bias.map(Tensor::contiguous).transpose()?,
+    };
+    if k_b != k {
+        return Ok(None);
+    }
+    let mut product: Vec<half::bf16> = Vec::with_capacity(m * n);
+    {
+        let storages: Vec<_> = operands.iter().map(|t| t.storage_and_layout()).collect();
+        let views = storages
+            .iter()
+            .map(|(storage, layout)| view(storage, layout))
+            .collect::<Result<Vec<_>>>()?;
+        let bias_storage = bias.as_ref().map(|bias| bias.storage_and_layout());
+        let bias_values = match &bias_storage {
+            Some((storage, layout)) => match (&**storage, layout.contiguous_offsets()) {
+                (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) => {
+                    Some(&values[start..end])
+                }
+                _ => return Ok(None),
+            },
+            None => None,
+        };
+        let low_rank = (views.len() == 4).then(|| (views[2], views[3]));
+        let out = product.spare_capacity_mut();
+        // SAFETY: `bf16` is a `u16` in a transparent wrapper, and the product writes every value as bits.
+        let out = unsafe {
+            &mut *(out as *mut [std::mem::MaybeUninit<half::bf16>]
+                as *mut [std::mem::MaybeUninit<u16>])
+        };
+        amx::rounded_product_into_uninit(
+            (m, k, j, n),
+            ((views[0], views[1]), low_rank),
+            bias_values,
+            &mut out[..m * n],
+        );
+    }
+    // SAFETY: the product wrote all of its `m·n` values.
+    unsafe { product.set_len(m * n) };
+    Ok(Some(
+        Ready::Cpu(CpuStorage::BF16(product), (m, n).into()).into_tensor(),
+    ))
+}
+
 /// A 2-D tensor's storage and layout as a product's operand.
 fn view<'a>(storage: &'a Storage, layout: &Layout) -> Result<Operand<'a>> {
     matrix(operand_values(storage)?, layout, 0)

@@ -166,6 +166,7 @@ impl Output<'_> {
             cols: n,
             accumulate: self.accumulate,
             scale: self.scale,
+            rounded: None,
         }
     }
 }
@@ -249,8 +250,63 @@ fn run_into_uninit(
         cols: n,
         accumulate: false,
         scale: 1.0,
+        rounded: None,
     };
     run((m, k, n), (Left::View(a), b), target, parallel);
+}
+
+/// `a (m×k) · b (k×n)`, plus `c (m×j) · d (j×n)` summed in the same tiles when given (`k` then a multiple
+/// of 32), plus `bias` (`n` values) on every row, rounded to bf16 into `out` (row-major, every value
+/// written): a result that only ever feeds further bf16 products, written at half the bytes and never held
+/// in f32.
+///
+/// # Panics
+/// If a view does not cover its matrix, `out` or `bias` is too short, or `k` is not whole blocks with a
+/// second product.
+pub fn rounded_product_into_uninit(
+    (m, k, j, n): (usize, usize, usize, usize),
+    ((a, b), low_rank): ((Operand, Operand), Option<(Operand, Operand)>),
+    bias: Option<&[f32]>,
+    out: &mut [MaybeUninit<u16>],
+) {
+    assert!(out.len() >= m * n, "result view out of bounds");
+    assert!(bias.is_none_or(|bias| bias.len() >= n), "bias too short");
+    assert!(
+        a.covers(m, k) && b.covers(k, n),
+        "operand views out of bounds"
+    );
+    let (operands, depth) = match low_rank {
+        Some((c, d)) => {
+            assert!(
+                k % BLOCK == 0,
+                "the first shared dimension is not whole blocks"
+            );
+            assert!(
+                c.covers(m, j) && d.covers(j, n),
+                "operand views out of bounds"
+            );
+            ((Joined::new(a, k, c), Joined::new(b, k, d)), k + j)
+        }
+        None => ((a.into(), b.into()), k),
+    };
+    let target = SharedOutput {
+        ptr: std::ptr::null_mut(),
+        row_stride: n,
+        rows: m,
+        cols: n,
+        accumulate: false,
+        scale: 1.0,
+        rounded: Some(RoundedTarget {
+            ptr: out.as_mut_ptr().cast(),
+            bias: bias.map(<[f32]>::as_ptr),
+        }),
+    };
+    run(
+        (m, depth, n),
+        (Left::View(operands.0), operands.1),
+        target,
+        true,
+    );
 }
 
 /// A left operand packed once for several products (attention's keys and values, used by every tile of
@@ -397,6 +453,12 @@ fn run_scheduled(
         };
         Schedule { group, part }
     });
+    // A rounded result is written once, so its shared dimension goes in one part.
+    let part = if target.rounded.is_some() {
+        k_blocks.max(1)
+    } else {
+        part
+    };
     for start in (0..k_blocks).step_by(part) {
         let depth = start..(start + part).min(k_blocks);
         let part_len = depth.len() * BLOCK_ELEMENTS;
@@ -517,6 +579,15 @@ struct SharedOutput {
     cols: usize,
     accumulate: bool,
     scale: f32,
+    /// Where the result goes instead when it is written rounded to bf16 (then `ptr` is unused).
+    rounded: Option<RoundedTarget>,
+}
+
+/// A result written as bf16 bits, with a bias added to each column first.
+#[derive(Clone, Copy)]
+struct RoundedTarget {
+    ptr: *mut u16,
+    bias: Option<*const f32>,
 }
 
 // SAFETY: tasks write disjoint blocks through the pointer (see `product`).
@@ -591,6 +662,10 @@ impl SharedOutput {
         later_part: bool,
     ) {
         let accumulate = self.accumulate || later_part;
+        if let Some(rounded) = self.rounded {
+            // SAFETY: as for the blocks below; the rounded result has the same shape and strides.
+            return unsafe { self.rounded_block(rounded, (row, col), (left, right), len) };
+        }
         let whole = row + BLOCK <= self.rows && col + BLOCK <= self.cols && self.scale == 1.0;
         // SAFETY (all blocks below): the block lies inside the result (caller), and the packed parts hold
         // `len` blocks each.
@@ -630,6 +705,47 @@ impl SharedOutput {
                     *t += self.scale * value;
                 }
             }
+        }
+    }
+}
+
+impl SharedOutput {
+    /// [`Self::block`] for a result rounded to bf16: the block is computed in a scratch block, the bias
+    /// added, and its rows rounded into the result.
+    ///
+    /// # Safety
+    /// As for [`Self::block`].
+    unsafe fn rounded_block(
+        &self,
+        target: RoundedTarget,
+        (row, col): (usize, usize),
+        (left, right): (&[u16], &[u16]),
+        len: usize,
+    ) {
+        let mut scratch = Scratch([0f32; BLOCK_ELEMENTS]);
+        let block = Block {
+            first: scratch.0.as_mut_ptr(),
+            stride: BLOCK,
+            accumulate: false,
+        };
+        // SAFETY: the scratch block is this call's own.
+        unsafe { multiply((left, right), len, block) };
+        let rows = BLOCK.min(self.rows - row);
+        let cols = BLOCK.min(self.cols - col);
+        // SAFETY: the bias holds the result's `cols` values (asserted by the caller of `run`).
+        let bias = target
+            .bias
+            .map(|bias| unsafe { std::slice::from_raw_parts(bias.add(col), cols) });
+        for (r, values) in scratch.0.chunks_exact(BLOCK).take(rows).enumerate() {
+            // SAFETY: row `row + r`, columns `col..col + cols` lie inside the result (caller), which this
+            // task alone writes.
+            let out = unsafe {
+                std::slice::from_raw_parts_mut(
+                    target.ptr.add((row + r) * self.row_stride + col),
+                    cols,
+                )
+            };
+            pack::round_run(&values[..cols], bias, out);
         }
     }
 }
@@ -859,6 +975,36 @@ mod tests {
                 );
                 run_scheduled((m, k + j, n), views, target, true, Some(schedule));
                 check(&out, &format!("layout {layout} in parts"));
+            }
+        }
+    }
+
+    #[test]
+    /// A result rounded to bf16 as it leaves the tiles is the f32 result plus the bias, rounded: with and
+    /// without a joined second product, at the edges, over a shared dimension long enough for parts.
+    fn rounded_results_are_the_f32_results_rounded() {
+        for &(m, k, j, n) in &[(33, 64, 16, 47), (70, 2048 + 96, 3, 64), (5, 32, 0, 300)] {
+            let (a, b) = (values(m * k, 11), values(k * n, 12));
+            let (c, d) = (values(m * j, 13), values(j * n, 14));
+            let bias = values(n, 15);
+            let (a_view, b_view) = (Operand::f32(&a, k, 1), Operand::f32(&b, n, 1));
+            let (c_view, d_view) = (Operand::f32(&c, j, 1), Operand::f32(&d, n, 1));
+            let low_rank = (j > 0).then_some((c_view, d_view));
+            let mut rounded = vec![MaybeUninit::<u16>::uninit(); m * n];
+            let operands = ((a_view, b_view), low_rank);
+            rounded_product_into_uninit((m, k, j, n), operands, Some(&bias), &mut rounded);
+            let first = rounded_reference(m, k, n, &a, &b);
+            let second = rounded_reference(m, j, n, &c, &d);
+            for (i, got) in rounded.iter().enumerate() {
+                // SAFETY: the product writes every value.
+                let got = f32::from_bits((unsafe { got.assume_init() } as u32) << 16) as f64;
+                let expected = first[i] + if j > 0 { second[i] } else { 0.0 } + bias[i % n] as f64;
+                // bf16 keeps 8 significant bits: half a unit in the last place is 2⁻⁹ of the value.
+                assert!(
+                    (got - expected).abs()
+                        <= expected.abs() / 256.0 + 1e-5 * ((k + j) as f64).sqrt(),
+                    "{m}x({k}+{j})x{n} at {i}: {got} vs {expected}"
+                );
             }
         }
     }

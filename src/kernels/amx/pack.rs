@@ -95,6 +95,18 @@ pub(super) fn sixteen_pairs(data: &[f32], (even, odd): (usize, usize), out: &mut
     }
 }
 
+/// `values` (plus `bias`, value by value, where given) rounded to bf16 into `out`.
+pub(super) fn round_run(values: &[f32], bias: Option<&[f32]>, out: &mut [u16]) {
+    assert!(out.len() == values.len() && bias.is_none_or(|bias| bias.len() == values.len()));
+    if super::available() {
+        // SAFETY: AMX implies AVX-512 BF16 (checked with it); the lengths match (asserted).
+        return unsafe { simd::round_run(values, bias, out) };
+    }
+    for (index, (out, &value)) in out.iter_mut().zip(values).enumerate() {
+        *out = bf16_bits(value + bias.map_or(0.0, |bias| bias[index]));
+    }
+}
+
 /// 32-column blocks a band of row-major right operand packs together (256 columns).
 const COLUMN_BLOCKS_PER_BAND: usize = 8;
 
@@ -317,6 +329,27 @@ mod simd {
         }
     }
 
+    /// [`super::round_run`].
+    ///
+    /// # Safety
+    /// The processor has AVX-512 BF16; `out` and `bias` are as long as `values`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn round_run(values: &[f32], bias: Option<&[f32]>, out: &mut [u16]) {
+        for start in (0..values.len()).step_by(16) {
+            let count = (values.len() - start).min(16);
+            // SAFETY: the loads and the store stay inside the first `count` values from `start` of slices
+            // as long as `values` (caller).
+            unsafe {
+                let mut sum = load_f32(values, start, count);
+                if let Some(bias) = bias {
+                    sum = _mm512_add_ps(sum, load_f32(bias, start, count));
+                }
+                let rounded = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(sum));
+                _mm256_mask_storeu_epi16(out.as_mut_ptr().add(start).cast(), lanes(count), rounded);
+            }
+        }
+    }
+
     /// [`super::sixteen_pairs`].
     ///
     /// # Safety
@@ -412,6 +445,10 @@ mod simd {
     }
 
     pub unsafe fn sixteen_pairs(_: &[f32], _: (usize, Option<usize>), _: &mut [u16; 32]) {
+        unreachable!("AMX exists on x86-64 only")
+    }
+
+    pub unsafe fn round_run(_: &[f32], _: Option<&[f32]>, _: &mut [u16]) {
         unreachable!("AMX exists on x86-64 only")
     }
 }
