@@ -166,12 +166,12 @@ fn silu_conv_ready(
     bias: &Tensor,
     (padding, stride): (usize, usize),
 ) -> Result<Option<Ready>> {
-    let kernel = (&weight.detach(), KernelOrder::AsIs);
+    let kernel = (&weight.detach(), KernelOrder::AsIs, Some(bias));
     let silu: InputActivation = &super::activations::silu_in_place;
-    let Some(output) = super::im2col::direct_conv2d(x, kernel, padding, stride, Some(silu))? else {
+    let steps = (padding, stride);
+    let Some(output) = super::im2col::direct_conv2d(x, kernel, steps, Some(silu))? else {
         return Ok(None);
     };
-    let output = super::add_bias_into(output, Some(bias))?;
     let (_, in_channels, kh, kw) = weight.dims4()?;
     crate::flops::add_layer(output.elem_count() * in_channels * kh * kw);
     Ok(Some(output))
@@ -184,8 +184,16 @@ fn conv_ready(
     bias: Option<&Tensor>,
     (padding, stride): (usize, usize),
 ) -> Result<Ready> {
-    let output = super::im2col::conv2d_ready(x, &weight.detach(), padding, stride)?;
-    let output = super::add_bias_into(output, bias)?;
+    let weight = weight.detach();
+    let direct = (&weight, KernelOrder::AsIs, bias);
+    let output = match super::im2col::direct_conv2d(x, direct, (padding, stride), None)? {
+        // The bias is where the direct convolution's sums start.
+        Some(output) => output,
+        None => {
+            let output = super::im2col::conv2d_ready(x, &weight, padding, stride)?;
+            super::add_bias_into(output, bias)?
+        }
+    };
     let (_, in_channels, kh, kw) = weight.dims4()?;
     crate::flops::add_layer(output.elem_count() * in_channels * kh * kw);
     Ok(output)

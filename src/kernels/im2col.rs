@@ -53,7 +53,8 @@ pub(super) fn conv2d_ready(
             width,
         ]);
     }
-    if let Some(output) = direct_conv2d(x, (kernel, KernelOrder::AsIs), padding, stride, None)? {
+    let as_is = (kernel, KernelOrder::AsIs, None);
+    if let Some(output) = direct_conv2d(x, as_is, (padding, stride), None)? {
         return Ok(output);
     }
     if super::winograd::applies(x, (k_h, k_w), padding, stride) {
@@ -86,14 +87,14 @@ pub(super) fn conv2d_ready(
     Ok(Ready::Tensor(output.transpose(0, 1)?.contiguous()?))
 }
 
-/// The stride-1 convolution of `x` (f32 on the CPU) with `kernel` read in `order`, straight on AMX tiles
-/// ([`amx::conv`]) in bf16 products, `activation` applied to `x` first, where the channels and the output
-/// width come in whole tiles; `None` otherwise (other shapes, f32 products, other devices).
+/// The stride-1 convolution of `x` (f32 on the CPU) with `kernel` read in `order`, plus `bias` (one value
+/// per output channel) where given, straight on AMX tiles ([`amx::conv`]) in bf16 products, `activation`
+/// applied to `x` first, where the channels and the output width come in whole tiles; `None` otherwise
+/// (other shapes, f32 products, other devices).
 pub(super) fn direct_conv2d(
     x: &Tensor,
-    (kernel, order): (&Tensor, KernelOrder),
-    padding: usize,
-    stride: usize,
+    (kernel, order, bias): (&Tensor, KernelOrder, Option<&Tensor>),
+    (padding, stride): (usize, usize),
     activation: Option<InputActivation>,
 ) -> Result<Option<Ready>> {
     let applies = super::bf16_products()
@@ -124,13 +125,18 @@ pub(super) fn direct_conv2d(
     let Some((out_h, out_w)) = dims.output_size().filter(|_| dims.runs_directly()) else {
         return Ok(None);
     };
+    let bias = match bias {
+        Some(bias) if bias.elem_count() != out_channels => return Ok(None),
+        Some(bias) => Some(bias.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+        None => None,
+    };
     let len = batch * out_channels * out_h * out_w;
     let mut output = Vec::with_capacity(len);
     let convolved = with_kernel_values(kernel, |kernel| {
         super::fused_norm::with_values(x, |input| {
             amx::conv::conv2d(
                 (input, activation),
-                (kernel, order),
+                (kernel, order, bias.as_deref()),
                 dims,
                 &mut output.spare_capacity_mut()[..len],
             )
@@ -200,8 +206,8 @@ pub fn conv2d_input_grad(
         ));
     }
     if stride == 1 && k_h == k_w && padding < k_h {
-        let flipped = (kernel, KernelOrder::FlippedTransposed);
-        if let Some(output) = direct_conv2d(grad, flipped, k_h - 1 - padding, 1, None)? {
+        let flipped = (kernel, KernelOrder::FlippedTransposed, None);
+        if let Some(output) = direct_conv2d(grad, flipped, (k_h - 1 - padding, 1), None)? {
             let output = output.into_tensor();
             if output.dims()[2..] != [height, width] {
                 candle_core::bail!(

@@ -69,14 +69,15 @@ pub type InputActivation<'a> = &'a (dyn Fn(&mut [f32]) + Sync);
 const PIXEL_RUN: usize = 16;
 
 /// The convolution of `input` (`[batch, in, height, width]` f32, each value passed through `activation`
-/// first where given) with `kernel` read in `order`, into `out` (`[batch, out, out_h, out_w]`, every value
-/// written), in bf16 products summed in f32. Spread over the calling thread's rayon pool.
+/// first where given) with `kernel` read in `order`, plus `bias` (one value per output channel, the sums'
+/// start) where given, into `out` (`[batch, out, out_h, out_w]`, every value written), in bf16 products
+/// summed in f32. Spread over the calling thread's rayon pool.
 ///
 /// # Panics
 /// If the convolution does not [`ConvDims::runs_directly`], or a slice does not match the sizes.
 pub fn conv2d(
     (input, activation): (&[f32], Option<InputActivation>),
-    (kernel, order): (Values, KernelOrder),
+    (kernel, order, bias): (Values, KernelOrder, Option<&[f32]>),
     dims: ConvDims,
     out: &mut [MaybeUninit<f32>],
 ) {
@@ -95,6 +96,7 @@ pub fn conv2d(
         dims.in_channels * dims.out_channels * k_h * k_w
     );
     assert_eq!(out.len(), dims.batch * dims.out_channels * out_h * out_w);
+    assert!(bias.is_none_or(|bias| bias.len() == dims.out_channels));
     let pairs = ShiftedPairs::new(input, activation, dims);
     let taps = k_h * k_w;
     let in_blocks = dims.in_channels / BLOCK;
@@ -124,6 +126,7 @@ pub fn conv2d(
             ob,
             &mut left[..offsets.len() * BLOCK_ELEMENTS],
         );
+        let start = bias.map(|bias| BiasRows::new(&bias[ob * BLOCK..][..BLOCK]));
         tiles::configure_thread();
         let first_block = band * band_len;
         for block in first_block..(first_block + band_len).min(pixel_blocks) {
@@ -148,12 +151,28 @@ pub fn conv2d(
                     &offsets,
                     ((source(first), second.map(source)), pairs.row_bytes()),
                     ((target(first), second.map(target)), plane * 4),
+                    start.as_ref().map(|start| start.0.as_ptr()),
                 )
             };
         }
         HELD.set(left);
     };
     (0..out_blocks * bands).into_par_iter().for_each(task);
+}
+
+/// A block of 32 output channels' biases as the sums' starting tiles: row `r` holds 16 copies of the
+/// bias of channel `r`.
+#[repr(C, align(64))]
+struct BiasRows([f32; BLOCK * PIXEL_RUN]);
+
+impl BiasRows {
+    fn new(bias: &[f32]) -> Self {
+        let mut rows = [0f32; BLOCK * PIXEL_RUN];
+        for (row, &value) in rows.chunks_exact_mut(PIXEL_RUN).zip(bias) {
+            row.fill(value);
+        }
+        Self(rows)
+    }
 }
 
 /// The result, written by tasks that each own their blocks of it.
@@ -409,9 +428,11 @@ mod tests {
             for activated in [false, true] {
                 let mut out = vec![MaybeUninit::new(f32::NAN); batch * outs * out_h * out_w];
                 let activation: Option<InputActivation> = activated.then_some(&silu as _);
+                let bias = values(outs, 1.3);
+                let with_bias = activated.then_some(&bias[..]);
                 conv2d(
                     (&input, activation),
-                    (Values::F32(&kernel), order),
+                    (Values::F32(&kernel), order, with_bias),
                     dims,
                     &mut out,
                 );
@@ -419,7 +440,12 @@ mod tests {
                 if activated {
                     silu(&mut source);
                 }
-                let expected = reference(&source, &kernel, order, dims);
+                let mut expected = reference(&source, &kernel, order, dims);
+                if activated {
+                    for (index, value) in expected.iter_mut().enumerate() {
+                        *value += bias[index / (out_h * out_w) % outs] as f64;
+                    }
+                }
                 for (index, (out, expected)) in out.iter().zip(&expected).enumerate() {
                     // SAFETY: every value was written (NaN would fail below otherwise).
                     let out = unsafe { out.assume_init() } as f64;

@@ -150,7 +150,8 @@ mod platform {
     /// left block at `left + s·1024` (tiles 4–5: output channels 0–15, 16–31) by the pixel tiles at
     /// `runs.0 + offsets[s]` and `runs.1 + offsets[s]` (tiles 6–7: 16 rows of input channel pairs,
     /// `run_stride` bytes apart). The result tiles go to `out.0` and `out.1`, their rows (output channels)
-    /// `out_stride` bytes apart. Without a second run only the first is computed.
+    /// `out_stride` bytes apart. Without a second run only the first is computed. The sums start from
+    /// `start` where given: 32 rows (output channels) of 16 values, 64 bytes apart (a bias), else zero.
     ///
     /// # Safety
     /// The thread's tiles are configured; every tile named lies inside its allocation, and no other thread
@@ -160,10 +161,21 @@ mod platform {
         offsets: &[usize],
         (runs, run_stride): ((*const u16, Option<*const u16>), usize),
         (out, out_stride): ((*mut f32, Option<*mut f32>), usize),
+        start: Option<*const f32>,
     ) {
         // SAFETY: as the caller guarantees; every access below stays inside the tiles named.
         unsafe {
-            zero_accumulators();
+            match start {
+                Some(start) => asm!(
+                    "tileloadd tmm0, [{upper} + {s}*1]",
+                    "tileloadd tmm1, [{upper} + {s}*1]",
+                    "tileloadd tmm2, [{lower} + {s}*1]",
+                    "tileloadd tmm3, [{lower} + {s}*1]",
+                    upper = in(reg) start, lower = in(reg) start.add(256), s = in(reg) 64usize,
+                    options(nostack, readonly),
+                ),
+                None => zero_accumulators(),
+            }
             for (s, &offset) in offsets.iter().enumerate() {
                 let a = left.add(s * BLOCK_ELEMENTS);
                 let b0 = runs.0.add(offset);
@@ -233,6 +245,7 @@ mod portable {
         _: &[usize],
         _: ((*const u16, Option<*const u16>), usize),
         _: ((*mut f32, Option<*mut f32>), usize),
+        _: Option<*const f32>,
     ) {
         unreachable!("AMX is not available on this platform")
     }
