@@ -119,7 +119,7 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
     let inner = projected.dim(D::Minus1)? / 2;
     let detached = projected.detach();
     let output = if has_f32_cpu_kernel(&detached) {
-        Ready::from_cpu_op(&detached.contiguous()?, &GegluRows)?
+        Ready::from_cpu_op(&detached.contiguous()?, &GegluRows { rounded: false })?
     } else {
         let value = detached.narrow(D::Minus1, 0, inner)?;
         let gate = detached.narrow(D::Minus1, inner, inner)?;
@@ -131,7 +131,11 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
 /// GEGLU of a projection kept for a backward pass (f32, or bf16 on the CPU), outside the graph; f32.
 pub(super) fn geglu_of_kept(projected: &Tensor) -> Result<Tensor> {
     if projected.dtype() == DType::BF16 && super::cpu_kernels(projected.device()) {
-        return Ready::from_cpu_op(&projected.contiguous()?, &GegluRows).map(Ready::into_tensor);
+        // In bf16 products GEGLU's output feeds only the output layer's bf16 products.
+        let rows = GegluRows {
+            rounded: super::bf16_products(),
+        };
+        return Ready::from_cpu_op(&projected.contiguous()?, &rows).map(Ready::into_tensor);
     }
     geglu(&projected.detach())
 }
@@ -150,7 +154,8 @@ impl TiedBackward for GegluBackward {
 }
 
 /// The gradient of GEGLU's input `projected` for the gradient `grad` of its output; f32, or on the CPU also
-/// a projection kept in bf16 with an f32 gradient (the gradient is f32).
+/// a projection kept in bf16 with an f32 gradient (the gradient is f32, or in bf16 products bf16: it then
+/// only feeds the projection's bf16 products, which would round it anyway).
 pub(super) fn geglu_gradient(projected: &Tensor, grad: &Tensor) -> Result<Tensor> {
     let inner = projected.dim(D::Minus1)? / 2;
     let projected = projected.detach();
@@ -158,9 +163,11 @@ pub(super) fn geglu_gradient(projected: &Tensor, grad: &Tensor) -> Result<Tensor
         && grad.dtype() == DType::F32
         && super::cpu_kernels(projected.device());
     if kept_in_bf16 || has_f32_cpu_kernel(&projected) {
+        // In bf16 products a projection kept in bf16 feeds only bf16 products, and so does its gradient.
+        let rounded = kept_in_bf16 && super::bf16_products();
         return projected
             .contiguous()?
-            .apply_op2_no_bwd(&grad.contiguous()?, &GegluGradientRows);
+            .apply_op2_no_bwd(&grad.contiguous()?, &GegluGradientRows { rounded });
     }
     let value = projected.narrow(D::Minus1, 0, inner)?;
     let gate = projected.narrow(D::Minus1, inner, inner)?.contiguous()?;
@@ -202,7 +209,10 @@ fn geglu_gradient_row(row: &[f32], grad: &[f32], out: &mut [f32]) {
 }
 
 /// GEGLU's forward over rows `[value | gate]` of contiguous f32 (or bf16) data, rows in parallel.
-struct GegluRows;
+struct GegluRows {
+    /// Whether the output is written rounded to bf16.
+    rounded: bool,
+}
 
 impl CustomOp1 for GegluRows {
     fn name(&self) -> &'static str {
@@ -215,7 +225,7 @@ impl CustomOp1 for GegluRows {
         let width = dims.last().copied().unwrap_or(0);
         let inner = width / 2;
         let simd = Simd::detect();
-        let out = par_filled(input.len() / 2, inner, 0.0, |index, out| {
+        let row_output = |index: usize, out: &mut [f32]| {
             let mut widened = Vec::new();
             let row = input.row(index, width, &mut widened);
             vectorised(
@@ -223,13 +233,34 @@ impl CustomOp1 for GegluRows {
                 #[inline(always)]
                 || geglu_row(row, out),
             )
-        });
+        };
         let mut shape = dims.to_vec();
         if let Some(last) = shape.last_mut() {
             *last = inner;
         }
-        Ok((CpuStorage::F32(out), Shape::from(shape)))
+        let storage = if self.rounded {
+            CpuStorage::BF16(rounded_rows(input.len() / 2, inner, row_output))
+        } else {
+            CpuStorage::F32(par_filled(input.len() / 2, inner, 0.0, row_output))
+        };
+        Ok((storage, Shape::from(shape)))
     }
+}
+
+/// `len` values in rows of `width`, each row computed in f32 by `row(index, out)` and rounded to bf16, rows
+/// in parallel.
+fn rounded_rows(
+    len: usize,
+    width: usize,
+    row: impl Fn(usize, &mut [f32]) + Sync + Send,
+) -> Vec<half::bf16> {
+    par_filled(len, width, half::bf16::ZERO, |index, out| {
+        let mut values = vec![0f32; out.len()];
+        row(index, &mut values);
+        // SAFETY: `bf16` is a `u16` in a transparent wrapper.
+        let bits = unsafe { &mut *(out as *mut [half::bf16] as *mut [u16]) };
+        super::amx::round_to_bf16(&values, bits);
+    })
 }
 
 /// The contiguous values of a projection, f32 or bf16.
@@ -275,7 +306,10 @@ impl<'a> ProjectionRows<'a> {
 
 /// GEGLU's input gradient `[grad·gelu(gate) | grad·value·gelu'(gate)]` from the projection (first operand)
 /// (f32 or bf16) and the output gradient (second, f32), contiguous rows in parallel.
-struct GegluGradientRows;
+struct GegluGradientRows {
+    /// Whether the gradient is written rounded to bf16.
+    rounded: bool,
+}
 
 impl CustomOp2 for GegluGradientRows {
     fn name(&self) -> &'static str {
@@ -297,7 +331,7 @@ impl CustomOp2 for GegluGradientRows {
             candle_core::bail!("GEGLU gradient: the gradient does not match the projection");
         }
         let simd = Simd::detect();
-        let out = par_filled(input.len(), width, 0.0, |index, out| {
+        let row_gradient = |index: usize, out: &mut [f32]| {
             let grad = &grad[index * inner..][..inner];
             let mut widened = Vec::new();
             let row = input.row(index, width, &mut widened);
@@ -306,8 +340,13 @@ impl CustomOp2 for GegluGradientRows {
                 #[inline(always)]
                 || geglu_gradient_row(row, grad, out),
             )
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        };
+        let storage = if self.rounded {
+            CpuStorage::BF16(rounded_rows(input.len(), width, row_gradient))
+        } else {
+            CpuStorage::F32(par_filled(input.len(), width, 0.0, row_gradient))
+        };
+        Ok((storage, l1.shape().clone()))
     }
 }
 
@@ -482,6 +521,29 @@ mod tests {
     use candle_core::{CustomOp1, Device, Tensor, Var};
 
     use crate::test_support::max_abs_diff;
+
+    #[test]
+    fn in_bf16_products_geglu_of_a_kept_projection_writes_rounded_values() {
+        let projected = (Tensor::randn(0f32, 1.5, (3, 64), &Device::Cpu).unwrap())
+            .to_dtype(candle_core::DType::BF16)
+            .unwrap();
+        let grad = Tensor::randn(0f32, 1.0, (3, 32), &Device::Cpu).unwrap();
+        // Outside the scope: f32 values; inside: the same values rounded to bf16.
+        let output = super::geglu_of_kept(&projected).unwrap();
+        let gradient = super::geglu_gradient(&projected, &grad).unwrap();
+        let Some(_scope) = crate::kernels::Bf16Products::enter() else {
+            return;
+        };
+        let rounded_output = super::geglu_of_kept(&projected).unwrap();
+        let rounded_gradient = super::geglu_gradient(&projected, &grad).unwrap();
+        for (f32_values, rounded) in [(output, rounded_output), (gradient, rounded_gradient)] {
+            assert_eq!(f32_values.dtype(), candle_core::DType::F32);
+            assert_eq!(rounded.dtype(), candle_core::DType::BF16);
+            let expected = f32_values.to_dtype(candle_core::DType::BF16).unwrap();
+            let wide = |t: &Tensor| t.to_dtype(candle_core::DType::F64).unwrap();
+            assert_eq!(max_abs_diff(&wide(&rounded), &wide(&expected)), 0.0);
+        }
+    }
 
     #[test]
     fn silu_gradient_matches_finite_differences() {

@@ -243,10 +243,10 @@ fn bf16_forward(
     w: &CpuStorage,
     w_layout: &Layout,
 ) -> Result<Option<(CpuStorage, Shape)>> {
-    let CpuStorage::F32(x) = x else {
-        return Ok(None);
-    };
-    let Some(w) = super::products::cpu_values(w) else {
+    let (Some(x), Some(w)) = (
+        super::products::cpu_values(x),
+        super::products::cpu_values(w),
+    ) else {
         return Ok(None);
     };
     let (Some((x_start, x_end)), Some((w_start, w_end))) =
@@ -262,7 +262,14 @@ fn bf16_forward(
     let rows = (x_end - x_start) / in_features;
     crate::flops::add_layer(rows * in_features * out_features);
     let mut output = Vec::with_capacity(rows * out_features);
-    let input = Operand::f32(&x[x_start..x_end], in_features, 1);
+    let Some(x) = x.starting_at(x_start) else {
+        return Ok(None);
+    };
+    let input = Operand {
+        data: x,
+        row_stride: in_features,
+        col_stride: 1,
+    };
     // The product's right operand is `Wᵀ`: column `o` is row `o` of the weight.
     let Some(weight) = w.starting_at(w_start) else {
         return Ok(None);

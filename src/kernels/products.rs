@@ -73,9 +73,11 @@ pub(super) fn matmul_ready(a: &Tensor, b: &Tensor) -> Result<Ready> {
         (a.dtype(), b.dtype()),
         (DType::F32, DType::F32) | (DType::F32, DType::BF16) | (DType::BF16, DType::F32)
     );
+    // Two bf16 operands (a gradient kept in bf16 and a frozen weight) multiply on the tiles too.
+    let both_bf16 = a.dtype() == DType::BF16 && b.dtype() == DType::BF16;
     let eligible = bf16_products()
         && a.device().is_cpu()
-        && product_dtypes
+        && (product_dtypes || both_bf16)
         && a.rank() >= 2
         && b.rank() >= 2
         && (a.rank() == 2 || leading(a) == batch_dims)

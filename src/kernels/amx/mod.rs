@@ -521,6 +521,15 @@ thread_local! {
     static HELD: Cell<Buffer> = const { Cell::new(Buffer(Vec::new())) };
 }
 
+/// `values` rounded to bf16 (to nearest even) into `out`, vectorised where AMX runs: for values that only
+/// feed further bf16 products.
+///
+/// # Panics
+/// If the lengths differ.
+pub fn round_to_bf16(values: &[f32], out: &mut [u16]) {
+    pack::round_run(values, None, out);
+}
+
 /// Frees this thread's packing buffers (they keep the size of the largest product's operands).
 pub fn release_buffers() {
     SHARED.take();
