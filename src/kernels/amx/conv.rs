@@ -7,8 +7,9 @@
 //! image) of 16 rows — channel pairs — each holding `(x[2r][p], x[2r+1][p])` for every output column `p`.
 //! A run of 16 output pixels then reads, for a tap `(ky, kx)` and a block of input channels, a right tile
 //! in place: 16 rows of 64 bytes, one output row's width apart. The kernel's slices are packed per block of
-//! 32 output channels by the task that computes them, and the result tiles (rows: output channels) are
-//! stored straight into the `[batch, out, height, width]` result, one plane apart. The input gradient of a
+//! 32 output channels by the task that computes them, the sums start from the bias where there is one, and
+//! the result tiles (rows: output channels) are stored straight into the `[batch, out, height, width]`
+//! result, one plane apart. The input gradient of a
 //! stride-1 convolution is the same computation over the output gradient with the kernel flipped and
 //! transposed, which the packing reads in place.
 

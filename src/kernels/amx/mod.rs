@@ -13,8 +13,10 @@
 //! each left block read serves them all, along a row of the result), and for a long shared dimension the
 //! product goes in parts, so that the smaller operand's share stays in cache too. Blocks that lie wholly
 //! inside the result are written in place, edge blocks through a scratch block. Two products into one
-//! result can share the accumulator tiles, their operands joined along the shared dimension. Linux must
-//! grant the process the tile data state (`arch_prctl`), asked for once.
+//! result can share the accumulator tiles, their operands joined along the shared dimension, and a result
+//! that only feeds further bf16 products can leave the tiles rounded to bf16 with a bias added. Stride-1
+//! convolutions run on the same tiles without a patch matrix ([`conv`]). Linux must grant the process the
+//! tile data state (`arch_prctl`), asked for once.
 
 use std::cell::Cell;
 use std::mem::MaybeUninit;
