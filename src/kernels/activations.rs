@@ -254,14 +254,26 @@ fn rounded_rows(
     width: usize,
     row: impl Fn(usize, &mut [f32]) + Sync + Send,
 ) -> Vec<half::bf16> {
-    par_filled(len, width, half::bf16::ZERO, |index, out| {
-        let mut values = vec![0f32; out.len()];
-        row(index, &mut values);
-        // SAFETY: `bf16` is a `u16` in a transparent wrapper.
-        let bits = unsafe { &mut *(out as *mut [half::bf16] as *mut [u16]) };
-        super::amx::round_to_bf16(&values, bits);
-    })
+    // Rows go to the threads in groups of about 16 Ki values, each group computed through one f32 row.
+    let rows_per_chunk = (ROUNDED_CHUNK / width.max(1)).max(1);
+    par_filled(
+        len,
+        rows_per_chunk * width,
+        half::bf16::ZERO,
+        |chunk, out| {
+            let mut values = vec![0f32; width];
+            for (offset, out) in out.chunks_mut(width).enumerate() {
+                row(chunk * rows_per_chunk + offset, &mut values);
+                // SAFETY: `bf16` is a `u16` in a transparent wrapper.
+                let bits = unsafe { &mut *(out as *mut [half::bf16] as *mut [u16]) };
+                super::amx::round_to_bf16(&values, bits);
+            }
+        },
+    )
 }
+
+/// Values per group of rows [`rounded_rows`] hands to a thread.
+const ROUNDED_CHUNK: usize = 1 << 14;
 
 /// The contiguous values of a projection, f32 or bf16.
 #[derive(Clone, Copy)]
