@@ -7,7 +7,7 @@
 //! and `s·u·A` are summed in the tiles of the frozen products they join ([`joined_matmul`]) instead of being
 //! written out and added.
 
-use candle_core::{Result, Tensor};
+use candle_core::{D, Result, Tensor};
 
 use super::products::{joined_matmul, matmul, rounded_matmul};
 use super::tied::Ready;
@@ -116,9 +116,7 @@ pub(crate) fn adapted_affine_gradients(
         return Ok((matmul(grad, weight)?, None));
     };
     let (down, up) = (down.detach(), up.detach());
-    let (in_features, out_features) = (down.dim(1)?, up.dim(0)?);
-    let x_rows = input.reshape(((), in_features))?;
-    let grad_rows = grad.reshape(((), out_features))?;
+    let grad_rows = grad.reshape(((), up.dim(0)?))?;
     let grad_hidden = (matmul(&grad_rows, &up)? * scale)?;
     let grad_x = match joined_matmul(&grad_rows, weight, &grad_hidden, &down)? {
         Some(sum) => sum.into_tensor(),
@@ -128,7 +126,33 @@ pub(crate) fn adapted_affine_gradients(
         }
     }
     .reshape(input.shape())?;
+    let adapter_grads = down_up_gradients((&grad_rows, &grad_hidden), (hidden, input), scale)?;
+    Ok((grad_x, Some(adapter_grads)))
+}
+
+/// The gradients of an adapter's down and up matrices alone, from the output gradient `grad`: for a
+/// layer whose input is not part of the graph (a frozen text encoder's context), whose gradient would be
+/// computed for nothing.
+pub(crate) fn adapter_gradients(grad: &Tensor, state: AdapterState) -> Result<(Tensor, Tensor)> {
+    let AdapterState {
+        adapter: LowRank { up, scale, .. },
+        hidden,
+        input,
+    } = state;
+    let up = up.detach();
+    let grad_rows = grad.reshape(((), up.dim(0)?))?;
+    let grad_hidden = (matmul(&grad_rows, &up)? * scale)?;
+    down_up_gradients((&grad_rows, &grad_hidden), (hidden, input), scale)
+}
+
+/// `(down, up)` gradients from the output and hidden gradients (rows) and the hidden and input values.
+fn down_up_gradients(
+    (grad_rows, grad_hidden): (&Tensor, &Tensor),
+    (hidden, input): (&Tensor, &Tensor),
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
+    let x_rows = input.reshape(((), input.dim(D::Minus1)?))?;
     let grad_up = (matmul(&grad_rows.t()?, hidden)? * scale)?;
     let grad_down = matmul(&grad_hidden.t()?, &x_rows)?;
-    Ok((grad_x, Some((grad_down, grad_up))))
+    Ok((grad_down, grad_up))
 }

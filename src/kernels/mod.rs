@@ -45,7 +45,9 @@ pub use frozen::{frozen_affine, frozen_conv2d, frozen_linear, geglu_affine, silu
 pub use fused_attention::fused_attention;
 pub use fused_norm::{NormPath, NormalizedInput, normalize_affine, normalize_rows};
 pub use low_rank::LowRank;
-pub(crate) use low_rank::{AdapterState, adapted_affine, adapted_affine_gradients};
+pub(crate) use low_rank::{
+    AdapterState, adapted_affine, adapted_affine_gradients, adapter_gradients,
+};
 pub use products::{
     Bf16Products, bf16_products, bf16_products_available, matmul, product_arithmetic,
 };

@@ -14,7 +14,7 @@ use candle_core::{Result, Tensor};
 
 use crate::kernels::{
     AdapterState, LowRank, NormPath, NormalizedInput, TiedBackward, adapted_affine,
-    adapted_affine_gradients, add_term_into, tie,
+    adapted_affine_gradients, adapter_gradients, add_term_into, tie,
 };
 
 /// What a LoRA linear reads: a tensor, or a layer norm's output that the layer takes from the norm's input
@@ -63,6 +63,7 @@ pub fn lora_linear(
     let (y, hidden) = adapted_affine(&x_value, weight, bias, Some(adapter))?;
     drop(x_value);
     let backward = LoraLinearBackward {
+        input_tracked: tracked.track_op(),
         weight: weight.clone(),
         hidden: hidden
             .ok_or_else(|| candle_core::Error::Msg("lora linear: no hidden values".into()))?,
@@ -80,6 +81,9 @@ pub fn lora_linear(
 
 /// Ties the precomputed result to the input and the adapter's down and up matrices.
 struct LoraLinearBackward {
+    /// Whether the input is part of the graph (a frozen text encoder's context is not): its gradient is
+    /// computed only then.
+    input_tracked: bool,
     weight: Tensor,
     /// `x·Aᵀ` from the forward pass, `[rows, rank]`: small, so kept rather than computed again.
     hidden: Tensor,
@@ -108,15 +112,21 @@ impl TiedBackward for LoraLinearBackward {
             hidden: &self.hidden,
             input: &x,
         };
-        let (grad_x, adapter_grads) = adapted_affine_gradients(grad, &self.weight, Some(state))?;
-        let Some((grad_down, grad_up)) = adapter_grads else {
-            candle_core::bail!("lora linear: no adapter gradients");
+        let (grad_input, (grad_down, grad_up)) = if self.input_tracked {
+            let (grad_x, adapter_grads) =
+                adapted_affine_gradients(grad, &self.weight, Some(state))?;
+            let Some(adapter_grads) = adapter_grads else {
+                candle_core::bail!("lora linear: no adapter gradients");
+            };
+            let grad_input = match &self.norm {
+                Some(norm) => norm.input_grad(input, &grad_x)?,
+                None => grad_x,
+            };
+            (Some(grad_input), adapter_grads)
+        } else {
+            (None, adapter_gradients(grad, state)?)
         };
-        let grad_input = match &self.norm {
-            Some(norm) => norm.input_grad(input, &grad_x)?,
-            None => grad_x,
-        };
-        let mut grads = vec![Some(grad_input), Some(grad_down), Some(grad_up)];
+        let mut grads = vec![grad_input, Some(grad_down), Some(grad_up)];
         if inputs.len() == 4 {
             // The residual's gradient is the output's.
             grads.push(Some(grad.clone()));
@@ -213,6 +223,40 @@ mod tests {
         ] {
             let diff = max_abs_diff(ours_grads.get(v).unwrap(), composed_grads.get(v).unwrap());
             assert!(diff < 1e-11, "d{name} differs by {diff}");
+        }
+    }
+
+    #[test]
+    fn an_input_outside_the_graph_gets_no_gradient_and_the_adapter_the_same_ones() {
+        let x = var(&[2, 5, 7], 0.2);
+        let weight = var(&[6, 7], 0.9).as_tensor().detach();
+        let (down, up) = (var(&[3, 7], 2.3), var(&[6, 3], 3.1));
+        let residual = var(&[2, 5, 6], 1.7);
+        let weights = var(&[2, 5, 6], 4.7);
+        let gradients = |input: &Tensor| {
+            let adapter = (down.as_tensor(), up.as_tensor());
+            let residual = Some(residual.as_tensor());
+            let y = lora_linear(
+                LinearInput::Tensor(input),
+                &weight,
+                None,
+                adapter,
+                0.5,
+                residual,
+            )
+            .unwrap();
+            (y * weights.as_tensor())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
+        let (tracked, untracked) = (gradients(x.as_tensor()), gradients(&x.as_tensor().detach()));
+        assert!(untracked.get(&x).is_none());
+        for (name, v) in [("down", &down), ("up", &up), ("residual", &residual)] {
+            let diff = max_abs_diff(tracked.get(v).unwrap(), untracked.get(v).unwrap());
+            assert!(diff < 1e-12, "d{name} differs by {diff}");
         }
     }
 
