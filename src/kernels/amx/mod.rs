@@ -14,7 +14,8 @@
 //! product goes in parts, so that the smaller operand's share stays in cache too. Blocks that lie wholly
 //! inside the result are written in place, edge blocks through a scratch block. Two products into one
 //! result can share the accumulator tiles, their operands joined along the shared dimension, and a result
-//! that only feeds further bf16 products can leave the tiles rounded to bf16 with a bias added. Stride-1
+//! that only feeds further bf16 products can leave the tiles rounded to bf16 with a bias added. An operand
+//! computed row by row can be rounded into tile order by the code that computes it ([`written`]). Stride-1
 //! convolutions run on the same tiles without a patch matrix ([`conv`]). Linux must grant the process the
 //! tile data state (`arch_prctl`), asked for once.
 
@@ -29,6 +30,9 @@ use rayon::prelude::*;
 pub mod conv;
 mod pack;
 mod tiles;
+mod written;
+
+pub use written::{PackedRight, product_of_packed};
 
 /// Rows and columns of a result block, and of the shared dimension's step.
 const BLOCK: usize = 32;
@@ -193,7 +197,7 @@ pub fn product(
     let target = out.target((m, n));
     run(
         (m, k, n),
-        (Left::View(a.into()), b.into()),
+        (Factor::View(a.into()), Factor::View(b.into())),
         target,
         parallel,
     );
@@ -254,7 +258,12 @@ fn run_into_uninit(
         scale: 1.0,
         rounded: None,
     };
-    run((m, k, n), (Left::View(a), b), target, parallel);
+    run(
+        (m, k, n),
+        (Factor::View(a), Factor::View(b)),
+        target,
+        parallel,
+    );
 }
 
 /// `a (m×k) · b (k×n)`, plus `c (m×j) · d (j×n)` summed in the same tiles when given (`k` then a multiple
@@ -305,7 +314,7 @@ pub fn rounded_product_into_uninit(
     };
     run(
         (m, depth, n),
-        (Left::View(operands.0), operands.1),
+        (Factor::View(operands.0), Factor::View(operands.1)),
         target,
         true,
     );
@@ -352,14 +361,15 @@ pub fn product_packed(left: &PackedLeft, b: Operand, n: usize, out: Output, para
     let target = out.target((m, n));
     run(
         (m, k, n),
-        (Left::Packed(&left.values), b.into()),
+        (Factor::Packed(&left.values), Factor::View(b.into())),
         target,
         parallel,
     );
 }
 
-/// The left operand of a product: to be packed, or packed already.
-enum Left<'a> {
+/// An operand of a product: to be packed, or packed already (whole blocks, in the layout of its side).
+#[derive(Clone, Copy)]
+enum Factor<'a> {
     View(Joined<'a>),
     Packed(&'a [u16]),
 }
@@ -380,7 +390,7 @@ enum Held {
 /// blocks.
 fn run(
     (m, k, n): (usize, usize, usize),
-    (a, b): (Left, Joined),
+    (a, b): (Factor, Factor),
     target: SharedOutput,
     parallel: bool,
 ) {
@@ -397,7 +407,7 @@ struct Schedule {
 /// [`run`] with the given schedule instead of the one chosen for the product's shapes.
 fn run_scheduled(
     (m, k, n): (usize, usize, usize),
-    (a, b): (Left, Joined),
+    (a, b): (Factor, Factor),
     target: SharedOutput,
     parallel: bool,
     schedule: Option<Schedule>,
@@ -417,23 +427,25 @@ fn run_scheduled(
         Held::Right => (n_blocks, m_blocks),
         Held::Left => (m_blocks, n_blocks),
     };
-    let shared_len = match (held, &a) {
-        (Held::Left, _) => n_blocks * run_len,
-        (Held::Right, Left::View(_)) => m_blocks * run_len,
-        (Held::Right, Left::Packed(_)) => 0,
+    // The other operand's blocks, packed whole once (unless packed already).
+    let shared_len = match (held, &a, &b) {
+        (Held::Left, _, Factor::View(_)) | (Held::Right, Factor::View(_), _) => inner * run_len,
+        _ => 0,
     };
     let mut shared = take_buffer(&SHARED, shared_len);
     let everything = (0, 0..k_blocks);
-    let inner_runs = match (held, &a) {
-        (Held::Left, _) => {
-            pack::pack_right(b, (k, n), everything, &mut shared[..shared_len], parallel);
+    let inner_runs = match (held, &a, &b) {
+        (Held::Left, _, Factor::View(b)) => {
+            pack::pack_right(*b, (k, n), everything, &mut shared[..shared_len], parallel);
             &shared[..shared_len]
         }
-        (Held::Right, Left::View(a)) => {
+        (Held::Right, Factor::View(a), _) => {
             pack::pack_left(*a, (m, k), everything, &mut shared[..shared_len], parallel);
             &shared[..shared_len]
         }
-        (Held::Right, Left::Packed(packed)) => &packed[..m_blocks * run_len],
+        (Held::Left, _, Factor::Packed(packed)) | (Held::Right, Factor::Packed(packed), _) => {
+            &packed[..inner * run_len]
+        }
     };
     let Schedule { group, part } = schedule.unwrap_or_else(|| {
         let threads = if parallel {
@@ -468,22 +480,26 @@ fn run_scheduled(
             let first = index * group;
             let count = group.min(outer - first);
             let len = count * part_len;
-            let packed_already = matches!((held, &a), (Held::Left, Left::Packed(_)));
+            let held_factor = match held {
+                Held::Left => &a,
+                Held::Right => &b,
+            };
+            let packed_already = matches!(held_factor, Factor::Packed(_));
             let mut own = take_buffer(&HELD, if packed_already { 0 } else { len });
             // The held blocks' parts: in `runs` from `offset` on, `spacing` apart.
             let blocks = (first, depth.clone());
-            let (runs, offset, spacing) = match (held, &a) {
-                (Held::Left, Left::Packed(packed)) => (
+            let (runs, offset, spacing) = match (held, held_factor) {
+                (_, Factor::Packed(packed)) => (
                     &packed[..],
                     first * run_len + depth.start * BLOCK_ELEMENTS,
                     run_len,
                 ),
-                (Held::Left, Left::View(a)) => {
+                (Held::Left, Factor::View(a)) => {
                     pack::pack_left(*a, (m, k), blocks, &mut own[..len], false);
                     (&own[..len], 0, part_len)
                 }
-                (Held::Right, _) => {
-                    pack::pack_right(b, (k, n), blocks, &mut own[..len], false);
+                (Held::Right, Factor::View(b)) => {
+                    pack::pack_right(*b, (k, n), blocks, &mut own[..len], false);
                     (&own[..len], 0, part_len)
                 }
             };
@@ -981,8 +997,8 @@ mod tests {
                 .target((m, n));
                 let schedule = Schedule { group: 2, part: 1 };
                 let views = (
-                    Left::View(Joined::new(a_view, k, c_view)),
-                    Joined::new(b_view, k, d_view),
+                    Factor::View(Joined::new(a_view, k, c_view)),
+                    Factor::View(Joined::new(b_view, k, d_view)),
                 );
                 run_scheduled((m, k + j, n), views, target, true, Some(schedule));
                 check(&out, &format!("layout {layout} in parts"));
@@ -1021,8 +1037,10 @@ mod tests {
     }
 
     #[test]
-    /// Products cut into parts of the shared dimension, with several held blocks per task, and a left
-    /// operand packed beforehand: each part adds to the result (scaled, over a prior value), edges included.
+    /// Products cut into parts of the shared dimension, with several held blocks per task, and operands
+    /// packed beforehand (a left one whole, a left one row by row and a right one row pair by row pair,
+    /// each into a buffer that held a larger operand of huge values before): each part adds to the
+    /// result (scaled, over a prior value), edges included.
     fn products_in_parts_and_groups_match_the_rounded_operands() {
         let schedules = [
             Schedule { group: 3, part: 2 },
@@ -1033,20 +1051,40 @@ mod tests {
             let reference = rounded_reference(m, k, n, &a, &b);
             let transposed_b: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
             let packed_a = PackedLeft::new(Operand::f32(&a, k, 1), (m, k), true);
+            let huge = vec![1e30f32; (k + 7).max(n + 9)];
+            let mut written_a = PackedLeft::empty();
+            written_a.reshape(m + 5, k + 7);
+            (0..m + 5).for_each(|row| written_a.set_row(row, &huge[..k + 7]));
+            written_a.reshape(m, k);
+            for (row, values) in a.chunks(k).enumerate() {
+                written_a.set_row(row, values);
+            }
+            let mut written_b = PackedRight::empty();
+            written_b.reshape(k + 7, n + 9);
+            for pair in 0..(k + 7).div_ceil(2) {
+                let odd = (2 * pair + 1 < k + 7).then_some(&huge[..n + 9]);
+                written_b.set_pair(pair, &huge[..n + 9], odd);
+            }
+            written_b.reshape(k, n);
+            for (pair, rows) in b.chunks(2 * n).enumerate() {
+                let (even, odd) = rows.split_at(n);
+                written_b.set_pair(pair, even, (!odd.is_empty()).then_some(odd));
+            }
             let lefts = [
-                Left::View(Operand::f32(&a, k, 1).into()),
-                Left::Packed(&packed_a.values),
+                Factor::View(Operand::f32(&a, k, 1).into()),
+                Factor::Packed(&packed_a.values),
+                Factor::Packed(&written_a.values),
             ];
-            let rights = [Operand::f32(&b, n, 1), Operand::f32(&transposed_b, 1, k)];
+            let rights = [
+                Factor::View(Operand::f32(&b, n, 1).into()),
+                Factor::View(Operand::f32(&transposed_b, 1, k).into()),
+                Factor::Packed(&written_b.values),
+            ];
             let cases = schedules.iter().flat_map(|schedule| {
                 (0..lefts.len()).flat_map(move |l| (0..rights.len()).map(move |r| (schedule, l, r)))
             });
             for (case, (schedule, l, r)) in cases.enumerate() {
-                let left = match &lefts[l] {
-                    Left::View(a) => Left::View(*a),
-                    Left::Packed(packed) => Left::Packed(packed),
-                };
-                let right = rights[r].into();
+                let (left, right) = (lefts[l], rights[r]);
                 let mut out = vec![0.5f32; m * n];
                 let target = Output {
                     data: &mut out,

@@ -95,6 +95,53 @@ pub(super) fn sixteen_pairs(data: &[f32], (even, odd): (usize, usize), out: &mut
     }
 }
 
+/// Two rows of a right operand, `even` and `odd` (zeros where not given), as the pair rows of its tiles
+/// (`(even[j], odd[j])` for each column `j`, zeros past the last column in its tile): the 16-column
+/// chunk `c` goes to `tiles[(c / 2)·run + (c % 2)·TILE_ELEMENTS..]`, `run` apart from block to block.
+pub(super) fn pair_rows(even: &[f32], odd: Option<&[f32]>, tiles: &mut [u16], run: usize) {
+    let cols = even.len();
+    assert!(odd.is_none_or(|odd| odd.len() == cols));
+    let chunks = cols.div_ceil(16);
+    assert!(
+        chunks == 0
+            || ((chunks - 1) / 2) * run + ((chunks - 1) % 2) * TILE_ELEMENTS + BLOCK <= tiles.len()
+    );
+    if super::available() {
+        // SAFETY: AMX implies AVX-512 BF16 (checked with it); the rows are as long and every chunk's
+        // place lies inside `tiles` (asserted).
+        return unsafe { simd::pair_rows(even, odd, tiles, run) };
+    }
+    for (c, start) in (0..cols).step_by(16).enumerate() {
+        let at = (c / 2) * run + (c % 2) * TILE_ELEMENTS;
+        let count = (cols - start).min(16);
+        let row = &mut tiles[at..at + BLOCK];
+        row.fill(0);
+        for (i, pair) in row.chunks_exact_mut(2).take(count).enumerate() {
+            pair[0] = bf16_bits(even[start + i]);
+            pair[1] = odd.map_or(0, |odd| bf16_bits(odd[start + i]));
+        }
+    }
+}
+
+/// A row of a left operand as its tile rows: the 32-value chunk `c` (zeros past the row's end) goes to
+/// `tiles[c·BLOCK_ELEMENTS..]`.
+pub(super) fn left_row(values: &[f32], tiles: &mut [u16]) {
+    let chunks = values.len().div_ceil(BLOCK);
+    assert!(chunks == 0 || (chunks - 1) * BLOCK_ELEMENTS + BLOCK <= tiles.len());
+    if super::available() {
+        // SAFETY: AMX implies AVX-512 BF16 (checked with it); every chunk's place lies inside `tiles`
+        // (asserted).
+        return unsafe { simd::left_row(values, tiles) };
+    }
+    for (c, chunk) in values.chunks(BLOCK).enumerate() {
+        let row = &mut tiles[c * BLOCK_ELEMENTS..][..BLOCK];
+        row.fill(0);
+        for (out, &value) in row.iter_mut().zip(chunk) {
+            *out = bf16_bits(value);
+        }
+    }
+}
+
 /// `values` (plus `bias`, value by value, where given) rounded to bf16 into `out`.
 pub(super) fn round_run(values: &[f32], bias: Option<&[f32]>, out: &mut [u16]) {
     assert!(out.len() == values.len() && bias.is_none_or(|bias| bias.len() == values.len()));
@@ -175,7 +222,7 @@ fn right_tile(b: Joined, (k, n): (usize, usize), (k0, col0): (usize, usize), til
 mod simd {
     use std::arch::x86_64::*;
 
-    use super::super::{BLOCK, Operand, Values};
+    use super::super::{BLOCK, BLOCK_ELEMENTS, Operand, TILE_ELEMENTS, Values};
 
     /// Lanes selected for a run of `count` consecutive values.
     fn lanes(count: usize) -> __mmask16 {
@@ -253,16 +300,6 @@ mod simd {
         (even, odd): (usize, Option<usize>),
         count: usize,
     ) -> __m512i {
-        const ORDER: [u16; 32] = {
-            let mut order = [0u16; 32];
-            let mut i = 0;
-            while i < 16 {
-                order[2 * i] = i as u16;
-                order[2 * i + 1] = 16 + i as u16;
-                i += 1;
-            }
-            order
-        };
         // SAFETY (loads): the runs lie inside `data` (caller).
         let halves = match data {
             Values::F32(values) => unsafe {
@@ -275,6 +312,24 @@ mod simd {
                 let high = odd.map_or(_mm256_setzero_si256(), |odd| load_bf16(values, odd, count));
                 _mm512_inserti64x4::<1>(_mm512_castsi256_si512(low), high)
             },
+        };
+        interleaved(halves)
+    }
+
+    /// The 16-bit values of `halves` (a run in the low half, another in the high half) as pairs: element
+    /// `i` of the low run, then element `i` of the high one.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn interleaved(halves: __m512i) -> __m512i {
+        const ORDER: [u16; 32] = {
+            let mut order = [0u16; 32];
+            let mut i = 0;
+            while i < 16 {
+                order[2 * i] = i as u16;
+                order[2 * i + 1] = 16 + i as u16;
+                i += 1;
+            }
+            order
         };
         // SAFETY: `ORDER` holds 64 bytes.
         let order = unsafe { _mm512_loadu_si512(ORDER.as_ptr().cast()) };
@@ -367,6 +422,47 @@ mod simd {
         }
     }
 
+    /// [`super::pair_rows`].
+    ///
+    /// # Safety
+    /// The processor has AVX-512 BF16; `odd` is as long as `even`, and every chunk's place lies inside
+    /// `tiles`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn pair_rows(even: &[f32], odd: Option<&[f32]>, tiles: &mut [u16], run: usize) {
+        for (c, start) in (0..even.len()).step_by(16).enumerate() {
+            let count = (even.len() - start).min(16);
+            // SAFETY: the loads stay inside the rows' `count` values from `start`, the store inside
+            // `tiles` (caller).
+            unsafe {
+                let low = load_f32(even, start, count);
+                let high = odd.map_or(_mm512_setzero_ps(), |odd| load_f32(odd, start, count));
+                let halves =
+                    std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(high, low));
+                let at = (c / 2) * run + (c % 2) * TILE_ELEMENTS;
+                _mm512_storeu_si512(tiles.as_mut_ptr().add(at).cast(), interleaved(halves));
+            }
+        }
+    }
+
+    /// [`super::left_row`].
+    ///
+    /// # Safety
+    /// The processor has AVX-512 BF16, and every chunk's place lies inside `tiles`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn left_row(values: &[f32], tiles: &mut [u16]) {
+        for (c, start) in (0..values.len()).step_by(BLOCK).enumerate() {
+            // SAFETY: the loads stay inside `values`, the store inside `tiles` (caller).
+            unsafe {
+                let run = consecutive(
+                    Values::F32(values),
+                    start,
+                    (values.len() - start).min(BLOCK),
+                );
+                _mm512_storeu_si512(tiles.as_mut_ptr().add(c * BLOCK_ELEMENTS).cast(), run);
+            }
+        }
+    }
+
     /// [`super::left_tile`] for an operand with consecutive columns or consecutive rows.
     ///
     /// # Safety
@@ -445,6 +541,14 @@ mod simd {
     }
 
     pub unsafe fn sixteen_pairs(_: &[f32], _: (usize, Option<usize>), _: &mut [u16; 32]) {
+        unreachable!("AMX exists on x86-64 only")
+    }
+
+    pub unsafe fn pair_rows(_: &[f32], _: Option<&[f32]>, _: &mut [u16], _: usize) {
+        unreachable!("AMX exists on x86-64 only")
+    }
+
+    pub unsafe fn left_row(_: &[f32], _: &mut [u16]) {
         unreachable!("AMX exists on x86-64 only")
     }
 
