@@ -224,7 +224,7 @@ fn exports_round_trip(family: &str, use_rslora: bool) {
     assert_eq!(header.float("adapter.lora.alpha"), Some(8.0));
     assert_eq!(header.tensors.len(), 2 * 7 * layers);
     for slot in model.layers().slots() {
-        let weight = slot.weight();
+        let weight = slot.weight().unwrap();
         let [out_features, in_features] = weight.dims() else {
             panic!("{} is not a linear layer", slot.name());
         };
@@ -368,7 +368,7 @@ fn inspect_reads_peft_folders_gguf_adapters_and_language_model_folders() {
         .layers()
         .slots()
         .iter()
-        .map(|s| s.weight().elem_count())
+        .map(|s| s.weight().unwrap().elem_count())
         .sum();
     assert!(
         lm.parameters > parameters,

@@ -16,6 +16,7 @@ use candle_core::{CpuStorage, DType, Result, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
+use super::frozen_weight::FrozenWeight;
 use super::fused_norm::{NormPath, NormalizedInput, with_values};
 use super::low_rank::{
     AdapterState, LowRank, adapted_affine, adapted_affine_gradients, rounded_adapted_affine,
@@ -25,7 +26,7 @@ use super::tied::{Ready, TiedBackward, tie};
 /// One linear layer of the feed-forward: its frozen weight and bias, and its adapter if it has one.
 #[derive(Clone, Copy)]
 pub struct AffineLayer<'a> {
-    pub weight: &'a Tensor,
+    pub weight: &'a FrozenWeight,
     pub bias: &'a Tensor,
     pub adapter: Option<LowRank<'a>>,
 }
@@ -114,7 +115,7 @@ fn rounded_to_bf16(values: &Tensor) -> Result<Tensor> {
 /// What the backward pass needs of one layer: its weight and, with an adapter, the adapter's scale and the
 /// `x·Aᵀ` of the forward pass.
 struct LayerBackward {
-    weight: Tensor,
+    weight: FrozenWeight,
     adapter: Option<(f64, Tensor)>,
 }
 
@@ -251,15 +252,16 @@ mod tests {
                 scale: 0.5,
             })
         }
+        let (proj_weight, out_weight) = (proj.0.clone().into(), out.0.clone().into());
         let layers = FusedFeedForward {
             norm: (&norm_weight, &norm_bias, 1e-5),
             proj: AffineLayer {
-                weight: &proj.0,
+                weight: &proj_weight,
                 bias: &proj.1,
                 adapter: low_rank(&adapters[0]),
             },
             out: AffineLayer {
-                weight: &out.0,
+                weight: &out_weight,
                 bias: &out.1,
                 adapter: low_rank(&adapters[1]),
             },
@@ -321,8 +323,9 @@ mod tests {
             x.narrow(0, 0, 1).unwrap().squeeze(0).unwrap(),
             x.get(1).unwrap(),
         );
+        let frozen_weight = weight.clone().into();
         let frozen = AffineLayer {
-            weight: &weight,
+            weight: &frozen_weight,
             bias: &bias,
             adapter: None,
         };

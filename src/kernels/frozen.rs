@@ -13,57 +13,71 @@ use candle_core::{
     Tensor,
 };
 
-use super::amx::Operand;
 use super::amx::conv::{InputActivation, KernelOrder};
+use super::amx::{Operand, Orientation};
+use super::frozen_weight::FrozenWeight;
+use super::products::{Right, right_matmul};
 use super::tied::{Ready, TiedBackward, tie};
 
 /// `x · Wᵀ` for a frozen `W` of shape `[out, in]`, over any number of leading batch dimensions.
-pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(FrozenMatmul {
-        weight: weight.clone(),
-    })
+pub fn frozen_linear(x: &Tensor, weight: impl Into<FrozenWeight>) -> Result<Tensor> {
+    match weight.into() {
+        FrozenWeight::Tensor(weight) => x.contiguous()?.apply_op1(FrozenMatmul { weight }),
+        weight => {
+            let output = affine_ready(&x.detach(), &weight, None)?;
+            tie(output, &[x], FrozenAffineBackward { weight })
+        }
+    }
 }
 
 /// `x · Wᵀ + b` with a frozen `W` and `b`, keeping only its output for the backward pass (the bias sum of
 /// a separate op would keep the product as well).
-pub fn frozen_affine(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    let output = affine_ready(&x.detach(), weight, Some(bias))?;
-    tie(
-        output,
-        &[x],
-        FrozenAffineBackward {
-            weight: weight.clone(),
-        },
-    )
+pub fn frozen_affine(x: &Tensor, weight: impl Into<FrozenWeight>, bias: &Tensor) -> Result<Tensor> {
+    let weight = weight.into();
+    let output = affine_ready(&x.detach(), &weight, Some(bias))?;
+    tie(output, &[x], FrozenAffineBackward { weight })
 }
 
 /// `geglu(projected) · Wᵀ + b` with a frozen `W` and `b` (a feed-forward's output layer without adapters),
 /// keeping only `projected` for the backward pass: the GEGLU output, half as wide as `projected`, exists
 /// while the product reads it (as the input of a separate op it would be kept until the backward pass).
 /// The backward pass takes the product's input gradient `g·W` through GEGLU's.
-pub fn geglu_affine(projected: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+pub fn geglu_affine(
+    projected: &Tensor,
+    weight: impl Into<FrozenWeight>,
+    bias: &Tensor,
+) -> Result<Tensor> {
+    let weight = weight.into();
     let activated = super::geglu(&projected.detach())?;
-    let output = affine_ready(&activated, weight, Some(bias))?;
+    let output = affine_ready(&activated, &weight, Some(bias))?;
     drop(activated);
     tie(
         output,
         &[projected],
-        GegluAffineBackward(FrozenAffineBackward {
-            weight: weight.clone(),
-        }),
+        GegluAffineBackward(FrozenAffineBackward { weight }),
     )
 }
 
 /// `x · Wᵀ (+ b)` for a detached `x`, as a result to tie (moved, not copied, on the CPU).
-pub(super) fn affine_ready(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Ready> {
+pub(super) fn affine_ready(
+    x: &Tensor,
+    weight: &FrozenWeight,
+    bias: Option<&Tensor>,
+) -> Result<Ready> {
     let x = x.contiguous()?;
-    let product = if x.device().is_cpu() {
-        let op = FrozenMatmul {
-            weight: weight.clone(),
-        };
-        Ready::from_cpu_op(&x, &op)?
-    } else {
-        Ready::Tensor(frozen_linear(&x, weight)?)
+    let product = match weight {
+        FrozenWeight::Tensor(weight) if x.device().is_cpu() => {
+            let op = FrozenMatmul {
+                weight: weight.clone(),
+            };
+            Ready::from_cpu_op(&x, &op)?
+        }
+        FrozenWeight::Tensor(weight) => Ready::Tensor(frozen_linear(&x, weight)?),
+        FrozenWeight::Tiled(_) => {
+            let (out_features, _) = weight.dims2()?;
+            crate::flops::add_layer(x.elem_count() * out_features);
+            right_matmul(&x, &Right::of_weight(weight, Orientation::Transposed)?)?
+        }
     };
     super::add_bias_into(product, bias)
 }
@@ -87,13 +101,14 @@ impl TiedBackward for GegluAffineBackward {
 
 /// Routes the output gradient of [`frozen_affine`] to its input.
 struct FrozenAffineBackward {
-    weight: Tensor,
+    weight: FrozenWeight,
 }
 
 impl FrozenAffineBackward {
     /// The gradient of the layer's input given the output gradient: `g·W`.
     fn input_grad(&self, grad: &Tensor) -> Result<Tensor> {
-        super::products::matmul(grad, &self.weight)
+        let weight = Right::of_weight(&self.weight, Orientation::Upright)?;
+        Ok(right_matmul(grad, &weight)?.into_tensor())
     }
 }
 
@@ -282,7 +297,7 @@ fn bf16_forward(
     debug_assert!(w_end - w_start == in_features * out_features);
     let dims3 = (rows, in_features, out_features);
     let out = output.spare_capacity_mut();
-    super::amx::product_into_uninit(dims3, (input, weight_t), out, true);
+    super::amx::product_into_uninit(dims3, (input, weight_t.into()), out, true);
     // SAFETY: the product wrote all `rows · out_features` values.
     unsafe { output.set_len(rows * out_features) };
     let mut out_dims = dims[..dims.len() - 1].to_vec();

@@ -9,7 +9,9 @@
 
 use candle_core::{D, Result, Tensor};
 
-use super::products::{joined_matmul, matmul, rounded_matmul};
+use super::amx::Orientation;
+use super::frozen_weight::FrozenWeight;
+use super::products::{Right, joined_matmul, matmul, right_matmul, rounded_matmul};
 use super::tied::Ready;
 use super::{add_bias_into, add_into, frozen_linear};
 
@@ -25,7 +27,7 @@ pub struct LowRank<'a> {
 /// there is an adapter.
 pub(crate) fn adapted_affine(
     x: &Tensor,
-    weight: &Tensor,
+    weight: &FrozenWeight,
     bias: Option<&Tensor>,
     adapter: Option<LowRank>,
 ) -> Result<(Ready, Option<Tensor>)> {
@@ -38,7 +40,8 @@ pub(crate) fn adapted_affine(
     let x_rows = x.reshape(((), down.dim(1)?))?;
     let hidden = matmul(&x_rows, &down.t()?)?;
     let scaled = (&hidden * scale)?;
-    let y = match joined_matmul(&x_rows, &weight.t()?, &scaled, &up.t()?)? {
+    let weight_t = Right::of_weight(weight, Orientation::Transposed)?;
+    let y = match joined_matmul(&x_rows, &weight_t, &scaled, &up.t()?)? {
         Some(sum) => {
             let (out_features, in_features) = weight.dims2()?;
             crate::flops::add_layer(x_rows.dim(0)? * in_features * out_features);
@@ -63,13 +66,13 @@ pub(crate) fn adapted_affine(
 /// products do not run on AMX tiles.
 pub(crate) fn rounded_adapted_affine(
     x: &Tensor,
-    weight: &Tensor,
+    weight: &FrozenWeight,
     bias: Option<&Tensor>,
     adapter: Option<LowRank>,
 ) -> Result<Option<(Tensor, Option<Tensor>)>> {
     let (out_features, in_features) = weight.dims2()?;
     let x_rows = x.reshape(((), in_features))?;
-    let weight_t = weight.t()?;
+    let weight_t = Right::of_weight(weight, Orientation::Transposed)?;
     let (rounded, hidden) = match adapter {
         Some(LowRank { down, up, scale }) => {
             let (down, up) = (down.detach(), up.detach());
@@ -104,7 +107,7 @@ pub(crate) struct AdapterState<'a> {
 /// matrices, from the output gradient `grad`.
 pub(crate) fn adapted_affine_gradients(
     grad: &Tensor,
-    weight: &Tensor,
+    weight: &FrozenWeight,
     adapter: Option<AdapterState>,
 ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
     let Some(AdapterState {
@@ -113,15 +116,17 @@ pub(crate) fn adapted_affine_gradients(
         input,
     }) = adapter
     else {
-        return Ok((matmul(grad, weight)?, None));
+        let weight = Right::of_weight(weight, Orientation::Upright)?;
+        return Ok((right_matmul(grad, &weight)?.into_tensor(), None));
     };
     let (down, up) = (down.detach(), up.detach());
     let grad_rows = grad.reshape(((), up.dim(0)?))?;
     let grad_hidden = (matmul(&grad_rows, &up)? * scale)?;
-    let grad_x = match joined_matmul(&grad_rows, weight, &grad_hidden, &down)? {
+    let weight = Right::of_weight(weight, Orientation::Upright)?;
+    let grad_x = match joined_matmul(&grad_rows, &weight, &grad_hidden, &down)? {
         Some(sum) => sum.into_tensor(),
         None => {
-            let frozen_part = matmul(&grad_rows, weight)?;
+            let frozen_part = right_matmul(&grad_rows, &weight)?.into_tensor();
             add_into(frozen_part, Some(&grad_hidden.matmul(&down)?), None)?
         }
     }

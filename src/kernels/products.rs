@@ -9,7 +9,8 @@ use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
 
 use half::slice::HalfFloatSliceExt;
 
-use super::amx::{self, Operand, Values};
+use super::amx::{self, Operand, Orientation, Source, TileView, Values};
+use super::frozen_weight::{FrozenWeight, tiles_tensor};
 use super::tied::Ready;
 
 thread_local! {
@@ -106,7 +107,7 @@ pub(super) fn matmul_ready(a: &Tensor, b: &Tensor) -> Result<Ready> {
         for (index, out) in matrices.enumerate().take(batch) {
             let left = matrix(a_data, a_layout, index)?;
             let right = matrix(b_data, b_layout, index)?;
-            amx::product_into_uninit((m, k, n), (left, right), out, true);
+            amx::product_into_uninit((m, k, n), (left, right.into()), out, true);
         }
     }
     // SAFETY: each of the `batch` products wrote all of its `m·n` values.
@@ -123,37 +124,32 @@ pub(super) fn matmul_ready(a: &Tensor, b: &Tensor) -> Result<Ready> {
 /// or bf16 on the CPU, or for a `k` that is not a multiple of 32.
 pub(crate) fn joined_matmul(
     a: &Tensor,
-    b: &Tensor,
+    b: &Right,
     c: &Tensor,
     d: &Tensor,
 ) -> Result<Option<Ready>> {
-    let operands = [a, b, c, d];
-    let eligible = bf16_products()
-        && operands.iter().all(|t| {
-            t.device().is_cpu() && t.rank() == 2 && matches!(t.dtype(), DType::F32 | DType::BF16)
-        });
+    let operands = [a, c, d];
+    let eligible = bf16_products() && operands.iter().all(|t| product_operand(t)) && b.eligible();
     if !eligible {
         return Ok(None);
     }
-    let ((m, k), (_, n), (_, j)) = (last_two(a), last_two(b), last_two(c));
-    if k % 32 != 0 || last_two(b).0 != k || last_two(c).0 != m || last_two(d) != (j, n) {
+    let ((m, k), (k_b, n), (_, j)) = (last_two(a), b.dims(), last_two(c));
+    if k % 32 != 0 || k_b != k || last_two(c).0 != m || last_two(d) != (j, n) {
         return Ok(None);
     }
     let mut product = Vec::with_capacity(m * n);
     {
-        let [a, b, c, d] = operands.map(|t| t.storage_and_layout());
-        let (a, b, c, d) = (
-            view(&a.0, a.1)?,
-            view(&b.0, b.1)?,
-            view(&c.0, c.1)?,
-            view(&d.0, d.1)?,
-        );
-        amx::joined_product_into_uninit(
-            (m, k, j, n),
-            ((a, b), (c, d)),
-            product.spare_capacity_mut(),
-            true,
-        );
+        let [a, c, d] = operands.map(|t| t.storage_and_layout());
+        let (a, c, d) = (view(&a.0, a.1)?, view(&c.0, c.1)?, view(&d.0, d.1)?);
+        b.with_source(|b| {
+            amx::joined_product_into_uninit(
+                (m, k, j, n),
+                ((a, b), (c, d)),
+                product.spare_capacity_mut(),
+                true,
+            );
+            Ok(())
+        })?;
     }
     // SAFETY: the product wrote all of its `m·n` values.
     unsafe { product.set_len(m * n) };
@@ -165,20 +161,17 @@ pub(crate) fn joined_matmul(
 /// further bf16 products (a feed-forward's projection, kept in bf16), never held in f32. `None` where
 /// [`joined_matmul`] would be (and for a bias that is not `n` f32 values on the CPU).
 pub(crate) fn rounded_matmul(
-    (a, b): (&Tensor, &Tensor),
+    (a, b): (&Tensor, &Right),
     low_rank: Option<(&Tensor, &Tensor)>,
     bias: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
-    let mut operands = vec![a, b];
+    let mut operands = vec![a];
     operands.extend(low_rank.iter().flat_map(|&(c, d)| [c, d]));
-    let eligible = bf16_products()
-        && operands.iter().all(|t| {
-            t.device().is_cpu() && t.rank() == 2 && matches!(t.dtype(), DType::F32 | DType::BF16)
-        });
+    let eligible = bf16_products() && operands.iter().all(|t| product_operand(t)) && b.eligible();
     if !eligible {
         return Ok(None);
     }
-    let ((m, k), (k_b, n)) = (last_two(a), last_two(b));
+    let ((m, k), (k_b, n)) = (last_two(a), b.dims());
     let j = match low_rank {
         Some((c, d)) => {
             let (rows, j) = last_two(c);
@@ -217,25 +210,121 @@ pub(crate) fn rounded_matmul(
             },
             None => None,
         };
-        let low_rank = (views.len() == 4).then(|| (views[2], views[3]));
+        let low_rank = (views.len() == 3).then(|| (views[1], views[2]));
         let out = product.spare_capacity_mut();
         // SAFETY: `bf16` is a `u16` in a transparent wrapper, and the product writes every value as bits.
         let out = unsafe {
             &mut *(out as *mut [std::mem::MaybeUninit<half::bf16>]
                 as *mut [std::mem::MaybeUninit<u16>])
         };
-        amx::rounded_product_into_uninit(
-            (m, k, j, n),
-            ((views[0], views[1]), low_rank),
-            bias_values,
-            &mut out[..m * n],
-        );
+        b.with_source(|b| {
+            amx::rounded_product_into_uninit(
+                (m, k, j, n),
+                ((views[0], b), low_rank),
+                bias_values,
+                &mut out[..m * n],
+            );
+            Ok(())
+        })?;
     }
     // SAFETY: the product wrote all of its `m·n` values.
     unsafe { product.set_len(m * n) };
     Ok(Some(
         Ready::Cpu(CpuStorage::BF16(product), (m, n).into()).into_tensor(),
     ))
+}
+
+/// The right operand of a product with a frozen weight: a tensor, or a weight stored in tile order, read
+/// as `Wᵀ` or `W`.
+pub(crate) enum Right<'a> {
+    Tensor(Tensor),
+    Tiles(TileView<'a>),
+}
+
+impl<'a> Right<'a> {
+    /// `weight` (`[out, in]`) read as `Wᵀ` (a layer's forward product) or `W` (its input gradient).
+    pub(crate) fn of_weight(weight: &'a FrozenWeight, orientation: Orientation) -> Result<Self> {
+        if let Some(tiles) = weight.tiles(orientation) {
+            return Ok(Right::Tiles(tiles));
+        }
+        let weight = weight.to_tensor()?;
+        Ok(Right::Tensor(match orientation {
+            Orientation::Transposed => weight.t()?,
+            Orientation::Upright => weight,
+        }))
+    }
+
+    /// `(rows, cols)` of the operand.
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            Right::Tensor(t) => last_two(t),
+            Right::Tiles(tiles) => tiles.dims(),
+        }
+    }
+
+    /// Whether the operand can go into bf16 products on AMX tiles.
+    fn eligible(&self) -> bool {
+        match self {
+            Right::Tensor(t) => product_operand(t),
+            Right::Tiles(_) => true,
+        }
+    }
+
+    /// `f` given the operand's values.
+    fn with_source<R>(&self, f: impl FnOnce(Source) -> Result<R>) -> Result<R> {
+        match self {
+            Right::Tensor(t) => {
+                let (storage, layout) = t.storage_and_layout();
+                f(view(&storage, layout)?.into())
+            }
+            Right::Tiles(tiles) => f((*tiles).into()),
+        }
+    }
+
+    /// The operand as a tensor (tiled values copied out).
+    fn to_tensor(&self) -> Result<Tensor> {
+        match self {
+            Right::Tensor(t) => Ok(t.clone()),
+            Right::Tiles(tiles) => tiles_tensor(*tiles),
+        }
+    }
+}
+
+/// `a · b` for `a` `[.., k]` and a frozen weight's operand `b` `[k, n]` (see [`matmul`]), as values ready
+/// to be tied: a weight in tile order multiplies as it is stored in bf16 products, and as a bf16 tensor
+/// outside them.
+pub(crate) fn right_matmul(a: &Tensor, b: &Right) -> Result<Ready> {
+    let tiles = match b {
+        Right::Tensor(t) => return matmul_ready(a, t),
+        Right::Tiles(tiles) => *tiles,
+    };
+    let (k, n) = tiles.dims();
+    let eligible = bf16_products()
+        && a.device().is_cpu()
+        && matches!(a.dtype(), DType::F32 | DType::BF16)
+        && a.dims().last() == Some(&k);
+    if !eligible {
+        return matmul_ready(a, &b.to_tensor()?);
+    }
+    let m = a.elem_count() / k.max(1);
+    let rows = a.reshape((m, k))?;
+    let mut product = Vec::with_capacity(m * n);
+    {
+        let (storage, layout) = rows.storage_and_layout();
+        let left = view(&storage, layout)?;
+        let out = product.spare_capacity_mut();
+        amx::product_into_uninit((m, k, n), (left, tiles.into()), out, true);
+    }
+    // SAFETY: the product wrote all of its `m·n` values.
+    unsafe { product.set_len(m * n) };
+    let mut dims = a.dims()[..a.rank() - 1].to_vec();
+    dims.push(n);
+    Ok(Ready::Cpu(CpuStorage::F32(product), dims.into()))
+}
+
+/// Whether a tensor can be an operand of bf16 products on AMX tiles as it is.
+fn product_operand(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.rank() == 2 && matches!(t.dtype(), DType::F32 | DType::BF16)
 }
 
 /// A 2-D tensor's storage and layout as a product's operand.
@@ -344,7 +433,7 @@ mod tests {
 
     /// The frozen linear layer of weight `t[1]` on the input `t[0]`.
     fn frozen_linear_of(t: &[Tensor]) -> Tensor {
-        super::super::frozen_linear(&t[0], &t[1].detach()).unwrap()
+        super::super::frozen_linear(&t[0], t[1].detach()).unwrap()
     }
 
     /// The frozen convolution of kernel `t[1]` on the input `t[0]`, with `padding` and `stride`.
@@ -452,7 +541,7 @@ mod tests {
         let linear = frozen_linear_of;
         let affine = |t: &[Tensor]| {
             let bias = values(&[80], 0.9);
-            super::super::frozen_affine(&t[0], &t[1].detach(), &bias).unwrap()
+            super::super::frozen_affine(&t[0], t[1].detach(), &bias).unwrap()
         };
         let (conv3, conv1, strided) = (
             frozen_conv_of(1, 1),

@@ -227,13 +227,19 @@ impl LoraAdapter {
         }
     }
 
+    /// Whether [`Self::forward`] reads the frozen weight's values (DoRA's norm of the adapted weight).
+    pub fn reads_base_weight(&self) -> bool {
+        matches!(self.kind, AdapterKind::Dora { .. })
+    }
+
     /// The adapter's contribution to the layer output, given the input `x`, the frozen layer's output
-    /// without bias `base` (`W x`), and `W` itself.
+    /// without bias `base` (`W x`), and `W` itself where the adapter reads it
+    /// ([`Self::reads_base_weight`]).
     pub fn forward(
         &self,
         x: &Tensor,
         base: &Tensor,
-        weight: &Tensor,
+        weight: Option<&Tensor>,
         layer: &LayerShape,
     ) -> Result<Tensor> {
         let multiplier = self.multiplier();
@@ -248,6 +254,9 @@ impl LoraAdapter {
             }
             AdapterKind::Dora { magnitude } => {
                 // ratio = mag / ‖W + s·up·down‖ per output channel, broadcast over the output's channel axis.
+                let Some(weight) = weight else {
+                    candle_core::bail!("a DoRA adapter needs the layer's frozen weight");
+                };
                 let norm = self.adapted_weight_norm(weight)?.detach();
                 let ratio = self
                     .trained(magnitude)
@@ -391,10 +400,10 @@ mod tests {
         let x = Tensor::ones((3, 6), candle_core::DType::F32, &Device::Cpu).unwrap();
         let weight = Tensor::zeros((5, 6), candle_core::DType::F32, &Device::Cpu).unwrap();
         let base = x.matmul(&weight.t().unwrap()).unwrap();
-        let training = adapter.forward(&x, &base, &weight, &layer).unwrap();
+        let training = adapter.forward(&x, &base, Some(&weight), &layer).unwrap();
         assert!(training.track_op());
         adapter.set_gradients(false);
-        let rendering = adapter.forward(&x, &base, &weight, &layer).unwrap();
+        let rendering = adapter.forward(&x, &base, Some(&weight), &layer).unwrap();
         assert!(!rendering.track_op());
         let difference = (training - rendering)
             .unwrap()
@@ -418,7 +427,7 @@ mod tests {
         let base = x.zeros_like().unwrap();
         let update = |adapter: &LoraAdapter| -> Vec<f32> {
             adapter
-                .forward(&x, &base, &identity, &layer)
+                .forward(&x, &base, Some(&identity), &layer)
                 .unwrap()
                 .flatten_all()
                 .unwrap()

@@ -143,7 +143,7 @@ pub fn export_network(network: &LoraNetwork) -> candle_core::Result<ExportedLora
                 (down, up, adapter.scale() * rank)
             }
             AdapterKind::Dora { .. } => {
-                let delta = adapter.full_strength_delta(&module.slot.weight(), &shape)?;
+                let delta = adapter.full_strength_delta(&module.slot.weight()?, &shape)?;
                 let (factors, error) =
                     fold_to_low_rank(&delta, 2 * adapter.rank(), module.name.len() as u64)?;
                 worst_fold_error = worst_fold_error.max(error);

@@ -13,7 +13,7 @@
 use candle_core::{Result, Tensor};
 
 use crate::kernels::{
-    AdapterState, LowRank, NormPath, NormalizedInput, TiedBackward, adapted_affine,
+    AdapterState, FrozenWeight, LowRank, NormPath, NormalizedInput, TiedBackward, adapted_affine,
     adapted_affine_gradients, adapter_gradients, add_term_into, tie,
 };
 
@@ -44,7 +44,7 @@ impl LinearInput<'_> {
 /// layer's output an operand that the graph keeps until the backward pass.
 pub fn lora_linear(
     input: LinearInput,
-    weight: &Tensor,
+    weight: impl Into<FrozenWeight>,
     bias: Option<&Tensor>,
     (down, up): (&Tensor, &Tensor),
     scale: f64,
@@ -60,11 +60,12 @@ pub fn lora_linear(
         up: &up,
         scale,
     };
-    let (y, hidden) = adapted_affine(&x_value, weight, bias, Some(adapter))?;
+    let weight = weight.into();
+    let (y, hidden) = adapted_affine(&x_value, &weight, bias, Some(adapter))?;
     drop(x_value);
     let backward = LoraLinearBackward {
         input_tracked: tracked.track_op(),
-        weight: weight.clone(),
+        weight,
         hidden: hidden
             .ok_or_else(|| candle_core::Error::Msg("lora linear: no hidden values".into()))?,
         scale,
@@ -84,7 +85,7 @@ struct LoraLinearBackward {
     /// Whether the input is part of the graph (a frozen text encoder's context is not): its gradient is
     /// computed only then.
     input_tracked: bool,
-    weight: Tensor,
+    weight: FrozenWeight,
     /// `x·Aᵀ` from the forward pass, `[rows, rank]`: small, so kept rather than computed again.
     hidden: Tensor,
     scale: f64,

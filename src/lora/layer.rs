@@ -16,8 +16,8 @@ use candle_nn::VarBuilder;
 use super::adapter::LoraAdapter;
 use super::fused_lora::{LinearInput, lora_linear};
 use crate::kernels::{
-    AffineLayer, LowRank, NormalizedInput, frozen_affine, frozen_conv2d, frozen_linear, geglu,
-    geglu_affine, silu, silu_conv2d,
+    AffineLayer, FrozenWeight, LowRank, NormalizedInput, frozen_affine, frozen_conv2d,
+    frozen_linear, geglu, geglu_affine, silu, silu_conv2d,
 };
 
 /// The geometry of a base layer, which decides how an adapter attaches to it.
@@ -68,8 +68,8 @@ pub struct AdapterSlot {
     kohya_path: OnceLock<String>,
     shape: LayerShape,
     /// The frozen base weight, which the layer reads from here; stored in another dtype for a run by
-    /// [`LayerRegistry::store_weights_in`].
-    weight: RwLock<Tensor>,
+    /// [`LayerRegistry::store_weights_in`], or in tile order by [`LayerRegistry::tile_linear_weights`].
+    weight: RwLock<FrozenWeight>,
     adapters: RwLock<Vec<Arc<LoraAdapter>>>,
 }
 
@@ -89,15 +89,31 @@ impl AdapterSlot {
         &self.shape
     }
 
-    /// The frozen base weight, `[out, in]` or `[out, in, kh, kw]` (a handle, not a copy).
-    pub fn weight(&self) -> Tensor {
+    /// The frozen base weight, `[out, in]` or `[out, in, kh, kw]`: a handle, or a copy of a weight stored
+    /// in tile order.
+    pub fn weight(&self) -> Result<Tensor> {
+        self.frozen_weight().to_tensor()
+    }
+
+    /// The frozen base weight as the kernels read it (a handle, not a copy).
+    pub fn frozen_weight(&self) -> FrozenWeight {
         self.weight
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
 
+    /// Adds an adapter. One that reads the frozen weight's values (DoRA) gets the weight stored as a
+    /// tensor again if it was in tile order, so that it is not copied out at every step.
     pub fn attach(&self, adapter: Arc<LoraAdapter>) {
+        if adapter.reads_base_weight() {
+            let mut weight = self.weight.write().unwrap_or_else(PoisonError::into_inner);
+            if let FrozenWeight::Tiled(_) = &*weight
+                && let Ok(tensor) = weight.to_tensor()
+            {
+                *weight = tensor.into();
+            }
+        }
         self.adapters
             .write()
             .unwrap_or_else(PoisonError::into_inner)
@@ -149,10 +165,14 @@ impl AdapterSlot {
 
     fn add_adapters(&self, x: &Tensor, base: Tensor) -> Result<Tensor> {
         let adapters = self.adapters.read().unwrap_or_else(PoisonError::into_inner);
-        let weight = self.weight();
+        let active: Vec<_> = adapters.iter().filter(|a| a.multiplier() != 0.0).collect();
+        let weight = match active.iter().any(|a| a.reads_base_weight()) {
+            true => Some(self.weight()?),
+            false => None,
+        };
         let mut y = base.clone();
-        for adapter in adapters.iter().filter(|a| a.multiplier() != 0.0) {
-            y = (y + adapter.forward(x, &base, &weight, &self.shape)?)?;
+        for adapter in active {
+            y = (y + adapter.forward(x, &base, weight.as_ref(), &self.shape)?)?;
         }
         Ok(y)
     }
@@ -171,7 +191,7 @@ struct RegistryInner {
 }
 
 impl LayerRegistry {
-    fn register(&self, name: String, shape: LayerShape, weight: Tensor) -> Arc<AdapterSlot> {
+    fn register(&self, name: String, shape: LayerShape, weight: FrozenWeight) -> Arc<AdapterSlot> {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let slot = Arc::new(AdapterSlot {
             name: name.clone(),
@@ -228,8 +248,30 @@ impl LayerRegistry {
     pub fn store_weights_in(&self, dtype: DType) -> Result<()> {
         for slot in self.slots() {
             let mut weight = slot.weight.write().unwrap_or_else(PoisonError::into_inner);
-            if weight.dtype() != dtype {
-                *weight = weight.to_dtype(dtype)?;
+            let stored = match &*weight {
+                FrozenWeight::Tensor(tensor) if tensor.dtype() == dtype => continue,
+                FrozenWeight::Tiled(_) if dtype == DType::BF16 => continue,
+                stored => stored.to_tensor()?,
+            };
+            *weight = stored.to_dtype(dtype)?.into();
+        }
+        Ok(())
+    }
+
+    /// Stores the linear layers' frozen weights in bf16 in the tile order of the products that read them
+    /// (one layer at a time), where the CPU kernels take bf16 products on AMX tiles: a run in bf16 products
+    /// then packs no weight for its products. Other code reads them back as bf16 tensors (copies);
+    /// [`Self::store_weights_in`] stores them as tensors again.
+    pub fn tile_linear_weights(&self) -> Result<()> {
+        for slot in self.slots() {
+            if !matches!(slot.shape, LayerShape::Linear { .. }) {
+                continue;
+            }
+            let mut weight = slot.weight.write().unwrap_or_else(PoisonError::into_inner);
+            if let FrozenWeight::Tensor(tensor) = &*weight
+                && let Some(tiled) = FrozenWeight::tiled(tensor)?
+            {
+                *weight = tiled;
             }
         }
         Ok(())
@@ -293,6 +335,12 @@ impl<'a> LayerBuilder<'a> {
         bias: bool,
     ) -> Result<AdaptableLinear> {
         let weight = self.frozen_weight(&[out_features, in_features])?;
+        // Loaded for bf16 products, the weight goes straight into the tile order they read.
+        let for_bf16_products = weight.dtype() != self.vb.dtype();
+        let weight = match for_bf16_products {
+            true => FrozenWeight::tiled(&weight)?.unwrap_or(FrozenWeight::Tensor(weight)),
+            false => weight.into(),
+        };
         let bias = if bias {
             Some(self.vb.get(out_features, "bias")?)
         } else {
@@ -314,7 +362,9 @@ impl<'a> LayerBuilder<'a> {
         stride: usize,
         padding: usize,
     ) -> Result<AdaptableConv2d> {
-        let weight = self.frozen_weight(&[out_channels, in_channels, kernel, kernel])?;
+        let weight = self
+            .frozen_weight(&[out_channels, in_channels, kernel, kernel])?
+            .into();
         let bias = self.vb.get(out_channels, "bias")?;
         let shape = LayerShape::Conv2d {
             in_channels,
@@ -345,7 +395,7 @@ impl AdaptableLinear {
         if let Some(y) = self.single_lora_op(LinearInput::Tensor(x), None) {
             return y;
         }
-        let weight = self.slot.weight();
+        let weight = self.slot.frozen_weight();
         if let Some(bias) = &self.bias
             && !self.slot.has_active_adapters()
         {
@@ -383,7 +433,7 @@ impl AdaptableLinear {
         residual: Option<&Tensor>,
     ) -> Option<Result<Tensor>> {
         let (down, up, scale) = self.slot.single_plain_linear_lora()?;
-        let weight = self.slot.weight();
+        let weight = self.slot.frozen_weight();
         let bias = self.bias.as_ref();
         Some(lora_linear(
             input,
@@ -400,14 +450,14 @@ impl AdaptableLinear {
     pub fn forward_geglu(&self, projected: &Tensor) -> Result<Tensor> {
         match &self.bias {
             Some(bias) if !self.slot.has_active_adapters() => {
-                geglu_affine(projected, &self.slot.weight(), bias)
+                geglu_affine(projected, self.slot.frozen_weight(), bias)
             }
             _ => self.forward(&geglu(projected)?),
         }
     }
 
-    /// The frozen weight (a handle, not a copy).
-    pub fn weight(&self) -> Tensor {
+    /// The frozen weight: a handle, or a copy of a weight stored in tile order.
+    pub fn weight(&self) -> Result<Tensor> {
         self.slot.weight()
     }
 
@@ -421,7 +471,7 @@ impl AdaptableLinear {
             None => return None,
         };
         Some(AffineParts {
-            weight: self.slot.weight(),
+            weight: self.slot.frozen_weight(),
             bias,
             adapter,
         })
@@ -434,7 +484,7 @@ impl AdaptableLinear {
 
 /// An [`AdaptableLinear`]'s frozen weight and bias and its plain LoRA (down, up, scale), if any.
 pub struct AffineParts {
-    weight: Tensor,
+    weight: FrozenWeight,
     bias: Tensor,
     adapter: Option<(Tensor, Tensor, f64)>,
 }
@@ -466,7 +516,7 @@ pub struct AdaptableConv2d {
 impl AdaptableConv2d {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let bias = self.channel_bias()?;
-        let weight = self.slot.weight();
+        let weight = self.slot.weight()?;
         if !self.slot.has_active_adapters() {
             return frozen_conv2d(x, &weight, Some(&bias), self.padding, self.stride);
         }
@@ -482,7 +532,7 @@ impl AdaptableConv2d {
         }
         silu_conv2d(
             x,
-            &self.slot.weight(),
+            &self.slot.weight()?,
             &self.channel_bias()?,
             self.padding,
             self.stride,
@@ -495,7 +545,7 @@ impl AdaptableConv2d {
     }
 
     /// The frozen kernel (a handle, not a copy).
-    pub fn weight(&self) -> Tensor {
+    pub fn weight(&self) -> Result<Tensor> {
         self.slot.weight()
     }
 
@@ -520,9 +570,13 @@ pub(crate) fn one_linear_layer(weight: &Tensor) -> (LayerRegistry, AdaptableLine
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{DType, Device, Tensor};
+    use std::sync::Arc;
 
-    use super::one_linear_layer;
+    use candle_core::{DType, Device, Tensor, Var};
+
+    use super::{AdaptableLinear, FrozenWeight, LoraAdapter, one_linear_layer};
+    use crate::lora::AdapterKind;
+    use crate::test_support::{probed_gradients, pseudo_random};
 
     fn values(t: &Tensor) -> Vec<f32> {
         t.flatten_all().unwrap().to_vec1().unwrap()
@@ -553,9 +607,9 @@ mod tests {
 
         registry.store_weights_in(DType::BF16).unwrap();
         let slot = registry.get("fc").unwrap();
-        assert_eq!(slot.weight().dtype(), DType::BF16);
+        assert_eq!(slot.weight().unwrap().dtype(), DType::BF16);
         assert_eq!(
-            layer.weight().dtype(),
+            layer.weight().unwrap().dtype(),
             DType::BF16,
             "the layer reads its slot's weight"
         );
@@ -571,11 +625,83 @@ mod tests {
         assert!(largest_difference(&with_f32, &with_rounded) > 1e-3);
 
         registry.store_weights_in(DType::F32).unwrap();
-        assert_eq!(layer.weight().dtype(), DType::F32);
+        assert_eq!(layer.weight().unwrap().dtype(), DType::F32);
         assert_eq!(
-            values(&layer.weight()),
+            values(&layer.weight().unwrap()),
             values(&rounded),
             "the values stay rounded"
+        );
+    }
+
+    #[test]
+    fn linear_weights_in_tile_order_compute_what_the_same_bf16_weights_compute() {
+        let Some(_scope) = crate::kernels::Bf16Products::enter() else {
+            return;
+        };
+        // 64 inputs: the adapter's product joins the frozen one's tiles; 48 outputs: a partial block.
+        let weight = pseudo_random(&[48, 64], 0.1);
+        let (tiled_registry, tiled_layer) = one_linear_layer(&weight);
+        let (plain_registry, plain_layer) = one_linear_layer(&weight);
+        plain_registry.store_weights_in(DType::F32).unwrap();
+        plain_registry.store_weights_in(DType::BF16).unwrap();
+        tiled_registry.tile_linear_weights().unwrap();
+        let stored = |layer: &AdaptableLinear| layer.slot().frozen_weight();
+        assert!(matches!(stored(&tiled_layer), FrozenWeight::Tiled(_)));
+        assert!(matches!(stored(&plain_layer), FrozenWeight::Tensor(_)));
+        assert_eq!(
+            values(&tiled_layer.weight().unwrap().to_dtype(DType::F32).unwrap()),
+            values(&plain_layer.weight().unwrap().to_dtype(DType::F32).unwrap()),
+            "read back, the tiled weight is the bf16 one"
+        );
+        let x = pseudo_random(&[2, 7, 64], 0.2);
+        let output_weights = pseudo_random(&[2, 7, 48], 0.3);
+        let run = |layer: &AdaptableLinear, adapter: Option<&Arc<LoraAdapter>>| {
+            if let Some(adapter) = adapter {
+                layer.slot().attach(adapter.clone());
+            }
+            let x = Var::from_tensor(&x).unwrap();
+            let y = layer.forward(x.as_tensor()).unwrap();
+            let grads = probed_gradients(&y, &output_weights);
+            let mut results = vec![values(&y), values(grads.get(&x).unwrap())];
+            if let Some(adapter) = adapter {
+                results.push(values(grads.get(adapter.down()).unwrap()));
+                results.push(values(grads.get(adapter.up()).unwrap()));
+                layer.slot().detach(adapter);
+            }
+            results
+        };
+        assert_eq!(run(&tiled_layer, None), run(&plain_layer, None));
+        let lora = |seed| {
+            let shape = *plain_layer.slot().shape();
+            let (down, up) = (
+                pseudo_random(&[4, 64], seed),
+                pseudo_random(&[48, 4], seed + 0.1),
+            );
+            let (down, up) = (
+                Var::from_tensor(&down).unwrap(),
+                Var::from_tensor(&up).unwrap(),
+            );
+            let adapter = LoraAdapter::new(
+                down.as_tensor().clone(),
+                up.as_tensor().clone(),
+                None,
+                &shape,
+            );
+            Arc::new(adapter.unwrap())
+        };
+        let (tiled_lora, plain_lora) = (lora(0.4), lora(0.4));
+        assert_eq!(
+            run(&tiled_layer, Some(&tiled_lora)),
+            run(&plain_layer, Some(&plain_lora))
+        );
+        let shape = *tiled_layer.slot().shape();
+        let magnitude = pseudo_random(&[48], 0.5);
+        let (down, up) = (pseudo_random(&[4, 64], 0.6), pseudo_random(&[48, 4], 0.7));
+        let dora = LoraAdapter::with_kind(down, up, None, AdapterKind::Dora { magnitude }, &shape);
+        tiled_layer.slot().attach(Arc::new(dora.unwrap()));
+        assert!(
+            matches!(stored(&tiled_layer), FrozenWeight::Tensor(_)),
+            "DoRA reads the weight's values: it is stored as a tensor again"
         );
     }
 }

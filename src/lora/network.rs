@@ -156,7 +156,7 @@ impl LoraNetwork {
                 let scale = alpha / rank as f64;
                 let weight = to_matrix(
                     &slot
-                        .weight()
+                        .weight()?
                         .to_dtype(DType::F32)?
                         .reshape((weight_dims[0], fan_in))?,
                 )?;
@@ -184,7 +184,7 @@ impl LoraNetwork {
                 let up = Var::zeros(up_dims, DType::F32, device)?;
                 if spec.kind == NetworkKind::Dora {
                     let magnitude =
-                        Var::from_tensor(&row_norm(&slot.weight().to_dtype(DType::F32)?)?)?;
+                        Var::from_tensor(&row_norm(&slot.weight()?.to_dtype(DType::F32)?)?)?;
                     let kind = AdapterKind::Dora {
                         magnitude: magnitude.as_tensor().clone(),
                     };

@@ -269,7 +269,14 @@ fn locate_deltas(
             continue;
         };
         for slot in registry.slots() {
-            let Some(delta) = adapters_delta(&slot, &slot.weight())? else {
+            if slot.adapters().is_empty() {
+                continue;
+            }
+            let weight = slot.weight().map_err(ModelError::compute(format!(
+                "reading the weight of `{}`",
+                slot.name()
+            )))?;
+            let Some(delta) = adapters_delta(&slot, &weight)? else {
                 continue;
             };
             let name = format!("{}.weight", slot.name());

@@ -54,9 +54,12 @@ pub(super) fn cpu_products(
     };
     for registry in &run.layers {
         // A model loaded for this run holds them so already; one kept from before converts here.
-        registry.store_weights_in(DType::BF16).map_err(|e| {
-            TrainError::Internal(format!("cannot store the frozen weights in bf16: {e}"))
-        })?;
+        registry
+            .store_weights_in(DType::BF16)
+            .and_then(|()| registry.tile_linear_weights())
+            .map_err(|e| {
+                TrainError::Internal(format!("cannot store the frozen weights in bf16: {e}"))
+            })?;
     }
     reporter.message(
         "mixed precision bf16 on the CPU: the frozen weights are stored in bf16 and matrix products take \
@@ -101,7 +104,7 @@ mod tests {
             f32_run.unwrap().is_none(),
             "only bf16 asks for bf16 products"
         );
-        assert_eq!(layer.weight().dtype(), DType::F32);
+        assert_eq!(layer.weight().unwrap().dtype(), DType::F32);
 
         let run = cpu_products(
             &device,
@@ -116,9 +119,9 @@ mod tests {
             assert!(run.is_none(), "without AMX the run computes in f32");
             DType::F32
         };
-        assert_eq!(layer.weight().dtype(), expected);
+        assert_eq!(layer.weight().unwrap().dtype(), expected);
         drop(run);
-        assert_eq!(layer.weight().dtype(), DType::F32);
+        assert_eq!(layer.weight().unwrap().dtype(), DType::F32);
         assert!(!crate::kernels::bf16_products());
     }
 
@@ -142,7 +145,7 @@ mod tests {
                 .linear(4, 3, true)
                 .unwrap()
         };
-        assert_eq!(build().weight().dtype(), DType::F32);
+        assert_eq!(build().weight().unwrap().dtype(), DType::F32);
         assert!(loading_scope(&device, MixedPrecision::No).is_none());
         let scope = loading_scope(&device, MixedPrecision::Bf16);
         let expected = if scope.is_some() {
@@ -152,7 +155,7 @@ mod tests {
         };
         let layer = build();
         assert_eq!(
-            layer.weight().dtype(),
+            layer.weight().unwrap().dtype(),
             expected,
             "the weight is stored as the products read it"
         );

@@ -15,7 +15,8 @@
 //! inside the result are written in place, edge blocks through a scratch block. Two products into one
 //! result can share the accumulator tiles, their operands joined along the shared dimension, and a result
 //! that only feeds further bf16 products can leave the tiles rounded to bf16 with a bias added. An operand
-//! computed row by row can be rounded into tile order by the code that computes it ([`written`]). Stride-1
+//! computed row by row can be rounded into tile order by the code that computes it ([`written`]); a frozen
+//! weight can be stored in tile order and read as `Wᵀ` or `W` without packing ([`tiled`]). Stride-1
 //! convolutions run on the same tiles without a patch matrix ([`conv`]). Linux must grant the process the
 //! tile data state (`arch_prctl`), asked for once.
 
@@ -29,9 +30,11 @@ use rayon::prelude::*;
 
 pub mod conv;
 mod pack;
+mod tiled;
 mod tiles;
 mod written;
 
+pub use tiled::{Orientation, TileView, TiledWeight};
 pub use written::{PackedRight, product_of_packed};
 
 /// Rows and columns of a result block, and of the shared dimension's step.
@@ -108,6 +111,43 @@ impl<'a> Operand<'a> {
     }
 }
 
+/// Where an operand's values come from: a matrix view, or a frozen weight stored in tile order.
+#[derive(Clone, Copy)]
+pub enum Source<'a> {
+    View(Operand<'a>),
+    Tiles(TileView<'a>),
+}
+
+impl Source<'_> {
+    /// Whether every element of a `rows × cols` matrix lies inside the values.
+    fn covers(&self, rows: usize, cols: usize) -> bool {
+        match self {
+            Source::View(view) => view.covers(rows, cols),
+            Source::Tiles(tiles) => tiles.dims() == (rows, cols) || rows == 0 || cols == 0,
+        }
+    }
+
+    /// The bf16 bits of element `(r, c)`, which lies inside the matrix.
+    fn element(&self, r: usize, c: usize) -> u16 {
+        match self {
+            Source::View(view) => view.data.bits(r * view.row_stride + c * view.col_stride),
+            Source::Tiles(tiles) => tiles.element(r, c),
+        }
+    }
+}
+
+impl<'a> From<Operand<'a>> for Source<'a> {
+    fn from(view: Operand<'a>) -> Self {
+        Source::View(view)
+    }
+}
+
+impl<'a> From<TileView<'a>> for Source<'a> {
+    fn from(tiles: TileView<'a>) -> Self {
+        Source::Tiles(tiles)
+    }
+}
+
 /// An operand whose shared dimension (a left operand's columns, a right one's rows) comes from two views:
 /// the first `split` values from `head`, the rest from `tail`. Two products over the same result then add
 /// up in the same accumulator tiles (a layer's frozen product and its adapter's low-rank one) instead of
@@ -115,13 +155,13 @@ impl<'a> Operand<'a> {
 /// both views.
 #[derive(Clone, Copy)]
 struct Joined<'a> {
-    head: Operand<'a>,
+    head: Source<'a>,
     tail: Option<(usize, Operand<'a>)>,
 }
 
 impl<'a> Joined<'a> {
     /// `head`'s first `split` values of the shared dimension followed by `tail`'s.
-    fn new(head: Operand<'a>, split: usize, tail: Operand<'a>) -> Self {
+    fn new(head: Source<'a>, split: usize, tail: Operand<'a>) -> Self {
         Self {
             head,
             tail: Some((split, tail)),
@@ -130,9 +170,9 @@ impl<'a> Joined<'a> {
 
     /// The view that holds shared index `k0` (the start of a block) of a shared dimension `depth` long: the
     /// view, its own share of the dimension, and `k0` within it.
-    fn at(self, depth: usize, k0: usize) -> (Operand<'a>, usize, usize) {
+    fn at(self, depth: usize, k0: usize) -> (Source<'a>, usize, usize) {
         match self.tail {
-            Some((split, tail)) if k0 >= split => (tail, depth - split, k0 - split),
+            Some((split, tail)) if k0 >= split => (tail.into(), depth - split, k0 - split),
             Some((split, _)) => (self.head, split, k0),
             None => (self.head, depth, k0),
         }
@@ -141,6 +181,15 @@ impl<'a> Joined<'a> {
 
 impl<'a> From<Operand<'a>> for Joined<'a> {
     fn from(head: Operand<'a>) -> Self {
+        Self {
+            head: head.into(),
+            tail: None,
+        }
+    }
+}
+
+impl<'a> From<Source<'a>> for Joined<'a> {
+    fn from(head: Source<'a>) -> Self {
         Self { head, tail: None }
     }
 }
@@ -207,7 +256,7 @@ pub fn product(
 /// written. Otherwise as [`product`].
 pub fn product_into_uninit(
     (m, k, n): (usize, usize, usize),
-    (a, b): (Operand, Operand),
+    (a, b): (Operand, Source),
     out: &mut [MaybeUninit<f32>],
     parallel: bool,
 ) {
@@ -225,7 +274,7 @@ pub fn product_into_uninit(
 /// If `k` is not a multiple of 32, or a view does not cover its matrix.
 pub fn joined_product_into_uninit(
     (m, k, j, n): (usize, usize, usize, usize),
-    ((a, b), (c, d)): ((Operand, Operand), (Operand, Operand)),
+    ((a, b), (c, d)): ((Operand, Source), (Operand, Operand)),
     out: &mut [MaybeUninit<f32>],
     parallel: bool,
 ) {
@@ -237,7 +286,7 @@ pub fn joined_product_into_uninit(
         a.covers(m, k) && b.covers(k, n) && c.covers(m, j) && d.covers(j, n),
         "operand views out of bounds"
     );
-    let joined = (Joined::new(a, k, c), Joined::new(b, k, d));
+    let joined = (Joined::new(a.into(), k, c), Joined::new(b, k, d));
     run_into_uninit((m, k + j, n), joined, out, parallel);
 }
 
@@ -276,7 +325,7 @@ fn run_into_uninit(
 /// second product.
 pub fn rounded_product_into_uninit(
     (m, k, j, n): (usize, usize, usize, usize),
-    ((a, b), low_rank): ((Operand, Operand), Option<(Operand, Operand)>),
+    ((a, b), low_rank): ((Operand, Source), Option<(Operand, Operand)>),
     bias: Option<&[f32]>,
     out: &mut [MaybeUninit<u16>],
 ) {
@@ -296,7 +345,7 @@ pub fn rounded_product_into_uninit(
                 c.covers(m, j) && d.covers(j, n),
                 "operand views out of bounds"
             );
-            ((Joined::new(a, k, c), Joined::new(b, k, d)), k + j)
+            ((Joined::new(a.into(), k, c), Joined::new(b, k, d)), k + j)
         }
         None => ((a.into(), b.into()), k),
     };
@@ -415,6 +464,14 @@ fn run_scheduled(
     if m == 0 || n == 0 {
         return;
     }
+    // A weight stored in tile order and read as `Wᵀ` is the packed right operand already.
+    let b = match b {
+        Factor::View(Joined {
+            head: Source::Tiles(tiles),
+            tail: None,
+        }) => tiles.packed_transposed().map_or(b, Factor::Packed),
+        b => b,
+    };
     let k_blocks = k.div_ceil(BLOCK);
     let run_len = k_blocks * BLOCK_ELEMENTS;
     let (m_blocks, n_blocks) = (m.div_ceil(BLOCK), n.div_ceil(BLOCK));
@@ -854,6 +911,22 @@ mod tests {
             .collect()
     }
 
+    /// `a·b` into a fresh result, one block of the shared dimension per part and held blocks in groups
+    /// of two.
+    fn in_small_parts((m, k, n): (usize, usize, usize), factors: (Factor, Factor)) -> Vec<f32> {
+        let mut out = vec![0f32; m * n];
+        let target = Output {
+            data: &mut out,
+            row_stride: n,
+            accumulate: false,
+            scale: 1.0,
+        }
+        .target((m, n));
+        let schedule = Schedule { group: 2, part: 1 };
+        run_scheduled((m, k, n), factors, target, true, Some(schedule));
+        out
+    }
+
     #[test]
     fn rounds_to_nearest_even_and_keeps_specials() {
         assert_eq!(bf16_bits(1.0), 0x3f80);
@@ -978,7 +1051,7 @@ mod tests {
                     let mut out = vec![MaybeUninit::<f32>::uninit(); m * n];
                     joined_product_into_uninit(
                         (m, k, j, n),
-                        ((a_view, b_view), (c_view, d_view)),
+                        ((a_view, b_view.into()), (c_view, d_view)),
                         &mut out,
                         parallel,
                     );
@@ -986,21 +1059,11 @@ mod tests {
                     let out: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
                     check(&out, &format!("layout {layout}"));
                 }
-                // One block of the shared dimension per part, and held blocks in groups of two.
-                let mut out = vec![0f32; m * n];
-                let target = Output {
-                    data: &mut out,
-                    row_stride: n,
-                    accumulate: false,
-                    scale: 1.0,
-                }
-                .target((m, n));
-                let schedule = Schedule { group: 2, part: 1 };
                 let views = (
-                    Factor::View(Joined::new(a_view, k, c_view)),
-                    Factor::View(Joined::new(b_view, k, d_view)),
+                    Factor::View(Joined::new(a_view.into(), k, c_view)),
+                    Factor::View(Joined::new(b_view.into(), k, d_view)),
                 );
-                run_scheduled((m, k + j, n), views, target, true, Some(schedule));
+                let out = in_small_parts((m, k + j, n), views);
                 check(&out, &format!("layout {layout} in parts"));
             }
         }
@@ -1018,7 +1081,7 @@ mod tests {
             let (c_view, d_view) = (Operand::f32(&c, j, 1), Operand::f32(&d, n, 1));
             let low_rank = (j > 0).then_some((c_view, d_view));
             let mut rounded = vec![MaybeUninit::<u16>::uninit(); m * n];
-            let operands = ((a_view, b_view), low_rank);
+            let operands = ((a_view, b_view.into()), low_rank);
             rounded_product_into_uninit((m, k, j, n), operands, Some(&bias), &mut rounded);
             let first = rounded_reference(m, k, n, &a, &b);
             let second = rounded_reference(m, j, n, &c, &d);
@@ -1101,6 +1164,88 @@ mod tests {
                             <= 1e-5 * (k as f64).sqrt() + 1e-6 * expected.abs(),
                         "{m}x{k}x{n} case {case} at {i}: {got} vs {expected}"
                     );
+                }
+            }
+        }
+    }
+
+    #[test]
+    /// A weight stored in tile order multiplies as `Wᵀ` and as `W` exactly as the rounded matrices it
+    /// holds, whichever operand is the larger, alone, joined with a second product, in parts and groups,
+    /// and rounded to bf16; it reads back as the rounded weight.
+    fn tiled_weights_multiply_as_the_rounded_matrices_they_hold() {
+        let close = |got: &[f32], expected: &[f64], depth: usize, case: &str| {
+            for (i, (&got, &expected)) in got.iter().zip(expected).enumerate() {
+                assert!(
+                    (got as f64 - expected).abs()
+                        <= 1e-5 * (depth as f64).sqrt() + 1e-6 * expected.abs(),
+                    "{case} at {i}: {got} vs {expected}"
+                );
+            }
+        };
+        let uninit = |len| vec![MaybeUninit::<f32>::uninit(); len];
+        // SAFETY: the products write every value.
+        let written = |out: Vec<MaybeUninit<f32>>| -> Vec<f32> {
+            out.iter().map(|v| unsafe { v.assume_init() }).collect()
+        };
+        for &(rows, cols) in &[(1, 1), (32, 32), (33, 70), (77, 64), (300, 96), (64, 330)] {
+            let weight = values(rows * cols, 21);
+            let tiled = TiledWeight::new(Values::F32(&weight), (rows, cols));
+            let bits: Vec<u16> = weight.iter().map(|&v| bf16_bits(v)).collect();
+            assert_eq!(tiled.read_as(Orientation::Upright).row_major(), bits);
+            let transposed: Vec<f32> = (0..rows * cols)
+                .map(|i| weight[(i % rows) * cols + i / rows])
+                .collect();
+            for m in [1, 40, 300] {
+                let readings = [
+                    (Orientation::Transposed, (cols, rows), &transposed),
+                    (Orientation::Upright, (rows, cols), &weight),
+                ];
+                for (orientation, (k, n), matrix) in readings {
+                    let case = format!("{m}x{k}x{n} {orientation:?}");
+                    let tiles = tiled.read_as(orientation);
+                    let left = values(m * k, 22);
+                    let left_view = Operand::f32(&left, k, 1);
+                    let expected = rounded_reference(m, k, n, &left, matrix);
+                    for parallel in [false, true] {
+                        let mut out = uninit(m * n);
+                        product_into_uninit(
+                            (m, k, n),
+                            (left_view, tiles.into()),
+                            &mut out,
+                            parallel,
+                        );
+                        close(&written(out), &expected, k, &case);
+                    }
+                    let factors = (
+                        Factor::View(left_view.into()),
+                        Factor::View(Source::from(tiles).into()),
+                    );
+                    let out = in_small_parts((m, k, n), factors);
+                    close(&out, &expected, k, &format!("{case} in parts"));
+                    if k % BLOCK == 0 {
+                        let j = 3;
+                        let (c, d) = (values(m * j, 23), values(j * n, 24));
+                        let second = rounded_reference(m, j, n, &c, &d);
+                        let sum: Vec<f64> =
+                            expected.iter().zip(&second).map(|(x, y)| x + y).collect();
+                        let (c_view, d_view) = (Operand::f32(&c, j, 1), Operand::f32(&d, n, 1));
+                        let mut out = uninit(m * n);
+                        let operands = ((left_view, tiles.into()), (c_view, d_view));
+                        joined_product_into_uninit((m, k, j, n), operands, &mut out, true);
+                        close(&written(out), &sum, k + j, &format!("{case} joined"));
+                    }
+                    let mut rounded = vec![MaybeUninit::<u16>::uninit(); m * n];
+                    let operands = ((left_view, tiles.into()), None);
+                    rounded_product_into_uninit((m, k, 0, n), operands, None, &mut rounded);
+                    for (i, (value, &exact)) in rounded.iter().zip(&expected).enumerate() {
+                        // SAFETY: the product writes every value.
+                        let value = f32::from_bits((unsafe { value.assume_init() } as u32) << 16);
+                        assert!(
+                            (value as f64 - exact).abs() <= exact.abs() / 256.0 + 1e-4,
+                            "{case} rounded at {i}: {value} vs {exact}"
+                        );
+                    }
                 }
             }
         }

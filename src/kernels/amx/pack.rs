@@ -10,7 +10,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::{BLOCK, BLOCK_ELEMENTS, Joined, Operand, TILE_ELEMENTS};
+use super::{BLOCK, BLOCK_ELEMENTS, Joined, Operand, Source, TILE_ELEMENTS};
 
 /// The bf16 bits of `x`, rounded to nearest even; NaN stays NaN.
 #[inline(always)]
@@ -54,7 +54,7 @@ pub(super) fn pack_right(
     // Row-major `b` is packed a band of 256 columns at a time, row pair by row pair across the band, so that
     // each row is read in 1 KiB runs; column by column it would be read 128 bytes per row, a cache miss
     // each (its rows are far apart), at about half the speed.
-    let band = if runs_across_rows(b.head) {
+    let band = if matches!(b.head, Source::View(head) if runs_across_rows(head)) {
         COLUMN_BLOCKS_PER_BAND
     } else {
         1
@@ -183,7 +183,10 @@ fn spread(
 /// The left tile of rows `row0..row0+16` and columns `k0..k0+32` of `a` (`m × k`).
 fn left_tile(a: Joined, (m, k): (usize, usize), (row0, k0): (usize, usize), tile: &mut [u16]) {
     let (a, k, k0) = a.at(k, k0);
-    if super::available() && (a.col_stride == 1 || a.row_stride == 1) {
+    if let Source::View(a) = a
+        && super::available()
+        && (a.col_stride == 1 || a.row_stride == 1)
+    {
         // SAFETY: AMX implies AVX-512 BF16 (checked with it), and the operand covers its `m × k` matrix.
         return unsafe { simd::left_tile(a, (m, k), (row0, k0), tile) };
     }
@@ -191,7 +194,7 @@ fn left_tile(a: Joined, (m, k): (usize, usize), (row0, k0): (usize, usize), tile
         for (c, value) in row.iter_mut().enumerate() {
             let (r, col) = (row0 + i, k0 + c);
             *value = if r < m && col < k {
-                a.data.bits(r * a.row_stride + col * a.col_stride)
+                a.element(r, col)
             } else {
                 0
             };
@@ -202,15 +205,19 @@ fn left_tile(a: Joined, (m, k): (usize, usize), (row0, k0): (usize, usize), tile
 /// The right tile of rows `k0..k0+32` and columns `col0..col0+16` of `b` (`k × n`).
 fn right_tile(b: Joined, (k, n): (usize, usize), (k0, col0): (usize, usize), tile: &mut [u16]) {
     let (b, k, k0) = b.at(k, k0);
-    if super::available() && (b.col_stride == 1 || b.row_stride == 1) {
-        // SAFETY: as in `left_tile`.
-        return unsafe { simd::right_tile(b, (k, n), (k0, col0), tile) };
+    match b {
+        Source::Tiles(tiles) => return tiles.right_tile((k0, col0), tile),
+        Source::View(b) if super::available() && (b.col_stride == 1 || b.row_stride == 1) => {
+            // SAFETY: as in `left_tile`.
+            return unsafe { simd::right_tile(b, (k, n), (k0, col0), tile) };
+        }
+        Source::View(_) => {}
     }
     for (r, row) in tile.chunks_exact_mut(BLOCK).enumerate() {
         for (index, value) in row.iter_mut().enumerate() {
             let (kk, col) = (k0 + 2 * r + index % 2, col0 + index / 2);
             *value = if kk < k && col < n {
-                b.data.bits(kk * b.row_stride + col * b.col_stride)
+                b.element(kk, col)
             } else {
                 0
             };
