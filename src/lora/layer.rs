@@ -694,6 +694,15 @@ mod tests {
             run(&tiled_layer, Some(&tiled_lora)),
             run(&plain_layer, Some(&plain_lora))
         );
+        tiled_registry.store_weights_in(DType::F32).unwrap();
+        assert!(matches!(stored(&tiled_layer), FrozenWeight::Tensor(_)));
+        assert_eq!(
+            values(&tiled_layer.weight().unwrap()),
+            values(&plain_layer.weight().unwrap().to_dtype(DType::F32).unwrap()),
+            "stored as an f32 tensor again, the weight keeps its bf16 values"
+        );
+        tiled_registry.tile_linear_weights().unwrap();
+        assert!(matches!(stored(&tiled_layer), FrozenWeight::Tiled(_)));
         let shape = *tiled_layer.slot().shape();
         let magnitude = pseudo_random(&[48], 0.5);
         let (down, up) = (pseudo_random(&[4, 64], 0.6), pseudo_random(&[48, 4], 0.7));
