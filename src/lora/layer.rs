@@ -166,9 +166,10 @@ impl AdapterSlot {
     fn add_adapters(&self, x: &Tensor, base: Tensor) -> Result<Tensor> {
         let adapters = self.adapters.read().unwrap_or_else(PoisonError::into_inner);
         let active: Vec<_> = adapters.iter().filter(|a| a.multiplier() != 0.0).collect();
-        let weight = match active.iter().any(|a| a.reads_base_weight()) {
-            true => Some(self.weight()?),
-            false => None,
+        let weight = if active.iter().any(|a| a.reads_base_weight()) {
+            Some(self.weight()?)
+        } else {
+            None
         };
         let mut y = base.clone();
         for adapter in active {
@@ -337,9 +338,10 @@ impl<'a> LayerBuilder<'a> {
         let weight = self.frozen_weight(&[out_features, in_features])?;
         // Loaded for bf16 products, the weight goes straight into the tile order they read.
         let for_bf16_products = weight.dtype() != self.vb.dtype();
-        let weight = match for_bf16_products {
-            true => FrozenWeight::tiled(&weight)?.unwrap_or(FrozenWeight::Tensor(weight)),
-            false => weight.into(),
+        let weight = if for_bf16_products {
+            FrozenWeight::tiled(&weight)?.unwrap_or(FrozenWeight::Tensor(weight))
+        } else {
+            weight.into()
         };
         let bias = if bias {
             Some(self.vb.get(out_features, "bias")?)

@@ -1196,6 +1196,11 @@ mod tests {
             let transposed: Vec<f32> = (0..rows * cols)
                 .map(|i| weight[(i % rows) * cols + i / rows])
                 .collect();
+            let transposed_bits: Vec<u16> = transposed.iter().map(|&v| bf16_bits(v)).collect();
+            assert_eq!(
+                tiled.read_as(Orientation::Transposed).row_major(),
+                transposed_bits
+            );
             for m in [1, 40, 300] {
                 let readings = [
                     (Orientation::Transposed, (cols, rows), &transposed),

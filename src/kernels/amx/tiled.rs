@@ -7,6 +7,8 @@
 //! Each stored block is read whole and contiguous, where packing `W` from its rows reads a short run of
 //! each of 32 rows far apart.
 
+use rayon::prelude::*;
+
 use super::{BLOCK, BLOCK_ELEMENTS, Buffer, Operand, TILE_ELEMENTS, Values, pack};
 
 /// A weight `W` (`[rows, cols]`) in bf16 in tile order: the right operand of `x·Wᵀ` packed whole, block
@@ -104,10 +106,30 @@ impl<'a> TileView<'a> {
 
     /// The bf16 bits of the matrix as read, row-major.
     pub fn row_major(self) -> Vec<u16> {
-        let (rows, cols) = self.dims();
-        (0..rows * cols)
-            .map(|index| self.element(index / cols, index % cols))
-            .collect()
+        let (rows, cols) = (self.rows, self.cols);
+        let mut upright = vec![0u16; rows * cols];
+        if cols == 0 {
+            return upright;
+        }
+        let run = cols.div_ceil(BLOCK) * BLOCK_ELEMENTS;
+        // A band of 32 rows of `W` is one run of stored blocks, read while it is in cache.
+        let bands = upright.par_chunks_mut(BLOCK * cols).enumerate();
+        bands.for_each(|(band, out)| {
+            let stored = &self.values[band * run..][..run];
+            for (r, row) in out.chunks_exact_mut(cols).enumerate() {
+                let within = (r / 16) * TILE_ELEMENTS + (r % 16) * 2;
+                for (i, value) in row.iter_mut().enumerate() {
+                    *value = stored
+                        [(i / BLOCK) * BLOCK_ELEMENTS + within + (i % BLOCK / 2) * BLOCK + i % 2];
+                }
+            }
+        });
+        match self.orientation {
+            Orientation::Upright => upright,
+            Orientation::Transposed => (0..rows * cols)
+                .map(|index| upright[(index % rows) * cols + index / rows])
+                .collect(),
+        }
     }
 
     /// Element `(r, c)` of the matrix as read (zero outside it).
