@@ -1,13 +1,15 @@
 //! The hot kernels of a Stable Diffusion 1.5 training step at 512 px, forward and forward+backward, as
 //! the UNet runs them (frozen weights, input gradients only): `cargo bench --bench kernels`.
 //! The input requires a gradient, as an activation in the middle of the UNet does. A word after `--`
-//! runs only the kernels whose name contains it; `-- --bf16` measures them in bf16 products (AMX), as a
-//! CPU run with `mixed_precision = "bf16"` computes.
+//! runs only the kernels whose name contains it; `-- --bf16` measures them in bf16 products (AMX or
+//! AVX-512 BF16), as a CPU run with `mixed_precision = "bf16"` computes.
 
 use std::time::Instant;
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
-use lora_studio::kernels::{Bf16Products, bf16_products, frozen_conv2d, frozen_linear, silu};
+use lora_studio::kernels::{
+    Bf16Products, bf16_products, bf16_products_engine, frozen_conv2d, frozen_linear, silu,
+};
 use lora_studio::models::nn::{GroupNorm, LayerNorm, attention};
 
 const RUNS: usize = 3;
@@ -90,14 +92,10 @@ fn main() -> Result<()> {
     unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY_OPTION, PURGE_DELAY_MS) };
     let _products = if std::env::args().any(|a| a == "--bf16") {
         let scope = Bf16Products::enter();
-        println!(
-            "{}",
-            if scope.is_some() {
-                "bf16 products (AMX)"
-            } else {
-                "no AMX on this processor: f32 products"
-            }
-        );
+        match bf16_products_engine() {
+            Some(engine) => println!("bf16 products ({engine})"),
+            None => println!("no bf16 products on this processor: f32 products"),
+        }
         scope
     } else {
         None

@@ -51,7 +51,7 @@ pub fn inference_dtype(device: &Device) -> DType {
     }
 }
 
-/// Whether this processor has the AMX bf16 products that CPU runs with `mixed_precision = "bf16"` use.
+/// Whether this processor has the bf16 products (AMX or AVX-512 BF16) that CPU runs with `mixed_precision = "bf16"` use.
 pub fn cpu_has_bf16_products() -> bool {
     crate::kernels::bf16_products_available()
 }

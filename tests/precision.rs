@@ -1,7 +1,8 @@
 //! Mixed precision on the CPU, where candle runs fp16 too: one fp16 training step of the tiny SD1 model
 //! against the f32 step (the loss within fp16's rounding, the updated adapters equal), fp16 dynamic loss
 //! scaling recovering from an overflow without ending the run, and `mixed_precision = "bf16"`, which on the
-//! CPU keeps f32 tensors and makes the matrix products bf16 ones where the processor has AMX. (candle 0.11
+//! CPU keeps f32 tensors and makes the matrix products bf16 ones where the processor has AMX or AVX-512
+//! BF16. (candle 0.11
 //! has no bf16 matrix product on the CPU, "unsupported dtype BF16 for op matmul", so steps in bf16 tensors
 //! run on GPUs only.)
 
@@ -159,23 +160,23 @@ fn bf16_on_the_cpu_rounds_only_the_frozen_weights_and_products_and_says_so() {
     let (run, steps, messages) =
         train_reporting(DType::F32, &config("bf16", MixedPrecision::Bf16), None);
     assert_eq!(run.stop, TrainStop::Finished);
-    let on_amx = messages.iter().any(|m| {
+    let in_bf16 = messages.iter().any(|m| {
         m.contains("take bf16 operands") && m.contains("frozen weights are stored in bf16")
     });
     let without = messages.iter().any(|m| m.contains("lacks"));
     assert!(
-        on_amx != without,
+        in_bf16 != without,
         "one message names the arithmetic: {messages:?}"
     );
     let loss = (steps[0].loss - f32_steps[0].loss).abs() / f32_steps[0].loss;
     let initial = adapters_at_start(&config("start", MixedPrecision::No));
     let (update, worst) = update_difference(&run, &f32_run, &initial);
     eprintln!(
-        "bf16 products (AMX: {on_amx}): loss {:.6} vs f32 {:.6} (relative {loss:.2e}), update relative \
+        "bf16 products ({in_bf16}): loss {:.6} vs f32 {:.6} (relative {loss:.2e}), update relative \
          difference {update:.2e} (worst tensor {:.2e}, {})",
         steps[0].loss, f32_steps[0].loss, worst.0, worst.1
     );
-    if on_amx {
+    if in_bf16 {
         // Operands rounded to bf16's 8-bit mantissa, sums in f32.
         assert!(loss > 0.0, "the products were not rounded");
         assert!(
@@ -189,8 +190,8 @@ fn bf16_on_the_cpu_rounds_only_the_frozen_weights_and_products_and_says_so() {
             "the bf16 update differs by {update:.2e} of the f32 one"
         );
     } else {
-        assert_eq!(loss, 0.0, "without AMX the run is the f32 run");
-        assert_eq!(update, 0.0, "without AMX the run is the f32 run");
+        assert_eq!(loss, 0.0, "without bf16 products the run is the f32 run");
+        assert_eq!(update, 0.0, "without bf16 products the run is the f32 run");
     }
 }
 

@@ -4,7 +4,7 @@
 //! are SD1.5's scaled by what its UNet computes and keeps for the backward pass per pixel (counted, not
 //! timed); its weights are its parameter count. It knows the family of the base model, nothing else about it.
 //! A chat model's step is estimated from its parameter count and the tokens of a step, scaling what
-//! `lora-studio bench --arch qwen2-0.5b` measured. A CPU run in bf16 on a processor with AMX is scaled by
+//! `lora-studio bench --arch qwen2-0.5b` measured. A CPU run in bf16 on a processor with bf16 products is scaled by
 //! what `bench --mixed-precision bf16` measured against f32 (weights in bf16, faster products).
 
 use crate::config::{MixedPrecision, OptimizerKind, SD_RESOLUTION, SDXL_RESOLUTION, TrainConfig};
@@ -14,7 +14,7 @@ use crate::messages::BaseFamily;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Processor {
     Gpu,
-    /// The CPU; `bf16_products` where it has AMX bf16 products, which a run with `mixed_precision = "bf16"`
+    /// The CPU; `bf16_products` where it has bf16 products (AMX or AVX-512 BF16), which a run with `mixed_precision = "bf16"`
     /// uses (frozen weights stored in bf16, products about twice as fast).
     Cpu {
         bf16_products: bool,
@@ -155,8 +155,9 @@ const CHECKPOINTING_TIME: f64 = 1.55;
 /// Assumed, not measured: a GPU step in bf16 is well over an order of magnitude faster, with half the
 /// memory per value (the adapters stay f32).
 const GPU_SPEEDUP: f64 = 40.0;
-/// A CPU step in bf16 products against f32, measured (`bench --mixed-precision bf16`): 2.0x for SD 1.5 at
-/// 256 px, 2.2-2.3x for SDXL at 512 px, 1.57x for Qwen2.5-0.5B over 512 tokens; the frozen weights take
+/// A CPU step in bf16 products against f32, measured (`bench --mixed-precision bf16`) on AMX: 2.0x for SD
+/// 1.5 at 256 px, 2.2-2.3x for SDXL at 512 px, 1.57x for Qwen2.5-0.5B over 512 tokens (AVX-512 BF16 dot
+/// products: 1.8x for SDXL at 512 px); the frozen weights take
 /// half the memory (a chat model's embedding table stays f32: 2.55 bytes a parameter for Qwen2.5-0.5B).
 const CPU_BF16_SPEEDUP: f64 = 2.0;
 const CPU_BF16_CHAT_SPEEDUP: f64 = 1.55;
@@ -465,7 +466,7 @@ mod tests {
                 ..base()
             };
             let f32_step = estimate(&config(MixedPrecision::No), F32_CPU, family);
-            // Without AMX, or without bf16 asked for, the run is the f32 one.
+            // Without bf16 products, or without bf16 asked for, the run is the f32 one.
             assert_eq!(
                 estimate(&config(MixedPrecision::Bf16), F32_CPU, family),
                 f32_step

@@ -312,7 +312,8 @@ impl StudioApp {
                 ui,
                 "Mixed precision",
                 "GPU compute precision; on the CPU, Bf16 stores the frozen weights in bf16 and makes the \
-                 matrix products bf16 ones on AMX processors (Xeon 4th generation and later), 1.6-2.3x \
+                 matrix products bf16 ones on processors with AMX (Xeon 4th generation and later) or \
+                 AVX-512 BF16 (AMD Zen 4 and later), 1.6-2.3x \
                  faster; adapters always stay f32",
                 |ui| {
                     egui::ComboBox::from_id_salt("precision")

@@ -39,8 +39,8 @@ pub struct BenchArgs {
     /// Recompute activations in the backward pass instead of keeping them.
     #[arg(long)]
     pub gradient_checkpointing: bool,
-    /// `no`: f32 matrix products; `bf16`: bf16 operands summed in f32 on the AMX tiles of processors that
-    /// have them (Intel Xeon 4th generation and later), as a CPU training run with
+    /// `no`: f32 matrix products; `bf16`: bf16 operands summed in f32 on processors with AMX tiles (Intel
+    /// Xeon 4th generation and later) or AVX-512 BF16 (AMD Zen 4 and later), as a CPU training run with
     /// `mixed_precision = "bf16"` computes.
     #[arg(long, value_enum, default_value_t = BenchPrecision::No)]
     pub mixed_precision: BenchPrecision,
@@ -95,7 +95,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         BenchPrecision::Bf16 => Some(Bf16Products::enter().ok_or_else(|| {
             anyhow::anyhow!(
-                "--mixed-precision bf16 needs a processor with AMX bf16 products (Intel Xeon 4th generation or later)"
+                "--mixed-precision bf16 needs a processor with AMX (Intel Xeon 4th generation or later) or AVX-512 BF16 (AMD Zen 4 or later)"
             )
         })?),
     };

@@ -40,7 +40,8 @@ pub enum LrScheduler {
 
 /// Compute precision of the frozen model on GPUs (adapters and optimizer state are always f32). On the CPU
 /// everything is f32, except that `bf16` stores the frozen weights in bf16 and makes the matrix products
-/// take bf16 operands on processors with AMX (Intel Xeon 4th generation and later).
+/// take bf16 operands on processors with AMX (Intel Xeon 4th generation and later) or AVX-512 BF16 (AMD
+/// Zen 4 and later).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum MixedPrecision {

@@ -2,7 +2,7 @@
 //! layers whose backward computes only the input gradient, memory-lean attention, normalisation (layer,
 //! group and RMS), rotary position embeddings and activations, and the CPU fast paths behind them (im2col
 //! and Winograd convolutions, tiled attention, vectorised norms, few-row products), whose matrix products
-//! take bf16 operands on AMX tiles inside a [`Bf16Products`] scope ([`amx`], [`products`]).
+//! take bf16 operands (AMX tiles or AVX-512 BF16 dot products) inside a [`Bf16Products`] scope ([`amx`], [`products`]).
 //!
 //! Each op has a device-generic path built from candle ops (what CUDA and Metal run) and, for f32/f64 on
 //! the CPU, the project's own kernels. [`cpu_kernels`] decides between them in one place, so the generic
@@ -51,7 +51,8 @@ pub(crate) use low_rank::{
     AdapterState, adapted_affine, adapted_affine_gradients, adapter_gradients,
 };
 pub use products::{
-    Bf16Products, bf16_products, bf16_products_available, matmul, product_arithmetic,
+    Bf16Products, bf16_products, bf16_products_available, bf16_products_engine, matmul,
+    product_arithmetic,
 };
 pub use rms_norm::rms_norm;
 pub use rotary::rotary_embedding;

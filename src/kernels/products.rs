@@ -1,5 +1,5 @@
 //! The arithmetic of the CPU kernels' matrix products: f32, or — inside a [`Bf16Products`] scope on a
-//! processor with AMX — bf16 operands summed in f32 ([`super::amx`]), as PyTorch computes a CPU autocast
+//! processor with AMX or AVX-512 BF16 — bf16 operands summed in f32 ([`super::amx`]), as PyTorch computes a CPU autocast
 //! region. The scope belongs to one thread (a training run's), so products elsewhere in the process, the
 //! parity tests' included, stay f32; kernels that spread work over threads read the choice before they do.
 
@@ -18,15 +18,15 @@ thread_local! {
     static BF16_PRODUCTS: Cell<bool> = const { Cell::new(false) };
 }
 
-/// While alive, the matrix products of the project's CPU kernels on this thread take bf16 operands on AMX
-/// tiles; dropping it restores what was before.
+/// While alive, the matrix products of the project's CPU kernels on this thread take bf16 operands (on AMX
+/// tiles, or with AVX-512 BF16 dot products); dropping it restores what was before.
 #[must_use = "products return to the previous arithmetic when the scope is dropped"]
 pub struct Bf16Products {
     previous: bool,
 }
 
 impl Bf16Products {
-    /// Enters the scope where the processor has AMX bf16 products; `None` (products stay f32) elsewhere.
+    /// Enters the scope where the processor has bf16 products; `None` (products stay f32) elsewhere.
     pub fn enter() -> Option<Self> {
         amx::available().then(|| Self {
             previous: BF16_PRODUCTS.replace(true),
@@ -46,6 +46,14 @@ impl Drop for Bf16Products {
 /// Whether this processor can take bf16 products (a [`Bf16Products`] scope exists here).
 pub fn bf16_products_available() -> bool {
     amx::available()
+}
+
+/// What runs this processor's bf16 products, for messages (`None` without them).
+pub fn bf16_products_engine() -> Option<&'static str> {
+    amx::engine().map(|engine| match engine {
+        amx::Engine::Tiles => "AMX tiles",
+        amx::Engine::DotProducts => "AVX-512 BF16 dot products",
+    })
 }
 
 /// Whether the CPU kernels' products on this thread are bf16 ones now.

@@ -326,7 +326,7 @@ mod tests {
         };
         let exact = run(&weight);
         let Some(scope) = Bf16Products::enter() else {
-            // Without AMX there are no bf16 products: the layer stays f32.
+            // Without AMX or AVX-512 BF16 there are no bf16 products: the layer stays f32.
             return;
         };
         // A bf16 run stores the frozen weight in bf16.

@@ -260,7 +260,7 @@ impl LayerRegistry {
     }
 
     /// Stores the linear layers' frozen weights in bf16 in the tile order of the products that read them
-    /// (one layer at a time), where the CPU kernels take bf16 products on AMX tiles: a run in bf16 products
+    /// (one layer at a time), where the CPU kernels take bf16 products: a run in bf16 products
     /// then packs no weight for its products. Other code reads them back as bf16 tensors (copies);
     /// [`Self::store_weights_in`] stores them as tensors again.
     pub fn tile_linear_weights(&self) -> Result<()> {

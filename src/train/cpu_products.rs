@@ -1,5 +1,5 @@
 //! The arithmetic of a training run on the CPU with `mixed_precision = "bf16"`: matrix products on bf16
-//! operands (summed in f32) on processors with AMX, and the frozen weights stored in bf16 for the run —
+//! operands (summed in f32) on processors with AMX or AVX-512 BF16, and the frozen weights stored in bf16 for the run —
 //! half the memory, and half the bytes each product reads — as PyTorch's bf16 training casts them.
 //! Activations, gradients, adapters and the optimizer stay f32.
 
@@ -30,8 +30,8 @@ impl Drop for CpuBf16Run {
 }
 
 /// Enters bf16 products for a run on `device` at `precision` where they apply (the CPU with bf16 asked for,
-/// on a processor with AMX), storing the frozen weights of `layers` in bf16; said once in the log, as is
-/// why a processor without AMX computes in f32.
+/// on a processor with bf16 products), storing the frozen weights of `layers` in bf16; said once in the
+/// log, as is why a processor without them computes in f32.
 pub(super) fn cpu_products(
     device: &Device,
     precision: MixedPrecision,
@@ -43,8 +43,8 @@ pub(super) fn cpu_products(
     }
     let Some(products) = Bf16Products::enter() else {
         reporter.message(
-            "mixed precision bf16 on the CPU needs AMX (Intel Xeon 4th generation or later), which this \
-             processor lacks: the run computes in f32",
+            "mixed precision bf16 on the CPU needs AMX (Intel Xeon 4th generation or later) or AVX-512 \
+             BF16 (AMD Zen 4 or later), which this processor lacks: the run computes in f32",
         );
         return Ok(None);
     };
@@ -61,11 +61,12 @@ pub(super) fn cpu_products(
                 TrainError::Internal(format!("cannot store the frozen weights in bf16: {e}"))
             })?;
     }
-    reporter.message(
+    let engine = crate::kernels::bf16_products_engine().unwrap_or("bf16 products");
+    reporter.message(&format!(
         "mixed precision bf16 on the CPU: the frozen weights are stored in bf16 and matrix products take \
-         bf16 operands summed in f32 on the AMX tiles; activations, gradients, adapters and the optimizer \
-         stay f32",
-    );
+         bf16 operands summed in f32 ({engine}); activations, gradients, adapters and the optimizer stay \
+         f32",
+    ));
     Ok(Some(run))
 }
 
@@ -116,7 +117,10 @@ mod tests {
         let expected = if crate::kernels::bf16_products() {
             DType::BF16
         } else {
-            assert!(run.is_none(), "without AMX the run computes in f32");
+            assert!(
+                run.is_none(),
+                "without bf16 products the run computes in f32"
+            );
             DType::F32
         };
         assert_eq!(layer.weight().unwrap().dtype(), expected);

@@ -17,7 +17,10 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::{BLOCK, BLOCK_ELEMENTS, Buffer, HELD, Values, pack, take_buffer, tiles};
+use super::{
+    BLOCK, BLOCK_ELEMENTS, Buffer, ConvolutionBlock, Engine, HELD, Values, dot, pack, take_buffer,
+    tiles,
+};
 
 /// The sizes of a convolution (stride 1, no groups, no dilation): its input `[batch, in, height, width]`
 /// and its `kh×kw` kernel, padded by `padding` on every side.
@@ -128,7 +131,6 @@ pub fn conv2d(
             &mut left[..offsets.len() * BLOCK_ELEMENTS],
         );
         let start = bias.map(|bias| BiasRows::new(&bias[ob * BLOCK..][..BLOCK]));
-        tiles::configure_thread();
         let first_block = band * band_len;
         for block in first_block..(first_block + band_len).min(pixel_blocks) {
             let (image, pair) = (block / blocks_per_image, block % blocks_per_image);
@@ -143,22 +145,41 @@ pub fn conv2d(
                 let at = (image * dims.out_channels + ob * BLOCK) * plane + y * out_w + x;
                 result.at(at)
             };
-            // SAFETY: tiles are configured; the packed kernel holds a block per step, every pixel tile lies
-            // inside the rearranged input (`offset` stays within an image's channel blocks and padded rows),
-            // and this task alone writes these 32 channels of these pixels.
+            // SAFETY: the packed kernel holds a block per step, every pixel tile lies inside the
+            // rearranged input (`offset` stays within an image's channel blocks and padded rows), and this
+            // task alone writes these 32 channels of these pixels.
             unsafe {
-                tiles::convolve(
-                    left.as_ptr(),
-                    &offsets,
-                    ((source(first), second.map(source)), pairs.row_bytes()),
-                    ((target(first), second.map(target)), plane * 4),
-                    start.as_ref().map(|start| start.0.as_ptr()),
-                )
+                convolve_block(ConvolutionBlock {
+                    left: left.as_ptr(),
+                    offsets: &offsets,
+                    runs: (source(first), second.map(source)),
+                    run_stride: pairs.row_bytes(),
+                    out: (target(first), second.map(target)),
+                    out_stride: plane * 4,
+                    start: start.as_ref().map(|start| start.0.as_ptr()),
+                })
             };
         }
         HELD.set(left);
     };
     (0..out_blocks * bands).into_par_iter().for_each(task);
+}
+
+/// One block of a convolution's result on this processor's engine.
+///
+/// # Safety
+/// Every tile the block names lies inside its allocation, and no other thread touches its result rows.
+unsafe fn convolve_block(block: ConvolutionBlock) {
+    match super::engine() {
+        Some(Engine::Tiles) => {
+            tiles::configure_thread();
+            // SAFETY: tiles are configured on this thread; the rest as the caller guarantees.
+            unsafe { tiles::convolve(block) }
+        }
+        // SAFETY: the engine implies AVX-512 BF16; the rest as the caller guarantees.
+        Some(Engine::DotProducts) => unsafe { dot::convolve(block) },
+        None => unreachable!("direct convolutions run only where bf16 products do"),
+    }
 }
 
 /// A block of 32 output channels' biases as the sums' starting tiles: row `r` holds 16 copies of the

@@ -1,7 +1,9 @@
 //! Matrix products on Intel AMX tiles (Sapphire Rapids and later Xeons): both operands rounded to bf16
 //! (round to nearest even), products summed in f32 — what PyTorch's CPU autocast to bf16 computes, at four
 //! to nine times the f32 rate of the same cores (1.0–2.2 TFLOP/s on two cores, packing included, weights
-//! read cold from memory, against 0.24 for f32 AVX-512).
+//! read cold from memory, against 0.24 for f32 AVX-512). Processors with AVX-512 BF16 but no tiles (AMD
+//! Zen 4 and later) multiply the same packed blocks with dot-product instructions ([`dot`]: 0.35 TFLOP/s
+//! on two Zen 4 cores against 0.16 for f32); [`engine`] says which runs.
 //!
 //! Operands go into tile order: the left one in blocks of 32 rows × 32 columns (two 16-row tiles), the
 //! right one in blocks of 32 rows × 32 columns in the pair-interleaved ("VNNI") layout the `tdpbf16ps`
@@ -29,6 +31,7 @@ use std::thread::LocalKey;
 use rayon::prelude::*;
 
 pub mod conv;
+mod dot;
 mod pack;
 mod tiled;
 mod tiles;
@@ -44,11 +47,34 @@ const BLOCK_ELEMENTS: usize = BLOCK * BLOCK;
 /// `u16` elements of one 16-row tile.
 const TILE_ELEMENTS: usize = BLOCK_ELEMENTS / 2;
 
-/// Whether this processor and kernel run AMX bf16 products (checked once per process; the first call asks
-/// Linux for the tile state).
+/// What multiplies the packed blocks on this processor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// AMX tiles (Intel Xeon 4th generation and later).
+    Tiles,
+    /// AVX-512 BF16 dot products on vector registers (AMD Zen 4 and later, Intel Cooper Lake): about a
+    /// tenth of the tiles' rate, twice f32's.
+    DotProducts,
+}
+
+/// The engine of this processor's bf16 products, `None` without one (checked once per process; the first
+/// call asks Linux for the tile state where the processor has AMX).
+pub fn engine() -> Option<Engine> {
+    static ENGINE: OnceLock<Option<Engine>> = OnceLock::new();
+    *ENGINE.get_or_init(|| {
+        if tiles::enable() {
+            Some(Engine::Tiles)
+        } else if dot::supported() {
+            Some(Engine::DotProducts)
+        } else {
+            None
+        }
+    })
+}
+
+/// Whether this processor runs bf16 products (on AMX tiles or with AVX-512 BF16 dot products).
 pub fn available() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(tiles::enable)
+    engine().is_some()
 }
 
 /// The elements of an operand: f32 values, rounded to bf16 as they are packed, or bf16 values (their bits),
@@ -847,7 +873,25 @@ struct Block {
     accumulate: bool,
 }
 
-/// `block [+]=` the product of `k_blocks` packed block pairs: on AMX tiles where [`available`], else in plain
+/// A 32×32 block of a stride-1 convolution's result — 32 output channels by two runs of 16 pixels —
+/// summed over the steps (kernel taps × blocks of 32 input channels). Step `s` multiplies the packed left
+/// block at `left + s·BLOCK_ELEMENTS` (output channels by input channels) by the pixel tiles at
+/// `runs.0 + offsets[s]` and `runs.1 + offsets[s]` (16 rows of input channel pairs, `run_stride` bytes
+/// apart). The results go to `out.0` and `out.1`, their rows (output channels) `out_stride` bytes apart;
+/// without a second run or a place for it, only the first is computed. The sums start from `start` where
+/// given: 32 rows (output channels) of 16 values, 64 bytes apart (a bias), else zero.
+#[derive(Clone, Copy)]
+struct ConvolutionBlock<'a> {
+    left: *const u16,
+    offsets: &'a [usize],
+    runs: (*const u16, Option<*const u16>),
+    run_stride: usize,
+    out: (*mut f32, Option<*mut f32>),
+    out_stride: usize,
+    start: Option<*const f32>,
+}
+
+/// `block [+]=` the product of `k_blocks` packed block pairs: on this processor's [`engine`], else in plain
 /// code.
 ///
 /// # Safety
@@ -859,11 +903,17 @@ unsafe fn multiply((left, right): (&[u16], &[u16]), k_blocks: usize, block: Bloc
         stride,
         accumulate,
     } = block;
-    if available() {
-        tiles::configure_thread();
-        // SAFETY: tiles are configured on this thread, and the block is as the caller guarantees.
-        unsafe { tiles::multiply((left, right), k_blocks, block) };
-        return;
+    match engine() {
+        Some(Engine::Tiles) => {
+            tiles::configure_thread();
+            // SAFETY: tiles are configured on this thread, and the block is as the caller guarantees.
+            return unsafe { tiles::multiply((left, right), k_blocks, block) };
+        }
+        // SAFETY: the engine implies AVX-512 BF16, and the block is as the caller guarantees.
+        Some(Engine::DotProducts) => {
+            return unsafe { dot::multiply((left, right), k_blocks, block) };
+        }
+        None => {}
     }
     let value = |bits: u16| f32::from_bits((bits as u32) << 16);
     for row in 0..BLOCK {

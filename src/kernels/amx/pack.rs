@@ -86,7 +86,7 @@ pub(super) fn pack_right(
 pub(super) fn sixteen_pairs(data: &[f32], (even, odd): (usize, usize), out: &mut [u16; BLOCK]) {
     assert!(even + 16 <= data.len() && odd + 16 <= data.len());
     if super::available() {
-        // SAFETY: AMX implies AVX-512 BF16 (checked with it), and both runs lie inside `data` (asserted).
+        // SAFETY: an engine implies AVX-512 BF16, and both runs lie inside `data` (asserted).
         return unsafe { simd::sixteen_pairs(data, (even, Some(odd)), out) };
     }
     for (i, pair) in out.chunks_exact_mut(2).enumerate() {
@@ -107,7 +107,7 @@ pub(super) fn pair_rows(even: &[f32], odd: Option<&[f32]>, tiles: &mut [u16], ru
             || ((chunks - 1) / 2) * run + ((chunks - 1) % 2) * TILE_ELEMENTS + BLOCK <= tiles.len()
     );
     if super::available() {
-        // SAFETY: AMX implies AVX-512 BF16 (checked with it); the rows are as long and every chunk's
+        // SAFETY: an engine implies AVX-512 BF16; the rows are as long and every chunk's
         // place lies inside `tiles` (asserted).
         return unsafe { simd::pair_rows(even, odd, tiles, run) };
     }
@@ -129,7 +129,7 @@ pub(super) fn left_row(values: &[f32], tiles: &mut [u16]) {
     let chunks = values.len().div_ceil(BLOCK);
     assert!(chunks == 0 || (chunks - 1) * BLOCK_ELEMENTS + BLOCK <= tiles.len());
     if super::available() {
-        // SAFETY: AMX implies AVX-512 BF16 (checked with it); every chunk's place lies inside `tiles`
+        // SAFETY: an engine implies AVX-512 BF16; every chunk's place lies inside `tiles`
         // (asserted).
         return unsafe { simd::left_row(values, tiles) };
     }
@@ -146,7 +146,7 @@ pub(super) fn left_row(values: &[f32], tiles: &mut [u16]) {
 pub(super) fn round_run(values: &[f32], bias: Option<&[f32]>, out: &mut [u16]) {
     assert!(out.len() == values.len() && bias.is_none_or(|bias| bias.len() == values.len()));
     if super::available() {
-        // SAFETY: AMX implies AVX-512 BF16 (checked with it); the lengths match (asserted).
+        // SAFETY: an engine implies AVX-512 BF16; the lengths match (asserted).
         return unsafe { simd::round_run(values, bias, out) };
     }
     for (index, (out, &value)) in out.iter_mut().zip(values).enumerate() {
@@ -187,7 +187,7 @@ fn left_tile(a: Joined, (m, k): (usize, usize), (row0, k0): (usize, usize), tile
         && super::available()
         && (a.col_stride == 1 || a.row_stride == 1)
     {
-        // SAFETY: AMX implies AVX-512 BF16 (checked with it), and the operand covers its `m × k` matrix.
+        // SAFETY: an engine implies AVX-512 BF16, and the operand covers its `m × k` matrix.
         return unsafe { simd::left_tile(a, (m, k), (row0, k0), tile) };
     }
     for (i, row) in tile.chunks_exact_mut(BLOCK).enumerate() {

@@ -178,7 +178,7 @@ impl<'a> TileView<'a> {
                 let block = &self.values[start..start + BLOCK_ELEMENTS];
                 let half = col0 % BLOCK / 16;
                 if super::available() {
-                    // SAFETY: AMX implies AVX-512 (checked with it); the block and the tile are whole.
+                    // SAFETY: an engine implies AVX-512; the block and the tile are whole.
                     unsafe { simd::upright_tile(block, half, tile) };
                     return;
                 }
@@ -255,7 +255,7 @@ mod tests {
             .collect();
         for half in 0..2 {
             let (mut gathered, mut read) = ([0u16; TILE_ELEMENTS], [1u16; TILE_ELEMENTS]);
-            // SAFETY: AMX (checked) implies AVX-512 BW.
+            // SAFETY: an engine (checked) implies AVX-512 BW.
             unsafe { simd::upright_tile(&block, half, &mut gathered) };
             upright_tile(&block, half, &mut read);
             assert_eq!(gathered, read, "half {half}");

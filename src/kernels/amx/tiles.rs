@@ -11,7 +11,7 @@ mod platform {
     use std::arch::asm;
     use std::cell::Cell;
 
-    use super::super::{BLOCK_ELEMENTS, Block, TILE_ELEMENTS};
+    use super::super::{BLOCK_ELEMENTS, Block, ConvolutionBlock, TILE_ELEMENTS};
 
     thread_local! {
         /// Whether this thread has loaded the tile configuration.
@@ -145,24 +145,22 @@ mod platform {
         }
     }
 
-    /// A 32×32 block of a convolution's result — 32 output channels by two runs of 16 pixels — summed over
-    /// the steps (kernel taps × blocks of 32 input channels) in tiles 0–3. Step `s` multiplies the packed
-    /// left block at `left + s·1024` (tiles 4–5: output channels 0–15, 16–31) by the pixel tiles at
-    /// `runs.0 + offsets[s]` and `runs.1 + offsets[s]` (tiles 6–7: 16 rows of input channel pairs,
-    /// `run_stride` bytes apart). The result tiles go to `out.0` and `out.1`, their rows (output channels)
-    /// `out_stride` bytes apart. Without a second run only the first is computed. The sums start from
-    /// `start` where given: 32 rows (output channels) of 16 values, 64 bytes apart (a bias), else zero.
+    /// A convolution's result block in tiles 0–3: the left blocks in tiles 4–5 (output channels 0–15,
+    /// 16–31), the pixel tiles in 6–7.
     ///
     /// # Safety
     /// The thread's tiles are configured; every tile named lies inside its allocation, and no other thread
     /// touches the result tiles.
-    pub unsafe fn convolve(
-        left: *const u16,
-        offsets: &[usize],
-        (runs, run_stride): ((*const u16, Option<*const u16>), usize),
-        (out, out_stride): ((*mut f32, Option<*mut f32>), usize),
-        start: Option<*const f32>,
-    ) {
+    pub unsafe fn convolve(block: ConvolutionBlock) {
+        let ConvolutionBlock {
+            left,
+            offsets,
+            runs,
+            run_stride,
+            out,
+            out_stride,
+            start,
+        } = block;
         // SAFETY: as the caller guarantees; every access below stays inside the tiles named.
         unsafe {
             match start {
@@ -240,13 +238,7 @@ mod portable {
     }
 
     /// Never called: the direct convolution runs only where AMX is available.
-    pub unsafe fn convolve(
-        _: *const u16,
-        _: &[usize],
-        _: ((*const u16, Option<*const u16>), usize),
-        _: ((*mut f32, Option<*mut f32>), usize),
-        _: Option<*const f32>,
-    ) {
+    pub unsafe fn convolve(_: super::super::ConvolutionBlock) {
         unreachable!("AMX is not available on this platform")
     }
 }
