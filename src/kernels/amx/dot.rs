@@ -3,7 +3,8 @@
 //! are: a left tile's row holds 16 pairs of the shared dimension, a right tile's row one pair for each of
 //! 16 columns, so one left pair broadcast against one right row adds two products to 16 sums. A pass keeps
 //! 8 rows × 32 columns of the result in 16 registers (16 rows × 16 columns where only one run of columns
-//! exists) and walks the shared dimension; the block's four passes read the right tiles from cache.
+//! exists) and walks the shared dimension; a product's block takes its shared dimension a few blocks at a
+//! time through all four passes, so that the right tiles stay in the first-level cache.
 
 #[cfg(target_arch = "x86_64")]
 pub use platform::*;
@@ -243,7 +244,8 @@ mod tests {
         if !super::supported() {
             return;
         }
-        let k_blocks = 3;
+        // More than one chunk of the shared dimension (4 blocks), the last a short one.
+        let k_blocks = 6;
         let left = bf16_values(k_blocks * BLOCK_ELEMENTS, 1);
         let right = bf16_values(k_blocks * BLOCK_ELEMENTS, 2);
         // A 32×32 block inside a result 40 wide, starting at column 5 of row 2.
