@@ -208,26 +208,52 @@ mod simd {
 
     use super::super::{BLOCK, BLOCK_ELEMENTS, TILE_ELEMENTS};
 
-    /// [`super::upright_tile`], each tile row gathered in one instruction.
+    /// [`super::upright_tile`]: for each of the block's two tiles, its 8 rows of the half as registers,
+    /// their 64-bit groups transposed (128-bit lanes in two rounds, then groups within them), each
+    /// group's middle values swapped.
     ///
     /// # Safety
     /// The processor has AVX-512 BW.
     #[target_feature(enable = "avx512f,avx512bw")]
     pub unsafe fn upright_tile(block: &[u16], half: usize, tile: &mut [u16]) {
         assert!(block.len() >= BLOCK_ELEMENTS && tile.len() >= TILE_ELEMENTS && half < 2);
-        // 64-bit groups: rows of the block are 8 groups apart.
-        let rows = _mm512_setr_epi64(0, 8, 16, 24, 32, 40, 48, 56);
         // Within each 64-bit group, values 0, 2, 1, 3.
         let swap = _mm512_set4_epi32(0x0f0e_0b0a, 0x0d0c_0908, 0x0706_0302, 0x0504_0100);
-        for r in 0..16 {
-            let (t, c) = (r / 8, r % 8);
-            let first = (t * TILE_ELEMENTS + half * 8 * BLOCK) / 4 + c;
-            let offsets = _mm512_add_epi64(rows, _mm512_set1_epi64(first as i64));
-            // SAFETY: the groups gathered lie inside the block (asserted), the row stored inside the tile.
-            unsafe {
-                let groups = _mm512_i64gather_epi64::<8>(offsets, block.as_ptr().cast());
-                let row = _mm512_shuffle_epi8(groups, swap);
-                _mm512_storeu_si512(tile.as_mut_ptr().add(r * BLOCK).cast(), row);
+        for t in 0..2 {
+            let first = t * TILE_ELEMENTS + half * 8 * BLOCK;
+            // SAFETY: the 8 rows lie inside the block (asserted).
+            let rows: [__m512i; 8] = std::array::from_fn(|q| unsafe {
+                _mm512_loadu_si512(block.as_ptr().add(first + q * BLOCK).cast())
+            });
+            // Lanes 0-1 and 2-3 of rows q and q + 2 (q = 0, 1, 4, 5).
+            let low = |q: usize| _mm512_shuffle_i64x2::<0x44>(rows[q], rows[q + 2]);
+            let high = |q: usize| _mm512_shuffle_i64x2::<0xee>(rows[q], rows[q + 2]);
+            // Lane `l` of rows q, q + 2, q + 4, q + 6, for q = 0 (even rows) and 1 (odd rows).
+            let lanes = |q: usize| {
+                let (low0, low4, high0, high4) = (low(q), low(q + 4), high(q), high(q + 4));
+                [
+                    _mm512_shuffle_i64x2::<0x88>(low0, low4),
+                    _mm512_shuffle_i64x2::<0xdd>(low0, low4),
+                    _mm512_shuffle_i64x2::<0x88>(high0, high4),
+                    _mm512_shuffle_i64x2::<0xdd>(high0, high4),
+                ]
+            };
+            let (even, odd) = (lanes(0), lanes(1));
+            for l in 0..4 {
+                let groups = [
+                    _mm512_unpacklo_epi64(even[l], odd[l]),
+                    _mm512_unpackhi_epi64(even[l], odd[l]),
+                ];
+                for (g, group) in groups.into_iter().enumerate() {
+                    let row = t * 8 + 2 * l + g;
+                    // SAFETY: the row lies inside the tile (asserted).
+                    unsafe {
+                        _mm512_storeu_si512(
+                            tile.as_mut_ptr().add(row * BLOCK).cast(),
+                            _mm512_shuffle_epi8(group, swap),
+                        )
+                    };
+                }
             }
         }
     }
@@ -246,7 +272,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn upright_tiles_gathered_match_the_ones_read_value_by_value() {
+    fn upright_tiles_transposed_in_registers_match_the_ones_read_value_by_value() {
         if !super::super::available() {
             return;
         }
@@ -254,11 +280,11 @@ mod tests {
             .map(|v| v.wrapping_mul(7919))
             .collect();
         for half in 0..2 {
-            let (mut gathered, mut read) = ([0u16; TILE_ELEMENTS], [1u16; TILE_ELEMENTS]);
+            let (mut transposed, mut read) = ([0u16; TILE_ELEMENTS], [1u16; TILE_ELEMENTS]);
             // SAFETY: an engine (checked) implies AVX-512 BW.
-            unsafe { simd::upright_tile(&block, half, &mut gathered) };
+            unsafe { simd::upright_tile(&block, half, &mut transposed) };
             upright_tile(&block, half, &mut read);
-            assert_eq!(gathered, read, "half {half}");
+            assert_eq!(transposed, read, "half {half}");
         }
     }
 }
