@@ -1,7 +1,8 @@
 //! The arithmetic of the CPU kernels' matrix products: f32, or — inside a [`Bf16Products`] scope on a
-//! processor with AMX or AVX-512 BF16 — bf16 operands summed in f32 ([`super::amx`]), as PyTorch computes a CPU autocast
-//! region. The scope belongs to one thread (a training run's), so products elsewhere in the process, the
-//! parity tests' included, stay f32; kernels that spread work over threads read the choice before they do.
+//! processor with AMX or AVX-512 BF16 — bf16 operands summed in f32 ([`super::amx`]), as PyTorch
+//! computes a CPU autocast region. The scope belongs to one thread (a training run's), so products
+//! elsewhere in the process, the parity tests' included, stay f32; kernels that spread work over threads
+//! read the choice before they do.
 
 use std::cell::Cell;
 

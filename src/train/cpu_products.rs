@@ -1,6 +1,7 @@
 //! The arithmetic of a training run on the CPU with `mixed_precision = "bf16"`: matrix products on bf16
-//! operands (summed in f32) on processors with AMX or AVX-512 BF16, and the frozen weights stored in bf16 for the run —
-//! half the memory, and half the bytes each product reads — as PyTorch's bf16 training casts them.
+//! operands (summed in f32) on processors with AMX or AVX-512 BF16, and the frozen weights stored in bf16
+//! for the run — half the memory, and half the bytes each product reads — as PyTorch's bf16 training
+//! casts them.
 //! Activations, gradients, adapters and the optimizer stay f32.
 
 use candle_core::{DType, Device};

@@ -2,8 +2,8 @@
 //! (round to nearest even), products summed in f32 — what PyTorch's CPU autocast to bf16 computes, at four
 //! to nine times the f32 rate of the same cores (1.0–2.2 TFLOP/s on two cores, packing included, weights
 //! read cold from memory, against 0.24 for f32 AVX-512). Processors with AVX-512 BF16 but no tiles (AMD
-//! Zen 4 and later) multiply the same packed blocks with dot-product instructions ([`dot`]: 0.35 TFLOP/s
-//! on two Zen 4 cores against 0.16 for f32); [`engine`] says which runs.
+//! Zen 4 and later) multiply the same packed blocks with dot-product instructions ([`dot`]: 0.35–0.40
+//! TFLOP/s on two Zen 4 cores against 0.18 for f32); [`engine`] says which runs.
 //!
 //! Operands go into tile order: the left one in blocks of 32 rows × 32 columns (two 16-row tiles), the
 //! right one in blocks of 32 rows × 32 columns in the pair-interleaved ("VNNI") layout the `tdpbf16ps`
@@ -52,8 +52,8 @@ const TILE_ELEMENTS: usize = BLOCK_ELEMENTS / 2;
 pub enum Engine {
     /// AMX tiles (Intel Xeon 4th generation and later).
     Tiles,
-    /// AVX-512 BF16 dot products on vector registers (AMD Zen 4 and later, Intel Cooper Lake): about a
-    /// tenth of the tiles' rate, twice f32's.
+    /// AVX-512 BF16 dot products on vector registers (AMD Zen 4 and later, Intel Cooper Lake): twice the
+    /// f32 rate of the same cores.
     DotProducts,
 }
 
