@@ -19,7 +19,7 @@ const RUNS: usize = 3;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const PURGE_DELAY_OPTION: libmimalloc_sys::mi_option_t = 15;
-const PURGE_DELAY_MS: std::ffi::c_long = 60_000;
+const PURGE_DELAY_MS: std::ffi::c_long = 3_600_000;
 
 fn median_ms(mut run: impl FnMut() -> Result<()>) -> Result<f64> {
     run()?; // warm-up

@@ -8,13 +8,18 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// mimalloc's `mi_option_purge_delay` (mimalloc.h): how long freed memory stays mapped before it is
 /// returned to the kernel.
 const PURGE_DELAY_OPTION: libmimalloc_sys::mi_option_t = 15;
-const PURGE_DELAY_MS: std::ffi::c_long = 60_000;
+const PURGE_DELAY_MS: std::ffi::c_long = 3_600_000;
+
+/// How often candle's own worker threads (behind its parallel element-wise ops) spin before they sleep.
+const CANDLE_SPIN_LIMIT: &str = "0";
 
 fn main() -> std::process::ExitCode {
     // A training step frees its activations in the backward pass and needs as much again in the next
-    // forward pass, seconds later; returned to the kernel after mimalloc's default second, they would be
-    // faulted in and zeroed again every step (15-25 % of an SD 1.5 step on the CPU). A minute outlasts
-    // any step, and memory still goes back to the system a minute after a run.
+    // forward pass, seconds later; returned to the kernel after mimalloc's default 10 ms, they would be
+    // faulted in and zeroed again every step (15-25 % of an SD 1.5 step on the CPU). The delay counts
+    // from the first free of a 32 MiB segment that is not yet due, and when it is due every span then
+    // free in the segment goes back: with a minute, an SDXL run still faulted in 1,500-10,000 pages a
+    // step, 5 % of its samples spent zeroing them. An hour makes that once an hour.
     // SAFETY: setting an option is thread-safe; it applies to later purges.
     unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY_OPTION, PURGE_DELAY_MS) };
     // candle looks up the thread count before every CPU matrix product; without RAYON_NUM_THREADS that
@@ -24,6 +29,13 @@ fn main() -> std::process::ExitCode {
         let threads = candle_core::utils::get_num_threads();
         // SAFETY: no other thread has been started yet, so none reads the environment meanwhile.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+    }
+    // candle's parallel element-wise ops run on its own pool, whose workers spin for 25,000 pauses
+    // (half a millisecond) after each op; the products that follow run on the compute threads, which
+    // then share the cores with a spinning thread (3 % of an SDXL step's samples on two cores).
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        // SAFETY: as above, no other thread runs yet.
+        unsafe { std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", CANDLE_SPIN_LIMIT) };
     }
     lora_studio::cli::run()
 }
