@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use lora_studio::kernels::{
-    Bf16Products, bf16_products, bf16_products_engine, frozen_conv2d, frozen_linear, silu,
+    Bf16Products, FrozenWeight, bf16_products, bf16_products_engine, frozen_conv2d, frozen_linear,
+    silu,
 };
 use lora_studio::models::nn::{GroupNorm, LayerNorm, attention};
 
@@ -66,6 +67,13 @@ fn weight(dims: &[usize]) -> Result<Tensor> {
     } else {
         Ok(weight)
     }
+}
+
+/// A frozen linear layer's weight `[outputs, inputs]`, kept in tile order inside a bf16-products scope as
+/// a CPU bf16 run keeps it.
+fn linear_weight(outputs: usize, inputs: usize) -> Result<FrozenWeight> {
+    let weight = weight(&[outputs, inputs])?;
+    Ok(FrozenWeight::tiled(&weight)?.unwrap_or(FrozenWeight::Tensor(weight)))
 }
 
 /// A norm's unit scale and zero shift.
@@ -127,7 +135,7 @@ fn main() -> Result<()> {
         serde_json::from_str(include_str!("../bench/linear_shapes.json"))
             .map_err(|e| candle_core::Error::Msg(format!("bench/linear_shapes.json: {e}")))?;
     for (tokens, inputs, outputs, note) in shapes {
-        let linear = weight(&[outputs, inputs])?;
+        let linear = linear_weight(outputs, inputs)?;
         measure(
             &format!("linear {inputs}->{outputs} over {tokens} tokens{note}"),
             &[1, tokens, inputs],

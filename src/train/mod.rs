@@ -3,6 +3,7 @@
 //! diffusion task for Stable Diffusion, `causal_lm` for language models), and the LoRA export. It reports through [`TrainReporter`] so the
 //! terminal and the app's worker drive the same code. Must not use egui, messages or worker.
 
+mod adamw;
 pub mod bench;
 mod causal_lm;
 mod checkpoint;

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 
 use candle_core::{D, DType, Result, Shape, Tensor, Var};
 
+use super::adamw::AdamStep;
 use crate::config::OptimizerKind;
 
 /// Optimizer hyper-parameters.
@@ -92,13 +93,17 @@ impl Optimizer {
             let param = var.as_tensor().to_dtype(DType::F32)?;
             let updated = match &mut self.moments[i] {
                 Moments::Adam { m, v } => {
-                    *m = ((&*m * s.beta1)? + (grad * (1.0 - s.beta1))?)?;
-                    *v = ((&*v * s.beta2)? + (grad.sqr()? * (1.0 - s.beta2))?)?;
-                    let bias1 = 1.0 - s.beta1.powf(t);
-                    let bias2 = 1.0 - s.beta2.powf(t);
-                    let denom = ((v.sqrt()? / bias2.sqrt())? + s.eps)?;
-                    let decayed = (param * (1.0 - lr * s.weight_decay))?;
-                    (decayed - (m.div(&denom)? * (lr / bias1))?)?
+                    let adam = AdamStep {
+                        beta1: s.beta1,
+                        beta2: s.beta2,
+                        eps: s.eps,
+                        weight_decay: s.weight_decay,
+                        lr,
+                        step: self.step,
+                    };
+                    let updated = adam.update(&param, grad, (m, v))?;
+                    (*m, *v) = (updated.m, updated.v);
+                    updated.param
                 }
                 Moments::Factored { row, col } => {
                     // Over the last two dimensions `[.., m, n]`: row `[.., m]`, col `[.., n]`.
