@@ -18,8 +18,10 @@ fn main() -> std::process::ExitCode {
     // forward pass, seconds later; returned to the kernel after mimalloc's default 10 ms, they would be
     // faulted in and zeroed again every step (15-25 % of an SD 1.5 step on the CPU). The delay counts
     // from the first free of a 32 MiB segment that is not yet due, and when it is due every span then
-    // free in the segment goes back: with a minute, an SDXL run still faulted in 1,500-10,000 pages a
-    // step, 5 % of its samples spent zeroing them. An hour makes that once an hour.
+    // free in the segment goes back, freed a moment ago or not: with a minute an SDXL run still faulted
+    // in 1,500-10,000 pages a step. With an hour that happens once an hour; memory that the steps do not
+    // reuse (what a forward pass without gradients or a preview left) goes back when that phase ends
+    // (`kernels::return_free_memory`).
     // SAFETY: setting an option is thread-safe; it applies to later purges.
     unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY_OPTION, PURGE_DELAY_MS) };
     // candle looks up the thread count before every CPU matrix product; without RAYON_NUM_THREADS that

@@ -39,7 +39,7 @@ use candle_core::Device;
 
 pub use activations::{geglu, gelu, silu};
 pub(crate) use add_into::{add_bias_into, add_into, add_term_into};
-pub use compute_threads::on_compute_threads;
+pub use compute_threads::{on_compute_threads, return_free_memory};
 pub use cross_entropy::cross_entropy_sum;
 pub use feed_forward::{AffineLayer, FusedFeedForward};
 pub use frozen::{frozen_affine, frozen_conv2d, frozen_linear, geglu_affine, silu_conv2d};

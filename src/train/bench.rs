@@ -175,6 +175,7 @@ pub fn run_bench(
         forward_seconds.push(seconds);
         forward_flops = flops;
     }
+    crate::kernels::return_free_memory();
     let step_seconds = timed_steps(device, settings.steps, progress, || {
         let prediction = predict()?;
         let loss = (prediction - &target)?.sqr()?.mean_all()?;

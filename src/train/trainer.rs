@@ -140,6 +140,9 @@ pub fn run_loop<T: TrainingTask>(
         adapters,
     });
 
+    // What preparing the run held (cached latents and text embeddings computed, models loaded) is not what
+    // the steps will need.
+    crate::kernels::return_free_memory();
     let mut stop = TrainStop::Finished;
     let (mut planned_epoch, mut batches): (Option<u64>, Vec<T::Batch>) = (None, Vec::new());
     let mut last_checkpoint = None;
@@ -240,6 +243,8 @@ pub fn run_loop<T: TrainingTask>(
         }
         if every(config.sample_every_n_steps, config.sample_every_n_epochs) {
             task.render_samples(state.step, events.as_mut(), reporter)?;
+            // The previews' memory is not the training step's.
+            crate::kernels::return_free_memory();
         }
         if reporter.between_steps(&task.live(state.step)) == Flow::Stop {
             cancel.cancel();

@@ -66,6 +66,8 @@ pub fn run(jobs: Receiver<Job>, outbox: Outbox, models: DiscoveryOptions) {
             // The model may have been left half-changed (adapters attached); load it afresh next time.
             engine.base = None;
         }
+        // Until the next job, the memory this one freed is nobody's.
+        crate::kernels::return_free_memory();
     }
 }
 
