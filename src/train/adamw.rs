@@ -72,24 +72,30 @@ impl AdamStep {
         {
             return Ok(None);
         }
-        let tensors = tensors.map(|t| t.contiguous());
-        let [param_t, grad, m, v] = tensors;
-        let (param_t, grad, m, v) = (param_t?, grad?, m?, v?);
-        let guards = [&param_t, &grad, &m, &v].map(|t| t.storage_and_layout());
-        let mut slices = Vec::with_capacity(4);
-        for (storage, layout) in &guards {
-            let (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) =
-                (&**storage, layout.contiguous_offsets())
-            else {
-                return Ok(None);
-            };
-            slices.push(&values[start..end]);
-        }
-        let len = slices[0].len();
-        if slices.iter().any(|s| s.len() != len) {
+        let tensors = tensors
+            .iter()
+            .map(|t| t.contiguous())
+            .collect::<Result<Vec<_>>>()?;
+        let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+        let slices = guards
+            .iter()
+            .map(
+                |(storage, layout)| match (&**storage, layout.contiguous_offsets()) {
+                    (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) => {
+                        Some(&values[start..end])
+                    }
+                    _ => None,
+                },
+            )
+            .collect::<Option<Vec<_>>>();
+        // Tensors of different sizes are left to the composed form, which names the mismatch.
+        let Some(Ok(slices)) = slices.map(<[&[f32]; 4]>::try_from) else {
+            return Ok(None);
+        };
+        if slices.iter().any(|s| s.len() != slices[0].len()) {
             return Ok(None);
         }
-        let (new_param, new_m, new_v) = self.pass([slices[0], slices[1], slices[2], slices[3]]);
+        let (new_param, new_m, new_v) = self.pass(slices);
         let shape = param.shape();
         let tensor = |values: Vec<f32>| Tensor::from_vec(values, shape, &Device::Cpu);
         Ok(Some(Updated {

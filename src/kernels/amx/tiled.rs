@@ -181,8 +181,8 @@ impl<'a> TileView<'a> {
                     // The blocks of a column of `W`'s blocks lie a run of blocks apart, beyond what the
                     // hardware prefetches: ask for the one read next but one while this one is turned.
                     let ahead = start + PREFETCH_AHEAD * self.cols.div_ceil(BLOCK) * BLOCK_ELEMENTS;
-                    if let Some(later) = self.values.get(ahead..ahead + BLOCK_ELEMENTS)
-                        && half == 0
+                    if half == 0
+                        && let Some(later) = self.values.get(ahead..ahead + BLOCK_ELEMENTS)
                     {
                         simd::prefetch(later);
                     }
@@ -197,9 +197,10 @@ impl<'a> TileView<'a> {
 }
 
 /// How many blocks further down a column of stored blocks [`TileView::right_tile`] asks the processor for
-/// while it turns one upright (`cargo bench --bench kernels -- "(SDXL)" --bf16` taking the least of 15
-/// runs instead of the median of 3, three times each, Zen 4: 1280->10240 over 256 tokens forward+backward 41.2-43.0 ms without, 38.7-44.2 one
-/// block ahead, 39.3-40.6 two ahead; 5120->1280 20.3-21.3 without, 19.8-20.2 two ahead).
+/// while it turns one upright. `cargo bench --bench kernels -- "(SDXL)" --bf16` taking the least of 15
+/// runs instead of the median of 3, three times each, Zen 4: 1280->10240 over 256 tokens forward+backward
+/// 41.2-43.0 ms without, 38.7-44.2 one block ahead, 39.3-40.6 two ahead; 5120->1280 20.3-21.3 without,
+/// 19.8-20.2 two ahead.
 const PREFETCH_AHEAD: usize = 2;
 
 /// The tile of `W` read upright from a stored block: rows `o..o+32` (row pairs), columns `half·16..+16`.
